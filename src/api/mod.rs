@@ -1,0 +1,516 @@
+//! gRPC transport: request validation (the AWS field limits), proto <-> domain mapping, and
+//! domain errors -> gRPC statuses (`status`). No business rule lives here.
+
+pub mod status;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use prost_types::Timestamp;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use zeroize::Zeroizing;
+
+use crate::kms::crypto::{data_key_len, SYMMETRIC_DEFAULT};
+use crate::kms::error::{KmsError, KmsResult};
+use crate::kms::keys::{CreateKey, KeyView};
+use crate::kms::keystores::{CreateStore, Password, StoreView, UpdateStore};
+use crate::kms::Kms;
+use crate::proto::key_management_service_server::KeyManagementService;
+use crate::proto::*;
+use status::to_status;
+
+pub struct Service {
+    kms: Arc<Kms>,
+}
+
+impl Service {
+    pub fn new(kms: Arc<Kms>) -> Service {
+        Service { kms }
+    }
+}
+
+fn timestamp(ms: i64) -> Option<Timestamp> {
+    Some(Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    })
+}
+
+/// KeyId-style fields: 1..2048 characters.
+fn key_id_field<'a>(field: &str, v: &'a str) -> KmsResult<&'a str> {
+    let n = v.chars().count();
+    if !(1..=2048).contains(&n) {
+        return Err(KmsError::validation(format!(
+            "{field} must be 1 to 2048 characters long"
+        )));
+    }
+    Ok(v)
+}
+
+fn opt_key_id<'a>(field: &str, v: &'a Option<String>) -> KmsResult<Option<&'a str>> {
+    v.as_deref().map(|s| key_id_field(field, s)).transpose()
+}
+
+fn plaintext_field(v: Vec<u8>) -> KmsResult<Zeroizing<Vec<u8>>> {
+    let v = Zeroizing::new(v);
+    if v.is_empty() || v.len() > 4096 {
+        return Err(KmsError::validation(format!(
+            "Plaintext must be 1 to 4096 bytes long, got {}",
+            v.len()
+        )));
+    }
+    Ok(v)
+}
+
+fn ciphertext_field(v: &[u8]) -> KmsResult<&[u8]> {
+    if v.is_empty() || v.len() > 6144 {
+        return Err(KmsError::validation(format!(
+            "CiphertextBlob must be 1 to 6144 bytes long, got {}",
+            v.len()
+        )));
+    }
+    Ok(v)
+}
+
+fn context(map: HashMap<String, String>) -> BTreeMap<String, String> {
+    map.into_iter().collect()
+}
+
+fn store_store_id(field: &str, v: &str) -> KmsResult<()> {
+    let n = v.chars().count();
+    if !(1..=64).contains(&n) {
+        return Err(KmsError::validation(format!(
+            "{field} must be 1 to 64 characters long"
+        )));
+    }
+    Ok(())
+}
+
+fn password(v: Option<String>) -> KmsResult<Option<Password>> {
+    v.map(Password::new).transpose()
+}
+
+fn key_metadata(k: KeyView) -> KeyMetadata {
+    KeyMetadata {
+        enabled: k.enabled(),
+        aws_account_id: k.account_id,
+        key_id: k.key_id.to_string(),
+        arn: k.arn,
+        creation_date: timestamp(k.creation_date_ms),
+        description: k.description,
+        key_usage: "ENCRYPT_DECRYPT".into(),
+        key_state: k.key_state,
+        deletion_date: None,
+        origin: "AWS_CLOUDHSM".into(),
+        custom_key_store_id: k.custom_key_store_id,
+        cloud_hsm_cluster_id: k.cloud_hsm_cluster_id,
+        key_manager: "CUSTOMER".into(),
+        customer_master_key_spec: SYMMETRIC_DEFAULT.into(),
+        key_spec: SYMMETRIC_DEFAULT.into(),
+        encryption_algorithms: vec![SYMMETRIC_DEFAULT.into()],
+        multi_region: false,
+        pending_deletion_window_in_days: None,
+    }
+}
+
+fn store_entry(s: StoreView) -> CustomKeyStoresListEntry {
+    CustomKeyStoresListEntry {
+        custom_key_store_id: s.id,
+        custom_key_store_name: s.name,
+        cloud_hsm_cluster_id: s.cluster_id,
+        trust_anchor_certificate: s.trust_anchor,
+        connection_state: s.connection_state,
+        connection_error_code: s.connection_error_code,
+        creation_date: timestamp(s.creation_date_ms),
+        custom_key_store_type: "AWS_CLOUDHSM".into(),
+    }
+}
+
+fn marker_field(m: &Option<String>) -> KmsResult<Option<&str>> {
+    match m.as_deref() {
+        Some(s) if s.is_empty() || s.chars().count() > 1024 => Err(KmsError::validation(
+            "Marker must be 1 to 1024 characters long",
+        )),
+        other => Ok(other),
+    }
+}
+
+/// Runs one operation in its own span and turns its error into a status.
+async fn handle<T>(
+    op: &'static str,
+    fut: impl std::future::Future<Output = KmsResult<T>>,
+) -> Result<Response<T>, Status> {
+    let span = tracing::info_span!("kms", op);
+    async move {
+        match fut.await {
+            Ok(v) => {
+                tracing::debug!("ok");
+                Ok(Response::new(v))
+            }
+            Err(e) => {
+                tracing::info!(error = e.kind.aws_name(), message = %e.message, "request failed");
+                Err(to_status(e))
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+#[tonic::async_trait]
+impl KeyManagementService for Service {
+    async fn create_custom_key_store(
+        &self,
+        req: Request<CreateCustomKeyStoreRequest>,
+    ) -> Result<Response<CreateCustomKeyStoreResponse>, Status> {
+        let r = req.into_inner();
+        handle("CreateCustomKeyStore", async {
+            let id = self.kms.create_custom_key_store(CreateStore {
+                name: r.custom_key_store_name,
+                cluster_id: r.cloud_hsm_cluster_id,
+                trust_anchor: r.trust_anchor_certificate,
+                password: password(r.key_store_password)?,
+                store_type: r.custom_key_store_type,
+            })?;
+            Ok(CreateCustomKeyStoreResponse {
+                custom_key_store_id: id,
+            })
+        })
+        .await
+    }
+
+    async fn describe_custom_key_stores(
+        &self,
+        req: Request<DescribeCustomKeyStoresRequest>,
+    ) -> Result<Response<DescribeCustomKeyStoresResponse>, Status> {
+        let r = req.into_inner();
+        handle("DescribeCustomKeyStores", async {
+            if let Some(id) = &r.custom_key_store_id {
+                store_store_id("CustomKeyStoreId", id)?;
+            }
+            let page = self.kms.describe_custom_key_stores(
+                r.custom_key_store_id.as_deref(),
+                r.custom_key_store_name.as_deref(),
+                r.limit,
+                marker_field(&r.marker)?,
+            )?;
+            Ok(DescribeCustomKeyStoresResponse {
+                custom_key_stores: page.items.into_iter().map(store_entry).collect(),
+                truncated: page.next_marker.is_some(),
+                next_marker: page.next_marker,
+            })
+        })
+        .await
+    }
+
+    async fn update_custom_key_store(
+        &self,
+        req: Request<UpdateCustomKeyStoreRequest>,
+    ) -> Result<Response<UpdateCustomKeyStoreResponse>, Status> {
+        let r = req.into_inner();
+        handle("UpdateCustomKeyStore", async {
+            store_store_id("CustomKeyStoreId", &r.custom_key_store_id)?;
+            self.kms
+                .update_custom_key_store(UpdateStore {
+                    id: r.custom_key_store_id,
+                    new_name: r.new_custom_key_store_name,
+                    password: password(r.key_store_password)?,
+                    cluster_id: r.cloud_hsm_cluster_id,
+                })
+                .await?;
+            Ok(UpdateCustomKeyStoreResponse {})
+        })
+        .await
+    }
+
+    async fn delete_custom_key_store(
+        &self,
+        req: Request<DeleteCustomKeyStoreRequest>,
+    ) -> Result<Response<DeleteCustomKeyStoreResponse>, Status> {
+        let r = req.into_inner();
+        handle("DeleteCustomKeyStore", async {
+            store_store_id("CustomKeyStoreId", &r.custom_key_store_id)?;
+            self.kms
+                .delete_custom_key_store(&r.custom_key_store_id)
+                .await?;
+            Ok(DeleteCustomKeyStoreResponse {})
+        })
+        .await
+    }
+
+    async fn connect_custom_key_store(
+        &self,
+        req: Request<ConnectCustomKeyStoreRequest>,
+    ) -> Result<Response<ConnectCustomKeyStoreResponse>, Status> {
+        let r = req.into_inner();
+        handle("ConnectCustomKeyStore", async {
+            store_store_id("CustomKeyStoreId", &r.custom_key_store_id)?;
+            self.kms
+                .connect_custom_key_store(&r.custom_key_store_id)
+                .await?;
+            Ok(ConnectCustomKeyStoreResponse {})
+        })
+        .await
+    }
+
+    async fn disconnect_custom_key_store(
+        &self,
+        req: Request<DisconnectCustomKeyStoreRequest>,
+    ) -> Result<Response<DisconnectCustomKeyStoreResponse>, Status> {
+        let r = req.into_inner();
+        handle("DisconnectCustomKeyStore", async {
+            store_store_id("CustomKeyStoreId", &r.custom_key_store_id)?;
+            self.kms
+                .disconnect_custom_key_store(&r.custom_key_store_id)
+                .await?;
+            Ok(DisconnectCustomKeyStoreResponse {})
+        })
+        .await
+    }
+
+    async fn create_key(
+        &self,
+        req: Request<CreateKeyRequest>,
+    ) -> Result<Response<CreateKeyResponse>, Status> {
+        let r = req.into_inner();
+        handle("CreateKey", async {
+            if let Some(id) = &r.custom_key_store_id {
+                store_store_id("CustomKeyStoreId", id)?;
+            }
+            let key = self
+                .kms
+                .create_key(CreateKey {
+                    description: r.description,
+                    key_usage: r.key_usage,
+                    customer_master_key_spec: r.customer_master_key_spec,
+                    key_spec: r.key_spec,
+                    origin: r.origin,
+                    custom_key_store_id: r.custom_key_store_id,
+                    tags: r
+                        .tags
+                        .into_iter()
+                        .map(|t| (t.tag_key, t.tag_value))
+                        .collect(),
+                    multi_region: r.multi_region,
+                })
+                .await?;
+            Ok(CreateKeyResponse {
+                key_metadata: Some(key_metadata(key)),
+            })
+        })
+        .await
+    }
+
+    async fn describe_key(
+        &self,
+        req: Request<DescribeKeyRequest>,
+    ) -> Result<Response<DescribeKeyResponse>, Status> {
+        let r = req.into_inner();
+        handle("DescribeKey", async {
+            let key = self.kms.describe_key(key_id_field("KeyId", &r.key_id)?)?;
+            Ok(DescribeKeyResponse {
+                key_metadata: Some(key_metadata(key)),
+            })
+        })
+        .await
+    }
+
+    async fn list_keys(
+        &self,
+        req: Request<ListKeysRequest>,
+    ) -> Result<Response<ListKeysResponse>, Status> {
+        let r = req.into_inner();
+        handle("ListKeys", async {
+            let page = self.kms.list_keys(r.limit, marker_field(&r.marker)?)?;
+            Ok(ListKeysResponse {
+                keys: page
+                    .items
+                    .into_iter()
+                    .map(|(id, arn)| KeyListEntry {
+                        key_id: id.to_string(),
+                        key_arn: arn,
+                    })
+                    .collect(),
+                truncated: page.next_marker.is_some(),
+                next_marker: page.next_marker,
+            })
+        })
+        .await
+    }
+
+    async fn list_resource_tags(
+        &self,
+        req: Request<ListResourceTagsRequest>,
+    ) -> Result<Response<ListResourceTagsResponse>, Status> {
+        let r = req.into_inner();
+        handle("ListResourceTags", async {
+            let page = self.kms.list_resource_tags(
+                key_id_field("KeyId", &r.key_id)?,
+                r.limit,
+                marker_field(&r.marker)?,
+            )?;
+            Ok(ListResourceTagsResponse {
+                tags: page
+                    .items
+                    .into_iter()
+                    .map(|(tag_key, tag_value)| Tag { tag_key, tag_value })
+                    .collect(),
+                truncated: page.next_marker.is_some(),
+                next_marker: page.next_marker,
+            })
+        })
+        .await
+    }
+
+    async fn encrypt(
+        &self,
+        req: Request<EncryptRequest>,
+    ) -> Result<Response<EncryptResponse>, Status> {
+        let r = req.into_inner();
+        handle("Encrypt", async {
+            let out = self
+                .kms
+                .encrypt(
+                    key_id_field("KeyId", &r.key_id)?,
+                    plaintext_field(r.plaintext)?,
+                    &context(r.encryption_context),
+                    r.encryption_algorithm.as_deref(),
+                    r.dry_run.unwrap_or(false),
+                )
+                .await?;
+            Ok(EncryptResponse {
+                ciphertext_blob: out.ciphertext_blob,
+                key_id: out.key_arn,
+                encryption_algorithm: SYMMETRIC_DEFAULT.into(),
+            })
+        })
+        .await
+    }
+
+    async fn decrypt(
+        &self,
+        req: Request<DecryptRequest>,
+    ) -> Result<Response<DecryptResponse>, Status> {
+        let r = req.into_inner();
+        handle("Decrypt", async {
+            let out = self
+                .kms
+                .decrypt(
+                    ciphertext_field(&r.ciphertext_blob)?,
+                    &context(r.encryption_context),
+                    opt_key_id("KeyId", &r.key_id)?,
+                    r.encryption_algorithm.as_deref(),
+                    r.dry_run.unwrap_or(false),
+                )
+                .await?;
+            Ok(DecryptResponse {
+                key_id: out.key_arn,
+                plaintext: out.plaintext.0.to_vec(),
+                encryption_algorithm: SYMMETRIC_DEFAULT.into(),
+            })
+        })
+        .await
+    }
+
+    async fn re_encrypt(
+        &self,
+        req: Request<ReEncryptRequest>,
+    ) -> Result<Response<ReEncryptResponse>, Status> {
+        let r = req.into_inner();
+        handle("ReEncrypt", async {
+            let out = self
+                .kms
+                .re_encrypt(
+                    ciphertext_field(&r.ciphertext_blob)?,
+                    &context(r.source_encryption_context),
+                    opt_key_id("SourceKeyId", &r.source_key_id)?,
+                    key_id_field("DestinationKeyId", &r.destination_key_id)?,
+                    &context(r.destination_encryption_context),
+                    r.source_encryption_algorithm.as_deref(),
+                    r.destination_encryption_algorithm.as_deref(),
+                    r.dry_run.unwrap_or(false),
+                )
+                .await?;
+            Ok(ReEncryptResponse {
+                ciphertext_blob: out.ciphertext_blob,
+                source_key_id: out.source_key_arn,
+                key_id: out.key_arn,
+                source_encryption_algorithm: SYMMETRIC_DEFAULT.into(),
+                destination_encryption_algorithm: SYMMETRIC_DEFAULT.into(),
+            })
+        })
+        .await
+    }
+
+    async fn generate_data_key(
+        &self,
+        req: Request<GenerateDataKeyRequest>,
+    ) -> Result<Response<GenerateDataKeyResponse>, Status> {
+        let r = req.into_inner();
+        handle("GenerateDataKey", async {
+            let key_id = key_id_field("KeyId", &r.key_id)?;
+            let len = data_key_len(r.key_spec.as_deref(), r.number_of_bytes)?;
+            let out = self
+                .kms
+                .generate_data_key(
+                    key_id,
+                    &context(r.encryption_context),
+                    len,
+                    r.dry_run.unwrap_or(false),
+                )
+                .await?;
+            Ok(GenerateDataKeyResponse {
+                ciphertext_blob: out.ciphertext_blob,
+                plaintext: out.plaintext.0.to_vec(),
+                key_id: out.key_arn,
+            })
+        })
+        .await
+    }
+
+    async fn generate_data_key_without_plaintext(
+        &self,
+        req: Request<GenerateDataKeyWithoutPlaintextRequest>,
+    ) -> Result<Response<GenerateDataKeyWithoutPlaintextResponse>, Status> {
+        let r = req.into_inner();
+        handle("GenerateDataKeyWithoutPlaintext", async {
+            let key_id = key_id_field("KeyId", &r.key_id)?;
+            let len = data_key_len(r.key_spec.as_deref(), r.number_of_bytes)?;
+            let out = self
+                .kms
+                .generate_data_key(
+                    key_id,
+                    &context(r.encryption_context),
+                    len,
+                    r.dry_run.unwrap_or(false),
+                )
+                .await?;
+            Ok(GenerateDataKeyWithoutPlaintextResponse {
+                ciphertext_blob: out.ciphertext_blob,
+                key_id: out.key_arn,
+            })
+        })
+        .await
+    }
+
+    async fn generate_random(
+        &self,
+        req: Request<GenerateRandomRequest>,
+    ) -> Result<Response<GenerateRandomResponse>, Status> {
+        let r = req.into_inner();
+        handle("GenerateRandom", async {
+            if let Some(id) = &r.custom_key_store_id {
+                store_store_id("CustomKeyStoreId", id)?;
+            }
+            let bytes = self
+                .kms
+                .generate_random(r.number_of_bytes, r.custom_key_store_id.as_deref())
+                .await?;
+            Ok(GenerateRandomResponse {
+                plaintext: bytes.0.to_vec(),
+            })
+        })
+        .await
+    }
+}

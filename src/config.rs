@@ -1,0 +1,253 @@
+//! Typed configuration: a TOML file, overridden by `HSM_KMS__SECTION__KEY` environment variables.
+//!
+//! Every setting and its default is documented in `deploy/hsm-kms.example.toml`; keep the two in
+//! step. Unknown keys are errors, so a typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+use crate::kms::ids::is_cluster_id;
+
+pub const ENV_PREFIX: &str = "HSM_KMS";
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    #[serde(default)]
+    pub server: ServerSettings,
+    #[serde(default)]
+    pub account: AccountSettings,
+    #[serde(default)]
+    pub storage: StorageSettings,
+    #[serde(default)]
+    pub security: SecuritySettings,
+    #[serde(default)]
+    pub hsm: HsmSettings,
+    #[serde(default)]
+    pub clusters: Vec<ClusterSettings>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address the gRPC service listens on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            listen: default_listen(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50051))
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountSettings {
+    #[serde(default = "default_partition")]
+    pub partition: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    #[serde(default = "default_account_id")]
+    pub account_id: String,
+}
+
+impl Default for AccountSettings {
+    fn default() -> Self {
+        AccountSettings {
+            partition: default_partition(),
+            region: default_region(),
+            account_id: default_account_id(),
+        }
+    }
+}
+
+fn default_partition() -> String {
+    "aws".into()
+}
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_account_id() -> String {
+    "111122223333".into()
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSettings {
+    /// The SQLite metadata file (key and custom key store records; no key material).
+    #[serde(default = "default_sqlite_path")]
+    pub sqlite_path: PathBuf,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        StorageSettings {
+            sqlite_path: default_sqlite_path(),
+        }
+    }
+}
+
+fn default_sqlite_path() -> PathBuf {
+    "/var/lib/hsm-kms/metadata.sqlite3".into()
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecuritySettings {
+    /// 32-byte key that seals kmsuser passwords at rest; created (mode 0600) if missing.
+    /// `HSM_KMS_SEALING_KEY` (64 hex digits) takes precedence when set.
+    #[serde(default = "default_sealing_key_file")]
+    pub sealing_key_file: PathBuf,
+}
+
+impl Default for SecuritySettings {
+    fn default() -> Self {
+        SecuritySettings {
+            sealing_key_file: default_sealing_key_file(),
+        }
+    }
+}
+
+fn default_sealing_key_file() -> PathBuf {
+    "/var/lib/hsm-kms/sealing.key".into()
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsmSettings {
+    /// When set, exported as SOFTHSM2_CONF before any PKCS#11 module is loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub softhsm2_conf: Option<PathBuf>,
+    /// Most PKCS#11 sessions open per connected custom key store (the anchor session aside).
+    #[serde(default = "default_pool_size")]
+    pub session_pool_size: usize,
+}
+
+impl Default for HsmSettings {
+    fn default() -> Self {
+        HsmSettings {
+            softhsm2_conf: None,
+            session_pool_size: default_pool_size(),
+        }
+    }
+}
+
+fn default_pool_size() -> usize {
+    16
+}
+
+/// How the kmsuser password becomes the PKCS#11 PIN.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum PinFormat {
+    /// The password alone (SoftHSM2 and most HSMs).
+    #[default]
+    #[serde(rename = "password")]
+    Password,
+    /// `<crypto user>:<password>` (AWS CloudHSM's PKCS#11 library).
+    #[serde(rename = "user:password")]
+    UserPassword,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// AWS-style cluster id, `cluster-[2-7a-zA-Z]{11,16}`.
+    pub id: String,
+    /// Path of the PKCS#11 module that reaches the cluster.
+    pub module: PathBuf,
+    /// Label of the token that presents the cluster.
+    pub token_label: String,
+    /// PEM file of the cluster's trust anchor certificate.
+    pub trust_anchor_file: PathBuf,
+    /// AWS cluster state; only ACTIVE clusters can back a new or updated key store.
+    #[serde(default = "default_active")]
+    pub state: String,
+    /// Clusters with the same lineage share backup history (AWS: "related" clusters) and
+    /// may replace each other in UpdateCustomKeyStore. Defaults to the cluster id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<String>,
+    #[serde(default)]
+    pub pin_format: PinFormat,
+    /// The crypto user hsm-kms logs in as.
+    #[serde(default = "default_crypto_user")]
+    pub crypto_user: String,
+    #[serde(default)]
+    pub hsms: Vec<HsmEntry>,
+}
+
+impl ClusterSettings {
+    pub fn lineage(&self) -> &str {
+        self.lineage.as_deref().unwrap_or(&self.id)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsmEntry {
+    pub id: String,
+    pub availability_zone: String,
+    /// AWS HSM state; only ACTIVE HSMs count.
+    #[serde(default = "default_active")]
+    pub state: String,
+}
+
+fn default_active() -> String {
+    "ACTIVE".into()
+}
+fn default_crypto_user() -> String {
+    "kmsuser".into()
+}
+
+impl Settings {
+    /// Reads the file, applies environment overrides and checks the result.
+    pub fn load(path: &Path) -> anyhow::Result<Settings> {
+        let settings: Settings = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .with_context(|| format!("reading config {}", path.display()))?
+            .try_deserialize()
+            .with_context(|| format!("parsing config {}", path.display()))?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.hsm.session_pool_size == 0 {
+            bail!("hsm.session_pool_size must be at least 1");
+        }
+        if self.account.account_id.len() != 12
+            || !self.account.account_id.bytes().all(|b| b.is_ascii_digit())
+        {
+            bail!("account.account_id must be 12 digits");
+        }
+        let mut seen = std::collections::HashSet::new();
+        for c in &self.clusters {
+            if !is_cluster_id(&c.id) {
+                bail!(
+                    "cluster id {} is not of the form cluster-[2-7a-zA-Z]{{11,16}}",
+                    c.id
+                );
+            }
+            if !seen.insert(c.id.as_str()) {
+                bail!("cluster {} is configured twice", c.id);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,335 @@
+//! `hsm-kms dev`: a self-contained instance on a SoftHSM2 token, for trying the service and
+//! for development. Everything lives under one data directory:
+//!
+//! ```text
+//! softhsm2.conf        SoftHSM2 configuration pointing at tokens/
+//! tokens/              the token (the stand-in "cluster")
+//! hsm-kms.toml         the generated config: `hsm-kms serve --config` runs it as is
+//! metadata.sqlite3     key and store metadata
+//! sealing.key          seals the kmsuser password at rest (0600)
+//! trust-anchor.pem     the cluster's trust anchor certificate
+//! kmsuser-password     the token's current kmsuser password, for pkcs11-tool (0600)
+//! so-pin               the token's security officer PIN (0600)
+//! ```
+//!
+//! Run again, it reuses what is there. It is the only place hsm-kms writes a secret to a
+//! plain file, and it does so because a developer needs to inspect the token.
+
+use std::fs;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use zeroize::Zeroizing;
+
+use crate::config::{ClusterSettings, HsmEntry, PinFormat, Settings};
+use crate::hsm;
+use crate::kms::conn_state::*;
+use crate::kms::keystores::{CreateStore, Password, UpdateStore};
+use crate::kms::Kms;
+use crate::server;
+
+pub const STORE_NAME: &str = "dev";
+pub const TOKEN_LABEL: &str = "hsm-kms-dev";
+
+/// Where SoftHSM2's module is installed on common distributions.
+const SOFTHSM2_MODULES: &[&str] = &[
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib64/pkcs11/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+];
+
+pub fn default_data_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("hsm-kms").join("dev")
+}
+
+/// The SoftHSM2 module: `$SOFTHSM2_MODULE`, else the first of the usual install paths.
+pub fn softhsm2_module() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SOFTHSM2_MODULE") {
+        return Ok(PathBuf::from(p));
+    }
+    SOFTHSM2_MODULES
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .context("SoftHSM2 is not installed (no libsofthsm2.so found); run scripts/setup.sh or set SOFTHSM2_MODULE")
+}
+
+/// Random text from `alphabet`, by rejection sampling (no modulo bias).
+pub fn random_text(alphabet: &[u8], len: usize) -> anyhow::Result<String> {
+    let limit = 256 - (256 % alphabet.len());
+    let mut out = String::with_capacity(len);
+    let mut buf = [0u8; 64];
+    while out.len() < len {
+        getrandom::fill(&mut buf).map_err(|e| anyhow::anyhow!("randomness: {e}"))?;
+        for b in buf {
+            if (b as usize) < limit && out.len() < len {
+                out.push(alphabet[b as usize % alphabet.len()] as char);
+            }
+        }
+    }
+    Ok(out)
+}
+
+const CLUSTER_ALPHABET: &[u8] = b"234567abcdefghijklmnopqrstuvwxyz";
+const SECRET_ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
+
+fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Synchronous set-up, before any thread starts: directories, SoftHSM2 config (exported as
+/// SOFTHSM2_CONF), trust anchor and the config file. Returns the settings to run with.
+pub fn prepare(data_dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Settings> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let data_dir = data_dir.canonicalize()?;
+    let tokens = data_dir.join("tokens");
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&tokens)?;
+    let softhsm_conf = data_dir.join("softhsm2.conf");
+    if !softhsm_conf.exists() {
+        fs::write(
+            &softhsm_conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+                tokens.display()
+            ),
+        )?;
+    }
+    let anchor = data_dir.join("trust-anchor.pem");
+    let config_path = data_dir.join("hsm-kms.toml");
+    let mut settings = if config_path.exists() {
+        Settings::load(&config_path)?
+    } else {
+        let cluster_id = format!("cluster-{}", random_text(CLUSTER_ALPHABET, 11)?);
+        let settings = Settings {
+            server: crate::config::ServerSettings {
+                listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            },
+            account: Default::default(),
+            storage: crate::config::StorageSettings {
+                sqlite_path: data_dir.join("metadata.sqlite3"),
+            },
+            security: crate::config::SecuritySettings {
+                sealing_key_file: data_dir.join("sealing.key"),
+            },
+            hsm: crate::config::HsmSettings {
+                softhsm2_conf: Some(softhsm_conf.clone()),
+                ..Default::default()
+            },
+            clusters: vec![ClusterSettings {
+                id: cluster_id.clone(),
+                module: softhsm2_module()?,
+                token_label: TOKEN_LABEL.into(),
+                trust_anchor_file: anchor.clone(),
+                state: "ACTIVE".into(),
+                lineage: None,
+                pin_format: PinFormat::Password,
+                crypto_user: "kmsuser".into(),
+                hsms: vec![
+                    HsmEntry {
+                        id: format!("hsm-{}", random_text(CLUSTER_ALPHABET, 11)?),
+                        availability_zone: "us-east-1a".into(),
+                        state: "ACTIVE".into(),
+                    },
+                    HsmEntry {
+                        id: format!("hsm-{}", random_text(CLUSTER_ALPHABET, 11)?),
+                        availability_zone: "us-east-1b".into(),
+                        state: "ACTIVE".into(),
+                    },
+                ],
+            }],
+        };
+        let text = format!(
+            "# Generated by `hsm-kms dev`; `hsm-kms serve --config {}` runs it as is.\n\
+             # Every setting is documented in deploy/hsm-kms.example.toml.\n{}",
+            config_path.display(),
+            toml::to_string_pretty(&settings)?
+        );
+        fs::write(&config_path, text)?;
+        settings
+    };
+    if !anchor.exists() {
+        let cluster = settings
+            .clusters
+            .first()
+            .map(|c| c.id.clone())
+            .unwrap_or_default();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            format!("hsm-kms dev trust anchor for {cluster}"),
+        );
+        let cert = params.self_signed(&rcgen::KeyPair::generate()?)?;
+        fs::write(&anchor, cert.pem())?;
+    }
+    if let Some(listen) = listen {
+        settings.server.listen = listen;
+    }
+    if let Some(conf) = &settings.hsm.softhsm2_conf {
+        std::env::set_var("SOFTHSM2_CONF", conf);
+    }
+    Ok(settings)
+}
+
+/// Makes sure the token exists; returns the current kmsuser password.
+fn ensure_token(
+    kms: &Kms,
+    settings: &Settings,
+    data_dir: &Path,
+) -> anyhow::Result<Zeroizing<String>> {
+    let cluster = settings
+        .clusters
+        .first()
+        .context("the dev config has no cluster")?;
+    let ctx = kms
+        .module(&cluster.module)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let password_file = data_dir.join("kmsuser-password");
+    if hsm::find_token(&ctx, &cluster.token_label)?.is_some() {
+        let pw = Zeroizing::new(
+            fs::read_to_string(&password_file)
+                .with_context(|| format!("reading {}", password_file.display()))?
+                .trim()
+                .to_string(),
+        );
+        return Ok(pw);
+    }
+    let so_pin = Zeroizing::new(random_text(SECRET_ALPHABET, 24)?);
+    let password = Zeroizing::new(random_text(SECRET_ALPHABET, 24)?);
+    write_private(&data_dir.join("so-pin"), so_pin.as_bytes())?;
+    write_private(&password_file, password.as_bytes())?;
+    hsm::init_token(&ctx, &cluster.token_label, &so_pin, &password)?;
+    tracing::info!(token = %cluster.token_label, "initialised the dev token");
+    Ok(password)
+}
+
+/// Runs the dev instance: server up, token and `dev` store ready and CONNECTED, quickstart
+/// printed, then serves until SIGINT/SIGTERM.
+pub async fn run(data_dir: PathBuf, settings: Settings) -> anyhow::Result<()> {
+    let data_dir = data_dir.canonicalize()?;
+    let kms = Kms::new(&settings)?;
+    let password = ensure_token(&kms, &settings, &data_dir)?;
+    let running = server::start(&settings, Arc::clone(&kms), server::shutdown_signal()).await?;
+    let store_id = ensure_store(&kms, &settings, &password).await?;
+    print_quickstart(&running.addr, &data_dir, &settings, &store_id);
+    running.task.await?
+}
+
+async fn ensure_store(
+    kms: &Arc<Kms>,
+    settings: &Settings,
+    password: &str,
+) -> anyhow::Result<String> {
+    let err = |e: crate::kms::error::KmsError| anyhow::anyhow!("{e}");
+    let cluster = &settings.clusters[0];
+    let existing = kms
+        .describe_custom_key_stores(None, Some(STORE_NAME), None, None)
+        .ok()
+        .and_then(|p| p.items.into_iter().next());
+    let id = match existing {
+        Some(s) => s.id,
+        None => {
+            let anchor = fs::read_to_string(&cluster.trust_anchor_file)?;
+            kms.create_custom_key_store(CreateStore {
+                name: STORE_NAME.into(),
+                cluster_id: Some(cluster.id.clone()),
+                trust_anchor: Some(anchor),
+                password: Some(Password::new(password.to_string()).map_err(err)?),
+                store_type: None,
+            })
+            .map_err(err)?
+        }
+    };
+    for attempt in 0..2 {
+        kms.settle(&id).await;
+        let state = kms.store_state(&id).map_err(err)?;
+        match state.as_str() {
+            CONNECTED => return Ok(id),
+            FAILED => {
+                kms.disconnect_custom_key_store(&id).await.map_err(err)?;
+            }
+            _ => {}
+        }
+        if kms.store_state(&id).map_err(err)? == DISCONNECTED {
+            // The token may have been made anew: the password file is the truth in dev.
+            kms.update_custom_key_store(UpdateStore {
+                id: id.clone(),
+                new_name: None,
+                password: Some(Password::new(password.to_string()).map_err(err)?),
+                cluster_id: None,
+            })
+            .await
+            .map_err(err)?;
+            kms.connect_custom_key_store(&id).await.map_err(err)?;
+        }
+        tracing::debug!(attempt, "waiting for the dev store to connect");
+    }
+    kms.settle(&id).await;
+    let state = kms.store_state(&id).map_err(err)?;
+    if state != CONNECTED {
+        bail!("the dev custom key store {id} did not connect (state {state}); see the log above");
+    }
+    Ok(id)
+}
+
+fn print_quickstart(addr: &SocketAddr, data_dir: &Path, settings: &Settings, store_id: &str) {
+    let cluster = &settings.clusters[0];
+    let svc = "kms.v1.KeyManagementService";
+    let conf = settings
+        .hsm
+        .softhsm2_conf
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    println!(
+        "\
+hsm-kms dev is ready. listening on {addr} (plaintext gRPC; dev mode only)
+  data directory:   {dir}
+  config:           {dir}/hsm-kms.toml   (hsm-kms serve --config {dir}/hsm-kms.toml)
+  custom key store: {STORE_NAME} ({store_id}), CONNECTED to {cluster_id} (token {label})
+  inspect the token: SOFTHSM2_CONF={conf} pkcs11-tool --module {module} --token-label {label} --login --pin \"$(cat {dir}/kmsuser-password)\" --list-objects
+
+Quickstart (grpcurl and jq):
+  grpcurl -plaintext {addr} list
+  grpcurl -plaintext -d '{{\"custom_key_store_name\":\"{STORE_NAME}\"}}' {addr} {svc}/DescribeCustomKeyStores
+  KEY=$(grpcurl -plaintext -d '{{\"custom_key_store_id\":\"{store_id}\",\"origin\":\"AWS_CLOUDHSM\",\"description\":\"quickstart\"}}' {addr} {svc}/CreateKey | jq -r .keyMetadata.keyId)
+  CT=$(grpcurl -plaintext -d \"{{\\\"key_id\\\":\\\"$KEY\\\",\\\"plaintext\\\":\\\"$(printf 'hello, HSM' | base64)\\\",\\\"encryption_context\\\":{{\\\"app\\\":\\\"quickstart\\\"}}}}\" {addr} {svc}/Encrypt | jq -r .ciphertextBlob)
+  grpcurl -plaintext -d \"{{\\\"ciphertext_blob\\\":\\\"$CT\\\",\\\"encryption_context\\\":{{\\\"app\\\":\\\"quickstart\\\"}}}}\" {addr} {svc}/Decrypt | jq -r .plaintext | base64 -d; echo
+  grpcurl -plaintext -d \"{{\\\"key_id\\\":\\\"$KEY\\\",\\\"key_spec\\\":\\\"AES_256\\\"}}\" {addr} {svc}/GenerateDataKey
+",
+        dir = data_dir.display(),
+        cluster_id = cluster.id,
+        label = cluster.token_label,
+        module = cluster.module.display(),
+    );
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+}

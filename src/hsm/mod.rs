@@ -1,0 +1,425 @@
+//! PKCS#11: module contexts, login, the session pool, the key template and AES-GCM.
+//!
+//! Rules (DESIGN.md section 4) this module keeps:
+//! * one `Pkcs11` context per module path per process, initialised with CKF_OS_LOCKING_OK;
+//! * one anchor session per connected store, logged in as the crypto user and kept open while
+//!   connected (closing a token's last session logs the application out);
+//! * sessions are checked out exclusively from a bounded pool, and every PKCS#11 call runs on
+//!   a blocking thread, never on an async worker;
+//! * key handles are cached by key id; `C_FindObjects` runs only on a cache miss and must find
+//!   exactly one object.
+//!
+//! It never logs or returns a PIN, a plaintext or a data key.
+
+pub mod error;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use error::{is_stale_handle, short, tier, Tier};
+pub use error::{HsmError, LoginFailure};
+
+/// GCM tag length in bits.
+const GCM_TAG_BITS: u64 = 128;
+
+/// The process-wide PKCS#11 contexts, one per module path.
+#[derive(Default)]
+pub struct Modules {
+    loaded: Mutex<HashMap<PathBuf, Pkcs11>>,
+}
+
+impl Modules {
+    /// The context for `module`, loading and initialising it on first use.
+    pub fn get(&self, module: &Path) -> Result<Pkcs11, String> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ctx) = loaded.get(module) {
+            return Ok(ctx.clone());
+        }
+        let ctx = Pkcs11::new(module)
+            .map_err(|e| format!("loading PKCS#11 module {}: {}", module.display(), short(&e)))?;
+        // Never initialise with empty flags: SoftHSM2 then drops its own locking.
+        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+            .map_err(|e| format!("C_Initialize {}: {}", module.display(), short(&e)))?;
+        loaded.insert(module.to_path_buf(), ctx.clone());
+        Ok(ctx)
+    }
+}
+
+/// The slot whose token carries `label`, if any.
+pub fn find_token(ctx: &Pkcs11, label: &str) -> Result<Option<Slot>, cryptoki::error::Error> {
+    for slot in ctx.get_slots_with_token()? {
+        if ctx.get_token_info(slot)?.label() == label {
+            return Ok(Some(slot));
+        }
+    }
+    Ok(None)
+}
+
+/// Initialises a fresh token with `label` on a free slot and sets the crypto user's PIN.
+/// For `hsm-kms dev` (SoftHSM2 always offers one uninitialised slot).
+pub fn init_token(ctx: &Pkcs11, label: &str, so_pin: &str, user_pin: &str) -> anyhow::Result<()> {
+    let so = AuthPin::from(so_pin);
+    let free = ctx
+        .get_slots_with_token()?
+        .into_iter()
+        .find(|s| {
+            ctx.get_token_info(*s)
+                .map(|t| !t.token_initialized())
+                .unwrap_or(false)
+        })
+        .ok_or_else(|| anyhow::anyhow!("no free slot to initialise a token in"))?;
+    ctx.init_token(free, &so, label)?;
+    let slot = find_token(ctx, label)?
+        .ok_or_else(|| anyhow::anyhow!("token {label} vanished after initialisation"))?;
+    let session = ctx.open_rw_session(slot)?;
+    session.login(UserType::So, Some(&so))?;
+    session.init_pin(&AuthPin::from(user_pin))?;
+    session.logout()?;
+    Ok(())
+}
+
+/// The PKCS#11 attributes of a KMS key's token object. **Contract** (DESIGN.md section 3).
+pub fn key_template(key_id: &Uuid, arn: &str) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(32.into()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::Label(arn.as_bytes().to_vec()),
+        Attribute::Id(key_id.to_string().into_bytes()),
+    ]
+}
+
+fn key_search(key_id: &Uuid) -> [Attribute; 3] {
+    [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Token(true),
+        Attribute::Id(key_id.to_string().into_bytes()),
+    ]
+}
+
+/// A logged-in connection to one cluster's token, serving one custom key store.
+pub struct Connection {
+    ctx: Pkcs11,
+    slot: Slot,
+    /// Holds the login. Taken (and logged out) by `close`.
+    anchor: Mutex<Option<Session>>,
+    idle: Mutex<Vec<Session>>,
+    permits: Arc<Semaphore>,
+    capacity: u32,
+    handles: Mutex<HashMap<Uuid, ObjectHandle>>,
+}
+
+impl Connection {
+    /// Finds the token and logs in as the crypto user. Blocking.
+    pub fn open(
+        ctx: Pkcs11,
+        token_label: &str,
+        pin: &AuthPin,
+        pool_size: usize,
+    ) -> Result<Connection, LoginFailure> {
+        let slot = match find_token(&ctx, token_label) {
+            Ok(Some(slot)) => slot,
+            Ok(None) => return Err(LoginFailure::TokenNotFound),
+            Err(e) => {
+                tracing::warn!(token = token_label, error = %short(&e), "token lookup failed");
+                return Err(LoginFailure::from_error(&e));
+            }
+        };
+        let anchor = ctx.open_rw_session(slot).map_err(|e| {
+            tracing::warn!(token = token_label, error = %short(&e), "opening the anchor session failed");
+            LoginFailure::from_error(&e)
+        })?;
+        match anchor.login(UserType::User, Some(pin)) {
+            Ok(()) => {}
+            // Another session of this process already holds the login: that is fine.
+            Err(cryptoki::error::Error::Pkcs11(
+                cryptoki::error::RvError::UserAlreadyLoggedIn,
+                _,
+            )) => {}
+            Err(e) => {
+                tracing::warn!(token = token_label, error = %short(&e), "login failed");
+                return Err(LoginFailure::from_error(&e));
+            }
+        }
+        // The pool is bounded by the token's own session limit, less the anchor session.
+        let token_max = ctx
+            .get_token_info(slot)
+            .ok()
+            .and_then(|t| match t.max_session_count() {
+                cryptoki::slot::Limit::Max(m) => usize::try_from(m).ok(),
+                _ => None,
+            })
+            .map(|m| m.saturating_sub(1).max(1))
+            .unwrap_or(usize::MAX);
+        let capacity = pool_size.min(token_max).max(1) as u32;
+        Ok(Connection {
+            ctx,
+            slot,
+            anchor: Mutex::new(Some(anchor)),
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(capacity as usize)),
+            capacity,
+            handles: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Runs `op` on an exclusively checked-out session on a blocking thread. A session-tier
+    /// failure evicts the session and the operation is retried once on a fresh session.
+    async fn run<T, F>(self: &Arc<Self>, op: F) -> Result<T, HsmError>
+    where
+        T: Send + 'static,
+        F: Fn(&Connection, &Session) -> Result<T, OpError> + Send + 'static,
+    {
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| HsmError::Unavailable("the connection is closed".into()))?;
+        let conn = Arc::clone(self);
+        tokio::task::spawn_blocking(move || conn.run_blocking(permit, op))
+            .await
+            .map_err(|e| HsmError::Internal(format!("HSM task failed: {e}")))?
+    }
+
+    fn run_blocking<T, F>(&self, _permit: OwnedSemaphorePermit, op: F) -> Result<T, HsmError>
+    where
+        F: Fn(&Connection, &Session) -> Result<T, OpError>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let session = self.checkout()?;
+            match op(self, &session) {
+                Ok(v) => {
+                    self.checkin(session);
+                    return Ok(v);
+                }
+                Err(OpError::Pkcs11(e)) if tier(&e) == Tier::Session && attempt == 1 => {
+                    tracing::warn!(error = %short(&e), "evicting a PKCS#11 session and retrying");
+                    drop(session);
+                }
+                Err(OpError::Pkcs11(e)) => {
+                    if tier(&e) == Tier::Session || tier(&e) == Tier::Device {
+                        drop(session);
+                    } else {
+                        self.checkin(session);
+                    }
+                    return Err(HsmError::from_pkcs11(&e));
+                }
+                Err(OpError::Hsm(e)) => {
+                    self.checkin(session);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn checkout(&self) -> Result<Session, HsmError> {
+        if let Some(s) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return Ok(s);
+        }
+        self.ctx
+            .open_rw_session(self.slot)
+            .map_err(|e| HsmError::from_pkcs11(&e))
+    }
+
+    fn checkin(&self, session: Session) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(session);
+    }
+
+    /// The token object of `key_id`: from the cache, else one `C_FindObjects` search.
+    fn handle(&self, session: &Session, key_id: &Uuid) -> Result<ObjectHandle, OpError> {
+        if let Some(h) = self.cached(key_id) {
+            return Ok(h);
+        }
+        let found = session.find_objects(&key_search(key_id))?;
+        match found.as_slice() {
+            [] => Err(OpError::Hsm(HsmError::KeyMaterialMissing)),
+            [h] => {
+                self.handles
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(*key_id, *h);
+                Ok(*h)
+            }
+            many => Err(OpError::Hsm(HsmError::Internal(format!(
+                "{} token objects carry key id {key_id}",
+                many.len()
+            )))),
+        }
+    }
+
+    fn cached(&self, key_id: &Uuid) -> Option<ObjectHandle> {
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key_id)
+            .copied()
+    }
+
+    fn forget(&self, key_id: &Uuid) {
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key_id);
+    }
+
+    /// Runs `f` with the key's handle; a stale cached handle is dropped and looked up again.
+    fn with_key<T>(
+        &self,
+        session: &Session,
+        key_id: &Uuid,
+        f: impl Fn(ObjectHandle) -> cryptoki::error::Result<T>,
+    ) -> Result<T, OpError> {
+        let h = self.handle(session, key_id)?;
+        match f(h) {
+            Err(e) if is_stale_handle(&e) => {
+                self.forget(key_id);
+                let h = self.handle(session, key_id)?;
+                Ok(f(h)?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// Generates the key's token object. Fails if one with this key id already exists.
+    pub async fn generate_key(self: &Arc<Self>, key_id: Uuid, arn: String) -> Result<(), HsmError> {
+        self.run(move |conn, session| {
+            if !session.find_objects(&key_search(&key_id))?.is_empty() {
+                return Err(OpError::Hsm(HsmError::Internal(format!(
+                    "key material for {key_id} already exists"
+                ))));
+            }
+            let h = session.generate_key(&Mechanism::AesKeyGen, &key_template(&key_id, &arn))?;
+            conn.handles
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key_id, h);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Destroys the key's token object if there is one.
+    pub async fn destroy_key(self: &Arc<Self>, key_id: Uuid) -> Result<(), HsmError> {
+        self.run(move |conn, session| {
+            conn.forget(&key_id);
+            for h in session.find_objects(&key_search(&key_id))? {
+                session.destroy_object(h)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// AES-256-GCM encryption inside the token: returns ciphertext followed by the tag.
+    pub async fn encrypt(
+        self: &Arc<Self>,
+        key_id: Uuid,
+        iv: [u8; 12],
+        aad: Vec<u8>,
+        plaintext: Zeroizing<Vec<u8>>,
+    ) -> Result<Vec<u8>, HsmError> {
+        self.run(move |conn, session| {
+            conn.with_key(session, &key_id, |h| {
+                let mut iv = iv;
+                let params = GcmParams::new(&mut iv, &aad, GCM_TAG_BITS.into())?;
+                session.encrypt(&Mechanism::AesGcm(params), h, &plaintext)
+            })
+        })
+        .await
+    }
+
+    /// AES-256-GCM decryption inside the token; a bad tag is `HsmError::BadCiphertext`.
+    pub async fn decrypt(
+        self: &Arc<Self>,
+        key_id: Uuid,
+        iv: [u8; 12],
+        aad: Vec<u8>,
+        sealed: Vec<u8>,
+    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        self.run(move |conn, session| {
+            conn.with_key(session, &key_id, |h| {
+                let mut iv = iv;
+                let params = GcmParams::new(&mut iv, &aad, GCM_TAG_BITS.into())?;
+                session
+                    .decrypt(&Mechanism::AesGcm(params), h, &sealed)
+                    .map(Zeroizing::new)
+            })
+        })
+        .await
+    }
+
+    /// Random bytes from the token's generator.
+    pub async fn random(self: &Arc<Self>, len: usize) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        self.run(move |_, session| {
+            let mut buf = Zeroizing::new(vec![0u8; len]);
+            session.generate_random_slice(&mut buf)?;
+            Ok(buf)
+        })
+        .await
+    }
+
+    /// Waits for in-flight operations, then closes every session and logs out.
+    pub async fn close(self: &Arc<Self>) {
+        // Taking every permit waits for in-flight operations and admits no new ones.
+        let permits = Arc::clone(&self.permits)
+            .acquire_many_owned(self.capacity)
+            .await;
+        self.permits.close();
+        let conn = Arc::clone(self);
+        let _ = tokio::task::spawn_blocking(move || {
+            conn.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            conn.handles
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            if let Some(anchor) = conn.anchor.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                if let Err(e) = anchor.logout() {
+                    tracing::debug!(error = %short(&e), "logout");
+                }
+                drop(anchor);
+            }
+        })
+        .await;
+        drop(permits);
+    }
+}
+
+/// What an operation closure can fail with: a raw PKCS#11 error still to be classified, or
+/// an already-decided outcome.
+enum OpError {
+    Pkcs11(cryptoki::error::Error),
+    Hsm(HsmError),
+}
+
+impl From<cryptoki::error::Error> for OpError {
+    fn from(e: cryptoki::error::Error) -> Self {
+        OpError::Pkcs11(e)
+    }
+}

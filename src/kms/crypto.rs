@@ -1,0 +1,319 @@
+//! The cryptographic operations: Encrypt, Decrypt, ReEncrypt, GenerateDataKey(WithoutPlaintext)
+//! and GenerateRandom. AES-256-GCM runs inside the token; the encryption context is bound as
+//! additional data (see `ciphertext`).
+
+use std::collections::BTreeMap;
+
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use super::ciphertext::{self, IV_LEN};
+use super::conn_state::CONNECTED;
+use super::error::{ErrorKind, KmsError, KmsResult};
+use super::keys::UsableKey;
+use super::Kms;
+use crate::hsm::HsmError;
+
+pub type Context = BTreeMap<String, String>;
+
+pub const SYMMETRIC_DEFAULT: &str = "SYMMETRIC_DEFAULT";
+const ALGORITHMS: &[&str] = &[
+    "SYMMETRIC_DEFAULT",
+    "RSAES_OAEP_SHA_1",
+    "RSAES_OAEP_SHA_256",
+    "SM2PKE",
+];
+
+/// A secret byte string (plaintext, data key, random bytes): zeroized on drop, never printed.
+pub struct Secret(pub Zeroizing<Vec<u8>>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret({} bytes)", self.0.len())
+    }
+}
+
+pub struct Encrypted {
+    pub ciphertext_blob: Vec<u8>,
+    pub key_arn: String,
+}
+
+pub struct Decrypted {
+    pub plaintext: Secret,
+    pub key_arn: String,
+}
+
+pub struct ReEncrypted {
+    pub ciphertext_blob: Vec<u8>,
+    pub source_key_arn: String,
+    pub key_arn: String,
+}
+
+pub struct DataKey {
+    pub ciphertext_blob: Vec<u8>,
+    pub plaintext: Secret,
+    pub key_arn: String,
+}
+
+/// The algorithm of a symmetric key: SYMMETRIC_DEFAULT only.
+pub fn check_algorithm(field: &str, alg: Option<&str>) -> KmsResult<()> {
+    match alg {
+        None | Some(SYMMETRIC_DEFAULT) => Ok(()),
+        Some(a) if ALGORITHMS.contains(&a) => Err(KmsError::new(
+            ErrorKind::InvalidKeyUsage,
+            format!(
+                "{field} {a} is not valid for a symmetric encryption key; use SYMMETRIC_DEFAULT"
+            ),
+        )),
+        Some(a) => Err(KmsError::validation(format!(
+            "{field} '{a}' is not one of {}",
+            ALGORITHMS.join(", ")
+        ))),
+    }
+}
+
+/// The data key length: exactly one of KeySpec (AES_256, AES_128) and NumberOfBytes (1..1024).
+pub fn data_key_len(key_spec: Option<&str>, number_of_bytes: Option<i32>) -> KmsResult<usize> {
+    match (key_spec, number_of_bytes) {
+        (Some(_), Some(_)) => Err(KmsError::validation(
+            "Specify KeySpec or NumberOfBytes, not both",
+        )),
+        (None, None) => Err(KmsError::validation("Specify KeySpec or NumberOfBytes")),
+        (Some("AES_256"), None) => Ok(32),
+        (Some("AES_128"), None) => Ok(16),
+        (Some(s), None) => Err(KmsError::validation(format!(
+            "KeySpec '{s}' is not one of AES_256, AES_128"
+        ))),
+        (None, Some(n)) => random_len(n),
+    }
+}
+
+fn random_len(n: i32) -> KmsResult<usize> {
+    if (1..=1024).contains(&n) {
+        Ok(n as usize)
+    } else {
+        Err(KmsError::validation(format!(
+            "NumberOfBytes must be between 1 and 1024, got {n}"
+        )))
+    }
+}
+
+fn dry_run() -> KmsError {
+    KmsError::new(
+        ErrorKind::DryRunOperation,
+        "The request would have succeeded, but the DryRun option is set",
+    )
+}
+
+/// Maps an HSM failure on a key's operation to the AWS exception the caller gets.
+fn hsm_error(key: &UsableKey, e: HsmError) -> KmsError {
+    match e {
+        HsmError::BadCiphertext => KmsError::new(
+            ErrorKind::InvalidCiphertext,
+            "The ciphertext or its encryption context is invalid",
+        ),
+        HsmError::KeyMaterialMissing => KmsError::invalid_state(format!(
+            "{} is unusable: its key material is missing from cluster {}",
+            key.arn, key.cluster_id
+        )),
+        HsmError::Unavailable(detail) => {
+            tracing::warn!(key_arn = %key.arn, custom_key_store_id = %key.store_id, %detail, "HSM unavailable");
+            KmsError::invalid_state(format!(
+                "{} is unavailable: the HSM of custom key store {} is not answering",
+                key.arn, key.store_id
+            ))
+        }
+        HsmError::Internal(detail) => {
+            KmsError::internal(format!("HSM operation on {}: {detail}", key.arn))
+        }
+    }
+}
+
+impl Kms {
+    async fn seal(
+        &self,
+        key: &UsableKey,
+        plaintext: Zeroizing<Vec<u8>>,
+        ctx: &Context,
+    ) -> KmsResult<Vec<u8>> {
+        let mut iv = [0u8; IV_LEN];
+        getrandom::fill(&mut iv).map_err(KmsError::internal)?;
+        let header = ciphertext::header(&key.id, &iv);
+        let aad = ciphertext::additional_data(&header, ctx);
+        let sealed = key
+            .conn
+            .encrypt(key.id, iv, aad, plaintext)
+            .await
+            .map_err(|e| hsm_error(key, e))?;
+        Ok(ciphertext::assemble(&header, &sealed))
+    }
+
+    /// Parses a blob and resolves its key; `expected` is the caller's KeyId, if any.
+    fn open_target(&self, blob: &[u8], expected: Option<&str>) -> KmsResult<(UsableKey, Uuid)> {
+        let parsed = ciphertext::parse(blob)?;
+        if let Some(want) = expected {
+            let want = self.scope.parse_key_ref(want)?;
+            if want != parsed.key_id {
+                return Err(KmsError::new(
+                    ErrorKind::IncorrectKey,
+                    format!(
+                        "The ciphertext was not encrypted under {}",
+                        self.scope.key_arn(&want)
+                    ),
+                ));
+            }
+        }
+        let key = match self.usable_key_by_id(&parsed.key_id) {
+            // A blob naming no key here is not a ciphertext of this service.
+            Err(e) if e.kind == ErrorKind::NotFound && expected.is_none() => {
+                return Err(KmsError::new(
+                    ErrorKind::InvalidCiphertext,
+                    "The ciphertext refers to a KMS key that does not exist",
+                ))
+            }
+            other => other?,
+        };
+        Ok((key, parsed.key_id))
+    }
+
+    async fn unseal(
+        &self,
+        key: &UsableKey,
+        blob: &[u8],
+        ctx: &Context,
+    ) -> KmsResult<Zeroizing<Vec<u8>>> {
+        let parsed = ciphertext::parse(blob)?;
+        let aad = ciphertext::additional_data(parsed.header, ctx);
+        key.conn
+            .decrypt(key.id, parsed.iv, aad, parsed.sealed.to_vec())
+            .await
+            .map_err(|e| hsm_error(key, e))
+    }
+
+    pub async fn encrypt(
+        &self,
+        key_ref: &str,
+        plaintext: Zeroizing<Vec<u8>>,
+        ctx: &Context,
+        algorithm: Option<&str>,
+        dry: bool,
+    ) -> KmsResult<Encrypted> {
+        check_algorithm("EncryptionAlgorithm", algorithm)?;
+        let key = self.usable_key(key_ref)?;
+        if dry {
+            return Err(dry_run());
+        }
+        let blob = self.seal(&key, plaintext, ctx).await?;
+        Ok(Encrypted {
+            ciphertext_blob: blob,
+            key_arn: key.arn,
+        })
+    }
+
+    pub async fn decrypt(
+        &self,
+        blob: &[u8],
+        ctx: &Context,
+        key_ref: Option<&str>,
+        algorithm: Option<&str>,
+        dry: bool,
+    ) -> KmsResult<Decrypted> {
+        check_algorithm("EncryptionAlgorithm", algorithm)?;
+        let (key, _) = self.open_target(blob, key_ref)?;
+        if dry {
+            return Err(dry_run());
+        }
+        let plaintext = self.unseal(&key, blob, ctx).await?;
+        Ok(Decrypted {
+            plaintext: Secret(plaintext),
+            key_arn: key.arn,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn re_encrypt(
+        &self,
+        blob: &[u8],
+        source_ctx: &Context,
+        source_key_ref: Option<&str>,
+        destination_key_ref: &str,
+        destination_ctx: &Context,
+        source_algorithm: Option<&str>,
+        destination_algorithm: Option<&str>,
+        dry: bool,
+    ) -> KmsResult<ReEncrypted> {
+        check_algorithm("SourceEncryptionAlgorithm", source_algorithm)?;
+        check_algorithm("DestinationEncryptionAlgorithm", destination_algorithm)?;
+        let (source, _) = self.open_target(blob, source_key_ref)?;
+        let destination = self.usable_key(destination_key_ref)?;
+        if dry {
+            return Err(dry_run());
+        }
+        let plaintext = self.unseal(&source, blob, source_ctx).await?;
+        let blob = self.seal(&destination, plaintext, destination_ctx).await?;
+        Ok(ReEncrypted {
+            ciphertext_blob: blob,
+            source_key_arn: source.arn,
+            key_arn: destination.arn,
+        })
+    }
+
+    /// A data key from the key's own token, and its ciphertext under the key.
+    pub async fn generate_data_key(
+        &self,
+        key_ref: &str,
+        ctx: &Context,
+        len: usize,
+        dry: bool,
+    ) -> KmsResult<DataKey> {
+        let key = self.usable_key(key_ref)?;
+        if dry {
+            return Err(dry_run());
+        }
+        let plaintext = key.conn.random(len).await.map_err(|e| hsm_error(&key, e))?;
+        let blob = self.seal(&key, plaintext.clone(), ctx).await?;
+        Ok(DataKey {
+            ciphertext_blob: blob,
+            plaintext: Secret(plaintext),
+            key_arn: key.arn,
+        })
+    }
+
+    /// Random bytes: from the custom key store's token when one is named, else from the OS.
+    pub async fn generate_random(
+        &self,
+        number_of_bytes: Option<i32>,
+        store_id: Option<&str>,
+    ) -> KmsResult<Secret> {
+        let n = random_len(
+            number_of_bytes.ok_or_else(|| KmsError::validation("NumberOfBytes is required"))?,
+        )?;
+        let Some(store_id) = store_id else {
+            let mut buf = Zeroizing::new(vec![0u8; n]);
+            getrandom::fill(&mut buf).map_err(KmsError::internal)?;
+            return Ok(Secret(buf));
+        };
+        let store = self.get_store(store_id)?;
+        let conn = if store.connection_state == CONNECTED {
+            self.connection(&store.id)
+        } else {
+            None
+        };
+        let conn = conn.ok_or_else(|| {
+            KmsError::new(
+                ErrorKind::CustomKeyStoreInvalidState,
+                format!(
+                    "Custom key store {} is {}; GenerateRandom requires it to be CONNECTED",
+                    store.id, store.connection_state
+                ),
+            )
+        })?;
+        conn.random(n).await.map(Secret).map_err(|e| match e {
+            HsmError::Unavailable(d) => KmsError::new(
+                ErrorKind::CustomKeyStoreInvalidState,
+                format!("Custom key store {store_id} cannot reach its cluster: {d}"),
+            ),
+            other => KmsError::internal(format!("GenerateRandom in {store_id}: {other:?}")),
+        })
+    }
+}

@@ -1,0 +1,156 @@
+//! Identifiers: key ids, key ARNs, custom key store ids and cluster ids, in AWS formats.
+
+use uuid::Uuid;
+
+use super::error::{ErrorKind, KmsError, KmsResult};
+
+/// Where this service's ARNs live: `arn:<partition>:kms:<region>:<account>:...`.
+#[derive(Clone, Debug)]
+pub struct ArnScope {
+    pub partition: String,
+    pub region: String,
+    pub account_id: String,
+}
+
+impl ArnScope {
+    pub fn key_arn(&self, key_id: &Uuid) -> String {
+        format!(
+            "arn:{}:kms:{}:{}:key/{}",
+            self.partition, self.region, self.account_id, key_id
+        )
+    }
+
+    /// Resolves a key id or key ARN to the key id it names.
+    ///
+    /// A well-formed ARN for another partition, region or account names no key here
+    /// (NotFoundException); a malformed ARN is InvalidArnException.
+    pub fn parse_key_ref(&self, key_ref: &str) -> KmsResult<Uuid> {
+        if let Some(rest) = key_ref.strip_prefix("arn:") {
+            let parts: Vec<&str> = rest.splitn(5, ':').collect();
+            let [partition, service, region, account, resource] = parts[..] else {
+                return Err(KmsError::new(
+                    ErrorKind::InvalidArn,
+                    format!("{key_ref} is not a valid ARN"),
+                ));
+            };
+            if service != "kms" || partition.is_empty() || region.is_empty() || account.is_empty() {
+                return Err(KmsError::new(
+                    ErrorKind::InvalidArn,
+                    format!("{key_ref} is not a valid KMS ARN"),
+                ));
+            }
+            let Some(id) = resource.strip_prefix("key/") else {
+                return Err(KmsError::new(
+                    ErrorKind::NotFound,
+                    format!("{key_ref} does not name a key"),
+                ));
+            };
+            let id = parse_uuid(id).ok_or_else(|| {
+                KmsError::new(
+                    ErrorKind::InvalidArn,
+                    format!("{key_ref} does not contain a valid key id"),
+                )
+            })?;
+            if partition != self.partition || region != self.region || account != self.account_id {
+                return Err(KmsError::new(
+                    ErrorKind::NotFound,
+                    format!("Key '{key_ref}' does not exist"),
+                ));
+            }
+            return Ok(id);
+        }
+        parse_uuid(key_ref)
+            .ok_or_else(|| KmsError::new(ErrorKind::NotFound, format!("Invalid keyId '{key_ref}'")))
+    }
+}
+
+/// A key id: a UUID in its canonical hyphenated lower-case form.
+fn parse_uuid(s: &str) -> Option<Uuid> {
+    if s.len() != 36 {
+        return None;
+    }
+    let id = Uuid::try_parse(s).ok()?;
+    (id.hyphenated().to_string() == s.to_ascii_lowercase()).then_some(id)
+}
+
+/// A new custom key store id: `cks-` and 17 hex digits.
+pub fn new_store_id() -> KmsResult<String> {
+    let mut bytes = [0u8; 9];
+    getrandom::fill(&mut bytes).map_err(KmsError::internal)?;
+    let hex = hex::encode(bytes);
+    Ok(format!("cks-{}", &hex[..17]))
+}
+
+pub fn is_store_id(s: &str) -> bool {
+    s.len() == 21
+        && s.starts_with("cks-")
+        && s[4..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// AWS cluster ids: `cluster-[2-7a-zA-Z]{11,16}`.
+pub fn is_cluster_id(s: &str) -> bool {
+    let Some(tail) = s.strip_prefix("cluster-") else {
+        return false;
+    };
+    (11..=16).contains(&tail.len())
+        && tail
+            .bytes()
+            .all(|b| b.is_ascii_alphabetic() || (b'2'..=b'7').contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope() -> ArnScope {
+        ArnScope {
+            partition: "aws".into(),
+            region: "us-east-1".into(),
+            account_id: "111122223333".into(),
+        }
+    }
+
+    #[test]
+    fn key_refs() {
+        let s = scope();
+        let id = Uuid::new_v4();
+        assert_eq!(s.parse_key_ref(&id.to_string()).unwrap(), id);
+        assert_eq!(s.parse_key_ref(&s.key_arn(&id)).unwrap(), id);
+        let other = format!("arn:aws:kms:eu-west-1:111122223333:key/{id}");
+        assert_eq!(
+            s.parse_key_ref(&other).unwrap_err().kind,
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            s.parse_key_ref("nope").unwrap_err().kind,
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            s.parse_key_ref("arn:aws:kms").unwrap_err().kind,
+            ErrorKind::InvalidArn
+        );
+        let bad = "arn:aws:kms:us-east-1:111122223333:key/not-a-uuid";
+        assert_eq!(
+            s.parse_key_ref(bad).unwrap_err().kind,
+            ErrorKind::InvalidArn
+        );
+        // Only the canonical hyphenated form is a key id.
+        let simple = id.simple().to_string();
+        assert_eq!(
+            s.parse_key_ref(&simple).unwrap_err().kind,
+            ErrorKind::NotFound
+        );
+    }
+
+    #[test]
+    fn store_and_cluster_ids() {
+        let id = new_store_id().unwrap();
+        assert!(is_store_id(&id), "{id}");
+        assert!(!is_store_id("cks-123"));
+        assert!(is_cluster_id("cluster-234abcdefgh"));
+        assert!(!is_cluster_id("cluster-1234abcdefgh"));
+        assert!(!is_cluster_id("cluster-abc"));
+    }
+}

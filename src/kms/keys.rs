@@ -1,0 +1,493 @@
+//! KMS keys: creation (crash-safe), description, listing, tags and key states.
+
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::conn_state::CONNECTED;
+use super::error::{ErrorKind, KmsError, KmsResult};
+use super::keystores::Page;
+use super::{decode_marker, encode_marker, now_ms, page_limit, Kms};
+use crate::hsm::{Connection, HsmError};
+use crate::store::{KeyRecord, StoreRecord};
+
+/// Stored key states. `Creating` is internal: such a key is invisible to callers.
+pub mod stored {
+    pub const CREATING: &str = "Creating";
+    pub const ENABLED: &str = "Enabled";
+    pub const DISABLED: &str = "Disabled";
+    pub const PENDING_DELETION: &str = "PendingDeletion";
+}
+
+pub const UNAVAILABLE: &str = "Unavailable";
+
+pub struct CreateKey {
+    pub description: Option<String>,
+    pub key_usage: Option<String>,
+    pub customer_master_key_spec: Option<String>,
+    pub key_spec: Option<String>,
+    pub origin: Option<String>,
+    pub custom_key_store_id: Option<String>,
+    pub tags: Vec<(String, String)>,
+    pub multi_region: Option<bool>,
+}
+
+/// Everything DescribeKey says of a key.
+#[derive(Clone, Debug)]
+pub struct KeyView {
+    pub account_id: String,
+    pub key_id: Uuid,
+    pub arn: String,
+    pub creation_date_ms: i64,
+    pub description: String,
+    pub key_state: String,
+    pub custom_key_store_id: String,
+    pub cloud_hsm_cluster_id: String,
+}
+
+impl KeyView {
+    pub fn enabled(&self) -> bool {
+        self.key_state == stored::ENABLED
+    }
+}
+
+/// The state a caller sees: a key of a store that is not CONNECTED is Unavailable, except
+/// that a key pending deletion stays PendingDeletion (so its deletion can be cancelled).
+pub fn effective_state(key_state: &str, store_state: &str) -> String {
+    if key_state == stored::PENDING_DELETION || store_state == CONNECTED {
+        key_state.to_string()
+    } else {
+        UNAVAILABLE.to_string()
+    }
+}
+
+/// A key that passed every condition for a cryptographic operation.
+pub struct UsableKey {
+    pub id: Uuid,
+    pub arn: String,
+    pub store_id: String,
+    pub cluster_id: String,
+    pub conn: Arc<Connection>,
+}
+
+const KEY_SPECS: &[&str] = &[
+    "RSA_2048",
+    "RSA_3072",
+    "RSA_4096",
+    "ECC_NIST_P256",
+    "ECC_NIST_P384",
+    "ECC_NIST_P521",
+    "ECC_SECG_P256K1",
+    "SYMMETRIC_DEFAULT",
+    "HMAC_224",
+    "HMAC_256",
+    "HMAC_384",
+    "HMAC_512",
+    "SM2",
+    "ML_DSA_44",
+    "ML_DSA_65",
+    "ML_DSA_87",
+    "ECC_NIST_EDWARDS25519",
+];
+const KEY_USAGES: &[&str] = &[
+    "SIGN_VERIFY",
+    "ENCRYPT_DECRYPT",
+    "GENERATE_VERIFY_MAC",
+    "KEY_AGREEMENT",
+];
+const ORIGINS: &[&str] = &["AWS_KMS", "EXTERNAL", "AWS_CLOUDHSM", "EXTERNAL_KEY_STORE"];
+
+fn unsupported(msg: impl Into<String>) -> KmsError {
+    KmsError::new(ErrorKind::UnsupportedOperation, msg)
+}
+
+/// AWS enum values: a known value other than the supported one is UnsupportedOperation, an
+/// unknown one is ValidationException.
+fn check_enum(field: &str, value: &str, known: &[&str], supported: &str) -> KmsResult<()> {
+    if value == supported {
+        Ok(())
+    } else if known.contains(&value) {
+        Err(unsupported(format!(
+            "{field} {value} is not supported in a custom key store; use {supported}"
+        )))
+    } else {
+        Err(KmsError::validation(format!(
+            "{field} '{value}' is not one of {}",
+            known.join(", ")
+        )))
+    }
+}
+
+/// AWS tag rules: key 1..128, value 0..256, no `aws:` prefix, letters, digits, spaces and
+/// `_ . : / = + - @`, at most 50 tags, no duplicate keys.
+pub fn check_tags(tags: &[(String, String)]) -> KmsResult<()> {
+    let tag_err = |m: String| KmsError::new(ErrorKind::Tag, m);
+    if tags.len() > 50 {
+        return Err(tag_err(format!(
+            "At most 50 tags are allowed, got {}",
+            tags.len()
+        )));
+    }
+    let allowed = |c: char| c.is_alphanumeric() || c.is_whitespace() || "_.:/=+-@".contains(c);
+    let mut seen = std::collections::HashSet::new();
+    for (k, v) in tags {
+        let kl = k.chars().count();
+        if !(1..=128).contains(&kl) {
+            return Err(tag_err(format!(
+                "Tag keys must be 1 to 128 characters long: '{k}'"
+            )));
+        }
+        if v.chars().count() > 256 {
+            return Err(tag_err(format!(
+                "The value of tag '{k}' is longer than 256 characters"
+            )));
+        }
+        if k.to_ascii_lowercase().starts_with("aws:") {
+            return Err(tag_err(format!(
+                "Tag key '{k}' uses the reserved prefix aws:"
+            )));
+        }
+        if !k.chars().all(allowed) || !v.chars().all(allowed) {
+            return Err(tag_err(format!(
+                "Tag '{k}' contains characters tags may not contain"
+            )));
+        }
+        if !seen.insert(k.as_str()) {
+            return Err(tag_err(format!("Tag key '{k}' appears more than once")));
+        }
+    }
+    Ok(())
+}
+
+impl Kms {
+    pub async fn create_key(&self, req: CreateKey) -> KmsResult<KeyView> {
+        if let Some(d) = &req.description {
+            if d.chars().count() > 8192 {
+                return Err(KmsError::validation(
+                    "Description is longer than 8192 characters",
+                ));
+            }
+        }
+        if req.key_spec.is_some() && req.customer_master_key_spec.is_some() {
+            return Err(KmsError::validation(
+                "Specify KeySpec or CustomerMasterKeySpec (deprecated), not both",
+            ));
+        }
+        if let Some(spec) = req.key_spec.as_deref() {
+            check_enum("KeySpec", spec, KEY_SPECS, "SYMMETRIC_DEFAULT")?;
+        }
+        if let Some(spec) = req.customer_master_key_spec.as_deref() {
+            check_enum(
+                "CustomerMasterKeySpec",
+                spec,
+                &KEY_SPECS[..13],
+                "SYMMETRIC_DEFAULT",
+            )?;
+        }
+        if let Some(usage) = req.key_usage.as_deref() {
+            check_enum("KeyUsage", usage, KEY_USAGES, "ENCRYPT_DECRYPT")?;
+        }
+        if req.multi_region == Some(true) {
+            return Err(unsupported(
+                "Multi-Region keys are not supported in a custom key store",
+            ));
+        }
+        let store_id = match (req.origin.as_deref(), req.custom_key_store_id) {
+            (Some(o), _) if !ORIGINS.contains(&o) => {
+                return Err(KmsError::validation(format!(
+                    "Origin '{o}' is not one of {}",
+                    ORIGINS.join(", ")
+                )))
+            }
+            (Some("EXTERNAL"), _) => {
+                return Err(unsupported(
+                    "Imported key material (Origin EXTERNAL) is not supported",
+                ))
+            }
+            (Some("EXTERNAL_KEY_STORE"), _) => {
+                return Err(unsupported("External key stores are not supported"))
+            }
+            (None | Some("AWS_KMS"), None) => {
+                return Err(unsupported(
+                    "hsm-kms creates keys only in custom key stores: set Origin AWS_CLOUDHSM \
+                     and CustomKeyStoreId",
+                ))
+            }
+            (Some("AWS_KMS"), Some(_)) => {
+                return Err(KmsError::validation(
+                    "A key in a custom key store must have Origin AWS_CLOUDHSM",
+                ))
+            }
+            (_, None) => {
+                return Err(KmsError::validation(
+                    "CustomKeyStoreId is required when Origin is AWS_CLOUDHSM",
+                ))
+            }
+            (_, Some(id)) => id,
+        };
+        check_tags(&req.tags)?;
+
+        let store = self.get_store(&store_id)?;
+        require_connected_for_create(&store)?;
+        let lock = self.lifecycle_lock(&store_id);
+        let _guard = lock.read().await;
+        // Re-read under the lock: a disconnect may have finished while we waited.
+        let store = self.get_store(&store_id)?;
+        require_connected_for_create(&store)?;
+        let cluster = self.cluster(&store.cluster_id).ok_or_else(|| {
+            KmsError::new(
+                ErrorKind::CloudHsmClusterInvalidConfiguration,
+                format!("Cluster {} is not configured", store.cluster_id),
+            )
+        })?;
+        if !cluster.has_two_zones() {
+            return Err(KmsError::new(
+                ErrorKind::CloudHsmClusterInvalidConfiguration,
+                format!(
+                    "Cluster {} must contain at least two active HSMs in different availability \
+                     zones to create keys; it has {} active",
+                    store.cluster_id,
+                    cluster.active_hsms()
+                ),
+            ));
+        }
+        let conn = self.connection(&store_id).ok_or_else(|| {
+            KmsError::new(
+                ErrorKind::CustomKeyStoreInvalidState,
+                format!("Custom key store {store_id} is not connected"),
+            )
+        })?;
+
+        // Crash safety: the row exists (invisible, `Creating`) before the token object, and
+        // becomes usable only after it; reconnect reconciles rows left in `Creating`.
+        let id = Uuid::new_v4();
+        let arn = self.scope.key_arn(&id);
+        let rec = KeyRecord {
+            id,
+            custom_key_store_id: store_id.clone(),
+            creation_date_ms: now_ms(),
+            description: req.description.unwrap_or_default(),
+            key_state: stored::CREATING.into(),
+        };
+        self.store.insert_key(&rec, &req.tags)?;
+        if let Err(e) = conn.generate_key(id, arn.clone()).await {
+            if let Err(db) = self.store.delete_key(&id) {
+                tracing::error!(key_arn = %arn, error = %db, "removing a half-made key row failed; reconnect reconciles it");
+            }
+            return Err(match e {
+                HsmError::Unavailable(d) => KmsError::new(
+                    ErrorKind::CustomKeyStoreInvalidState,
+                    format!("Custom key store {store_id} cannot reach its cluster: {d}"),
+                ),
+                other => {
+                    KmsError::internal(format!("generating key material for {arn}: {other:?}"))
+                }
+            });
+        }
+        if let Err(e) = self.store.set_key_state(&id, stored::ENABLED) {
+            // Roll back: destroy the token key so no material exists without a usable row.
+            if let Err(h) = conn.destroy_key(id).await {
+                tracing::error!(key_arn = %arn, error = ?h, "rollback left orphaned key material");
+            }
+            let _ = self.store.delete_key(&id);
+            return Err(e);
+        }
+        tracing::info!(key_arn = %arn, custom_key_store_id = %store_id, "created key");
+        Ok(self.view(
+            KeyRecord {
+                key_state: stored::ENABLED.into(),
+                ..rec
+            },
+            &store,
+        ))
+    }
+
+    /// Rows left in `Creating` by a crash: destroy any token object they got, drop the row.
+    pub(super) async fn reconcile_creating_keys(&self, store_id: &str, conn: &Arc<Connection>) {
+        let ids = match self.store.creating_keys(store_id) {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::error!(custom_key_store_id = %store_id, error = %e, "listing half-made keys failed");
+                return;
+            }
+        };
+        for id in ids {
+            let arn = self.scope.key_arn(&id);
+            match conn.destroy_key(id).await {
+                Ok(()) => {
+                    if let Err(e) = self.store.delete_key(&id) {
+                        tracing::error!(key_arn = %arn, error = %e, "removing a half-made key row failed");
+                    } else {
+                        tracing::warn!(key_arn = %arn, "removed a key whose creation was interrupted");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(key_arn = %arn, error = ?e, "could not clean up a half-made key")
+                }
+            }
+        }
+    }
+
+    fn view(&self, rec: KeyRecord, store: &StoreRecord) -> KeyView {
+        KeyView {
+            account_id: self.scope.account_id.clone(),
+            key_id: rec.id,
+            arn: self.scope.key_arn(&rec.id),
+            creation_date_ms: rec.creation_date_ms,
+            description: rec.description,
+            key_state: effective_state(&rec.key_state, &store.connection_state),
+            custom_key_store_id: store.id.clone(),
+            cloud_hsm_cluster_id: store.cluster_id.clone(),
+        }
+    }
+
+    /// The key row named by a key id or ARN; NotFoundException if there is none.
+    pub(super) fn key_record(&self, key_ref: &str) -> KmsResult<KeyRecord> {
+        let id = self.scope.parse_key_ref(key_ref)?;
+        self.key_by_id(&id)
+    }
+
+    pub(super) fn key_by_id(&self, id: &Uuid) -> KmsResult<KeyRecord> {
+        match self.store.get_key(id)? {
+            Some(k) if k.key_state != stored::CREATING => Ok(k),
+            _ => Err(KmsError::new(
+                ErrorKind::NotFound,
+                format!("Key '{}' does not exist", self.scope.key_arn(id)),
+            )),
+        }
+    }
+
+    fn store_of(&self, key: &KeyRecord) -> KmsResult<StoreRecord> {
+        self.store
+            .get_store(&key.custom_key_store_id)?
+            .ok_or_else(|| KmsError::internal(format!("key {} has no store", key.id)))
+    }
+
+    pub fn describe_key(&self, key_ref: &str) -> KmsResult<KeyView> {
+        let key = self.key_record(key_ref)?;
+        let store = self.store_of(&key)?;
+        Ok(self.view(key, &store))
+    }
+
+    pub fn list_keys(
+        &self,
+        limit: Option<i32>,
+        marker: Option<&str>,
+    ) -> KmsResult<Page<(Uuid, String)>> {
+        let limit = page_limit(limit, 1000, 100)?;
+        let after = match marker {
+            Some(m) => Some(Uuid::try_parse(&decode_marker(m)?).map_err(|_| {
+                KmsError::new(
+                    ErrorKind::InvalidMarker,
+                    "The marker is not one this service issued",
+                )
+            })?),
+            None => None,
+        };
+        let mut rows = self.store.list_keys(after.as_ref(), limit + 1)?;
+        let next_marker = if rows.len() > limit {
+            rows.truncate(limit);
+            rows.last().map(|r| encode_marker(&r.id.to_string()))
+        } else {
+            None
+        };
+        Ok(Page {
+            items: rows
+                .into_iter()
+                .map(|r| (r.id, self.scope.key_arn(&r.id)))
+                .collect(),
+            next_marker,
+        })
+    }
+
+    pub fn list_resource_tags(
+        &self,
+        key_ref: &str,
+        limit: Option<i32>,
+        marker: Option<&str>,
+    ) -> KmsResult<Page<(String, String)>> {
+        let limit = page_limit(limit, 50, 50)?;
+        let key = self.key_record(key_ref)?;
+        let after = marker.map(decode_marker).transpose()?;
+        let mut rows = self.store.list_tags(&key.id, after.as_deref(), limit + 1)?;
+        let next_marker = if rows.len() > limit {
+            rows.truncate(limit);
+            rows.last().map(|(k, _)| encode_marker(k))
+        } else {
+            None
+        };
+        Ok(Page {
+            items: rows,
+            next_marker,
+        })
+    }
+
+    /// Checks every condition of a cryptographic operation (seeds: key Enabled, store
+    /// CONNECTED, an active HSM); key material presence is checked by the HSM call itself.
+    pub(super) fn usable_key_by_id(&self, id: &Uuid) -> KmsResult<UsableKey> {
+        let key = self.key_by_id(id)?;
+        let store = self.store_of(&key)?;
+        let arn = self.scope.key_arn(&key.id);
+        match key.key_state.as_str() {
+            stored::PENDING_DELETION => {
+                return Err(KmsError::invalid_state(format!(
+                    "{arn} is pending deletion"
+                )))
+            }
+            _ if store.connection_state != CONNECTED => {
+                return Err(KmsError::invalid_state(format!(
+                    "{arn} is unavailable: its custom key store {} is {}",
+                    store.id, store.connection_state
+                )))
+            }
+            stored::DISABLED => {
+                return Err(KmsError::new(
+                    ErrorKind::Disabled,
+                    format!("{arn} is disabled"),
+                ))
+            }
+            _ => {}
+        }
+        let active = self
+            .cluster(&store.cluster_id)
+            .map(|c| c.active_hsms())
+            .unwrap_or(0);
+        if active == 0 {
+            return Err(KmsError::invalid_state(format!(
+                "{arn} is unusable: cluster {} of custom key store {} has no active HSM",
+                store.cluster_id, store.id
+            )));
+        }
+        let conn = self.connection(&store.id).ok_or_else(|| {
+            KmsError::invalid_state(format!(
+                "{arn} is unavailable: custom key store {} is not connected",
+                store.id
+            ))
+        })?;
+        Ok(UsableKey {
+            id: key.id,
+            arn,
+            store_id: store.id,
+            cluster_id: store.cluster_id,
+            conn,
+        })
+    }
+
+    pub(super) fn usable_key(&self, key_ref: &str) -> KmsResult<UsableKey> {
+        let id = self.scope.parse_key_ref(key_ref)?;
+        self.usable_key_by_id(&id)
+    }
+}
+
+fn require_connected_for_create(store: &StoreRecord) -> KmsResult<()> {
+    if store.connection_state != CONNECTED {
+        return Err(KmsError::new(
+            ErrorKind::CustomKeyStoreInvalidState,
+            format!(
+                "Custom key store {} is {}; CreateKey requires it to be CONNECTED",
+                store.id, store.connection_state
+            ),
+        ));
+    }
+    Ok(())
+}

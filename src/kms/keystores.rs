@@ -1,0 +1,497 @@
+//! Custom key stores: create, describe, update, delete, connect, disconnect.
+//!
+//! Connection state lives in the metadata store (so a CONNECTED store reconnects after a
+//! restart); the live PKCS#11 connection lives in `Kms::connections` while CONNECTED.
+
+use std::sync::Arc;
+
+use cryptoki::types::AuthPin;
+use zeroize::Zeroizing;
+
+use super::conn_state::*;
+use super::error::{ErrorKind, KmsError, KmsResult};
+use super::ids::{is_cluster_id, is_store_id, new_store_id};
+use super::{decode_marker, encode_marker, now_ms, page_limit, pem_der, Cluster, Kms};
+use crate::config::PinFormat;
+use crate::hsm::{Connection, LoginFailure};
+use crate::store::{store_not_found, StoreRecord, StoreUpdate};
+
+/// A kmsuser password as the caller gave it. Never printed.
+pub struct Password(pub Zeroizing<String>);
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
+}
+
+impl Password {
+    pub fn new(s: String) -> KmsResult<Password> {
+        let s = Zeroizing::new(s);
+        let n = s.chars().count();
+        if !(7..=32).contains(&n) {
+            return Err(KmsError::validation(format!(
+                "KeyStorePassword must be 7 to 32 characters long, got {n}"
+            )));
+        }
+        Ok(Password(s))
+    }
+}
+
+pub struct CreateStore {
+    pub name: String,
+    pub cluster_id: Option<String>,
+    pub trust_anchor: Option<String>,
+    pub password: Option<Password>,
+    pub store_type: Option<String>,
+}
+
+pub struct UpdateStore {
+    pub id: String,
+    pub new_name: Option<String>,
+    pub password: Option<Password>,
+    pub cluster_id: Option<String>,
+}
+
+/// What DescribeCustomKeyStores returns for one store.
+#[derive(Clone, Debug)]
+pub struct StoreView {
+    pub id: String,
+    pub name: String,
+    pub cluster_id: String,
+    pub trust_anchor: String,
+    pub connection_state: String,
+    pub connection_error_code: Option<String>,
+    pub creation_date_ms: i64,
+}
+
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_marker: Option<String>,
+}
+
+fn view(r: StoreRecord) -> StoreView {
+    StoreView {
+        id: r.id,
+        name: r.name,
+        cluster_id: r.cluster_id,
+        trust_anchor: r.trust_anchor,
+        connection_state: r.connection_state,
+        connection_error_code: r.connection_error_code,
+        creation_date_ms: r.creation_date_ms,
+    }
+}
+
+fn check_name(name: &str, field: &str) -> KmsResult<()> {
+    let n = name.chars().count();
+    if !(1..=256).contains(&n) {
+        return Err(KmsError::validation(format!(
+            "{field} must be 1 to 256 characters long"
+        )));
+    }
+    Ok(())
+}
+
+fn invalid_state(id: &str, state: &str, op: &str, needs: &str) -> KmsError {
+    KmsError::new(
+        ErrorKind::CustomKeyStoreInvalidState,
+        format!("Custom key store {id} is {state}; {op} requires it to be {needs}"),
+    )
+}
+
+impl Kms {
+    /// The cluster named by a request, checked the way CreateCustomKeyStore and
+    /// UpdateCustomKeyStore check it.
+    fn usable_cluster(&self, cluster_id: &str) -> KmsResult<&Cluster> {
+        if !is_cluster_id(cluster_id) {
+            return Err(KmsError::validation(format!(
+                "CloudHsmClusterId {cluster_id} does not match cluster-[2-7a-zA-Z]{{11,16}}"
+            )));
+        }
+        let cluster = self.cluster(cluster_id).ok_or_else(|| {
+            KmsError::new(
+                ErrorKind::CloudHsmClusterNotFound,
+                format!("Cluster {cluster_id} does not exist"),
+            )
+        })?;
+        if !cluster.is_active() {
+            return Err(KmsError::new(
+                ErrorKind::CloudHsmClusterNotActive,
+                format!(
+                    "Cluster {cluster_id} is {}, not ACTIVE",
+                    cluster.settings.state
+                ),
+            ));
+        }
+        if !cluster.has_two_zones() {
+            return Err(KmsError::new(
+                ErrorKind::CloudHsmClusterInvalidConfiguration,
+                format!(
+                    "Cluster {cluster_id} must contain at least two active HSMs in different \
+                     availability zones; it has {} active",
+                    cluster.active_hsms()
+                ),
+            ));
+        }
+        Ok(cluster)
+    }
+
+    pub fn create_custom_key_store(&self, req: CreateStore) -> KmsResult<String> {
+        check_name(&req.name, "CustomKeyStoreName")?;
+        match req.store_type.as_deref() {
+            None | Some("AWS_CLOUDHSM") => {}
+            Some("EXTERNAL_KEY_STORE") => {
+                return Err(KmsError::new(
+                    ErrorKind::UnsupportedOperation,
+                    "External key stores are not supported; use AWS_CLOUDHSM",
+                ))
+            }
+            Some(other) => {
+                return Err(KmsError::validation(format!(
+                    "CustomKeyStoreType {other} is not one of AWS_CLOUDHSM, EXTERNAL_KEY_STORE"
+                )))
+            }
+        }
+        let cluster_id = req
+            .cluster_id
+            .ok_or_else(|| KmsError::validation("CloudHsmClusterId is required"))?;
+        let anchor = req
+            .trust_anchor
+            .ok_or_else(|| KmsError::validation("TrustAnchorCertificate is required"))?;
+        let password = req
+            .password
+            .ok_or_else(|| KmsError::validation("KeyStorePassword is required"))?;
+        if anchor.is_empty() || anchor.chars().count() > 5000 {
+            return Err(KmsError::validation(
+                "TrustAnchorCertificate must be 1 to 5000 characters long",
+            ));
+        }
+        let cluster = self.usable_cluster(&cluster_id)?;
+        if pem_der(&anchor).as_deref() != Some(cluster.trust_anchor_der.as_slice()) {
+            return Err(KmsError::new(
+                ErrorKind::IncorrectTrustAnchor,
+                format!("The trust anchor certificate is not the one of cluster {cluster_id}"),
+            ));
+        }
+        let id = new_store_id()?;
+        let sealed = self.sealer.seal(&id, password.0.as_bytes())?;
+        self.store.insert_store(&StoreRecord {
+            id: id.clone(),
+            name: req.name,
+            cluster_id,
+            trust_anchor: anchor,
+            sealed_password: sealed,
+            connection_state: DISCONNECTED.into(),
+            connection_error_code: None,
+            creation_date_ms: now_ms(),
+        })?;
+        tracing::info!(custom_key_store_id = %id, "created custom key store");
+        Ok(id)
+    }
+
+    /// The store record, or CustomKeyStoreNotFoundException (also for malformed ids).
+    pub(super) fn get_store(&self, id: &str) -> KmsResult<StoreRecord> {
+        if !is_store_id(id) {
+            return Err(store_not_found(id));
+        }
+        self.store.get_store(id)?.ok_or_else(|| store_not_found(id))
+    }
+
+    pub fn describe_custom_key_stores(
+        &self,
+        id: Option<&str>,
+        name: Option<&str>,
+        limit: Option<i32>,
+        marker: Option<&str>,
+    ) -> KmsResult<Page<StoreView>> {
+        let limit = page_limit(limit, 1000, 1000)?;
+        match (id, name) {
+            (Some(_), Some(_)) => Err(KmsError::validation(
+                "Specify CustomKeyStoreId or CustomKeyStoreName, not both",
+            )),
+            (Some(id), None) => Ok(Page {
+                items: vec![view(self.get_store(id)?)],
+                next_marker: None,
+            }),
+            (None, Some(name)) => {
+                check_name(name, "CustomKeyStoreName")?;
+                let rec = self.store.get_store_by_name(name)?.ok_or_else(|| {
+                    KmsError::new(
+                        ErrorKind::CustomKeyStoreNotFound,
+                        format!("No custom key store is named {name}"),
+                    )
+                })?;
+                Ok(Page {
+                    items: vec![view(rec)],
+                    next_marker: None,
+                })
+            }
+            (None, None) => {
+                let after = marker.map(decode_marker).transpose()?;
+                let mut rows = self.store.list_stores(after.as_deref(), limit + 1)?;
+                let next_marker = if rows.len() > limit {
+                    rows.truncate(limit);
+                    rows.last().map(|r| encode_marker(&r.id))
+                } else {
+                    None
+                };
+                Ok(Page {
+                    items: rows.into_iter().map(view).collect(),
+                    next_marker,
+                })
+            }
+        }
+    }
+
+    pub async fn update_custom_key_store(&self, req: UpdateStore) -> KmsResult<()> {
+        if req.new_name.is_none() && req.password.is_none() && req.cluster_id.is_none() {
+            return Err(KmsError::validation(
+                "Specify at least one of NewCustomKeyStoreName, KeyStorePassword, CloudHsmClusterId",
+            ));
+        }
+        if let Some(n) = &req.new_name {
+            check_name(n, "NewCustomKeyStoreName")?;
+        }
+        let lock = self.lifecycle_lock(&req.id);
+        let _guard = lock.write().await;
+        let rec = self.get_store(&req.id)?;
+        if (req.password.is_some() || req.cluster_id.is_some())
+            && rec.connection_state != DISCONNECTED
+        {
+            return Err(invalid_state(
+                &rec.id,
+                &rec.connection_state,
+                "changing the password or the cluster",
+                DISCONNECTED,
+            ));
+        }
+        if let Some(new_cluster) = &req.cluster_id {
+            if *new_cluster != rec.cluster_id {
+                let cluster = self.usable_cluster(new_cluster)?;
+                let old_lineage = self
+                    .cluster(&rec.cluster_id)
+                    .map(|c| c.settings.lineage().to_string())
+                    .unwrap_or_else(|| rec.cluster_id.clone());
+                if cluster.settings.lineage() != old_lineage {
+                    return Err(KmsError::new(
+                        ErrorKind::CloudHsmClusterNotRelated,
+                        format!(
+                            "Cluster {new_cluster} does not share backup history with cluster {}",
+                            rec.cluster_id
+                        ),
+                    ));
+                }
+            } else {
+                self.usable_cluster(new_cluster)?;
+            }
+        }
+        let sealed = match &req.password {
+            Some(p) => Some(self.sealer.seal(&rec.id, p.0.as_bytes())?),
+            None => None,
+        };
+        self.store.update_store(
+            &rec.id,
+            &StoreUpdate {
+                name: req.new_name,
+                cluster_id: req.cluster_id.filter(|c| *c != rec.cluster_id),
+                sealed_password: sealed,
+            },
+        )?;
+        tracing::info!(custom_key_store_id = %rec.id, "updated custom key store");
+        Ok(())
+    }
+
+    pub async fn delete_custom_key_store(&self, id: &str) -> KmsResult<()> {
+        if !is_store_id(id) {
+            return Err(store_not_found(id));
+        }
+        let lock = self.lifecycle_lock(id);
+        let _guard = lock.write().await;
+        self.store.delete_store(id)?;
+        tracing::info!(custom_key_store_id = %id, "deleted custom key store");
+        Ok(())
+    }
+
+    /// Starts connecting: the store is CONNECTING when this returns; a background task makes
+    /// it CONNECTED or FAILED with a connection error code.
+    pub async fn connect_custom_key_store(self: &Arc<Self>, id: &str) -> KmsResult<()> {
+        let lock = self.lifecycle_lock(id);
+        let guard = lock.clone().write_owned().await;
+        let rec = self.get_store(id)?;
+        match rec.connection_state.as_str() {
+            CONNECTED | CONNECTING => return Ok(()),
+            DISCONNECTED => {}
+            other => {
+                return Err(invalid_state(
+                    id,
+                    other,
+                    "ConnectCustomKeyStore",
+                    "DISCONNECTED (disconnect a FAILED store first)",
+                ))
+            }
+        }
+        if let Some(cluster) = self.cluster(&rec.cluster_id) {
+            if !cluster.is_active() {
+                return Err(KmsError::new(
+                    ErrorKind::CloudHsmClusterNotActive,
+                    format!(
+                        "Cluster {} is {}, not ACTIVE",
+                        rec.cluster_id, cluster.settings.state
+                    ),
+                ));
+            }
+        }
+        if !self
+            .store
+            .transition_store(id, &[DISCONNECTED], CONNECTING, None)?
+        {
+            return Err(KmsError::new(
+                ErrorKind::CustomKeyStoreInvalidState,
+                format!("Custom key store {id} changed state; try again"),
+            ));
+        }
+        let kms = Arc::clone(self);
+        tokio::spawn(async move {
+            kms.finish_connect(rec).await;
+            drop(guard);
+        });
+        Ok(())
+    }
+
+    /// The background half of connecting. The caller holds the store's lifecycle lock.
+    async fn finish_connect(self: &Arc<Self>, rec: StoreRecord) {
+        let outcome = self.open_connection(&rec).await;
+        let (state, code) = match outcome {
+            Ok(conn) => {
+                self.reconcile_creating_keys(&rec.id, &conn).await;
+                self.connections
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(rec.id.clone(), conn);
+                (CONNECTED, None)
+            }
+            Err(code) => (FAILED, Some(code)),
+        };
+        match self
+            .store
+            .transition_store(&rec.id, &[CONNECTING], state, code)
+        {
+            Ok(true) => {
+                tracing::info!(custom_key_store_id = %rec.id, state, error_code = code, "connection finished")
+            }
+            Ok(false) => {
+                tracing::warn!(custom_key_store_id = %rec.id, "store left CONNECTING meanwhile")
+            }
+            Err(e) => {
+                tracing::error!(custom_key_store_id = %rec.id, error = %e, "recording the connection state failed")
+            }
+        }
+    }
+
+    /// Logs in to the store's cluster; on failure, the AWS ConnectionErrorCode.
+    async fn open_connection(&self, rec: &StoreRecord) -> Result<Arc<Connection>, &'static str> {
+        let Some(cluster) = self.cluster(&rec.cluster_id) else {
+            tracing::warn!(custom_key_store_id = %rec.id, cluster = %rec.cluster_id, "cluster is not configured");
+            return Err("CLUSTER_NOT_FOUND");
+        };
+        if cluster.active_hsms() == 0 {
+            return Err("INSUFFICIENT_CLOUDHSM_HSMS");
+        }
+        let password = match self.sealer.unseal(&rec.id, &rec.sealed_password) {
+            Ok(p) => p,
+            Err(_) => return Err("INTERNAL_ERROR"),
+        };
+        let password = String::from_utf8(password.to_vec()).map_err(|_| "INTERNAL_ERROR")?;
+        let pin = AuthPin::from(match cluster.settings.pin_format {
+            PinFormat::Password => password,
+            PinFormat::UserPassword => format!("{}:{}", cluster.settings.crypto_user, password),
+        });
+        let ctx = match self.modules.get(&cluster.settings.module) {
+            Ok(ctx) => ctx,
+            Err(e) => {
+                tracing::error!(custom_key_store_id = %rec.id, error = %e, "PKCS#11 module unusable");
+                return Err("INTERNAL_ERROR");
+            }
+        };
+        let label = cluster.settings.token_label.clone();
+        let pool_size = self.pool_size;
+        let opened =
+            tokio::task::spawn_blocking(move || Connection::open(ctx, &label, &pin, pool_size))
+                .await
+                .map_err(|_| "INTERNAL_ERROR")?;
+        match opened {
+            Ok(conn) => Ok(Arc::new(conn)),
+            Err(failure) => {
+                tracing::warn!(custom_key_store_id = %rec.id, ?failure, "connecting failed");
+                Err(LoginFailure::connection_error_code(failure))
+            }
+        }
+    }
+
+    pub async fn disconnect_custom_key_store(&self, id: &str) -> KmsResult<()> {
+        let lock = self.lifecycle_lock(id);
+        let _guard = lock.write().await;
+        let rec = self.get_store(id)?;
+        if matches!(rec.connection_state.as_str(), DISCONNECTED | DISCONNECTING) {
+            return Err(invalid_state(
+                id,
+                &rec.connection_state,
+                "DisconnectCustomKeyStore",
+                "CONNECTED, CONNECTING or FAILED",
+            ));
+        }
+        self.store
+            .transition_store(id, &[CONNECTED, CONNECTING, FAILED], DISCONNECTING, None)?;
+        let conn = self
+            .connections
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if let Some(conn) = conn {
+            conn.close().await;
+        }
+        self.store
+            .transition_store(id, &[DISCONNECTING], DISCONNECTED, None)?;
+        tracing::info!(custom_key_store_id = %id, "disconnected custom key store");
+        Ok(())
+    }
+
+    /// On start: stores that were connected reconnect; an interrupted disconnect completes.
+    pub async fn resume(self: &Arc<Self>) -> KmsResult<()> {
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store.list_stores(after.as_deref(), 100)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            for rec in page {
+                match rec.connection_state.as_str() {
+                    CONNECTED | CONNECTING => {
+                        self.store.transition_store(
+                            &rec.id,
+                            &[CONNECTED, CONNECTING],
+                            DISCONNECTED,
+                            None,
+                        )?;
+                        self.connect_custom_key_store(&rec.id).await?;
+                    }
+                    DISCONNECTING => {
+                        self.store.transition_store(
+                            &rec.id,
+                            &[DISCONNECTING],
+                            DISCONNECTED,
+                            None,
+                        )?;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until the store's pending lifecycle change (a connect, say) is over.
+    pub async fn settle(&self, id: &str) {
+        let lock = self.lifecycle_lock(id);
+        let _g = lock.read().await;
+    }
+}

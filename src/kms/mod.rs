@@ -1,0 +1,225 @@
+//! The domain: custom key stores, keys, key states and the cryptographic operations.
+//!
+//! No tonic, no SQL and no PKCS#11 return code appears here: the `api` layer hands in plain
+//! values, `store` and `hsm` hand back their outcomes already translated.
+
+pub mod ciphertext;
+pub mod crypto;
+pub mod error;
+pub mod ids;
+pub mod keys;
+pub mod keystores;
+pub mod sealing;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+
+use crate::config::{ClusterSettings, Settings};
+use crate::hsm::{Connection, Modules};
+use crate::store::Store;
+use error::{KmsError, KmsResult};
+use ids::ArnScope;
+use sealing::Sealer;
+
+/// Connection states of a custom key store, as AWS spells them.
+pub mod conn_state {
+    pub const CONNECTED: &str = "CONNECTED";
+    pub const CONNECTING: &str = "CONNECTING";
+    pub const DISCONNECTED: &str = "DISCONNECTED";
+    pub const DISCONNECTING: &str = "DISCONNECTING";
+    pub const FAILED: &str = "FAILED";
+}
+
+/// A configured cluster: its settings and its trust anchor, read once at start.
+pub struct Cluster {
+    pub settings: ClusterSettings,
+    /// The trust anchor certificate in DER, for comparison with what callers present.
+    pub trust_anchor_der: Vec<u8>,
+    pub trust_anchor_pem: String,
+}
+
+impl Cluster {
+    pub fn active_hsms(&self) -> usize {
+        self.settings
+            .hsms
+            .iter()
+            .filter(|h| h.state == "ACTIVE")
+            .count()
+    }
+
+    /// AWS asks for at least two active HSMs in different availability zones.
+    pub fn has_two_zones(&self) -> bool {
+        let zones: std::collections::HashSet<&str> = self
+            .settings
+            .hsms
+            .iter()
+            .filter(|h| h.state == "ACTIVE")
+            .map(|h| h.availability_zone.as_str())
+            .collect();
+        zones.len() >= 2
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.settings.state == "ACTIVE"
+    }
+}
+
+pub struct Kms {
+    pub scope: ArnScope,
+    clusters: HashMap<String, Cluster>,
+    store: Store,
+    sealer: Sealer,
+    modules: Modules,
+    pool_size: usize,
+    /// Live HSM connections of the stores that are CONNECTED.
+    connections: RwLock<HashMap<String, Arc<Connection>>>,
+    /// Serialises lifecycle changes (connect, disconnect, update, delete, key creation) of
+    /// one store: writers change the store, readers need it to stay as it is.
+    lifecycle: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
+}
+
+impl Kms {
+    pub fn new(settings: &Settings) -> anyhow::Result<Arc<Kms>> {
+        let mut clusters = HashMap::new();
+        for c in &settings.clusters {
+            let pem_text = std::fs::read_to_string(&c.trust_anchor_file).with_context(|| {
+                format!(
+                    "reading trust anchor {} of {}",
+                    c.trust_anchor_file.display(),
+                    c.id
+                )
+            })?;
+            let der = pem_der(&pem_text).with_context(|| {
+                format!(
+                    "trust anchor {} of {} is not a PEM certificate",
+                    c.trust_anchor_file.display(),
+                    c.id
+                )
+            })?;
+            clusters.insert(
+                c.id.clone(),
+                Cluster {
+                    settings: c.clone(),
+                    trust_anchor_der: der,
+                    trust_anchor_pem: pem_text,
+                },
+            );
+        }
+        let store = Store::open(&settings.storage.sqlite_path).with_context(|| {
+            format!(
+                "opening metadata store {}",
+                settings.storage.sqlite_path.display()
+            )
+        })?;
+        let sealer = Sealer::load(&settings.security.sealing_key_file)?;
+        Ok(Arc::new(Kms {
+            scope: ArnScope {
+                partition: settings.account.partition.clone(),
+                region: settings.account.region.clone(),
+                account_id: settings.account.account_id.clone(),
+            },
+            clusters,
+            store,
+            sealer,
+            modules: Modules::default(),
+            pool_size: settings.hsm.session_pool_size,
+            connections: RwLock::new(HashMap::new()),
+            lifecycle: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    fn cluster(&self, id: &str) -> Option<&Cluster> {
+        self.clusters.get(id)
+    }
+
+    fn connection(&self, store_id: &str) -> Option<Arc<Connection>> {
+        self.connections
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(store_id)
+            .cloned()
+    }
+
+    fn lifecycle_lock(&self, store_id: &str) -> Arc<tokio::sync::RwLock<()>> {
+        self.lifecycle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(store_id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Closes every HSM connection (sessions closed, tokens logged out) without changing the
+    /// stores' recorded states, so they reconnect on the next start.
+    pub async fn shutdown(&self) {
+        let conns: Vec<(String, Arc<Connection>)> = self
+            .connections
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        for (id, conn) in conns {
+            conn.close().await;
+            tracing::info!(custom_key_store_id = %id, "closed HSM connection");
+        }
+    }
+}
+
+/// The DER of the first certificate in a PEM text.
+pub fn pem_der(text: &str) -> Option<Vec<u8>> {
+    pem::parse_many(text)
+        .ok()?
+        .into_iter()
+        .find(|p| p.tag() == "CERTIFICATE")
+        .map(|p| p.into_contents())
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Pagination markers are opaque to callers: the hex of the last item's sort key.
+pub fn encode_marker(last: &str) -> String {
+    hex::encode(last)
+}
+
+pub fn decode_marker(marker: &str) -> KmsResult<String> {
+    hex::decode(marker)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| {
+            KmsError::new(
+                error::ErrorKind::InvalidMarker,
+                "The marker is not one this service issued",
+            )
+        })
+}
+
+/// Page size: AWS's `Limit` bounds with a default.
+pub fn page_limit(limit: Option<i32>, max: i32, default: i32) -> KmsResult<usize> {
+    match limit {
+        None => Ok(default as usize),
+        Some(l) if (1..=max).contains(&l) => Ok(l as usize),
+        Some(l) => Err(KmsError::validation(format!(
+            "Limit must be between 1 and {max}, got {l}"
+        ))),
+    }
+}
+
+impl Kms {
+    /// The process's PKCS#11 context for a module (for `dev` set-up and tools).
+    pub fn module(&self, path: &std::path::Path) -> Result<cryptoki::context::Pkcs11, String> {
+        self.modules.get(path)
+    }
+
+    /// The recorded connection state of a store.
+    pub fn store_state(&self, id: &str) -> KmsResult<String> {
+        Ok(self.get_store(id)?.connection_state)
+    }
+}

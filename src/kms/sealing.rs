@@ -1,0 +1,142 @@
+//! Sealing of kmsuser passwords at rest: AES-256-GCM under a local sealing key.
+//!
+//! The sealing key comes from the environment (`HSM_KMS_SEALING_KEY`, 64 hex digits) or from a
+//! file of 32 raw bytes readable by its owner only (created on first start). The store id is
+//! the additional data, so a sealed password cannot be moved to another store's row.
+//! Neither the key nor a password ever reaches a log, an error or Debug output.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use zeroize::Zeroizing;
+
+use super::error::{KmsError, KmsResult};
+
+pub const SEALING_KEY_ENV: &str = "HSM_KMS_SEALING_KEY";
+
+pub struct Sealer {
+    cipher: Aes256Gcm,
+}
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sealer(<redacted>)")
+    }
+}
+
+impl Sealer {
+    /// Loads the sealing key from the environment, else from `path`, creating the file
+    /// (mode 0600) with a fresh random key if it does not exist.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let key: Zeroizing<Vec<u8>> = if let Ok(hex_key) = std::env::var(SEALING_KEY_ENV) {
+            let key = Zeroizing::new(
+                hex::decode(hex_key.trim())
+                    .map_err(|_| anyhow::anyhow!("{SEALING_KEY_ENV} is not hex"))?,
+            );
+            anyhow::ensure!(key.len() == 32, "{SEALING_KEY_ENV} must be 64 hex digits");
+            key
+        } else if path.exists() {
+            let mode = fs::metadata(path)?.permissions().mode();
+            anyhow::ensure!(
+                mode & 0o077 == 0,
+                "sealing key file {} must be readable by its owner only (mode {:o})",
+                path.display(),
+                mode & 0o777
+            );
+            let key = Zeroizing::new(fs::read(path)?);
+            anyhow::ensure!(
+                key.len() == 32,
+                "sealing key file {} must hold 32 bytes",
+                path.display()
+            );
+            key
+        } else {
+            let mut key = Zeroizing::new(vec![0u8; 32]);
+            getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("randomness: {e}"))?;
+            if let Some(dir) = path.parent() {
+                fs::create_dir_all(dir)?;
+            }
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)?;
+            f.write_all(&key)?;
+            f.sync_all()?;
+            tracing::info!(path = %path.display(), "created a new sealing key file");
+            key
+        };
+        let cipher = Aes256Gcm::new_from_slice(&key).map_err(|_| anyhow::anyhow!("bad key"))?;
+        Ok(Sealer { cipher })
+    }
+
+    /// Seals `secret` for the record `context`: IV (12 bytes) then ciphertext and tag.
+    pub fn seal(&self, context: &str, secret: &[u8]) -> KmsResult<Vec<u8>> {
+        let mut iv = [0u8; 12];
+        getrandom::fill(&mut iv).map_err(KmsError::internal)?;
+        let sealed = self
+            .cipher
+            .encrypt(
+                Nonce::from_slice(&iv),
+                Payload {
+                    msg: secret,
+                    aad: context.as_bytes(),
+                },
+            )
+            .map_err(|_| KmsError::internal("sealing failed"))?;
+        let mut out = iv.to_vec();
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    pub fn unseal(&self, context: &str, sealed: &[u8]) -> KmsResult<Zeroizing<Vec<u8>>> {
+        if sealed.len() < 12 + 16 {
+            return Err(KmsError::internal(format!(
+                "sealed secret of {context} is truncated"
+            )));
+        }
+        let (iv, body) = sealed.split_at(12);
+        self.cipher
+            .decrypt(
+                Nonce::from_slice(iv),
+                Payload {
+                    msg: body,
+                    aad: context.as_bytes(),
+                },
+            )
+            .map(Zeroizing::new)
+            .map_err(|_| {
+                KmsError::internal(format!(
+                    "the sealed secret of {context} does not open with this sealing key"
+                ))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_round_trip_and_binding() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sealing.key");
+        let s = Sealer::load(&path).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let sealed = s.seal("cks-1", b"kmsuser-password").unwrap();
+        assert_eq!(&*s.unseal("cks-1", &sealed).unwrap(), b"kmsuser-password");
+        assert!(s.unseal("cks-2", &sealed).is_err());
+        // Reloading reads the same key.
+        let again = Sealer::load(&path).unwrap();
+        assert_eq!(
+            &*again.unseal("cks-1", &sealed).unwrap(),
+            b"kmsuser-password"
+        );
+        assert!(format!("{s:?}").contains("redacted"));
+    }
+}

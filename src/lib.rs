@@ -1,0 +1,12 @@
+//! hsm-kms: the AWS KMS custom key store model over PKCS#11 HSMs.
+//!
+//! Data flows one way: `api` (gRPC) -> `kms` (the domain) -> (`hsm`, `store`).
+
+pub mod api;
+pub mod config;
+pub mod dev;
+pub mod hsm;
+pub mod kms;
+pub mod proto;
+pub mod server;
+pub mod store;

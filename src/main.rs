@@ -1,0 +1,76 @@
+//! The `hsm-kms` binary: a thin CLI over the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use hsm_kms::config::Settings;
+use hsm_kms::{dev, kms::Kms, server};
+
+#[derive(Parser)]
+#[command(
+    name = "hsm-kms",
+    version,
+    about = "A KMS whose keys live in your PKCS#11 HSM"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the KMS API with a configuration file.
+    Serve {
+        /// The TOML configuration file (see deploy/hsm-kms.example.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run a self-contained development instance on a SoftHSM2 token.
+    Dev {
+        /// Where the token, config, metadata and secrets live
+        /// [default: $XDG_DATA_HOME/hsm-kms/dev, else ~/.local/share/hsm-kms/dev].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// The address to listen on [default: 127.0.0.1:50051]; port 0 picks a free port.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => {
+            let settings = Settings::load(&config)?;
+            // Before any thread starts: the PKCS#11 module reads it at C_Initialize.
+            if let Some(conf) = &settings.hsm.softhsm2_conf {
+                std::env::set_var("SOFTHSM2_CONF", conf);
+            }
+            runtime()?.block_on(async {
+                let kms = Kms::new(&settings)?;
+                let running = server::start(&settings, kms, server::shutdown_signal()).await?;
+                println!("hsm-kms listening on {}", running.addr);
+                running.task.await?
+            })
+        }
+        Command::Dev { data_dir, listen } => {
+            let data_dir = data_dir.unwrap_or_else(dev::default_data_dir);
+            let settings = dev::prepare(&data_dir, listen)?;
+            runtime()?.block_on(dev::run(data_dir, settings))
+        }
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}

@@ -1,0 +1,90 @@
+//! Wiring: the gRPC server with health and reflection, start-up resume, graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::Service;
+use crate::config::Settings;
+use crate::kms::Kms;
+use crate::proto::key_management_service_server::KeyManagementServiceServer;
+use crate::proto::FILE_DESCRIPTOR_SET;
+
+/// A started server: its address and the task that runs it until shutdown.
+pub struct Running {
+    pub kms: Arc<Kms>,
+    pub addr: SocketAddr,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Binds, resumes stores that were connected, and serves until `shutdown` completes; then
+/// in-flight requests finish and every HSM connection is closed and logged out.
+pub async fn start(
+    settings: &Settings,
+    kms: Arc<Kms>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Running> {
+    let listener = TcpListener::bind(settings.server.listen)
+        .await
+        .with_context(|| format!("binding {}", settings.server.listen))?;
+    let addr = listener.local_addr()?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<KeyManagementServiceServer<Service>>()
+        .await;
+    // grpcurl and other tools may speak either reflection version.
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    kms.resume().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(KeyManagementServiceServer::new(Service::new(Arc::clone(
+            &kms,
+        ))));
+    let kms_for_task = Arc::clone(&kms);
+    let task = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await?;
+        tracing::info!("server stopped; closing HSM connections");
+        kms_for_task.shutdown().await;
+        Ok(())
+    });
+    tracing::info!(%addr, "hsm-kms listening");
+    Ok(Running { kms, addr, task })
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::info!("shutdown requested");
+}
