@@ -36,14 +36,23 @@ pub struct ServerSettings {
     /// Address the gRPC service listens on.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// On SIGINT/SIGTERM, how long in-flight requests may take to finish before the remaining
+    /// connections are dropped (idle keep-alive clients would otherwise hold shutdown open).
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_seconds: u64,
 }
 
 impl Default for ServerSettings {
     fn default() -> Self {
         ServerSettings {
             listen: default_listen(),
+            shutdown_grace_seconds: default_grace(),
         }
     }
+}
+
+fn default_grace() -> u64 {
+    10
 }
 
 fn default_listen() -> SocketAddr {

@@ -131,6 +131,7 @@ pub fn prepare(data_dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Se
         let settings = Settings {
             server: crate::config::ServerSettings {
                 listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+                ..Default::default()
             },
             account: Default::default(),
             storage: crate::config::StorageSettings {

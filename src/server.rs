@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -57,10 +58,26 @@ pub async fn start(
             &kms,
         ))));
     let kms_for_task = Arc::clone(&kms);
+    let grace = Duration::from_secs(settings.server.shutdown_grace_seconds);
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        let _ = stopping_tx.send(());
+    };
     let task = tokio::spawn(async move {
-        router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-            .await?;
+        let serve = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        tokio::pin!(serve);
+        let deadline = async move {
+            if stopping_rx.await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            r = &mut serve => r?,
+            _ = deadline => tracing::warn!(?grace, "shutdown grace period over; dropping the remaining connections"),
+        }
         tracing::info!("server stopped; closing HSM connections");
         kms_for_task.shutdown().await;
         Ok(())

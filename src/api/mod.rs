@@ -363,6 +363,32 @@ impl KeyManagementService for Service {
         .await
     }
 
+    async fn enable_key(
+        &self,
+        req: Request<EnableKeyRequest>,
+    ) -> Result<Response<EnableKeyResponse>, Status> {
+        let r = req.into_inner();
+        handle("EnableKey", async {
+            self.kms
+                .set_key_enabled(key_id_field("KeyId", &r.key_id)?, true)?;
+            Ok(EnableKeyResponse {})
+        })
+        .await
+    }
+
+    async fn disable_key(
+        &self,
+        req: Request<DisableKeyRequest>,
+    ) -> Result<Response<DisableKeyResponse>, Status> {
+        let r = req.into_inner();
+        handle("DisableKey", async {
+            self.kms
+                .set_key_enabled(key_id_field("KeyId", &r.key_id)?, false)?;
+            Ok(DisableKeyResponse {})
+        })
+        .await
+    }
+
     async fn encrypt(
         &self,
         req: Request<EncryptRequest>,

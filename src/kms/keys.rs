@@ -422,6 +422,34 @@ impl Kms {
         })
     }
 
+    /// EnableKey / DisableKey. On a key of a disconnected store the change is recorded and
+    /// shows once the store reconnects (the key reads Unavailable meanwhile), as in AWS.
+    pub fn set_key_enabled(&self, key_ref: &str, enabled: bool) -> KmsResult<()> {
+        let key = self.key_record(key_ref)?;
+        let to = if enabled {
+            stored::ENABLED
+        } else {
+            stored::DISABLED
+        };
+        let found = self
+            .store
+            .transition_key(&key.id, &[stored::ENABLED, stored::DISABLED], to)?;
+        match found.as_deref() {
+            Some(stored::ENABLED | stored::DISABLED) => {
+                tracing::info!(key_arn = %self.scope.key_arn(&key.id), state = to, "key state set");
+                Ok(())
+            }
+            Some(stored::PENDING_DELETION) => Err(KmsError::invalid_state(format!(
+                "{} is pending deletion",
+                self.scope.key_arn(&key.id)
+            ))),
+            _ => Err(KmsError::new(
+                ErrorKind::NotFound,
+                format!("Key '{}' does not exist", self.scope.key_arn(&key.id)),
+            )),
+        }
+    }
+
     /// Checks every condition of a cryptographic operation (seeds: key Enabled, store
     /// CONNECTED, an active HSM); key material presence is checked by the HSM call itself.
     pub(super) fn usable_key_by_id(&self, id: &Uuid) -> KmsResult<UsableKey> {

@@ -315,6 +315,28 @@ impl Store {
         })
     }
 
+    /// Sets the stored state if it is one of `from`; returns the state found.
+    pub fn transition_key(&self, id: &Uuid, from: &[&str], to: &str) -> KmsResult<Option<String>> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let current: Option<String> = tx
+                .query_row(
+                    "SELECT key_state FROM keys WHERE id = ?1",
+                    [id.to_string()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if matches!(&current, Some(s) if from.contains(&s.as_str())) {
+                tx.execute(
+                    "UPDATE keys SET key_state = ?2 WHERE id = ?1",
+                    params![id.to_string(), to],
+                )?;
+            }
+            tx.commit()?;
+            Ok(current)
+        })
+    }
+
     pub fn delete_key(&self, id: &Uuid) -> KmsResult<()> {
         self.with(|c| {
             c.execute("DELETE FROM keys WHERE id = ?1", [id.to_string()])
