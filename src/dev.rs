@@ -131,7 +131,8 @@ pub fn prepare(data_dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Se
         let settings = Settings {
             server: crate::config::ServerSettings {
                 listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
-                ..Default::default()
+                // A developer's Ctrl-C should not wait long on idle clients.
+                shutdown_grace_seconds: 3,
             },
             account: Default::default(),
             storage: crate::config::StorageSettings {

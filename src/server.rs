@@ -38,15 +38,21 @@ pub async fn start(
     health
         .set_serving::<KeyManagementServiceServer<Service>>()
         .await;
-    // grpcurl and other tools may speak either reflection version.
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    // grpcurl and other tools may speak either reflection version. google.rpc is registered
+    // so that tools can decode the ErrorInfo in error details.
+    let descriptors = [
+        FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_types::pb::FILE_DESCRIPTOR_SET,
+    ];
+    let mut v1 = tonic_reflection::server::Builder::configure();
+    let mut v1alpha = tonic_reflection::server::Builder::configure();
+    for d in descriptors {
+        v1 = v1.register_encoded_file_descriptor_set(d);
+        v1alpha = v1alpha.register_encoded_file_descriptor_set(d);
+    }
+    let reflection_v1 = v1.build_v1()?;
+    let reflection_v1alpha = v1alpha.build_v1alpha()?;
 
     kms.resume().await.map_err(|e| anyhow::anyhow!("{e}"))?;
 

