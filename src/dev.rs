@@ -238,7 +238,10 @@ fn ensure_token(
 pub async fn run(data_dir: PathBuf, settings: Settings) -> anyhow::Result<()> {
     let data_dir = data_dir.canonicalize()?;
     let kms = Kms::new(&settings)?;
-    let password = ensure_token(&kms, &settings, &data_dir)?;
+    let password = {
+        let (kms, settings, dir) = (Arc::clone(&kms), settings.clone(), data_dir.clone());
+        tokio::task::spawn_blocking(move || ensure_token(&kms, &settings, &dir)).await??
+    };
     let running = server::start(&settings, Arc::clone(&kms), server::shutdown_signal()).await?;
     let store_id = ensure_store(&kms, &settings, &password).await?;
     print_quickstart(&running.addr, &data_dir, &settings, &store_id);
@@ -256,18 +259,20 @@ async fn ensure_store(
         .describe_custom_key_stores(None, Some(STORE_NAME), None, None)
         .ok()
         .and_then(|p| p.items.into_iter().next());
-    let id = match existing {
-        Some(s) => s.id,
+    let (id, fresh) = match existing {
+        Some(s) => (s.id, false),
         None => {
             let anchor = fs::read_to_string(&cluster.trust_anchor_file)?;
-            kms.create_custom_key_store(CreateStore {
-                name: STORE_NAME.into(),
-                cluster_id: Some(cluster.id.clone()),
-                trust_anchor: Some(anchor),
-                password: Some(Password::new(password.to_string()).map_err(err)?),
-                store_type: None,
-            })
-            .map_err(err)?
+            let id = kms
+                .create_custom_key_store(CreateStore {
+                    name: STORE_NAME.into(),
+                    cluster_id: Some(cluster.id.clone()),
+                    trust_anchor: Some(anchor),
+                    password: Some(Password::new(password.to_string()).map_err(err)?),
+                    store_type: None,
+                })
+                .map_err(err)?;
+            (id, true)
         }
     };
     for attempt in 0..2 {
@@ -281,15 +286,17 @@ async fn ensure_store(
             _ => {}
         }
         if kms.store_state(&id).map_err(err)? == DISCONNECTED {
-            // The token may have been made anew: the password file is the truth in dev.
-            kms.update_custom_key_store(UpdateStore {
-                id: id.clone(),
-                new_name: None,
-                password: Some(Password::new(password.to_string()).map_err(err)?),
-                cluster_id: None,
-            })
-            .await
-            .map_err(err)?;
+            if !fresh || attempt > 0 {
+                // The token may have been made anew: the password file is the truth in dev.
+                kms.update_custom_key_store(UpdateStore {
+                    id: id.clone(),
+                    new_name: None,
+                    password: Some(Password::new(password.to_string()).map_err(err)?),
+                    cluster_id: None,
+                })
+                .await
+                .map_err(err)?;
+            }
             kms.connect_custom_key_store(&id).await.map_err(err)?;
         }
         tracing::debug!(attempt, "waiting for the dev store to connect");

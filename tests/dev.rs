@@ -56,12 +56,19 @@ fn start_dev(dir: &Path, log: &Path) -> Dev {
         .and_then(|s| s.split_whitespace().next())
         .expect("address in the banner")
         .to_string();
-    Dev { child, banner, addr }
+    Dev {
+        child,
+        banner,
+        addr,
+    }
 }
 
 fn stop(mut d: Dev) {
     sigterm(&d.child);
-    assert!(d.child.wait().unwrap().success(), "dev did not exit cleanly on SIGTERM");
+    assert!(
+        d.child.wait().unwrap().success(),
+        "dev did not exit cleanly on SIGTERM"
+    );
 }
 
 fn mode(p: &Path) -> u32 {
@@ -88,29 +95,60 @@ async fn dev_mode_end_to_end() {
     let dev = start_dev(&dir, &log);
 
     for f in ["kmsuser-password", "so-pin", "sealing.key"] {
-        assert_eq!(mode(&dir.join(f)), 0o600, "{f} must be readable by its owner only");
+        assert_eq!(
+            mode(&dir.join(f)),
+            0o600,
+            "{f} must be readable by its owner only"
+        );
     }
-    for f in ["hsm-kms.toml", "metadata.sqlite3", "trust-anchor.pem", "softhsm2.conf", "tokens"] {
+    for f in [
+        "hsm-kms.toml",
+        "metadata.sqlite3",
+        "trust-anchor.pem",
+        "softhsm2.conf",
+        "tokens",
+    ] {
         assert!(dir.join(f).exists(), "{f} missing");
     }
     let settings = hsm_kms::config::Settings::load(&dir.join("hsm-kms.toml")).unwrap();
     let cluster = &settings.clusters[0];
-    let zones: std::collections::HashSet<_> =
-        cluster.hsms.iter().map(|h| h.availability_zone.clone()).collect();
-    assert_eq!((cluster.hsms.len(), zones.len()), (2, 2), "two HSMs in two zones");
+    let zones: std::collections::HashSet<_> = cluster
+        .hsms
+        .iter()
+        .map(|h| h.availability_zone.clone())
+        .collect();
+    assert_eq!(
+        (cluster.hsms.len(), zones.len()),
+        (2, 2),
+        "two HSMs in two zones"
+    );
 
     // The quickstart, run exactly as printed.
-    let start = dev.banner.iter().position(|l| l.starts_with("Quickstart")).unwrap();
+    let start = dev
+        .banner
+        .iter()
+        .position(|l| l.starts_with("Quickstart"))
+        .unwrap();
     let script: String = dev.banner[start + 1..]
         .iter()
         .map(|l| format!("{}\n", l.trim_start()))
         .collect();
-    let out = Command::new("bash").args(["-euo", "pipefail", "-c", &script]).output().unwrap();
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "quickstart failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "quickstart failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("kms.v1.KeyManagementService"), "{stdout}");
     assert!(stdout.contains("grpc.health.v1.Health"), "{stdout}");
-    assert!(stdout.contains("\"connectionState\": \"CONNECTED\""), "{stdout}");
+    assert!(
+        stdout.contains("\"connectionState\": \"CONNECTED\""),
+        "{stdout}"
+    );
     assert!(stdout.contains("hello, HSM"), "{stdout}");
 
     // The pkcs11-tool line shows the key objects labelled with their ARNs.
@@ -121,10 +159,15 @@ async fn dev_mode_end_to_end() {
         .unwrap();
     let out = Command::new("bash").args(["-c", inspect]).output().unwrap();
     let listing = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && listing.contains("label:      arn:aws:kms:"), "{listing}");
+    assert!(
+        out.status.success() && listing.contains("label:      arn:aws:kms:"),
+        "{listing}"
+    );
 
     // A key and a ciphertext to carry across restarts.
-    let mut c = KeyManagementServiceClient::connect(format!("http://{}", dev.addr)).await.unwrap();
+    let mut c = KeyManagementServiceClient::connect(format!("http://{}", dev.addr))
+        .await
+        .unwrap();
     let store = c
         .describe_custom_key_stores(DescribeCustomKeyStoresRequest {
             custom_key_store_name: Some("dev".into()),
@@ -141,23 +184,39 @@ async fn dev_mode_end_to_end() {
     stop(dev);
     let first_log = std::fs::read_to_string(&log).unwrap();
     assert!(first_log.contains("initialised the dev token"));
-    assert!(first_log.contains("closed HSM connection"), "shutdown must log out: {first_log}");
-    assert!(!first_log.contains("kmsuser-Passw") && !first_log.contains(&std::fs::read_to_string(dir.join("kmsuser-password")).unwrap()));
+    assert!(
+        first_log.contains("closed HSM connection"),
+        "shutdown must log out: {first_log}"
+    );
+    assert!(
+        !first_log.contains("kmsuser-Passw")
+            && !first_log.contains(&std::fs::read_to_string(dir.join("kmsuser-password")).unwrap())
+    );
 
     // Run again: same store, same token, the ciphertext still decrypts.
     let log2 = tmp.path().join("dev2.log");
     let dev = start_dev(&dir, &log2);
-    assert!(dev.banner.iter().any(|l| l.contains(&store.custom_key_store_id)));
-    let mut c = KeyManagementServiceClient::connect(format!("http://{}", dev.addr)).await.unwrap();
+    assert!(dev
+        .banner
+        .iter()
+        .any(|l| l.contains(&store.custom_key_store_id)));
+    let mut c = KeyManagementServiceClient::connect(format!("http://{}", dev.addr))
+        .await
+        .unwrap();
     let out = c
-        .decrypt(DecryptRequest { ciphertext_blob: ct.clone(), ..Default::default() })
+        .decrypt(DecryptRequest {
+            ciphertext_blob: ct.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(out.plaintext, b"carried over");
     drop(c);
     stop(dev);
-    assert!(!std::fs::read_to_string(&log2).unwrap().contains("initialised the dev token"));
+    assert!(!std::fs::read_to_string(&log2)
+        .unwrap()
+        .contains("initialised the dev token"));
 
     // The generated config runs as is under `serve` (listen address overridden from the
     // environment, as any setting can be).
@@ -170,13 +229,18 @@ async fn dev_mode_end_to_end() {
         .spawn()
         .unwrap();
     let addr = wait_for_line(&mut child, "hsm-kms listening on ", Duration::from_secs(60));
-    let mut c = KeyManagementServiceClient::connect(format!("http://{addr}")).await.unwrap();
+    let mut c = KeyManagementServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
     assert_eq!(
         wait_settled(&mut c, &store.custom_key_store_id).await,
         ("CONNECTED".into(), None)
     );
     let out = c
-        .decrypt(DecryptRequest { ciphertext_blob: ct, ..Default::default() })
+        .decrypt(DecryptRequest {
+            ciphertext_blob: ct,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

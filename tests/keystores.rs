@@ -261,8 +261,8 @@ async fn connect_needs_an_active_hsm_and_reconnects_after_restart() {
         .plaintext;
     assert_eq!(pt, b"survives restarts");
 
-    // All HSMs inactive: crypto fails with KMSInvalidStateException, CreateKey with
-    // CloudHsmClusterInvalidConfigurationException; a new connect ends FAILED.
+    // No active HSM: connecting ends FAILED / INSUFFICIENT_CLOUDHSM_HSMS, and cryptographic
+    // operations fail with KMSInvalidStateException naming the store.
     h.restart_with(|s| {
         for hsm in &mut s.clusters[0].hsms {
             hsm.state = "DEGRADED".into();
@@ -270,8 +270,7 @@ async fn connect_needs_an_active_hsm_and_reconnects_after_restart() {
     })
     .await;
     let mut c = h.client().await;
-    // It reconnects (login works) but cannot serve without an active HSM... except that a
-    // connect itself needs one: the resumed connect ends FAILED.
+    // The store tries to reconnect on start; a connect needs an active HSM, so it ends FAILED.
     assert_eq!(
         wait_settled(&mut c, &id).await,
         ("FAILED".into(), Some("INSUFFICIENT_CLOUDHSM_HSMS".into()))
@@ -321,17 +320,26 @@ async fn connect_needs_an_active_hsm_and_reconnects_after_restart() {
 
 #[tokio::test]
 async fn update_rules() {
-    let mut related = ClusterSpec::good("cluster-relatedclstr");
-    related.lineage = Some("lineage-a".into());
-    let mut a = ClusterSpec::good(A);
-    a.lineage = Some("lineage-a".into());
-    let mut one_zone = ClusterSpec::good("cluster-onezonelinea");
-    one_zone.lineage = Some("lineage-a".into());
+    // A, R and R2 share backup history (lineage "a"); Z is related but has one HSM; B is not.
+    let related = |id: &str| {
+        let mut c = ClusterSpec::good(id);
+        c.lineage = Some("lineage-a".into());
+        c
+    };
+    let mut one_zone = related("cluster-onezonelinea");
     one_zone.hsms = vec![("us-east-1a", "ACTIVE")];
-    let h = Harness::start(&[a, ClusterSpec::good(B), related, one_zone]).await;
+    let h = Harness::start(&[
+        related(A),
+        ClusterSpec::good(B),
+        related("cluster-relatedclstr"),
+        one_zone,
+        related("cluster-relatedtwooo"),
+    ])
+    .await;
     let mut c = h.client().await;
     let id = h.connected_store(&mut c, 0, "upd").await;
-    let other = h.create_store(&mut c, 1, "other", PASSWORD).await;
+    h.create_store(&mut c, 1, "other", PASSWORD).await;
+    h.create_store(&mut c, 4, "third", PASSWORD).await;
 
     // The name can change while connected; a name in use cannot be taken.
     c.update_custom_key_store(UpdateCustomKeyStoreRequest {
@@ -353,6 +361,7 @@ async fn update_rules() {
         })
         .await;
     assert_err(r, "CustomKeyStoreNameInUseException");
+
     // Cluster and password changes need DISCONNECTED.
     let upd_cluster = |cl: &str| UpdateCustomKeyStoreRequest {
         custom_key_store_id: id.clone(),
@@ -364,21 +373,45 @@ async fn update_rules() {
             .await,
         "CustomKeyStoreInvalidStateException",
     );
+    let r = c
+        .update_custom_key_store(UpdateCustomKeyStoreRequest {
+            custom_key_store_id: id.clone(),
+            key_store_password: Some("another-password".into()),
+            ..Default::default()
+        })
+        .await;
+    assert_err(r, "CustomKeyStoreInvalidStateException");
     disconnect(&mut c, &id).await;
+
+    for (cluster, name) in [
+        (B, "CloudHsmClusterNotRelatedException"),
+        ("cluster-unknownclstr", "CloudHsmClusterNotFoundException"),
+        (
+            "cluster-onezonelinea",
+            "CloudHsmClusterInvalidConfigurationException",
+        ),
+        ("cluster-relatedtwooo", "CloudHsmClusterInUseException"),
+        ("bad-cluster-id", "ValidationException"),
+    ] {
+        assert_err(c.update_custom_key_store(upd_cluster(cluster)).await, name);
+    }
+    // A rejected update changes nothing, not even the fields that were valid.
+    let mut r = upd_cluster(B);
+    r.new_custom_key_store_name = Some("half-applied".into());
     assert_err(
-        c.update_custom_key_store(upd_cluster(B)).await,
+        c.update_custom_key_store(r).await,
         "CloudHsmClusterNotRelatedException",
     );
-    assert_err(
-        c.update_custom_key_store(upd_cluster("cluster-unknownclstr"))
-            .await,
-        "CloudHsmClusterNotFoundException",
+    let s = describe_store(&mut c, &id).await;
+    assert_eq!(
+        (
+            s.custom_key_store_name.as_str(),
+            s.cloud_hsm_cluster_id.as_str()
+        ),
+        ("renamed", A)
     );
-    assert_err(
-        c.update_custom_key_store(upd_cluster("cluster-onezonelinea"))
-            .await,
-        "CloudHsmClusterInvalidConfigurationException",
-    );
+
+    // A related cluster, and it connects there.
     c.update_custom_key_store(upd_cluster("cluster-relatedclstr"))
         .await
         .unwrap();
@@ -386,18 +419,8 @@ async fn update_rules() {
         describe_store(&mut c, &id).await.cloud_hsm_cluster_id,
         "cluster-relatedclstr"
     );
-    // A cluster used by another store cannot be taken (B is related to nothing, so use a
-    // store on the related cluster's lineage partner: A is now free, take it back, then try
-    // to move `other` onto A).
-    c.update_custom_key_store(upd_cluster(A)).await.unwrap();
-    let r = c
-        .update_custom_key_store(UpdateCustomKeyStoreRequest {
-            custom_key_store_id: other.clone(),
-            cloud_hsm_cluster_id: Some(A.into()),
-            ..Default::default()
-        })
-        .await;
-    assert!(r.is_err());
+    assert_eq!(connect(&mut c, &id).await, ("CONNECTED".into(), None));
+
     // Nothing to change; unknown store.
     let r = c
         .update_custom_key_store(UpdateCustomKeyStoreRequest {
@@ -572,10 +595,22 @@ fn example_config_parses_and_matches_defaults() {
     let d = hsm_kms::config::ServerSettings::default();
     assert_eq!(s.server.listen, d.listen);
     assert_eq!(s.server.shutdown_grace_seconds, d.shutdown_grace_seconds);
-    assert_eq!(s.storage.sqlite_path, hsm_kms::config::StorageSettings::default().sqlite_path);
-    assert_eq!(s.security.sealing_key_file, hsm_kms::config::SecuritySettings::default().sealing_key_file);
-    assert_eq!(s.hsm.session_pool_size, hsm_kms::config::HsmSettings::default().session_pool_size);
+    assert_eq!(
+        s.storage.sqlite_path,
+        hsm_kms::config::StorageSettings::default().sqlite_path
+    );
+    assert_eq!(
+        s.security.sealing_key_file,
+        hsm_kms::config::SecuritySettings::default().sealing_key_file
+    );
+    assert_eq!(
+        s.hsm.session_pool_size,
+        hsm_kms::config::HsmSettings::default().session_pool_size
+    );
     assert_eq!(s.clusters.len(), 1);
-    assert_eq!(s.clusters[0].pin_format, hsm_kms::config::PinFormat::UserPassword);
+    assert_eq!(
+        s.clusters[0].pin_format,
+        hsm_kms::config::PinFormat::UserPassword
+    );
     assert_eq!(s.clusters[0].hsms.len(), 2);
 }

@@ -27,15 +27,24 @@ async fn token_objects_follow_the_template_and_missing_material_is_reported() {
     // The test process's own view of the token.
     std::env::set_var("SOFTHSM2_CONF", h.softhsm2_conf());
     let p11 = Pkcs11::new(softhsm2_module()).unwrap();
-    p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).unwrap();
-    let slot = hsm_kms::hsm::find_token(&p11, &h.cluster(0).token_label).unwrap().unwrap();
+    p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .unwrap();
+    let slot = hsm_kms::hsm::find_token(&p11, &h.cluster(0).token_label)
+        .unwrap()
+        .unwrap();
     let session = p11.open_rw_session(slot).unwrap();
-    session.login(UserType::User, Some(&AuthPin::from(PASSWORD))).unwrap();
+    session
+        .login(UserType::User, Some(&AuthPin::from(PASSWORD)))
+        .unwrap();
 
     let found = session
         .find_objects(&[Attribute::Label(key.arn.as_bytes().to_vec())])
         .unwrap();
-    assert_eq!(found.len(), 1, "exactly one token object is labelled with the key ARN");
+    assert_eq!(
+        found.len(),
+        1,
+        "exactly one token object is labelled with the key ARN"
+    );
     let attrs = session
         .get_attributes(
             found[0],
@@ -83,8 +92,13 @@ async fn token_objects_follow_the_template_and_missing_material_is_reported() {
     ];
     assert_eq!(attrs, expected);
     // The key value cannot be read out.
-    let value = session.get_attributes(found[0], &[AttributeType::Value]).unwrap();
-    assert!(value.is_empty(), "CKA_VALUE of a sensitive key must not be readable");
+    let value = session
+        .get_attributes(found[0], &[AttributeType::Value])
+        .unwrap();
+    assert!(
+        value.is_empty(),
+        "CKA_VALUE of a sensitive key must not be readable"
+    );
 
     // Remove one key's material behind the service's back.
     let victim = session
@@ -101,24 +115,111 @@ async fn token_objects_follow_the_template_and_missing_material_is_reported() {
             h.restart_with(|_| {}).await;
         }
         let mut c = h.client().await;
-        assert_eq!(wait_settled(&mut c, &store).await, ("CONNECTED".into(), None));
+        assert_eq!(
+            wait_settled(&mut c, &store).await,
+            ("CONNECTED".into(), None)
+        );
         let msg = assert_err(
-            c.decrypt(DecryptRequest { ciphertext_blob: ct.clone(), ..Default::default() }).await,
+            c.decrypt(DecryptRequest {
+                ciphertext_blob: ct.clone(),
+                ..Default::default()
+            })
+            .await,
             "KMSInvalidStateException",
         );
-        assert!(msg.contains(&doomed.arn) && msg.contains("key material"), "{msg}");
+        assert!(
+            msg.contains(&doomed.arn) && msg.contains("key material"),
+            "{msg}"
+        );
         let r = c
-            .encrypt(EncryptRequest { key_id: doomed.key_id.clone(), plaintext: b"x".to_vec(), ..Default::default() })
+            .encrypt(EncryptRequest {
+                key_id: doomed.key_id.clone(),
+                plaintext: b"x".to_vec(),
+                ..Default::default()
+            })
             .await;
         assert_err(r, "KMSInvalidStateException");
         let ct2 = encrypt(&mut c, &key.key_id, b"still fine").await;
         let out = c
-            .decrypt(DecryptRequest { ciphertext_blob: ct2, ..Default::default() })
+            .decrypt(DecryptRequest {
+                ciphertext_blob: ct2,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
         assert_eq!(out.plaintext, b"still fine");
         // The key's metadata is untouched: AWS keeps the key state when backing material goes.
-        assert_eq!(describe_key(&mut c, &doomed.key_id).await.key_state, "Enabled");
+        assert_eq!(
+            describe_key(&mut c, &doomed.key_id).await.key_state,
+            "Enabled"
+        );
     }
+
+    // A crash mid-creation leaves a row in `Creating`, with or without its token object.
+    // Simulate both (the service stopped), then restart: the reconnect removes the rows and
+    // destroys the orphaned material, and neither key is ever visible.
+    let with_material = uuid::Uuid::new_v4();
+    let without_material = uuid::Uuid::new_v4();
+    let arn = |id: &uuid::Uuid| format!("arn:aws:kms:us-east-1:111122223333:key/{id}");
+    let db = h.settings.storage.sqlite_path.clone();
+    let session = p11.open_rw_session(slot).unwrap();
+    session
+        .login(UserType::User, Some(&AuthPin::from(PASSWORD)))
+        .unwrap();
+    h.restart_with(|_| {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        for id in [with_material, without_material] {
+            conn.execute(
+                "INSERT INTO keys (id, custom_key_store_id, creation_date_ms, description, key_state)
+                 VALUES (?1, ?2, 0, '', 'Creating')",
+                rusqlite::params![id.to_string(), store],
+            )
+            .unwrap();
+        }
+        session
+            .generate_key(
+                &cryptoki::mechanism::Mechanism::AesKeyGen,
+                &hsm_kms::hsm::key_template(&with_material, &arn(&with_material)),
+            )
+            .unwrap();
+    })
+    .await;
+    let mut c = h.client().await;
+    assert_eq!(
+        wait_settled(&mut c, &store).await,
+        ("CONNECTED".into(), None)
+    );
+    for id in [with_material, without_material] {
+        assert_err(
+            c.describe_key(DescribeKeyRequest {
+                key_id: id.to_string(),
+            })
+            .await,
+            "NotFoundException",
+        );
+    }
+    let left: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row(
+            "SELECT COUNT(*) FROM keys WHERE key_state = 'Creating'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(left, 0);
+    let orphans = session
+        .find_objects(&[Attribute::Id(with_material.to_string().into_bytes())])
+        .unwrap();
+    assert!(
+        orphans.is_empty(),
+        "the half-made key's material must be destroyed"
+    );
+    let listed = c
+        .list_keys(ListKeysRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert_eq!(listed.len(), 2, "only the two real keys are listed");
 }

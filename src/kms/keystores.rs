@@ -406,19 +406,20 @@ impl Kms {
             PinFormat::Password => password,
             PinFormat::UserPassword => format!("{}:{}", cluster.settings.crypto_user, password),
         });
-        let ctx = match self.modules.get(&cluster.settings.module) {
-            Ok(ctx) => ctx,
-            Err(e) => {
-                tracing::error!(custom_key_store_id = %rec.id, error = %e, "PKCS#11 module unusable");
-                return Err("INTERNAL_ERROR");
-            }
-        };
+        let module = cluster.settings.module.clone();
         let label = cluster.settings.token_label.clone();
         let pool_size = self.pool_size;
-        let opened =
-            tokio::task::spawn_blocking(move || Connection::open(ctx, &label, &pin, pool_size))
-                .await
-                .map_err(|_| "INTERNAL_ERROR")?;
+        let modules = Arc::clone(&self.modules);
+        // Loading the module (C_Initialize) and logging in are PKCS#11 calls: blocking thread.
+        let opened = tokio::task::spawn_blocking(move || {
+            let ctx = modules.get(&module).map_err(|e| {
+                tracing::error!(error = %e, "PKCS#11 module unusable");
+                LoginFailure::Internal
+            })?;
+            Connection::open(ctx, &label, &pin, pool_size)
+        })
+        .await
+        .map_err(|_| "INTERNAL_ERROR")?;
         match opened {
             Ok(conn) => Ok(Arc::new(conn)),
             Err(failure) => {

@@ -72,7 +72,7 @@ pub struct Kms {
     clusters: HashMap<String, Cluster>,
     store: Store,
     sealer: Sealer,
-    modules: Modules,
+    modules: Arc<Modules>,
     pool_size: usize,
     /// Live HSM connections of the stores that are CONNECTED.
     connections: RwLock<HashMap<String, Arc<Connection>>>,
@@ -124,7 +124,7 @@ impl Kms {
             clusters,
             store,
             sealer,
-            modules: Modules::default(),
+            modules: Arc::new(Modules::default()),
             pool_size: settings.hsm.session_pool_size,
             connections: RwLock::new(HashMap::new()),
             lifecycle: Mutex::new(HashMap::new()),
