@@ -27,7 +27,34 @@ pub struct Settings {
     #[serde(default)]
     pub hsm: HsmSettings,
     #[serde(default)]
+    pub lifecycle: LifecycleSettings,
+    #[serde(default)]
     pub clusters: Vec<ClusterSettings>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleSettings {
+    /// How often keys whose deletion date has passed are looked for and deleted.
+    #[serde(default = "default_deletion_interval")]
+    pub deletion_check_interval_seconds: u64,
+    /// Shifts the service's clock (creation and deletion dates, the deletion task) by this many
+    /// seconds. For tests of scheduled deletion only; leave at 0 in production.
+    #[serde(default)]
+    pub clock_offset_seconds: i64,
+}
+
+impl Default for LifecycleSettings {
+    fn default() -> Self {
+        LifecycleSettings {
+            deletion_check_interval_seconds: default_deletion_interval(),
+            clock_offset_seconds: 0,
+        }
+    }
+}
+
+fn default_deletion_interval() -> u64 {
+    60
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -237,6 +264,9 @@ impl Settings {
     }
 
     pub fn check(&self) -> anyhow::Result<()> {
+        if self.lifecycle.deletion_check_interval_seconds == 0 {
+            bail!("lifecycle.deletion_check_interval_seconds must be at least 1");
+        }
         if self.hsm.session_pool_size == 0 {
             bail!("hsm.session_pool_size must be at least 1");
         }

@@ -145,6 +145,7 @@ pub fn prepare(data_dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Se
                 softhsm2_conf: Some(softhsm_conf.clone()),
                 ..Default::default()
             },
+            lifecycle: Default::default(),
             clusters: vec![ClusterSettings {
                 id: cluster_id.clone(),
                 module: softhsm2_module()?,

@@ -55,6 +55,9 @@ pub async fn start(
     let reflection_v1alpha = v1alpha.build_v1alpha()?;
 
     kms.resume().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let deletion = kms.spawn_deletion_task(Duration::from_secs(
+        settings.lifecycle.deletion_check_interval_seconds,
+    ));
 
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
@@ -84,6 +87,7 @@ pub async fn start(
             r = &mut serve => r?,
             _ = deadline => tracing::warn!(?grace, "shutdown grace period over; dropping the remaining connections"),
         }
+        deletion.abort();
         tracing::info!("server stopped; closing HSM connections");
         kms_for_task.shutdown().await;
         Ok(())

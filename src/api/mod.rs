@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use zeroize::Zeroizing;
 
+use crate::kms::aliases::AliasView;
 use crate::kms::crypto::{data_key_len, SYMMETRIC_DEFAULT};
 use crate::kms::error::{KmsError, KmsResult};
 use crate::kms::keys::{CreateKey, KeyView};
@@ -77,7 +78,7 @@ fn context(map: HashMap<String, String>) -> BTreeMap<String, String> {
     map.into_iter().collect()
 }
 
-fn store_store_id(field: &str, v: &str) -> KmsResult<()> {
+fn store_id_field(field: &str, v: &str) -> KmsResult<()> {
     let n = v.chars().count();
     if !(1..=64).contains(&n) {
         return Err(KmsError::validation(format!(
@@ -101,7 +102,7 @@ fn key_metadata(k: KeyView) -> KeyMetadata {
         description: k.description,
         key_usage: "ENCRYPT_DECRYPT".into(),
         key_state: k.key_state,
-        deletion_date: None,
+        deletion_date: k.deletion_date_ms.and_then(timestamp),
         origin: "AWS_CLOUDHSM".into(),
         custom_key_store_id: k.custom_key_store_id,
         cloud_hsm_cluster_id: k.cloud_hsm_cluster_id,
@@ -110,7 +111,7 @@ fn key_metadata(k: KeyView) -> KeyMetadata {
         key_spec: SYMMETRIC_DEFAULT.into(),
         encryption_algorithms: vec![SYMMETRIC_DEFAULT.into()],
         multi_region: false,
-        pending_deletion_window_in_days: None,
+        pending_deletion_window_in_days: k.pending_window_days,
     }
 }
 
@@ -124,6 +125,16 @@ fn store_entry(s: StoreView) -> CustomKeyStoresListEntry {
         connection_error_code: s.connection_error_code,
         creation_date: timestamp(s.creation_date_ms),
         custom_key_store_type: "AWS_CLOUDHSM".into(),
+    }
+}
+
+fn alias_entry(a: AliasView) -> AliasListEntry {
+    AliasListEntry {
+        alias_name: a.name,
+        alias_arn: a.arn,
+        target_key_id: a.target_key_id.to_string(),
+        creation_date: timestamp(a.creation_date_ms),
+        last_updated_date: timestamp(a.last_updated_ms),
     }
 }
 
@@ -187,7 +198,7 @@ impl KeyManagementService for Service {
         let r = req.into_inner();
         handle("DescribeCustomKeyStores", async {
             if let Some(id) = &r.custom_key_store_id {
-                store_store_id("CustomKeyStoreId", id)?;
+                store_id_field("CustomKeyStoreId", id)?;
             }
             let page = self.kms.describe_custom_key_stores(
                 r.custom_key_store_id.as_deref(),
@@ -210,7 +221,7 @@ impl KeyManagementService for Service {
     ) -> Result<Response<UpdateCustomKeyStoreResponse>, Status> {
         let r = req.into_inner();
         handle("UpdateCustomKeyStore", async {
-            store_store_id("CustomKeyStoreId", &r.custom_key_store_id)?;
+            store_id_field("CustomKeyStoreId", &r.custom_key_store_id)?;
             self.kms
                 .update_custom_key_store(UpdateStore {
                     id: r.custom_key_store_id,
@@ -230,7 +241,7 @@ impl KeyManagementService for Service {
     ) -> Result<Response<DeleteCustomKeyStoreResponse>, Status> {
         let r = req.into_inner();
         handle("DeleteCustomKeyStore", async {
-            store_store_id("CustomKeyStoreId", &r.custom_key_store_id)?;
+            store_id_field("CustomKeyStoreId", &r.custom_key_store_id)?;
             self.kms
                 .delete_custom_key_store(&r.custom_key_store_id)
                 .await?;
@@ -245,7 +256,7 @@ impl KeyManagementService for Service {
     ) -> Result<Response<ConnectCustomKeyStoreResponse>, Status> {
         let r = req.into_inner();
         handle("ConnectCustomKeyStore", async {
-            store_store_id("CustomKeyStoreId", &r.custom_key_store_id)?;
+            store_id_field("CustomKeyStoreId", &r.custom_key_store_id)?;
             self.kms
                 .connect_custom_key_store(&r.custom_key_store_id)
                 .await?;
@@ -260,7 +271,7 @@ impl KeyManagementService for Service {
     ) -> Result<Response<DisconnectCustomKeyStoreResponse>, Status> {
         let r = req.into_inner();
         handle("DisconnectCustomKeyStore", async {
-            store_store_id("CustomKeyStoreId", &r.custom_key_store_id)?;
+            store_id_field("CustomKeyStoreId", &r.custom_key_store_id)?;
             self.kms
                 .disconnect_custom_key_store(&r.custom_key_store_id)
                 .await?;
@@ -276,7 +287,7 @@ impl KeyManagementService for Service {
         let r = req.into_inner();
         handle("CreateKey", async {
             if let Some(id) = &r.custom_key_store_id {
-                store_store_id("CustomKeyStoreId", id)?;
+                store_id_field("CustomKeyStoreId", id)?;
             }
             let key = self
                 .kms
@@ -293,6 +304,7 @@ impl KeyManagementService for Service {
                         .map(|t| (t.tag_key, t.tag_value))
                         .collect(),
                     multi_region: r.multi_region,
+                    policy: r.policy,
                 })
                 .await?;
             Ok(CreateKeyResponse {
@@ -385,6 +397,201 @@ impl KeyManagementService for Service {
             self.kms
                 .set_key_enabled(key_id_field("KeyId", &r.key_id)?, false)?;
             Ok(DisableKeyResponse {})
+        })
+        .await
+    }
+
+    async fn update_key_description(
+        &self,
+        req: Request<UpdateKeyDescriptionRequest>,
+    ) -> Result<Response<UpdateKeyDescriptionResponse>, Status> {
+        let r = req.into_inner();
+        handle("UpdateKeyDescription", async {
+            self.kms
+                .update_key_description(key_id_field("KeyId", &r.key_id)?, &r.description)?;
+            Ok(UpdateKeyDescriptionResponse {})
+        })
+        .await
+    }
+
+    async fn schedule_key_deletion(
+        &self,
+        req: Request<ScheduleKeyDeletionRequest>,
+    ) -> Result<Response<ScheduleKeyDeletionResponse>, Status> {
+        let r = req.into_inner();
+        handle("ScheduleKeyDeletion", async {
+            let k = self.kms.schedule_key_deletion(
+                key_id_field("KeyId", &r.key_id)?,
+                r.pending_window_in_days,
+            )?;
+            Ok(ScheduleKeyDeletionResponse {
+                key_id: k.arn,
+                deletion_date: k.deletion_date_ms.and_then(timestamp),
+                key_state: k.key_state,
+                pending_window_in_days: k.pending_window_days.unwrap_or_default(),
+            })
+        })
+        .await
+    }
+
+    async fn cancel_key_deletion(
+        &self,
+        req: Request<CancelKeyDeletionRequest>,
+    ) -> Result<Response<CancelKeyDeletionResponse>, Status> {
+        let r = req.into_inner();
+        handle("CancelKeyDeletion", async {
+            let id = self
+                .kms
+                .cancel_key_deletion(key_id_field("KeyId", &r.key_id)?)?;
+            Ok(CancelKeyDeletionResponse {
+                key_id: self.kms.scope.key_arn(&id),
+            })
+        })
+        .await
+    }
+
+    async fn tag_resource(
+        &self,
+        req: Request<TagResourceRequest>,
+    ) -> Result<Response<TagResourceResponse>, Status> {
+        let r = req.into_inner();
+        handle("TagResource", async {
+            let tags: Vec<(String, String)> = r
+                .tags
+                .into_iter()
+                .map(|t| (t.tag_key, t.tag_value))
+                .collect();
+            self.kms
+                .tag_resource(key_id_field("KeyId", &r.key_id)?, &tags)?;
+            Ok(TagResourceResponse {})
+        })
+        .await
+    }
+
+    async fn untag_resource(
+        &self,
+        req: Request<UntagResourceRequest>,
+    ) -> Result<Response<UntagResourceResponse>, Status> {
+        let r = req.into_inner();
+        handle("UntagResource", async {
+            self.kms
+                .untag_resource(key_id_field("KeyId", &r.key_id)?, &r.tag_keys)?;
+            Ok(UntagResourceResponse {})
+        })
+        .await
+    }
+
+    async fn create_alias(
+        &self,
+        req: Request<CreateAliasRequest>,
+    ) -> Result<Response<CreateAliasResponse>, Status> {
+        let r = req.into_inner();
+        handle("CreateAlias", async {
+            self.kms.create_alias(
+                &r.alias_name,
+                key_id_field("TargetKeyId", &r.target_key_id)?,
+            )?;
+            Ok(CreateAliasResponse {})
+        })
+        .await
+    }
+
+    async fn update_alias(
+        &self,
+        req: Request<UpdateAliasRequest>,
+    ) -> Result<Response<UpdateAliasResponse>, Status> {
+        let r = req.into_inner();
+        handle("UpdateAlias", async {
+            self.kms.update_alias(
+                &r.alias_name,
+                key_id_field("TargetKeyId", &r.target_key_id)?,
+            )?;
+            Ok(UpdateAliasResponse {})
+        })
+        .await
+    }
+
+    async fn delete_alias(
+        &self,
+        req: Request<DeleteAliasRequest>,
+    ) -> Result<Response<DeleteAliasResponse>, Status> {
+        let r = req.into_inner();
+        handle("DeleteAlias", async {
+            self.kms.delete_alias(&r.alias_name)?;
+            Ok(DeleteAliasResponse {})
+        })
+        .await
+    }
+
+    async fn list_aliases(
+        &self,
+        req: Request<ListAliasesRequest>,
+    ) -> Result<Response<ListAliasesResponse>, Status> {
+        let r = req.into_inner();
+        handle("ListAliases", async {
+            let page = self.kms.list_aliases(
+                opt_key_id("KeyId", &r.key_id)?,
+                r.limit,
+                marker_field(&r.marker)?,
+            )?;
+            Ok(ListAliasesResponse {
+                aliases: page.items.into_iter().map(alias_entry).collect(),
+                truncated: page.next_marker.is_some(),
+                next_marker: page.next_marker,
+            })
+        })
+        .await
+    }
+
+    async fn put_key_policy(
+        &self,
+        req: Request<PutKeyPolicyRequest>,
+    ) -> Result<Response<PutKeyPolicyResponse>, Status> {
+        let r = req.into_inner();
+        handle("PutKeyPolicy", async {
+            self.kms.put_key_policy(
+                key_id_field("KeyId", &r.key_id)?,
+                r.policy_name.as_deref(),
+                &r.policy,
+            )?;
+            Ok(PutKeyPolicyResponse {})
+        })
+        .await
+    }
+
+    async fn get_key_policy(
+        &self,
+        req: Request<GetKeyPolicyRequest>,
+    ) -> Result<Response<GetKeyPolicyResponse>, Status> {
+        let r = req.into_inner();
+        handle("GetKeyPolicy", async {
+            let policy = self
+                .kms
+                .get_key_policy(key_id_field("KeyId", &r.key_id)?, r.policy_name.as_deref())?;
+            Ok(GetKeyPolicyResponse {
+                policy,
+                policy_name: "default".into(),
+            })
+        })
+        .await
+    }
+
+    async fn list_key_policies(
+        &self,
+        req: Request<ListKeyPoliciesRequest>,
+    ) -> Result<Response<ListKeyPoliciesResponse>, Status> {
+        let r = req.into_inner();
+        handle("ListKeyPolicies", async {
+            let page = self.kms.list_key_policies(
+                key_id_field("KeyId", &r.key_id)?,
+                r.limit,
+                marker_field(&r.marker)?,
+            )?;
+            Ok(ListKeyPoliciesResponse {
+                policy_names: page.items,
+                truncated: false,
+                next_marker: None,
+            })
         })
         .await
     }
@@ -527,7 +734,7 @@ impl KeyManagementService for Service {
         let r = req.into_inner();
         handle("GenerateRandom", async {
             if let Some(id) = &r.custom_key_store_id {
-                store_store_id("CustomKeyStoreId", id)?;
+                store_id_field("CustomKeyStoreId", id)?;
             }
             let bytes = self
                 .kms

@@ -14,10 +14,18 @@ pub const ERROR_DOMAIN: &str = "kms";
 pub fn code(kind: ErrorKind) -> Code {
     use ErrorKind::*;
     match kind {
-        Validation | InvalidCiphertext | IncorrectKey | InvalidKeyUsage | InvalidArn
-        | InvalidMarker | Tag | IncorrectTrustAnchor => Code::InvalidArgument,
+        Validation
+        | InvalidCiphertext
+        | IncorrectKey
+        | InvalidKeyUsage
+        | InvalidArn
+        | InvalidMarker
+        | InvalidAliasName
+        | MalformedPolicyDocument
+        | Tag
+        | IncorrectTrustAnchor => Code::InvalidArgument,
         NotFound | CustomKeyStoreNotFound | CloudHsmClusterNotFound => Code::NotFound,
-        CustomKeyStoreNameInUse | CloudHsmClusterInUse => Code::AlreadyExists,
+        CustomKeyStoreNameInUse | CloudHsmClusterInUse | AlreadyExists => Code::AlreadyExists,
         KmsInvalidState
         | Disabled
         | CustomKeyStoreInvalidState

@@ -152,7 +152,7 @@ impl Kms {
     fn open_target(&self, blob: &[u8], expected: Option<&str>) -> KmsResult<(UsableKey, Uuid)> {
         let parsed = ciphertext::parse(blob)?;
         if let Some(want) = expected {
-            let want = self.scope.parse_key_ref(want)?;
+            let want = self.resolve(want)?;
             if want != parsed.key_id {
                 return Err(KmsError::new(
                     ErrorKind::IncorrectKey,

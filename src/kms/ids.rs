@@ -12,7 +12,47 @@ pub struct ArnScope {
     pub account_id: String,
 }
 
+/// What a KeyId parameter names: a key (by id or ARN) or an alias (by name or ARN).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyRef {
+    Key(Uuid),
+    /// The alias name, `alias/...`.
+    Alias(String),
+}
+
 impl ArnScope {
+    pub fn alias_arn(&self, name: &str) -> String {
+        format!(
+            "arn:{}:kms:{}:{}:{}",
+            self.partition, self.region, self.account_id, name
+        )
+    }
+
+    /// Parses a key id, key ARN, alias name or alias ARN.
+    pub fn parse_ref(&self, key_ref: &str) -> KmsResult<KeyRef> {
+        if key_ref.starts_with("alias/") {
+            return Ok(KeyRef::Alias(key_ref.to_string()));
+        }
+        if key_ref.starts_with("arn:") {
+            let parts: Vec<&str> = key_ref.splitn(6, ':').collect();
+            if let [_, partition, "kms", region, account, resource] = parts[..] {
+                if resource.starts_with("alias/") {
+                    if partition != self.partition
+                        || region != self.region
+                        || account != self.account_id
+                    {
+                        return Err(KmsError::new(
+                            ErrorKind::NotFound,
+                            format!("Alias {key_ref} is not found"),
+                        ));
+                    }
+                    return Ok(KeyRef::Alias(resource.to_string()));
+                }
+            }
+        }
+        self.parse_key_ref(key_ref).map(KeyRef::Key)
+    }
+
     pub fn key_arn(&self, key_id: &Uuid) -> String {
         format!(
             "arn:{}:kms:{}:{}:key/{}",
@@ -42,7 +82,7 @@ impl ArnScope {
             let Some(id) = resource.strip_prefix("key/") else {
                 return Err(KmsError::new(
                     ErrorKind::NotFound,
-                    format!("{key_ref} does not name a key"),
+                    format!("Invalid keyId '{key_ref}': this operation takes a key id or key ARN"),
                 ));
             };
             let id = parse_uuid(id).ok_or_else(|| {
@@ -59,8 +99,17 @@ impl ArnScope {
             }
             return Ok(id);
         }
-        parse_uuid(key_ref)
-            .ok_or_else(|| KmsError::new(ErrorKind::NotFound, format!("Invalid keyId '{key_ref}'")))
+        parse_uuid(key_ref).ok_or_else(|| {
+            let hint = if key_ref.starts_with("alias/") {
+                ": this operation takes a key id or key ARN, not an alias"
+            } else {
+                ""
+            };
+            KmsError::new(
+                ErrorKind::NotFound,
+                format!("Invalid keyId '{key_ref}'{hint}"),
+            )
+        })
     }
 }
 

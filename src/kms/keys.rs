@@ -6,10 +6,12 @@ use uuid::Uuid;
 
 use super::conn_state::CONNECTED;
 use super::error::{ErrorKind, KmsError, KmsResult};
+use super::ids::KeyRef;
 use super::keystores::Page;
-use super::{decode_marker, encode_marker, now_ms, page_limit, Kms};
+use super::policy;
+use super::{decode_marker, encode_marker, page_limit, Kms};
 use crate::hsm::{Connection, HsmError};
-use crate::store::{KeyRecord, StoreRecord};
+use crate::store::{KeyRecord, Refused, StoreRecord};
 
 /// Stored key states. `Creating` is internal: such a key is invisible to callers.
 pub mod stored {
@@ -17,6 +19,8 @@ pub mod stored {
     pub const ENABLED: &str = "Enabled";
     pub const DISABLED: &str = "Disabled";
     pub const PENDING_DELETION: &str = "PendingDeletion";
+    /// Internal: the deletion task is destroying the key; invisible to callers.
+    pub const DELETING: &str = "Deleting";
 }
 
 pub const UNAVAILABLE: &str = "Unavailable";
@@ -30,6 +34,7 @@ pub struct CreateKey {
     pub custom_key_store_id: Option<String>,
     pub tags: Vec<(String, String)>,
     pub multi_region: Option<bool>,
+    pub policy: Option<String>,
 }
 
 /// Everything DescribeKey says of a key.
@@ -43,6 +48,8 @@ pub struct KeyView {
     pub key_state: String,
     pub custom_key_store_id: String,
     pub cloud_hsm_cluster_id: String,
+    pub deletion_date_ms: Option<i64>,
+    pub pending_window_days: Option<i32>,
 }
 
 impl KeyView {
@@ -226,6 +233,13 @@ impl Kms {
             (_, Some(id)) => id,
         };
         check_tags(&req.tags)?;
+        let key_policy = match req.policy {
+            Some(p) => {
+                policy::validate(&p)?;
+                p
+            }
+            None => policy::default_policy(&self.scope.partition, &self.scope.account_id),
+        };
 
         let store = self.get_store(&store_id)?;
         require_connected_for_create(&store)?;
@@ -265,9 +279,12 @@ impl Kms {
         let rec = KeyRecord {
             id,
             custom_key_store_id: store_id.clone(),
-            creation_date_ms: now_ms(),
+            creation_date_ms: self.now(),
             description: req.description.unwrap_or_default(),
             key_state: stored::CREATING.into(),
+            deletion_date_ms: None,
+            pending_window_days: None,
+            policy: Some(key_policy),
         };
         self.store.insert_key(&rec, &req.tags)?;
         if let Err(e) = conn.generate_key(id, arn.clone()).await {
@@ -338,6 +355,39 @@ impl Kms {
             key_state: effective_state(&rec.key_state, &store.connection_state),
             custom_key_store_id: store.id.clone(),
             cloud_hsm_cluster_id: store.cluster_id.clone(),
+            deletion_date_ms: rec.deletion_date_ms,
+            pending_window_days: rec.pending_window_days,
+        }
+    }
+
+    /// The key a KeyId names, aliases included (for cryptographic operations and DescribeKey).
+    pub(super) fn resolve(&self, key_ref: &str) -> KmsResult<Uuid> {
+        match self.scope.parse_ref(key_ref)? {
+            KeyRef::Key(id) => Ok(id),
+            KeyRef::Alias(name) => self.alias_target(&name),
+        }
+    }
+
+    /// The AWS exception for a refused change to `key`.
+    pub(super) fn refused(&self, key: &Uuid, r: Refused) -> KmsError {
+        let arn = self.scope.key_arn(key);
+        match r {
+            Refused::KeyMissing => {
+                KmsError::new(ErrorKind::NotFound, format!("Key '{arn}' does not exist"))
+            }
+            Refused::KeyState(s) if s == stored::PENDING_DELETION => {
+                KmsError::invalid_state(format!("{arn} is pending deletion"))
+            }
+            Refused::KeyState(_) => {
+                KmsError::invalid_state(format!("{arn} is not pending deletion"))
+            }
+            Refused::TooMany(n) => KmsError::new(
+                ErrorKind::Tag,
+                format!("{arn} would carry more than {n} tags"),
+            ),
+            Refused::AliasExists | Refused::AliasMissing => {
+                KmsError::internal(format!("unexpected alias outcome for {arn}"))
+            }
         }
     }
 
@@ -349,7 +399,7 @@ impl Kms {
 
     pub(super) fn key_by_id(&self, id: &Uuid) -> KmsResult<KeyRecord> {
         match self.store.get_key(id)? {
-            Some(k) if k.key_state != stored::CREATING => Ok(k),
+            Some(k) if k.key_state != stored::CREATING && k.key_state != stored::DELETING => Ok(k),
             _ => Err(KmsError::new(
                 ErrorKind::NotFound,
                 format!("Key '{}' does not exist", self.scope.key_arn(id)),
@@ -364,7 +414,7 @@ impl Kms {
     }
 
     pub fn describe_key(&self, key_ref: &str) -> KmsResult<KeyView> {
-        let key = self.key_record(key_ref)?;
+        let key = self.key_by_id(&self.resolve(key_ref)?)?;
         let store = self.store_of(&key)?;
         Ok(self.view(key, &store))
     }
@@ -431,23 +481,123 @@ impl Kms {
         } else {
             stored::DISABLED
         };
-        let found = self
-            .store
-            .transition_key(&key.id, &[stored::ENABLED, stored::DISABLED], to)?;
-        match found.as_deref() {
-            Some(stored::ENABLED | stored::DISABLED) => {
-                tracing::info!(key_arn = %self.scope.key_arn(&key.id), state = to, "key state set");
-                Ok(())
-            }
-            Some(stored::PENDING_DELETION) => Err(KmsError::invalid_state(format!(
-                "{} is pending deletion",
-                self.scope.key_arn(&key.id)
-            ))),
-            _ => Err(KmsError::new(
-                ErrorKind::NotFound,
-                format!("Key '{}' does not exist", self.scope.key_arn(&key.id)),
-            )),
+        self.store
+            .change_key_state(&key.id, &[stored::ENABLED, stored::DISABLED], to)?
+            .map_err(|r| self.refused(&key.id, r))?;
+        tracing::info!(key_arn = %self.scope.key_arn(&key.id), state = to, "key state set");
+        Ok(())
+    }
+
+    pub fn update_key_description(&self, key_ref: &str, description: &str) -> KmsResult<()> {
+        if description.chars().count() > 8192 {
+            return Err(KmsError::validation(
+                "Description is longer than 8192 characters",
+            ));
         }
+        let key = self.key_record(key_ref)?;
+        self.store
+            .set_description(&key.id, description)?
+            .map_err(|r| self.refused(&key.id, r))
+    }
+
+    /// Schedules deletion after `window_days` (7..30, default 30); returns the key's view.
+    pub fn schedule_key_deletion(
+        &self,
+        key_ref: &str,
+        window_days: Option<i32>,
+    ) -> KmsResult<KeyView> {
+        let days = window_days.unwrap_or(30);
+        if !(7..=30).contains(&days) {
+            return Err(KmsError::validation(format!(
+                "PendingWindowInDays must be between 7 and 30, got {days}"
+            )));
+        }
+        let key = self.key_record(key_ref)?;
+        let date = self.now() + i64::from(days) * 86_400_000;
+        self.store
+            .schedule_deletion(&key.id, date, days)?
+            .map_err(|r| self.refused(&key.id, r))?;
+        tracing::info!(key_arn = %self.scope.key_arn(&key.id), days, "key deletion scheduled");
+        self.describe_key(&key.id.to_string())
+    }
+
+    /// Cancels a scheduled deletion; the key comes back Disabled.
+    pub fn cancel_key_deletion(&self, key_ref: &str) -> KmsResult<Uuid> {
+        let key = self.key_record(key_ref)?;
+        self.store
+            .cancel_deletion(&key.id)?
+            .map_err(|r| self.refused(&key.id, r))?;
+        tracing::info!(key_arn = %self.scope.key_arn(&key.id), "key deletion cancelled");
+        Ok(key.id)
+    }
+
+    pub fn tag_resource(&self, key_ref: &str, tags: &[(String, String)]) -> KmsResult<()> {
+        if tags.is_empty() {
+            return Err(KmsError::validation("Tags must not be empty"));
+        }
+        check_tags(tags)?;
+        let key = self.key_record(key_ref)?;
+        self.store
+            .tag_key(&key.id, tags, 50)?
+            .map_err(|r| self.refused(&key.id, r))
+    }
+
+    pub fn untag_resource(&self, key_ref: &str, tag_keys: &[String]) -> KmsResult<()> {
+        if tag_keys.is_empty() {
+            return Err(KmsError::validation("TagKeys must not be empty"));
+        }
+        if let Some(k) = tag_keys
+            .iter()
+            .find(|k| !(1..=128).contains(&k.chars().count()))
+        {
+            return Err(KmsError::validation(format!(
+                "Tag keys must be 1 to 128 characters long: '{k}'"
+            )));
+        }
+        let key = self.key_record(key_ref)?;
+        self.store
+            .untag_key(&key.id, tag_keys)?
+            .map_err(|r| self.refused(&key.id, r))
+    }
+
+    pub fn put_key_policy(&self, key_ref: &str, name: Option<&str>, doc: &str) -> KmsResult<()> {
+        policy::check_policy_name(name)?;
+        policy::validate(doc)?;
+        let key = self.key_record(key_ref)?;
+        self.store
+            .set_policy(&key.id, doc)?
+            .map_err(|r| self.refused(&key.id, r))?;
+        tracing::info!(key_arn = %self.scope.key_arn(&key.id), "key policy replaced");
+        Ok(())
+    }
+
+    pub fn get_key_policy(&self, key_ref: &str, name: Option<&str>) -> KmsResult<String> {
+        policy::check_policy_name(name)?;
+        let key = self.key_record(key_ref)?;
+        Ok(key.policy.unwrap_or_else(|| {
+            policy::default_policy(&self.scope.partition, &self.scope.account_id)
+        }))
+    }
+
+    pub fn list_key_policies(
+        &self,
+        key_ref: &str,
+        limit: Option<i32>,
+        marker: Option<&str>,
+    ) -> KmsResult<Page<String>> {
+        page_limit(limit, 1000, 100)?;
+        if marker.is_some() {
+            // There is one page, so no marker this service issued can follow it.
+            return Err(KmsError::new(
+                ErrorKind::InvalidMarker,
+                "The marker is not one this service issued",
+            ));
+        }
+        self.key_record(key_ref)?;
+        Ok(Page {
+            items: vec![policy::DEFAULT_POLICY_NAME.to_string()],
+            next_marker: None,
+        })
     }
 
     /// Checks every condition of a cryptographic operation (seeds: key Enabled, store
@@ -502,7 +652,7 @@ impl Kms {
     }
 
     pub(super) fn usable_key(&self, key_ref: &str) -> KmsResult<UsableKey> {
-        let id = self.scope.parse_key_ref(key_ref)?;
+        let id = self.resolve(key_ref)?;
         self.usable_key_by_id(&id)
     }
 }

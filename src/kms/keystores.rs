@@ -11,7 +11,7 @@ use zeroize::Zeroizing;
 use super::conn_state::*;
 use super::error::{ErrorKind, KmsError, KmsResult};
 use super::ids::{is_cluster_id, is_store_id, new_store_id};
-use super::{decode_marker, encode_marker, now_ms, page_limit, pem_der, Cluster, Kms};
+use super::{decode_marker, encode_marker, page_limit, pem_der, Cluster, Kms};
 use crate::config::PinFormat;
 use crate::hsm::{Connection, LoginFailure};
 use crate::store::{store_not_found, StoreRecord, StoreUpdate};
@@ -183,7 +183,7 @@ impl Kms {
             sealed_password: sealed,
             connection_state: DISCONNECTED.into(),
             connection_error_code: None,
-            creation_date_ms: now_ms(),
+            creation_date_ms: self.now(),
         })?;
         tracing::info!(custom_key_store_id = %id, "created custom key store");
         Ok(id)

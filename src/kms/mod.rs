@@ -3,12 +3,15 @@
 //! No tonic, no SQL and no PKCS#11 return code appears here: the `api` layer hands in plain
 //! values, `store` and `hsm` hand back their outcomes already translated.
 
+pub mod aliases;
 pub mod ciphertext;
 pub mod crypto;
+pub mod deletion;
 pub mod error;
 pub mod ids;
 pub mod keys;
 pub mod keystores;
+pub mod policy;
 pub mod sealing;
 
 use std::collections::HashMap;
@@ -74,6 +77,8 @@ pub struct Kms {
     sealer: Sealer,
     modules: Arc<Modules>,
     pool_size: usize,
+    /// Added to the system clock (tests of scheduled deletion).
+    clock_offset_ms: i64,
     /// Live HSM connections of the stores that are CONNECTED.
     connections: RwLock<HashMap<String, Arc<Connection>>>,
     /// Serialises lifecycle changes (connect, disconnect, update, delete, key creation) of
@@ -126,9 +131,15 @@ impl Kms {
             sealer,
             modules: Arc::new(Modules::default()),
             pool_size: settings.hsm.session_pool_size,
+            clock_offset_ms: settings.lifecycle.clock_offset_seconds.saturating_mul(1000),
             connections: RwLock::new(HashMap::new()),
             lifecycle: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// The service's clock, in Unix milliseconds.
+    pub fn now(&self) -> i64 {
+        now_ms().saturating_add(self.clock_offset_ms)
     }
 
     fn cluster(&self, id: &str) -> Option<&Cluster> {

@@ -14,7 +14,10 @@ use uuid::Uuid;
 
 use crate::kms::error::{ErrorKind, KmsError, KmsResult};
 
-const SCHEMA: &str = "
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+
+const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS custom_key_stores (
     id                    TEXT PRIMARY KEY,
     name                  TEXT NOT NULL UNIQUE,
@@ -41,6 +44,21 @@ CREATE TABLE IF NOT EXISTS key_tags (
 );
 ";
 
+/// Scheduled deletion, key policies and aliases.
+const SCHEMA_V2: &str = "
+ALTER TABLE keys ADD COLUMN deletion_date_ms INTEGER;
+ALTER TABLE keys ADD COLUMN pending_window_days INTEGER;
+ALTER TABLE keys ADD COLUMN policy TEXT;
+CREATE INDEX IF NOT EXISTS keys_by_deletion ON keys(deletion_date_ms) WHERE deletion_date_ms IS NOT NULL;
+CREATE TABLE IF NOT EXISTS aliases (
+    name             TEXT PRIMARY KEY,
+    key_id           TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+    creation_date_ms INTEGER NOT NULL,
+    last_updated_ms  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS aliases_by_key ON aliases(key_id);
+";
+
 /// A custom key store row.
 #[derive(Clone, PartialEq, Eq)]
 pub struct StoreRecord {
@@ -65,8 +83,9 @@ impl std::fmt::Debug for StoreRecord {
     }
 }
 
-/// A key row. `key_state` is the stored state (`Creating`, `Enabled`, `Disabled`); the state a
-/// caller sees also depends on the store's connection (see `kms::keys`).
+/// A key row. `key_state` is the stored state (`Creating`, `Enabled`, `Disabled`,
+/// `PendingDeletion`); the state a caller sees also depends on the store's connection (see
+/// `kms::keys`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyRecord {
     pub id: Uuid,
@@ -74,7 +93,35 @@ pub struct KeyRecord {
     pub creation_date_ms: i64,
     pub description: String,
     pub key_state: String,
+    pub deletion_date_ms: Option<i64>,
+    pub pending_window_days: Option<i32>,
+    /// The key policy; `None` for keys made before policies were stored (the default applies).
+    pub policy: Option<String>,
 }
+
+/// An alias row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AliasRecord {
+    pub name: String,
+    pub key_id: Uuid,
+    pub creation_date_ms: i64,
+    pub last_updated_ms: i64,
+}
+
+/// Why a conditional change was not made. The domain turns these into AWS exceptions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// No such key (or it is still being created).
+    KeyMissing,
+    /// The key is in a state the change does not allow (the state is given).
+    KeyState(String),
+    AliasExists,
+    AliasMissing,
+    /// A per-key limit would be exceeded (aliases or tags); the limit is given.
+    TooMany(usize),
+}
+
+pub type Conditional<T> = Result<T, Refused>;
 
 /// Changes to a custom key store row; `None` leaves a column as it is.
 #[derive(Default)]
@@ -93,12 +140,18 @@ impl Store {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
+        let done: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(done) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(m)?;
+            tx.pragma_update(None, "user_version", i + 1)?;
+            tx.commit()?;
+        }
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -179,13 +232,7 @@ impl Store {
     ) -> KmsResult<bool> {
         self.with(|c| {
             let tx = c.transaction()?;
-            let current: Option<String> = tx
-                .query_row(
-                    "SELECT connection_state FROM custom_key_stores WHERE id = ?1",
-                    [id],
-                    |r| r.get(0),
-                )
-                .optional()?;
+            let current = connection_state(&tx, id)?;
             let ok = matches!(current, Some(s) if from.contains(&s.as_str()));
             if ok {
                 tx.execute(
@@ -237,13 +284,7 @@ impl Store {
         }
         let outcome = self.with(|c| {
             let tx = c.transaction()?;
-            let state: Option<String> = tx
-                .query_row(
-                    "SELECT connection_state FROM custom_key_stores WHERE id = ?1",
-                    [id],
-                    |r| r.get(0),
-                )
-                .optional()?;
+            let state = connection_state(&tx, id)?;
             let outcome = match state {
                 None => Outcome::Missing,
                 Some(s) if s != "DISCONNECTED" => Outcome::State(s),
@@ -285,14 +326,16 @@ impl Store {
         self.with(|c| {
             let tx = c.transaction()?;
             tx.execute(
-                "INSERT INTO keys (id, custom_key_store_id, creation_date_ms, description, key_state)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO keys (id, custom_key_store_id, creation_date_ms, description, key_state,
+                                   policy)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
                     rec.id.to_string(),
                     rec.custom_key_store_id,
                     rec.creation_date_ms,
                     rec.description,
-                    rec.key_state
+                    rec.key_state,
+                    rec.policy
                 ],
             )?;
             for (k, v) in tags {
@@ -312,28 +355,6 @@ impl Store {
                 params![id.to_string(), state],
             )
             .map(|_| ())
-        })
-    }
-
-    /// Sets the stored state if it is one of `from`; returns the state found.
-    pub fn transition_key(&self, id: &Uuid, from: &[&str], to: &str) -> KmsResult<Option<String>> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            let current: Option<String> = tx
-                .query_row(
-                    "SELECT key_state FROM keys WHERE id = ?1",
-                    [id.to_string()],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if matches!(&current, Some(s) if from.contains(&s.as_str())) {
-                tx.execute(
-                    "UPDATE keys SET key_state = ?2 WHERE id = ?1",
-                    params![id.to_string(), to],
-                )?;
-            }
-            tx.commit()?;
-            Ok(current)
         })
     }
 
@@ -360,7 +381,8 @@ impl Store {
         let after = after.map(|u| u.to_string()).unwrap_or_default();
         self.with(|c| {
             let mut stmt = c.prepare(&format!(
-                "{KEY_COLUMNS} WHERE id > ?1 AND key_state != 'Creating' ORDER BY id LIMIT ?2"
+                "{KEY_COLUMNS} WHERE id > ?1 AND key_state NOT IN ('Creating', 'Deleting')
+                 ORDER BY id LIMIT ?2"
             ))?;
             let rows = stmt.query_map(params![after, limit as i64], key_row)?;
             rows.collect()
@@ -400,6 +422,304 @@ impl Store {
     }
 }
 
+fn connection_state(c: &Connection, id: &str) -> rusqlite::Result<Option<String>> {
+    c.query_row(
+        "SELECT connection_state FROM custom_key_stores WHERE id = ?1",
+        [id],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// Key lifecycle, tags, policies and aliases: each method one transaction, its condition
+/// checked inside it, so concurrent changes to one key are serialised and none is lost.
+impl Store {
+    /// Sets the stored state if the key is in one of `from`.
+    pub fn change_key_state(
+        &self,
+        id: &Uuid,
+        from: &[&str],
+        to: &str,
+    ) -> KmsResult<Conditional<()>> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let ok = require_state(&tx, id, from)?;
+            if ok.is_ok() {
+                tx.execute(
+                    "UPDATE keys SET key_state = ?2 WHERE id = ?1",
+                    params![id.to_string(), to],
+                )?;
+            }
+            tx.commit()?;
+            Ok(ok)
+        })
+    }
+
+    pub fn schedule_deletion(
+        &self,
+        id: &Uuid,
+        deletion_date_ms: i64,
+        window_days: i32,
+    ) -> KmsResult<Conditional<()>> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let ok = require_state(&tx, id, &["Enabled", "Disabled"])?;
+            if ok.is_ok() {
+                tx.execute(
+                    "UPDATE keys SET key_state = 'PendingDeletion', deletion_date_ms = ?2,
+                         pending_window_days = ?3 WHERE id = ?1",
+                    params![id.to_string(), deletion_date_ms, window_days],
+                )?;
+            }
+            tx.commit()?;
+            Ok(ok)
+        })
+    }
+
+    /// Cancels a scheduled deletion: the key comes back Disabled.
+    pub fn cancel_deletion(&self, id: &Uuid) -> KmsResult<Conditional<()>> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let ok = require_state(&tx, id, &["PendingDeletion"])?;
+            if ok.is_ok() {
+                tx.execute(
+                    "UPDATE keys SET key_state = 'Disabled', deletion_date_ms = NULL,
+                         pending_window_days = NULL WHERE id = ?1",
+                    [id.to_string()],
+                )?;
+            }
+            tx.commit()?;
+            Ok(ok)
+        })
+    }
+
+    /// Keys pending deletion whose date has come.
+    pub fn keys_due(&self, now_ms: i64, limit: usize) -> KmsResult<Vec<KeyRecord>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!(
+                "{KEY_COLUMNS} WHERE key_state IN ('PendingDeletion', 'Deleting')
+                     AND deletion_date_ms <= ?1
+                 ORDER BY deletion_date_ms LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![now_ms, limit as i64], key_row)?;
+            rows.collect()
+        })
+    }
+
+    /// Marks a due key `Deleting` (invisible, no longer cancellable) if it is still due.
+    pub fn begin_deletion(&self, id: &Uuid, now_ms: i64) -> KmsResult<bool> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE keys SET key_state = 'Deleting' WHERE id = ?1
+                     AND key_state IN ('PendingDeletion', 'Deleting') AND deletion_date_ms <= ?2",
+                params![id.to_string(), now_ms],
+            )
+            .map(|n| n == 1)
+        })
+    }
+
+    pub fn set_description(&self, id: &Uuid, description: &str) -> KmsResult<Conditional<()>> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let ok = require_state(&tx, id, &["Enabled", "Disabled"])?;
+            if ok.is_ok() {
+                tx.execute(
+                    "UPDATE keys SET description = ?2 WHERE id = ?1",
+                    params![id.to_string(), description],
+                )?;
+            }
+            tx.commit()?;
+            Ok(ok)
+        })
+    }
+
+    pub fn set_policy(&self, id: &Uuid, policy: &str) -> KmsResult<Conditional<()>> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let ok = require_state(&tx, id, &["Enabled", "Disabled", "PendingDeletion"])?;
+            if ok.is_ok() {
+                tx.execute(
+                    "UPDATE keys SET policy = ?2 WHERE id = ?1",
+                    params![id.to_string(), policy],
+                )?;
+            }
+            tx.commit()?;
+            Ok(ok)
+        })
+    }
+
+    /// Adds or overwrites tags; refuses if the key would carry more than `max`.
+    pub fn tag_key(
+        &self,
+        id: &Uuid,
+        tags: &[(String, String)],
+        max: usize,
+    ) -> KmsResult<Conditional<()>> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            if let Err(r) = require_state(&tx, id, &["Enabled", "Disabled"])? {
+                return Ok(Err(r));
+            }
+            for (k, v) in tags {
+                tx.execute(
+                    "INSERT INTO key_tags (key_id, tag_key, tag_value) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (key_id, tag_key) DO UPDATE SET tag_value = excluded.tag_value",
+                    params![id.to_string(), k, v],
+                )?;
+            }
+            let n: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM key_tags WHERE key_id = ?1",
+                [id.to_string()],
+                |r| r.get(0),
+            )?;
+            if n as usize > max {
+                return Ok(Err(Refused::TooMany(max))); // dropping `tx` rolls back
+            }
+            tx.commit()?;
+            Ok(Ok(()))
+        })
+    }
+
+    pub fn untag_key(&self, id: &Uuid, keys: &[String]) -> KmsResult<Conditional<()>> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            if let Err(r) = require_state(&tx, id, &["Enabled", "Disabled"])? {
+                return Ok(Err(r));
+            }
+            for k in keys {
+                tx.execute(
+                    "DELETE FROM key_tags WHERE key_id = ?1 AND tag_key = ?2",
+                    params![id.to_string(), k],
+                )?;
+            }
+            tx.commit()?;
+            Ok(Ok(()))
+        })
+    }
+
+    fn aliases_of(c: &Connection, id: &Uuid) -> rusqlite::Result<usize> {
+        c.query_row(
+            "SELECT COUNT(*) FROM aliases WHERE key_id = ?1",
+            [id.to_string()],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n as usize)
+    }
+
+    pub fn create_alias(
+        &self,
+        name: &str,
+        key: &Uuid,
+        now_ms: i64,
+        max: usize,
+    ) -> KmsResult<Conditional<()>> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            if let Err(r) = require_state(&tx, key, &["Enabled", "Disabled"])? {
+                return Ok(Err(r));
+            }
+            let exists: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM aliases WHERE name = ?1)",
+                [name],
+                |r| r.get(0),
+            )?;
+            if exists {
+                return Ok(Err(Refused::AliasExists));
+            }
+            if Self::aliases_of(&tx, key)? >= max {
+                return Ok(Err(Refused::TooMany(max)));
+            }
+            tx.execute(
+                "INSERT INTO aliases (name, key_id, creation_date_ms, last_updated_ms)
+                 VALUES (?1, ?2, ?3, ?3)",
+                params![name, key.to_string(), now_ms],
+            )?;
+            tx.commit()?;
+            Ok(Ok(()))
+        })
+    }
+
+    pub fn update_alias(
+        &self,
+        name: &str,
+        key: &Uuid,
+        now_ms: i64,
+        max: usize,
+    ) -> KmsResult<Conditional<()>> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let current: Option<String> = tx
+                .query_row("SELECT key_id FROM aliases WHERE name = ?1", [name], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            let Some(current) = current else {
+                return Ok(Err(Refused::AliasMissing));
+            };
+            if let Err(r) = require_state(&tx, key, &["Enabled", "Disabled"])? {
+                return Ok(Err(r));
+            }
+            if current != key.to_string() && Self::aliases_of(&tx, key)? >= max {
+                return Ok(Err(Refused::TooMany(max)));
+            }
+            tx.execute(
+                "UPDATE aliases SET key_id = ?2, last_updated_ms = ?3 WHERE name = ?1",
+                params![name, key.to_string(), now_ms],
+            )?;
+            tx.commit()?;
+            Ok(Ok(()))
+        })
+    }
+
+    pub fn delete_alias(&self, name: &str) -> KmsResult<Conditional<()>> {
+        self.with(|c| {
+            c.execute("DELETE FROM aliases WHERE name = ?1", [name])
+                .map(|n| {
+                    if n == 1 {
+                        Ok(())
+                    } else {
+                        Err(Refused::AliasMissing)
+                    }
+                })
+        })
+    }
+
+    pub fn get_alias(&self, name: &str) -> KmsResult<Option<AliasRecord>> {
+        self.with(|c| {
+            c.query_row(
+                &format!("{ALIAS_COLUMNS} WHERE name = ?1"),
+                [name],
+                alias_row,
+            )
+            .optional()
+        })
+    }
+
+    /// Aliases ordered by name after `after`, of one key or of all.
+    pub fn list_aliases(
+        &self,
+        key: Option<&Uuid>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> KmsResult<Vec<AliasRecord>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!(
+                "{ALIAS_COLUMNS} WHERE name > ?1 AND (?2 IS NULL OR key_id = ?2)
+                 ORDER BY name LIMIT ?3"
+            ))?;
+            let rows = stmt.query_map(
+                params![
+                    after.unwrap_or(""),
+                    key.map(|k| k.to_string()),
+                    limit as i64
+                ],
+                alias_row,
+            )?;
+            rows.collect()
+        })
+    }
+}
+
 const STORE_COLUMNS: &str = "SELECT id, name, cluster_id, trust_anchor, sealed_password,
     connection_state, connection_error_code, creation_date_ms FROM custom_key_stores";
 
@@ -416,19 +736,57 @@ fn store_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoreRecord> {
     })
 }
 
-const KEY_COLUMNS: &str =
-    "SELECT id, custom_key_store_id, creation_date_ms, description, key_state FROM keys";
+const KEY_COLUMNS: &str = "SELECT id, custom_key_store_id, creation_date_ms, description,
+    key_state, deletion_date_ms, pending_window_days, policy FROM keys";
 
 fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
-    let id: String = r.get(0)?;
     Ok(KeyRecord {
-        id: Uuid::try_parse(&id).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-        })?,
+        id: parse_id(r.get(0)?, 0)?,
         custom_key_store_id: r.get(1)?,
         creation_date_ms: r.get(2)?,
         description: r.get(3)?,
         key_state: r.get(4)?,
+        deletion_date_ms: r.get(5)?,
+        pending_window_days: r.get(6)?,
+        policy: r.get(7)?,
+    })
+}
+
+fn parse_id(s: String, col: usize) -> rusqlite::Result<Uuid> {
+    Uuid::try_parse(&s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+/// The stored state of a visible key (not `Creating` or `Deleting`), inside a transaction.
+fn key_state(c: &Connection, id: &Uuid) -> rusqlite::Result<Option<String>> {
+    let s: Option<String> = c
+        .query_row(
+            "SELECT key_state FROM keys WHERE id = ?1",
+            [id.to_string()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(s.filter(|s| s != "Creating" && s != "Deleting"))
+}
+
+/// Refuses unless the key exists and is in one of `allowed` states.
+fn require_state(c: &Connection, id: &Uuid, allowed: &[&str]) -> rusqlite::Result<Conditional<()>> {
+    Ok(match key_state(c, id)? {
+        None => Err(Refused::KeyMissing),
+        Some(s) if allowed.contains(&s.as_str()) => Ok(()),
+        Some(s) => Err(Refused::KeyState(s)),
+    })
+}
+
+const ALIAS_COLUMNS: &str = "SELECT name, key_id, creation_date_ms, last_updated_ms FROM aliases";
+
+fn alias_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AliasRecord> {
+    Ok(AliasRecord {
+        name: r.get(0)?,
+        key_id: parse_id(r.get(1)?, 1)?,
+        creation_date_ms: r.get(2)?,
+        last_updated_ms: r.get(3)?,
     })
 }
 

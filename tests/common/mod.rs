@@ -9,8 +9,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use hsm_kms::config::{
-    ClusterSettings, HsmEntry, HsmSettings, PinFormat, SecuritySettings, ServerSettings, Settings,
-    StorageSettings,
+    ClusterSettings, HsmEntry, HsmSettings, LifecycleSettings, PinFormat, SecuritySettings,
+    ServerSettings, Settings, StorageSettings,
 };
 use hsm_kms::proto::key_management_service_client::KeyManagementServiceClient;
 use hsm_kms::proto::*;
@@ -121,6 +121,10 @@ impl Harness {
             hsm: HsmSettings {
                 softhsm2_conf: Some(conf),
                 session_pool_size: 8,
+            },
+            lifecycle: LifecycleSettings {
+                deletion_check_interval_seconds: 1,
+                clock_offset_seconds: 0,
             },
             clusters: cluster_settings,
         };

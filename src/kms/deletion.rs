@@ -1,0 +1,87 @@
+//! Scheduled key deletion: the background task that deletes keys whose waiting period is over.
+//!
+//! A due key is first marked `Deleting` (invisible; CancelKeyDeletion no longer finds it), then
+//! its token object is destroyed, then its metadata (tags and aliases with it) is removed. A
+//! crash in between leaves a `Deleting` row, which the next pass finishes. When the key's
+//! store is not connected, the material cannot be destroyed: it is left orphaned in the
+//! cluster, and the log says so, naming its label (the key ARN) so an operator can remove it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Kms;
+
+/// Key material left in a cluster by a deletion while its store was disconnected.
+pub static ORPHANED_KEY_MATERIAL: AtomicU64 = AtomicU64::new(0);
+
+impl Kms {
+    /// Deletes every key whose deletion date has passed; returns how many were deleted.
+    pub async fn delete_due_keys(&self) -> usize {
+        let now = self.now();
+        let due = match self.store.keys_due(now, 100) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "listing keys due for deletion failed");
+                return 0;
+            }
+        };
+        let mut deleted = 0;
+        for key in due {
+            let arn = self.scope.key_arn(&key.id);
+            match self.store.begin_deletion(&key.id, now) {
+                Ok(true) => {}
+                Ok(false) => continue, // cancelled meanwhile
+                Err(e) => {
+                    tracing::error!(key_arn = %arn, error = %e, "marking key for deletion failed");
+                    continue;
+                }
+            }
+            match self.connection(&key.custom_key_store_id) {
+                Some(conn) => {
+                    if let Err(e) = conn.destroy_key(key.id).await {
+                        // Keep the row (Deleting) and try again on the next pass.
+                        tracing::warn!(key_arn = %arn, error = ?e, "destroying key material failed; will retry");
+                        continue;
+                    }
+                }
+                None => {
+                    ORPHANED_KEY_MATERIAL.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        key_arn = %arn,
+                        label = %arn,
+                        custom_key_store_id = %key.custom_key_store_id,
+                        "key deleted while its custom key store is disconnected: its key material \
+                         is left orphaned in the cluster under this label"
+                    );
+                }
+            }
+            match self.store.delete_key(&key.id) {
+                Ok(()) => {
+                    deleted += 1;
+                    tracing::info!(key_arn = %arn, "deleted key at the end of its waiting period");
+                }
+                Err(e) => {
+                    tracing::error!(key_arn = %arn, error = %e, "removing key metadata failed")
+                }
+            }
+        }
+        deleted
+    }
+
+    /// Runs `delete_due_keys` every `interval` until the process ends.
+    pub fn spawn_deletion_task(
+        self: &Arc<Self>,
+        interval: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let kms = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                kms.delete_due_keys().await;
+            }
+        })
+    }
+}
