@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::conn_state::*;
 use super::Kms;
 
 /// Key material left in a cluster by a deletion while its store was disconnected.
@@ -29,6 +30,21 @@ impl Kms {
         let mut deleted = 0;
         for key in due {
             let arn = self.scope.key_arn(&key.id);
+            // While the store is changing state, wait: deleting now would orphan material that
+            // could be destroyed a moment later.
+            let state = match self.store_state(&key.custom_key_store_id) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(key_arn = %arn, error = %e, "reading the key's store failed");
+                    continue;
+                }
+            };
+            let conn = self.connection(&key.custom_key_store_id);
+            let reachable = match (state.as_str(), &conn) {
+                (CONNECTED, Some(_)) => true,
+                (DISCONNECTED | FAILED, _) => false,
+                _ => continue,
+            };
             match self.store.begin_deletion(&key.id, now) {
                 Ok(true) => {}
                 Ok(false) => continue, // cancelled meanwhile
@@ -37,7 +53,7 @@ impl Kms {
                     continue;
                 }
             }
-            match self.connection(&key.custom_key_store_id) {
+            match conn.filter(|_| reachable) {
                 Some(conn) => {
                     if let Err(e) = conn.destroy_key(key.id).await {
                         // Keep the row (Deleting) and try again on the next pass.

@@ -416,11 +416,15 @@ fn expected_code(name: &str) -> tonic::Code {
         | "InvalidArnException"
         | "InvalidMarkerException"
         | "TagException"
-        | "IncorrectTrustAnchorException" => InvalidArgument,
+        | "IncorrectTrustAnchorException"
+        | "InvalidAliasNameException"
+        | "MalformedPolicyDocumentException" => InvalidArgument,
         "NotFoundException"
         | "CustomKeyStoreNotFoundException"
         | "CloudHsmClusterNotFoundException" => NotFound,
-        "CustomKeyStoreNameInUseException" | "CloudHsmClusterInUseException" => AlreadyExists,
+        "CustomKeyStoreNameInUseException"
+        | "CloudHsmClusterInUseException"
+        | "AlreadyExistsException" => AlreadyExists,
         "UnsupportedOperationException" => Unimplemented,
         "KMSInternalException" => Internal,
         "LimitExceededException" | "ThrottlingException" => ResourceExhausted,
