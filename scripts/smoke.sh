@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Smoke test with grpcurl against a freshly started `hsm-kms dev`:
-# DescribeCustomKeyStores -> CreateKey -> Encrypt -> Decrypt -> GenerateDataKey -> Decrypt.
+# DescribeCustomKeyStores -> CreateKey -> Encrypt -> Decrypt -> GenerateDataKey -> Decrypt,
+# then aliases, tags, the key policy, and ScheduleKeyDeletion -> CancelKeyDeletion -> EnableKey.
 # Exits non-zero on any failure or mismatch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,5 +60,27 @@ dk_plain=$(jq -r .plaintext <<<"$dk")
 dk_ct=$(jq -r .ciphertextBlob <<<"$dk")
 back=$(call Decrypt "{\"ciphertext_blob\":\"$dk_ct\"}" | jq -r .plaintext)
 [ "$back" = "$dk_plain" ] || fail "the data key did not decrypt to itself"
+
+# Aliases: encrypt by alias name, decrypt with the alias ARN as KeyId.
+call CreateAlias "{\"alias_name\":\"alias/smoke\",\"target_key_id\":\"$key_id\"}" >/dev/null
+alias_arn=$(call ListAliases "{\"key_id\":\"$key_id\"}" | jq -r '.aliases[0].aliasArn')
+[ "$alias_arn" = "${key_arn%%:key/*}:alias/smoke" ] || fail "alias ARN is $alias_arn"
+ct=$(call Encrypt "{\"key_id\":\"alias/smoke\",\"plaintext\":\"$plaintext\"}" | jq -r .ciphertextBlob)
+back=$(call Decrypt "{\"ciphertext_blob\":\"$ct\",\"key_id\":\"$alias_arn\"}" | jq -r .plaintext)
+[ "$back" = "$plaintext" ] || fail "alias round trip"
+
+# Tags and the default key policy.
+call TagResource "{\"key_id\":\"$key_id\",\"tags\":[{\"tag_key\":\"team\",\"tag_value\":\"smoke\"}]}" >/dev/null
+[ "$(call ListResourceTags "{\"key_id\":\"$key_id\"}" | jq -r '.tags[0].tagValue')" = smoke ] || fail "tags"
+call GetKeyPolicy "{\"key_id\":\"$key_id\"}" | jq -r .policy | jq -e '.Statement[0].Action == "kms:*"' >/dev/null \
+  || fail "default key policy"
+
+# Schedule deletion, cancel it (the key comes back Disabled), enable it again.
+[ "$(call ScheduleKeyDeletion "{\"key_id\":\"$key_id\",\"pending_window_in_days\":7}" | jq -r .keyState)" = PendingDeletion ] \
+  || fail "ScheduleKeyDeletion"
+call CancelKeyDeletion "{\"key_id\":\"$key_id\"}" >/dev/null
+[ "$(call DescribeKey "{\"key_id\":\"alias/smoke\"}" | jq -r .keyMetadata.keyState)" = Disabled ] || fail "cancelled key is not Disabled"
+call EnableKey "{\"key_id\":\"$key_id\"}" >/dev/null
+[ "$(call DescribeKey "{\"key_id\":\"$key_id\"}" | jq -r .keyMetadata.keyState)" = Enabled ] || fail "EnableKey"
 
 echo "smoke: OK ($addr, store $store_id, key $key_id)"

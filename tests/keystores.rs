@@ -607,6 +607,12 @@ fn example_config_parses_and_matches_defaults() {
         s.hsm.session_pool_size,
         hsm_kms::config::HsmSettings::default().session_pool_size
     );
+    let l = hsm_kms::config::LifecycleSettings::default();
+    assert_eq!(
+        s.lifecycle.deletion_check_interval_seconds,
+        l.deletion_check_interval_seconds
+    );
+    assert_eq!(s.lifecycle.clock_offset_seconds, l.clock_offset_seconds);
     assert_eq!(s.clusters.len(), 1);
     assert_eq!(
         s.clusters[0].pin_format,
