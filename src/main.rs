@@ -36,6 +36,37 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// Measure the raw PKCS#11 ceiling and the service's throughput in one run.
+    Bench {
+        /// Plaintext size in bytes.
+        #[arg(long, default_value_t = 256)]
+        payload: usize,
+        /// Concurrency levels for the gRPC load.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16,64,256")]
+        levels: Vec<usize>,
+        /// Measured seconds per level (after a short warm-up).
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Sessions (threads) for the multi-session raw measurement.
+        #[arg(long, default_value_t = 4)]
+        raw_sessions: usize,
+        /// Also measure Encrypt with the store holding this many keys (1 = skip).
+        #[arg(long, default_value_t = 10_000)]
+        keys: usize,
+        /// Concurrency for the many-keys comparison.
+        #[arg(long, default_value_t = 64)]
+        keys_level: usize,
+        /// Drive an already running service (with a CONNECTED store) instead of starting one;
+        /// the raw measurement is then skipped.
+        #[arg(long)]
+        target: Option<String>,
+        /// Write the JSON report here (it is also printed after the table).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write an SVG chart of throughput and p99 against concurrency here.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,6 +91,40 @@ fn main() -> anyhow::Result<()> {
                 println!("hsm-kms listening on {}", running.addr);
                 running.task.await?
             })
+        }
+        Command::Bench {
+            payload,
+            levels,
+            seconds,
+            raw_sessions,
+            keys,
+            keys_level,
+            target,
+            json,
+            svg,
+        } => {
+            let opts = hsm_kms::bench::Options {
+                payload,
+                levels,
+                seconds,
+                raw_sessions,
+                keys,
+                keys_level,
+                target,
+                json: json.clone(),
+                svg: svg.clone(),
+            };
+            let report = runtime()?.block_on(hsm_kms::bench::run(opts))?;
+            let doc = serde_json::to_string_pretty(&report)?;
+            println!("{}", hsm_kms::bench::table(&report));
+            println!("{doc}");
+            if let Some(p) = json {
+                std::fs::write(p, &doc)?;
+            }
+            if let Some(p) = svg {
+                std::fs::write(p, hsm_kms::bench::svg(&report))?;
+            }
+            Ok(())
         }
         Command::Dev { data_dir, listen } => {
             let data_dir = data_dir.unwrap_or_else(dev::default_data_dir);

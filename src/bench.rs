@@ -1,0 +1,796 @@
+//! `hsm-kms bench`: the raw PKCS#11 ceiling and the service's throughput, in one run.
+//!
+//! 1. Raw: AES-256-GCM C_Encrypt and C_Decrypt straight through PKCS#11 on a token key made
+//!    with the service's own template, same payload, with 1 session and with N sessions
+//!    (one thread each).
+//! 2. Service: starts `hsm-kms serve` on its own fresh SoftHSM2 token (or targets `--target`),
+//!    and drives Encrypt, Decrypt and GenerateDataKey over gRPC at each concurrency level
+//!    with connection reuse.
+//! 3. Reports throughput, p50/p99/max latency, errors, server RSS and the service/raw ratio,
+//!    as a table and as one JSON document; with `--keys N`, Encrypt at one level again with
+//!    the store holding N keys, spread over all of them.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use cryptoki::context::Pkcs11;
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::ObjectHandle;
+use cryptoki::session::{Session, UserType};
+use cryptoki::types::AuthPin;
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use crate::config::{
+    ClusterSettings, HsmEntry, HsmSettings, LifecycleSettings, PinFormat, SecuritySettings,
+    ServerSettings, Settings, StorageSettings,
+};
+use crate::hsm::{self, Modules};
+use crate::proto::key_management_service_client::KeyManagementServiceClient;
+use crate::proto::*;
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub payload: usize,
+    pub levels: Vec<usize>,
+    pub seconds: f64,
+    pub raw_sessions: usize,
+    pub keys: usize,
+    pub keys_level: usize,
+    pub target: Option<String>,
+    pub json: Option<PathBuf>,
+    pub svg: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RawResult {
+    pub operation: &'static str,
+    pub sessions: usize,
+    pub ops_per_sec: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LevelResult {
+    pub operation: &'static str,
+    pub concurrency: usize,
+    pub keys: usize,
+    pub requests: usize,
+    pub ops_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub errors: usize,
+    pub server_rss_mib: Option<f64>,
+    /// Throughput over the raw single-session ceiling of the same PKCS#11 operation.
+    pub ratio_to_raw_1_session: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub payload_bytes: usize,
+    pub seconds_per_level: f64,
+    pub cpus: usize,
+    pub raw: Vec<RawResult>,
+    pub service: Vec<LevelResult>,
+}
+
+const PASSWORD: &str = "bench-kmsuser-pw";
+const LABEL: &str = "hsm-kms-bench";
+
+/// A fresh SoftHSM2 token in `dir`; returns the module path.
+fn make_token(dir: &Path) -> anyhow::Result<PathBuf> {
+    let tokens = dir.join("tokens");
+    std::fs::create_dir_all(&tokens)?;
+    let conf = dir.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )?;
+    std::env::set_var("SOFTHSM2_CONF", &conf);
+    let module = crate::dev::softhsm2_module()?;
+    Ok(module)
+}
+
+fn gcm_encrypt(s: &Session, key: ObjectHandle, pt: &[u8]) -> cryptoki::error::Result<Vec<u8>> {
+    let mut iv = [7u8; 12];
+    let aad = [0u8; 33];
+    let params = GcmParams::new(&mut iv, &aad, 128.into())?;
+    s.encrypt(&Mechanism::AesGcm(params), key, pt)
+}
+
+fn gcm_decrypt(s: &Session, key: ObjectHandle, ct: &[u8]) -> cryptoki::error::Result<Vec<u8>> {
+    let mut iv = [7u8; 12];
+    let aad = [0u8; 33];
+    let params = GcmParams::new(&mut iv, &aad, 128.into())?;
+    s.decrypt(&Mechanism::AesGcm(params), key, ct)
+}
+
+/// Runs `op` on `sessions` threads, each with its own session, for `seconds`.
+fn raw_run(
+    ctx: &Pkcs11,
+    slot: cryptoki::slot::Slot,
+    key: ObjectHandle,
+    sessions: usize,
+    seconds: f64,
+    decrypt: bool,
+    payload: usize,
+) -> anyhow::Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for _ in 0..sessions {
+        let session = ctx.open_rw_session(slot)?;
+        let stop = Arc::clone(&stop);
+        let pt = vec![0x5a; payload];
+        handles.push(std::thread::spawn(move || -> anyhow::Result<u64> {
+            let ct = gcm_encrypt(&session, key, &pt)?;
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if decrypt {
+                    gcm_decrypt(&session, key, &ct)?;
+                } else {
+                    gcm_encrypt(&session, key, &pt)?;
+                }
+                n += 1;
+            }
+            Ok(n)
+        }));
+    }
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for h in handles {
+        total += h
+            .join()
+            .map_err(|_| anyhow::anyhow!("raw thread panicked"))??;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+fn raw_ceiling(module: &Path, opts: &Options) -> anyhow::Result<Vec<RawResult>> {
+    let modules = Modules::default();
+    let ctx = modules.get(module).map_err(|e| anyhow::anyhow!(e))?;
+    let raw_label = format!("{LABEL}-raw");
+    hsm::init_token(&ctx, &raw_label, "bench-so-pin", PASSWORD)?;
+    let slot = hsm::find_token(&ctx, &raw_label)?.context("raw token vanished")?;
+    let anchor = ctx.open_rw_session(slot)?;
+    anchor.login(UserType::User, Some(&AuthPin::from(PASSWORD)))?;
+    let id = uuid::Uuid::new_v4();
+    let key = anchor.generate_key(
+        &Mechanism::AesKeyGen,
+        &hsm::key_template(&id, "arn:aws:kms:us-east-1:111122223333:key/raw-bench"),
+    )?;
+    let mut out = Vec::new();
+    for (op, decrypt) in [("Encrypt", false), ("Decrypt", true)] {
+        for sessions in [1, opts.raw_sessions] {
+            let ops = raw_run(
+                &ctx,
+                slot,
+                key,
+                sessions,
+                opts.seconds,
+                decrypt,
+                opts.payload,
+            )?;
+            eprintln!("raw {op:8} sessions={sessions:<3} {ops:>10.0} ops/s");
+            out.push(RawResult {
+                operation: op,
+                sessions,
+                ops_per_sec: ops,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// A started service process.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(dir: &Path, module: &Path) -> anyhow::Result<Server> {
+    let modules = Modules::default();
+    let ctx = modules.get(module).map_err(|e| anyhow::anyhow!(e))?;
+    hsm::init_token(&ctx, LABEL, "bench-so-pin", PASSWORD)?;
+    let anchor = dir.join("anchor.pem");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(
+        &anchor,
+        params.self_signed(&rcgen::KeyPair::generate()?)?.pem(),
+    )?;
+    let settings = Settings {
+        server: ServerSettings {
+            listen: "127.0.0.1:0".parse()?,
+            shutdown_grace_seconds: 1,
+        },
+        account: Default::default(),
+        storage: StorageSettings {
+            sqlite_path: dir.join("metadata.sqlite3"),
+        },
+        security: SecuritySettings {
+            sealing_key_file: dir.join("sealing.key"),
+        },
+        hsm: HsmSettings {
+            softhsm2_conf: Some(dir.join("softhsm2.conf")),
+            ..Default::default()
+        },
+        lifecycle: LifecycleSettings::default(),
+        clusters: vec![ClusterSettings {
+            id: "cluster-benchbenchbe".into(),
+            module: module.to_path_buf(),
+            token_label: LABEL.into(),
+            trust_anchor_file: anchor,
+            state: "ACTIVE".into(),
+            lineage: None,
+            pin_format: PinFormat::Password,
+            crypto_user: "kmsuser".into(),
+            hsms: vec![
+                HsmEntry {
+                    id: "hsm-a".into(),
+                    availability_zone: "az-a".into(),
+                    state: "ACTIVE".into(),
+                },
+                HsmEntry {
+                    id: "hsm-b".into(),
+                    availability_zone: "az-b".into(),
+                    state: "ACTIVE".into(),
+                },
+            ],
+        }],
+    };
+    let config = dir.join("hsm-kms.toml");
+    std::fs::write(&config, toml::to_string_pretty(&settings)?)?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        match lines.next() {
+            Some(Ok(l)) => {
+                if let Some(a) = l.strip_prefix("hsm-kms listening on ") {
+                    break a.to_string();
+                }
+            }
+            _ => bail!("the service did not start"),
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Ok(Server { child, addr })
+}
+
+fn rss_mib(pid: Option<u32>) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+type Client = KeyManagementServiceClient<Channel>;
+
+async fn connect(addr: &str, n: usize) -> anyhow::Result<Vec<Client>> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let ch = Channel::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?;
+        out.push(KeyManagementServiceClient::new(ch));
+    }
+    Ok(out)
+}
+
+async fn setup_store(c: &mut Client) -> anyhow::Result<String> {
+    let stores = c
+        .describe_custom_key_stores(DescribeCustomKeyStoresRequest::default())
+        .await?
+        .into_inner()
+        .custom_key_stores;
+    if let Some(s) = stores.iter().find(|s| s.connection_state == "CONNECTED") {
+        return Ok(s.custom_key_store_id.clone());
+    }
+    bail!("no CONNECTED custom key store at the target")
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Encrypt,
+    Decrypt,
+    GenerateDataKey,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Encrypt => "Encrypt",
+            Op::Decrypt => "Decrypt",
+            Op::GenerateDataKey => "GenerateDataKey",
+        }
+    }
+}
+
+/// Drives `op` at `concurrency` for `seconds`; returns per-request latencies and errors.
+async fn drive(
+    clients: &[Client],
+    op: Op,
+    keys: Arc<Vec<String>>,
+    blobs: Arc<Vec<Vec<u8>>>,
+    payload: usize,
+    concurrency: usize,
+    seconds: f64,
+) -> (Vec<Duration>, usize, f64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let mut c = clients[w % clients.len()].clone();
+        let (keys, blobs, stop) = (Arc::clone(&keys), Arc::clone(&blobs), Arc::clone(&stop));
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0;
+            let pt = vec![0x42u8; payload];
+            let mut i = w;
+            while !stop.load(Ordering::Relaxed) {
+                i = i.wrapping_add(concurrency);
+                let key = keys[i % keys.len()].clone();
+                let t = Instant::now();
+                let ok = match op {
+                    Op::Encrypt => c
+                        .encrypt(EncryptRequest {
+                            key_id: key,
+                            plaintext: pt.clone(),
+                            ..Default::default()
+                        })
+                        .await
+                        .is_ok(),
+                    Op::Decrypt => c
+                        .decrypt(DecryptRequest {
+                            ciphertext_blob: blobs[i % blobs.len()].clone(),
+                            ..Default::default()
+                        })
+                        .await
+                        .is_ok(),
+                    Op::GenerateDataKey => c
+                        .generate_data_key(GenerateDataKeyRequest {
+                            key_id: key,
+                            key_spec: Some("AES_256".into()),
+                            ..Default::default()
+                        })
+                        .await
+                        .is_ok(),
+                };
+                lat.push(t.elapsed());
+                if !ok {
+                    errors += 1;
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((l, e)) = t.await {
+            all.extend(l);
+            errors += e;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    (all, errors, elapsed)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn level(
+    clients: &[Client],
+    op: Op,
+    keys: Arc<Vec<String>>,
+    blobs: Arc<Vec<Vec<u8>>>,
+    opts: &Options,
+    concurrency: usize,
+    pid: Option<u32>,
+    raw: &[RawResult],
+) -> LevelResult {
+    // A short warm-up at the same concurrency, then the measured run.
+    drive(
+        clients,
+        op,
+        Arc::clone(&keys),
+        Arc::clone(&blobs),
+        opts.payload,
+        concurrency,
+        (opts.seconds / 5.0).min(0.5),
+    )
+    .await;
+    let (mut lat, errors, elapsed) = drive(
+        clients,
+        op,
+        Arc::clone(&keys),
+        blobs,
+        opts.payload,
+        concurrency,
+        opts.seconds,
+    )
+    .await;
+    lat.sort_unstable();
+    let raw_op = match op {
+        Op::Decrypt => "Decrypt",
+        _ => "Encrypt",
+    };
+    let raw1 = raw
+        .iter()
+        .find(|r| r.operation == raw_op && r.sessions == 1)
+        .map(|r| r.ops_per_sec);
+    let ops = (lat.len() - errors) as f64 / elapsed;
+    let r = LevelResult {
+        operation: op.name(),
+        concurrency,
+        keys: keys.len(),
+        requests: lat.len(),
+        ops_per_sec: ops,
+        p50_ms: pct(&lat, 0.50),
+        p99_ms: pct(&lat, 0.99),
+        max_ms: lat.last().map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0),
+        errors,
+        server_rss_mib: rss_mib(pid),
+        ratio_to_raw_1_session: raw1.map(|r| ops / r),
+    };
+    eprintln!(
+        "{:16} c={:<4} keys={:<6} {:>9.0} ops/s  p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>8.2} ms  errors {}",
+        r.operation, r.concurrency, r.keys, r.ops_per_sec, r.p50_ms, r.p99_ms, r.max_ms, r.errors
+    );
+    r
+}
+
+pub async fn run(opts: Options) -> anyhow::Result<Report> {
+    let dir = tempfile::tempdir()?;
+    let module = make_token(dir.path())?;
+    let raw = if opts.target.is_none() {
+        tokio::task::block_in_place(|| raw_ceiling(&module, &opts))?
+    } else {
+        Vec::new()
+    };
+    let server = match &opts.target {
+        Some(_) => None,
+        None => Some(tokio::task::block_in_place(|| {
+            start_server(dir.path(), &module)
+        })?),
+    };
+    let addr = opts
+        .target
+        .clone()
+        .or_else(|| server.as_ref().map(|s| s.addr.clone()))
+        .context("no address")?;
+    let pid = server.as_ref().map(|s| s.child.id());
+    let max_level = opts.levels.iter().copied().max().unwrap_or(1);
+    let clients = connect(&addr, max_level.clamp(1, 8)).await?;
+    let mut c = clients[0].clone();
+    let store = if server.is_some() {
+        let id = c
+            .create_custom_key_store(CreateCustomKeyStoreRequest {
+                custom_key_store_name: "bench".into(),
+                cloud_hsm_cluster_id: Some("cluster-benchbenchbe".into()),
+                trust_anchor_certificate: Some(std::fs::read_to_string(
+                    dir.path().join("anchor.pem"),
+                )?),
+                key_store_password: Some(PASSWORD.into()),
+                custom_key_store_type: None,
+            })
+            .await?
+            .into_inner()
+            .custom_key_store_id;
+        c.connect_custom_key_store(ConnectCustomKeyStoreRequest {
+            custom_key_store_id: id.clone(),
+        })
+        .await?;
+        for _ in 0..200 {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            if setup_store(&mut c).await.is_ok() {
+                break;
+            }
+        }
+        id
+    } else {
+        setup_store(&mut c).await?
+    };
+    let create = |c: &mut Client| {
+        let mut c = c.clone();
+        let store = store.clone();
+        async move {
+            c.create_key(CreateKeyRequest {
+                custom_key_store_id: Some(store),
+                origin: Some("AWS_CLOUDHSM".into()),
+                ..Default::default()
+            })
+            .await
+            .map(|r| {
+                r.into_inner()
+                    .key_metadata
+                    .map(|m| m.key_id)
+                    .unwrap_or_default()
+            })
+        }
+    };
+    let key = create(&mut c).await?;
+    let keys = Arc::new(vec![key.clone()]);
+    let blob = c
+        .encrypt(EncryptRequest {
+            key_id: key.clone(),
+            plaintext: vec![0x42; opts.payload],
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .ciphertext_blob;
+    let blobs = Arc::new(vec![blob]);
+
+    let mut service = Vec::new();
+    for op in [Op::Encrypt, Op::Decrypt, Op::GenerateDataKey] {
+        for &n in &opts.levels {
+            service.push(
+                level(
+                    &clients,
+                    op,
+                    Arc::clone(&keys),
+                    Arc::clone(&blobs),
+                    &opts,
+                    n,
+                    pid,
+                    &raw,
+                )
+                .await,
+            );
+        }
+    }
+
+    if opts.keys > 1 {
+        eprintln!("creating {} keys...", opts.keys - 1);
+        let started = Instant::now();
+        let mut all = vec![key];
+        let mut pending = Vec::new();
+        for i in 1..opts.keys {
+            let mut c = clients[i % clients.len()].clone();
+            let store = store.clone();
+            pending.push(tokio::spawn(async move {
+                c.create_key(CreateKeyRequest {
+                    custom_key_store_id: Some(store),
+                    origin: Some("AWS_CLOUDHSM".into()),
+                    ..Default::default()
+                })
+                .await
+                .map(|r| {
+                    r.into_inner()
+                        .key_metadata
+                        .map(|m| m.key_id)
+                        .unwrap_or_default()
+                })
+            }));
+            if pending.len() >= 16 {
+                for p in pending.drain(..) {
+                    all.push(p.await??);
+                }
+            }
+        }
+        for p in pending {
+            all.push(p.await??);
+        }
+        eprintln!(
+            "created {} keys in {:.1} s",
+            all.len() - 1,
+            started.elapsed().as_secs_f64()
+        );
+        let many = Arc::new(all);
+        // One pass over every key first, so each key's handle is looked up once.
+        for k in many.iter() {
+            c.encrypt(EncryptRequest {
+                key_id: k.clone(),
+                plaintext: vec![1],
+                ..Default::default()
+            })
+            .await?;
+        }
+        service.push(
+            level(
+                &clients,
+                Op::Encrypt,
+                Arc::clone(&many),
+                Arc::clone(&blobs),
+                &opts,
+                opts.keys_level,
+                pid,
+                &raw,
+            )
+            .await,
+        );
+        service.push(
+            level(
+                &clients,
+                Op::Encrypt,
+                Arc::clone(&keys),
+                Arc::clone(&blobs),
+                &opts,
+                opts.keys_level,
+                pid,
+                &raw,
+            )
+            .await,
+        );
+    }
+    drop(server);
+    Ok(Report {
+        payload_bytes: opts.payload,
+        seconds_per_level: opts.seconds,
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        raw,
+        service,
+    })
+}
+
+/// The report as a plain table.
+pub fn table(r: &Report) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "payload {} bytes, {} s per level, {} CPUs\n\nraw PKCS#11 (AES-256-GCM in the token)\n",
+        r.payload_bytes, r.seconds_per_level, r.cpus
+    ));
+    s.push_str("operation         sessions      ops/s\n");
+    for x in &r.raw {
+        s.push_str(&format!(
+            "{:16} {:>9} {:>10.0}\n",
+            x.operation, x.sessions, x.ops_per_sec
+        ));
+    }
+    s.push_str("\nservice (gRPC)\n");
+    s.push_str("operation        conc   keys      ops/s   p50 ms   p99 ms   max ms  errors  RSS MiB  service/raw(1)\n");
+    for x in &r.service {
+        s.push_str(&format!(
+            "{:16} {:>4} {:>6} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>8} {:>14}\n",
+            x.operation,
+            x.concurrency,
+            x.keys,
+            x.ops_per_sec,
+            x.p50_ms,
+            x.p99_ms,
+            x.max_ms,
+            x.errors,
+            x.server_rss_mib
+                .map(|m| format!("{m:.1}"))
+                .unwrap_or_else(|| "-".into()),
+            x.ratio_to_raw_1_session
+                .map(|m| format!("{m:.2}"))
+                .unwrap_or_else(|| "-".into()),
+        ));
+    }
+    s
+}
+
+/// A chart of throughput and p99 latency against concurrency, one line per operation.
+pub fn svg(r: &Report) -> String {
+    let ops = ["Encrypt", "Decrypt", "GenerateDataKey"];
+    let colors = ["#1f77b4", "#d62728", "#2ca02c"];
+    let single_key: Vec<&LevelResult> = r.service.iter().filter(|x| x.keys == 1).collect();
+    let levels: Vec<usize> = {
+        let mut l: Vec<usize> = single_key.iter().map(|x| x.concurrency).collect();
+        l.sort_unstable();
+        l.dedup();
+        l
+    };
+    let (w, h, m) = (900.0, 360.0, 60.0);
+    let panel = (w - 3.0 * m) / 2.0;
+    let xpos = |c: usize, left: f64| {
+        let i = levels.iter().position(|&l| l == c).unwrap_or(0) as f64;
+        left + i * panel / (levels.len().max(2) - 1) as f64
+    };
+    let max_tp = single_key.iter().map(|x| x.ops_per_sec).fold(1.0, f64::max) * 1.1;
+    let max_p99 = single_key.iter().map(|x| x.p99_ms).fold(0.1, f64::max) * 1.1;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    for (p, (title, max, unit)) in [
+        ("throughput", max_tp, "ops/s"),
+        ("p99 latency", max_p99, "ms"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let left = m + p as f64 * (panel + m);
+        let (top, bottom) = (40.0, h - 50.0);
+        s.push_str(&format!(
+            "<text x=\"{}\" y=\"24\" text-anchor=\"middle\" font-size=\"14\">{title} ({unit}) vs concurrency</text>\n\
+             <line x1=\"{left}\" y1=\"{bottom}\" x2=\"{}\" y2=\"{bottom}\" stroke=\"black\"/>\n\
+             <line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{bottom}\" stroke=\"black\"/>\n",
+            left + panel / 2.0,
+            left + panel
+        ));
+        for t in 0..=4 {
+            let v = max * t as f64 / 4.0;
+            let y = bottom - (bottom - top) * t as f64 / 4.0;
+            s.push_str(&format!(
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>\n",
+                left - 4.0,
+                y + 4.0,
+                if *unit == "ms" {
+                    format!("{v:.1}")
+                } else {
+                    format!("{v:.0}")
+                }
+            ));
+        }
+        for &c in &levels {
+            s.push_str(&format!(
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{c}</text>\n",
+                xpos(c, left),
+                bottom + 16.0
+            ));
+        }
+        for (op, color) in ops.iter().zip(colors) {
+            let pts: Vec<String> = single_key
+                .iter()
+                .filter(|x| x.operation == *op)
+                .map(|x| {
+                    let v = if p == 0 { x.ops_per_sec } else { x.p99_ms };
+                    format!(
+                        "{:.1},{:.1}",
+                        xpos(x.concurrency, left),
+                        bottom - (bottom - top) * v / max
+                    )
+                })
+                .collect();
+            s.push_str(&format!(
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n",
+                pts.join(" ")
+            ));
+        }
+    }
+    for (i, (op, color)) in ops.iter().zip(colors).enumerate() {
+        let x = m + i as f64 * 160.0;
+        s.push_str(&format!(
+            "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{color}\"/><text x=\"{}\" y=\"{}\">{op}</text>\n",
+            h - 22.0,
+            x + 16.0,
+            h - 12.0
+        ));
+    }
+    s.push_str("</svg>\n");
+    s
+}
