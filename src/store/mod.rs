@@ -6,8 +6,9 @@
 //! unique-constraint violations become the AWS exception they mean, anything else is
 //! KMSInternalException with the detail in the log.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use rusqlite::{params, Connection, OptionalExtension};
 use uuid::Uuid;
@@ -133,6 +134,11 @@ pub struct StoreUpdate {
 
 pub struct Store {
     conn: Mutex<Connection>,
+    /// Rows read on the hot path (every cryptographic request reads its key and store),
+    /// cached. Filled only while holding `conn`, and invalidated after every write to the
+    /// row, so a fill can never put back a value older than the last write.
+    keys: RwLock<HashMap<Uuid, KeyRecord>>,
+    stores: RwLock<HashMap<String, StoreRecord>>,
 }
 
 impl Store {
@@ -154,6 +160,8 @@ impl Store {
         }
         Ok(Store {
             conn: Mutex::new(conn),
+            keys: RwLock::new(HashMap::new()),
+            stores: RwLock::new(HashMap::new()),
         })
     }
 
@@ -172,6 +180,7 @@ impl Store {
     // ------------------------------------------------------------ custom key stores
 
     pub fn insert_store(&self, rec: &StoreRecord) -> KmsResult<()> {
+        let _forget = Forget::Store(self, &rec.id);
         self.run(|c| {
             c.execute(
                 "INSERT INTO custom_key_stores (id, name, cluster_id, trust_anchor, sealed_password,
@@ -194,10 +203,27 @@ impl Store {
     }
 
     pub fn get_store(&self, id: &str) -> KmsResult<Option<StoreRecord>> {
+        if let Some(r) = read(&self.stores).get(id) {
+            return Ok(Some(r.clone()));
+        }
         self.with(|c| {
-            c.query_row(&format!("{STORE_COLUMNS} WHERE id = ?1"), [id], store_row)
-                .optional()
+            let r = c
+                .prepare_cached(&format!("{STORE_COLUMNS} WHERE id = ?1"))?
+                .query_row([id], store_row)
+                .optional()?;
+            if let Some(r) = &r {
+                write(&self.stores).insert(id.to_string(), r.clone());
+            }
+            Ok(r)
         })
+    }
+
+    fn forget_store(&self, id: &str) {
+        write(&self.stores).remove(id);
+    }
+
+    fn forget_key(&self, id: &Uuid) {
+        write(&self.keys).remove(id);
     }
 
     pub fn get_store_by_name(&self, name: &str) -> KmsResult<Option<StoreRecord>> {
@@ -230,6 +256,7 @@ impl Store {
         to: &str,
         error_code: Option<&str>,
     ) -> KmsResult<bool> {
+        let _forget = Forget::Store(self, id);
         self.with(|c| {
             let tx = c.transaction()?;
             let current = connection_state(&tx, id)?;
@@ -247,6 +274,7 @@ impl Store {
     }
 
     pub fn update_store(&self, id: &str, update: &StoreUpdate) -> KmsResult<()> {
+        let _forget = Forget::Store(self, id);
         let name = update.name.clone().unwrap_or_default();
         let cluster = update.cluster_id.clone().unwrap_or_default();
         self.run(|c| {
@@ -276,6 +304,7 @@ impl Store {
 
     /// Deletes a store that is DISCONNECTED and holds no keys, in one transaction.
     pub fn delete_store(&self, id: &str) -> KmsResult<()> {
+        let _forget = Forget::Store(self, id);
         enum Outcome {
             Gone,
             Missing,
@@ -323,6 +352,7 @@ impl Store {
 
     /// Inserts a key row (normally in state `Creating`) and its tags, atomically.
     pub fn insert_key(&self, rec: &KeyRecord, tags: &[(String, String)]) -> KmsResult<()> {
+        let _forget = Forget::Key(self, rec.id);
         self.with(|c| {
             let tx = c.transaction()?;
             tx.execute(
@@ -349,6 +379,7 @@ impl Store {
     }
 
     pub fn set_key_state(&self, id: &Uuid, state: &str) -> KmsResult<()> {
+        let _forget = Forget::Key(self, *id);
         self.with(|c| {
             c.execute(
                 "UPDATE keys SET key_state = ?2 WHERE id = ?1",
@@ -359,6 +390,7 @@ impl Store {
     }
 
     pub fn delete_key(&self, id: &Uuid) -> KmsResult<()> {
+        let _forget = Forget::Key(self, *id);
         self.with(|c| {
             c.execute("DELETE FROM keys WHERE id = ?1", [id.to_string()])
                 .map(|_| ())
@@ -366,13 +398,18 @@ impl Store {
     }
 
     pub fn get_key(&self, id: &Uuid) -> KmsResult<Option<KeyRecord>> {
+        if let Some(k) = read(&self.keys).get(id) {
+            return Ok(Some(k.clone()));
+        }
         self.with(|c| {
-            c.query_row(
-                &format!("{KEY_COLUMNS} WHERE id = ?1"),
-                [id.to_string()],
-                key_row,
-            )
-            .optional()
+            let k = c
+                .prepare_cached(&format!("{KEY_COLUMNS} WHERE id = ?1"))?
+                .query_row([id.to_string()], key_row)
+                .optional()?;
+            if let Some(k) = &k {
+                write(&self.keys).insert(*id, k.clone());
+            }
+            Ok(k)
         })
     }
 
@@ -422,6 +459,29 @@ impl Store {
     }
 }
 
+/// Invalidates a cached row when dropped: at the end of a write method, after its commit.
+enum Forget<'a> {
+    Key(&'a Store, Uuid),
+    Store(&'a Store, &'a str),
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        match self {
+            Forget::Key(s, id) => s.forget_key(id),
+            Forget::Store(s, id) => s.forget_store(id),
+        }
+    }
+}
+
+fn read<K, V>(m: &RwLock<HashMap<K, V>>) -> std::sync::RwLockReadGuard<'_, HashMap<K, V>> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<K, V>(m: &RwLock<HashMap<K, V>>) -> std::sync::RwLockWriteGuard<'_, HashMap<K, V>> {
+    m.write().unwrap_or_else(|p| p.into_inner())
+}
+
 fn connection_state(c: &Connection, id: &str) -> rusqlite::Result<Option<String>> {
     c.query_row(
         "SELECT connection_state FROM custom_key_stores WHERE id = ?1",
@@ -441,6 +501,7 @@ impl Store {
         from: &[&str],
         to: &str,
     ) -> KmsResult<Conditional<()>> {
+        let _forget = Forget::Key(self, *id);
         self.with(|c| {
             let tx = c.transaction()?;
             let ok = require_state(&tx, id, from)?;
@@ -461,6 +522,7 @@ impl Store {
         deletion_date_ms: i64,
         window_days: i32,
     ) -> KmsResult<Conditional<()>> {
+        let _forget = Forget::Key(self, *id);
         self.with(|c| {
             let tx = c.transaction()?;
             let ok = require_state(&tx, id, &["Enabled", "Disabled"])?;
@@ -478,6 +540,7 @@ impl Store {
 
     /// Cancels a scheduled deletion: the key comes back Disabled.
     pub fn cancel_deletion(&self, id: &Uuid) -> KmsResult<Conditional<()>> {
+        let _forget = Forget::Key(self, *id);
         self.with(|c| {
             let tx = c.transaction()?;
             let ok = require_state(&tx, id, &["PendingDeletion"])?;
@@ -508,6 +571,7 @@ impl Store {
 
     /// Marks a due key `Deleting` (invisible, no longer cancellable) if it is still due.
     pub fn begin_deletion(&self, id: &Uuid, now_ms: i64) -> KmsResult<bool> {
+        let _forget = Forget::Key(self, *id);
         self.with(|c| {
             c.execute(
                 "UPDATE keys SET key_state = 'Deleting' WHERE id = ?1
@@ -519,6 +583,7 @@ impl Store {
     }
 
     pub fn set_description(&self, id: &Uuid, description: &str) -> KmsResult<Conditional<()>> {
+        let _forget = Forget::Key(self, *id);
         self.with(|c| {
             let tx = c.transaction()?;
             let ok = require_state(&tx, id, &["Enabled", "Disabled"])?;
@@ -534,6 +599,7 @@ impl Store {
     }
 
     pub fn set_policy(&self, id: &Uuid, policy: &str) -> KmsResult<Conditional<()>> {
+        let _forget = Forget::Key(self, *id);
         self.with(|c| {
             let tx = c.transaction()?;
             let ok = require_state(&tx, id, &["Enabled", "Disabled", "PendingDeletion"])?;
