@@ -24,7 +24,6 @@ use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
@@ -120,26 +119,33 @@ fn key_search(key_id: &Uuid) -> [Attribute; 3] {
     ]
 }
 
+/// Work for a session worker: runs on the worker's thread with its session slot.
+type Work = Box<dyn FnOnce(&Connection, &mut Option<Session>) + Send>;
+
 /// A logged-in connection to one cluster's token, serving one custom key store.
+///
+/// PKCS#11 work runs on a dedicated pool of threads, one per session: each worker owns its
+/// session (exclusive by construction) and takes jobs from one shared queue, so a busy worker
+/// goes from job to job without being woken. No PKCS#11 call runs on an async worker.
 pub struct Connection {
     ctx: Pkcs11,
     slot: Slot,
     /// Holds the login. Taken (and logged out) by `close`.
     anchor: Mutex<Option<Session>>,
-    idle: Mutex<Vec<Session>>,
-    permits: Arc<Semaphore>,
-    capacity: u32,
-    handles: Mutex<HashMap<Uuid, ObjectHandle>>,
+    /// The job queue; `None` once closing.
+    jobs: std::sync::RwLock<Option<std::sync::mpsc::Sender<Work>>>,
+    workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    handles: std::sync::RwLock<HashMap<Uuid, ObjectHandle>>,
 }
 
 impl Connection {
-    /// Finds the token and logs in as the crypto user. Blocking.
+    /// Finds the token, logs in as the crypto user and starts the session workers. Blocking.
     pub fn open(
         ctx: Pkcs11,
         token_label: &str,
         pin: &AuthPin,
         pool_size: usize,
-    ) -> Result<Connection, LoginFailure> {
+    ) -> Result<Arc<Connection>, LoginFailure> {
         let slot = match find_token(&ctx, token_label) {
             Ok(Some(slot)) => slot,
             Ok(None) => return Err(LoginFailure::TokenNotFound),
@@ -174,82 +180,92 @@ impl Connection {
             })
             .map(|m| m.saturating_sub(1).max(1))
             .unwrap_or(usize::MAX);
-        let capacity = pool_size.min(token_max).max(1) as u32;
-        Ok(Connection {
+        let capacity = pool_size.min(token_max).max(1);
+        let (tx, rx) = std::sync::mpsc::channel::<Work>();
+        let conn = Arc::new(Connection {
             ctx,
             slot,
             anchor: Mutex::new(Some(anchor)),
-            idle: Mutex::new(Vec::new()),
-            permits: Arc::new(Semaphore::new(capacity as usize)),
-            capacity,
-            handles: Mutex::new(HashMap::new()),
-        })
+            jobs: std::sync::RwLock::new(Some(tx)),
+            workers: Mutex::new(Vec::new()),
+            handles: std::sync::RwLock::new(HashMap::new()),
+        });
+        let rx = Arc::new(Mutex::new(rx));
+        let mut workers = Vec::with_capacity(capacity);
+        for i in 0..capacity {
+            let (conn, rx) = (Arc::downgrade(&conn), Arc::clone(&rx));
+            let spawned = std::thread::Builder::new()
+                .name(format!("pkcs11-{i}"))
+                .spawn(move || worker(conn, rx));
+            match spawned {
+                Ok(h) => workers.push(h),
+                Err(e) => {
+                    tracing::error!(error = %e, "starting a PKCS#11 worker failed");
+                    break;
+                }
+            }
+        }
+        if workers.is_empty() {
+            return Err(LoginFailure::Internal);
+        }
+        *conn.workers.lock().unwrap_or_else(|p| p.into_inner()) = workers;
+        Ok(conn)
     }
 
-    /// Runs `op` on an exclusively checked-out session on a blocking thread. A session-tier
-    /// failure evicts the session and the operation is retried once on a fresh session.
+    /// Runs `op` on a session worker. A session-tier failure replaces the worker's session
+    /// and the operation is retried once on the fresh one.
     async fn run<T, F>(self: &Arc<Self>, op: F) -> Result<T, HsmError>
     where
         T: Send + 'static,
         F: Fn(&Connection, &Session) -> Result<T, OpError> + Send + 'static,
     {
-        let permit = Arc::clone(&self.permits)
-            .acquire_owned()
-            .await
-            .map_err(|_| HsmError::Unavailable("the connection is closed".into()))?;
-        let conn = Arc::clone(self);
-        tokio::task::spawn_blocking(move || conn.run_blocking(permit, op))
-            .await
-            .map_err(|e| HsmError::Internal(format!("HSM task failed: {e}")))?
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let work: Work = Box::new(move |conn, slot| {
+            let _ = tx.send(conn.run_on(slot, op));
+        });
+        {
+            let jobs = self.jobs.read().unwrap_or_else(|p| p.into_inner());
+            let sent = jobs.as_ref().map(|q| q.send(work).is_ok()).unwrap_or(false);
+            if !sent {
+                return Err(HsmError::Unavailable("the connection is closed".into()));
+            }
+        }
+        rx.await
+            .map_err(|_| HsmError::Internal("a PKCS#11 worker stopped".into()))?
     }
 
-    fn run_blocking<T, F>(&self, _permit: OwnedSemaphorePermit, op: F) -> Result<T, HsmError>
+    fn run_on<T, F>(&self, slot: &mut Option<Session>, op: F) -> Result<T, HsmError>
     where
         F: Fn(&Connection, &Session) -> Result<T, OpError>,
     {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let session = self.checkout()?;
-            match op(self, &session) {
-                Ok(v) => {
-                    self.checkin(session);
-                    return Ok(v);
-                }
+            if slot.is_none() {
+                *slot = Some(
+                    self.ctx
+                        .open_rw_session(self.slot)
+                        .map_err(|e| HsmError::from_pkcs11(&e))?,
+                );
+            }
+            let Some(session) = slot.as_ref() else {
+                continue;
+            };
+            match op(self, session) {
+                Ok(v) => return Ok(v),
                 Err(OpError::Pkcs11(e)) if tier(&e) == Tier::Session && attempt == 1 => {
-                    tracing::warn!(error = %short(&e), "evicting a PKCS#11 session and retrying");
-                    drop(session);
+                    tracing::warn!(error = %short(&e), "replacing a PKCS#11 session and retrying");
+                    *slot = None;
                 }
                 Err(OpError::Pkcs11(e)) => {
-                    if tier(&e) == Tier::Session || tier(&e) == Tier::Device {
-                        drop(session);
-                    } else {
-                        self.checkin(session);
+                    if matches!(tier(&e), Tier::Session | Tier::Device) {
+                        *slot = None;
                     }
                     return Err(HsmError::from_pkcs11(&e));
                 }
-                Err(OpError::Hsm(e)) => {
-                    self.checkin(session);
-                    return Err(e);
-                }
+                Err(OpError::Hsm(e)) => return Err(e),
             }
         }
-    }
-
-    fn checkout(&self) -> Result<Session, HsmError> {
-        if let Some(s) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
-            return Ok(s);
-        }
-        self.ctx
-            .open_rw_session(self.slot)
-            .map_err(|e| HsmError::from_pkcs11(&e))
-    }
-
-    fn checkin(&self, session: Session) {
-        self.idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(session);
     }
 
     /// The token object of `key_id`: from the cache, else one `C_FindObjects` search.
@@ -261,10 +277,7 @@ impl Connection {
         match found.as_slice() {
             [] => Err(OpError::Hsm(HsmError::KeyMaterialMissing)),
             [h] => {
-                self.handles
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(*key_id, *h);
+                self.remember(*key_id, *h);
                 Ok(*h)
             }
             many => Err(OpError::Hsm(HsmError::Internal(format!(
@@ -276,15 +289,22 @@ impl Connection {
 
     fn cached(&self, key_id: &Uuid) -> Option<ObjectHandle> {
         self.handles
-            .lock()
+            .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(key_id)
             .copied()
     }
 
+    fn remember(&self, key_id: Uuid, h: ObjectHandle) {
+        self.handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key_id, h);
+    }
+
     fn forget(&self, key_id: &Uuid) {
         self.handles
-            .lock()
+            .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(key_id);
     }
@@ -316,10 +336,7 @@ impl Connection {
                 ))));
             }
             let h = session.generate_key(&Mechanism::AesKeyGen, &key_template(&key_id, &arn))?;
-            conn.handles
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(key_id, h);
+            conn.remember(key_id, h);
             Ok(())
         })
         .await
@@ -385,18 +402,24 @@ impl Connection {
         .await
     }
 
-    /// Waits for in-flight operations, then closes every session and logs out.
+    /// Lets queued operations finish, stops the workers (closing their sessions), then logs
+    /// out and closes the anchor session.
     pub async fn close(self: &Arc<Self>) {
-        // Taking every permit waits for in-flight operations and admits no new ones.
-        let permits = Arc::clone(&self.permits)
-            .acquire_many_owned(self.capacity)
-            .await;
-        self.permits.close();
+        // Dropping the sender ends each worker once the queue is empty.
+        self.jobs.write().unwrap_or_else(|p| p.into_inner()).take();
+        let workers: Vec<_> = self
+            .workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
         let conn = Arc::clone(self);
         let _ = tokio::task::spawn_blocking(move || {
-            conn.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            for w in workers {
+                let _ = w.join();
+            }
             conn.handles
-                .lock()
+                .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .clear();
             if let Some(anchor) = conn.anchor.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -407,8 +430,22 @@ impl Connection {
             }
         })
         .await;
-        drop(permits);
     }
+}
+
+/// A session worker: takes jobs until the queue closes; its session closes with it.
+fn worker(conn: std::sync::Weak<Connection>, jobs: Arc<Mutex<std::sync::mpsc::Receiver<Work>>>) {
+    let mut session: Option<Session> = None;
+    loop {
+        let job = {
+            let rx = jobs.lock().unwrap_or_else(|p| p.into_inner());
+            rx.recv()
+        };
+        let Ok(job) = job else { break };
+        let Some(conn) = conn.upgrade() else { break };
+        job(&conn, &mut session);
+    }
+    drop(session);
 }
 
 /// What an operation closure can fail with: a raw PKCS#11 error still to be classified, or

@@ -421,7 +421,7 @@ impl Kms {
         .await
         .map_err(|_| "INTERNAL_ERROR")?;
         match opened {
-            Ok(conn) => Ok(Arc::new(conn)),
+            Ok(conn) => Ok(conn),
             Err(failure) => {
                 tracing::warn!(custom_key_store_id = %rec.id, ?failure, "connecting failed");
                 Err(LoginFailure::connection_error_code(failure))
