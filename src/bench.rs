@@ -24,7 +24,7 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::ObjectHandle;
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
 use crate::config::{
@@ -44,22 +44,25 @@ pub struct Options {
     pub keys: usize,
     pub keys_level: usize,
     pub target: Option<String>,
-    pub json: Option<PathBuf>,
-    pub svg: Option<PathBuf>,
+    /// HTTP/2 connections the load is spread over (each carries many concurrent streams).
+    pub connections: usize,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct RawResult {
-    pub operation: &'static str,
+    pub operation: String,
     pub sessions: usize,
     pub ops_per_sec: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct LevelResult {
-    pub operation: &'static str,
+    pub operation: String,
     pub concurrency: usize,
+    /// How many keys the load was spread over.
     pub keys: usize,
+    /// How many keys the store held during the measurement.
+    pub store_keys: usize,
     pub requests: usize,
     pub ops_per_sec: f64,
     pub p50_ms: f64,
@@ -71,7 +74,7 @@ pub struct LevelResult {
     pub ratio_to_raw_1_session: Option<f64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
     pub payload_bytes: usize,
     pub seconds_per_level: f64,
@@ -183,7 +186,7 @@ fn raw_ceiling(module: &Path, opts: &Options) -> anyhow::Result<Vec<RawResult>> 
             )?;
             eprintln!("raw {op:8} sessions={sessions:<3} {ops:>10.0} ops/s");
             out.push(RawResult {
-                operation: op,
+                operation: op.to_string(),
                 sessions,
                 ops_per_sec: ops,
             });
@@ -425,6 +428,7 @@ async fn level(
     blobs: Arc<Vec<Vec<u8>>>,
     opts: &Options,
     concurrency: usize,
+    store_keys: usize,
     pid: Option<u32>,
     raw: &[RawResult],
 ) -> LevelResult {
@@ -460,9 +464,10 @@ async fn level(
         .map(|r| r.ops_per_sec);
     let ops = (lat.len() - errors) as f64 / elapsed;
     let r = LevelResult {
-        operation: op.name(),
+        operation: op.name().to_string(),
         concurrency,
         keys: keys.len(),
+        store_keys,
         requests: lat.len(),
         ops_per_sec: ops,
         p50_ms: pct(&lat, 0.50),
@@ -499,8 +504,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         .or_else(|| server.as_ref().map(|s| s.addr.clone()))
         .context("no address")?;
     let pid = server.as_ref().map(|s| s.child.id());
-    let max_level = opts.levels.iter().copied().max().unwrap_or(1);
-    let clients = connect(&addr, max_level.clamp(1, 8)).await?;
+    let clients = connect(&addr, opts.connections.max(1)).await?;
     let mut c = clients[0].clone();
     let store = if server.is_some() {
         let id = c
@@ -572,6 +576,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                     Arc::clone(&blobs),
                     &opts,
                     n,
+                    1,
                     pid,
                     &raw,
                 )
@@ -634,6 +639,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 Arc::clone(&blobs),
                 &opts,
                 opts.keys_level,
+                many.len(),
                 pid,
                 &raw,
             )
@@ -647,6 +653,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 Arc::clone(&blobs),
                 &opts,
                 opts.keys_level,
+                many.len(),
                 pid,
                 &raw,
             )
@@ -680,13 +687,14 @@ pub fn table(r: &Report) -> String {
         ));
     }
     s.push_str("\nservice (gRPC)\n");
-    s.push_str("operation        conc   keys      ops/s   p50 ms   p99 ms   max ms  errors  RSS MiB  service/raw(1)\n");
+    s.push_str("operation        conc   keys  in store      ops/s   p50 ms   p99 ms   max ms  errors  RSS MiB  service/raw(1)\n");
     for x in &r.service {
         s.push_str(&format!(
-            "{:16} {:>4} {:>6} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>8} {:>14}\n",
+            "{:16} {:>4} {:>6} {:>9} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>8} {:>14}\n",
             x.operation,
             x.concurrency,
             x.keys,
+            x.store_keys,
             x.ops_per_sec,
             x.p50_ms,
             x.p99_ms,
@@ -707,7 +715,7 @@ pub fn table(r: &Report) -> String {
 pub fn svg(r: &Report) -> String {
     let ops = ["Encrypt", "Decrypt", "GenerateDataKey"];
     let colors = ["#1f77b4", "#d62728", "#2ca02c"];
-    let single_key: Vec<&LevelResult> = r.service.iter().filter(|x| x.keys == 1).collect();
+    let single_key: Vec<&LevelResult> = r.service.iter().filter(|x| x.store_keys == 1).collect();
     let levels: Vec<usize> = {
         let mut l: Vec<usize> = single_key.iter().map(|x| x.concurrency).collect();
         l.sort_unstable();

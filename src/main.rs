@@ -60,12 +60,18 @@ enum Command {
         /// the raw measurement is then skipped.
         #[arg(long)]
         target: Option<String>,
+        /// HTTP/2 connections the load is spread over.
+        #[arg(long, default_value_t = 2)]
+        connections: usize,
         /// Write the JSON report here (it is also printed after the table).
         #[arg(long)]
         json: Option<PathBuf>,
         /// Write an SVG chart of throughput and p99 against concurrency here.
         #[arg(long)]
         svg: Option<PathBuf>,
+        /// Do not measure: render the table (and --svg) from a saved JSON report.
+        #[arg(long)]
+        from_json: Option<PathBuf>,
     },
 }
 
@@ -100,8 +106,10 @@ fn main() -> anyhow::Result<()> {
             keys,
             keys_level,
             target,
+            connections,
             json,
             svg,
+            from_json,
         } => {
             let opts = hsm_kms::bench::Options {
                 payload,
@@ -111,10 +119,12 @@ fn main() -> anyhow::Result<()> {
                 keys,
                 keys_level,
                 target,
-                json: json.clone(),
-                svg: svg.clone(),
+                connections,
             };
-            let report = runtime()?.block_on(hsm_kms::bench::run(opts))?;
+            let report = match from_json {
+                Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)?,
+                None => runtime()?.block_on(hsm_kms::bench::run(opts))?,
+            };
             let doc = serde_json::to_string_pretty(&report)?;
             println!("{}", hsm_kms::bench::table(&report));
             println!("{doc}");
