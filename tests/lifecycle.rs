@@ -473,6 +473,22 @@ async fn key_policies() {
     );
 }
 
+/// Waits (up to 10 s) for the deletion task to remove a key; returns whether it did.
+async fn deleted_soon(c: &mut Client, key_id: &str) -> bool {
+    for _ in 0..100 {
+        let r = c
+            .describe_key(DescribeKeyRequest {
+                key_id: key_id.into(),
+            })
+            .await;
+        if r.is_err() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    false
+}
+
 fn objects_labelled(h: &Harness, label: &str) -> bool {
     let out = std::process::Command::new("pkcs11-tool")
         .env("SOFTHSM2_CONF", h.softhsm2_conf())
@@ -630,19 +646,7 @@ async fn scheduled_deletion() {
     h.restart_with(|s| s.lifecycle.clock_offset_seconds = 8 * 86_400)
         .await;
     let mut c = h.client().await;
-    let mut gone = false;
-    for _ in 0..100 {
-        if c.describe_key(DescribeKeyRequest {
-            key_id: orphan.key_id.clone(),
-        })
-        .await
-        .is_err()
-        {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let gone = deleted_soon(&mut c, &orphan.key_id).await;
     assert!(gone, "the key due for deletion was not deleted");
     assert_err(
         c.describe_key(DescribeKeyRequest {
@@ -681,19 +685,7 @@ async fn scheduled_deletion() {
     h.restart_with(|s| s.lifecycle.clock_offset_seconds = 16 * 86_400)
         .await;
     let mut c = h.client().await;
-    let mut gone = false;
-    for _ in 0..100 {
-        if c.describe_key(DescribeKeyRequest {
-            key_id: kept.key_id.clone(),
-        })
-        .await
-        .is_err()
-        {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let gone = deleted_soon(&mut c, &kept.key_id).await;
     assert!(gone);
     assert!(
         !objects_labelled(&h, &kept.arn),
