@@ -195,6 +195,24 @@ fn raw_ceiling(module: &Path, opts: &Options) -> anyhow::Result<Vec<RawResult>> 
     Ok(out)
 }
 
+/// Raw single-session Encrypt on the service's own token (after the many-keys set-up), to
+/// tell the token's cost of holding many objects from the service's.
+fn raw_on_service_token(module: &Path, opts: &Options) -> anyhow::Result<f64> {
+    let modules = Modules::default();
+    let ctx = modules.get(module).map_err(|e| anyhow::anyhow!(e))?;
+    let slot = hsm::find_token(&ctx, LABEL)?.context("the service token is gone")?;
+    let anchor = ctx.open_rw_session(slot)?;
+    anchor.login(UserType::User, Some(&AuthPin::from(PASSWORD)))?;
+    let key = anchor
+        .find_objects(&[cryptoki::object::Attribute::Class(
+            cryptoki::object::ObjectClass::SECRET_KEY,
+        )])?
+        .into_iter()
+        .next()
+        .context("no key in the service token")?;
+    raw_run(&ctx, slot, key, 1, opts.seconds, false, opts.payload)
+}
+
 /// A started service process.
 struct Server {
     child: Child,
@@ -487,7 +505,7 @@ async fn level(
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let dir = tempfile::tempdir()?;
     let module = make_token(dir.path())?;
-    let raw = if opts.target.is_none() {
+    let mut raw = if opts.target.is_none() {
         tokio::task::block_in_place(|| raw_ceiling(&module, &opts))?
     } else {
         Vec::new()
@@ -659,6 +677,18 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             )
             .await,
         );
+    }
+    if opts.keys > 1 && server.is_some() {
+        let ops = tokio::task::block_in_place(|| raw_on_service_token(&module, &opts))?;
+        eprintln!(
+            "raw Encrypt  sessions=1 on the service token ({} keys) {ops:>10.0} ops/s",
+            opts.keys
+        );
+        raw.push(RawResult {
+            operation: format!("Encrypt (token holding {} keys)", opts.keys),
+            sessions: 1,
+            ops_per_sec: ops,
+        });
     }
     drop(server);
     Ok(Report {

@@ -41,7 +41,11 @@ fn bench_verb_produces_a_complete_report() {
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let raw = r["raw"].as_array().unwrap();
-    assert_eq!(raw.len(), 4, "Encrypt and Decrypt, 1 and N sessions");
+    assert_eq!(
+        raw.len(),
+        5,
+        "Encrypt and Decrypt, 1 and N sessions, then Encrypt on the service's many-key token"
+    );
     assert!(raw.iter().all(|x| x["ops_per_sec"].as_f64().unwrap() > 0.0));
     let service = r["service"].as_array().unwrap();
     // 3 operations x 2 levels, then Encrypt over 3 keys and over 1 key.
