@@ -279,3 +279,26 @@ async fn list_keys_paginates() {
         assert_err(c.list_keys(ListKeysRequest { limit, marker }).await, name);
     }
 }
+
+/// Concurrent CreateKey calls all succeed, each with its own token object.
+#[tokio::test]
+async fn concurrent_create_key() {
+    let h = Harness::start(&[ClusterSpec::good(A)]).await;
+    let mut c = h.client().await;
+    let store = h.connected_store(&mut c, 0, "many").await;
+    let tasks: Vec<_> = (0..48)
+        .map(|_| {
+            let mut c = c.clone();
+            let store = store.clone();
+            tokio::spawn(async move { create_key(&mut c, &store).await.key_id })
+        })
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    for t in tasks {
+        ids.insert(t.await.unwrap());
+    }
+    assert_eq!(ids.len(), 48);
+    for id in &ids {
+        encrypt(&mut c, id, b"each key works").await;
+    }
+}
