@@ -246,15 +246,13 @@ impl Connection {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            if slot.is_none() {
-                *slot = Some(
+            let session = match slot {
+                Some(s) => s,
+                None => slot.insert(
                     self.ctx
                         .open_rw_session(self.slot)
                         .map_err(|e| HsmError::from_pkcs11(&e))?,
-                );
-            }
-            let Some(session) = slot.as_ref() else {
-                continue;
+                ),
             };
             match op(self, session) {
                 Ok(v) => return Ok(v),

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 
-use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use super::ciphertext::{self, IV_LEN};
@@ -148,12 +147,15 @@ impl Kms {
         Ok(ciphertext::assemble(&header, &sealed))
     }
 
-    /// Parses a blob and resolves its key; `expected` is the caller's KeyId, if any.
-    fn open_target(&self, blob: &[u8], expected: Option<&str>) -> KmsResult<(UsableKey, Uuid)> {
-        let parsed = ciphertext::parse(blob)?;
+    /// Resolves the key of a parsed blob; `expected` is the caller's KeyId, if any.
+    fn open_target(
+        &self,
+        blob: &ciphertext::Blob<'_>,
+        expected: Option<&str>,
+    ) -> KmsResult<UsableKey> {
         if let Some(want) = expected {
             let want = self.resolve(want)?;
-            if want != parsed.key_id {
+            if want != blob.key_id {
                 return Err(KmsError::new(
                     ErrorKind::IncorrectKey,
                     format!(
@@ -163,29 +165,25 @@ impl Kms {
                 ));
             }
         }
-        let key = match self.usable_key_by_id(&parsed.key_id) {
+        match self.usable_key_by_id(&blob.key_id) {
             // A blob naming no key here is not a ciphertext of this service.
-            Err(e) if e.kind == ErrorKind::NotFound && expected.is_none() => {
-                return Err(KmsError::new(
-                    ErrorKind::InvalidCiphertext,
-                    "The ciphertext refers to a KMS key that does not exist",
-                ))
-            }
-            other => other?,
-        };
-        Ok((key, parsed.key_id))
+            Err(e) if e.kind == ErrorKind::NotFound && expected.is_none() => Err(KmsError::new(
+                ErrorKind::InvalidCiphertext,
+                "The ciphertext refers to a KMS key that does not exist",
+            )),
+            other => other,
+        }
     }
 
     async fn unseal(
         &self,
         key: &UsableKey,
-        blob: &[u8],
+        blob: &ciphertext::Blob<'_>,
         ctx: &Context,
     ) -> KmsResult<Zeroizing<Vec<u8>>> {
-        let parsed = ciphertext::parse(blob)?;
-        let aad = ciphertext::additional_data(parsed.header, ctx);
+        let aad = ciphertext::additional_data(blob.header, ctx);
         key.conn
-            .decrypt(key.id, parsed.iv, aad, parsed.sealed.to_vec())
+            .decrypt(key.id, blob.iv, aad, blob.sealed.to_vec())
             .await
             .map_err(|e| hsm_error(key, e))
     }
@@ -219,11 +217,12 @@ impl Kms {
         dry: bool,
     ) -> KmsResult<Decrypted> {
         check_algorithm("EncryptionAlgorithm", algorithm)?;
-        let (key, _) = self.open_target(blob, key_ref)?;
+        let blob = ciphertext::parse(blob)?;
+        let key = self.open_target(&blob, key_ref)?;
         if dry {
             return Err(dry_run());
         }
-        let plaintext = self.unseal(&key, blob, ctx).await?;
+        let plaintext = self.unseal(&key, &blob, ctx).await?;
         Ok(Decrypted {
             plaintext: Secret(plaintext),
             key_arn: key.arn,
@@ -244,12 +243,13 @@ impl Kms {
     ) -> KmsResult<ReEncrypted> {
         check_algorithm("SourceEncryptionAlgorithm", source_algorithm)?;
         check_algorithm("DestinationEncryptionAlgorithm", destination_algorithm)?;
-        let (source, _) = self.open_target(blob, source_key_ref)?;
+        let blob = ciphertext::parse(blob)?;
+        let source = self.open_target(&blob, source_key_ref)?;
         let destination = self.usable_key(destination_key_ref)?;
         if dry {
             return Err(dry_run());
         }
-        let plaintext = self.unseal(&source, blob, source_ctx).await?;
+        let plaintext = self.unseal(&source, &blob, source_ctx).await?;
         let blob = self.seal(&destination, plaintext, destination_ctx).await?;
         Ok(ReEncrypted {
             ciphertext_blob: blob,

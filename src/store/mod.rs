@@ -501,19 +501,12 @@ impl Store {
         from: &[&str],
         to: &str,
     ) -> KmsResult<Conditional<()>> {
-        let _forget = Forget::Key(self, *id);
-        self.with(|c| {
-            let tx = c.transaction()?;
-            let ok = require_state(&tx, id, from)?;
-            if ok.is_ok() {
-                tx.execute(
-                    "UPDATE keys SET key_state = ?2 WHERE id = ?1",
-                    params![id.to_string(), to],
-                )?;
-            }
-            tx.commit()?;
-            Ok(ok)
-        })
+        self.update_key_if(
+            id,
+            from,
+            "UPDATE keys SET key_state = ?2 WHERE id = ?1",
+            &[&to],
+        )
     }
 
     pub fn schedule_deletion(
@@ -522,38 +515,24 @@ impl Store {
         deletion_date_ms: i64,
         window_days: i32,
     ) -> KmsResult<Conditional<()>> {
-        let _forget = Forget::Key(self, *id);
-        self.with(|c| {
-            let tx = c.transaction()?;
-            let ok = require_state(&tx, id, &["Enabled", "Disabled"])?;
-            if ok.is_ok() {
-                tx.execute(
-                    "UPDATE keys SET key_state = 'PendingDeletion', deletion_date_ms = ?2,
-                         pending_window_days = ?3 WHERE id = ?1",
-                    params![id.to_string(), deletion_date_ms, window_days],
-                )?;
-            }
-            tx.commit()?;
-            Ok(ok)
-        })
+        self.update_key_if(
+            id,
+            &["Enabled", "Disabled"],
+            "UPDATE keys SET key_state = 'PendingDeletion', deletion_date_ms = ?2,
+                 pending_window_days = ?3 WHERE id = ?1",
+            &[&deletion_date_ms, &window_days],
+        )
     }
 
     /// Cancels a scheduled deletion: the key comes back Disabled.
     pub fn cancel_deletion(&self, id: &Uuid) -> KmsResult<Conditional<()>> {
-        let _forget = Forget::Key(self, *id);
-        self.with(|c| {
-            let tx = c.transaction()?;
-            let ok = require_state(&tx, id, &["PendingDeletion"])?;
-            if ok.is_ok() {
-                tx.execute(
-                    "UPDATE keys SET key_state = 'Disabled', deletion_date_ms = NULL,
-                         pending_window_days = NULL WHERE id = ?1",
-                    [id.to_string()],
-                )?;
-            }
-            tx.commit()?;
-            Ok(ok)
-        })
+        self.update_key_if(
+            id,
+            &["PendingDeletion"],
+            "UPDATE keys SET key_state = 'Disabled', deletion_date_ms = NULL,
+                 pending_window_days = NULL WHERE id = ?1",
+            &[],
+        )
     }
 
     /// Keys pending deletion whose date has come.
@@ -583,31 +562,41 @@ impl Store {
     }
 
     pub fn set_description(&self, id: &Uuid, description: &str) -> KmsResult<Conditional<()>> {
-        let _forget = Forget::Key(self, *id);
-        self.with(|c| {
-            let tx = c.transaction()?;
-            let ok = require_state(&tx, id, &["Enabled", "Disabled"])?;
-            if ok.is_ok() {
-                tx.execute(
-                    "UPDATE keys SET description = ?2 WHERE id = ?1",
-                    params![id.to_string(), description],
-                )?;
-            }
-            tx.commit()?;
-            Ok(ok)
-        })
+        self.update_key_if(
+            id,
+            &["Enabled", "Disabled"],
+            "UPDATE keys SET description = ?2 WHERE id = ?1",
+            &[&description],
+        )
     }
 
     pub fn set_policy(&self, id: &Uuid, policy: &str) -> KmsResult<Conditional<()>> {
+        self.update_key_if(
+            id,
+            &["Enabled", "Disabled", "PendingDeletion"],
+            "UPDATE keys SET policy = ?2 WHERE id = ?1",
+            &[&policy],
+        )
+    }
+
+    /// Runs `sql` (whose `?1` is the key id, then `args`) if the key is in one of `allowed`,
+    /// in one transaction with the check; the cached row is dropped afterwards.
+    fn update_key_if(
+        &self,
+        id: &Uuid,
+        allowed: &[&str],
+        sql: &str,
+        args: &[&dyn rusqlite::ToSql],
+    ) -> KmsResult<Conditional<()>> {
         let _forget = Forget::Key(self, *id);
+        let key = id.to_string();
+        let mut all: Vec<&dyn rusqlite::ToSql> = vec![&key];
+        all.extend_from_slice(args);
         self.with(|c| {
             let tx = c.transaction()?;
-            let ok = require_state(&tx, id, &["Enabled", "Disabled", "PendingDeletion"])?;
+            let ok = require_state(&tx, id, allowed)?;
             if ok.is_ok() {
-                tx.execute(
-                    "UPDATE keys SET policy = ?2 WHERE id = ?1",
-                    params![id.to_string(), policy],
-                )?;
+                tx.execute(sql, all.as_slice())?;
             }
             tx.commit()?;
             Ok(ok)
