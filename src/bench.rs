@@ -28,8 +28,8 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
 use crate::config::{
-    ClusterSettings, HsmEntry, HsmSettings, LifecycleSettings, PinFormat, SecuritySettings,
-    ServerSettings, Settings, StorageSettings,
+    AdminSettings, ClusterSettings, GcmIvMode, HsmEntry, HsmSettings, LifecycleSettings, PinFormat,
+    SecuritySettings, ServerSettings, Settings, StorageSettings, ThrottlingSettings,
 };
 use crate::hsm::{self, Modules};
 use crate::proto::key_management_service_client::KeyManagementServiceClient;
@@ -256,6 +256,11 @@ fn start_server(dir: &Path, module: &Path) -> anyhow::Result<Server> {
             ..Default::default()
         },
         lifecycle: LifecycleSettings::default(),
+        // The bench measures the service, not the AWS-style quota.
+        throttling: ThrottlingSettings {
+            store_requests_per_second: 0,
+        },
+        admin: AdminSettings { listen: None },
         clusters: vec![ClusterSettings {
             id: "cluster-benchbenchbe".into(),
             module: module.to_path_buf(),
@@ -264,6 +269,7 @@ fn start_server(dir: &Path, module: &Path) -> anyhow::Result<Server> {
             state: "ACTIVE".into(),
             lineage: None,
             pin_format: PinFormat::Password,
+            gcm_iv: GcmIvMode::Service,
             crypto_user: "kmsuser".into(),
             hsms: vec![
                 HsmEntry {

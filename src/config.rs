@@ -29,7 +29,56 @@ pub struct Settings {
     #[serde(default)]
     pub lifecycle: LifecycleSettings,
     #[serde(default)]
+    pub throttling: ThrottlingSettings,
+    #[serde(default)]
+    pub admin: AdminSettings,
+    #[serde(default)]
     pub clusters: Vec<ClusterSettings>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThrottlingSettings {
+    /// Cryptographic requests per second each custom key store accepts (AWS: 1,800); a token
+    /// bucket holding one second's worth. Over it: ThrottlingException. 0 turns the quota off.
+    #[serde(default = "default_store_rate")]
+    pub store_requests_per_second: u32,
+}
+
+impl Default for ThrottlingSettings {
+    fn default() -> Self {
+        ThrottlingSettings {
+            store_requests_per_second: default_store_rate(),
+        }
+    }
+}
+
+fn default_store_rate() -> u32 {
+    1800
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Plain-HTTP admin listener serving Prometheus metrics at /metrics. Keep it on loopback
+    /// or a management network. Remove the key to turn the listener off.
+    #[serde(
+        default = "default_admin_listen",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+fn default_admin_listen() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 50052)))
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -167,6 +216,19 @@ pub struct HsmSettings {
     /// Most PKCS#11 sessions open per connected custom key store (the anchor session aside).
     #[serde(default = "default_pool_size")]
     pub session_pool_size: usize,
+    /// Deadline of one HSM operation, queueing included. Past it the caller gets
+    /// DependencyTimeoutException; a call still running in the HSM keeps its session.
+    #[serde(default = "default_call_timeout")]
+    pub call_timeout_ms: u64,
+    /// Deadline of finding the token and logging in (ConnectCustomKeyStore, reconnects).
+    #[serde(default = "default_login_timeout")]
+    pub login_timeout_ms: u64,
+    /// After a device error the store reconnects by itself, waiting this long before the first
+    /// attempt and doubling the wait after each failure, up to `reconnect_max_backoff_ms`.
+    #[serde(default = "default_backoff")]
+    pub reconnect_initial_backoff_ms: u64,
+    #[serde(default = "default_max_backoff")]
+    pub reconnect_max_backoff_ms: u64,
 }
 
 impl Default for HsmSettings {
@@ -174,12 +236,40 @@ impl Default for HsmSettings {
         HsmSettings {
             softhsm2_conf: None,
             session_pool_size: default_pool_size(),
+            call_timeout_ms: default_call_timeout(),
+            login_timeout_ms: default_login_timeout(),
+            reconnect_initial_backoff_ms: default_backoff(),
+            reconnect_max_backoff_ms: default_max_backoff(),
         }
     }
 }
 
 fn default_pool_size() -> usize {
     16
+}
+fn default_call_timeout() -> u64 {
+    5_000
+}
+fn default_login_timeout() -> u64 {
+    30_000
+}
+fn default_backoff() -> u64 {
+    500
+}
+fn default_max_backoff() -> u64 {
+    30_000
+}
+
+/// Who picks the AES-GCM IV.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum GcmIvMode {
+    /// hsm-kms draws a fresh random IV and passes it in (SoftHSM2 and most HSMs).
+    #[default]
+    #[serde(rename = "service")]
+    Service,
+    /// hsm-kms passes zeros and the HSM writes its IV back (AWS CloudHSM refuses caller IVs).
+    #[serde(rename = "hsm")]
+    Hsm,
 }
 
 /// How the kmsuser password becomes the PKCS#11 PIN.
@@ -214,6 +304,8 @@ pub struct ClusterSettings {
     pub lineage: Option<String>,
     #[serde(default)]
     pub pin_format: PinFormat,
+    #[serde(default)]
+    pub gcm_iv: GcmIvMode,
     /// The crypto user hsm-kms logs in as.
     #[serde(default = "default_crypto_user")]
     pub crypto_user: String,
@@ -269,6 +361,14 @@ impl Settings {
         }
         if self.hsm.session_pool_size == 0 {
             bail!("hsm.session_pool_size must be at least 1");
+        }
+        if self.hsm.call_timeout_ms == 0 || self.hsm.login_timeout_ms == 0 {
+            bail!("hsm.call_timeout_ms and hsm.login_timeout_ms must be at least 1");
+        }
+        if self.hsm.reconnect_initial_backoff_ms == 0
+            || self.hsm.reconnect_max_backoff_ms < self.hsm.reconnect_initial_backoff_ms
+        {
+            bail!("hsm.reconnect_initial_backoff_ms must be at least 1 and at most hsm.reconnect_max_backoff_ms");
         }
         if self.account.account_id.len() != 12
             || !self.account.account_id.bytes().all(|b| b.is_ascii_digit())

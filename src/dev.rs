@@ -146,6 +146,8 @@ pub fn prepare(data_dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Se
                 ..Default::default()
             },
             lifecycle: Default::default(),
+            throttling: Default::default(),
+            admin: Default::default(),
             clusters: vec![ClusterSettings {
                 id: cluster_id.clone(),
                 module: softhsm2_module()?,
@@ -154,6 +156,7 @@ pub fn prepare(data_dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Se
                 state: "ACTIVE".into(),
                 lineage: None,
                 pin_format: PinFormat::Password,
+                gcm_iv: Default::default(),
                 crypto_user: "kmsuser".into(),
                 hsms: vec![
                     HsmEntry {
@@ -195,6 +198,13 @@ pub fn prepare(data_dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Se
     }
     if let Some(listen) = listen {
         settings.server.listen = listen;
+        // Beside it: the next port, or any free one when the caller asked for any.
+        let port = if listen.port() == 0 {
+            0
+        } else {
+            listen.port().saturating_add(1)
+        };
+        settings.admin.listen = Some(SocketAddr::new(listen.ip(), port));
     }
     if let Some(conf) = &settings.hsm.softhsm2_conf {
         std::env::set_var("SOFTHSM2_CONF", conf);
@@ -243,9 +253,15 @@ pub async fn run(data_dir: PathBuf, settings: Settings) -> anyhow::Result<()> {
         let (kms, settings, dir) = (Arc::clone(&kms), settings.clone(), data_dir.clone());
         tokio::task::spawn_blocking(move || ensure_token(&kms, &settings, &dir)).await??
     };
-    let running = server::start(&settings, Arc::clone(&kms), server::shutdown_signal()).await?;
+    let running = server::start(
+        &settings,
+        Arc::clone(&kms),
+        Some(data_dir.join("hsm-kms.toml")),
+        server::shutdown_signal(),
+    )
+    .await?;
     let store_id = ensure_store(&kms, &settings, &password).await?;
-    print_quickstart(&running.addr, &data_dir, &settings, &store_id);
+    print_quickstart(&running, &data_dir, &settings, &store_id);
     running.task.await?
 }
 
@@ -310,7 +326,17 @@ async fn ensure_store(
     Ok(id)
 }
 
-fn print_quickstart(addr: &SocketAddr, data_dir: &Path, settings: &Settings, store_id: &str) {
+fn print_quickstart(
+    running: &server::Running,
+    data_dir: &Path,
+    settings: &Settings,
+    store_id: &str,
+) {
+    let addr = running.addr;
+    let metrics = running
+        .admin_addr
+        .map(|a| format!("curl -s http://{a}/metrics"))
+        .unwrap_or_else(|| "off (admin.listen is not set)".into());
     let cluster = &settings.clusters[0];
     let svc = "kms.v1.KeyManagementService";
     let conf = settings
@@ -325,6 +351,7 @@ hsm-kms dev is ready. listening on {addr} (plaintext gRPC; dev mode only)
   data directory:   {dir}
   config:           {dir}/hsm-kms.toml   (hsm-kms serve --config {dir}/hsm-kms.toml)
   custom key store: {STORE_NAME} ({store_id}), CONNECTED to {cluster_id} (token {label})
+  metrics:          {metrics}
   inspect the token: SOFTHSM2_CONF={conf} pkcs11-tool --module {module} --token-label {label} --login --pin \"$(cat {dir}/kmsuser-password)\" --list-objects
 
 Quickstart (grpcurl and jq):

@@ -8,6 +8,7 @@ pub mod config;
 pub mod dev;
 pub mod hsm;
 pub mod kms;
+pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod store;

@@ -93,7 +93,16 @@ fn main() -> anyhow::Result<()> {
             }
             runtime()?.block_on(async {
                 let kms = Kms::new(&settings)?;
-                let running = server::start(&settings, kms, server::shutdown_signal()).await?;
+                let running = server::start(
+                    &settings,
+                    kms,
+                    Some(config.clone()),
+                    server::shutdown_signal(),
+                )
+                .await?;
+                if let Some(admin) = running.admin_addr {
+                    println!("hsm-kms admin listening on {admin}");
+                }
                 println!("hsm-kms listening on {}", running.addr);
                 running.task.await?
             })

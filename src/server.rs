@@ -1,7 +1,9 @@
-//! Wiring: the gRPC server with health and reflection, start-up resume, graceful shutdown.
+//! Wiring: the gRPC server with health and reflection, the admin (metrics) listener,
+//! configuration reload on SIGHUP, start-up resume, graceful shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,29 +16,43 @@ use crate::kms::Kms;
 use crate::proto::key_management_service_server::KeyManagementServiceServer;
 use crate::proto::FILE_DESCRIPTOR_SET;
 
-/// A started server: its address and the task that runs it until shutdown.
+/// A started server: its addresses and the task that runs it until shutdown.
 pub struct Running {
     pub kms: Arc<Kms>,
     pub addr: SocketAddr,
+    /// The admin (metrics) listener, when configured.
+    pub admin_addr: Option<SocketAddr>,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 /// Binds, resumes stores that were connected, and serves until `shutdown` completes; then
-/// in-flight requests finish and every HSM connection is closed and logged out.
+/// in-flight requests finish and every HSM connection is closed and logged out. With
+/// `config_file`, SIGHUP reloads the clusters (HSM inventory) from it.
 pub async fn start(
     settings: &Settings,
     kms: Arc<Kms>,
+    config_file: Option<PathBuf>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Running> {
     let listener = TcpListener::bind(settings.server.listen)
         .await
         .with_context(|| format!("binding {}", settings.server.listen))?;
     let addr = listener.local_addr()?;
+    let (admin_addr, admin) = match settings.admin.listen {
+        Some(a) => {
+            let (addr, task) = spawn_admin(a, Arc::clone(&kms)).await?;
+            (Some(addr), Some(task))
+        }
+        None => (None, None),
+    };
+    let reload = config_file.map(|path| spawn_reload_on_sighup(Arc::clone(&kms), path));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<KeyManagementServiceServer<Service>>()
         .await;
+    // Each store reports under its id: SERVING while CONNECTED and its HSM answers.
+    kms.attach_health(health.clone()).await;
     // grpcurl and other tools may speak either reflection version. google.rpc is registered
     // so that tools can decode the ErrorInfo in error details.
     let descriptors = [
@@ -91,12 +107,78 @@ pub async fn start(
             _ = deadline => tracing::warn!(?grace, "shutdown grace period over; dropping the remaining connections"),
         }
         deletion.abort();
+        for task in reload.into_iter().chain(admin) {
+            task.abort();
+        }
         tracing::info!("server stopped; closing HSM connections");
         kms_for_task.shutdown().await;
         Ok(())
     });
     tracing::info!(%addr, "hsm-kms listening");
-    Ok(Running { kms, addr, task })
+    Ok(Running {
+        kms,
+        addr,
+        admin_addr,
+        task,
+    })
+}
+
+/// The admin listener: `GET /metrics` in the Prometheus text format.
+async fn spawn_admin(
+    listen: SocketAddr,
+    kms: Arc<Kms>,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the admin listener {listen}"))?;
+    let addr = listener.local_addr()?;
+    let metrics = axum::routing::get(move || {
+        let kms = Arc::clone(&kms);
+        async move {
+            let body = crate::metrics::get().render(&kms.store_snapshots());
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )],
+                body,
+            )
+        }
+    });
+    let app = axum::Router::new().route("/metrics", metrics);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    });
+    tracing::info!(%addr, "admin listener (metrics) up");
+    Ok((addr, task))
+}
+
+/// On SIGHUP, re-reads the configuration file and applies its clusters (the HSM inventory
+/// among them). A file that does not load changes nothing.
+fn spawn_reload_on_sighup(kms: Arc<Kms>, path: PathBuf) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut hangups =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGHUP; reload is off");
+                    return;
+                }
+            };
+        while hangups.recv().await.is_some() {
+            let outcome = Settings::load(&path).and_then(|s| kms.reload_clusters(&s.clusters));
+            match outcome {
+                Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
+                Err(e) => tracing::error!(
+                    config = %path.display(),
+                    error = format!("{e:#}"),
+                    "reloading failed; the running configuration stays"
+                ),
+            }
+        }
+    })
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -154,7 +154,14 @@ async fn handle<T>(
     op: &'static str,
     fut: impl std::future::Future<Output = KmsResult<T>>,
 ) -> Result<Response<T>, Status> {
-    match fut.instrument(tracing::debug_span!("kms", op)).await {
+    let started = std::time::Instant::now();
+    let outcome = fut.instrument(tracing::debug_span!("kms", op)).await;
+    let name = match &outcome {
+        Ok(_) => "ok",
+        Err(e) => e.kind.aws_name(),
+    };
+    crate::metrics::get().request(op, name, started.elapsed());
+    match outcome {
         Ok(v) => Ok(Response::new(v)),
         Err(e) => {
             tracing::info!(op, error = e.kind.aws_name(), message = %e.message, "request failed");

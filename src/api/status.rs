@@ -34,7 +34,7 @@ pub fn code(kind: ErrorKind) -> Code {
         | CloudHsmClusterNotActive
         | CloudHsmClusterNotRelated
         | DryRunOperation => Code::FailedPrecondition,
-        LimitExceeded => Code::ResourceExhausted,
+        LimitExceeded | Throttling => Code::ResourceExhausted,
         UnsupportedOperation => Code::Unimplemented,
         DependencyTimeout => Code::Unavailable,
         KmsInternal => Code::Internal,

@@ -114,6 +114,8 @@ pub enum HsmError {
     KeyMaterialMissing,
     /// The device tier failed; the store cannot serve until it reconnects.
     Unavailable(String),
+    /// The operation did not finish within the call deadline.
+    Timeout(std::time::Duration),
     /// Anything else; the detail is for the log.
     Internal(String),
 }
@@ -125,6 +127,14 @@ impl HsmError {
             Tier::Device => HsmError::Unavailable(short(e)),
             Tier::Session | Tier::Other => HsmError::Internal(short(e)),
         }
+    }
+}
+
+/// The return value's name (`DeviceError`), or the kind of a non-PKCS#11 failure; for metrics.
+pub fn rv_name(e: &Error) -> String {
+    match e {
+        Error::Pkcs11(rv, _) => format!("{rv:?}"),
+        _ => "Library".into(),
     }
 }
 

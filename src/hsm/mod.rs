@@ -4,8 +4,10 @@
 //! * one `Pkcs11` context per module path per process, initialised with CKF_OS_LOCKING_OK;
 //! * one anchor session per connected store, logged in as the crypto user and kept open while
 //!   connected (closing a token's last session logs the application out);
-//! * sessions are checked out exclusively from a bounded pool, and every PKCS#11 call runs on
-//!   a blocking thread, never on an async worker;
+//! * sessions are owned by a bounded pool of worker threads, so no PKCS#11 call runs on an
+//!   async worker, and every operation has a deadline;
+//! * error tiers: a session-tier error replaces the session and retries once, a device-tier
+//!   error degrades the connection (the domain then reconnects);
 //! * key handles are cached by key id; `C_FindObjects` runs only on a cache miss and must find
 //!   exactly one object.
 //!
@@ -15,7 +17,9 @@ pub mod error;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::mechanism::aead::GcmParams;
@@ -32,6 +36,8 @@ pub use error::{HsmError, LoginFailure};
 
 /// GCM tag length in bits.
 const GCM_TAG_BITS: u64 = 128;
+/// GCM IV length in bytes.
+pub const IV_LEN: usize = 12;
 
 /// The process-wide PKCS#11 contexts, one per module path.
 #[derive(Default)]
@@ -122,11 +128,24 @@ fn key_search(key_id: &Uuid) -> [Attribute; 3] {
 /// Work for a session worker: runs on the worker's thread with its session slot.
 type Work = Box<dyn FnOnce(&Connection, &mut Option<Session>) + Send>;
 
+/// How a connection behaves; set by the domain when it connects a store.
+pub struct Options {
+    /// Most sessions (worker threads); also bounded by the token's own limit.
+    pub pool_size: usize,
+    /// Deadline of one operation, queueing included.
+    pub call_timeout: Duration,
+    /// Called once, from a worker thread, on the first device-tier failure.
+    pub on_device_failure: Box<dyn Fn(&str) + Send + Sync>,
+}
+
 /// A logged-in connection to one cluster's token, serving one custom key store.
 ///
 /// PKCS#11 work runs on a dedicated pool of threads, one per session: each worker owns its
 /// session (exclusive by construction) and takes jobs from one shared queue, so a busy worker
 /// goes from job to job without being woken. No PKCS#11 call runs on an async worker.
+///
+/// After a device-tier failure the connection is *degraded*: every later operation fails at
+/// once with `HsmError::Unavailable` and the domain replaces the connection.
 pub struct Connection {
     ctx: Pkcs11,
     slot: Slot,
@@ -140,6 +159,14 @@ pub struct Connection {
     /// SoftHSM2's file store intermittently failed (GeneralError, TemplateInconsistent) in
     /// the bench's 10,000-key set-up at 16 concurrent CreateKey calls. Rare next to crypto.
     objects: Mutex<()>,
+    call_timeout: Duration,
+    degraded: AtomicBool,
+    on_device_failure: Box<dyn Fn(&str) + Send + Sync>,
+    /// Set when a newer connection to the same token replaced this one: its close must then
+    /// not log out, which would log the newer connection out too (the login is per token).
+    superseded: AtomicBool,
+    capacity: usize,
+    busy: AtomicUsize,
 }
 
 impl Connection {
@@ -148,7 +175,7 @@ impl Connection {
         ctx: Pkcs11,
         token_label: &str,
         pin: &AuthPin,
-        pool_size: usize,
+        options: Options,
     ) -> Result<Arc<Connection>, LoginFailure> {
         let slot = match find_token(&ctx, token_label) {
             Ok(Some(slot)) => slot,
@@ -184,7 +211,7 @@ impl Connection {
             })
             .map(|m| m.saturating_sub(1).max(1))
             .unwrap_or(usize::MAX);
-        let capacity = pool_size.min(token_max).max(1);
+        let capacity = options.pool_size.min(token_max).max(1);
         let (tx, rx) = std::sync::mpsc::channel::<Work>();
         let conn = Arc::new(Connection {
             ctx,
@@ -194,6 +221,12 @@ impl Connection {
             workers: Mutex::new(Vec::new()),
             handles: std::sync::RwLock::new(HashMap::new()),
             objects: Mutex::new(()),
+            call_timeout: options.call_timeout,
+            degraded: AtomicBool::new(false),
+            on_device_failure: options.on_device_failure,
+            superseded: AtomicBool::new(false),
+            capacity,
+            busy: AtomicUsize::new(0),
         });
         let rx = Arc::new(Mutex::new(rx));
         let mut workers = Vec::with_capacity(capacity);
@@ -217,16 +250,51 @@ impl Connection {
         Ok(conn)
     }
 
-    /// Runs `op` on a session worker. A session-tier failure replaces the worker's session
-    /// and the operation is retried once on the fresh one.
-    async fn run<T, F>(self: &Arc<Self>, op: F) -> Result<T, HsmError>
+    /// Whether a device-tier failure has put this connection out of service.
+    pub fn is_degraded(&self) -> bool {
+        self.degraded.load(Ordering::Acquire)
+    }
+
+    /// (sessions, sessions busy with an operation).
+    pub fn pool(&self) -> (usize, usize) {
+        (self.capacity, self.busy.load(Ordering::Relaxed))
+    }
+
+    /// Marks the connection as replaced by a newer one to the same token.
+    pub fn supersede(&self) {
+        self.superseded.store(true, Ordering::Release);
+    }
+
+    fn degrade(&self, detail: &str) {
+        if !self.degraded.swap(true, Ordering::AcqRel) {
+            tracing::error!(%detail, "HSM device failure; the store is degraded until it reconnects");
+            (self.on_device_failure)(detail);
+        }
+    }
+
+    fn unavailable() -> HsmError {
+        HsmError::Unavailable("the HSM failed and the store is reconnecting".into())
+    }
+
+    /// Runs `op` on a session worker within the call deadline. A session-tier failure
+    /// replaces the worker's session and the operation is retried once on the fresh one; a
+    /// device-tier failure degrades the connection. `function` names the operation's main
+    /// PKCS#11 function for metrics.
+    async fn run<T, F>(self: &Arc<Self>, function: &'static str, op: F) -> Result<T, HsmError>
     where
         T: Send + 'static,
         F: Fn(&Connection, &Session) -> Result<T, OpError> + Send + 'static,
     {
+        if self.is_degraded() {
+            return Err(Self::unavailable());
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let work: Work = Box::new(move |conn, slot| {
-            let _ = tx.send(conn.run_on(slot, op));
+            // The caller's deadline passed while this waited in the queue: no HSM work for it.
+            if tx.is_closed() {
+                return;
+            }
+            let _ = tx.send(conn.run_on(slot, function, op));
         });
         {
             let jobs = self.jobs.read().unwrap_or_else(|p| p.into_inner());
@@ -235,11 +303,49 @@ impl Connection {
                 return Err(HsmError::Unavailable("the connection is closed".into()));
             }
         }
-        rx.await
-            .map_err(|_| HsmError::Internal("a PKCS#11 worker stopped".into()))?
+        match tokio::time::timeout(self.call_timeout, rx).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(HsmError::Internal("a PKCS#11 worker stopped".into())),
+            Err(_) => {
+                crate::metrics::get().hsm_error(function, "Timeout".into());
+                Err(HsmError::Timeout(self.call_timeout))
+            }
+        }
     }
 
-    fn run_on<T, F>(&self, slot: &mut Option<Session>, op: F) -> Result<T, HsmError>
+    fn run_on<T, F>(
+        &self,
+        slot: &mut Option<Session>,
+        function: &'static str,
+        op: F,
+    ) -> Result<T, HsmError>
+    where
+        F: Fn(&Connection, &Session) -> Result<T, OpError>,
+    {
+        if self.is_degraded() {
+            return Err(Self::unavailable());
+        }
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let outcome = self.attempt(slot, op);
+        self.busy.fetch_sub(1, Ordering::Relaxed);
+        crate::metrics::get().hsm_call(function, started.elapsed());
+        outcome.map_err(|e| match e {
+            OpError::Pkcs11(e) => {
+                crate::metrics::get().hsm_error(function, error::rv_name(&e));
+                if matches!(tier(&e), Tier::Session | Tier::Device) {
+                    *slot = None;
+                }
+                if tier(&e) == Tier::Device {
+                    self.degrade(&short(&e));
+                }
+                HsmError::from_pkcs11(&e)
+            }
+            OpError::Hsm(e) => e,
+        })
+    }
+
+    fn attempt<T, F>(&self, slot: &mut Option<Session>, op: F) -> Result<T, OpError>
     where
         F: Fn(&Connection, &Session) -> Result<T, OpError>,
     {
@@ -248,25 +354,15 @@ impl Connection {
             attempt += 1;
             let session = match slot {
                 Some(s) => s,
-                None => slot.insert(
-                    self.ctx
-                        .open_rw_session(self.slot)
-                        .map_err(|e| HsmError::from_pkcs11(&e))?,
-                ),
+                None => slot.insert(self.ctx.open_rw_session(self.slot)?),
             };
             match op(self, session) {
-                Ok(v) => return Ok(v),
                 Err(OpError::Pkcs11(e)) if tier(&e) == Tier::Session && attempt == 1 => {
                     tracing::warn!(error = %short(&e), "replacing a PKCS#11 session and retrying");
+                    crate::metrics::get().session_replaced();
                     *slot = None;
                 }
-                Err(OpError::Pkcs11(e)) => {
-                    if matches!(tier(&e), Tier::Session | Tier::Device) {
-                        *slot = None;
-                    }
-                    return Err(HsmError::from_pkcs11(&e));
-                }
-                Err(OpError::Hsm(e)) => return Err(e),
+                other => return other,
             }
         }
     }
@@ -332,7 +428,7 @@ impl Connection {
 
     /// Generates the key's token object. Fails if one with this key id already exists.
     pub async fn generate_key(self: &Arc<Self>, key_id: Uuid, arn: String) -> Result<(), HsmError> {
-        self.run(move |conn, session| {
+        self.run("C_GenerateKey", move |conn, session| {
             let _one_at_a_time = conn.objects.lock().unwrap_or_else(|p| p.into_inner());
             if !session.find_objects(&key_search(&key_id))?.is_empty() {
                 return Err(OpError::Hsm(HsmError::Internal(format!(
@@ -348,7 +444,7 @@ impl Connection {
 
     /// Destroys the key's token object if there is one.
     pub async fn destroy_key(self: &Arc<Self>, key_id: Uuid) -> Result<(), HsmError> {
-        self.run(move |conn, session| {
+        self.run("C_DestroyObject", move |conn, session| {
             let _one_at_a_time = conn.objects.lock().unwrap_or_else(|p| p.into_inner());
             conn.forget(&key_id);
             for h in session.find_objects(&key_search(&key_id))? {
@@ -359,20 +455,31 @@ impl Connection {
         .await
     }
 
-    /// AES-256-GCM encryption inside the token: returns ciphertext followed by the tag.
+    /// AES-256-GCM encryption inside the token. With `iv` the caller's IV is used; without,
+    /// the HSM chooses one and writes it back (AWS CloudHSM). Returns the IV and the
+    /// ciphertext followed by the tag.
     pub async fn encrypt(
         self: &Arc<Self>,
         key_id: Uuid,
-        iv: [u8; 12],
+        iv: Option<[u8; IV_LEN]>,
         aad: Vec<u8>,
         plaintext: Zeroizing<Vec<u8>>,
-    ) -> Result<Vec<u8>, HsmError> {
-        self.run(move |conn, session| {
-            conn.with_key(session, &key_id, |h| {
-                let mut iv = iv;
-                let params = GcmParams::new(&mut iv, &aad, GCM_TAG_BITS.into())?;
-                session.encrypt(&Mechanism::AesGcm(params), h, &plaintext)
-            })
+    ) -> Result<([u8; IV_LEN], Vec<u8>), HsmError> {
+        self.run("C_Encrypt", move |conn, session| {
+            let (used_iv, sealed) = conn.with_key(session, &key_id, |h| {
+                let mut iv_buf = iv.unwrap_or([0u8; IV_LEN]);
+                let params = GcmParams::new(&mut iv_buf, &aad, GCM_TAG_BITS.into())?;
+                let sealed = session.encrypt(&Mechanism::AesGcm(params), h, &plaintext)?;
+                Ok((iv_buf, sealed))
+            })?;
+            // An HSM that was to choose the IV but left zeros would make every ciphertext
+            // share one IV: refuse rather than return it.
+            if iv.is_none() && iv_buf_is_zero(&used_iv) {
+                return Err(OpError::Hsm(HsmError::Internal(
+                    "the HSM did not return a GCM IV; check the cluster's gcm_iv setting".into(),
+                )));
+            }
+            Ok((used_iv, sealed))
         })
         .await
     }
@@ -385,7 +492,7 @@ impl Connection {
         aad: Vec<u8>,
         sealed: Vec<u8>,
     ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
-        self.run(move |conn, session| {
+        self.run("C_Decrypt", move |conn, session| {
             conn.with_key(session, &key_id, |h| {
                 let mut iv = iv;
                 let params = GcmParams::new(&mut iv, &aad, GCM_TAG_BITS.into())?;
@@ -399,7 +506,7 @@ impl Connection {
 
     /// Random bytes from the token's generator.
     pub async fn random(self: &Arc<Self>, len: usize) -> Result<Zeroizing<Vec<u8>>, HsmError> {
-        self.run(move |_, session| {
+        self.run("C_GenerateRandom", move |_, session| {
             let mut buf = Zeroizing::new(vec![0u8; len]);
             session.generate_random_slice(&mut buf)?;
             Ok(buf)
@@ -408,8 +515,9 @@ impl Connection {
     }
 
     /// Lets queued operations finish, stops the workers (closing their sessions), then logs
-    /// out and closes the anchor session.
-    pub async fn close(self: &Arc<Self>) {
+    /// out and closes the anchor session. Waits at most `limit`: a worker stuck in a hung HSM
+    /// call finishes (and closes its session) in the background when the call returns.
+    pub async fn close(self: &Arc<Self>, limit: Duration) {
         // Dropping the sender ends each worker once the queue is empty.
         self.jobs.write().unwrap_or_else(|p| p.into_inner()).take();
         let workers: Vec<_> = self
@@ -419,7 +527,7 @@ impl Connection {
             .drain(..)
             .collect();
         let conn = Arc::clone(self);
-        let _ = tokio::task::spawn_blocking(move || {
+        let closing = tokio::task::spawn_blocking(move || {
             for w in workers {
                 let _ = w.join();
             }
@@ -428,14 +536,25 @@ impl Connection {
                 .unwrap_or_else(|p| p.into_inner())
                 .clear();
             if let Some(anchor) = conn.anchor.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                if let Err(e) = anchor.logout() {
-                    tracing::debug!(error = %short(&e), "logout");
+                if !conn.superseded.load(Ordering::Acquire) {
+                    if let Err(e) = anchor.logout() {
+                        tracing::debug!(error = %short(&e), "logout");
+                    }
                 }
                 drop(anchor);
             }
-        })
-        .await;
+        });
+        if tokio::time::timeout(limit, closing).await.is_err() {
+            tracing::warn!(
+                ?limit,
+                "an HSM call is still running; its session closes when the call returns"
+            );
+        }
     }
+}
+
+fn iv_buf_is_zero(iv: &[u8; IV_LEN]) -> bool {
+    iv.iter().all(|b| *b == 0)
 }
 
 /// A session worker: takes jobs until the queue closes; its session closes with it.

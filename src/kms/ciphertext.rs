@@ -2,15 +2,18 @@
 //!
 //! ```text
 //! offset  size  field
-//! 0       1     format version (1)
+//! 0       1     format version (2; version 1 is still read)
 //! 1       16    key id (UUID bytes): Decrypt needs no KeyId
 //! 17      12    GCM IV
 //! 29      n+16  AES-256-GCM ciphertext of the n-byte plaintext, then the 128-bit tag
 //! ```
 //!
-//! The GCM additional data is the 29-byte header followed by the canonical encryption context,
-//! so neither the key id, the IV nor the context can be altered or swapped without the tag
-//! failing. Nothing here ever panics on caller bytes: every input is either a `Blob` or an
+//! The GCM additional data is the version byte and key id (version 2) followed by the
+//! canonical encryption context, so neither the key id nor the context can be altered or
+//! swapped without the tag failing; GCM authenticates the IV by itself. The IV is not part of
+//! the additional data because an HSM in CloudHSM's IV mode chooses it during the encryption.
+//! Version 1 blobs bound the whole 29-byte header (IV included) and still decrypt.
+//! Nothing here ever panics on caller bytes: every input is either a `Blob` or an
 //! InvalidCiphertextException.
 
 use std::collections::BTreeMap;
@@ -19,10 +22,15 @@ use uuid::Uuid;
 
 use super::error::{ErrorKind, KmsError, KmsResult};
 
-pub const VERSION: u8 = 1;
-pub const IV_LEN: usize = 12;
+/// The version new blobs carry.
+pub const VERSION: u8 = 2;
+/// The first format: its additional data includes the IV.
+const VERSION_1: u8 = 1;
+pub const IV_LEN: usize = crate::hsm::IV_LEN;
 pub const TAG_LEN: usize = 16;
-pub const HEADER_LEN: usize = 1 + 16 + IV_LEN;
+/// Version byte and key id: what precedes the IV.
+pub const PREFIX_LEN: usize = 1 + 16;
+pub const HEADER_LEN: usize = PREFIX_LEN + IV_LEN;
 /// The smallest blob: a header and a tag around a one-byte ciphertext.
 pub const MIN_LEN: usize = HEADER_LEN + 1 + TAG_LEN;
 
@@ -31,8 +39,8 @@ pub const MIN_LEN: usize = HEADER_LEN + 1 + TAG_LEN;
 pub struct Blob<'a> {
     pub key_id: Uuid,
     pub iv: [u8; IV_LEN],
-    /// The header bytes, part of the additional data.
-    pub header: &'a [u8],
+    /// The header bytes that lead the additional data (version dependent).
+    pub aad_prefix: &'a [u8],
     /// GCM ciphertext followed by the tag, as PKCS#11 C_Decrypt takes it.
     pub sealed: &'a [u8],
 }
@@ -43,48 +51,50 @@ pub fn parse(bytes: &[u8]) -> KmsResult<Blob<'_>> {
         return Err(invalid("the ciphertext is too short"));
     }
     let (header, sealed) = bytes.split_at(HEADER_LEN);
-    if header[0] != VERSION {
-        return Err(invalid("the ciphertext has an unknown format version"));
-    }
-    let key_id = Uuid::from_slice(&header[1..17]).map_err(|_| invalid("bad key id"))?;
+    let aad_prefix = match header[0] {
+        VERSION => &header[..PREFIX_LEN],
+        VERSION_1 => header,
+        _ => return Err(invalid("the ciphertext has an unknown format version")),
+    };
+    let key_id = Uuid::from_slice(&header[1..PREFIX_LEN]).map_err(|_| invalid("bad key id"))?;
     let mut iv = [0u8; IV_LEN];
-    iv.copy_from_slice(&header[17..HEADER_LEN]);
+    iv.copy_from_slice(&header[PREFIX_LEN..HEADER_LEN]);
     Ok(Blob {
         key_id,
         iv,
-        header,
+        aad_prefix,
         sealed,
     })
 }
 
-/// The header for a new blob.
-pub fn header(key_id: &Uuid, iv: &[u8; IV_LEN]) -> [u8; HEADER_LEN] {
-    let mut h = [0u8; HEADER_LEN];
-    h[0] = VERSION;
-    h[1..17].copy_from_slice(key_id.as_bytes());
-    h[17..].copy_from_slice(iv);
-    h
+/// The version byte and key id of a new blob: the start of its additional data.
+pub fn prefix(key_id: &Uuid) -> [u8; PREFIX_LEN] {
+    let mut p = [0u8; PREFIX_LEN];
+    p[0] = VERSION;
+    p[1..].copy_from_slice(key_id.as_bytes());
+    p
 }
 
-/// Joins a header and the GCM output (ciphertext and tag) into a blob.
-pub fn assemble(header: &[u8; HEADER_LEN], sealed: &[u8]) -> Vec<u8> {
+/// Joins the prefix, the IV and the GCM output (ciphertext and tag) into a blob.
+pub fn assemble(prefix: &[u8; PREFIX_LEN], iv: &[u8; IV_LEN], sealed: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + sealed.len());
-    out.extend_from_slice(header);
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(iv);
     out.extend_from_slice(sealed);
     out
 }
 
-/// The GCM additional data: the header, then the encryption context in canonical form
+/// The GCM additional data: the blob's prefix, then the encryption context in canonical form
 /// (entry count, then each key and value length-prefixed, sorted by key).
-pub fn additional_data(header: &[u8], context: &BTreeMap<String, String>) -> Vec<u8> {
-    let size = header.len()
+pub fn additional_data(prefix: &[u8], context: &BTreeMap<String, String>) -> Vec<u8> {
+    let size = prefix.len()
         + 4
         + context
             .iter()
             .map(|(k, v)| 8 + k.len() + v.len())
             .sum::<usize>();
     let mut aad = Vec::with_capacity(size);
-    aad.extend_from_slice(header);
+    aad.extend_from_slice(prefix);
     aad.extend_from_slice(&(context.len() as u32).to_be_bytes());
     for (k, v) in context {
         aad.extend_from_slice(&(k.len() as u32).to_be_bytes());
@@ -117,18 +127,31 @@ mod tests {
         pt: &[u8],
         ctx: &BTreeMap<String, String>,
     ) -> Vec<u8> {
-        let h = header(id, &iv);
-        let aad = additional_data(&h, ctx);
+        let p = prefix(id);
+        let aad = additional_data(&p, ctx);
         let c = Aes256Gcm::new(key.into());
         let sealed = c
             .encrypt(Nonce::from_slice(&iv), Payload { msg: pt, aad: &aad })
             .unwrap();
-        assemble(&h, &sealed)
+        assemble(&p, &iv, &sealed)
+    }
+
+    /// A version 1 blob: the whole header, IV included, leads the additional data.
+    fn seal_v1(key: &[u8; 32], id: &Uuid, iv: [u8; 12], pt: &[u8]) -> Vec<u8> {
+        let mut h = vec![VERSION_1];
+        h.extend_from_slice(id.as_bytes());
+        h.extend_from_slice(&iv);
+        let aad = additional_data(&h, &BTreeMap::new());
+        let c = Aes256Gcm::new(key.into());
+        let sealed = c
+            .encrypt(Nonce::from_slice(&iv), Payload { msg: pt, aad: &aad })
+            .unwrap();
+        [h, sealed].concat()
     }
 
     fn open(key: &[u8; 32], blob: &[u8], ctx: &BTreeMap<String, String>) -> KmsResult<Vec<u8>> {
         let b = parse(blob)?;
-        let aad = additional_data(b.header, ctx);
+        let aad = additional_data(b.aad_prefix, ctx);
         let c = Aes256Gcm::new(key.into());
         c.decrypt(
             Nonce::from_slice(&b.iv),
@@ -152,14 +175,31 @@ mod tests {
             parse(&blob[..MIN_LEN - 1]).unwrap_err().kind,
             ErrorKind::InvalidCiphertext
         );
-        let mut v2 = blob.clone();
-        v2[0] = 2;
-        assert_eq!(parse(&v2).unwrap_err().kind, ErrorKind::InvalidCiphertext);
+        for version in [0, 3, 255] {
+            let mut other = blob.clone();
+            other[0] = version;
+            assert_eq!(
+                parse(&other).unwrap_err().kind,
+                ErrorKind::InvalidCiphertext
+            );
+        }
+    }
+
+    #[test]
+    fn version_1_blobs_still_open() {
+        let (key, id) = ([4u8; 32], Uuid::new_v4());
+        let blob = seal_v1(&key, &id, [6; 12], b"legacy");
+        assert_eq!(parse(&blob).unwrap().aad_prefix.len(), HEADER_LEN);
+        assert_eq!(open(&key, &blob, &BTreeMap::new()).unwrap(), b"legacy");
+        // The version byte is bound: relabelling a v1 blob as v2 fails the tag.
+        let mut relabelled = blob.clone();
+        relabelled[0] = VERSION;
+        assert!(open(&key, &relabelled, &BTreeMap::new()).is_err());
     }
 
     #[test]
     fn context_is_canonical_and_unambiguous() {
-        let h = [0u8; HEADER_LEN];
+        let h = [0u8; PREFIX_LEN];
         let a: BTreeMap<_, _> = [("a".to_string(), "bc".to_string())].into();
         let b: BTreeMap<_, _> = [("ab".to_string(), "c".to_string())].into();
         assert_ne!(additional_data(&h, &a), additional_data(&h, &b));

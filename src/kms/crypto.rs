@@ -6,12 +6,13 @@ use std::collections::BTreeMap;
 
 use zeroize::Zeroizing;
 
-use super::ciphertext::{self, IV_LEN};
+use super::ciphertext;
 use super::conn_state::CONNECTED;
 use super::error::{ErrorKind, KmsError, KmsResult};
 use super::keys::UsableKey;
 use super::Kms;
-use crate::hsm::HsmError;
+use crate::config::GcmIvMode;
+use crate::hsm::{HsmError, IV_LEN};
 
 pub type Context = BTreeMap<String, String>;
 
@@ -122,6 +123,13 @@ fn hsm_error(key: &UsableKey, e: HsmError) -> KmsError {
                 key.arn, key.store_id
             ))
         }
+        HsmError::Timeout(limit) => KmsError::new(
+            ErrorKind::DependencyTimeout,
+            format!(
+                "The HSM of custom key store {} did not answer within {limit:?}",
+                key.store_id
+            ),
+        ),
         HsmError::Internal(detail) => {
             KmsError::internal(format!("HSM operation on {}: {detail}", key.arn))
         }
@@ -135,16 +143,22 @@ impl Kms {
         plaintext: Zeroizing<Vec<u8>>,
         ctx: &Context,
     ) -> KmsResult<Vec<u8>> {
-        let mut iv = [0u8; IV_LEN];
-        getrandom::fill(&mut iv).map_err(KmsError::internal)?;
-        let header = ciphertext::header(&key.id, &iv);
-        let aad = ciphertext::additional_data(&header, ctx);
-        let sealed = key
+        let iv = match key.iv_mode {
+            GcmIvMode::Service => {
+                let mut iv = [0u8; IV_LEN];
+                getrandom::fill(&mut iv).map_err(KmsError::internal)?;
+                Some(iv)
+            }
+            GcmIvMode::Hsm => None,
+        };
+        let prefix = ciphertext::prefix(&key.id);
+        let aad = ciphertext::additional_data(&prefix, ctx);
+        let (iv, sealed) = key
             .conn
             .encrypt(key.id, iv, aad, plaintext)
             .await
             .map_err(|e| hsm_error(key, e))?;
-        Ok(ciphertext::assemble(&header, &sealed))
+        Ok(ciphertext::assemble(&prefix, &iv, &sealed))
     }
 
     /// Resolves the key of a parsed blob; `expected` is the caller's KeyId, if any.
@@ -181,7 +195,7 @@ impl Kms {
         blob: &ciphertext::Blob<'_>,
         ctx: &Context,
     ) -> KmsResult<Zeroizing<Vec<u8>>> {
-        let aad = ciphertext::additional_data(blob.header, ctx);
+        let aad = ciphertext::additional_data(blob.aad_prefix, ctx);
         key.conn
             .decrypt(key.id, blob.iv, aad, blob.sealed.to_vec())
             .await
@@ -201,6 +215,7 @@ impl Kms {
         if dry {
             return Err(dry_run());
         }
+        self.admit(&key.store_id)?;
         let blob = self.seal(&key, plaintext, ctx).await?;
         Ok(Encrypted {
             ciphertext_blob: blob,
@@ -222,6 +237,7 @@ impl Kms {
         if dry {
             return Err(dry_run());
         }
+        self.admit(&key.store_id)?;
         let plaintext = self.unseal(&key, &blob, ctx).await?;
         Ok(Decrypted {
             plaintext: Secret(plaintext),
@@ -249,6 +265,11 @@ impl Kms {
         if dry {
             return Err(dry_run());
         }
+        // As in AWS, ReEncrypt counts against the quota of each store it uses.
+        self.admit(&source.store_id)?;
+        if destination.store_id != source.store_id {
+            self.admit(&destination.store_id)?;
+        }
         let plaintext = self.unseal(&source, &blob, source_ctx).await?;
         let blob = self.seal(&destination, plaintext, destination_ctx).await?;
         Ok(ReEncrypted {
@@ -270,6 +291,7 @@ impl Kms {
         if dry {
             return Err(dry_run());
         }
+        self.admit(&key.store_id)?;
         let plaintext = key.conn.random(len).await.map_err(|e| hsm_error(&key, e))?;
         let blob = self.seal(&key, plaintext.clone(), ctx).await?;
         Ok(DataKey {
@@ -308,10 +330,15 @@ impl Kms {
                 ),
             )
         })?;
+        self.admit(&store.id)?;
         conn.random(n).await.map(Secret).map_err(|e| match e {
             HsmError::Unavailable(d) => KmsError::new(
                 ErrorKind::CustomKeyStoreInvalidState,
                 format!("Custom key store {store_id} cannot reach its cluster: {d}"),
+            ),
+            HsmError::Timeout(t) => KmsError::new(
+                ErrorKind::DependencyTimeout,
+                format!("The HSM of custom key store {store_id} did not answer within {t:?}"),
             ),
             other => KmsError::internal(format!("GenerateRandom in {store_id}: {other:?}")),
         })

@@ -6,15 +6,11 @@
 //! store is not connected, the material cannot be destroyed: it is left orphaned in the
 //! cluster, and the log says so, naming its label (the key ARN) so an operator can remove it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::conn_state::*;
 use super::Kms;
-
-/// Key material left in a cluster by a deletion while its store was disconnected.
-pub static ORPHANED_KEY_MATERIAL: AtomicU64 = AtomicU64::new(0);
 
 impl Kms {
     /// Deletes every key whose deletion date has passed; returns how many were deleted.
@@ -62,7 +58,7 @@ impl Kms {
                     }
                 }
                 None => {
-                    ORPHANED_KEY_MATERIAL.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::get().orphaned();
                     tracing::warn!(
                         key_arn = %arn,
                         label = %arn,
@@ -85,7 +81,24 @@ impl Kms {
         deleted
     }
 
-    /// Runs `delete_due_keys` every `interval` until the process ends.
+    /// Removes key creations abandoned after an HSM timeout: `Creating` rows older than any
+    /// CreateKey can still be working on, in stores whose HSM answers.
+    pub async fn sweep_abandoned_creations(&self) {
+        let cutoff = self.now() - 2 * self.hsm.call_timeout_ms as i64 - 1_000;
+        let conns: Vec<(String, std::sync::Arc<crate::hsm::Connection>)> = self
+            .connections
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, c)| !c.is_degraded())
+            .map(|(id, c)| (id.clone(), Arc::clone(c)))
+            .collect();
+        for (store_id, conn) in conns {
+            self.reconcile_creating_keys(&store_id, &conn, cutoff).await;
+        }
+    }
+
+    /// Runs `delete_due_keys` and the creation sweep every `interval` until the process ends.
     pub fn spawn_deletion_task(
         self: &Arc<Self>,
         interval: Duration,
@@ -97,6 +110,7 @@ impl Kms {
             loop {
                 tick.tick().await;
                 kms.delete_due_keys().await;
+                kms.sweep_abandoned_creations().await;
             }
         })
     }

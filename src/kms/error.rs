@@ -36,6 +36,7 @@ pub enum ErrorKind {
     LimitExceeded,
     UnsupportedOperation,
     DependencyTimeout,
+    Throttling,
     KmsInternal,
 }
 
@@ -72,6 +73,7 @@ impl ErrorKind {
             ErrorKind::LimitExceeded => "LimitExceededException",
             ErrorKind::UnsupportedOperation => "UnsupportedOperationException",
             ErrorKind::DependencyTimeout => "DependencyTimeoutException",
+            ErrorKind::Throttling => "ThrottlingException",
             ErrorKind::KmsInternal => "KMSInternalException",
         }
     }

@@ -10,6 +10,7 @@ use super::ids::KeyRef;
 use super::keystores::Page;
 use super::policy;
 use super::{decode_marker, encode_marker, page_limit, Kms};
+use crate::config::GcmIvMode;
 use crate::hsm::{Connection, HsmError};
 use crate::store::{KeyRecord, Refused, StoreRecord};
 
@@ -75,6 +76,7 @@ pub struct UsableKey {
     pub store_id: String,
     pub cluster_id: String,
     pub conn: Arc<Connection>,
+    pub iv_mode: GcmIvMode,
 }
 
 const KEY_SPECS: &[&str] = &[
@@ -288,13 +290,21 @@ impl Kms {
         };
         self.store.insert_key(&rec, &req.tags)?;
         if let Err(e) = conn.generate_key(id, arn.clone()).await {
-            if let Err(db) = self.store.delete_key(&id) {
+            if matches!(e, HsmError::Timeout(_)) {
+                // The HSM may still make the object after the deadline: the row stays
+                // `Creating` and the periodic sweep removes both once the call is long over.
+                tracing::warn!(key_arn = %arn, "key generation timed out; the half-made key is left for the sweep");
+            } else if let Err(db) = self.store.delete_key(&id) {
                 tracing::error!(key_arn = %arn, error = %db, "removing a half-made key row failed; reconnect reconciles it");
             }
             return Err(match e {
                 HsmError::Unavailable(d) => KmsError::new(
                     ErrorKind::CustomKeyStoreInvalidState,
                     format!("Custom key store {store_id} cannot reach its cluster: {d}"),
+                ),
+                HsmError::Timeout(t) => KmsError::new(
+                    ErrorKind::DependencyTimeout,
+                    format!("The HSM of custom key store {store_id} did not answer within {t:?}"),
                 ),
                 other => {
                     KmsError::internal(format!("generating key material for {arn}: {other:?}"))
@@ -320,8 +330,16 @@ impl Kms {
     }
 
     /// Rows left in `Creating` by a crash: destroy any token object they got, drop the row.
-    pub(super) async fn reconcile_creating_keys(&self, store_id: &str, conn: &Arc<Connection>) {
-        let ids = match self.store.creating_keys(store_id) {
+    /// Removes keys whose creation never finished (rows still `Creating`, made before
+    /// `created_before_ms`) and any token object they got. Runs on connect, with every
+    /// creation of the store finished, and from the periodic sweep for old rows.
+    pub(super) async fn reconcile_creating_keys(
+        &self,
+        store_id: &str,
+        conn: &Arc<Connection>,
+        created_before_ms: i64,
+    ) {
+        let ids = match self.store.creating_keys(store_id, created_before_ms) {
             Ok(ids) => ids,
             Err(e) => {
                 tracing::error!(custom_key_store_id = %store_id, error = %e, "listing half-made keys failed");
@@ -626,10 +644,8 @@ impl Kms {
             }
             _ => {}
         }
-        let active = self
-            .cluster(&store.cluster_id)
-            .map(|c| c.active_hsms())
-            .unwrap_or(0);
+        let cluster = self.cluster(&store.cluster_id);
+        let active = cluster.as_ref().map(|c| c.active_hsms()).unwrap_or(0);
         if active == 0 {
             return Err(KmsError::invalid_state(format!(
                 "{arn} is unusable: cluster {} of custom key store {} has no active HSM",
@@ -642,12 +658,20 @@ impl Kms {
                 store.id
             ))
         })?;
+        if conn.is_degraded() {
+            return Err(KmsError::invalid_state(format!(
+                "{arn} is unavailable: the HSM of custom key store {} failed and the store is \
+                 reconnecting",
+                store.id
+            )));
+        }
         Ok(UsableKey {
             id: key.id,
             arn,
             store_id: store.id,
             cluster_id: store.cluster_id,
             conn,
+            iv_mode: cluster.map(|c| c.settings.gcm_iv).unwrap_or_default(),
         })
     }
 

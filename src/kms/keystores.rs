@@ -4,6 +4,7 @@
 //! restart); the live PKCS#11 connection lives in `Kms::connections` while CONNECTED.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
@@ -13,7 +14,7 @@ use super::error::{ErrorKind, KmsError, KmsResult};
 use super::ids::{is_cluster_id, is_store_id, new_store_id};
 use super::{decode_marker, encode_marker, page_limit, pem_der, Cluster, Kms};
 use crate::config::PinFormat;
-use crate::hsm::{Connection, LoginFailure};
+use crate::hsm::{Connection, LoginFailure, Options};
 use crate::store::{store_not_found, StoreRecord, StoreUpdate};
 
 /// A kmsuser password as the caller gave it. Never printed.
@@ -102,7 +103,7 @@ fn invalid_state(id: &str, state: &str, op: &str, needs: &str) -> KmsError {
 impl Kms {
     /// The cluster named by a request, checked the way CreateCustomKeyStore and
     /// UpdateCustomKeyStore check it.
-    fn usable_cluster(&self, cluster_id: &str) -> KmsResult<&Cluster> {
+    fn usable_cluster(&self, cluster_id: &str) -> KmsResult<Arc<Cluster>> {
         if !is_cluster_id(cluster_id) {
             return Err(KmsError::validation(format!(
                 "CloudHsmClusterId {cluster_id} does not match cluster-[2-7a-zA-Z]{{11,16}}"
@@ -308,6 +309,9 @@ impl Kms {
         let lock = self.lifecycle_lock(id);
         let _guard = lock.write().await;
         self.store.delete_store(id)?;
+        if let Some(h) = self.health.get() {
+            h.clone().clear_service_status(id).await;
+        }
         tracing::info!(custom_key_store_id = %id, "deleted custom key store");
         Ok(())
     }
@@ -363,7 +367,7 @@ impl Kms {
         let outcome = self.open_connection(&rec).await;
         let (state, code) = match outcome {
             Ok(conn) => {
-                self.reconcile_creating_keys(&rec.id, &conn).await;
+                self.reconcile_creating_keys(&rec.id, &conn, i64::MAX).await;
                 self.connections
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
@@ -386,10 +390,15 @@ impl Kms {
                 tracing::error!(custom_key_store_id = %rec.id, error = %e, "recording the connection state failed")
             }
         }
+        self.report(&rec.id, state == CONNECTED).await;
     }
 
-    /// Logs in to the store's cluster; on failure, the AWS ConnectionErrorCode.
-    async fn open_connection(&self, rec: &StoreRecord) -> Result<Arc<Connection>, &'static str> {
+    /// Logs in to the store's cluster within the login deadline; on failure, the AWS
+    /// ConnectionErrorCode. A device-tier failure of the new connection starts `recover`.
+    async fn open_connection(
+        self: &Arc<Self>,
+        rec: &StoreRecord,
+    ) -> Result<Arc<Connection>, &'static str> {
         let Some(cluster) = self.cluster(&rec.cluster_id) else {
             tracing::warn!(custom_key_store_id = %rec.id, cluster = %rec.cluster_id, "cluster is not configured");
             return Err("CLUSTER_NOT_FOUND");
@@ -408,23 +417,97 @@ impl Kms {
         });
         let module = cluster.settings.module.clone();
         let label = cluster.settings.token_label.clone();
-        let pool_size = self.pool_size;
+        let options = Options {
+            pool_size: self.hsm.session_pool_size,
+            call_timeout: self.call_timeout(),
+            on_device_failure: self.recovery_trigger(&rec.id),
+        };
         let modules = Arc::clone(&self.modules);
         // Loading the module (C_Initialize) and logging in are PKCS#11 calls: blocking thread.
-        let opened = tokio::task::spawn_blocking(move || {
+        let opening = tokio::task::spawn_blocking(move || {
             let ctx = modules.get(&module).map_err(|e| {
                 tracing::error!(error = %e, "PKCS#11 module unusable");
                 LoginFailure::Internal
             })?;
-            Connection::open(ctx, &label, &pin, pool_size)
-        })
-        .await
-        .map_err(|_| "INTERNAL_ERROR")?;
+            Connection::open(ctx, &label, &pin, options)
+        });
+        let limit = Duration::from_millis(self.hsm.login_timeout_ms);
+        let opened = match tokio::time::timeout(limit, opening).await {
+            Ok(joined) => joined.map_err(|_| "INTERNAL_ERROR")?,
+            Err(_) => {
+                // A login that returns later is dropped, closing its sessions.
+                tracing::warn!(custom_key_store_id = %rec.id, ?limit, "logging in timed out");
+                return Err("NETWORK_ERRORS");
+            }
+        };
         match opened {
             Ok(conn) => Ok(conn),
             Err(failure) => {
                 tracing::warn!(custom_key_store_id = %rec.id, ?failure, "connecting failed");
                 Err(LoginFailure::connection_error_code(failure))
+            }
+        }
+    }
+
+    /// What a connection calls (once, from a worker thread) on its first device failure.
+    fn recovery_trigger(self: &Arc<Self>, store_id: &str) -> Box<dyn Fn(&str) + Send + Sync> {
+        let kms = Arc::downgrade(self);
+        let id = store_id.to_string();
+        let runtime = tokio::runtime::Handle::current();
+        Box::new(move |_detail| {
+            if let Some(kms) = kms.upgrade() {
+                runtime.spawn(kms.recover(id.clone()));
+            }
+        })
+    }
+
+    /// Replaces a degraded connection: closes it, then logs in again with bounded exponential
+    /// back-off until the token answers, the store is disconnected, or the process stops.
+    /// The store stays CONNECTED throughout (it reconnects after a restart too); meanwhile
+    /// its keys fail fast with KMSInvalidStateException and its health is NOT_SERVING.
+    async fn recover(self: Arc<Self>, store_id: String) {
+        self.report(&store_id, false).await;
+        let max = Duration::from_millis(self.hsm.reconnect_max_backoff_ms);
+        let mut wait = Duration::from_millis(self.hsm.reconnect_initial_backoff_ms);
+        let mut closed = false;
+        loop {
+            tokio::time::sleep(wait).await;
+            let lock = self.lifecycle_lock(&store_id);
+            let _guard = lock.write().await;
+            let Some(old) = self.connection(&store_id) else {
+                return; // disconnected meanwhile
+            };
+            if !old.is_degraded() {
+                return; // already replaced
+            }
+            let rec = match self.get_store(&store_id) {
+                Ok(rec) if rec.connection_state == CONNECTED => rec,
+                _ => return,
+            };
+            if !closed {
+                old.close(self.call_timeout()).await;
+                old.supersede();
+                closed = true;
+            }
+            match self.open_connection(&rec).await {
+                Ok(conn) => {
+                    self.reconcile_creating_keys(&store_id, &conn, i64::MAX)
+                        .await;
+                    self.connections
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(store_id.clone(), conn);
+                    crate::metrics::get().reconnect(&store_id, "ok");
+                    tracing::info!(custom_key_store_id = %store_id, "reconnected to the HSM");
+                    drop(_guard);
+                    self.report(&store_id, true).await;
+                    return;
+                }
+                Err(code) => {
+                    crate::metrics::get().reconnect(&store_id, "failed");
+                    wait = (wait * 2).min(max);
+                    tracing::warn!(custom_key_store_id = %store_id, error_code = code, retry_in = ?wait, "reconnecting failed");
+                }
             }
         }
     }
@@ -449,10 +532,11 @@ impl Kms {
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
         if let Some(conn) = conn {
-            conn.close().await;
+            conn.close(self.call_timeout()).await;
         }
         self.store
             .transition_store(id, &[DISCONNECTING], DISCONNECTED, None)?;
+        self.report(id, false).await;
         tracing::info!(custom_key_store_id = %id, "disconnected custom key store");
         Ok(())
     }

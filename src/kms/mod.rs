@@ -13,19 +13,21 @@ pub mod keys;
 pub mod keystores;
 pub mod policy;
 pub mod sealing;
+pub mod throttle;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 
-use crate::config::{ClusterSettings, Settings};
+use crate::config::{ClusterSettings, HsmSettings, Settings};
 use crate::hsm::{Connection, Modules};
 use crate::store::Store;
 use error::{KmsError, KmsResult};
 use ids::ArnScope;
 use sealing::Sealer;
+use throttle::Quota;
 
 /// Connection states of a custom key store, as AWS spells them.
 pub mod conn_state {
@@ -72,47 +74,59 @@ impl Cluster {
 
 pub struct Kms {
     pub scope: ArnScope,
-    clusters: HashMap<String, Cluster>,
+    /// The configured clusters; replaced as a whole when the configuration is reloaded.
+    clusters: RwLock<Arc<HashMap<String, Arc<Cluster>>>>,
     store: Store,
     sealer: Sealer,
     modules: Arc<Modules>,
-    pool_size: usize,
+    hsm: HsmSettings,
     /// Added to the system clock (tests of scheduled deletion).
     clock_offset_ms: i64,
     /// Live HSM connections of the stores that are CONNECTED.
     connections: RwLock<HashMap<String, Arc<Connection>>>,
-    /// Serialises lifecycle changes (connect, disconnect, update, delete, key creation) of
-    /// one store: writers change the store, readers need it to stay as it is.
+    /// Serialises lifecycle changes (connect, disconnect, update, delete, key creation,
+    /// reconnection) of one store: writers change the store, readers need it as it is.
     lifecycle: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
+    /// Cryptographic requests per second per store; 0 = no quota.
+    store_rate: u32,
+    quotas: RwLock<HashMap<String, Arc<Quota>>>,
+    /// The gRPC health service, told each store's state (service name = store id).
+    health: OnceLock<tonic_health::server::HealthReporter>,
+}
+
+/// Reads the clusters' trust anchors and builds the cluster table.
+fn load_clusters(settings: &[ClusterSettings]) -> anyhow::Result<HashMap<String, Arc<Cluster>>> {
+    let mut clusters = HashMap::new();
+    for c in settings {
+        let pem_text = std::fs::read_to_string(&c.trust_anchor_file).with_context(|| {
+            format!(
+                "reading trust anchor {} of {}",
+                c.trust_anchor_file.display(),
+                c.id
+            )
+        })?;
+        let der = pem_der(&pem_text).with_context(|| {
+            format!(
+                "trust anchor {} of {} is not a PEM certificate",
+                c.trust_anchor_file.display(),
+                c.id
+            )
+        })?;
+        clusters.insert(
+            c.id.clone(),
+            Arc::new(Cluster {
+                settings: c.clone(),
+                trust_anchor_der: der,
+                trust_anchor_pem: pem_text,
+            }),
+        );
+    }
+    Ok(clusters)
 }
 
 impl Kms {
     pub fn new(settings: &Settings) -> anyhow::Result<Arc<Kms>> {
-        let mut clusters = HashMap::new();
-        for c in &settings.clusters {
-            let pem_text = std::fs::read_to_string(&c.trust_anchor_file).with_context(|| {
-                format!(
-                    "reading trust anchor {} of {}",
-                    c.trust_anchor_file.display(),
-                    c.id
-                )
-            })?;
-            let der = pem_der(&pem_text).with_context(|| {
-                format!(
-                    "trust anchor {} of {} is not a PEM certificate",
-                    c.trust_anchor_file.display(),
-                    c.id
-                )
-            })?;
-            clusters.insert(
-                c.id.clone(),
-                Cluster {
-                    settings: c.clone(),
-                    trust_anchor_der: der,
-                    trust_anchor_pem: pem_text,
-                },
-            );
-        }
+        let clusters = load_clusters(&settings.clusters)?;
         let store = Store::open(&settings.storage.sqlite_path).with_context(|| {
             format!(
                 "opening metadata store {}",
@@ -126,15 +140,73 @@ impl Kms {
                 region: settings.account.region.clone(),
                 account_id: settings.account.account_id.clone(),
             },
-            clusters,
+            clusters: RwLock::new(Arc::new(clusters)),
             store,
             sealer,
             modules: Arc::new(Modules::default()),
-            pool_size: settings.hsm.session_pool_size,
+            hsm: settings.hsm.clone(),
             clock_offset_ms: settings.lifecycle.clock_offset_seconds.saturating_mul(1000),
             connections: RwLock::new(HashMap::new()),
             lifecycle: Mutex::new(HashMap::new()),
+            store_rate: settings.throttling.store_requests_per_second,
+            quotas: RwLock::new(HashMap::new()),
+            health: OnceLock::new(),
         }))
+    }
+
+    /// Applies a reloaded configuration's clusters (HSM inventory, cluster states, trust
+    /// anchors, IV mode...). Live connections stay; module, token and PIN changes apply at the
+    /// next connection. On error nothing changes.
+    pub fn reload_clusters(&self, settings: &[ClusterSettings]) -> anyhow::Result<()> {
+        let clusters = load_clusters(settings)?;
+        *self.clusters.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(clusters);
+        for c in settings {
+            let active = c.hsms.iter().filter(|h| h.state == "ACTIVE").count();
+            tracing::info!(cluster = %c.id, state = %c.state, active_hsms = active, hsms = c.hsms.len(), "cluster inventory loaded");
+        }
+        Ok(())
+    }
+
+    /// Hands the health service's reporter over; store states are reported from then on.
+    pub async fn attach_health(&self, reporter: tonic_health::server::HealthReporter) {
+        let _ = self.health.set(reporter);
+        for rec in self.all_stores() {
+            let serving = rec.connection_state == conn_state::CONNECTED
+                && self.connection(&rec.id).is_some_and(|c| !c.is_degraded());
+            self.report(&rec.id, serving).await;
+        }
+    }
+
+    /// Every store record, page by page (a read error ends the list early, logged).
+    fn all_stores(&self) -> Vec<crate::store::StoreRecord> {
+        let mut out = Vec::new();
+        loop {
+            let after = out.last().map(|r: &crate::store::StoreRecord| r.id.clone());
+            match self.store.list_stores(after.as_deref(), 100) {
+                Ok(page) if page.is_empty() => return out,
+                Ok(page) => out.extend(page),
+                Err(e) => {
+                    tracing::error!(error = %e, "listing custom key stores failed");
+                    return out;
+                }
+            }
+        }
+    }
+
+    /// Tells the health service whether a store serves.
+    async fn report(&self, store_id: &str, serving: bool) {
+        if let Some(h) = self.health.get() {
+            let status = if serving {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            h.set_service_status(store_id, status).await;
+        }
+    }
+
+    fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.hsm.call_timeout_ms)
     }
 
     /// The service's clock, in Unix milliseconds.
@@ -142,8 +214,12 @@ impl Kms {
         now_ms().saturating_add(self.clock_offset_ms)
     }
 
-    fn cluster(&self, id: &str) -> Option<&Cluster> {
-        self.clusters.get(id)
+    fn cluster(&self, id: &str) -> Option<Arc<Cluster>> {
+        self.clusters
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
     }
 
     fn connection(&self, store_id: &str) -> Option<Arc<Connection>> {
@@ -173,7 +249,7 @@ impl Kms {
             .drain()
             .collect();
         for (id, conn) in conns {
-            conn.close().await;
+            conn.close(self.call_timeout()).await;
             tracing::info!(custom_key_store_id = %id, "closed HSM connection");
         }
     }
@@ -232,5 +308,65 @@ impl Kms {
     /// The recorded connection state of a store.
     pub fn store_state(&self, id: &str) -> KmsResult<String> {
         Ok(self.get_store(id)?.connection_state)
+    }
+
+    /// Every store's state and session pool, for the metrics.
+    pub fn store_snapshots(&self) -> Vec<crate::metrics::StoreSnapshot> {
+        use conn_state::*;
+        self.all_stores()
+            .into_iter()
+            .map(|rec| {
+                let conn = self.connection(&rec.id);
+                let state = match rec.connection_state.as_str() {
+                    CONNECTED if conn.as_ref().is_some_and(|c| c.is_degraded()) => "DEGRADED",
+                    CONNECTED => CONNECTED,
+                    CONNECTING => CONNECTING,
+                    DISCONNECTING => DISCONNECTING,
+                    FAILED => FAILED,
+                    _ => DISCONNECTED,
+                };
+                crate::metrics::StoreSnapshot {
+                    id: rec.id,
+                    state,
+                    pool: conn.map(|c| c.pool()),
+                }
+            })
+            .collect()
+    }
+
+    /// Takes one request from the store's quota, or answers ThrottlingException.
+    pub(super) fn admit(&self, store_id: &str) -> KmsResult<()> {
+        if self.store_rate == 0 {
+            return Ok(());
+        }
+        let quota = self
+            .quotas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(store_id)
+            .cloned();
+        let quota = match quota {
+            Some(q) => q,
+            None => self
+                .quotas
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(store_id.to_string())
+                .or_insert_with(|| Arc::new(Quota::per_second(self.store_rate)))
+                .clone(),
+        };
+        if quota.try_take() {
+            Ok(())
+        } else {
+            crate::metrics::get().throttled(store_id);
+            Err(KmsError::new(
+                error::ErrorKind::Throttling,
+                format!(
+                    "Custom key store {store_id} is over its quota of {} cryptographic requests \
+                     per second; retry with back-off",
+                    self.store_rate
+                ),
+            ))
+        }
     }
 }

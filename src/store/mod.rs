@@ -427,12 +427,15 @@ impl Store {
     }
 
     /// Keys of a store still in `Creating`: left by a crash mid-creation.
-    pub fn creating_keys(&self, store_id: &str) -> KmsResult<Vec<Uuid>> {
+    pub fn creating_keys(&self, store_id: &str, created_before_ms: i64) -> KmsResult<Vec<Uuid>> {
         self.with(|c| {
             let mut stmt = c.prepare(
-                "SELECT id FROM keys WHERE custom_key_store_id = ?1 AND key_state = 'Creating'",
+                "SELECT id FROM keys WHERE custom_key_store_id = ?1 AND key_state = 'Creating' \
+                 AND creation_date_ms < ?2",
             )?;
-            let rows = stmt.query_map([store_id], |r| r.get::<_, String>(0))?;
+            let rows = stmt.query_map(rusqlite::params![store_id, created_before_ms], |r| {
+                r.get::<_, String>(0)
+            })?;
             rows.collect()
         })
         .map(|ids: Vec<String>| ids.iter().filter_map(|s| Uuid::try_parse(s).ok()).collect())

@@ -2,15 +2,15 @@
 //! per harness, driven over gRPC.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, OnceLock};
 use std::time::Duration;
 
 use hsm_kms::config::{
-    ClusterSettings, HsmEntry, HsmSettings, LifecycleSettings, PinFormat, SecuritySettings,
-    ServerSettings, Settings, StorageSettings,
+    AdminSettings, ClusterSettings, GcmIvMode, HsmEntry, HsmSettings, LifecycleSettings, PinFormat,
+    SecuritySettings, ServerSettings, Settings, StorageSettings, ThrottlingSettings,
 };
 use hsm_kms::proto::key_management_service_client::KeyManagementServiceClient;
 use hsm_kms::proto::*;
@@ -32,6 +32,10 @@ pub struct ClusterSpec {
     pub lineage: Option<String>,
     /// Whether the token exists (false: the cluster's token is absent).
     pub token: bool,
+    /// Reach the token through the fault-injecting test module (see `faults`).
+    pub faulty: bool,
+    pub gcm_iv: GcmIvMode,
+    pub pin_format: PinFormat,
 }
 
 impl ClusterSpec {
@@ -43,10 +47,47 @@ impl ClusterSpec {
             state: "ACTIVE",
             lineage: None,
             token: true,
+            faulty: false,
+            gcm_iv: GcmIvMode::Service,
+            pin_format: PinFormat::Password,
+        }
+    }
+
+    /// A good cluster behind the fault-injecting module.
+    pub fn faulty(id: &str) -> ClusterSpec {
+        ClusterSpec {
+            faulty: true,
+            ..ClusterSpec::good(id)
         }
     }
 }
 
+/// The test-only PKCS#11 module that wraps SoftHSM2 (testing/faulty-pkcs11), built on first
+/// use next to the hsm-kms binary.
+pub fn faulty_module() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let bin = PathBuf::from(env!("CARGO_BIN_EXE_hsm-kms"));
+            let so = bin.parent().unwrap().join("libfaulty_pkcs11.so");
+            let profile: Vec<&str> = if bin.parent().unwrap().ends_with("release") {
+                vec!["--release"]
+            } else {
+                vec![]
+            };
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "--quiet", "-p", "faulty-pkcs11"])
+                .args(profile)
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("run cargo to build faulty-pkcs11");
+            assert!(status.success(), "building faulty-pkcs11 failed");
+            assert!(so.exists(), "{} missing after the build", so.display());
+            so
+        })
+        .clone()
+}
 pub fn softhsm2_module() -> PathBuf {
     hsm_kms::dev::softhsm2_module().expect("SoftHSM2 must be installed (scripts/setup.sh)")
 }
@@ -57,11 +98,21 @@ pub struct Harness {
     pub anchors: Vec<String>,
     child: Option<Child>,
     pub addr: String,
+    /// The admin (metrics) listener's address.
+    pub admin: String,
 }
 
 impl Harness {
     /// Makes tokens and a config for `clusters`, and starts the server.
     pub async fn start(clusters: &[ClusterSpec]) -> Harness {
+        Harness::start_with(clusters, |_| {}).await
+    }
+
+    /// As `start`, with `change` applied to the config first.
+    pub async fn start_with(
+        clusters: &[ClusterSpec],
+        change: impl FnOnce(&mut Settings),
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let tokens = dir.path().join("tokens");
         std::fs::create_dir_all(&tokens).unwrap();
@@ -87,12 +138,17 @@ impl Harness {
             anchors.push(pem);
             cluster_settings.push(ClusterSettings {
                 id: c.id.clone(),
-                module: softhsm2_module(),
+                module: if c.faulty {
+                    faulty_module()
+                } else {
+                    softhsm2_module()
+                },
                 token_label: label,
                 trust_anchor_file: anchor_file,
                 state: c.state.into(),
                 lineage: c.lineage.clone(),
-                pin_format: PinFormat::Password,
+                pin_format: c.pin_format,
+                gcm_iv: c.gcm_iv,
                 crypto_user: "kmsuser".into(),
                 hsms: c
                     .hsms
@@ -121,19 +177,35 @@ impl Harness {
             hsm: HsmSettings {
                 softhsm2_conf: Some(conf),
                 session_pool_size: 8,
+                // Short, so that fault tests see deadlines and recovery quickly.
+                call_timeout_ms: 2_000,
+                login_timeout_ms: 5_000,
+                reconnect_initial_backoff_ms: 100,
+                reconnect_max_backoff_ms: 1_000,
             },
             lifecycle: LifecycleSettings {
                 deletion_check_interval_seconds: 1,
                 clock_offset_seconds: 0,
             },
+            // Off: tests drive short bursts far above a real HSM's rate. tests/faults.rs
+            // covers the quota.
+            throttling: ThrottlingSettings {
+                store_requests_per_second: 0,
+            },
+            admin: AdminSettings {
+                listen: Some("127.0.0.1:0".parse().unwrap()),
+            },
             clusters: cluster_settings,
         };
+        let mut settings = settings;
+        change(&mut settings);
         let mut h = Harness {
             dir,
             settings,
             anchors,
             child: None,
             addr: String::new(),
+            admin: String::new(),
         };
         h.launch().await;
         h
@@ -161,12 +233,115 @@ impl Harness {
                 std::env::var("RUST_LOG").unwrap_or("warn".into()),
             )
             .env_remove("HSM_KMS_SEALING_KEY")
+            .env("FAULTY_PKCS11_CONTROL", self.fault_control())
+            .env("FAULTY_PKCS11_MODULE", softhsm2_module())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start hsm-kms");
-        self.addr = wait_for_line(&mut child, "hsm-kms listening on ", Duration::from_secs(60));
+        let lines = wait_for_lines(
+            &mut child,
+            &["hsm-kms admin listening on ", "hsm-kms listening on "],
+            Duration::from_secs(60),
+        );
+        self.admin = lines[0].clone();
+        self.addr = lines[1].clone();
         self.child = Some(child);
+    }
+
+    /// The control file of the fault-injecting module (see testing/faulty-pkcs11).
+    pub fn fault_control(&self) -> PathBuf {
+        self.dir.path().join("faults.ctl")
+    }
+
+    /// Sets the fault-injecting module's commands (`""`: behave as plain SoftHSM2).
+    pub fn set_faults(&self, commands: &str) {
+        std::fs::write(self.fault_control(), commands).unwrap();
+    }
+
+    /// Rewrites the config file with `change` applied and sends SIGHUP (reload).
+    pub fn reload_with(&mut self, change: impl FnOnce(&mut Settings)) {
+        change(&mut self.settings);
+        std::fs::write(
+            self.config_path(),
+            toml::to_string_pretty(&self.settings).unwrap(),
+        )
+        .unwrap();
+        self.sighup();
+    }
+
+    /// Asks the server to reload its config file.
+    pub fn sighup(&self) {
+        let pid = self.child.as_ref().expect("server running").id();
+        let ok = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -HUP failed");
+    }
+
+    /// How many secret-key objects the token of cluster `i` holds (through pkcs11-tool,
+    /// beside the server, as an operator would look).
+    pub fn token_secret_keys(&self, i: usize) -> usize {
+        let out = Command::new("pkcs11-tool")
+            .env("SOFTHSM2_CONF", self.softhsm2_conf())
+            .args(["--module"])
+            .arg(softhsm2_module())
+            .args(["--token-label", &self.settings.clusters[i].token_label])
+            .args([
+                "--login",
+                "--pin",
+                PASSWORD,
+                "--list-objects",
+                "--type",
+                "secrkey",
+            ])
+            .output()
+            .expect("run pkcs11-tool");
+        assert!(
+            out.status.success(),
+            "pkcs11-tool: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("Secret Key Object"))
+            .count()
+    }
+
+    /// The admin listener's /metrics text.
+    pub fn metrics(&self) -> String {
+        let mut s = std::net::TcpStream::connect(&self.admin).expect("connect admin listener");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n", self.admin).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(
+            head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+            "{head}"
+        );
+        body.to_string()
+    }
+
+    /// The gRPC health status of `service` (a store id, or "" for the whole server).
+    pub async fn health(&self, service: &str) -> i32 {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut c = tonic_health::pb::health_client::HealthClient::new(channel);
+        match c
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner().status,
+            Err(s) => panic!("health check of {service}: {s:?}"),
+        }
     }
 
     /// Stops the server with SIGTERM and waits; returns whether it exited cleanly.
@@ -252,23 +427,34 @@ pub fn sigterm(child: &Child) {
 /// Reads the child's stdout until a line starting with `prefix`; returns the rest of it.
 /// The rest of stdout keeps being drained so the child never blocks on a full pipe.
 pub fn wait_for_line(child: &mut Child, prefix: &str, timeout: Duration) -> String {
+    wait_for_lines(child, &[prefix], timeout).remove(0)
+}
+
+/// As `wait_for_line`, for lines that come in this order.
+pub fn wait_for_lines(child: &mut Child, prefixes: &[&str], timeout: Duration) -> Vec<String> {
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
-    let prefix = prefix.to_string();
+    let mut wanted: Vec<String> = prefixes.iter().rev().map(|p| p.to_string()).collect();
     std::thread::spawn(move || {
-        let mut sent = false;
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if !sent {
-                if let Some(rest) = line.strip_prefix(&prefix) {
+            if let Some(prefix) = wanted.last() {
+                if let Some(rest) = line.strip_prefix(prefix.as_str()) {
                     let _ = tx.send(rest.to_string());
-                    sent = true;
+                    wanted.pop();
                 }
             }
         }
     });
-    rx.recv_timeout(timeout)
-        .unwrap_or_else(|_| panic!("hsm-kms did not print '{}' in time", "listening"))
+    let deadline = std::time::Instant::now() + timeout;
+    prefixes
+        .iter()
+        .map(|p| {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            rx.recv_timeout(left)
+                .unwrap_or_else(|_| panic!("hsm-kms did not print '{p}' in time"))
+        })
+        .collect()
 }
 
 pub fn token_label(cluster_id: &str) -> String {
@@ -374,6 +560,33 @@ pub async fn describe_key(c: &mut Client, key: &str) -> KeyMetadata {
         .unwrap()
 }
 
+/// CreateKey in `store`, as a result.
+pub async fn try_create_key(
+    c: &mut Client,
+    store: &str,
+) -> Result<tonic::Response<CreateKeyResponse>, tonic::Status> {
+    c.create_key(CreateKeyRequest {
+        custom_key_store_id: Some(store.into()),
+        origin: Some("AWS_CLOUDHSM".into()),
+        ..Default::default()
+    })
+    .await
+}
+
+/// Encrypt without context, as a result.
+pub async fn try_encrypt(
+    c: &mut Client,
+    key: &str,
+    pt: &[u8],
+) -> Result<tonic::Response<EncryptResponse>, tonic::Status> {
+    c.encrypt(EncryptRequest {
+        key_id: key.into(),
+        plaintext: pt.to_vec(),
+        ..Default::default()
+    })
+    .await
+}
+
 pub async fn encrypt(c: &mut Client, key: &str, pt: &[u8]) -> Vec<u8> {
     c.encrypt(EncryptRequest {
         key_id: key.into(),
@@ -384,6 +597,26 @@ pub async fn encrypt(c: &mut Client, key: &str, pt: &[u8]) -> Vec<u8> {
     .expect("Encrypt")
     .into_inner()
     .ciphertext_blob
+}
+
+/// The AWS exception name a failed call carries (its ErrorInfo reason).
+pub fn aws_error(status: &tonic::Status) -> String {
+    status
+        .get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_else(|| format!("no ErrorInfo: {status:?}"))
+}
+
+/// The value of one sample in a Prometheus text exposition (`name{labels}` exactly as
+/// printed), if present.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(sample)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// Asserts that a call failed with the AWS exception `name` (ErrorInfo reason, domain kms)
@@ -427,6 +660,7 @@ fn expected_code(name: &str) -> tonic::Code {
         | "AlreadyExistsException" => AlreadyExists,
         "UnsupportedOperationException" => Unimplemented,
         "KMSInternalException" => Internal,
+        "DependencyTimeoutException" => Unavailable,
         "LimitExceededException" | "ThrottlingException" => ResourceExhausted,
         _ => FailedPrecondition,
     }

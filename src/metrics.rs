@@ -1,0 +1,223 @@
+//! Prometheus metrics, rendered in the text exposition format on the admin port.
+//!
+//! One process-wide set (like the tracing subscriber): the layers record into it without
+//! passing handles around. Gauges that describe current state (store connection states, the
+//! session pools) are filled from the live service at scrape time, so they cannot go stale.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Request {
+    operation: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HsmCall {
+    function: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HsmError {
+    function: &'static str,
+    error: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Store {
+    custom_key_store_id: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreState {
+    custom_key_store_id: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reconnect {
+    custom_key_store_id: String,
+    outcome: &'static str,
+}
+
+fn latency() -> Histogram {
+    // 50 µs .. ~1.6 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<Request, Histogram, fn() -> Histogram>,
+    hsm_calls: Family<HsmCall, Histogram, fn() -> Histogram>,
+    hsm_errors: Family<HsmError, Counter>,
+    pool_size: Family<Store, Gauge>,
+    pool_in_use: Family<Store, Gauge>,
+    throttled: Family<Store, Counter>,
+    store_state: Family<StoreState, Gauge>,
+    reconnects: Family<Reconnect, Counter>,
+    session_replacements: Counter,
+    orphaned: Counter,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+pub fn get() -> &'static Metrics {
+    &METRICS
+}
+
+/// A store's state as the `hsm_kms_store_state` gauge shows it: the AWS connection state, or
+/// DEGRADED for a CONNECTED store whose HSM failed and which is reconnecting.
+pub struct StoreSnapshot {
+    pub id: String,
+    pub state: &'static str,
+    /// (sessions, busy sessions) of its live connection.
+    pub pool: Option<(usize, usize)>,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let m = Metrics {
+            registry: Registry::with_prefix("hsm_kms"),
+            requests: Family::new_with_constructor(latency),
+            hsm_calls: Family::new_with_constructor(latency),
+            hsm_errors: Family::default(),
+            pool_size: Family::default(),
+            pool_in_use: Family::default(),
+            throttled: Family::default(),
+            store_state: Family::default(),
+            reconnects: Family::default(),
+            session_replacements: Counter::default(),
+            orphaned: Counter::default(),
+        };
+        let mut r = m.registry;
+        r.register(
+            "request_duration_seconds",
+            "gRPC KMS requests by operation and outcome (ok or the AWS exception name)",
+            m.requests.clone(),
+        );
+        r.register(
+            "hsm_call_duration_seconds",
+            "HSM operations by their main PKCS#11 function, queueing excluded",
+            m.hsm_calls.clone(),
+        );
+        r.register(
+            "hsm_call_errors",
+            "Failed HSM operations by PKCS#11 function and return value",
+            m.hsm_errors.clone(),
+        );
+        r.register(
+            "session_pool_size",
+            "PKCS#11 sessions (worker threads) of each connected store",
+            m.pool_size.clone(),
+        );
+        r.register(
+            "session_pool_in_use",
+            "PKCS#11 sessions busy with an operation",
+            m.pool_in_use.clone(),
+        );
+        r.register(
+            "throttled_requests",
+            "Cryptographic requests refused with ThrottlingException",
+            m.throttled.clone(),
+        );
+        r.register(
+            "store_state",
+            "1 for each store's current state (DEGRADED: CONNECTED but its HSM failed)",
+            m.store_state.clone(),
+        );
+        r.register(
+            "reconnects",
+            "Automatic reconnection attempts after device errors, by outcome",
+            m.reconnects.clone(),
+        );
+        r.register(
+            "session_replacements",
+            "PKCS#11 sessions replaced after a session-tier error",
+            m.session_replacements.clone(),
+        );
+        r.register(
+            "orphaned_key_material",
+            "Key material left on a token because its store was unreachable at deletion",
+            m.orphaned.clone(),
+        );
+        Metrics { registry: r, ..m }
+    }
+
+    pub fn request(&self, operation: &'static str, outcome: &'static str, took: Duration) {
+        self.requests
+            .get_or_create(&Request { operation, outcome })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn hsm_call(&self, function: &'static str, took: Duration) {
+        self.hsm_calls
+            .get_or_create(&HsmCall { function })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn hsm_error(&self, function: &'static str, error: String) {
+        self.hsm_errors
+            .get_or_create(&HsmError { function, error })
+            .inc();
+    }
+
+    pub fn throttled(&self, store: &str) {
+        self.throttled
+            .get_or_create(&Store {
+                custom_key_store_id: store.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn reconnect(&self, store: &str, outcome: &'static str) {
+        self.reconnects
+            .get_or_create(&Reconnect {
+                custom_key_store_id: store.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn session_replaced(&self) {
+        self.session_replacements.inc();
+    }
+
+    pub fn orphaned(&self) {
+        self.orphaned.inc();
+    }
+
+    /// The text exposition of everything, with the state gauges set from `stores`.
+    pub fn render(&self, stores: &[StoreSnapshot]) -> String {
+        self.store_state.clear();
+        self.pool_size.clear();
+        self.pool_in_use.clear();
+        for s in stores {
+            let id = || s.id.clone();
+            self.store_state
+                .get_or_create(&StoreState {
+                    custom_key_store_id: id(),
+                    state: s.state,
+                })
+                .set(1);
+            if let Some((size, busy)) = s.pool {
+                let store = Store {
+                    custom_key_store_id: id(),
+                };
+                self.pool_size.get_or_create(&store).set(size as i64);
+                self.pool_in_use.get_or_create(&store).set(busy as i64);
+            }
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
