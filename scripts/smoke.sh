@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Smoke test with grpcurl against a freshly started `hsm-kms dev`:
 # DescribeCustomKeyStores -> CreateKey -> Encrypt -> Decrypt -> GenerateDataKey -> Decrypt,
-# then aliases, tags, the key policy, and ScheduleKeyDeletion -> CancelKeyDeletion -> EnableKey.
+# then aliases, tags, the key policy, ScheduleKeyDeletion -> CancelKeyDeletion -> EnableKey,
+# the store's health and the metrics.
 # Exits non-zero on any failure or mismatch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -82,5 +83,16 @@ call CancelKeyDeletion "{\"key_id\":\"$key_id\"}" >/dev/null
 [ "$(call DescribeKey "{\"key_id\":\"alias/smoke\"}" | jq -r .keyMetadata.keyState)" = Disabled ] || fail "cancelled key is not Disabled"
 call EnableKey "{\"key_id\":\"$key_id\"}" >/dev/null
 [ "$(call DescribeKey "{\"key_id\":\"$key_id\"}" | jq -r .keyMetadata.keyState)" = Enabled ] || fail "EnableKey"
+
+# Health per store, and the metrics the quickstart points at.
+grpcurl -plaintext -d "{\"service\":\"$store_id\"}" "$addr" grpc.health.v1.Health/Check \
+  | jq -e '.status == "SERVING"' >/dev/null || fail "store health"
+metrics_url=$(sed -n 's/.*metrics: *curl -s \(http[^ ]*\).*/\1/p' "$work/out" | head -n1)
+[ -n "$metrics_url" ] || fail "the quickstart names no metrics URL"
+metrics=$(curl -fsS "$metrics_url")
+grep -q '^hsm_kms_request_duration_seconds_count{operation="Encrypt",outcome="ok"} [1-9]' <<<"$metrics" \
+  || fail "metrics do not count the Encrypt calls"
+grep -q "^hsm_kms_store_state{custom_key_store_id=\"$store_id\",state=\"CONNECTED\"} 1" <<<"$metrics" \
+  || fail "metrics do not show the store CONNECTED"
 
 echo "smoke: OK ($addr, store $store_id, key $key_id)"

@@ -1,0 +1,540 @@
+//! HSM faults, deadlines, throttling, the runtime HSM inventory, CloudHSM compatibility and
+//! the metrics, through the fault-injecting PKCS#11 module (testing/faulty-pkcs11) that wraps
+//! each test's own SoftHSM2 token.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use hsm_kms::config::{GcmIvMode, PinFormat};
+use hsm_kms::proto::*;
+
+const A: &str = "cluster-faultsaaaaaa";
+const B: &str = "cluster-faultsbbbbbb";
+const SERVING: i32 = 1;
+const NOT_SERVING: i32 = 2;
+
+/// What the load saw.
+#[derive(Default)]
+struct Seen {
+    /// (plaintext, ciphertext) of every acknowledged Encrypt.
+    acked: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Failed requests by exception name.
+    errors: HashMap<String, usize>,
+}
+
+/// Concurrent Encrypt load over `keys` until `stop`.
+fn spawn_load(
+    c: &Client,
+    keys: &[String],
+    workers: usize,
+    stop: &Arc<AtomicBool>,
+    seen: &Arc<Mutex<Seen>>,
+) -> tokio::task::JoinSet<()> {
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..workers {
+        let (mut c, keys, stop, seen) = (c.clone(), keys.to_vec(), stop.clone(), seen.clone());
+        set.spawn(async move {
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let pt = format!("worker {w} request {n}").into_bytes();
+                let r = c
+                    .encrypt(EncryptRequest {
+                        key_id: keys[n % keys.len()].clone(),
+                        plaintext: pt.clone(),
+                        ..Default::default()
+                    })
+                    .await;
+                {
+                    let mut seen = seen.lock().unwrap();
+                    match r {
+                        Ok(r) => seen.acked.push((pt, r.into_inner().ciphertext_blob)),
+                        Err(s) => *seen.errors.entry(aws_error(&s)).or_default() += 1,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
+    }
+    set
+}
+
+/// `n` concurrent Encrypt calls of `key`; their outcomes.
+async fn burst(
+    c: &Client,
+    key: &str,
+    n: u8,
+) -> Vec<Result<tonic::Response<EncryptResponse>, tonic::Status>> {
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (mut c, key) = (c.clone(), key.to_string());
+        set.spawn(async move { try_encrypt(&mut c, &key, &[i; 8]).await });
+    }
+    set.join_all().await
+}
+
+/// Polls `check` every 50 ms until it holds; panics after `limit` naming `what`.
+async fn wait_for<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn key_ids(c: &mut Client) -> Vec<String> {
+    let mut ids: Vec<String> = c
+        .list_keys(ListKeysRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
+        .into_iter()
+        .map(|k| k.key_id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+async fn decrypt(c: &mut Client, blob: &[u8]) -> Vec<u8> {
+    c.decrypt(DecryptRequest {
+        ciphertext_blob: blob.to_vec(),
+        ..Default::default()
+    })
+    .await
+    .expect("Decrypt")
+    .into_inner()
+    .plaintext
+}
+
+/// A device-tier fault under load: requests fail fast with KMSInvalidStateException, the
+/// store reports NOT_SERVING, then heals by itself once the token answers; nothing
+/// acknowledged is lost and no key is lost or duplicated.
+async fn survive(fault: &str) {
+    let h = Harness::start(&[ClusterSpec::faulty(A)]).await;
+    let mut c = h.client().await;
+    let store = h.connected_store(&mut c, 0, "faults").await;
+    let mut keys = Vec::new();
+    for _ in 0..2 {
+        keys.push(create_key(&mut c, &store).await.key_id);
+    }
+    keys.sort();
+    assert_eq!(h.health(&store).await, SERVING);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let mut load = spawn_load(&c, &keys, 8, &stop, &seen);
+    let acked = || seen.lock().unwrap().acked.len();
+    wait_for("traffic before the fault", Duration::from_secs(30), || {
+        let n = acked();
+        async move { n >= 50 }
+    })
+    .await;
+
+    h.set_faults(&format!("fault = {fault}\n"));
+    wait_for(
+        "the store to report NOT_SERVING",
+        Duration::from_secs(20),
+        || {
+            let h = &h;
+            let store = &store;
+            async move { h.health(store).await == NOT_SERVING }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Management of the store's keys fails cleanly while its HSM is out.
+    let r = try_create_key(&mut c, &store).await;
+    assert_err(r, "CustomKeyStoreInvalidStateException");
+    let failed_during = seen.lock().unwrap().errors.values().sum::<usize>();
+    assert!(failed_during > 0, "requests during the fault must fail");
+
+    h.set_faults("");
+    wait_for("the store to heal", Duration::from_secs(30), || {
+        let h = &h;
+        let store = &store;
+        async move { h.health(store).await == SERVING }
+    })
+    .await;
+    let at_recovery = acked();
+    wait_for("traffic after recovery", Duration::from_secs(30), || {
+        let n = acked();
+        async move { n >= at_recovery + 50 }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    while let Some(r) = load.join_next().await {
+        r.unwrap();
+    }
+
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    let names: Vec<&String> = seen.errors.keys().collect();
+    assert_eq!(
+        names,
+        vec!["KMSInvalidStateException"],
+        "{fault}: every failure is KMSInvalidStateException"
+    );
+    for (pt, ct) in &seen.acked {
+        assert_eq!(
+            &decrypt(&mut c, ct).await,
+            pt,
+            "{fault}: an acknowledged ciphertext"
+        );
+    }
+    assert_eq!(key_ids(&mut c).await, keys, "{fault}: no key lost or added");
+    assert_eq!(
+        h.token_secret_keys(0),
+        2,
+        "{fault}: one token object per key"
+    );
+    let m = h.metrics();
+    let ok = metric(
+        &m,
+        &format!(r#"hsm_kms_reconnects_total{{custom_key_store_id="{store}",outcome="ok"}}"#),
+    );
+    assert_eq!(ok, Some(1.0), "{fault}: one successful reconnection\n{m}");
+    let state =
+        format!(r#"hsm_kms_store_state{{custom_key_store_id="{store}",state="CONNECTED"}}"#);
+    assert_eq!(metric(&m, &state), Some(1.0), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn device_error_fails_fast_and_heals() {
+    survive("device_error").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn device_removed_fails_fast_and_heals() {
+    survive("device_removed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn token_not_present_fails_fast_and_heals() {
+    survive("token_not_present").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_session_is_replaced_and_the_call_retried() {
+    let h = Harness::start(&[ClusterSpec::faulty(A)]).await;
+    let mut c = h.client().await;
+    let store = h.connected_store(&mut c, 0, "sessions").await;
+    let key = create_key(&mut c, &store).await.key_id;
+    // Each new control text re-arms one failure: the caller never sees it.
+    for round in 0..3u8 {
+        h.set_faults(&format!(
+            "fault = session_handle_invalid\nfunctions = C_Encrypt\ncount = 1\n# round {round}\n"
+        ));
+        let ct = encrypt(&mut c, &key, &[round; 16]).await;
+        assert_eq!(decrypt(&mut c, &ct).await, vec![round; 16]);
+    }
+    let m = h.metrics();
+    assert_eq!(
+        metric(&m, "hsm_kms_session_replacements_total"),
+        Some(3.0),
+        "{m}"
+    );
+    // The retry happens once: a second failure in a row reaches the caller.
+    h.set_faults("fault = session_handle_invalid\nfunctions = C_Encrypt\ncount = 2\n");
+    let r = try_encrypt(&mut c, &key, b"twice").await;
+    assert_err(r, "KMSInternalException");
+    encrypt(&mut c, &key, b"fine again").await;
+    assert_eq!(
+        h.health(&store).await,
+        SERVING,
+        "a session error is not a device error"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_hsm_gives_dependency_timeout_within_the_deadline() {
+    // The harness sets hsm.call_timeout_ms = 2000 and 8 sessions.
+    let h = Harness::start(&[ClusterSpec::faulty(A)]).await;
+    let mut c = h.client().await;
+    let store = h.connected_store(&mut c, 0, "hangs").await;
+    let key = create_key(&mut c, &store).await.key_id;
+    h.set_faults("delay_ms = 6000\ndelay_functions = C_Encrypt\n");
+
+    let started = Instant::now();
+    let r = try_encrypt(&mut c, &key, b"stalled").await;
+    let took = started.elapsed();
+    assert_err(r, "DependencyTimeoutException");
+    assert!(
+        took < Duration::from_millis(5_000),
+        "the deadline, not the stalled HSM, must end the call (took {took:?})"
+    );
+
+    // Twice as many requests as sessions: none hangs; the ones still queued at their
+    // deadline are dropped without reaching the HSM.
+    for r in burst(&c, &key, 16).await {
+        assert_err(r, "DependencyTimeoutException");
+    }
+
+    h.set_faults("");
+    wait_for("Encrypt to work again", Duration::from_secs(30), || {
+        let (mut c, key) = (c.clone(), key.clone());
+        async move { try_encrypt(&mut c, &key, b"again").await.is_ok() }
+    })
+    .await;
+    // Every stalled call came back and its session is idle again: nothing leaked.
+    let busy = format!(r#"hsm_kms_session_pool_in_use{{custom_key_store_id="{store}"}}"#);
+    wait_for("idle sessions", Duration::from_secs(20), || {
+        let v = metric(&h.metrics(), &busy);
+        async move { v == Some(0.0) }
+    })
+    .await;
+    let m = h.metrics();
+    let calls = metric(
+        &m,
+        r#"hsm_kms_hsm_call_duration_seconds_count{function="C_Encrypt"}"#,
+    )
+    .unwrap();
+    let ok = metric(
+        &m,
+        r#"hsm_kms_request_duration_seconds_count{operation="Encrypt",outcome="ok"}"#,
+    )
+    .unwrap();
+    // The single call, at most one per session of the 16, and the successful ones after.
+    assert!(
+        calls <= 1.0 + 8.0 + ok,
+        "queued calls past their deadline reached the HSM: {calls} calls, {ok} ok\n{m}"
+    );
+    assert_eq!(
+        h.health(&store).await,
+        SERVING,
+        "slowness is not a device failure"
+    );
+    disconnect(&mut c, &store).await;
+    assert_eq!(
+        describe_store(&mut c, &store).await.connection_state,
+        "DISCONNECTED"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_store_quota_throttles_without_hsm_work() {
+    let h = Harness::start_with(&[ClusterSpec::good(A)], |s| {
+        s.throttling.store_requests_per_second = 20;
+    })
+    .await;
+    let mut c = h.client().await;
+    let store = h.connected_store(&mut c, 0, "quota").await;
+    let key = create_key(&mut c, &store).await.key_id;
+
+    let (mut ok, mut throttled) = (0.0, 0.0);
+    for r in burst(&c, &key, 100).await {
+        match r {
+            Ok(_) => ok += 1.0,
+            Err(s) => {
+                assert_eq!(aws_error(&s), "ThrottlingException", "{s:?}");
+                assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+                throttled += 1.0;
+            }
+        }
+    }
+    assert!(ok >= 20.0, "a full bucket admits one second's worth: {ok}");
+    assert!(throttled > 0.0, "100 requests at once exceed 20/s");
+
+    let m = h.metrics();
+    let hsm_calls = metric(
+        &m,
+        r#"hsm_kms_hsm_call_duration_seconds_count{function="C_Encrypt"}"#,
+    );
+    assert_eq!(hsm_calls, Some(ok), "refused requests did HSM work\n{m}");
+    let counted = format!(r#"hsm_kms_throttled_requests_total{{custom_key_store_id="{store}"}}"#);
+    assert_eq!(metric(&m, &counted), Some(throttled), "{m}");
+    let by_outcome = |outcome: &str| {
+        metric(
+            &m,
+            &format!(
+                r#"hsm_kms_request_duration_seconds_count{{operation="Encrypt",outcome="{outcome}"}}"#
+            ),
+        )
+    };
+    assert_eq!(by_outcome("ok"), Some(ok));
+    assert_eq!(by_outcome("ThrottlingException"), Some(throttled));
+    let pool = format!(r#"hsm_kms_session_pool_size{{custom_key_store_id="{store}"}}"#);
+    assert_eq!(metric(&m, &pool), Some(8.0), "{m}");
+    assert!(m.contains("hsm_kms_orphaned_key_material_total 0"), "{m}");
+
+    // The bucket refills.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    encrypt(&mut c, &key, b"after a pause").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_hsm_inventory_reloads_at_run_time() {
+    let mut h = Harness::start(&[ClusterSpec::good(A)]).await;
+    let mut c = h.client().await;
+    let store = h.connected_store(&mut c, 0, "inventory").await;
+    let key = create_key(&mut c, &store).await.key_id;
+    let ct = encrypt(&mut c, &key, b"inventory").await;
+    let try_encrypt = |c: &Client| {
+        let (mut c, key) = (c.clone(), key.clone());
+        async move { try_encrypt(&mut c, &key, b"x").await }
+    };
+
+    // No active HSM: cryptographic operations stop and say why.
+    h.reload_with(|s| {
+        for hsm in &mut s.clusters[0].hsms {
+            hsm.state = "DELETED".into();
+        }
+    });
+    wait_for("the reload to apply", Duration::from_secs(10), || {
+        let f = try_encrypt(&c);
+        async move { f.await.is_err() }
+    })
+    .await;
+    let msg = assert_err(try_encrypt(&c).await, "KMSInvalidStateException");
+    assert!(msg.contains("no active HSM"), "{msg}");
+    let r = c
+        .decrypt(DecryptRequest {
+            ciphertext_blob: ct.clone(),
+            ..Default::default()
+        })
+        .await;
+    assert_err(r, "KMSInvalidStateException");
+
+    // One active HSM: crypto works, but creating keys and stores needs two zones.
+    h.reload_with(|s| s.clusters[0].hsms[0].state = "ACTIVE".into());
+    wait_for("the reload to apply", Duration::from_secs(10), || {
+        let f = try_encrypt(&c);
+        async move { f.await.is_ok() }
+    })
+    .await;
+    assert_eq!(decrypt(&mut c, &ct).await, b"inventory");
+    let r = try_create_key(&mut c, &store).await;
+    assert_err(r, "CloudHsmClusterInvalidConfigurationException");
+    let r = c
+        .create_custom_key_store(CreateCustomKeyStoreRequest {
+            custom_key_store_name: "second".into(),
+            cloud_hsm_cluster_id: Some(A.into()),
+            trust_anchor_certificate: Some(h.anchors[0].clone()),
+            key_store_password: Some(PASSWORD.into()),
+            ..Default::default()
+        })
+        .await;
+    assert_err(r, "CloudHsmClusterInvalidConfigurationException");
+
+    // A broken file changes nothing.
+    std::fs::write(h.config_path(), "clusters = [ not toml").unwrap();
+    h.sighup();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        try_encrypt(&c).await.is_ok(),
+        "a bad reload must keep the running inventory"
+    );
+
+    h.reload_with(|s| s.clusters[0].hsms[1].state = "ACTIVE".into());
+    wait_for("two zones again", Duration::from_secs(10), || {
+        let (mut c, store) = (c.clone(), store.clone());
+        async move { try_create_key(&mut c, &store).await.is_ok() }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cloudhsm_mode_hsm_chosen_ivs_and_user_password_pins() {
+    let cloudhsm = ClusterSpec {
+        gcm_iv: GcmIvMode::Hsm,
+        pin_format: PinFormat::UserPassword,
+        ..ClusterSpec::faulty(A)
+    };
+    let service_iv = ClusterSpec {
+        pin_format: PinFormat::UserPassword,
+        ..ClusterSpec::faulty(B)
+    };
+    let h = Harness::start(&[cloudhsm, service_iv]).await;
+    // The module now behaves as CloudHSM's: `kmsuser:<password>` PINs, HSM-chosen IVs.
+    h.set_faults("gcm_iv = hsm\npin_format = user:password\n");
+    let mut c = h.client().await;
+    let store = h.connected_store(&mut c, 0, "cloudhsm").await;
+    let key = create_key(&mut c, &store).await.key_id;
+
+    let one = encrypt(&mut c, &key, b"same plaintext").await;
+    let two = encrypt(&mut c, &key, b"same plaintext").await;
+    let iv = |ct: &[u8]| ct[17..29].to_vec();
+    assert_ne!(iv(&one), vec![0u8; 12], "the HSM wrote its IV back");
+    assert_ne!(iv(&one), iv(&two), "each encryption gets its own IV");
+    assert_eq!(decrypt(&mut c, &one).await, b"same plaintext");
+    assert_eq!(decrypt(&mut c, &two).await, b"same plaintext");
+    let dk = c
+        .generate_data_key(GenerateDataKeyRequest {
+            key_id: key.clone(),
+            key_spec: Some("AES_256".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(decrypt(&mut c, &dk.ciphertext_blob).await, dk.plaintext);
+
+    // A cluster left in service-IV mode against such an HSM fails loudly, never silently.
+    let other = h.connected_store(&mut c, 1, "service-iv").await;
+    let other_key = create_key(&mut c, &other).await.key_id;
+    let r = try_encrypt(&mut c, &other_key, b"refused").await;
+    assert_err(r, "KMSInternalException");
+
+    // Ciphertexts made with HSM-chosen IVs decrypt whatever the IV mode of the day, and the
+    // service-IV cluster works once the HSM takes caller IVs.
+    h.set_faults("pin_format = user:password\n");
+    assert_eq!(decrypt(&mut c, &one).await, b"same plaintext");
+    let ct = encrypt(&mut c, &other_key, b"service iv").await;
+    assert_eq!(decrypt(&mut c, &ct).await, b"service iv");
+    let r = c
+        .re_encrypt(ReEncryptRequest {
+            ciphertext_blob: ct,
+            destination_key_id: key.clone(),
+            ..Default::default()
+        })
+        .await;
+    // The destination is in HSM-IV mode but the HSM now refuses to choose: no zero IV
+    // ever leaves the service.
+    assert_err(r, "KMSInternalException");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_creation_past_its_deadline_leaves_nothing_behind() {
+    let h = Harness::start(&[ClusterSpec::faulty(A)]).await;
+    let mut c = h.client().await;
+    let store = h.connected_store(&mut c, 0, "slow-create").await;
+    let kept = create_key(&mut c, &store).await.key_id;
+    // The HSM makes the key, but only after the 2 s deadline.
+    h.set_faults("delay_ms = 4000\ndelay_functions = C_GenerateKey\n");
+    assert_err(
+        try_create_key(&mut c, &store).await,
+        "DependencyTimeoutException",
+    );
+    h.set_faults("");
+    assert_eq!(
+        key_ids(&mut c).await,
+        vec![kept.clone()],
+        "no half-made key is listed"
+    );
+    let generated = r#"hsm_kms_hsm_call_duration_seconds_count{function="C_GenerateKey"}"#;
+    wait_for(
+        "the late C_GenerateKey to return",
+        Duration::from_secs(20),
+        || {
+            let v = metric(&h.metrics(), generated);
+            async move { v == Some(2.0) }
+        },
+    )
+    .await;
+    // The periodic sweep destroys the late object and the row with it.
+    wait_for("the sweep", Duration::from_secs(30), || {
+        let n = h.token_secret_keys(0);
+        async move { n == 1 }
+    })
+    .await;
+    assert_eq!(key_ids(&mut c).await, vec![kept.clone()]);
+    encrypt(&mut c, &kept, b"still here").await;
+}
