@@ -13,7 +13,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -260,7 +260,10 @@ fn start_server(dir: &Path, module: &Path) -> anyhow::Result<Server> {
         throttling: ThrottlingSettings {
             store_requests_per_second: 0,
         },
-        admin: AdminSettings { listen: None },
+        admin: AdminSettings {
+            enabled: false,
+            ..Default::default()
+        },
         clusters: vec![ClusterSettings {
             id: "cluster-benchbenchbe".into(),
             module: module.to_path_buf(),
@@ -614,24 +617,16 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         let started = Instant::now();
         let mut all = vec![key];
         let mut pending = Vec::new();
+        let retried = Arc::new(AtomicUsize::new(0));
         for i in 1..opts.keys {
-            let mut c = clients[i % clients.len()].clone();
-            let store = store.clone();
-            pending.push(tokio::spawn(async move {
-                c.create_key(CreateKeyRequest {
-                    custom_key_store_id: Some(store),
-                    origin: Some("AWS_CLOUDHSM".into()),
-                    ..Default::default()
-                })
-                .await
-                .map(|r| {
-                    r.into_inner()
-                        .key_metadata
-                        .map(|m| m.key_id)
-                        .unwrap_or_default()
-                })
-            }));
-            if pending.len() >= 16 {
+            let c = clients[i % clients.len()].clone();
+            pending.push(tokio::spawn(create_key_retrying(
+                c,
+                store.clone(),
+                Arc::clone(&retried),
+            )));
+            // The token makes one object at a time; a few calls in flight keep it busy.
+            if pending.len() >= 4 {
                 for p in pending.drain(..) {
                     all.push(p.await??);
                 }
@@ -639,6 +634,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         }
         for p in pending {
             all.push(p.await??);
+        }
+        let retried = retried.load(Ordering::Relaxed);
+        if retried > 0 {
+            eprintln!("{retried} CreateKey calls were retried after DependencyTimeoutException");
         }
         eprintln!(
             "created {} keys in {:.1} s",
@@ -837,4 +836,39 @@ pub fn svg(r: &Report) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// CreateKey, retried a few times after DependencyTimeoutException as AWS SDKs retry: on a
+/// token holding thousands of objects SoftHSM2's C_GenerateKey slows down, and queued
+/// creations can outlast the call deadline.
+async fn create_key_retrying(
+    mut c: Client,
+    store: String,
+    retried: Arc<AtomicUsize>,
+) -> anyhow::Result<String> {
+    let mut tries = 0u64;
+    loop {
+        let r = c
+            .create_key(CreateKeyRequest {
+                custom_key_store_id: Some(store.clone()),
+                origin: Some("AWS_CLOUDHSM".into()),
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Ok(r) => {
+                return Ok(r
+                    .into_inner()
+                    .key_metadata
+                    .map(|m| m.key_id)
+                    .unwrap_or_default())
+            }
+            Err(s) if s.code() == tonic::Code::Unavailable && tries < 3 => {
+                tries += 1;
+                retried.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+            }
+            Err(s) => return Err(s.into()),
+        }
+    }
 }

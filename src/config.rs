@@ -60,25 +60,29 @@ fn default_store_rate() -> u32 {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSettings {
-    /// Plain-HTTP admin listener serving Prometheus metrics at /metrics. Keep it on loopback
-    /// or a management network. Remove the key to turn the listener off.
-    #[serde(
-        default = "default_admin_listen",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub listen: Option<SocketAddr>,
+    /// Whether the plain-HTTP admin listener (Prometheus metrics at /metrics) runs.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Its address. Keep it on loopback or a management network: it has no authentication.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
 }
 
 impl Default for AdminSettings {
     fn default() -> Self {
         AdminSettings {
+            enabled: true,
             listen: default_admin_listen(),
         }
     }
 }
 
-fn default_admin_listen() -> Option<SocketAddr> {
-    Some(SocketAddr::from(([127, 0, 0, 1], 50052)))
+fn default_true() -> bool {
+    true
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50052))
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -388,5 +392,37 @@ impl Settings {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `toml::to_string` writes (dev mode's and the bench's generated configs) must load
+    /// back as the same settings: an omitted key must never turn into another default.
+    #[test]
+    fn settings_survive_a_round_trip_through_toml() {
+        let mut s: Settings = toml::from_str("").unwrap();
+        s.admin.enabled = false;
+        s.throttling.store_requests_per_second = 0;
+        s.hsm.softhsm2_conf = None;
+        s.clusters.push(ClusterSettings {
+            id: "cluster-roundtripabc".into(),
+            module: "/m.so".into(),
+            token_label: "t".into(),
+            trust_anchor_file: "/a.pem".into(),
+            state: "ACTIVE".into(),
+            lineage: None,
+            pin_format: PinFormat::UserPassword,
+            gcm_iv: GcmIvMode::Hsm,
+            crypto_user: "kmsuser".into(),
+            hsms: vec![],
+        });
+        let back: Settings = toml::from_str(&toml::to_string_pretty(&s).unwrap()).unwrap();
+        assert_eq!(
+            serde_json::to_value(&back).unwrap(),
+            serde_json::to_value(&s).unwrap()
+        );
     }
 }

@@ -204,7 +204,7 @@ pub fn prepare(data_dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Se
         } else {
             listen.port().saturating_add(1)
         };
-        settings.admin.listen = Some(SocketAddr::new(listen.ip(), port));
+        settings.admin.listen = SocketAddr::new(listen.ip(), port);
     }
     if let Some(conf) = &settings.hsm.softhsm2_conf {
         std::env::set_var("SOFTHSM2_CONF", conf);
@@ -336,7 +336,7 @@ fn print_quickstart(
     let metrics = running
         .admin_addr
         .map(|a| format!("curl -s http://{a}/metrics"))
-        .unwrap_or_else(|| "off (admin.listen is not set)".into());
+        .unwrap_or_else(|| "off (admin.enabled = false)".into());
     let cluster = &settings.clusters[0];
     let svc = "kms.v1.KeyManagementService";
     let conf = settings

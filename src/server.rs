@@ -38,12 +38,11 @@ pub async fn start(
         .await
         .with_context(|| format!("binding {}", settings.server.listen))?;
     let addr = listener.local_addr()?;
-    let (admin_addr, admin) = match settings.admin.listen {
-        Some(a) => {
-            let (addr, task) = spawn_admin(a, Arc::clone(&kms)).await?;
-            (Some(addr), Some(task))
-        }
-        None => (None, None),
+    let (admin_addr, admin) = if settings.admin.enabled {
+        let (addr, task) = spawn_admin(settings.admin.listen, Arc::clone(&kms)).await?;
+        (Some(addr), Some(task))
+    } else {
+        (None, None)
     };
     let reload = config_file.map(|path| spawn_reload_on_sighup(Arc::clone(&kms), path));
 

@@ -218,12 +218,13 @@ async fn dev_mode_end_to_end() {
         .unwrap()
         .contains("initialised the dev token"));
 
-    // The generated config runs as is under `serve` (listen address overridden from the
+    // The generated config runs as is under `serve` (listen addresses overridden from the
     // environment, as any setting can be).
     let mut child = Command::new(env!("CARGO_BIN_EXE_hsm-kms"))
         .args(["serve", "--config"])
         .arg(dir.join("hsm-kms.toml"))
         .env("HSM_KMS__SERVER__LISTEN", "127.0.0.1:0")
+        .env("HSM_KMS__ADMIN__LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()

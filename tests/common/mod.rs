@@ -193,7 +193,8 @@ impl Harness {
                 store_requests_per_second: 0,
             },
             admin: AdminSettings {
-                listen: Some("127.0.0.1:0".parse().unwrap()),
+                enabled: true,
+                listen: "127.0.0.1:0".parse().unwrap(),
             },
             clusters: cluster_settings,
         };
