@@ -7,6 +7,13 @@ use clap::{Parser, Subcommand};
 use hsm_kms::config::Settings;
 use hsm_kms::{dev, kms::Kms, server};
 
+/// mimalloc, overriding `malloc` for the whole process, the PKCS#11 library included.
+/// Measured: after SoftHSM2 had created 6,000 keys in-process, glibc's allocator spent a
+/// quarter of each C_Encrypt walking fragmented free lists (`_int_malloc`), and raw
+/// throughput fell from 44k to 37k ops/s; with mimalloc it stayed at 48k.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "hsm-kms",
