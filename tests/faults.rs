@@ -152,6 +152,18 @@ async fn survive(fault: &str) {
     )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let degraded =
+        format!(r#"hsm_kms_store_state{{custom_key_store_id="{store}",state="DEGRADED"}}"#);
+    assert_eq!(
+        metric(&h.metrics(), &degraded),
+        Some(1.0),
+        "{fault}: DEGRADED in the metrics"
+    );
+    assert_eq!(
+        describe_store(&mut c, &store).await.connection_state,
+        "CONNECTED",
+        "{fault}: the store stays CONNECTED while it heals"
+    );
     // Management of the store's keys fails cleanly while its HSM is out.
     let r = try_create_key(&mut c, &store).await;
     assert_err(r, "CustomKeyStoreInvalidStateException");
@@ -537,4 +549,48 @@ async fn a_key_creation_past_its_deadline_leaves_nothing_behind() {
     .await;
     assert_eq!(key_ids(&mut c).await, vec![kept.clone()]);
     encrypt(&mut c, &kept, b"still here").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_degraded_store_can_be_disconnected_and_connected_again() {
+    let h = Harness::start(&[ClusterSpec::faulty(A)]).await;
+    let mut c = h.client().await;
+    let store = h.connected_store(&mut c, 0, "give-up").await;
+    let key = create_key(&mut c, &store).await.key_id;
+    h.set_faults("fault = device_removed\n");
+    assert_err(
+        try_encrypt(&mut c, &key, b"x").await,
+        "KMSInvalidStateException",
+    );
+    // The operator gives up on the HSM: the recovery stops with the connection.
+    disconnect(&mut c, &store).await;
+    assert_eq!(
+        describe_store(&mut c, &store).await.connection_state,
+        "DISCONNECTED"
+    );
+    assert_eq!(h.health(&store).await, NOT_SERVING);
+    let msg = assert_err(
+        try_encrypt(&mut c, &key, b"x").await,
+        "KMSInvalidStateException",
+    );
+    assert!(msg.contains("DISCONNECTED"), "{msg}");
+    // While the device is still gone, connecting fails with a connection error code.
+    assert_eq!(
+        connect(&mut c, &store).await,
+        ("FAILED".into(), Some("NETWORK_ERRORS".into()))
+    );
+    assert_eq!(h.health(&store).await, NOT_SERVING);
+    disconnect(&mut c, &store).await;
+    h.set_faults("");
+    assert_eq!(connect(&mut c, &store).await, ("CONNECTED".into(), None));
+    assert_eq!(h.health(&store).await, SERVING);
+    let ct = encrypt(&mut c, &key, b"back").await;
+    assert_eq!(decrypt(&mut c, &ct).await, b"back");
+    let m = h.metrics();
+    let ok = format!(r#"hsm_kms_reconnects_total{{custom_key_store_id="{store}",outcome="ok"}}"#);
+    assert_eq!(
+        metric(&m, &ok),
+        None,
+        "no automatic reconnection after the disconnect\n{m}"
+    );
 }
