@@ -473,7 +473,7 @@ impl Kms {
         loop {
             tokio::time::sleep(wait).await;
             let lock = self.lifecycle_lock(&store_id);
-            let _guard = lock.write().await;
+            let guard = lock.write().await;
             let Some(old) = self.connection(&store_id) else {
                 return; // disconnected meanwhile
             };
@@ -499,7 +499,7 @@ impl Kms {
                         .insert(store_id.clone(), conn);
                     crate::metrics::get().reconnect(&store_id, "ok");
                     tracing::info!(custom_key_store_id = %store_id, "reconnected to the HSM");
-                    drop(_guard);
+                    drop(guard);
                     self.report(&store_id, true).await;
                     return;
                 }
