@@ -35,16 +35,32 @@ use crate::hsm::{self, Modules};
 use crate::proto::key_management_service_client::KeyManagementServiceClient;
 use crate::proto::*;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct Options {
+    /// Plaintext size in bytes.
+    #[arg(long, default_value_t = 256)]
     pub payload: usize,
+    /// Concurrency levels for the gRPC load.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64,256")]
     pub levels: Vec<usize>,
+    /// Measured seconds per level (after a short warm-up).
+    #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
+    /// Sessions (threads) for the multi-session raw measurement.
+    #[arg(long, default_value_t = 4)]
     pub raw_sessions: usize,
+    /// Also measure Encrypt with the store holding this many keys (1 = skip).
+    #[arg(long, default_value_t = 10_000)]
     pub keys: usize,
+    /// Concurrency for the many-keys comparison.
+    #[arg(long, default_value_t = 64)]
     pub keys_level: usize,
+    /// Drive an already running service (with a CONNECTED store) instead of starting one;
+    /// the raw measurement is then skipped.
+    #[arg(long)]
     pub target: Option<String>,
-    /// HTTP/2 connections the load is spread over (each carries many concurrent streams).
+    /// HTTP/2 connections the load is spread over.
+    #[arg(long, default_value_t = 2)]
     pub connections: usize,
 }
 
@@ -654,34 +670,23 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             })
             .await?;
         }
-        service.push(
-            level(
-                &clients,
-                Op::Encrypt,
-                Arc::clone(&many),
-                Arc::clone(&blobs),
-                &opts,
-                opts.keys_level,
-                many.len(),
-                pid,
-                &raw,
-            )
-            .await,
-        );
-        service.push(
-            level(
-                &clients,
-                Op::Encrypt,
-                Arc::clone(&keys),
-                Arc::clone(&blobs),
-                &opts,
-                opts.keys_level,
-                many.len(),
-                pid,
-                &raw,
-            )
-            .await,
-        );
+        // Spread over every key, then all on one key, with the same store behind both.
+        for over in [&many, &keys] {
+            service.push(
+                level(
+                    &clients,
+                    Op::Encrypt,
+                    Arc::clone(over),
+                    Arc::clone(&blobs),
+                    &opts,
+                    opts.keys_level,
+                    many.len(),
+                    pid,
+                    &raw,
+                )
+                .await,
+            );
+        }
     }
     if opts.keys > 1 && server.is_some() {
         let ops = tokio::task::block_in_place(|| raw_on_service_token(&module, &opts))?;

@@ -45,31 +45,8 @@ enum Command {
     },
     /// Measure the raw PKCS#11 ceiling and the service's throughput in one run.
     Bench {
-        /// Plaintext size in bytes.
-        #[arg(long, default_value_t = 256)]
-        payload: usize,
-        /// Concurrency levels for the gRPC load.
-        #[arg(long, value_delimiter = ',', default_value = "1,4,16,64,256")]
-        levels: Vec<usize>,
-        /// Measured seconds per level (after a short warm-up).
-        #[arg(long, default_value_t = 5.0)]
-        seconds: f64,
-        /// Sessions (threads) for the multi-session raw measurement.
-        #[arg(long, default_value_t = 4)]
-        raw_sessions: usize,
-        /// Also measure Encrypt with the store holding this many keys (1 = skip).
-        #[arg(long, default_value_t = 10_000)]
-        keys: usize,
-        /// Concurrency for the many-keys comparison.
-        #[arg(long, default_value_t = 64)]
-        keys_level: usize,
-        /// Drive an already running service (with a CONNECTED store) instead of starting one;
-        /// the raw measurement is then skipped.
-        #[arg(long)]
-        target: Option<String>,
-        /// HTTP/2 connections the load is spread over.
-        #[arg(long, default_value_t = 2)]
-        connections: usize,
+        #[command(flatten)]
+        opts: hsm_kms::bench::Options,
         /// Write the JSON report here (it is also printed after the table).
         #[arg(long)]
         json: Option<PathBuf>,
@@ -115,28 +92,11 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Command::Bench {
-            payload,
-            levels,
-            seconds,
-            raw_sessions,
-            keys,
-            keys_level,
-            target,
-            connections,
+            opts,
             json,
             svg,
             from_json,
         } => {
-            let opts = hsm_kms::bench::Options {
-                payload,
-                levels,
-                seconds,
-                raw_sessions,
-                keys,
-                keys_level,
-                target,
-                connections,
-            };
             let report = match from_json {
                 Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)?,
                 None => runtime()?.block_on(hsm_kms::bench::run(opts))?,

@@ -123,16 +123,30 @@ fn hsm_error(key: &UsableKey, e: HsmError) -> KmsError {
                 key.arn, key.store_id
             ))
         }
-        HsmError::Timeout(limit) => KmsError::new(
-            ErrorKind::DependencyTimeout,
-            format!(
-                "The HSM of custom key store {} did not answer within {limit:?}",
-                key.store_id
-            ),
-        ),
+        HsmError::Timeout(limit) => timed_out(&key.store_id, limit),
         HsmError::Internal(detail) => {
             KmsError::internal(format!("HSM operation on {}: {detail}", key.arn))
         }
+    }
+}
+
+fn timed_out(store_id: &str, limit: std::time::Duration) -> KmsError {
+    KmsError::new(
+        ErrorKind::DependencyTimeout,
+        format!("The HSM of custom key store {store_id} did not answer within {limit:?}"),
+    )
+}
+
+/// Maps an HSM failure of a store-level operation (`what`: CreateKey's key generation,
+/// GenerateRandom) to the AWS exception the caller gets.
+pub(super) fn store_hsm_error(store_id: &str, what: &str, e: HsmError) -> KmsError {
+    match e {
+        HsmError::Unavailable(d) => KmsError::new(
+            ErrorKind::CustomKeyStoreInvalidState,
+            format!("Custom key store {store_id} cannot reach its cluster: {d}"),
+        ),
+        HsmError::Timeout(limit) => timed_out(store_id, limit),
+        other => KmsError::internal(format!("{what} in {store_id}: {other:?}")),
     }
 }
 
@@ -331,16 +345,9 @@ impl Kms {
             )
         })?;
         self.admit(&store.id)?;
-        conn.random(n).await.map(Secret).map_err(|e| match e {
-            HsmError::Unavailable(d) => KmsError::new(
-                ErrorKind::CustomKeyStoreInvalidState,
-                format!("Custom key store {store_id} cannot reach its cluster: {d}"),
-            ),
-            HsmError::Timeout(t) => KmsError::new(
-                ErrorKind::DependencyTimeout,
-                format!("The HSM of custom key store {store_id} did not answer within {t:?}"),
-            ),
-            other => KmsError::internal(format!("GenerateRandom in {store_id}: {other:?}")),
-        })
+        conn.random(n)
+            .await
+            .map(Secret)
+            .map_err(|e| store_hsm_error(store_id, "GenerateRandom", e))
     }
 }

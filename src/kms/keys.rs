@@ -297,19 +297,11 @@ impl Kms {
             } else if let Err(db) = self.store.delete_key(&id) {
                 tracing::error!(key_arn = %arn, error = %db, "removing a half-made key row failed; reconnect reconciles it");
             }
-            return Err(match e {
-                HsmError::Unavailable(d) => KmsError::new(
-                    ErrorKind::CustomKeyStoreInvalidState,
-                    format!("Custom key store {store_id} cannot reach its cluster: {d}"),
-                ),
-                HsmError::Timeout(t) => KmsError::new(
-                    ErrorKind::DependencyTimeout,
-                    format!("The HSM of custom key store {store_id} did not answer within {t:?}"),
-                ),
-                other => {
-                    KmsError::internal(format!("generating key material for {arn}: {other:?}"))
-                }
-            });
+            return Err(super::crypto::store_hsm_error(
+                &store_id,
+                &format!("generating key material for {arn}"),
+                e,
+            ));
         }
         if let Err(e) = self.store.set_key_state(&id, stored::ENABLED) {
             // Roll back: destroy the token key so no material exists without a usable row.

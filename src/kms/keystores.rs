@@ -410,11 +410,17 @@ impl Kms {
             Ok(p) => p,
             Err(_) => return Err("INTERNAL_ERROR"),
         };
-        let password = String::from_utf8(password.to_vec()).map_err(|_| "INTERNAL_ERROR")?;
-        let pin = AuthPin::from(match cluster.settings.pin_format {
-            PinFormat::Password => password,
-            PinFormat::UserPassword => format!("{}:{}", cluster.settings.crypto_user, password),
-        });
+        let password = std::str::from_utf8(&password).map_err(|_| "INTERNAL_ERROR")?;
+        // Built in one allocation that moves into the zeroizing AuthPin: no stray copy of
+        // the password is left behind in freed memory.
+        let user = &cluster.settings.crypto_user;
+        let mut pin = String::with_capacity(user.len() + 1 + password.len());
+        if cluster.settings.pin_format == PinFormat::UserPassword {
+            pin.push_str(user);
+            pin.push(':');
+        }
+        pin.push_str(password);
+        let pin = AuthPin::from(pin);
         let module = cluster.settings.module.clone();
         let label = cluster.settings.token_label.clone();
         let options = Options {
