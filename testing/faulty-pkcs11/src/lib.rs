@@ -13,6 +13,7 @@
 //! delay_functions = C_Encrypt           # which ones stall (default: all of them)
 //! gcm_iv = hsm                          # CloudHSM: refuse caller GCM IVs, write the IV back
 //! pin_format = user:password            # CloudHSM: the PIN is `<user>:<password>`
+//! after_call = true                     # C_SetPIN: fail only after the real call ran
 //! ```
 //!
 //! `C_GetSlotList` never fails; under `token_not_present` it lists no slot with a token.
@@ -74,6 +75,7 @@ pub unsafe extern "C" fn C_GetFunctionList(out: *mut *mut CK_FUNCTION_LIST) -> C
         C_GetTokenInfo: Some(C_GetTokenInfo),
         C_OpenSession: Some(C_OpenSession),
         C_Login: Some(C_Login),
+        C_SetPIN: Some(C_SetPIN),
         C_FindObjectsInit: Some(C_FindObjectsInit),
         C_GenerateKey: Some(C_GenerateKey),
         C_DestroyObject: Some(C_DestroyObject),
@@ -98,6 +100,9 @@ struct Control {
     delay_functions: Option<Vec<String>>,
     hsm_iv: bool,
     user_pin: bool,
+    /// Inject the fault after the real call ran, so its effect stays (a crash after the
+    /// HSM acted but before the caller heard of it). Only C_SetPIN honours it.
+    after_call: bool,
 }
 
 fn names(v: &str) -> Vec<String> {
@@ -135,6 +140,7 @@ impl Control {
                 "delay_functions" => c.delay_functions = Some(names(v)),
                 "gcm_iv" => c.hsm_iv = v == "hsm",
                 "pin_format" => c.user_pin = v == "user:password",
+                "after_call" => c.after_call = v == "true",
                 _ => {}
             }
         }
@@ -246,6 +252,27 @@ unsafe extern "C" fn C_Login(
             ))
         }
         _ => CKR_PIN_INCORRECT,
+    }
+}
+
+unsafe extern "C" fn C_SetPIN(
+    s: CK_SESSION_HANDLE,
+    old: *mut CK_UTF8CHAR,
+    old_len: CK_ULONG,
+    new: *mut CK_UTF8CHAR,
+    new_len: CK_ULONG,
+) -> CK_RV {
+    match before("C_SetPIN") {
+        (c, Some(rv)) if c.after_call => {
+            let real = call!(C_SetPIN(s, old, old_len, new, new_len));
+            if real == CKR_OK {
+                rv
+            } else {
+                real
+            }
+        }
+        (_, Some(rv)) => rv,
+        (_, None) => call!(C_SetPIN(s, old, old_len, new, new_len)),
     }
 }
 
