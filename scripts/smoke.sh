@@ -2,7 +2,7 @@
 # Smoke test with grpcurl against a freshly started `hsm-kms dev`:
 # DescribeCustomKeyStores -> CreateKey -> Encrypt -> Decrypt -> GenerateDataKey -> Decrypt,
 # then aliases, tags, the key policy, ScheduleKeyDeletion -> CancelKeyDeletion -> EnableKey,
-# the store's health and the metrics.
+# the store's health, the metrics, a grant, and the audit trail's hash chain.
 # Exits non-zero on any failure or mismatch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -94,5 +94,17 @@ grep -q '^hsm_kms_request_duration_seconds_count{operation="Encrypt",outcome="ok
   || fail "metrics do not count the Encrypt calls"
 grep -q "^hsm_kms_store_state{custom_key_store_id=\"$store_id\",state=\"CONNECTED\"} 1" <<<"$metrics" \
   || fail "metrics do not show the store CONNECTED"
+
+# A grant for another principal, listed and revoked.
+grant_id=$(call CreateGrant "{\"key_id\":\"$key_id\",\"grantee_principal\":\"arn:aws:iam::111122223333:role/app\",\"operations\":[\"Decrypt\"]}" | jq -r .grantId)
+[ "$(call ListGrants "{\"key_id\":\"$key_id\"}" | jq -r '.grants[0].grantId')" = "$grant_id" ] || fail "ListGrants"
+call RevokeGrant "{\"key_id\":\"$key_id\",\"grant_id\":\"$grant_id\"}" >/dev/null
+
+# Stop the service (the audit writer flushes and closes), then check the audit chain.
+audit=$(sed -n 's/.*audit trail: *\([^ ]*\).*/\1/p' "$work/out" | head -n1)
+[ -n "$audit" ] || fail "the banner names no audit trail"
+kill -TERM "$pid"; wait "$pid" || true; pid=""
+"$bin" audit verify "$audit" | grep -q "chain intact" || fail "audit chain"
+grep -q '"operation":"CreateGrant"' "$audit" || fail "the audit trail lacks CreateGrant"
 
 echo "smoke: OK ($addr, store $store_id, key $key_id)"

@@ -266,6 +266,7 @@ fn start_server(dir: &Path, module: &Path) -> anyhow::Result<Server> {
         },
         security: SecuritySettings {
             sealing_key_file: dir.join("sealing.key"),
+            rotate_kmsuser_password: false,
         },
         hsm: HsmSettings {
             softhsm2_conf: Some(dir.join("softhsm2.conf")),
@@ -279,6 +280,15 @@ fn start_server(dir: &Path, module: &Path) -> anyhow::Result<Server> {
         admin: AdminSettings {
             enabled: false,
             ..Default::default()
+        },
+        tls: Default::default(),
+        // The load generator is on loopback; the audit trail is written as in production.
+        auth: crate::config::AuthSettings {
+            allow_plaintext_loopback: true,
+            ..Default::default()
+        },
+        audit: crate::config::AuditSettings {
+            file: dir.join("audit.jsonl"),
         },
         clusters: vec![ClusterSettings {
             id: "cluster-benchbenchbe".into(),

@@ -33,7 +33,93 @@ pub struct Settings {
     #[serde(default)]
     pub admin: AdminSettings,
     #[serde(default)]
+    pub tls: TlsSettings,
+    #[serde(default)]
+    pub auth: AuthSettings,
+    #[serde(default)]
+    pub audit: AuditSettings,
+    #[serde(default)]
     pub clusters: Vec<ClusterSettings>,
+}
+
+/// The gRPC listener's TLS: a server certificate and key, and the CA that signs client
+/// certificates. Every client must present a certificate that CA signed and that is valid now.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM server certificate chain; unset = no TLS (then see auth.allow_plaintext_loopback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of the server certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// PEM CA certificate(s) that sign client certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl TlsSettings {
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+}
+
+/// Who callers are and what they may do outside key policies.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Serve plaintext gRPC without client certificates. Allowed only when server.listen is a
+    /// loopback address; every caller is then `plaintext_principal`. For development only.
+    #[serde(default)]
+    pub allow_plaintext_loopback: bool,
+    /// The principal of plaintext callers [default: the account root,
+    /// arn:<partition>:iam::<account_id>:root].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plaintext_principal: Option<String>,
+    /// Principals of client certificates without an `arn:` URI SAN, by subject common name.
+    #[serde(default)]
+    pub certificate_principals: Vec<CertificatePrincipal>,
+    /// Identity (IAM) policies, per principal, as in AWS: consulted when a key policy allows
+    /// the principal's account, and alone for account-level operations.
+    #[serde(default)]
+    pub identity_policies: Vec<IdentityPolicy>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificatePrincipal {
+    pub common_name: String,
+    pub principal: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityPolicy {
+    pub principal: String,
+    /// An IAM policy document (JSON): Statement with Effect, Action/NotAction,
+    /// Resource/NotResource, Condition; no Principal.
+    pub policy: String,
+}
+
+/// The audit trail: one hash-chained JSON line per request.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSettings {
+    /// The append-only audit file; `hsm-kms audit verify FILE` checks its chain.
+    #[serde(default = "default_audit_file")]
+    pub file: PathBuf,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        AuditSettings {
+            file: default_audit_file(),
+        }
+    }
+}
+
+fn default_audit_file() -> PathBuf {
+    "/var/log/hsm-kms/audit.jsonl".into()
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -197,12 +283,18 @@ pub struct SecuritySettings {
     /// `HSM_KMS_SEALING_KEY` (64 hex digits) takes precedence when set.
     #[serde(default = "default_sealing_key_file")]
     pub sealing_key_file: PathBuf,
+    /// As AWS does: on each successful connect, replace the kmsuser password with a random
+    /// one that only this service knows (stored sealed before the old one is given up).
+    /// `hsm-kms dev` turns it off so that its token stays usable with the printed PIN.
+    #[serde(default = "default_true")]
+    pub rotate_kmsuser_password: bool,
 }
 
 impl Default for SecuritySettings {
     fn default() -> Self {
         SecuritySettings {
             sealing_key_file: default_sealing_key_file(),
+            rotate_kmsuser_password: true,
         }
     }
 }
@@ -343,6 +435,14 @@ fn default_crypto_user() -> String {
 impl Settings {
     /// Reads the file, applies environment overrides and checks the result.
     pub fn load(path: &Path) -> anyhow::Result<Settings> {
+        let settings = Settings::read(path)?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    /// Reads the file and applies environment overrides, without `check` (for callers that
+    /// adjust the settings first, as dev mode does).
+    pub fn read(path: &Path) -> anyhow::Result<Settings> {
         let settings: Settings = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml))
             .add_source(
@@ -355,7 +455,6 @@ impl Settings {
             .with_context(|| format!("reading config {}", path.display()))?
             .try_deserialize()
             .with_context(|| format!("parsing config {}", path.display()))?;
-        settings.check()?;
         Ok(settings)
     }
 
@@ -378,6 +477,38 @@ impl Settings {
             || !self.account.account_id.bytes().all(|b| b.is_ascii_digit())
         {
             bail!("account.account_id must be 12 digits");
+        }
+        let tls = &self.tls;
+        match (&tls.cert_file, &tls.key_file, &tls.client_ca_file) {
+            (Some(_), Some(_), Some(_)) | (None, None, None) => {}
+            _ => bail!("tls.cert_file, tls.key_file and tls.client_ca_file go together"),
+        }
+        if !tls.enabled() {
+            if !self.auth.allow_plaintext_loopback {
+                bail!(
+                    "no TLS configured: set tls.cert_file, tls.key_file and tls.client_ca_file \
+                     (or, for development on a loopback address, auth.allow_plaintext_loopback)"
+                );
+            }
+            if !self.server.listen.ip().is_loopback() {
+                bail!(
+                    "plaintext gRPC is allowed only on a loopback address, not {}",
+                    self.server.listen
+                );
+            }
+        }
+        let principals = self.auth.plaintext_principal.iter().chain(
+            self.auth
+                .certificate_principals
+                .iter()
+                .map(|c| &c.principal),
+        );
+        for p in principals {
+            if crate::kms::access::Principal::parse(p).is_none() {
+                bail!(
+                    "{p} is not an IAM principal ARN such as arn:aws:iam::111122223333:user/alice"
+                );
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for c in &self.clusters {

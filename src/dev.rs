@@ -125,7 +125,7 @@ pub fn prepare(data_dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Se
     let anchor = data_dir.join("trust-anchor.pem");
     let config_path = data_dir.join("hsm-kms.toml");
     let mut settings = if config_path.exists() {
-        Settings::load(&config_path)?
+        Settings::read(&config_path)?
     } else {
         let cluster_id = format!("cluster-{}", random_text(CLUSTER_ALPHABET, 11)?);
         let settings = Settings {
@@ -140,6 +140,8 @@ pub fn prepare(data_dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Se
             },
             security: crate::config::SecuritySettings {
                 sealing_key_file: data_dir.join("sealing.key"),
+                // The token stays usable with the password in the data directory.
+                rotate_kmsuser_password: false,
             },
             hsm: crate::config::HsmSettings {
                 softhsm2_conf: Some(softhsm_conf.clone()),
@@ -148,6 +150,15 @@ pub fn prepare(data_dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Se
             lifecycle: Default::default(),
             throttling: Default::default(),
             admin: Default::default(),
+            tls: Default::default(),
+            // Development: plaintext on loopback, every caller the account root.
+            auth: crate::config::AuthSettings {
+                allow_plaintext_loopback: true,
+                ..Default::default()
+            },
+            audit: crate::config::AuditSettings {
+                file: data_dir.join("audit.jsonl"),
+            },
             clusters: vec![ClusterSettings {
                 id: cluster_id.clone(),
                 module: softhsm2_module()?,
@@ -206,6 +217,10 @@ pub fn prepare(data_dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Se
         };
         settings.admin.listen = SocketAddr::new(listen.ip(), port);
     }
+    // Dev mode is plaintext on loopback whatever an older generated file says; a --listen
+    // off loopback is refused by the check below.
+    settings.auth.allow_plaintext_loopback = true;
+    settings.check()?;
     if let Some(conf) = &settings.hsm.softhsm2_conf {
         std::env::set_var("SOFTHSM2_CONF", conf);
     }
@@ -272,8 +287,9 @@ async fn ensure_store(
 ) -> anyhow::Result<String> {
     let err = |e: crate::kms::error::KmsError| anyhow::anyhow!("{e}");
     let cluster = &settings.clusters[0];
+    let me = kms.service_caller();
     let existing = kms
-        .describe_custom_key_stores(None, Some(STORE_NAME), None, None)
+        .describe_custom_key_stores(&me, None, Some(STORE_NAME), None, None)
         .ok()
         .and_then(|p| p.items.into_iter().next());
     let (id, fresh) = match existing {
@@ -281,13 +297,16 @@ async fn ensure_store(
         None => {
             let anchor = fs::read_to_string(&cluster.trust_anchor_file)?;
             let id = kms
-                .create_custom_key_store(CreateStore {
-                    name: STORE_NAME.into(),
-                    cluster_id: Some(cluster.id.clone()),
-                    trust_anchor: Some(anchor),
-                    password: Some(Password::new(password.to_string()).map_err(err)?),
-                    store_type: None,
-                })
+                .create_custom_key_store(
+                    &me,
+                    CreateStore {
+                        name: STORE_NAME.into(),
+                        cluster_id: Some(cluster.id.clone()),
+                        trust_anchor: Some(anchor),
+                        password: Some(Password::new(password.to_string()).map_err(err)?),
+                        store_type: None,
+                    },
+                )
                 .map_err(err)?;
             (id, true)
         }
@@ -298,23 +317,28 @@ async fn ensure_store(
         match state.as_str() {
             CONNECTED => return Ok(id),
             FAILED => {
-                kms.disconnect_custom_key_store(&id).await.map_err(err)?;
+                kms.disconnect_custom_key_store(&me, &id)
+                    .await
+                    .map_err(err)?;
             }
             _ => {}
         }
         if kms.store_state(&id).map_err(err)? == DISCONNECTED {
             if !fresh || attempt > 0 {
                 // The token may have been made anew: the password file is the truth in dev.
-                kms.update_custom_key_store(UpdateStore {
-                    id: id.clone(),
-                    new_name: None,
-                    password: Some(Password::new(password.to_string()).map_err(err)?),
-                    cluster_id: None,
-                })
+                kms.update_custom_key_store(
+                    &me,
+                    UpdateStore {
+                        id: id.clone(),
+                        new_name: None,
+                        password: Some(Password::new(password.to_string()).map_err(err)?),
+                        cluster_id: None,
+                    },
+                )
                 .await
                 .map_err(err)?;
             }
-            kms.connect_custom_key_store(&id).await.map_err(err)?;
+            kms.connect_custom_key_store(&me, &id).await.map_err(err)?;
         }
         tracing::debug!(attempt, "waiting for the dev store to connect");
     }
@@ -348,6 +372,8 @@ fn print_quickstart(
     println!(
         "\
 hsm-kms dev is ready. listening on {addr} (plaintext gRPC; dev mode only)
+  NO AUTHENTICATION: plaintext on loopback, every caller acts as {principal}
+  audit trail:      {audit}   (hsm-kms audit verify {audit})
   data directory:   {dir}
   config:           {dir}/hsm-kms.toml   (hsm-kms serve --config {dir}/hsm-kms.toml)
   custom key store: {STORE_NAME} ({store_id}), CONNECTED to {cluster_id} (token {label})
@@ -366,6 +392,11 @@ Quickstart (grpcurl and jq):
         cluster_id = cluster.id,
         label = cluster.token_label,
         module = cluster.module.display(),
+        principal = settings.auth.plaintext_principal.clone().unwrap_or_else(|| format!(
+            "arn:{}:iam::{}:root",
+            settings.account.partition, settings.account.account_id
+        )),
+        audit = settings.audit.file.display(),
     );
     use std::io::Write as _;
     let _ = std::io::stdout().flush();

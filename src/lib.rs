@@ -3,6 +3,7 @@
 //! Data flows one way: `api` (gRPC) -> `kms` (the domain) -> (`hsm`, `store`).
 
 pub mod api;
+pub mod audit;
 pub mod bench;
 pub mod config;
 pub mod dev;

@@ -43,6 +43,11 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// Work with an audit trail file.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Measure the raw PKCS#11 ceiling and the service's throughput in one run.
     Bench {
         #[command(flatten)]
@@ -56,6 +61,16 @@ enum Command {
         /// Do not measure: render the table (and --svg) from a saved JSON report.
         #[arg(long)]
         from_json: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of an audit file: exits 1 naming the first removed, altered,
+    /// inserted or reordered line.
+    Verify {
+        /// The audit file (audit.file in the configuration).
+        file: PathBuf,
     },
 }
 
@@ -112,6 +127,23 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Audit {
+            command: AuditCommand::Verify { file },
+        } => match hsm_kms::audit::verify(&file) {
+            Ok(v) => {
+                println!(
+                    "{}: chain intact, {} lines, head {}",
+                    file.display(),
+                    v.lines,
+                    v.head
+                );
+                Ok(())
+            }
+            Err(e) => {
+                println!("{}: chain broken: {e:#}", file.display());
+                std::process::exit(1);
+            }
+        },
         Command::Dev { data_dir, listen } => {
             let data_dir = data_dir.unwrap_or_else(dev::default_data_dir);
             let settings = dev::prepare(&data_dir, listen)?;

@@ -73,13 +73,25 @@ pub async fn start(
         settings.lifecycle.deletion_check_interval_seconds,
     ));
 
-    let router = tonic::transport::Server::builder()
+    let auth = crate::api::auth::Authenticator::new(settings)?;
+    let audit = Arc::new(crate::audit::Audit::open(&settings.audit.file)?);
+    let mut builder = tonic::transport::Server::builder();
+    if settings.tls.enabled() {
+        builder = builder
+            .tls_config(tls_config(&settings.tls)?)
+            .context("configuring TLS")?;
+    } else {
+        tracing::warn!(%addr, "plaintext gRPC without client authentication (auth.allow_plaintext_loopback)");
+    }
+    let router = builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(KeyManagementServiceServer::new(Service::new(Arc::clone(
-            &kms,
-        ))));
+        .add_service(KeyManagementServiceServer::new(Service::new(
+            Arc::clone(&kms),
+            auth,
+            Arc::clone(&audit),
+        )));
     let kms_for_task = Arc::clone(&kms);
     let grace = Duration::from_secs(settings.server.shutdown_grace_seconds);
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
@@ -111,6 +123,7 @@ pub async fn start(
         }
         tracing::info!("server stopped; closing HSM connections");
         kms_for_task.shutdown().await;
+        tokio::task::spawn_blocking(move || audit.close()).await?;
         Ok(())
     });
     tracing::info!(%addr, "hsm-kms listening");
@@ -120,6 +133,29 @@ pub async fn start(
         admin_addr,
         task,
     })
+}
+
+/// The server certificate and key, and the CA every client certificate must chain to.
+/// rustls refuses clients without a certificate, with one from another CA, or with one
+/// outside its validity period, before any request is read.
+fn tls_config(
+    tls: &crate::config::TlsSettings,
+) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    let read = |p: &Option<PathBuf>, what: &str| -> anyhow::Result<Vec<u8>> {
+        let p = p
+            .as_ref()
+            .with_context(|| format!("tls.{what} is not set"))?;
+        std::fs::read(p).with_context(|| format!("reading tls.{what} {}", p.display()))
+    };
+    let identity = tonic::transport::Identity::from_pem(
+        read(&tls.cert_file, "cert_file")?,
+        read(&tls.key_file, "key_file")?,
+    );
+    let ca = tonic::transport::Certificate::from_pem(read(&tls.client_ca_file, "client_ca_file")?);
+    Ok(tonic::transport::ServerTlsConfig::new()
+        .identity(identity)
+        .client_ca_root(ca)
+        .client_auth_optional(false))
 }
 
 /// The admin listener: `GET /metrics` in the Prometheus text format.
@@ -167,7 +203,7 @@ fn spawn_reload_on_sighup(kms: Arc<Kms>, path: PathBuf) -> tokio::task::JoinHand
                 }
             };
         while hangups.recv().await.is_some() {
-            let outcome = Settings::load(&path).and_then(|s| kms.reload_clusters(&s.clusters));
+            let outcome = Settings::load(&path).and_then(|s| kms.reload(&s));
             match outcome {
                 Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
                 Err(e) => tracing::error!(

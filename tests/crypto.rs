@@ -481,8 +481,11 @@ async fn bad_input_gets_aws_errors() {
     ] {
         assert_err(c.encrypt(enc(&k, b"x".to_vec())).await, name);
         assert_err(
-            c.describe_key(DescribeKeyRequest { key_id: k.clone() })
-                .await,
+            c.describe_key(DescribeKeyRequest {
+                key_id: k.clone(),
+                ..Default::default()
+            })
+            .await,
             name,
         );
     }

@@ -180,6 +180,7 @@ async fn aliases() {
     assert_err(
         c.describe_key(DescribeKeyRequest {
             key_id: "alias/none".into(),
+            ..Default::default()
         })
         .await,
         "NotFoundException",
@@ -234,6 +235,7 @@ async fn aliases() {
     assert_err(
         c.describe_key(DescribeKeyRequest {
             key_id: "alias/app".into(),
+            ..Default::default()
         })
         .await,
         "NotFoundException",
@@ -360,7 +362,9 @@ async fn key_policies() {
     );
     assert_eq!(doc["Statement"][0]["Action"], "kms:*");
 
-    let mine = r#"{"Version":"2012-10-17","Statement":[{"Sid":"app","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::111122223333:role/app"},"Action":["kms:Encrypt","kms:Decrypt"],"Resource":"*","Condition":{"StringEquals":{"kms:EncryptionContext:tenant":"blue"}}}]}"#;
+    // The account root keeps its rights: a policy that locks the caller out is refused (the
+    // lockout safety check; tests/access.rs).
+    let mine = r#"{"Version":"2012-10-17","Statement":[{"Sid":"root","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::111122223333:root"},"Action":"kms:*","Resource":"*"},{"Sid":"app","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::111122223333:role/app"},"Action":["kms:Encrypt","kms:Decrypt"],"Resource":"*","Condition":{"StringEquals":{"kms:EncryptionContext:tenant":"blue"}}}]}"#;
     c.put_key_policy(PutKeyPolicyRequest {
         key_id: k.arn.clone(),
         policy: mine.into(),
@@ -479,6 +483,7 @@ async fn deleted_soon(c: &mut Client, key_id: &str) -> bool {
         let r = c
             .describe_key(DescribeKeyRequest {
                 key_id: key_id.into(),
+                ..Default::default()
             })
             .await;
         if r.is_err() {
@@ -651,6 +656,7 @@ async fn scheduled_deletion() {
     assert_err(
         c.describe_key(DescribeKeyRequest {
             key_id: orphan.key_id.clone(),
+            ..Default::default()
         })
         .await,
         "NotFoundException",
@@ -663,6 +669,7 @@ async fn scheduled_deletion() {
     assert_err(
         c.describe_key(DescribeKeyRequest {
             key_id: doomed.key_id.clone(),
+            ..Default::default()
         })
         .await,
         "NotFoundException",
@@ -772,7 +779,10 @@ async fn run_op(c: &mut Client, op: &str, s: &Subject, other_alias: &str) -> Res
     let id = s.key.key_id.clone();
     match op {
         "DescribeKey" => c
-            .describe_key(DescribeKeyRequest { key_id: id })
+            .describe_key(DescribeKeyRequest {
+                key_id: id,
+                ..Default::default()
+            })
             .await
             .map(drop),
         "ListResourceTags" => c

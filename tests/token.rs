@@ -194,6 +194,7 @@ async fn token_objects_follow_the_template_and_missing_material_is_reported() {
         assert_err(
             c.describe_key(DescribeKeyRequest {
                 key_id: id.to_string(),
+                ..Default::default()
             })
             .await,
             "NotFoundException",

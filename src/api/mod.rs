@@ -1,6 +1,7 @@
 //! gRPC transport: request validation (the AWS field limits), proto <-> domain mapping, and
 //! domain errors -> gRPC statuses (`status`). No business rule lives here.
 
+pub mod auth;
 pub mod status;
 
 use std::collections::{BTreeMap, HashMap};
@@ -11,9 +12,12 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use zeroize::Zeroizing;
 
+use crate::audit::Audit;
+use crate::kms::access::Caller;
 use crate::kms::aliases::AliasView;
 use crate::kms::crypto::{data_key_len, SYMMETRIC_DEFAULT};
-use crate::kms::error::{KmsError, KmsResult};
+use crate::kms::error::{ErrorKind, KmsError, KmsResult};
+use crate::kms::grants::{check_grant_tokens, CreateGrant, GrantView};
 use crate::kms::keys::{CreateKey, KeyView};
 use crate::kms::keystores::{CreateStore, Password, StoreView, UpdateStore};
 use crate::kms::Kms;
@@ -23,12 +27,98 @@ use status::to_status;
 
 pub struct Service {
     kms: Arc<Kms>,
+    auth: auth::Authenticator,
+    audit: Arc<Audit>,
 }
 
 impl Service {
-    pub fn new(kms: Arc<Kms>) -> Service {
-        Service { kms }
+    pub fn new(kms: Arc<Kms>, auth: auth::Authenticator, audit: Arc<Audit>) -> Service {
+        Service { kms, auth, audit }
     }
+
+    /// Names the caller of a request (the refusal, if any, is answered by `finish`).
+    fn call<R>(&self, op: &'static str, req: &Request<R>) -> Call {
+        let leaf = req.peer_certs();
+        let principal = self
+            .auth
+            .principal(leaf.as_ref().and_then(|c| c.first()).map(|c| c.as_ref()));
+        Call {
+            op,
+            started: std::time::Instant::now(),
+            request_id: uuid::Uuid::new_v4().to_string(),
+            caller: principal.map(|p| Caller::new(p, req.remote_addr())),
+        }
+    }
+
+    /// Runs one operation: turns its error into a status, records it in the metrics and the
+    /// audit trail, and gives the request id to the caller (`x-request-id`). The span is
+    /// debug-level: an enabled span per request costs measurable throughput (bench), so
+    /// failures name the operation in their own event instead.
+    async fn finish<T>(
+        &self,
+        call: &Call,
+        encryption_context: Option<BTreeMap<String, String>>,
+        fut: impl std::future::Future<Output = KmsResult<T>>,
+    ) -> Result<Response<T>, Status> {
+        let op = call.op;
+        let outcome = fut.instrument(tracing::debug_span!("kms", op)).await;
+        let name = match &outcome {
+            Ok(_) => "ok",
+            Err(e) => e.kind.aws_name(),
+        };
+        crate::metrics::get().request(op, name, call.started.elapsed());
+        let caller = call.caller.as_ref().ok();
+        self.audit.record(crate::audit::Entry {
+            time: crate::audit::rfc3339(crate::kms::now_ms()),
+            request_id: call.request_id.clone(),
+            principal: caller.map(|c| c.principal.arn.clone()),
+            source: caller.and_then(|c| c.source).map(|a| a.to_string()),
+            operation: op,
+            resources: caller.map(|c| c.resources()).unwrap_or_default(),
+            encryption_context: encryption_context.filter(|c| !c.is_empty()),
+            outcome: match &outcome {
+                Ok(_) => "allowed",
+                Err(e) if e.kind == ErrorKind::AccessDenied => "denied",
+                Err(_) => "failed",
+            },
+            error: outcome.as_ref().err().map(|e| e.kind.aws_name()),
+        });
+        let request_id = tonic::metadata::MetadataValue::try_from(call.request_id.as_str()).ok();
+        let mut response = match outcome {
+            Ok(v) => Response::new(v),
+            Err(e) => {
+                tracing::info!(op, error = e.kind.aws_name(), message = %e.message, request_id = %call.request_id, "request failed");
+                let mut status = to_status(e);
+                if let Some(id) = request_id {
+                    status.metadata_mut().insert("x-request-id", id);
+                }
+                return Err(status);
+            }
+        };
+        if let Some(id) = request_id {
+            response.metadata_mut().insert("x-request-id", id);
+        }
+        Ok(response)
+    }
+}
+
+/// One request in flight: its operation, id, start time and caller.
+struct Call {
+    op: &'static str,
+    started: std::time::Instant,
+    request_id: String,
+    caller: KmsResult<Caller>,
+}
+
+impl Call {
+    fn who(&self) -> KmsResult<&Caller> {
+        self.caller.as_ref().map_err(Clone::clone)
+    }
+}
+
+/// The encryption context as the audit trail records it.
+fn audited(ctx: &HashMap<String, String>) -> Option<BTreeMap<String, String>> {
+    (!ctx.is_empty()).then(|| ctx.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
 }
 
 fn timestamp(ms: i64) -> Option<Timestamp> {
@@ -138,6 +228,36 @@ fn alias_entry(a: AliasView) -> AliasListEntry {
     }
 }
 
+fn grant_page(page: crate::kms::keystores::Page<GrantView>) -> ListGrantsResponse {
+    let entry = |g: GrantView| {
+        let r = g.record;
+        let map = |m: Option<BTreeMap<String, String>>| -> HashMap<String, String> {
+            m.unwrap_or_default().into_iter().collect()
+        };
+        let constraints =
+            (r.context_subset.is_some() || r.context_equals.is_some()).then(|| GrantConstraints {
+                encryption_context_subset: map(r.context_subset),
+                encryption_context_equals: map(r.context_equals),
+            });
+        GrantListEntry {
+            key_id: g.key_arn,
+            grant_id: r.grant_id,
+            name: r.name,
+            creation_date: timestamp(r.creation_date_ms),
+            grantee_principal: r.grantee_principal,
+            retiring_principal: r.retiring_principal,
+            issuing_account: r.issuing_account,
+            operations: r.operations,
+            constraints,
+        }
+    };
+    ListGrantsResponse {
+        grants: page.items.into_iter().map(entry).collect(),
+        truncated: page.next_marker.is_some(),
+        next_marker: page.next_marker,
+    }
+}
+
 fn marker_field(m: &Option<String>) -> KmsResult<Option<&str>> {
     match m.as_deref() {
         Some(s) if s.is_empty() || s.chars().count() > 1024 => Err(KmsError::validation(
@@ -147,44 +267,26 @@ fn marker_field(m: &Option<String>) -> KmsResult<Option<&str>> {
     }
 }
 
-/// Runs one operation and turns its error into a status. The span is debug-level: an
-/// enabled span per request costs measurable throughput (bench), so failures name the
-/// operation in their own event instead.
-async fn handle<T>(
-    op: &'static str,
-    fut: impl std::future::Future<Output = KmsResult<T>>,
-) -> Result<Response<T>, Status> {
-    let started = std::time::Instant::now();
-    let outcome = fut.instrument(tracing::debug_span!("kms", op)).await;
-    let name = match &outcome {
-        Ok(_) => "ok",
-        Err(e) => e.kind.aws_name(),
-    };
-    crate::metrics::get().request(op, name, started.elapsed());
-    match outcome {
-        Ok(v) => Ok(Response::new(v)),
-        Err(e) => {
-            tracing::info!(op, error = e.kind.aws_name(), message = %e.message, "request failed");
-            Err(to_status(e))
-        }
-    }
-}
-
 #[tonic::async_trait]
 impl KeyManagementService for Service {
     async fn create_custom_key_store(
         &self,
         req: Request<CreateCustomKeyStoreRequest>,
     ) -> Result<Response<CreateCustomKeyStoreResponse>, Status> {
+        let call = self.call("CreateCustomKeyStore", &req);
         let r = req.into_inner();
-        handle("CreateCustomKeyStore", async {
-            let id = self.kms.create_custom_key_store(CreateStore {
-                name: r.custom_key_store_name,
-                cluster_id: r.cloud_hsm_cluster_id,
-                trust_anchor: r.trust_anchor_certificate,
-                password: password(r.key_store_password)?,
-                store_type: r.custom_key_store_type,
-            })?;
+        self.finish(&call, None, async {
+            let caller = call.who()?;
+            let id = self.kms.create_custom_key_store(
+                caller,
+                CreateStore {
+                    name: r.custom_key_store_name,
+                    cluster_id: r.cloud_hsm_cluster_id,
+                    trust_anchor: r.trust_anchor_certificate,
+                    password: password(r.key_store_password)?,
+                    store_type: r.custom_key_store_type,
+                },
+            )?;
             Ok(CreateCustomKeyStoreResponse {
                 custom_key_store_id: id,
             })
@@ -196,12 +298,15 @@ impl KeyManagementService for Service {
         &self,
         req: Request<DescribeCustomKeyStoresRequest>,
     ) -> Result<Response<DescribeCustomKeyStoresResponse>, Status> {
+        let call = self.call("DescribeCustomKeyStores", &req);
         let r = req.into_inner();
-        handle("DescribeCustomKeyStores", async {
+        self.finish(&call, None, async {
+            let caller = call.who()?;
             if let Some(id) = &r.custom_key_store_id {
                 store_id_field("CustomKeyStoreId", id)?;
             }
             let page = self.kms.describe_custom_key_stores(
+                caller,
                 r.custom_key_store_id.as_deref(),
                 r.custom_key_store_name.as_deref(),
                 r.limit,
@@ -220,16 +325,21 @@ impl KeyManagementService for Service {
         &self,
         req: Request<UpdateCustomKeyStoreRequest>,
     ) -> Result<Response<UpdateCustomKeyStoreResponse>, Status> {
+        let call = self.call("UpdateCustomKeyStore", &req);
         let r = req.into_inner();
-        handle("UpdateCustomKeyStore", async {
+        self.finish(&call, None, async {
+            let caller = call.who()?;
             store_id_field("CustomKeyStoreId", &r.custom_key_store_id)?;
             self.kms
-                .update_custom_key_store(UpdateStore {
-                    id: r.custom_key_store_id,
-                    new_name: r.new_custom_key_store_name,
-                    password: password(r.key_store_password)?,
-                    cluster_id: r.cloud_hsm_cluster_id,
-                })
+                .update_custom_key_store(
+                    caller,
+                    UpdateStore {
+                        id: r.custom_key_store_id,
+                        new_name: r.new_custom_key_store_name,
+                        password: password(r.key_store_password)?,
+                        cluster_id: r.cloud_hsm_cluster_id,
+                    },
+                )
                 .await?;
             Ok(UpdateCustomKeyStoreResponse {})
         })
@@ -240,11 +350,13 @@ impl KeyManagementService for Service {
         &self,
         req: Request<DeleteCustomKeyStoreRequest>,
     ) -> Result<Response<DeleteCustomKeyStoreResponse>, Status> {
+        let call = self.call("DeleteCustomKeyStore", &req);
         let r = req.into_inner();
-        handle("DeleteCustomKeyStore", async {
+        self.finish(&call, None, async {
+            let caller = call.who()?;
             store_id_field("CustomKeyStoreId", &r.custom_key_store_id)?;
             self.kms
-                .delete_custom_key_store(&r.custom_key_store_id)
+                .delete_custom_key_store(caller, &r.custom_key_store_id)
                 .await?;
             Ok(DeleteCustomKeyStoreResponse {})
         })
@@ -255,11 +367,13 @@ impl KeyManagementService for Service {
         &self,
         req: Request<ConnectCustomKeyStoreRequest>,
     ) -> Result<Response<ConnectCustomKeyStoreResponse>, Status> {
+        let call = self.call("ConnectCustomKeyStore", &req);
         let r = req.into_inner();
-        handle("ConnectCustomKeyStore", async {
+        self.finish(&call, None, async {
+            let caller = call.who()?;
             store_id_field("CustomKeyStoreId", &r.custom_key_store_id)?;
             self.kms
-                .connect_custom_key_store(&r.custom_key_store_id)
+                .connect_custom_key_store(caller, &r.custom_key_store_id)
                 .await?;
             Ok(ConnectCustomKeyStoreResponse {})
         })
@@ -270,11 +384,13 @@ impl KeyManagementService for Service {
         &self,
         req: Request<DisconnectCustomKeyStoreRequest>,
     ) -> Result<Response<DisconnectCustomKeyStoreResponse>, Status> {
+        let call = self.call("DisconnectCustomKeyStore", &req);
         let r = req.into_inner();
-        handle("DisconnectCustomKeyStore", async {
+        self.finish(&call, None, async {
+            let caller = call.who()?;
             store_id_field("CustomKeyStoreId", &r.custom_key_store_id)?;
             self.kms
-                .disconnect_custom_key_store(&r.custom_key_store_id)
+                .disconnect_custom_key_store(caller, &r.custom_key_store_id)
                 .await?;
             Ok(DisconnectCustomKeyStoreResponse {})
         })
@@ -285,28 +401,36 @@ impl KeyManagementService for Service {
         &self,
         req: Request<CreateKeyRequest>,
     ) -> Result<Response<CreateKeyResponse>, Status> {
+        let call = self.call("CreateKey", &req);
         let r = req.into_inner();
-        handle("CreateKey", async {
+        self.finish(&call, None, async {
+            let caller = call.who()?;
             if let Some(id) = &r.custom_key_store_id {
                 store_id_field("CustomKeyStoreId", id)?;
             }
             let key = self
                 .kms
-                .create_key(CreateKey {
-                    description: r.description,
-                    key_usage: r.key_usage,
-                    customer_master_key_spec: r.customer_master_key_spec,
-                    key_spec: r.key_spec,
-                    origin: r.origin,
-                    custom_key_store_id: r.custom_key_store_id,
-                    tags: r
-                        .tags
-                        .into_iter()
-                        .map(|t| (t.tag_key, t.tag_value))
-                        .collect(),
-                    multi_region: r.multi_region,
-                    policy: r.policy,
-                })
+                .create_key(
+                    caller,
+                    CreateKey {
+                        description: r.description,
+                        key_usage: r.key_usage,
+                        customer_master_key_spec: r.customer_master_key_spec,
+                        key_spec: r.key_spec,
+                        origin: r.origin,
+                        custom_key_store_id: r.custom_key_store_id,
+                        tags: r
+                            .tags
+                            .into_iter()
+                            .map(|t| (t.tag_key, t.tag_value))
+                            .collect(),
+                        multi_region: r.multi_region,
+                        policy: r.policy,
+                        bypass_policy_lockout_safety_check: r
+                            .bypass_policy_lockout_safety_check
+                            .unwrap_or(false),
+                    },
+                )
                 .await?;
             Ok(CreateKeyResponse {
                 key_metadata: Some(key_metadata(key)),
@@ -319,9 +443,14 @@ impl KeyManagementService for Service {
         &self,
         req: Request<DescribeKeyRequest>,
     ) -> Result<Response<DescribeKeyResponse>, Status> {
+        let call = self.call("DescribeKey", &req);
         let r = req.into_inner();
-        handle("DescribeKey", async {
-            let key = self.kms.describe_key(key_id_field("KeyId", &r.key_id)?)?;
+        self.finish(&call, None, async {
+            let caller = call.who()?;
+            check_grant_tokens(&r.grant_tokens)?;
+            let key = self
+                .kms
+                .describe_key(caller, key_id_field("KeyId", &r.key_id)?)?;
             Ok(DescribeKeyResponse {
                 key_metadata: Some(key_metadata(key)),
             })
@@ -333,9 +462,13 @@ impl KeyManagementService for Service {
         &self,
         req: Request<ListKeysRequest>,
     ) -> Result<Response<ListKeysResponse>, Status> {
+        let call = self.call("ListKeys", &req);
         let r = req.into_inner();
-        handle("ListKeys", async {
-            let page = self.kms.list_keys(r.limit, marker_field(&r.marker)?)?;
+        self.finish(&call, None, async {
+            let caller = call.who()?;
+            let page = self
+                .kms
+                .list_keys(caller, r.limit, marker_field(&r.marker)?)?;
             Ok(ListKeysResponse {
                 keys: page
                     .items
@@ -356,9 +489,12 @@ impl KeyManagementService for Service {
         &self,
         req: Request<ListResourceTagsRequest>,
     ) -> Result<Response<ListResourceTagsResponse>, Status> {
+        let call = self.call("ListResourceTags", &req);
         let r = req.into_inner();
-        handle("ListResourceTags", async {
+        self.finish(&call, None, async {
+            let caller = call.who()?;
             let page = self.kms.list_resource_tags(
+                caller,
                 key_id_field("KeyId", &r.key_id)?,
                 r.limit,
                 marker_field(&r.marker)?,
@@ -380,10 +516,12 @@ impl KeyManagementService for Service {
         &self,
         req: Request<EnableKeyRequest>,
     ) -> Result<Response<EnableKeyResponse>, Status> {
+        let call = self.call("EnableKey", &req);
         let r = req.into_inner();
-        handle("EnableKey", async {
+        self.finish(&call, None, async {
+            let caller = call.who()?;
             self.kms
-                .set_key_enabled(key_id_field("KeyId", &r.key_id)?, true)?;
+                .set_key_enabled(caller, key_id_field("KeyId", &r.key_id)?, true)?;
             Ok(EnableKeyResponse {})
         })
         .await
@@ -393,10 +531,12 @@ impl KeyManagementService for Service {
         &self,
         req: Request<DisableKeyRequest>,
     ) -> Result<Response<DisableKeyResponse>, Status> {
+        let call = self.call("DisableKey", &req);
         let r = req.into_inner();
-        handle("DisableKey", async {
+        self.finish(&call, None, async {
+            let caller = call.who()?;
             self.kms
-                .set_key_enabled(key_id_field("KeyId", &r.key_id)?, false)?;
+                .set_key_enabled(caller, key_id_field("KeyId", &r.key_id)?, false)?;
             Ok(DisableKeyResponse {})
         })
         .await
@@ -406,10 +546,15 @@ impl KeyManagementService for Service {
         &self,
         req: Request<UpdateKeyDescriptionRequest>,
     ) -> Result<Response<UpdateKeyDescriptionResponse>, Status> {
+        let call = self.call("UpdateKeyDescription", &req);
         let r = req.into_inner();
-        handle("UpdateKeyDescription", async {
-            self.kms
-                .update_key_description(key_id_field("KeyId", &r.key_id)?, &r.description)?;
+        self.finish(&call, None, async {
+            let caller = call.who()?;
+            self.kms.update_key_description(
+                caller,
+                key_id_field("KeyId", &r.key_id)?,
+                &r.description,
+            )?;
             Ok(UpdateKeyDescriptionResponse {})
         })
         .await
@@ -419,9 +564,12 @@ impl KeyManagementService for Service {
         &self,
         req: Request<ScheduleKeyDeletionRequest>,
     ) -> Result<Response<ScheduleKeyDeletionResponse>, Status> {
+        let call = self.call("ScheduleKeyDeletion", &req);
         let r = req.into_inner();
-        handle("ScheduleKeyDeletion", async {
+        self.finish(&call, None, async {
+            let caller = call.who()?;
             let k = self.kms.schedule_key_deletion(
+                caller,
                 key_id_field("KeyId", &r.key_id)?,
                 r.pending_window_in_days,
             )?;
@@ -439,11 +587,13 @@ impl KeyManagementService for Service {
         &self,
         req: Request<CancelKeyDeletionRequest>,
     ) -> Result<Response<CancelKeyDeletionResponse>, Status> {
+        let call = self.call("CancelKeyDeletion", &req);
         let r = req.into_inner();
-        handle("CancelKeyDeletion", async {
+        self.finish(&call, None, async {
+            let caller = call.who()?;
             let id = self
                 .kms
-                .cancel_key_deletion(key_id_field("KeyId", &r.key_id)?)?;
+                .cancel_key_deletion(caller, key_id_field("KeyId", &r.key_id)?)?;
             Ok(CancelKeyDeletionResponse {
                 key_id: self.kms.scope.key_arn(&id),
             })
@@ -455,15 +605,17 @@ impl KeyManagementService for Service {
         &self,
         req: Request<TagResourceRequest>,
     ) -> Result<Response<TagResourceResponse>, Status> {
+        let call = self.call("TagResource", &req);
         let r = req.into_inner();
-        handle("TagResource", async {
+        self.finish(&call, None, async {
+            let caller = call.who()?;
             let tags: Vec<(String, String)> = r
                 .tags
                 .into_iter()
                 .map(|t| (t.tag_key, t.tag_value))
                 .collect();
             self.kms
-                .tag_resource(key_id_field("KeyId", &r.key_id)?, &tags)?;
+                .tag_resource(caller, key_id_field("KeyId", &r.key_id)?, &tags)?;
             Ok(TagResourceResponse {})
         })
         .await
@@ -473,10 +625,12 @@ impl KeyManagementService for Service {
         &self,
         req: Request<UntagResourceRequest>,
     ) -> Result<Response<UntagResourceResponse>, Status> {
+        let call = self.call("UntagResource", &req);
         let r = req.into_inner();
-        handle("UntagResource", async {
+        self.finish(&call, None, async {
+            let caller = call.who()?;
             self.kms
-                .untag_resource(key_id_field("KeyId", &r.key_id)?, &r.tag_keys)?;
+                .untag_resource(caller, key_id_field("KeyId", &r.key_id)?, &r.tag_keys)?;
             Ok(UntagResourceResponse {})
         })
         .await
@@ -486,9 +640,12 @@ impl KeyManagementService for Service {
         &self,
         req: Request<CreateAliasRequest>,
     ) -> Result<Response<CreateAliasResponse>, Status> {
+        let call = self.call("CreateAlias", &req);
         let r = req.into_inner();
-        handle("CreateAlias", async {
+        self.finish(&call, None, async {
+            let caller = call.who()?;
             self.kms.create_alias(
+                caller,
                 &r.alias_name,
                 key_id_field("TargetKeyId", &r.target_key_id)?,
             )?;
@@ -501,9 +658,12 @@ impl KeyManagementService for Service {
         &self,
         req: Request<UpdateAliasRequest>,
     ) -> Result<Response<UpdateAliasResponse>, Status> {
+        let call = self.call("UpdateAlias", &req);
         let r = req.into_inner();
-        handle("UpdateAlias", async {
+        self.finish(&call, None, async {
+            let caller = call.who()?;
             self.kms.update_alias(
+                caller,
                 &r.alias_name,
                 key_id_field("TargetKeyId", &r.target_key_id)?,
             )?;
@@ -516,9 +676,11 @@ impl KeyManagementService for Service {
         &self,
         req: Request<DeleteAliasRequest>,
     ) -> Result<Response<DeleteAliasResponse>, Status> {
+        let call = self.call("DeleteAlias", &req);
         let r = req.into_inner();
-        handle("DeleteAlias", async {
-            self.kms.delete_alias(&r.alias_name)?;
+        self.finish(&call, None, async {
+            let caller = call.who()?;
+            self.kms.delete_alias(caller, &r.alias_name)?;
             Ok(DeleteAliasResponse {})
         })
         .await
@@ -528,9 +690,12 @@ impl KeyManagementService for Service {
         &self,
         req: Request<ListAliasesRequest>,
     ) -> Result<Response<ListAliasesResponse>, Status> {
+        let call = self.call("ListAliases", &req);
         let r = req.into_inner();
-        handle("ListAliases", async {
+        self.finish(&call, None, async {
+            let caller = call.who()?;
             let page = self.kms.list_aliases(
+                caller,
                 opt_key_id("KeyId", &r.key_id)?,
                 r.limit,
                 marker_field(&r.marker)?,
@@ -544,16 +709,131 @@ impl KeyManagementService for Service {
         .await
     }
 
+    async fn create_grant(
+        &self,
+        req: Request<CreateGrantRequest>,
+    ) -> Result<Response<CreateGrantResponse>, Status> {
+        let call = self.call("CreateGrant", &req);
+        let r = req.into_inner();
+        self.finish(&call, None, async {
+            let caller = call.who()?;
+            check_grant_tokens(&r.grant_tokens)?;
+            let constraints = r.constraints.unwrap_or_default();
+            let nonempty = |m: HashMap<String, String>| (!m.is_empty()).then(|| context(m));
+            let (grant_id, grant_token) = self.kms.create_grant(
+                caller,
+                CreateGrant {
+                    key_id: key_id_field("KeyId", &r.key_id)?.to_string(),
+                    grantee_principal: r.grantee_principal,
+                    retiring_principal: r.retiring_principal,
+                    operations: r.operations,
+                    context_subset: nonempty(constraints.encryption_context_subset),
+                    context_equals: nonempty(constraints.encryption_context_equals),
+                    name: r.name,
+                    dry_run: r.dry_run.unwrap_or(false),
+                },
+            )?;
+            Ok(CreateGrantResponse {
+                grant_token,
+                grant_id,
+            })
+        })
+        .await
+    }
+
+    async fn list_grants(
+        &self,
+        req: Request<ListGrantsRequest>,
+    ) -> Result<Response<ListGrantsResponse>, Status> {
+        let call = self.call("ListGrants", &req);
+        let r = req.into_inner();
+        self.finish(&call, None, async {
+            let caller = call.who()?;
+            let page = self.kms.list_grants(
+                caller,
+                key_id_field("KeyId", &r.key_id)?,
+                r.grant_id.as_deref(),
+                r.grantee_principal.as_deref(),
+                r.limit,
+                marker_field(&r.marker)?,
+            )?;
+            Ok(grant_page(page))
+        })
+        .await
+    }
+
+    async fn list_retirable_grants(
+        &self,
+        req: Request<ListRetirableGrantsRequest>,
+    ) -> Result<Response<ListGrantsResponse>, Status> {
+        let call = self.call("ListRetirableGrants", &req);
+        let r = req.into_inner();
+        self.finish(&call, None, async {
+            let caller = call.who()?;
+            let page = self.kms.list_retirable_grants(
+                caller,
+                &r.retiring_principal,
+                r.limit,
+                marker_field(&r.marker)?,
+            )?;
+            Ok(grant_page(page))
+        })
+        .await
+    }
+
+    async fn retire_grant(
+        &self,
+        req: Request<RetireGrantRequest>,
+    ) -> Result<Response<RetireGrantResponse>, Status> {
+        let call = self.call("RetireGrant", &req);
+        let r = req.into_inner();
+        self.finish(&call, None, async {
+            let caller = call.who()?;
+            self.kms.retire_grant(
+                caller,
+                r.grant_token.as_deref(),
+                opt_key_id("KeyId", &r.key_id)?,
+                r.grant_id.as_deref(),
+                r.dry_run.unwrap_or(false),
+            )?;
+            Ok(RetireGrantResponse {})
+        })
+        .await
+    }
+
+    async fn revoke_grant(
+        &self,
+        req: Request<RevokeGrantRequest>,
+    ) -> Result<Response<RevokeGrantResponse>, Status> {
+        let call = self.call("RevokeGrant", &req);
+        let r = req.into_inner();
+        self.finish(&call, None, async {
+            let caller = call.who()?;
+            self.kms.revoke_grant(
+                caller,
+                key_id_field("KeyId", &r.key_id)?,
+                &r.grant_id,
+                r.dry_run.unwrap_or(false),
+            )?;
+            Ok(RevokeGrantResponse {})
+        })
+        .await
+    }
+
     async fn put_key_policy(
         &self,
         req: Request<PutKeyPolicyRequest>,
     ) -> Result<Response<PutKeyPolicyResponse>, Status> {
+        let call = self.call("PutKeyPolicy", &req);
         let r = req.into_inner();
-        handle("PutKeyPolicy", async {
+        self.finish(&call, None, async {
+            let caller = call.who()?;
             self.kms.put_key_policy(
+                caller,
                 key_id_field("KeyId", &r.key_id)?,
                 r.policy_name.as_deref(),
                 &r.policy,
+                r.bypass_policy_lockout_safety_check.unwrap_or(false),
             )?;
             Ok(PutKeyPolicyResponse {})
         })
@@ -564,11 +844,15 @@ impl KeyManagementService for Service {
         &self,
         req: Request<GetKeyPolicyRequest>,
     ) -> Result<Response<GetKeyPolicyResponse>, Status> {
+        let call = self.call("GetKeyPolicy", &req);
         let r = req.into_inner();
-        handle("GetKeyPolicy", async {
-            let policy = self
-                .kms
-                .get_key_policy(key_id_field("KeyId", &r.key_id)?, r.policy_name.as_deref())?;
+        self.finish(&call, None, async {
+            let caller = call.who()?;
+            let policy = self.kms.get_key_policy(
+                caller,
+                key_id_field("KeyId", &r.key_id)?,
+                r.policy_name.as_deref(),
+            )?;
             Ok(GetKeyPolicyResponse {
                 policy,
                 policy_name: "default".into(),
@@ -581,9 +865,12 @@ impl KeyManagementService for Service {
         &self,
         req: Request<ListKeyPoliciesRequest>,
     ) -> Result<Response<ListKeyPoliciesResponse>, Status> {
+        let call = self.call("ListKeyPolicies", &req);
         let r = req.into_inner();
-        handle("ListKeyPolicies", async {
+        self.finish(&call, None, async {
+            let caller = call.who()?;
             let page = self.kms.list_key_policies(
+                caller,
                 key_id_field("KeyId", &r.key_id)?,
                 r.limit,
                 marker_field(&r.marker)?,
@@ -601,11 +888,16 @@ impl KeyManagementService for Service {
         &self,
         req: Request<EncryptRequest>,
     ) -> Result<Response<EncryptResponse>, Status> {
+        let call = self.call("Encrypt", &req);
         let r = req.into_inner();
-        handle("Encrypt", async {
+        let audit_ctx = audited(&r.encryption_context);
+        self.finish(&call, audit_ctx, async {
+            let caller = call.who()?;
+            check_grant_tokens(&r.grant_tokens)?;
             let out = self
                 .kms
                 .encrypt(
+                    caller,
                     key_id_field("KeyId", &r.key_id)?,
                     plaintext_field(r.plaintext)?,
                     &context(r.encryption_context),
@@ -626,11 +918,16 @@ impl KeyManagementService for Service {
         &self,
         req: Request<DecryptRequest>,
     ) -> Result<Response<DecryptResponse>, Status> {
+        let call = self.call("Decrypt", &req);
         let r = req.into_inner();
-        handle("Decrypt", async {
+        let audit_ctx = audited(&r.encryption_context);
+        self.finish(&call, audit_ctx, async {
+            let caller = call.who()?;
+            check_grant_tokens(&r.grant_tokens)?;
             let out = self
                 .kms
                 .decrypt(
+                    caller,
                     ciphertext_field(&r.ciphertext_blob)?,
                     &context(r.encryption_context),
                     opt_key_id("KeyId", &r.key_id)?,
@@ -651,11 +948,16 @@ impl KeyManagementService for Service {
         &self,
         req: Request<ReEncryptRequest>,
     ) -> Result<Response<ReEncryptResponse>, Status> {
+        let call = self.call("ReEncrypt", &req);
         let r = req.into_inner();
-        handle("ReEncrypt", async {
+        let audit_ctx = audited(&r.destination_encryption_context);
+        self.finish(&call, audit_ctx, async {
+            let caller = call.who()?;
+            check_grant_tokens(&r.grant_tokens)?;
             let out = self
                 .kms
                 .re_encrypt(
+                    caller,
                     ciphertext_field(&r.ciphertext_blob)?,
                     &context(r.source_encryption_context),
                     opt_key_id("SourceKeyId", &r.source_key_id)?,
@@ -681,13 +983,19 @@ impl KeyManagementService for Service {
         &self,
         req: Request<GenerateDataKeyRequest>,
     ) -> Result<Response<GenerateDataKeyResponse>, Status> {
+        let call = self.call("GenerateDataKey", &req);
         let r = req.into_inner();
-        handle("GenerateDataKey", async {
+        let audit_ctx = audited(&r.encryption_context);
+        self.finish(&call, audit_ctx, async {
+            let caller = call.who()?;
+            check_grant_tokens(&r.grant_tokens)?;
             let key_id = key_id_field("KeyId", &r.key_id)?;
             let len = data_key_len(r.key_spec.as_deref(), r.number_of_bytes)?;
             let out = self
                 .kms
                 .generate_data_key(
+                    caller,
+                    "kms:GenerateDataKey",
                     key_id,
                     &context(r.encryption_context),
                     len,
@@ -707,13 +1015,19 @@ impl KeyManagementService for Service {
         &self,
         req: Request<GenerateDataKeyWithoutPlaintextRequest>,
     ) -> Result<Response<GenerateDataKeyWithoutPlaintextResponse>, Status> {
+        let call = self.call("GenerateDataKeyWithoutPlaintext", &req);
         let r = req.into_inner();
-        handle("GenerateDataKeyWithoutPlaintext", async {
+        let audit_ctx = audited(&r.encryption_context);
+        self.finish(&call, audit_ctx, async {
+            let caller = call.who()?;
+            check_grant_tokens(&r.grant_tokens)?;
             let key_id = key_id_field("KeyId", &r.key_id)?;
             let len = data_key_len(r.key_spec.as_deref(), r.number_of_bytes)?;
             let out = self
                 .kms
                 .generate_data_key(
+                    caller,
+                    "kms:GenerateDataKeyWithoutPlaintext",
                     key_id,
                     &context(r.encryption_context),
                     len,
@@ -732,14 +1046,16 @@ impl KeyManagementService for Service {
         &self,
         req: Request<GenerateRandomRequest>,
     ) -> Result<Response<GenerateRandomResponse>, Status> {
+        let call = self.call("GenerateRandom", &req);
         let r = req.into_inner();
-        handle("GenerateRandom", async {
+        self.finish(&call, None, async {
+            let caller = call.who()?;
             if let Some(id) = &r.custom_key_store_id {
                 store_id_field("CustomKeyStoreId", id)?;
             }
             let bytes = self
                 .kms
-                .generate_random(r.number_of_bytes, r.custom_key_store_id.as_deref())
+                .generate_random(caller, r.number_of_bytes, r.custom_key_store_id.as_deref())
                 .await?;
             Ok(GenerateRandomResponse {
                 plaintext: bytes.0.to_vec(),

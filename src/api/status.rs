@@ -21,6 +21,8 @@ pub fn code(kind: ErrorKind) -> Code {
         | InvalidArn
         | InvalidMarker
         | InvalidAliasName
+        | InvalidGrantToken
+        | InvalidGrantId
         | MalformedPolicyDocument
         | Tag
         | IncorrectTrustAnchor => Code::InvalidArgument,
@@ -36,6 +38,7 @@ pub fn code(kind: ErrorKind) -> Code {
         | DryRunOperation => Code::FailedPrecondition,
         LimitExceeded | Throttling => Code::ResourceExhausted,
         UnsupportedOperation => Code::Unimplemented,
+        AccessDenied => Code::PermissionDenied,
         DependencyTimeout => Code::Unavailable,
         KmsInternal => Code::Internal,
     }

@@ -250,6 +250,17 @@ impl Connection {
         Ok(conn)
     }
 
+    /// Changes the crypto user's PIN (C_SetPIN on the logged-in anchor session). Blocking.
+    pub fn set_pin(&self, old: &AuthPin, new: &AuthPin) -> Result<(), HsmError> {
+        let anchor = self.anchor.lock().unwrap_or_else(|p| p.into_inner());
+        let session = anchor
+            .as_ref()
+            .ok_or_else(|| HsmError::Internal("the connection is closed".into()))?;
+        session
+            .set_pin(old, new)
+            .map_err(|e| HsmError::from_pkcs11(&e))
+    }
+
     /// Whether a device-tier failure has put this connection out of service.
     pub fn is_degraded(&self) -> bool {
         self.degraded.load(Ordering::Acquire)

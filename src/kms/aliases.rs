@@ -3,6 +3,8 @@
 
 use uuid::Uuid;
 
+use super::access::{Caller, Facts};
+use super::crypto::Context;
 use super::error::{ErrorKind, KmsError, KmsResult};
 use super::keystores::Page;
 use super::{decode_marker, encode_marker, page_limit, Kms};
@@ -100,9 +102,28 @@ impl Kms {
         }
     }
 
-    pub fn create_alias(&self, name: &str, target: &str) -> KmsResult<()> {
+    /// Alias operations need the permission on the alias (identity policies) and on each
+    /// key involved (key policies), as in AWS.
+    fn authorize_alias(
+        &self,
+        caller: &Caller,
+        action: &'static str,
+        name: &str,
+        keys: &[Uuid],
+    ) -> KmsResult<()> {
+        let facts = Facts::of(&caller.principal);
+        self.authorize_account(caller, action, Some(&self.scope.alias_arn(name)), &facts)?;
+        for k in keys {
+            let key = self.key_by_id(k)?;
+            self.authorize_key(caller, action, &key, &Context::new(), &facts)?;
+        }
+        Ok(())
+    }
+
+    pub fn create_alias(&self, caller: &Caller, name: &str, target: &str) -> KmsResult<()> {
         check_alias_name(name)?;
         let key = self.key_record(target)?.id;
+        self.authorize_alias(caller, "kms:CreateAlias", name, &[key])?;
         self.store
             .create_alias(name, &key, self.now(), MAX_ALIASES_PER_KEY)?
             .map_err(|r| self.alias_refused(name, &key, r))?;
@@ -110,9 +131,11 @@ impl Kms {
         Ok(())
     }
 
-    pub fn update_alias(&self, name: &str, target: &str) -> KmsResult<()> {
+    pub fn update_alias(&self, caller: &Caller, name: &str, target: &str) -> KmsResult<()> {
         check_alias_name(name)?;
         let key = self.key_record(target)?.id;
+        let current = self.alias_target(name)?;
+        self.authorize_alias(caller, "kms:UpdateAlias", name, &[current, key])?;
         self.store
             .update_alias(name, &key, self.now(), MAX_ALIASES_PER_KEY)?
             .map_err(|r| self.alias_refused(name, &key, r))?;
@@ -120,8 +143,10 @@ impl Kms {
         Ok(())
     }
 
-    pub fn delete_alias(&self, name: &str) -> KmsResult<()> {
+    pub fn delete_alias(&self, caller: &Caller, name: &str) -> KmsResult<()> {
         check_alias_name(name)?;
+        let current = self.alias_target(name)?;
+        self.authorize_alias(caller, "kms:DeleteAlias", name, &[current])?;
         self.store
             .delete_alias(name)?
             .map_err(|r| self.alias_refused(name, &Uuid::nil(), r))?;
@@ -131,11 +156,18 @@ impl Kms {
 
     pub fn list_aliases(
         &self,
+        caller: &Caller,
         key_ref: Option<&str>,
         limit: Option<i32>,
         marker: Option<&str>,
     ) -> KmsResult<Page<AliasView>> {
         let limit = page_limit(limit, 100, 50)?;
+        self.authorize_account(
+            caller,
+            "kms:ListAliases",
+            None,
+            &Facts::of(&caller.principal),
+        )?;
         let key = key_ref
             .map(|k| self.key_record(k))
             .transpose()?

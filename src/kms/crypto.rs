@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 
 use zeroize::Zeroizing;
 
+use super::access::{Caller, Facts};
 use super::ciphertext;
 use super::conn_state::CONNECTED;
 use super::error::{ErrorKind, KmsError, KmsResult};
-use super::keys::UsableKey;
+use super::keys::{Auth, UsableKey};
 use super::Kms;
 use crate::config::GcmIvMode;
 use crate::hsm::{HsmError, IV_LEN};
@@ -98,7 +99,7 @@ fn random_len(n: i32) -> KmsResult<usize> {
     }
 }
 
-fn dry_run() -> KmsError {
+pub(super) fn dry_run() -> KmsError {
     KmsError::new(
         ErrorKind::DryRunOperation,
         "The request would have succeeded, but the DryRun option is set",
@@ -175,12 +176,9 @@ impl Kms {
         Ok(ciphertext::assemble(&prefix, &iv, &sealed))
     }
 
-    /// Resolves the key of a parsed blob; `expected` is the caller's KeyId, if any.
-    fn open_target(
-        &self,
-        blob: &ciphertext::Blob<'_>,
-        expected: Option<&str>,
-    ) -> KmsResult<UsableKey> {
+    /// Resolves the key of a parsed blob; `auth.key_ref` is the caller's KeyId, if any.
+    fn open_target(&self, blob: &ciphertext::Blob<'_>, auth: Auth<'_>) -> KmsResult<UsableKey> {
+        let expected = auth.key_ref;
         if let Some(want) = expected {
             let want = self.resolve(want)?;
             if want != blob.key_id {
@@ -193,7 +191,7 @@ impl Kms {
                 ));
             }
         }
-        match self.usable_key_by_id(&blob.key_id) {
+        match self.usable_key_by_id(&blob.key_id, auth) {
             // A blob naming no key here is not a ciphertext of this service.
             Err(e) if e.kind == ErrorKind::NotFound && expected.is_none() => Err(KmsError::new(
                 ErrorKind::InvalidCiphertext,
@@ -218,6 +216,7 @@ impl Kms {
 
     pub async fn encrypt(
         &self,
+        caller: &Caller,
         key_ref: &str,
         plaintext: Zeroizing<Vec<u8>>,
         ctx: &Context,
@@ -225,7 +224,15 @@ impl Kms {
         dry: bool,
     ) -> KmsResult<Encrypted> {
         check_algorithm("EncryptionAlgorithm", algorithm)?;
-        let key = self.usable_key(key_ref)?;
+        let key = self.usable_key(
+            key_ref,
+            Auth {
+                caller,
+                action: "kms:Encrypt",
+                ctx,
+                key_ref: None,
+            },
+        )?;
         if dry {
             return Err(dry_run());
         }
@@ -239,6 +246,7 @@ impl Kms {
 
     pub async fn decrypt(
         &self,
+        caller: &Caller,
         blob: &[u8],
         ctx: &Context,
         key_ref: Option<&str>,
@@ -247,7 +255,15 @@ impl Kms {
     ) -> KmsResult<Decrypted> {
         check_algorithm("EncryptionAlgorithm", algorithm)?;
         let blob = ciphertext::parse(blob)?;
-        let key = self.open_target(&blob, key_ref)?;
+        let key = self.open_target(
+            &blob,
+            Auth {
+                caller,
+                action: "kms:Decrypt",
+                ctx,
+                key_ref,
+            },
+        )?;
         if dry {
             return Err(dry_run());
         }
@@ -262,6 +278,7 @@ impl Kms {
     #[allow(clippy::too_many_arguments)]
     pub async fn re_encrypt(
         &self,
+        caller: &Caller,
         blob: &[u8],
         source_ctx: &Context,
         source_key_ref: Option<&str>,
@@ -274,8 +291,24 @@ impl Kms {
         check_algorithm("SourceEncryptionAlgorithm", source_algorithm)?;
         check_algorithm("DestinationEncryptionAlgorithm", destination_algorithm)?;
         let blob = ciphertext::parse(blob)?;
-        let source = self.open_target(&blob, source_key_ref)?;
-        let destination = self.usable_key(destination_key_ref)?;
+        let source = self.open_target(
+            &blob,
+            Auth {
+                caller,
+                action: "kms:ReEncryptFrom",
+                ctx: source_ctx,
+                key_ref: source_key_ref,
+            },
+        )?;
+        let destination = self.usable_key(
+            destination_key_ref,
+            Auth {
+                caller,
+                action: "kms:ReEncryptTo",
+                ctx: destination_ctx,
+                key_ref: None,
+            },
+        )?;
         if dry {
             return Err(dry_run());
         }
@@ -296,12 +329,22 @@ impl Kms {
     /// A data key from the key's own token, and its ciphertext under the key.
     pub async fn generate_data_key(
         &self,
+        caller: &Caller,
+        action: &'static str,
         key_ref: &str,
         ctx: &Context,
         len: usize,
         dry: bool,
     ) -> KmsResult<DataKey> {
-        let key = self.usable_key(key_ref)?;
+        let key = self.usable_key(
+            key_ref,
+            Auth {
+                caller,
+                action,
+                ctx,
+                key_ref: None,
+            },
+        )?;
         if dry {
             return Err(dry_run());
         }
@@ -318,12 +361,15 @@ impl Kms {
     /// Random bytes: from the custom key store's token when one is named, else from the OS.
     pub async fn generate_random(
         &self,
+        caller: &Caller,
         number_of_bytes: Option<i32>,
         store_id: Option<&str>,
     ) -> KmsResult<Secret> {
         let n = random_len(
             number_of_bytes.ok_or_else(|| KmsError::validation("NumberOfBytes is required"))?,
         )?;
+        let facts = Facts::of(&caller.principal);
+        self.authorize_account(caller, "kms:GenerateRandom", store_id, &facts)?;
         let Some(store_id) = store_id else {
             let mut buf = Zeroizing::new(vec![0u8; n]);
             getrandom::fill(&mut buf).map_err(KmsError::internal)?;

@@ -16,6 +16,8 @@ pub enum ErrorKind {
     InvalidArn,
     InvalidMarker,
     InvalidAliasName,
+    InvalidGrantToken,
+    InvalidGrantId,
     MalformedPolicyDocument,
     Tag,
     IncorrectTrustAnchor,
@@ -37,6 +39,7 @@ pub enum ErrorKind {
     UnsupportedOperation,
     DependencyTimeout,
     Throttling,
+    AccessDenied,
     KmsInternal,
 }
 
@@ -51,6 +54,8 @@ impl ErrorKind {
             ErrorKind::InvalidArn => "InvalidArnException",
             ErrorKind::InvalidMarker => "InvalidMarkerException",
             ErrorKind::InvalidAliasName => "InvalidAliasNameException",
+            ErrorKind::InvalidGrantToken => "InvalidGrantTokenException",
+            ErrorKind::InvalidGrantId => "InvalidGrantIdException",
             ErrorKind::MalformedPolicyDocument => "MalformedPolicyDocumentException",
             ErrorKind::Tag => "TagException",
             ErrorKind::IncorrectTrustAnchor => "IncorrectTrustAnchorException",
@@ -74,6 +79,7 @@ impl ErrorKind {
             ErrorKind::UnsupportedOperation => "UnsupportedOperationException",
             ErrorKind::DependencyTimeout => "DependencyTimeoutException",
             ErrorKind::Throttling => "ThrottlingException",
+            ErrorKind::AccessDenied => "AccessDeniedException",
             ErrorKind::KmsInternal => "KMSInternalException",
         }
     }

@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
+use super::access::{Caller, Facts};
 use super::conn_state::CONNECTED;
+use super::crypto::Context;
 use super::error::{ErrorKind, KmsError, KmsResult};
 use super::ids::KeyRef;
 use super::keystores::Page;
@@ -36,6 +38,7 @@ pub struct CreateKey {
     pub tags: Vec<(String, String)>,
     pub multi_region: Option<bool>,
     pub policy: Option<String>,
+    pub bypass_policy_lockout_safety_check: bool,
 }
 
 /// Everything DescribeKey says of a key.
@@ -67,6 +70,16 @@ pub fn effective_state(key_state: &str, store_state: &str) -> String {
     } else {
         UNAVAILABLE.to_string()
     }
+}
+
+/// What a cryptographic operation asks of a key, to authorise it: who, which action, with
+/// which encryption context, and the KeyId as given (kms:RequestAlias).
+#[derive(Clone, Copy)]
+pub struct Auth<'a> {
+    pub caller: &'a Caller,
+    pub action: &'static str,
+    pub ctx: &'a Context,
+    pub key_ref: Option<&'a str>,
 }
 
 /// A key that passed every condition for a cryptographic operation.
@@ -169,7 +182,10 @@ pub fn check_tags(tags: &[(String, String)]) -> KmsResult<()> {
 }
 
 impl Kms {
-    pub async fn create_key(&self, req: CreateKey) -> KmsResult<KeyView> {
+    pub async fn create_key(&self, caller: &Caller, req: CreateKey) -> KmsResult<KeyView> {
+        let bypass = req.bypass_policy_lockout_safety_check;
+        let facts = Facts::of(&caller.principal).flag("kms:BypassPolicyLockoutSafetyCheck", bypass);
+        self.authorize_account(caller, "kms:CreateKey", None, &facts)?;
         if let Some(d) = &req.description {
             if d.chars().count() > 8192 {
                 return Err(KmsError::validation(
@@ -235,9 +251,13 @@ impl Kms {
             (_, Some(id)) => id,
         };
         check_tags(&req.tags)?;
+        let id = Uuid::new_v4();
         let key_policy = match req.policy {
             Some(p) => {
                 policy::validate(&p)?;
+                if !bypass {
+                    self.check_lockout(caller, &id, &p)?;
+                }
                 p
             }
             None => policy::default_policy(&self.scope.partition, &self.scope.account_id),
@@ -276,7 +296,6 @@ impl Kms {
 
         // Crash safety: the row exists (invisible, `Creating`) before the token object, and
         // becomes usable only after it; reconnect reconciles rows left in `Creating`.
-        let id = Uuid::new_v4();
         let arn = self.scope.key_arn(&id);
         let rec = KeyRecord {
             id,
@@ -312,6 +331,7 @@ impl Kms {
             return Err(e);
         }
         tracing::info!(key_arn = %arn, custom_key_store_id = %store_id, "created key");
+        caller.note(arn.clone());
         Ok(self.view(
             KeyRecord {
                 key_state: stored::ENABLED.into(),
@@ -423,18 +443,35 @@ impl Kms {
             .ok_or_else(|| KmsError::internal(format!("key {} has no store", key.id)))
     }
 
-    pub fn describe_key(&self, key_ref: &str) -> KmsResult<KeyView> {
+    pub fn describe_key(&self, caller: &Caller, key_ref: &str) -> KmsResult<KeyView> {
         let key = self.key_by_id(&self.resolve(key_ref)?)?;
+        let facts = self.facts(caller, &Context::new(), Some(key_ref));
+        self.authorize_key(caller, "kms:DescribeKey", &key, &Context::new(), &facts)?;
         let store = self.store_of(&key)?;
         Ok(self.view(key, &store))
     }
 
+    /// A key record named by id or ARN (no alias), after authorising `action` on it.
+    fn authorized_record(
+        &self,
+        caller: &Caller,
+        action: &'static str,
+        key_ref: &str,
+    ) -> KmsResult<KeyRecord> {
+        let key = self.key_record(key_ref)?;
+        let facts = self.facts(caller, &Context::new(), None);
+        self.authorize_key(caller, action, &key, &Context::new(), &facts)?;
+        Ok(key)
+    }
+
     pub fn list_keys(
         &self,
+        caller: &Caller,
         limit: Option<i32>,
         marker: Option<&str>,
     ) -> KmsResult<Page<(Uuid, String)>> {
         let limit = page_limit(limit, 1000, 100)?;
+        self.authorize_account(caller, "kms:ListKeys", None, &Facts::of(&caller.principal))?;
         let after = match marker {
             Some(m) => Some(Uuid::try_parse(&decode_marker(m)?).map_err(|_| {
                 KmsError::new(
@@ -462,12 +499,13 @@ impl Kms {
 
     pub fn list_resource_tags(
         &self,
+        caller: &Caller,
         key_ref: &str,
         limit: Option<i32>,
         marker: Option<&str>,
     ) -> KmsResult<Page<(String, String)>> {
         let limit = page_limit(limit, 50, 50)?;
-        let key = self.key_record(key_ref)?;
+        let key = self.authorized_record(caller, "kms:ListResourceTags", key_ref)?;
         let after = marker.map(decode_marker).transpose()?;
         let mut rows = self.store.list_tags(&key.id, after.as_deref(), limit + 1)?;
         let next_marker = if rows.len() > limit {
@@ -484,8 +522,13 @@ impl Kms {
 
     /// EnableKey / DisableKey. On a key of a disconnected store the change is recorded and
     /// shows once the store reconnects (the key reads Unavailable meanwhile), as in AWS.
-    pub fn set_key_enabled(&self, key_ref: &str, enabled: bool) -> KmsResult<()> {
-        let key = self.key_record(key_ref)?;
+    pub fn set_key_enabled(&self, caller: &Caller, key_ref: &str, enabled: bool) -> KmsResult<()> {
+        let action = if enabled {
+            "kms:EnableKey"
+        } else {
+            "kms:DisableKey"
+        };
+        let key = self.authorized_record(caller, action, key_ref)?;
         let to = if enabled {
             stored::ENABLED
         } else {
@@ -498,13 +541,18 @@ impl Kms {
         Ok(())
     }
 
-    pub fn update_key_description(&self, key_ref: &str, description: &str) -> KmsResult<()> {
+    pub fn update_key_description(
+        &self,
+        caller: &Caller,
+        key_ref: &str,
+        description: &str,
+    ) -> KmsResult<()> {
         if description.chars().count() > 8192 {
             return Err(KmsError::validation(
                 "Description is longer than 8192 characters",
             ));
         }
-        let key = self.key_record(key_ref)?;
+        let key = self.authorized_record(caller, "kms:UpdateKeyDescription", key_ref)?;
         self.store
             .set_description(&key.id, description)?
             .map_err(|r| self.refused(&key.id, r))
@@ -513,6 +561,7 @@ impl Kms {
     /// Schedules deletion after `window_days` (7..30, default 30); returns the key's view.
     pub fn schedule_key_deletion(
         &self,
+        caller: &Caller,
         key_ref: &str,
         window_days: Option<i32>,
     ) -> KmsResult<KeyView> {
@@ -522,18 +571,20 @@ impl Kms {
                 "PendingWindowInDays must be between 7 and 30, got {days}"
             )));
         }
-        let key = self.key_record(key_ref)?;
+        let key = self.authorized_record(caller, "kms:ScheduleKeyDeletion", key_ref)?;
         let date = self.now() + i64::from(days) * 86_400_000;
         self.store
             .schedule_deletion(&key.id, date, days)?
             .map_err(|r| self.refused(&key.id, r))?;
         tracing::info!(key_arn = %self.scope.key_arn(&key.id), days, "key deletion scheduled");
-        self.describe_key(&key.id.to_string())
+        let key = self.key_by_id(&key.id)?;
+        let store = self.store_of(&key)?;
+        Ok(self.view(key, &store))
     }
 
     /// Cancels a scheduled deletion; the key comes back Disabled.
-    pub fn cancel_key_deletion(&self, key_ref: &str) -> KmsResult<Uuid> {
-        let key = self.key_record(key_ref)?;
+    pub fn cancel_key_deletion(&self, caller: &Caller, key_ref: &str) -> KmsResult<Uuid> {
+        let key = self.authorized_record(caller, "kms:CancelKeyDeletion", key_ref)?;
         self.store
             .cancel_deletion(&key.id)?
             .map_err(|r| self.refused(&key.id, r))?;
@@ -541,18 +592,28 @@ impl Kms {
         Ok(key.id)
     }
 
-    pub fn tag_resource(&self, key_ref: &str, tags: &[(String, String)]) -> KmsResult<()> {
+    pub fn tag_resource(
+        &self,
+        caller: &Caller,
+        key_ref: &str,
+        tags: &[(String, String)],
+    ) -> KmsResult<()> {
         if tags.is_empty() {
             return Err(KmsError::validation("Tags must not be empty"));
         }
         check_tags(tags)?;
-        let key = self.key_record(key_ref)?;
+        let key = self.authorized_record(caller, "kms:TagResource", key_ref)?;
         self.store
             .tag_key(&key.id, tags, 50)?
             .map_err(|r| self.refused(&key.id, r))
     }
 
-    pub fn untag_resource(&self, key_ref: &str, tag_keys: &[String]) -> KmsResult<()> {
+    pub fn untag_resource(
+        &self,
+        caller: &Caller,
+        key_ref: &str,
+        tag_keys: &[String],
+    ) -> KmsResult<()> {
         if tag_keys.is_empty() {
             return Err(KmsError::validation("TagKeys must not be empty"));
         }
@@ -564,16 +625,30 @@ impl Kms {
                 "Tag keys must be 1 to 128 characters long: '{k}'"
             )));
         }
-        let key = self.key_record(key_ref)?;
+        let key = self.authorized_record(caller, "kms:UntagResource", key_ref)?;
         self.store
             .untag_key(&key.id, tag_keys)?
             .map_err(|r| self.refused(&key.id, r))
     }
 
-    pub fn put_key_policy(&self, key_ref: &str, name: Option<&str>, doc: &str) -> KmsResult<()> {
+    pub fn put_key_policy(
+        &self,
+        caller: &Caller,
+        key_ref: &str,
+        name: Option<&str>,
+        doc: &str,
+        bypass_lockout_check: bool,
+    ) -> KmsResult<()> {
         policy::check_policy_name(name)?;
         policy::validate(doc)?;
         let key = self.key_record(key_ref)?;
+        let facts = self
+            .facts(caller, &Context::new(), None)
+            .flag("kms:BypassPolicyLockoutSafetyCheck", bypass_lockout_check);
+        self.authorize_key(caller, "kms:PutKeyPolicy", &key, &Context::new(), &facts)?;
+        if !bypass_lockout_check {
+            self.check_lockout(caller, &key.id, doc)?;
+        }
         self.store
             .set_policy(&key.id, doc)?
             .map_err(|r| self.refused(&key.id, r))?;
@@ -581,9 +656,14 @@ impl Kms {
         Ok(())
     }
 
-    pub fn get_key_policy(&self, key_ref: &str, name: Option<&str>) -> KmsResult<String> {
+    pub fn get_key_policy(
+        &self,
+        caller: &Caller,
+        key_ref: &str,
+        name: Option<&str>,
+    ) -> KmsResult<String> {
         policy::check_policy_name(name)?;
-        let key = self.key_record(key_ref)?;
+        let key = self.authorized_record(caller, "kms:GetKeyPolicy", key_ref)?;
         Ok(key.policy.unwrap_or_else(|| {
             policy::default_policy(&self.scope.partition, &self.scope.account_id)
         }))
@@ -591,6 +671,7 @@ impl Kms {
 
     pub fn list_key_policies(
         &self,
+        caller: &Caller,
         key_ref: &str,
         limit: Option<i32>,
         marker: Option<&str>,
@@ -603,7 +684,7 @@ impl Kms {
                 "The marker is not one this service issued",
             ));
         }
-        self.key_record(key_ref)?;
+        self.authorized_record(caller, "kms:ListKeyPolicies", key_ref)?;
         Ok(Page {
             items: vec![policy::DEFAULT_POLICY_NAME.to_string()],
             next_marker: None,
@@ -612,8 +693,10 @@ impl Kms {
 
     /// Checks every condition of a cryptographic operation (seeds: key Enabled, store
     /// CONNECTED, an active HSM); key material presence is checked by the HSM call itself.
-    pub(super) fn usable_key_by_id(&self, id: &Uuid) -> KmsResult<UsableKey> {
+    pub(super) fn usable_key_by_id(&self, id: &Uuid, auth: Auth<'_>) -> KmsResult<UsableKey> {
         let key = self.key_by_id(id)?;
+        let facts = self.facts(auth.caller, auth.ctx, auth.key_ref);
+        self.authorize_key(auth.caller, auth.action, &key, auth.ctx, &facts)?;
         let store = self.store_of(&key)?;
         let arn = self.scope.key_arn(&key.id);
         match key.key_state.as_str() {
@@ -667,9 +750,15 @@ impl Kms {
         })
     }
 
-    pub(super) fn usable_key(&self, key_ref: &str) -> KmsResult<UsableKey> {
+    pub(super) fn usable_key(&self, key_ref: &str, auth: Auth<'_>) -> KmsResult<UsableKey> {
         let id = self.resolve(key_ref)?;
-        self.usable_key_by_id(&id)
+        self.usable_key_by_id(
+            &id,
+            Auth {
+                key_ref: Some(key_ref),
+                ..auth
+            },
+        )
     }
 }
 

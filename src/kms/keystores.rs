@@ -9,6 +9,7 @@ use std::time::Duration;
 use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
+use super::access::Caller;
 use super::conn_state::*;
 use super::error::{ErrorKind, KmsError, KmsResult};
 use super::ids::{is_cluster_id, is_store_id, new_store_id};
@@ -137,7 +138,13 @@ impl Kms {
         Ok(cluster)
     }
 
-    pub fn create_custom_key_store(&self, req: CreateStore) -> KmsResult<String> {
+    pub fn create_custom_key_store(&self, caller: &Caller, req: CreateStore) -> KmsResult<String> {
+        self.authorize_account(
+            caller,
+            "kms:CreateCustomKeyStore",
+            None,
+            &super::access::Facts::of(&caller.principal),
+        )?;
         check_name(&req.name, "CustomKeyStoreName")?;
         match req.store_type.as_deref() {
             None | Some("AWS_CLOUDHSM") => {}
@@ -200,11 +207,18 @@ impl Kms {
 
     pub fn describe_custom_key_stores(
         &self,
+        caller: &Caller,
         id: Option<&str>,
         name: Option<&str>,
         limit: Option<i32>,
         marker: Option<&str>,
     ) -> KmsResult<Page<StoreView>> {
+        self.authorize_account(
+            caller,
+            "kms:DescribeCustomKeyStores",
+            id,
+            &super::access::Facts::of(&caller.principal),
+        )?;
         let limit = page_limit(limit, 1000, 1000)?;
         match (id, name) {
             (Some(_), Some(_)) => Err(KmsError::validation(
@@ -244,7 +258,17 @@ impl Kms {
         }
     }
 
-    pub async fn update_custom_key_store(&self, req: UpdateStore) -> KmsResult<()> {
+    pub async fn update_custom_key_store(
+        &self,
+        caller: &Caller,
+        req: UpdateStore,
+    ) -> KmsResult<()> {
+        self.authorize_account(
+            caller,
+            "kms:UpdateCustomKeyStore",
+            Some(&req.id),
+            &super::access::Facts::of(&caller.principal),
+        )?;
         if req.new_name.is_none() && req.password.is_none() && req.cluster_id.is_none() {
             return Err(KmsError::validation(
                 "Specify at least one of NewCustomKeyStoreName, KeyStorePassword, CloudHsmClusterId",
@@ -302,7 +326,13 @@ impl Kms {
         Ok(())
     }
 
-    pub async fn delete_custom_key_store(&self, id: &str) -> KmsResult<()> {
+    pub async fn delete_custom_key_store(&self, caller: &Caller, id: &str) -> KmsResult<()> {
+        self.authorize_account(
+            caller,
+            "kms:DeleteCustomKeyStore",
+            Some(id),
+            &super::access::Facts::of(&caller.principal),
+        )?;
         if !is_store_id(id) {
             return Err(store_not_found(id));
         }
@@ -318,7 +348,17 @@ impl Kms {
 
     /// Starts connecting: the store is CONNECTING when this returns; a background task makes
     /// it CONNECTED or FAILED with a connection error code.
-    pub async fn connect_custom_key_store(self: &Arc<Self>, id: &str) -> KmsResult<()> {
+    pub async fn connect_custom_key_store(
+        self: &Arc<Self>,
+        caller: &Caller,
+        id: &str,
+    ) -> KmsResult<()> {
+        self.authorize_account(
+            caller,
+            "kms:ConnectCustomKeyStore",
+            Some(id),
+            &super::access::Facts::of(&caller.principal),
+        )?;
         let lock = self.lifecycle_lock(id);
         let guard = lock.clone().write_owned().await;
         let rec = self.get_store(id)?;
@@ -367,6 +407,9 @@ impl Kms {
         let outcome = self.open_connection(&rec).await;
         let (state, code) = match outcome {
             Ok(conn) => {
+                if self.rotate_password {
+                    self.rotate_password(&rec, &conn).await;
+                }
                 self.reconcile_creating_keys(&rec.id, &conn, i64::MAX).await;
                 self.connections
                     .write()
@@ -406,21 +449,39 @@ impl Kms {
         if cluster.active_hsms() == 0 {
             return Err("INSUFFICIENT_CLOUDHSM_HSMS");
         }
-        let password = match self.sealer.unseal(&rec.id, &rec.sealed_password) {
-            Ok(p) => p,
-            Err(_) => return Err("INTERNAL_ERROR"),
-        };
-        let password = std::str::from_utf8(&password).map_err(|_| "INTERNAL_ERROR")?;
-        // Built in one allocation that moves into the zeroizing AuthPin: no stray copy of
-        // the password is left behind in freed memory.
-        let user = &cluster.settings.crypto_user;
-        let mut pin = String::with_capacity(user.len() + 1 + password.len());
-        if cluster.settings.pin_format == PinFormat::UserPassword {
-            pin.push_str(user);
-            pin.push(':');
+        let stored = self
+            .sealer
+            .unseal(&rec.id, &rec.sealed_password)
+            .map_err(|_| "INTERNAL_ERROR")?;
+        match self.login(rec, &cluster, &stored).await {
+            Err("INVALID_CREDENTIALS") => {}
+            other => return other,
         }
-        pin.push_str(password);
-        let pin = AuthPin::from(pin);
+        // A rotation may have changed the token's password and stopped (a crash) before
+        // recording it: the password it was setting is kept sealed until then.
+        let Some(pending) = self.store.pending_password(&rec.id).ok().flatten() else {
+            return Err("INVALID_CREDENTIALS");
+        };
+        let pending = self
+            .sealer
+            .unseal(&rec.id, &pending)
+            .map_err(|_| "INTERNAL_ERROR")?;
+        let conn = self.login(rec, &cluster, &pending).await?;
+        if let Err(e) = self.store.promote_pending_password(&rec.id) {
+            tracing::error!(custom_key_store_id = %rec.id, error = %e, "recording the rotated kmsuser password failed");
+        }
+        tracing::warn!(custom_key_store_id = %rec.id, "logged in with the password of an unfinished rotation; it is now the stored one");
+        Ok(conn)
+    }
+
+    /// Logs in with `password` within the login deadline.
+    async fn login(
+        self: &Arc<Self>,
+        rec: &StoreRecord,
+        cluster: &Cluster,
+        password: &[u8],
+    ) -> Result<Arc<Connection>, &'static str> {
+        let pin = login_pin(cluster, password)?;
         let module = cluster.settings.module.clone();
         let label = cluster.settings.token_label.clone();
         let options = Options {
@@ -451,6 +512,45 @@ impl Kms {
             Err(failure) => {
                 tracing::warn!(custom_key_store_id = %rec.id, ?failure, "connecting failed");
                 Err(LoginFailure::connection_error_code(failure))
+            }
+        }
+    }
+
+    /// Replaces the kmsuser password with a random one only this service knows, as AWS does
+    /// on connect. The new password is stored sealed (as pending) before the token changes,
+    /// and becomes the stored one after: a crash in between leaves both recoverable. A token
+    /// that refuses C_SetPIN keeps its password; the connection is unaffected.
+    async fn rotate_password(&self, rec: &StoreRecord, conn: &Arc<Connection>) {
+        let Some(cluster) = self.cluster(&rec.cluster_id) else {
+            return;
+        };
+        let outcome: KmsResult<()> = async {
+            let current = self.get_store(&rec.id)?;
+            let old = self.sealer.unseal(&rec.id, &current.sealed_password)?;
+            let mut raw = Zeroizing::new([0u8; 16]);
+            getrandom::fill(raw.as_mut()).map_err(KmsError::internal)?;
+            let new = Zeroizing::new(hex::encode(raw.as_ref()).into_bytes());
+            self.store
+                .set_pending_password(&rec.id, Some(&self.sealer.seal(&rec.id, &new)?))?;
+            let (old_pin, new_pin) = (
+                login_pin(&cluster, &old).map_err(KmsError::internal)?,
+                login_pin(&cluster, &new).map_err(KmsError::internal)?,
+            );
+            let conn = Arc::clone(conn);
+            tokio::task::spawn_blocking(move || conn.set_pin(&old_pin, &new_pin))
+                .await
+                .map_err(KmsError::internal)?
+                .map_err(|e| KmsError::internal(format!("C_SetPIN: {e:?}")))?;
+            self.store.promote_pending_password(&rec.id)?;
+            Ok(())
+        }
+        .await;
+        match outcome {
+            Ok(()) => {
+                tracing::info!(custom_key_store_id = %rec.id, "rotated the kmsuser password")
+            }
+            Err(e) => {
+                tracing::warn!(custom_key_store_id = %rec.id, error = %e.message, "rotating the kmsuser password failed; the current one stays in use")
             }
         }
     }
@@ -518,7 +618,13 @@ impl Kms {
         }
     }
 
-    pub async fn disconnect_custom_key_store(&self, id: &str) -> KmsResult<()> {
+    pub async fn disconnect_custom_key_store(&self, caller: &Caller, id: &str) -> KmsResult<()> {
+        self.authorize_account(
+            caller,
+            "kms:DisconnectCustomKeyStore",
+            Some(id),
+            &super::access::Facts::of(&caller.principal),
+        )?;
         let lock = self.lifecycle_lock(id);
         let _guard = lock.write().await;
         let rec = self.get_store(id)?;
@@ -563,7 +669,8 @@ impl Kms {
                             DISCONNECTED,
                             None,
                         )?;
-                        self.connect_custom_key_store(&rec.id).await?;
+                        self.connect_custom_key_store(&self.service_caller(), &rec.id)
+                            .await?;
                     }
                     DISCONNECTING => {
                         self.store.transition_store(
@@ -585,4 +692,18 @@ impl Kms {
         let lock = self.lifecycle_lock(id);
         let _g = lock.read().await;
     }
+}
+
+/// The PIN of the cluster's crypto user for `password`, built in one allocation that moves
+/// into the zeroizing AuthPin, so that no stray copy is left in freed memory.
+fn login_pin(cluster: &Cluster, password: &[u8]) -> Result<AuthPin, &'static str> {
+    let password = std::str::from_utf8(password).map_err(|_| "INTERNAL_ERROR")?;
+    let user = &cluster.settings.crypto_user;
+    let mut pin = String::with_capacity(user.len() + 1 + password.len());
+    if cluster.settings.pin_format == PinFormat::UserPassword {
+        pin.push_str(user);
+        pin.push(':');
+    }
+    pin.push_str(password);
+    Ok(AuthPin::from(pin))
 }

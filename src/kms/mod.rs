@@ -3,11 +3,13 @@
 //! No tonic, no SQL and no PKCS#11 return code appears here: the `api` layer hands in plain
 //! values, `store` and `hsm` hand back their outcomes already translated.
 
+pub mod access;
 pub mod aliases;
 pub mod ciphertext;
 pub mod crypto;
 pub mod deletion;
 pub mod error;
+pub mod grants;
 pub mod ids;
 pub mod keys;
 pub mod keystores;
@@ -92,6 +94,13 @@ pub struct Kms {
     quotas: RwLock<HashMap<String, Arc<Quota>>>,
     /// The gRPC health service, told each store's state (service name = store id).
     health: OnceLock<tonic_health::server::HealthReporter>,
+    /// Identity (IAM) policies by principal; replaced on configuration reload.
+    identities: RwLock<Arc<access::Identities>>,
+    /// Compiled key policies, and the default one that keys without a stored policy have.
+    policies: access::PolicyCache,
+    default_policy: Arc<access::Policy>,
+    /// Whether ConnectCustomKeyStore replaces the kmsuser password with its own.
+    rotate_password: bool,
 }
 
 /// Reads the clusters' trust anchors and builds the cluster table.
@@ -134,6 +143,12 @@ impl Kms {
             )
         })?;
         let sealer = Sealer::load(&settings.security.sealing_key_file)?;
+        let identities = access::Identities::load(&settings.auth.identity_policies)?;
+        let default_policy = access::Policy::compile(&policy::default_policy(
+            &settings.account.partition,
+            &settings.account.account_id,
+        ))
+        .map_err(|e| anyhow::anyhow!("the default key policy: {}", e.message))?;
         Ok(Arc::new(Kms {
             scope: ArnScope {
                 partition: settings.account.partition.clone(),
@@ -151,6 +166,10 @@ impl Kms {
             store_rate: settings.throttling.store_requests_per_second,
             quotas: RwLock::new(HashMap::new()),
             health: OnceLock::new(),
+            identities: RwLock::new(Arc::new(identities)),
+            policies: access::PolicyCache::default(),
+            default_policy: Arc::new(default_policy),
+            rotate_password: settings.security.rotate_kmsuser_password,
         }))
     }
 
@@ -164,6 +183,14 @@ impl Kms {
             let active = c.hsms.iter().filter(|h| h.state == "ACTIVE").count();
             tracing::info!(cluster = %c.id, state = %c.state, active_hsms = active, hsms = c.hsms.len(), "cluster inventory loaded");
         }
+        Ok(())
+    }
+
+    /// Applies a reloaded configuration: clusters and identity policies, both or neither.
+    pub fn reload(&self, settings: &Settings) -> anyhow::Result<()> {
+        let identities = access::Identities::load(&settings.auth.identity_policies)?;
+        self.reload_clusters(&settings.clusters)?;
+        self.set_identities(identities);
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! Key policies: the AWS default key policy, and a check of documents against the IAM policy
-//! grammar. Policies are stored and validated here; enforcing them is a later step.
+//! grammar (key policies name principals; identity policies do not). Evaluation is in
+//! `access`.
 
 use serde_json::{Map, Value};
 
@@ -84,6 +85,15 @@ const CONDITION_OPERATORS: &[&str] = &[
 /// Id, Statement with Sid, Effect, Principal/NotPrincipal, Action/NotAction,
 /// Resource/NotResource, Condition). Errors say what is wrong and where.
 pub fn validate(doc: &str) -> KmsResult<()> {
+    validate_doc(doc, true)
+}
+
+/// Checks an identity (IAM) policy: the same grammar, without Principal elements.
+pub fn validate_identity(doc: &str) -> KmsResult<()> {
+    validate_doc(doc, false)
+}
+
+fn validate_doc(doc: &str, key_policy: bool) -> KmsResult<()> {
     if doc.is_empty() {
         return Err(KmsError::validation("Policy must not be empty"));
     }
@@ -144,7 +154,7 @@ pub fn validate(doc: &str) -> KmsResult<()> {
         let st = st
             .as_object()
             .ok_or_else(|| malformed(format!("Statement {n} must be an object")))?;
-        check_statement(n, st)?;
+        check_statement(n, st, key_policy)?;
         if let Some(Value::String(sid)) = st.get("Sid") {
             if !sids.insert(sid.clone()) {
                 return Err(malformed(format!(
@@ -156,7 +166,7 @@ pub fn validate(doc: &str) -> KmsResult<()> {
     Ok(())
 }
 
-fn check_statement(n: usize, st: &Map<String, Value>) -> KmsResult<()> {
+fn check_statement(n: usize, st: &Map<String, Value>, key_policy: bool) -> KmsResult<()> {
     for k in st.keys() {
         if !matches!(
             k.as_str(),
@@ -187,8 +197,14 @@ fn check_statement(n: usize, st: &Map<String, Value>) -> KmsResult<()> {
         }
         None => return Err(malformed(format!("Statement {n}: Effect is missing"))),
     }
-    let principal = exactly_one(n, st, "Principal", "NotPrincipal")?;
-    check_principal(n, principal)?;
+    if key_policy {
+        let principal = exactly_one(n, st, "Principal", "NotPrincipal")?;
+        check_principal(n, principal)?;
+    } else if st.contains_key("Principal") || st.contains_key("NotPrincipal") {
+        return Err(malformed(format!(
+            "Statement {n}: an identity policy has no Principal; it applies to its principal"
+        )));
+    }
     let action = exactly_one(n, st, "Action", "NotAction")?;
     for a in strings(n, "Action", action)? {
         let ok = a == "*"

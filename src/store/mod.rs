@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::kms::error::{ErrorKind, KmsError, KmsResult};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS custom_key_stores (
@@ -59,6 +59,42 @@ CREATE TABLE IF NOT EXISTS aliases (
 );
 CREATE INDEX IF NOT EXISTS aliases_by_key ON aliases(key_id);
 ";
+
+/// Grants, and the kmsuser password that replaces the stored one while it is being rotated.
+const SCHEMA_V3: &str = "
+CREATE TABLE IF NOT EXISTS grants (
+    grant_id           TEXT PRIMARY KEY,
+    key_id             TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+    name               TEXT,
+    grantee_principal  TEXT NOT NULL,
+    retiring_principal TEXT,
+    issuing_account    TEXT NOT NULL,
+    operations         TEXT NOT NULL,
+    context_subset     TEXT,
+    context_equals     TEXT,
+    creation_date_ms   INTEGER NOT NULL,
+    token              TEXT NOT NULL UNIQUE
+);
+CREATE INDEX IF NOT EXISTS grants_by_key ON grants(key_id, grant_id);
+CREATE INDEX IF NOT EXISTS grants_by_retiring ON grants(retiring_principal, grant_id);
+ALTER TABLE custom_key_stores ADD COLUMN pending_password BLOB;
+";
+
+/// A grant row. The encryption context constraints are JSON objects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrantRecord {
+    pub grant_id: String,
+    pub key_id: Uuid,
+    pub name: Option<String>,
+    pub grantee_principal: String,
+    pub retiring_principal: Option<String>,
+    pub issuing_account: String,
+    pub operations: Vec<String>,
+    pub context_subset: Option<std::collections::BTreeMap<String, String>>,
+    pub context_equals: Option<std::collections::BTreeMap<String, String>>,
+    pub creation_date_ms: i64,
+    pub token: String,
+}
 
 /// A custom key store row.
 #[derive(Clone, PartialEq, Eq)]
@@ -139,6 +175,9 @@ pub struct Store {
     /// row, so a fill can never put back a value older than the last write.
     keys: RwLock<HashMap<Uuid, KeyRecord>>,
     stores: RwLock<HashMap<String, StoreRecord>>,
+    /// Each key's grants, read when a policy does not allow a request; dropped on any
+    /// change to the key's grants.
+    grants: RwLock<HashMap<Uuid, std::sync::Arc<Vec<GrantRecord>>>>,
 }
 
 impl Store {
@@ -162,6 +201,7 @@ impl Store {
             conn: Mutex::new(conn),
             keys: RwLock::new(HashMap::new()),
             stores: RwLock::new(HashMap::new()),
+            grants: RwLock::new(HashMap::new()),
         })
     }
 
@@ -293,7 +333,10 @@ impl Store {
             }
             if let Some(p) = &update.sealed_password {
                 tx.execute(
-                    "UPDATE custom_key_stores SET sealed_password = ?2 WHERE id = ?1",
+                    // The password the caller gives is the token's now: a pending one from an
+                    // unfinished rotation is stale.
+                    "UPDATE custom_key_stores SET sealed_password = ?2, pending_password = NULL
+                     WHERE id = ?1",
                     params![id, p],
                 )?;
             }
@@ -391,6 +434,7 @@ impl Store {
 
     pub fn delete_key(&self, id: &Uuid) -> KmsResult<()> {
         let _forget = Forget::Key(self, *id);
+        write(&self.grants).remove(id);
         self.with(|c| {
             c.execute("DELETE FROM keys WHERE id = ?1", [id.to_string()])
                 .map(|_| ())
@@ -776,6 +820,204 @@ impl Store {
             rows.collect()
         })
     }
+
+    // ------------------------------------------------------------ grants
+
+    /// Inserts a grant, unless the key already has one with the same name and the same
+    /// terms: then that grant is returned (CreateGrant's idempotency by Name).
+    pub fn insert_grant(&self, g: &GrantRecord) -> KmsResult<Conditional<GrantRecord>> {
+        let ctx_json = |m: &Option<std::collections::BTreeMap<String, String>>| {
+            m.as_ref()
+                .map(|m| serde_json::to_string(m).unwrap_or_default())
+        };
+        let out = self.with(|c| {
+            let tx = c.transaction()?;
+            if let Err(r) =
+                require_state(&tx, &g.key_id, &["Enabled", "Disabled", "PendingDeletion"])?
+            {
+                return Ok(Err(r));
+            }
+            if g.name.is_some() {
+                let same = tx
+                    .prepare_cached(&format!("{GRANT_COLUMNS} WHERE key_id = ?1 AND name = ?2"))?
+                    .query_map(params![g.key_id.to_string(), g.name], grant_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?
+                    .into_iter()
+                    .find(|e| {
+                        e.grantee_principal == g.grantee_principal
+                            && e.retiring_principal == g.retiring_principal
+                            && e.operations == g.operations
+                            && e.context_subset == g.context_subset
+                            && e.context_equals == g.context_equals
+                    });
+                if let Some(existing) = same {
+                    return Ok(Ok(existing));
+                }
+            }
+            tx.execute(
+                "INSERT INTO grants (grant_id, key_id, name, grantee_principal, retiring_principal,
+                     issuing_account, operations, context_subset, context_equals,
+                     creation_date_ms, token)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    g.grant_id,
+                    g.key_id.to_string(),
+                    g.name,
+                    g.grantee_principal,
+                    g.retiring_principal,
+                    g.issuing_account,
+                    g.operations.join(","),
+                    ctx_json(&g.context_subset),
+                    ctx_json(&g.context_equals),
+                    g.creation_date_ms,
+                    g.token
+                ],
+            )?;
+            tx.commit()?;
+            Ok(Ok(g.clone()))
+        });
+        write(&self.grants).remove(&g.key_id);
+        out
+    }
+
+    /// Every grant of a key (cached).
+    pub fn key_grants(&self, key: &Uuid) -> KmsResult<std::sync::Arc<Vec<GrantRecord>>> {
+        if let Some(g) = read(&self.grants).get(key) {
+            return Ok(std::sync::Arc::clone(g));
+        }
+        self.with(|c| {
+            let rows = c
+                .prepare_cached(&format!(
+                    "{GRANT_COLUMNS} WHERE key_id = ?1 ORDER BY grant_id"
+                ))?
+                .query_map([key.to_string()], grant_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let rows = std::sync::Arc::new(rows);
+            write(&self.grants).insert(*key, std::sync::Arc::clone(&rows));
+            Ok(rows)
+        })
+    }
+
+    pub fn grant_by_token(&self, token: &str) -> KmsResult<Option<GrantRecord>> {
+        self.with(|c| {
+            c.query_row(
+                &format!("{GRANT_COLUMNS} WHERE token = ?1"),
+                [token],
+                grant_row,
+            )
+            .optional()
+        })
+    }
+
+    /// Deletes a grant of a key; returns whether there was one.
+    pub fn delete_grant(&self, key: &Uuid, grant_id: &str) -> KmsResult<bool> {
+        let out = self.with(|c| {
+            c.execute(
+                "DELETE FROM grants WHERE key_id = ?1 AND grant_id = ?2",
+                params![key.to_string(), grant_id],
+            )
+            .map(|n| n > 0)
+        });
+        write(&self.grants).remove(key);
+        out
+    }
+
+    /// Grants whose retiring principal is `principal`, ordered by grant id after `after`.
+    pub fn retirable_grants(
+        &self,
+        principal: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> KmsResult<Vec<GrantRecord>> {
+        self.with(|c| {
+            c.prepare_cached(&format!(
+                "{GRANT_COLUMNS} WHERE retiring_principal = ?1 AND grant_id > ?2
+                 ORDER BY grant_id LIMIT ?3"
+            ))?
+            .query_map(
+                params![principal, after.unwrap_or(""), limit as i64],
+                grant_row,
+            )?
+            .collect()
+        })
+    }
+
+    // ------------------------------------------------------------ kmsuser password rotation
+
+    /// Records the password a rotation is about to set, before the token is changed.
+    pub fn set_pending_password(&self, id: &str, sealed: Option<&[u8]>) -> KmsResult<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE custom_key_stores SET pending_password = ?2 WHERE id = ?1",
+                params![id, sealed],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn pending_password(&self, id: &str) -> KmsResult<Option<Vec<u8>>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT pending_password FROM custom_key_stores WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(Option::flatten)
+        })
+    }
+
+    /// Makes the pending password the stored one (the token now has it).
+    pub fn promote_pending_password(&self, id: &str) -> KmsResult<()> {
+        let _forget = Forget::Store(self, id);
+        self.with(|c| {
+            c.execute(
+                "UPDATE custom_key_stores SET sealed_password = pending_password,
+                     pending_password = NULL
+                 WHERE id = ?1 AND pending_password IS NOT NULL",
+                [id],
+            )
+            .map(|_| ())
+        })
+    }
+}
+
+const GRANT_COLUMNS: &str = "SELECT grant_id, key_id, name, grantee_principal, retiring_principal,
+    issuing_account, operations, context_subset, context_equals, creation_date_ms, token
+    FROM grants";
+
+fn grant_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GrantRecord> {
+    let ctx = |i: usize| -> rusqlite::Result<Option<std::collections::BTreeMap<String, String>>> {
+        let s: Option<String> = r.get(i)?;
+        s.map(|s| {
+            serde_json::from_str(&s).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    i,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })
+        })
+        .transpose()
+    };
+    let ops: String = r.get(6)?;
+    Ok(GrantRecord {
+        grant_id: r.get(0)?,
+        key_id: parse_id(r.get(1)?, 1)?,
+        name: r.get(2)?,
+        grantee_principal: r.get(3)?,
+        retiring_principal: r.get(4)?,
+        issuing_account: r.get(5)?,
+        operations: ops
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+        context_subset: ctx(7)?,
+        context_equals: ctx(8)?,
+        creation_date_ms: r.get(9)?,
+        token: r.get(10)?,
+    })
 }
 
 const STORE_COLUMNS: &str = "SELECT id, name, cluster_id, trust_anchor, sealed_password,

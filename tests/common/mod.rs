@@ -9,8 +9,9 @@ use std::sync::{mpsc, OnceLock};
 use std::time::Duration;
 
 use hsm_kms::config::{
-    AdminSettings, ClusterSettings, GcmIvMode, HsmEntry, HsmSettings, LifecycleSettings, PinFormat,
-    SecuritySettings, ServerSettings, Settings, StorageSettings, ThrottlingSettings,
+    AdminSettings, AuditSettings, AuthSettings, ClusterSettings, GcmIvMode, HsmEntry, HsmSettings,
+    LifecycleSettings, PinFormat, SecuritySettings, ServerSettings, Settings, StorageSettings,
+    ThrottlingSettings,
 };
 use hsm_kms::proto::key_management_service_client::KeyManagementServiceClient;
 use hsm_kms::proto::*;
@@ -173,6 +174,9 @@ impl Harness {
             },
             security: SecuritySettings {
                 sealing_key_file: dir.path().join("sealing.key"),
+                // Off so that tests can inspect tokens with the password they chose;
+                // tests/access.rs covers rotation.
+                rotate_kmsuser_password: false,
             },
             hsm: HsmSettings {
                 softhsm2_conf: Some(conf),
@@ -195,6 +199,15 @@ impl Harness {
             admin: AdminSettings {
                 enabled: true,
                 listen: "127.0.0.1:0".parse().unwrap(),
+            },
+            tls: Default::default(),
+            // Plaintext on loopback as the account root; tests/access.rs runs TLS.
+            auth: AuthSettings {
+                allow_plaintext_loopback: true,
+                ..Default::default()
+            },
+            audit: AuditSettings {
+                file: dir.path().join("audit.jsonl"),
             },
             clusters: cluster_settings,
         };
@@ -280,6 +293,20 @@ impl Harness {
             .unwrap()
             .success();
         assert!(ok, "kill -HUP failed");
+    }
+
+    /// Whether `pin` logs in to the token of cluster `i` as the user (through pkcs11-tool).
+    pub fn pin_works(&self, i: usize, pin: &str) -> bool {
+        Command::new("pkcs11-tool")
+            .env("SOFTHSM2_CONF", self.softhsm2_conf())
+            .args(["--module"])
+            .arg(softhsm2_module())
+            .args(["--token-label", &self.settings.clusters[i].token_label])
+            .args(["--login", "--pin", pin, "--list-objects"])
+            .output()
+            .expect("run pkcs11-tool")
+            .status
+            .success()
     }
 
     /// How many secret-key objects the token of cluster `i` holds (through pkcs11-tool,
@@ -553,12 +580,15 @@ pub async fn create_key(c: &mut Client, store: &str) -> KeyMetadata {
 }
 
 pub async fn describe_key(c: &mut Client, key: &str) -> KeyMetadata {
-    c.describe_key(DescribeKeyRequest { key_id: key.into() })
-        .await
-        .expect("DescribeKey")
-        .into_inner()
-        .key_metadata
-        .unwrap()
+    c.describe_key(DescribeKeyRequest {
+        key_id: key.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("DescribeKey")
+    .into_inner()
+    .key_metadata
+    .unwrap()
 }
 
 /// CreateKey in `store`, as a result.

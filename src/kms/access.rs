@@ -1,0 +1,1010 @@
+//! Access control: who is calling, and whether a key policy, the caller's identity (IAM)
+//! policies and the key's grants allow what they ask, with the IAM evaluation rules: an
+//! explicit Deny anywhere wins; otherwise some Allow is needed; nothing said means denied.
+//!
+//! A key policy statement that names the key's *account* (`"111122223333"` or
+//! `arn:aws:iam::111122223333:root`) does not allow anyone by itself: it delegates to the
+//! identity policies of that account's principals, as in AWS. The account root is the one
+//! principal whose identity permissions are implicit.
+//!
+//! Policies are compiled once from documents `policy::validate` accepted; evaluation does no
+//! JSON work and no allocation beyond the request's condition values.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+
+use super::crypto::Context;
+use super::error::{ErrorKind, KmsError, KmsResult};
+
+/// An authenticated caller: an IAM-style ARN such as `arn:aws:iam::111122223333:user/alice`
+/// or `...:role/app` or `...:root`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    pub arn: String,
+    pub account: String,
+}
+
+impl Principal {
+    /// Parses `arn:<partition>:iam::<12 digits>:<root | user/... | role/...>`.
+    pub fn parse(arn: &str) -> Option<Principal> {
+        let parts: Vec<&str> = arn.splitn(6, ':').collect();
+        let ["arn", partition, "iam", "", account, resource] = parts[..] else {
+            return None;
+        };
+        let resource_ok = resource == "root"
+            || ["user/", "role/", "assumed-role/"].iter().any(|p| {
+                resource
+                    .strip_prefix(p)
+                    .is_some_and(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace))
+            });
+        let ok = !partition.is_empty()
+            && account.len() == 12
+            && account.bytes().all(|b| b.is_ascii_digit())
+            && resource_ok;
+        ok.then(|| Principal {
+            arn: arn.to_string(),
+            account: account.to_string(),
+        })
+    }
+
+    /// The account root of `account` in `partition`.
+    pub fn root(partition: &str, account: &str) -> Principal {
+        Principal {
+            arn: format!("arn:{partition}:iam::{account}:root"),
+            account: account.to_string(),
+        }
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.arn.ends_with(":root")
+    }
+}
+
+/// The calling side of one request: who, and from where. The domain notes here which
+/// resources the request touched, for the audit trail.
+#[derive(Debug)]
+pub struct Caller {
+    pub principal: Arc<Principal>,
+    pub source: Option<SocketAddr>,
+    resources: Mutex<Vec<String>>,
+}
+
+impl Caller {
+    pub fn new(principal: Arc<Principal>, source: Option<SocketAddr>) -> Caller {
+        Caller {
+            principal,
+            source,
+            resources: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Records a key ARN or store id the request acted on.
+    pub fn note(&self, resource: impl Into<String>) {
+        let resource = resource.into();
+        let mut r = self.resources.lock().unwrap_or_else(|p| p.into_inner());
+        if !r.contains(&resource) {
+            r.push(resource);
+        }
+    }
+
+    pub fn resources(&self) -> Vec<String> {
+        self.resources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// The request's condition keys and their values (keys in lower case: IAM condition key
+/// names are case-insensitive, the encryption context key part included).
+#[derive(Default, Debug)]
+pub struct Facts {
+    values: Vec<(String, Vec<String>)>,
+}
+
+impl Facts {
+    /// The keys every request has: aws:PrincipalArn and kms:CallerAccount.
+    pub fn of(caller: &Principal) -> Facts {
+        let mut f = Facts::default();
+        f.set("aws:principalarn", vec![caller.arn.clone()]);
+        f.set("kms:calleraccount", vec![caller.account.clone()]);
+        f
+    }
+
+    fn set(&mut self, key: &str, values: Vec<String>) {
+        self.values.push((key.to_ascii_lowercase(), values));
+    }
+
+    /// kms:EncryptionContext:<key> for each pair and kms:EncryptionContextKeys. An empty
+    /// context sets neither, so that Null and ...IfExists see the keys as absent.
+    pub fn context(mut self, ctx: &Context) -> Facts {
+        if ctx.is_empty() {
+            return self;
+        }
+        for (k, v) in ctx {
+            self.set(&format!("kms:encryptioncontext:{k}"), vec![v.clone()]);
+        }
+        self.set("kms:encryptioncontextkeys", ctx.keys().cloned().collect());
+        self
+    }
+
+    /// kms:RequestAlias, when the request named its key by an alias.
+    pub fn alias(mut self, alias: Option<&str>) -> Facts {
+        if let Some(a) = alias {
+            self.set("kms:requestalias", vec![a.to_string()]);
+        }
+        self
+    }
+
+    pub fn value(mut self, key: &str, values: Vec<String>) -> Facts {
+        self.set(key, values);
+        self
+    }
+
+    pub fn flag(self, key: &str, b: bool) -> Facts {
+        self.value(key, vec![b.to_string()])
+    }
+
+    fn get(&self, key: &str) -> Option<&[String]> {
+        self.values
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    StringEquals,
+    StringNotEquals,
+    StringEqualsIgnoreCase,
+    StringNotEqualsIgnoreCase,
+    StringLike,
+    StringNotLike,
+    Bool,
+    Null,
+    /// Numeric, date, binary and IP operators: none of this service's condition keys has
+    /// such a value, so they never match a present key.
+    Unsupported,
+}
+
+impl Op {
+    fn parse(name: &str) -> Op {
+        match name {
+            "StringEquals" => Op::StringEquals,
+            "StringNotEquals" => Op::StringNotEquals,
+            "StringEqualsIgnoreCase" => Op::StringEqualsIgnoreCase,
+            "StringNotEqualsIgnoreCase" => Op::StringNotEqualsIgnoreCase,
+            // ARNs compare as strings with wildcards, as IAM does.
+            "StringLike" | "ArnEquals" | "ArnLike" => Op::StringLike,
+            "StringNotLike" | "ArnNotEquals" | "ArnNotLike" => Op::StringNotLike,
+            "Bool" => Op::Bool,
+            "Null" => Op::Null,
+            _ => Op::Unsupported,
+        }
+    }
+
+    fn negated(self) -> bool {
+        matches!(
+            self,
+            Op::StringNotEquals | Op::StringNotEqualsIgnoreCase | Op::StringNotLike
+        )
+    }
+
+    /// Whether one request value matches one policy value, for the positive form.
+    fn one(self, policy: &str, request: &str) -> bool {
+        match self {
+            Op::StringEquals | Op::StringNotEquals => policy == request,
+            Op::StringEqualsIgnoreCase | Op::StringNotEqualsIgnoreCase => {
+                policy.eq_ignore_ascii_case(request)
+            }
+            Op::StringLike | Op::StringNotLike => glob(policy, request, false),
+            Op::Bool => policy.eq_ignore_ascii_case(request),
+            Op::Null | Op::Unsupported => false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SetOp {
+    AnyValue,
+    AllValues,
+}
+
+#[derive(Debug)]
+struct Condition {
+    op: Op,
+    set: Option<SetOp>,
+    if_exists: bool,
+    key: String,
+    values: Vec<String>,
+}
+
+impl Condition {
+    fn holds(&self, facts: &Facts) -> bool {
+        let present = facts.get(&self.key).filter(|v| !v.is_empty());
+        if self.op == Op::Null {
+            // "true": the key must be absent; "false": present.
+            let want_absent = self.values.iter().any(|v| v.eq_ignore_ascii_case("true"));
+            return want_absent == present.is_none();
+        }
+        let Some(request) = present else {
+            // An absent key: ForAllValues holds vacuously, ...IfExists holds, and a negated
+            // operator holds (nothing equals); anything else does not.
+            return self.set == Some(SetOp::AllValues) || self.if_exists || self.op.negated();
+        };
+        let matches_any = |r: &String| self.values.iter().any(|p| self.op.one(p, r));
+        match (self.set, self.op.negated()) {
+            // Negated: a request value "matches" when it equals none of the policy values.
+            (Some(SetOp::AllValues), false) => request.iter().all(matches_any),
+            (Some(SetOp::AllValues), true) => request.iter().all(|r| !matches_any(r)),
+            (Some(SetOp::AnyValue), true) => request.iter().any(|r| !matches_any(r)),
+            (_, false) => request.iter().any(matches_any),
+            (None, true) => !request.iter().any(matches_any),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Statement {
+    allow: bool,
+    /// None in identity policies, which have no Principal element.
+    principals: Option<Vec<String>>,
+    not_principal: bool,
+    actions: Vec<String>,
+    not_action: bool,
+    resources: Vec<String>,
+    not_resource: bool,
+    conditions: Vec<Condition>,
+}
+
+/// How a key policy statement's Principal element matched the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PrincipalMatch {
+    No,
+    /// Named directly, or `*`.
+    Direct,
+    /// Through the caller's account: delegates to identity policies when allowing.
+    Account,
+}
+
+impl Statement {
+    fn principal(&self, caller: &Principal) -> PrincipalMatch {
+        let Some(list) = &self.principals else {
+            return PrincipalMatch::Direct;
+        };
+        let mut best = PrincipalMatch::No;
+        for p in list {
+            let m = if p == "*" || *p == caller.arn {
+                PrincipalMatch::Direct
+            } else if *p == caller.account
+                || (p.ends_with(":root") && account_of(p) == Some(caller.account.as_str()))
+            {
+                PrincipalMatch::Account
+            } else {
+                PrincipalMatch::No
+            };
+            if m == PrincipalMatch::Direct {
+                best = m;
+                break;
+            }
+            if m == PrincipalMatch::Account {
+                best = m;
+            }
+        }
+        if self.not_principal {
+            if best == PrincipalMatch::No {
+                PrincipalMatch::Direct
+            } else {
+                PrincipalMatch::No
+            }
+        } else if best == PrincipalMatch::Account && caller.is_root() {
+            // The account's own root is the account.
+            PrincipalMatch::Direct
+        } else {
+            best
+        }
+    }
+
+    fn applies(&self, action: &str, resource: &str, facts: &Facts) -> bool {
+        let action_hit = self.actions.iter().any(|a| glob(a, action, true));
+        let resource_hit = self.resources.iter().any(|r| glob(r, resource, false));
+        action_hit != self.not_action
+            && resource_hit != self.not_resource
+            && self.conditions.iter().all(|c| c.holds(facts))
+    }
+}
+
+fn account_of(arn: &str) -> Option<&str> {
+    arn.split(':').nth(4)
+}
+
+/// A compiled policy document.
+#[derive(Debug)]
+pub struct Policy {
+    statements: Vec<Statement>,
+}
+
+/// What one policy says about one request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Verdict {
+    pub deny: bool,
+    /// Allowed by a statement naming the caller (or `*`).
+    pub allow: bool,
+    /// Allowed by a statement naming the caller's account: needs an identity policy too.
+    pub account_allow: bool,
+}
+
+impl Policy {
+    /// Compiles a document `policy::validate` accepted (key policies have Principal elements,
+    /// identity policies do not).
+    pub fn compile(doc: &str) -> KmsResult<Policy> {
+        let bad = |m: &str| KmsError::new(ErrorKind::MalformedPolicyDocument, m.to_string());
+        let value: Value = serde_json::from_str(doc).map_err(|e| bad(&e.to_string()))?;
+        let statements = match value.get("Statement") {
+            Some(Value::Array(a)) => a.iter().collect(),
+            Some(v @ Value::Object(_)) => vec![v],
+            _ => return Err(bad("The policy has no Statement")),
+        };
+        let mut out = Vec::new();
+        for st in statements {
+            let field = |a: &str, b: &str| -> (Option<Vec<String>>, bool) {
+                match (st.get(a), st.get(b)) {
+                    (Some(v), _) => (Some(string_list(v)), false),
+                    (None, Some(v)) => (Some(string_list(v)), true),
+                    (None, None) => (None, false),
+                }
+            };
+            let (principals, not_principal) = match (st.get("Principal"), st.get("NotPrincipal")) {
+                (None, None) => (None, false),
+                (p, np) => (
+                    Some(principal_list(p.or(np).unwrap_or(&Value::Null))),
+                    np.is_some(),
+                ),
+            };
+            let (actions, not_action) = field("Action", "NotAction");
+            let (resources, not_resource) = field("Resource", "NotResource");
+            let mut conditions = Vec::new();
+            if let Some(Value::Object(ops)) = st.get("Condition") {
+                for (name, block) in ops {
+                    let (set, rest) = if let Some(r) = name.strip_prefix("ForAnyValue:") {
+                        (Some(SetOp::AnyValue), r)
+                    } else if let Some(r) = name.strip_prefix("ForAllValues:") {
+                        (Some(SetOp::AllValues), r)
+                    } else {
+                        (None, name.as_str())
+                    };
+                    let (base, if_exists) = match rest.strip_suffix("IfExists") {
+                        Some(b) if rest != "Null" => (b, true),
+                        _ => (rest, false),
+                    };
+                    let op = Op::parse(base);
+                    for (key, v) in block.as_object().into_iter().flatten() {
+                        conditions.push(Condition {
+                            op,
+                            set,
+                            if_exists,
+                            key: key.to_ascii_lowercase(),
+                            values: string_list(v),
+                        });
+                    }
+                }
+            }
+            out.push(Statement {
+                allow: st.get("Effect").and_then(Value::as_str) == Some("Allow"),
+                principals,
+                not_principal,
+                actions: actions.unwrap_or_default(),
+                not_action,
+                resources: resources.unwrap_or_else(|| vec!["*".into()]),
+                not_resource,
+                conditions,
+            });
+        }
+        Ok(Policy { statements: out })
+    }
+
+    pub fn evaluate(
+        &self,
+        caller: &Principal,
+        action: &str,
+        resource: &str,
+        facts: &Facts,
+    ) -> Verdict {
+        let mut v = Verdict::default();
+        for st in &self.statements {
+            let who = st.principal(caller);
+            if who == PrincipalMatch::No || !st.applies(action, resource, facts) {
+                continue;
+            }
+            match (st.allow, who) {
+                (false, _) => v.deny = true,
+                (true, PrincipalMatch::Direct) => v.allow = true,
+                (true, _) => v.account_allow = true,
+            }
+        }
+        v
+    }
+}
+
+/// Values of a policy element: a string, number or boolean, or a list of them.
+fn string_list(v: &Value) -> Vec<String> {
+    let one = |x: &Value| match x {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    };
+    match v {
+        Value::Array(a) => a.iter().filter_map(one).collect(),
+        x => one(x).into_iter().collect(),
+    }
+}
+
+/// `"*"` or `{"AWS": ...}`; other principal types (services, federated) never match a caller
+/// of this service.
+fn principal_list(v: &Value) -> Vec<String> {
+    match v {
+        Value::String(s) => vec![s.clone()],
+        Value::Object(m) => m.get("AWS").map(string_list).unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+/// IAM wildcard matching: `*` any run of characters, `?` any one character.
+pub fn glob(pattern: &str, text: &str, ignore_case: bool) -> bool {
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    let eq = |a: u8, b: u8| {
+        if ignore_case {
+            a.eq_ignore_ascii_case(&b)
+        } else {
+            a == b
+        }
+    };
+    let (mut i, mut j) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while j < t.len() {
+        if i < p.len() && (p[i] == b'?' || (p[i] != b'*' && eq(p[i], t[j]))) {
+            i += 1;
+            j += 1;
+        } else if i < p.len() && p[i] == b'*' {
+            star = Some((i, j));
+            i += 1;
+        } else if let Some((si, sj)) = star {
+            i = si + 1;
+            j = sj + 1;
+            star = Some((si, sj + 1));
+        } else {
+            return false;
+        }
+    }
+    p[i..].iter().all(|&b| b == b'*')
+}
+
+/// The identity (IAM) policies of principals, from the configuration.
+#[derive(Default)]
+pub struct Identities {
+    by_principal: HashMap<String, Vec<Policy>>,
+}
+
+impl Identities {
+    pub fn load(entries: &[crate::config::IdentityPolicy]) -> anyhow::Result<Identities> {
+        let mut by_principal: HashMap<String, Vec<Policy>> = HashMap::new();
+        for e in entries {
+            if Principal::parse(&e.principal).is_none() {
+                anyhow::bail!(
+                    "identity policy principal {} is not an IAM ARN such as \
+                     arn:aws:iam::111122223333:user/alice",
+                    e.principal
+                );
+            }
+            crate::kms::policy::validate_identity(&e.policy).map_err(|err| {
+                anyhow::anyhow!(
+                    "identity policy of {}: {}: {}",
+                    e.principal,
+                    err.kind.aws_name(),
+                    err.message
+                )
+            })?;
+            let p = Policy::compile(&e.policy)
+                .map_err(|err| anyhow::anyhow!("identity policy of {}: {}", e.principal, err))?;
+            by_principal.entry(e.principal.clone()).or_default().push(p);
+        }
+        Ok(Identities { by_principal })
+    }
+
+    /// (explicit deny, allow) over the principal's identity policies. The account root is
+    /// allowed everything and has no identity policies.
+    pub fn evaluate(
+        &self,
+        caller: &Principal,
+        action: &str,
+        resource: &str,
+        facts: &Facts,
+    ) -> (bool, bool) {
+        if caller.is_root() {
+            return (false, true);
+        }
+        let mut deny = false;
+        let mut allow = false;
+        for p in self.by_principal.get(&caller.arn).into_iter().flatten() {
+            let v = p.evaluate(caller, action, resource, facts);
+            deny |= v.deny;
+            allow |= v.allow;
+        }
+        (deny, allow)
+    }
+}
+
+/// The decision on one request, with the reason for a refusal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    ExplicitDeny(&'static str),
+    NoAllow(&'static str),
+}
+
+/// The IAM rule for an operation on a key: an explicit Deny in the key policy or the
+/// caller's identity policies wins; then the key policy must allow the caller directly, or
+/// allow the caller's account with an identity policy allowing too; else a grant
+/// (`granted`, asked only then) must allow it.
+pub fn decide_key(
+    key_policy: &Policy,
+    identities: &Identities,
+    caller: &Principal,
+    action: &str,
+    key_arn: &str,
+    facts: &Facts,
+    granted: impl FnOnce() -> bool,
+) -> Decision {
+    let kp = key_policy.evaluate(caller, action, key_arn, facts);
+    if kp.deny {
+        return Decision::ExplicitDeny("a resource-based policy");
+    }
+    let delegated = kp.account_allow && caller.account_is_local(key_arn);
+    let (id_deny, id_allow) = if caller.account_is_local(key_arn) {
+        identities.evaluate(caller, action, key_arn, facts)
+    } else {
+        (false, false)
+    };
+    if id_deny {
+        return Decision::ExplicitDeny("an identity-based policy");
+    }
+    if kp.allow || (delegated && id_allow) || granted() {
+        Decision::Allow
+    } else if kp.account_allow {
+        Decision::NoAllow("an identity-based policy")
+    } else {
+        Decision::NoAllow("a resource-based policy")
+    }
+}
+
+/// An account-level operation (CreateKey, ListKeys, the custom key store operations...):
+/// identity policies alone decide, and the caller must be of this service's account.
+pub fn decide_account(
+    identities: &Identities,
+    caller: &Principal,
+    account: &str,
+    action: &str,
+    resource: &str,
+    facts: &Facts,
+) -> Decision {
+    if caller.account != account {
+        return Decision::NoAllow("an identity-based policy");
+    }
+    match identities.evaluate(caller, action, resource, facts) {
+        (true, _) => Decision::ExplicitDeny("an identity-based policy"),
+        (false, true) => Decision::Allow,
+        (false, false) => Decision::NoAllow("an identity-based policy"),
+    }
+}
+
+impl Principal {
+    /// Whether the caller belongs to the account that owns `arn`.
+    fn account_is_local(&self, arn: &str) -> bool {
+        account_of(arn) == Some(self.account.as_str())
+    }
+}
+
+/// The AWS wording of a refusal.
+pub fn denied(caller: &Principal, action: &str, resource: &str, d: Decision) -> KmsError {
+    let why = match d {
+        Decision::Allow => return KmsError::internal("denied() called for an allowed request"),
+        Decision::ExplicitDeny(w) => format!("with an explicit deny in {w}"),
+        Decision::NoAllow(w) => format!("because no {w} allows the {action} action"),
+    };
+    KmsError::new(
+        ErrorKind::AccessDenied,
+        format!(
+            "User: {} is not authorized to perform: {action} on resource: {resource} {why}",
+            caller.arn
+        ),
+    )
+}
+
+/// Whether a KeyId parameter names its key by an alias (for kms:RequestAlias): the alias
+/// name, as AWS gives it.
+pub fn request_alias(key_ref: &str) -> Option<&str> {
+    if key_ref.starts_with("alias/") {
+        return Some(key_ref);
+    }
+    key_ref
+        .strip_prefix("arn:")
+        .and_then(|_| key_ref.find(":alias/"))
+        .map(|i| &key_ref[i + 1..])
+}
+
+/// Compiled key policies, by key; an entry is reused while the key's policy text is the same.
+#[derive(Default)]
+pub struct PolicyCache {
+    by_key: Mutex<HashMap<uuid::Uuid, (String, Arc<Policy>)>>,
+}
+
+impl super::Kms {
+    /// The service acting on its own behalf (resuming stores at start, dev set-up): the
+    /// account root.
+    pub fn service_caller(&self) -> Caller {
+        Caller::new(
+            Arc::new(Principal::root(
+                &self.scope.partition,
+                &self.scope.account_id,
+            )),
+            None,
+        )
+    }
+
+    /// The request's condition keys that every operation on a key has.
+    pub(super) fn facts(&self, caller: &Caller, ctx: &Context, key_ref: Option<&str>) -> Facts {
+        Facts::of(&caller.principal)
+            .context(ctx)
+            .alias(key_ref.and_then(request_alias))
+    }
+
+    fn compiled_policy(&self, key: &crate::store::KeyRecord) -> KmsResult<Arc<Policy>> {
+        let Some(text) = &key.policy else {
+            return Ok(Arc::clone(&self.default_policy));
+        };
+        let mut cache = self
+            .policies
+            .by_key
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((t, p)) = cache.get(&key.id) {
+            if t == text {
+                return Ok(Arc::clone(p));
+            }
+        }
+        let p = Arc::new(Policy::compile(text)?);
+        cache.insert(key.id, (text.clone(), Arc::clone(&p)));
+        Ok(p)
+    }
+
+    fn identities(&self) -> Arc<Identities> {
+        Arc::clone(&self.identities.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Replaces the identity policies (configuration reload).
+    pub fn set_identities(&self, ids: Identities) {
+        *self.identities.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ids);
+    }
+
+    /// Authorises `action` on `key` for the caller: key policy, identity policies, grants.
+    /// The key's ARN is noted for the audit trail either way.
+    pub(super) fn authorize_key(
+        &self,
+        caller: &Caller,
+        action: &'static str,
+        key: &crate::store::KeyRecord,
+        ctx: &Context,
+        facts: &Facts,
+    ) -> KmsResult<()> {
+        // A grant for CreateGrant has rules of its own (see grants.rs).
+        self.authorize_key_or(caller, action, key, facts, || {
+            action != "kms:CreateGrant" && self.granted(caller, key, action, ctx)
+        })
+    }
+
+    /// As `authorize_key`, with `granted` deciding whether a grant allows the request.
+    pub(super) fn authorize_key_or(
+        &self,
+        caller: &Caller,
+        action: &'static str,
+        key: &crate::store::KeyRecord,
+        facts: &Facts,
+        granted: impl FnOnce() -> bool,
+    ) -> KmsResult<()> {
+        let arn = self.scope.key_arn(&key.id);
+        caller.note(arn.clone());
+        let policy = self.compiled_policy(key)?;
+        let decision = decide_key(
+            &policy,
+            &self.identities(),
+            &caller.principal,
+            action,
+            &arn,
+            facts,
+            granted,
+        );
+        match decision {
+            Decision::Allow => Ok(()),
+            d => Err(denied(&caller.principal, action, &arn, d)),
+        }
+    }
+
+    /// (explicit deny, allow) of the caller's identity policies alone.
+    pub(super) fn identities_of(
+        &self,
+        caller: &Principal,
+        action: &str,
+        resource: &str,
+        facts: &Facts,
+    ) -> (bool, bool) {
+        self.identities().evaluate(caller, action, resource, facts)
+    }
+
+    /// Authorises an account-level operation (`resource` is `*`, or the store id / alias
+    /// ARN noted for the audit trail).
+    pub(super) fn authorize_account(
+        &self,
+        caller: &Caller,
+        action: &'static str,
+        resource: Option<&str>,
+        facts: &Facts,
+    ) -> KmsResult<()> {
+        if let Some(r) = resource {
+            caller.note(r);
+        }
+        let resource = resource.filter(|r| r.starts_with("arn:")).unwrap_or("*");
+        match decide_account(
+            &self.identities(),
+            &caller.principal,
+            &self.scope.account_id,
+            action,
+            resource,
+            facts,
+        ) {
+            Decision::Allow => Ok(()),
+            d => Err(denied(&caller.principal, action, resource, d)),
+        }
+    }
+
+    /// The policy lockout safety check of CreateKey and PutKeyPolicy: the new policy must let
+    /// the caller change it again, else MalformedPolicyDocumentException.
+    pub(super) fn check_lockout(
+        &self,
+        caller: &Caller,
+        key_id: &uuid::Uuid,
+        doc: &str,
+    ) -> KmsResult<()> {
+        let policy = Policy::compile(doc)?;
+        let arn = self.scope.key_arn(key_id);
+        let facts = Facts::of(&caller.principal);
+        let d = decide_key(
+            &policy,
+            &self.identities(),
+            &caller.principal,
+            "kms:PutKeyPolicy",
+            &arn,
+            &facts,
+            || false,
+        );
+        if d == Decision::Allow {
+            Ok(())
+        } else {
+            Err(KmsError::new(
+                ErrorKind::MalformedPolicyDocument,
+                format!(
+                    "The new key policy will not allow you ({}) to update the key policy in the \
+                     future; set BypassPolicyLockoutSafetyCheck to apply it anyway",
+                    caller.principal.arn
+                ),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALICE: &str = "arn:aws:iam::111122223333:user/alice";
+    const KEY: &str = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+
+    fn who(arn: &str) -> Principal {
+        Principal::parse(arn).unwrap()
+    }
+
+    fn verdict(doc: &str, caller: &str, action: &str, facts: Facts) -> Verdict {
+        crate::kms::policy::validate(doc).unwrap();
+        Policy::compile(doc)
+            .unwrap()
+            .evaluate(&who(caller), action, KEY, &facts)
+    }
+
+    fn ctx(pairs: &[(&str, &str)]) -> Context {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn principals_parse() {
+        assert!(Principal::parse(ALICE).is_some());
+        assert!(Principal::parse("arn:aws:iam::111122223333:root")
+            .unwrap()
+            .is_root());
+        assert!(Principal::parse("arn:aws:iam::111122223333:role/app").is_some());
+        for bad in [
+            "alice",
+            "arn:aws:iam::1111:user/alice",
+            "arn:aws:kms::111122223333:user/alice",
+            "arn:aws:iam::111122223333:user/",
+            "arn:aws:iam::111122223333:group/x",
+        ] {
+            assert!(Principal::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob("kms:*", "kms:Encrypt", true));
+        assert!(glob("KMS:encrypt", "kms:Encrypt", true));
+        assert!(!glob("kms:Encrypt", "kms:encrypt", false));
+        assert!(glob(
+            "kms:GenerateDataKey*",
+            "kms:GenerateDataKeyWithoutPlaintext",
+            true
+        ));
+        assert!(glob("kms:Re*", "kms:ReEncryptFrom", true));
+        assert!(!glob("kms:Re*", "kms:Decrypt", true));
+        assert!(glob("a?c", "abc", false));
+        assert!(!glob("a?c", "ac", false));
+        assert!(glob("*a*b*", "xxaxxbxx", false));
+        assert!(!glob("*a*b", "xxaxxbxx", false));
+        assert!(glob("", "", false));
+        assert!(!glob("", "x", false));
+    }
+
+    #[test]
+    fn default_policy_delegates_to_the_account() {
+        let doc = crate::kms::policy::default_policy("aws", "111122223333");
+        let v = verdict(&doc, ALICE, "kms:Encrypt", Facts::default());
+        assert_eq!(
+            v,
+            Verdict {
+                deny: false,
+                allow: false,
+                account_allow: true
+            }
+        );
+        let root = verdict(
+            &doc,
+            "arn:aws:iam::111122223333:root",
+            "kms:Encrypt",
+            Facts::default(),
+        );
+        assert!(root.allow);
+        let other = verdict(
+            &doc,
+            "arn:aws:iam::444455556666:user/eve",
+            "kms:Encrypt",
+            Facts::default(),
+        );
+        assert_eq!(other, Verdict::default());
+    }
+
+    #[test]
+    fn conditions() {
+        let doc = r#"{"Statement":[{"Effect":"Allow","Principal":{"AWS":"arn:aws:iam::111122223333:user/alice"},
+            "Action":"kms:*","Resource":"*",
+            "Condition":{"StringEquals":{"kms:EncryptionContext:Tenant":"blue"}}}]}"#;
+        let p = who(ALICE);
+        let f = |c: &[(&str, &str)]| Facts::of(&p).context(&ctx(c));
+        assert!(verdict(doc, ALICE, "kms:Encrypt", f(&[("tenant", "blue")])).allow);
+        assert!(!verdict(doc, ALICE, "kms:Encrypt", f(&[("tenant", "Blue")])).allow);
+        assert!(!verdict(doc, ALICE, "kms:Encrypt", f(&[])).allow);
+
+        let like = r#"{"Statement":{"Effect":"Allow","Principal":"*","Action":"kms:Decrypt","Resource":"*",
+            "Condition":{"StringLike":{"kms:EncryptionContext:app":"pay*"},
+                         "StringNotEquals":{"kms:CallerAccount":"444455556666"}}}}"#;
+        assert!(verdict(like, ALICE, "kms:Decrypt", f(&[("app", "payroll")])).allow);
+        assert!(!verdict(like, ALICE, "kms:Decrypt", f(&[("app", "hr")])).allow);
+        assert!(!verdict(like, ALICE, "kms:Encrypt", f(&[("app", "payroll")])).allow);
+
+        let all = r#"{"Statement":{"Effect":"Allow","Principal":"*","Action":"*","Resource":"*",
+            "Condition":{"ForAllValues:StringEquals":{"kms:EncryptionContextKeys":["a","b"]}}}}"#;
+        assert!(verdict(all, ALICE, "kms:Encrypt", f(&[("a", "1")])).allow);
+        assert!(verdict(all, ALICE, "kms:Encrypt", f(&[])).allow, "vacuous");
+        assert!(!verdict(all, ALICE, "kms:Encrypt", f(&[("a", "1"), ("c", "1")])).allow);
+
+        let any = r#"{"Statement":{"Effect":"Allow","Principal":"*","Action":"*","Resource":"*",
+            "Condition":{"ForAnyValue:StringEquals":{"kms:EncryptionContextKeys":["a","b"]}}}}"#;
+        assert!(verdict(any, ALICE, "kms:Encrypt", f(&[("c", "1"), ("b", "1")])).allow);
+        assert!(!verdict(any, ALICE, "kms:Encrypt", f(&[])).allow);
+
+        let null = r#"{"Statement":{"Effect":"Deny","Principal":"*","Action":"*","Resource":"*",
+            "Condition":{"Null":{"kms:EncryptionContextKeys":"true"}}}}"#;
+        assert!(verdict(null, ALICE, "kms:Encrypt", f(&[])).deny);
+        assert!(!verdict(null, ALICE, "kms:Encrypt", f(&[("a", "1")])).deny);
+
+        let if_exists = r#"{"Statement":{"Effect":"Allow","Principal":"*","Action":"*","Resource":"*",
+            "Condition":{"StringEqualsIfExists":{"kms:EncryptionContext:a":"1"}}}}"#;
+        assert!(verdict(if_exists, ALICE, "kms:Encrypt", f(&[])).allow);
+        assert!(!verdict(if_exists, ALICE, "kms:Encrypt", f(&[("a", "2")])).allow);
+
+        let boolean = r#"{"Statement":{"Effect":"Allow","Principal":"*","Action":"kms:CreateGrant","Resource":"*",
+            "Condition":{"Bool":{"kms:GrantIsForAWSResource":true}}}}"#;
+        let g = |b| Facts::of(&p).flag("kms:GrantIsForAWSResource", b);
+        assert!(verdict(boolean, ALICE, "kms:CreateGrant", g(true)).allow);
+        assert!(!verdict(boolean, ALICE, "kms:CreateGrant", g(false)).allow);
+    }
+
+    #[test]
+    fn not_elements_and_deny() {
+        let doc = r#"{"Statement":[
+            {"Effect":"Allow","Principal":"*","NotAction":"kms:Decrypt","Resource":"*"},
+            {"Effect":"Deny","NotPrincipal":{"AWS":"arn:aws:iam::111122223333:user/alice"},"Action":"kms:Encrypt","Resource":"*"}]}"#;
+        let bob = "arn:aws:iam::111122223333:user/bob";
+        assert!(verdict(doc, ALICE, "kms:Encrypt", Facts::default()).allow);
+        assert!(!verdict(doc, ALICE, "kms:Encrypt", Facts::default()).deny);
+        assert!(verdict(doc, bob, "kms:Encrypt", Facts::default()).deny);
+        assert!(!verdict(doc, ALICE, "kms:Decrypt", Facts::default()).allow);
+    }
+
+    #[test]
+    fn decisions() {
+        let ids = Identities::load(&[crate::config::IdentityPolicy {
+            principal: ALICE.into(),
+            policy: r#"{"Statement":[{"Effect":"Allow","Action":"kms:Encrypt","Resource":"*"},
+                {"Effect":"Deny","Action":"kms:Decrypt","Resource":"*"}]}"#
+                .into(),
+        }])
+        .unwrap();
+        let default =
+            Policy::compile(&crate::kms::policy::default_policy("aws", "111122223333")).unwrap();
+        let p = who(ALICE);
+        let d = |action| decide_key(&default, &ids, &p, action, KEY, &Facts::of(&p), || false);
+        assert_eq!(d("kms:Encrypt"), Decision::Allow);
+        assert!(matches!(d("kms:Decrypt"), Decision::ExplicitDeny(_)));
+        assert!(matches!(d("kms:DescribeKey"), Decision::NoAllow(_)));
+        let granted = decide_key(
+            &default,
+            &ids,
+            &p,
+            "kms:DescribeKey",
+            KEY,
+            &Facts::of(&p),
+            || true,
+        );
+        assert_eq!(granted, Decision::Allow);
+        let denied_despite_grant = decide_key(
+            &default,
+            &ids,
+            &p,
+            "kms:Decrypt",
+            KEY,
+            &Facts::of(&p),
+            || true,
+        );
+        assert!(matches!(denied_despite_grant, Decision::ExplicitDeny(_)));
+        assert_eq!(
+            decide_account(&ids, &p, "111122223333", "kms:Encrypt", "*", &Facts::of(&p)),
+            Decision::Allow
+        );
+        assert!(matches!(
+            decide_account(
+                &ids,
+                &p,
+                "111122223333",
+                "kms:CreateKey",
+                "*",
+                &Facts::of(&p)
+            ),
+            Decision::NoAllow(_)
+        ));
+    }
+}

@@ -1,0 +1,541 @@
+//! Grants: CreateGrant, ListGrants, ListRetirableGrants, RetireGrant, RevokeGrant, and the
+//! check that lets a grant allow a request no policy allows.
+//!
+//! Grants take effect at once here (one metadata store, no eventual consistency), so grant
+//! tokens are checked for form (the API layer does so for every request that carries them)
+//! and, in RetireGrant, looked up; a request never waits for one.
+
+use std::collections::BTreeMap;
+
+use uuid::Uuid;
+
+use super::access::{Caller, Facts, Principal};
+use super::crypto::Context;
+use super::error::{ErrorKind, KmsError, KmsResult};
+use super::keystores::Page;
+use super::{decode_marker, encode_marker, page_limit, Kms};
+use crate::store::GrantRecord;
+
+/// The grant operations of symmetric encryption keys: the ones a grant here may hold.
+const SYMMETRIC_OPERATIONS: &[&str] = &[
+    "Decrypt",
+    "Encrypt",
+    "GenerateDataKey",
+    "GenerateDataKeyWithoutPlaintext",
+    "ReEncryptFrom",
+    "ReEncryptTo",
+    "CreateGrant",
+    "RetireGrant",
+    "DescribeKey",
+];
+
+/// The other grant operations AWS defines (asymmetric and HMAC keys): ValidationException
+/// for a symmetric key, as AWS answers.
+const OTHER_OPERATIONS: &[&str] = &[
+    "Sign",
+    "Verify",
+    "GetPublicKey",
+    "GenerateDataKeyPair",
+    "GenerateDataKeyPairWithoutPlaintext",
+    "GenerateMac",
+    "VerifyMac",
+    "DeriveSharedSecret",
+];
+
+const TOKEN_PREFIX: &str = "hsmkms-grant-token-v1.";
+
+pub struct CreateGrant {
+    pub key_id: String,
+    pub grantee_principal: String,
+    pub retiring_principal: Option<String>,
+    pub operations: Vec<String>,
+    pub context_subset: Option<Context>,
+    pub context_equals: Option<Context>,
+    pub name: Option<String>,
+    pub dry_run: bool,
+}
+
+pub struct GrantView {
+    pub record: GrantRecord,
+    pub key_arn: String,
+}
+
+/// PrincipalIdType: 1..256 characters of `[\w+=,.@:/-]`.
+pub fn check_principal_id(field: &str, v: &str) -> KmsResult<()> {
+    let ok = (1..=256).contains(&v.chars().count())
+        && v.chars()
+            .all(|c| c.is_alphanumeric() || c == '_' || "+=,.@:/-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(KmsError::validation(format!(
+            "{field} must be 1 to 256 characters of letters, digits and _+=,.@:/-"
+        )))
+    }
+}
+
+/// GrantTokens: at most 10, each 1..8192 characters, each one this service issued.
+pub fn check_grant_tokens(tokens: &[String]) -> KmsResult<()> {
+    if tokens.len() > 10 {
+        return Err(KmsError::validation(
+            "GrantTokens may hold at most 10 tokens",
+        ));
+    }
+    for t in tokens {
+        if t.is_empty() || t.len() > 8192 {
+            return Err(KmsError::validation(
+                "Each grant token must be 1 to 8192 characters long",
+            ));
+        }
+        if !is_token(t) {
+            return Err(KmsError::new(
+                ErrorKind::InvalidGrantToken,
+                "The grant token is not one this service issued",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn is_token(t: &str) -> bool {
+    t.strip_prefix(TOKEN_PREFIX)
+        .is_some_and(|rest| rest.len() == 128 && rest.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn check_grant_id(id: &str) -> KmsResult<()> {
+    if id.is_empty() || id.chars().count() > 128 {
+        return Err(KmsError::validation(
+            "GrantId must be 1 to 128 characters long",
+        ));
+    }
+    if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(KmsError::new(
+            ErrorKind::InvalidGrantId,
+            format!("{id} is not a grant id this service issued"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_constraint(field: &str, ctx: &Context) -> KmsResult<()> {
+    if ctx.len() > 8 {
+        return Err(KmsError::validation(format!(
+            "{field} may hold at most 8 encryption context pairs"
+        )));
+    }
+    if ctx.values().any(|v| v.chars().count() > 384) {
+        return Err(KmsError::validation(format!(
+            "{field} values may be at most 384 characters long"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a grant's encryption context constraint admits a request's context.
+fn constraint_holds(g: &GrantRecord, ctx: &Context) -> bool {
+    let subset_ok = g
+        .context_subset
+        .as_ref()
+        .is_none_or(|want| want.iter().all(|(k, v)| ctx.get(k) == Some(v)));
+    let equals_ok = g.context_equals.as_ref().is_none_or(|want| want == ctx);
+    subset_ok && equals_ok
+}
+
+fn random_hex(bytes: usize) -> KmsResult<String> {
+    let mut b = vec![0u8; bytes];
+    getrandom::fill(&mut b).map_err(KmsError::internal)?;
+    Ok(hex::encode(b))
+}
+
+impl Kms {
+    /// Whether one of the key's grants lets the caller do `action` with this encryption
+    /// context. Grants do not constrain DescribeKey and RetireGrant, which have no context.
+    pub(super) fn granted(
+        &self,
+        caller: &Caller,
+        key: &crate::store::KeyRecord,
+        action: &str,
+        ctx: &Context,
+    ) -> bool {
+        let Some(op) = action.strip_prefix("kms:") else {
+            return false;
+        };
+        let grants = match self.store.key_grants(&key.id) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e.message, "reading grants failed");
+                return false;
+            }
+        };
+        let no_context = matches!(op, "DescribeKey" | "RetireGrant");
+        grants.iter().any(|g| {
+            g.grantee_principal == caller.principal.arn
+                && g.operations.iter().any(|o| o == op)
+                && (no_context || constraint_holds(g, ctx))
+        })
+    }
+
+    /// A grantee's CreateGrant: only what its own grants allow, with constraints at least
+    /// as strict as theirs.
+    fn grant_allows_child(&self, caller: &Caller, key: &Uuid, child: &GrantRecord) -> bool {
+        let Ok(grants) = self.store.key_grants(key) else {
+            return false;
+        };
+        grants.iter().any(|g| {
+            g.grantee_principal == caller.principal.arn
+                && g.operations.iter().any(|o| o == "CreateGrant")
+                && child.operations.iter().all(|o| g.operations.contains(o))
+                && g.context_subset.as_ref().is_none_or(|want| {
+                    let have = child
+                        .context_equals
+                        .as_ref()
+                        .or(child.context_subset.as_ref());
+                    have.is_some_and(|h| want.iter().all(|(k, v)| h.get(k) == Some(v)))
+                })
+                && g.context_equals
+                    .as_ref()
+                    .is_none_or(|want| child.context_equals.as_ref() == Some(want))
+        })
+    }
+
+    pub fn create_grant(&self, caller: &Caller, req: CreateGrant) -> KmsResult<(String, String)> {
+        check_principal_id("GranteePrincipal", &req.grantee_principal)?;
+        if let Some(r) = &req.retiring_principal {
+            check_principal_id("RetiringPrincipal", r)?;
+        }
+        if let Some(n) = &req.name {
+            let ok = (1..=256).contains(&n.len())
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b":/_-".contains(&b));
+            if !ok {
+                return Err(KmsError::validation(
+                    "Name must be 1 to 256 characters of letters, digits and : / _ -",
+                ));
+            }
+        }
+        if req.operations.is_empty() {
+            return Err(KmsError::validation(
+                "Operations must name at least one operation",
+            ));
+        }
+        let mut ops: Vec<String> = Vec::new();
+        for o in &req.operations {
+            if OTHER_OPERATIONS.contains(&o.as_str()) {
+                return Err(KmsError::validation(format!(
+                    "Operation {o} is not valid for a symmetric encryption KMS key"
+                )));
+            }
+            if !SYMMETRIC_OPERATIONS.contains(&o.as_str()) {
+                return Err(KmsError::validation(format!(
+                    "Operation '{o}' is not one of {}, {}",
+                    SYMMETRIC_OPERATIONS.join(", "),
+                    OTHER_OPERATIONS.join(", ")
+                )));
+            }
+            if !ops.contains(o) {
+                ops.push(o.clone());
+            }
+        }
+        ops.sort();
+        for (field, c) in [
+            ("EncryptionContextSubset", &req.context_subset),
+            ("EncryptionContextEquals", &req.context_equals),
+        ] {
+            if let Some(c) = c {
+                check_constraint(field, c)?;
+            }
+        }
+        let key = self.key_record(&req.key_id)?;
+        let grant_id = random_hex(32)?;
+        let record = GrantRecord {
+            token: format!("{TOKEN_PREFIX}{grant_id}{}", random_hex(32)?),
+            grant_id,
+            key_id: key.id,
+            name: req.name,
+            grantee_principal: req.grantee_principal,
+            retiring_principal: req.retiring_principal,
+            issuing_account: format!(
+                "arn:{}:iam::{}:root",
+                self.scope.partition, self.scope.account_id
+            ),
+            operations: ops,
+            context_subset: req.context_subset.map(BTreeMap::from_iter),
+            context_equals: req.context_equals.map(BTreeMap::from_iter),
+            creation_date_ms: self.now(),
+        };
+        // Condition keys of CreateGrant: the constraint's context, the operations granted,
+        // and whether the grantee is an AWS service (never, here).
+        let constraint = record
+            .context_equals
+            .clone()
+            .or_else(|| record.context_subset.clone())
+            .unwrap_or_default();
+        let facts = self
+            .facts(caller, &constraint, Some(&req.key_id))
+            .value("kms:GrantOperations", record.operations.clone())
+            .flag("kms:GrantIsForAWSResource", false)
+            .value(
+                "kms:GranteePrincipal",
+                vec![record.grantee_principal.clone()],
+            );
+        self.authorize_key_or(caller, "kms:CreateGrant", &key, &facts, || {
+            self.grant_allows_child(caller, &key.id, &record)
+        })?;
+        if req.dry_run {
+            return Err(super::crypto::dry_run());
+        }
+        let saved = self
+            .store
+            .insert_grant(&record)?
+            .map_err(|r| self.refused(&key.id, r))?;
+        tracing::info!(key_arn = %self.scope.key_arn(&key.id), grant_id = %saved.grant_id, grantee = %saved.grantee_principal, "grant created");
+        Ok((saved.grant_id, saved.token))
+    }
+
+    pub fn list_grants(
+        &self,
+        caller: &Caller,
+        key_ref: &str,
+        grant_id: Option<&str>,
+        grantee: Option<&str>,
+        limit: Option<i32>,
+        marker: Option<&str>,
+    ) -> KmsResult<Page<GrantView>> {
+        let limit = page_limit(limit, 1000, 50)?;
+        if let Some(id) = grant_id {
+            check_grant_id(id)?;
+        }
+        if let Some(g) = grantee {
+            check_principal_id("GranteePrincipal", g)?;
+        }
+        let after = marker.map(decode_marker).transpose()?;
+        let key = self.key_record(key_ref)?;
+        let facts = self.facts(caller, &Context::new(), None);
+        self.authorize_key(caller, "kms:ListGrants", &key, &Context::new(), &facts)?;
+        let grants = self.store.key_grants(&key.id)?;
+        let matching = grants.iter().filter(|g| {
+            grant_id.is_none_or(|id| g.grant_id == id)
+                && grantee.is_none_or(|p| g.grantee_principal == p)
+                && after.as_deref().is_none_or(|a| g.grant_id.as_str() > a)
+        });
+        self.grant_page(matching.cloned().collect(), limit)
+    }
+
+    fn grant_page(&self, mut rows: Vec<GrantRecord>, limit: usize) -> KmsResult<Page<GrantView>> {
+        let next_marker = if rows.len() > limit {
+            rows.truncate(limit);
+            rows.last().map(|g| encode_marker(&g.grant_id))
+        } else {
+            None
+        };
+        Ok(Page {
+            items: rows
+                .into_iter()
+                .map(|g| GrantView {
+                    key_arn: self.scope.key_arn(&g.key_id),
+                    record: g,
+                })
+                .collect(),
+            next_marker,
+        })
+    }
+
+    pub fn list_retirable_grants(
+        &self,
+        caller: &Caller,
+        retiring_principal: &str,
+        limit: Option<i32>,
+        marker: Option<&str>,
+    ) -> KmsResult<Page<GrantView>> {
+        let limit = page_limit(limit, 1000, 50)?;
+        check_principal_id("RetiringPrincipal", retiring_principal)?;
+        let after = marker.map(decode_marker).transpose()?;
+        let facts = Facts::of(&caller.principal);
+        self.authorize_account(caller, "kms:ListRetirableGrants", None, &facts)?;
+        let rows = self
+            .store
+            .retirable_grants(retiring_principal, after.as_deref(), limit + 1)?;
+        self.grant_page(rows, limit)
+    }
+
+    /// RetireGrant: by grant token, or by key and grant id. Allowed for the grant's retiring
+    /// principal, its grantee when the grant includes RetireGrant, and the issuing account
+    /// (its root, or a principal its identity policies allow kms:RetireGrant).
+    pub fn retire_grant(
+        &self,
+        caller: &Caller,
+        token: Option<&str>,
+        key_ref: Option<&str>,
+        grant_id: Option<&str>,
+        dry_run: bool,
+    ) -> KmsResult<()> {
+        let grant = match (token, key_ref, grant_id) {
+            (Some(t), _, _) => {
+                check_grant_tokens(std::slice::from_ref(&t.to_string()))?;
+                let g = self.store.grant_by_token(t)?.ok_or_else(|| {
+                    KmsError::new(
+                        ErrorKind::NotFound,
+                        "The grant of this grant token does not exist",
+                    )
+                })?;
+                if let Some(id) = grant_id {
+                    if id != g.grant_id {
+                        return Err(KmsError::new(
+                            ErrorKind::InvalidGrantId,
+                            "GrantId does not match the grant token",
+                        ));
+                    }
+                }
+                g
+            }
+            (None, Some(k), Some(id)) => {
+                check_grant_id(id)?;
+                let key = self.key_record(k)?;
+                self.store
+                    .key_grants(&key.id)?
+                    .iter()
+                    .find(|g| g.grant_id == id)
+                    .cloned()
+                    .ok_or_else(|| grant_missing(id, &self.scope.key_arn(&key.id)))?
+            }
+            _ => {
+                return Err(KmsError::validation(
+                    "Specify GrantToken, or both KeyId and GrantId",
+                ))
+            }
+        };
+        let key_arn = self.scope.key_arn(&grant.key_id);
+        caller.note(key_arn.clone());
+        let me = &caller.principal;
+        let facts = Facts::of(me);
+        let (id_deny, id_allow) = self.identities_of(me, "kms:RetireGrant", &key_arn, &facts);
+        let named = grant.retiring_principal.as_deref() == Some(me.arn.as_str())
+            || (grant.grantee_principal == me.arn
+                && grant.operations.iter().any(|o| o == "RetireGrant"));
+        let issuer = Principal::parse(&grant.issuing_account)
+            .is_some_and(|acct| acct.account == me.account)
+            && id_allow;
+        if id_deny || !(named || issuer) {
+            return Err(super::access::denied(
+                me,
+                "kms:RetireGrant",
+                &key_arn,
+                if id_deny {
+                    super::access::Decision::ExplicitDeny("an identity-based policy")
+                } else {
+                    super::access::Decision::NoAllow("grant")
+                },
+            ));
+        }
+        if dry_run {
+            return Err(super::crypto::dry_run());
+        }
+        self.store.delete_grant(&grant.key_id, &grant.grant_id)?;
+        tracing::info!(%key_arn, grant_id = %grant.grant_id, "grant retired");
+        Ok(())
+    }
+
+    pub fn revoke_grant(
+        &self,
+        caller: &Caller,
+        key_ref: &str,
+        grant_id: &str,
+        dry_run: bool,
+    ) -> KmsResult<()> {
+        check_grant_id(grant_id)?;
+        let key = self.key_record(key_ref)?;
+        let facts = self.facts(caller, &Context::new(), None);
+        self.authorize_key(caller, "kms:RevokeGrant", &key, &Context::new(), &facts)?;
+        let key_arn = self.scope.key_arn(&key.id);
+        if !self
+            .store
+            .key_grants(&key.id)?
+            .iter()
+            .any(|g| g.grant_id == grant_id)
+        {
+            return Err(grant_missing(grant_id, &key_arn));
+        }
+        if dry_run {
+            return Err(super::crypto::dry_run());
+        }
+        self.store.delete_grant(&key.id, grant_id)?;
+        tracing::info!(%key_arn, %grant_id, "grant revoked");
+        Ok(())
+    }
+}
+
+fn grant_missing(id: &str, key_arn: &str) -> KmsError {
+    KmsError::new(
+        ErrorKind::NotFound,
+        format!("Grant {id} of {key_arn} does not exist"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(subset: Option<&[(&str, &str)]>, equals: Option<&[(&str, &str)]>) -> GrantRecord {
+        let m = |p: &[(&str, &str)]| {
+            p.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        GrantRecord {
+            grant_id: "g".into(),
+            key_id: Uuid::nil(),
+            name: None,
+            grantee_principal: "p".into(),
+            retiring_principal: None,
+            issuing_account: "a".into(),
+            operations: vec!["Decrypt".into()],
+            context_subset: subset.map(m),
+            context_equals: equals.map(m),
+            creation_date_ms: 0,
+            token: "t".into(),
+        }
+    }
+
+    #[test]
+    fn constraints() {
+        let ctx = |p: &[(&str, &str)]| -> Context {
+            p.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let sub = grant(Some(&[("Department", "IT")]), None);
+        assert!(constraint_holds(&sub, &ctx(&[("Department", "IT")])));
+        assert!(constraint_holds(
+            &sub,
+            &ctx(&[("Department", "IT"), ("x", "y")])
+        ));
+        assert!(!constraint_holds(&sub, &ctx(&[("Department", "it")])));
+        assert!(!constraint_holds(&sub, &ctx(&[])));
+        let eq = grant(None, Some(&[("Department", "IT")]));
+        assert!(constraint_holds(&eq, &ctx(&[("Department", "IT")])));
+        assert!(!constraint_holds(
+            &eq,
+            &ctx(&[("Department", "IT"), ("x", "y")])
+        ));
+        assert!(constraint_holds(&grant(None, None), &ctx(&[])));
+    }
+
+    #[test]
+    fn tokens_and_ids() {
+        let t = format!("{TOKEN_PREFIX}{}", "ab".repeat(64));
+        assert!(check_grant_tokens(std::slice::from_ref(&t)).is_ok());
+        assert_eq!(
+            check_grant_tokens(&["garbage".into()]).unwrap_err().kind,
+            ErrorKind::InvalidGrantToken
+        );
+        assert_eq!(
+            check_grant_tokens(&vec![t; 11]).unwrap_err().kind,
+            ErrorKind::Validation
+        );
+        assert!(check_grant_id(&"0f".repeat(32)).is_ok());
+        assert_eq!(
+            check_grant_id("nope").unwrap_err().kind,
+            ErrorKind::InvalidGrantId
+        );
+    }
+}

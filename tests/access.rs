@@ -1,0 +1,873 @@
+//! Access control against the real binary: TLS client certificates name the callers, key
+//! policies, identity policies and grants decide, the audit trail records every request in
+//! a hash chain, and the kmsuser password is rotated on connect.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use hsm_kms::proto::key_management_service_client::KeyManagementServiceClient;
+use hsm_kms::proto::*;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+const ACCOUNT: &str = "111122223333";
+const ROOT: &str = "arn:aws:iam::111122223333:root";
+const ALICE: &str = "arn:aws:iam::111122223333:user/alice";
+const BOB: &str = "arn:aws:iam::111122223333:role/app";
+const CAROL: &str = "arn:aws:iam::111122223333:user/carol";
+const EVE: &str = "arn:aws:iam::444455556666:user/eve";
+
+/// A certificate authority made in the test, with certificates for the server and callers.
+struct Pki {
+    ca_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca_pem = params.self_signed(&key).unwrap().pem();
+        Pki {
+            ca_pem,
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// (certificate PEM, key PEM) signed by this CA.
+    fn issue(&self, params: rcgen::CertificateParams) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn server(&self) -> (String, String) {
+        let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        p.subject_alt_names
+            .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+        self.issue(p)
+    }
+
+    /// A client certificate: `arn` as a URI SAN (if any), `cn` as the subject common name.
+    fn client(&self, arn: Option<&str>, cn: &str) -> (String, String) {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        if let Some(a) = arn {
+            p.subject_alt_names
+                .push(rcgen::SanType::URI(a.try_into().unwrap()));
+        }
+        self.issue(p)
+    }
+
+    fn expired_client(&self, arn: &str) -> (String, String) {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "expired");
+        p.subject_alt_names
+            .push(rcgen::SanType::URI(arn.try_into().unwrap()));
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        self.issue(p)
+    }
+}
+
+/// Starts a TLS server whose clients must present certificates of `pki`, with the given
+/// identity policies and common-name mappings.
+async fn tls_server(
+    pki: &Pki,
+    identities: Vec<(&str, &str)>,
+    names: Vec<(&str, &str)>,
+    clusters: &[ClusterSpec],
+) -> Harness {
+    let (cert, key) = pki.server();
+    let ca = pki.ca_pem.clone();
+    Harness::start_with(clusters, move |s| {
+        let dir = s.storage.sqlite_path.parent().unwrap().to_path_buf();
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        s.tls.cert_file = Some(write("server.pem", &cert));
+        s.tls.key_file = Some(write("server.key", &key));
+        s.tls.client_ca_file = Some(write("client-ca.pem", &ca));
+        s.auth.allow_plaintext_loopback = false;
+        s.auth.identity_policies = identities
+            .into_iter()
+            .map(|(principal, policy)| hsm_kms::config::IdentityPolicy {
+                principal: principal.into(),
+                policy: policy.into(),
+            })
+            .collect();
+        s.auth.certificate_principals = names
+            .into_iter()
+            .map(|(cn, principal)| hsm_kms::config::CertificatePrincipal {
+                common_name: cn.into(),
+                principal: principal.into(),
+            })
+            .collect();
+    })
+    .await
+}
+
+async fn tls_client(
+    h: &Harness,
+    ca_pem: &str,
+    identity: Option<(String, String)>,
+) -> Result<Client, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    let channel = Channel::from_shared(format!("https://{}", h.addr))
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    Ok(KeyManagementServiceClient::new(channel))
+}
+
+async fn as_principal(h: &Harness, pki: &Pki, arn: &str) -> Client {
+    tls_client(h, &pki.ca_pem, Some(pki.client(Some(arn), "caller")))
+        .await
+        .expect("TLS connection")
+}
+
+/// (what, caller, key, encryption context, expected outcome).
+type Case<'a> = (
+    &'a str,
+    &'a Client,
+    &'a str,
+    &'a [(&'a str, &'a str)],
+    &'a str,
+);
+
+fn ctx(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// "ok" or the AWS exception name.
+fn outcome<T>(r: Result<tonic::Response<T>, tonic::Status>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(s) => aws_error(&s),
+    }
+}
+
+async fn encrypt_as(c: &mut Client, key: &str, context: &[(&str, &str)]) -> String {
+    outcome(
+        c.encrypt(EncryptRequest {
+            key_id: key.into(),
+            plaintext: b"table secret".to_vec(),
+            encryption_context: ctx(context),
+            ..Default::default()
+        })
+        .await,
+    )
+}
+
+const ALICE_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[
+  {"Effect":"Allow","Action":["kms:Encrypt","kms:Decrypt","kms:DescribeKey","kms:GenerateDataKey*"],
+   "Resource":"arn:aws:kms:us-east-1:111122223333:key/*"},
+  {"Effect":"Deny","Action":"kms:ScheduleKeyDeletion","Resource":"*"}]}"#;
+
+const CAROL_POLICY: &str = r#"{"Statement":[
+  {"Effect":"Allow","Action":["kms:ListKeys","kms:ListRetirableGrants"],"Resource":"*"},
+  {"Effect":"Allow","Action":"kms:Encrypt","Resource":"*",
+   "Condition":{"StringEquals":{"kms:EncryptionContext:tenant":"carol"}}}]}"#;
+
+/// A key policy: the account (root and IAM delegation), bob with conditions, an explicit
+/// deny for alice, a cross-account wildcard allow for eve.
+const K2_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[
+  {"Sid":"Root","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::111122223333:root"},"Action":"kms:*","Resource":"*"},
+  {"Sid":"BobPayroll","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::111122223333:role/app"},
+   "Action":["kms:Encrypt","kms:Decrypt"],"Resource":"*",
+   "Condition":{"StringEquals":{"kms:EncryptionContext:app":"payroll"}}},
+  {"Sid":"BobByAlias","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::111122223333:role/app"},
+   "Action":"kms:GenerateDataKey","Resource":"*",
+   "Condition":{"StringEquals":{"kms:RequestAlias":"alias/payroll"}}},
+  {"Sid":"BobKeys","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::111122223333:role/app"},
+   "Action":"kms:ReEncrypt*","Resource":"*",
+   "Condition":{"ForAllValues:StringLike":{"kms:EncryptionContextKeys":["app","team-*"]}}},
+  {"Sid":"NoAliceDecrypt","Effect":"Deny","Principal":{"AWS":"arn:aws:iam::111122223333:user/alice"},
+   "Action":"kms:Decrypt","Resource":"*"},
+  {"Sid":"Eve","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::444455556666:user/eve"},
+   "Action":"kms:Generate*","Resource":"*"}]}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_identities_and_grants_decide_who_may_do_what() {
+    let pki = Pki::new("hsm-kms test CA");
+    let h = tls_server(
+        &pki,
+        vec![(ALICE, ALICE_POLICY), (CAROL, CAROL_POLICY)],
+        vec![("carol", CAROL)],
+        &[ClusterSpec::good("cluster-accesstablea")],
+    )
+    .await;
+    let mut root = as_principal(&h, &pki, ROOT).await;
+    let mut alice = as_principal(&h, &pki, ALICE).await;
+    let mut bob = as_principal(&h, &pki, BOB).await;
+    let mut eve = as_principal(&h, &pki, EVE).await;
+    // Carol's certificate has no URI SAN: her principal comes from the CN mapping.
+    let mut carol = tls_client(&h, &pki.ca_pem, Some(pki.client(None, "carol")))
+        .await
+        .unwrap();
+
+    let store = h.connected_store(&mut root, 0, "access").await;
+    let k1 = create_key(&mut root, &store).await.arn;
+    let k2 = root
+        .create_key(CreateKeyRequest {
+            custom_key_store_id: Some(store.clone()),
+            origin: Some("AWS_CLOUDHSM".into()),
+            policy: Some(K2_POLICY.into()),
+            ..Default::default()
+        })
+        .await
+        .expect("CreateKey with a policy")
+        .into_inner()
+        .key_metadata
+        .unwrap()
+        .arn;
+    root.create_alias(CreateAliasRequest {
+        alias_name: "alias/payroll".into(),
+        target_key_id: k2.clone(),
+    })
+    .await
+    .unwrap();
+
+    // Principal x operation x policy: the expected outcome of each.
+    let d = "AccessDeniedException";
+    let table: Vec<Case> = vec![
+        ("root, default policy", &root, &k1, &[], "ok"),
+        (
+            "alice, default policy + identity allow",
+            &alice,
+            &k1,
+            &[],
+            "ok",
+        ),
+        ("bob, default policy, no identity policy", &bob, &k1, &[], d),
+        ("eve, other account, default policy", &eve, &k1, &[], d),
+        (
+            "carol, identity condition met",
+            &carol,
+            &k1,
+            &[("tenant", "carol")],
+            "ok",
+        ),
+        (
+            "carol, identity condition not met",
+            &carol,
+            &k1,
+            &[("tenant", "dave")],
+            d,
+        ),
+        (
+            "bob, key policy condition met",
+            &bob,
+            &k2,
+            &[("app", "payroll"), ("x", "y")],
+            "ok",
+        ),
+        (
+            "bob, key policy condition not met",
+            &bob,
+            &k2,
+            &[("app", "hr")],
+            d,
+        ),
+        ("bob, no context", &bob, &k2, &[], d),
+        ("alice, account delegation on k2", &alice, &k2, &[], "ok"),
+        (
+            "eve, wildcard action does not cover Encrypt",
+            &eve,
+            &k2,
+            &[],
+            d,
+        ),
+    ];
+    for (case, client, key, context, want) in table {
+        assert_eq!(
+            encrypt_as(&mut client.clone(), key, context).await,
+            want,
+            "{case}"
+        );
+    }
+
+    // Explicit deny in the key policy beats alice's identity allow.
+    let ct = root
+        .encrypt(EncryptRequest {
+            key_id: k2.clone(),
+            plaintext: b"salaries".to_vec(),
+            encryption_context: ctx(&[("app", "payroll")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext_blob;
+    let decrypt = |c: &mut Client, context| {
+        let mut c = c.clone();
+        let ct = ct.clone();
+        async move {
+            outcome(
+                c.decrypt(DecryptRequest {
+                    ciphertext_blob: ct,
+                    encryption_context: ctx(context),
+                    ..Default::default()
+                })
+                .await,
+            )
+        }
+    };
+    assert_eq!(decrypt(&mut alice, &[("app", "payroll")]).await, d);
+    assert_eq!(decrypt(&mut bob, &[("app", "payroll")]).await, "ok");
+    // The wrong context fails on the policy condition before the cryptography.
+    assert_eq!(decrypt(&mut bob, &[("app", "hr")]).await, d);
+
+    // A wildcard action across accounts; kms:RequestAlias.
+    let gdk = |c: &mut Client, key: &str| {
+        let mut c = c.clone();
+        let key = key.to_string();
+        async move {
+            outcome(
+                c.generate_data_key(GenerateDataKeyRequest {
+                    key_id: key,
+                    key_spec: Some("AES_256".into()),
+                    ..Default::default()
+                })
+                .await,
+            )
+        }
+    };
+    assert_eq!(gdk(&mut eve, &k2).await, "ok", "eve kms:Generate* on k2");
+    assert_eq!(gdk(&mut bob, "alias/payroll").await, "ok", "bob by alias");
+    assert_eq!(gdk(&mut bob, &k2).await, d, "bob by key id");
+
+    // ForAllValues over the context keys (ReEncrypt needs From on k2 and To on k2).
+    let reencrypt = |keys: &'static [(&'static str, &'static str)]| {
+        let mut c = bob.clone();
+        let (ct, k2) = (ct.clone(), k2.clone());
+        async move {
+            outcome(
+                c.re_encrypt(ReEncryptRequest {
+                    ciphertext_blob: ct,
+                    source_encryption_context: ctx(&[("app", "payroll")]),
+                    destination_key_id: k2,
+                    destination_encryption_context: ctx(keys),
+                    ..Default::default()
+                })
+                .await,
+            )
+        }
+    };
+    assert_eq!(reencrypt(&[("team-a", "1")]).await, "ok");
+    assert_eq!(reencrypt(&[("team-a", "1"), ("other", "2")]).await, d);
+
+    // Account-level operations follow identity policies alone.
+    let list = |c: &mut Client| {
+        let mut c = c.clone();
+        async move { outcome(c.list_keys(ListKeysRequest::default()).await) }
+    };
+    assert_eq!(list(&mut root).await, "ok");
+    assert_eq!(list(&mut carol).await, "ok");
+    assert_eq!(list(&mut alice).await, d);
+    assert_eq!(
+        outcome(
+            alice
+                .create_key(CreateKeyRequest {
+                    custom_key_store_id: Some(store.clone()),
+                    origin: Some("AWS_CLOUDHSM".into()),
+                    ..Default::default()
+                })
+                .await
+        ),
+        d
+    );
+    // Alice's identity policy denies ScheduleKeyDeletion outright.
+    let denied = alice
+        .schedule_key_deletion(ScheduleKeyDeletionRequest {
+            key_id: k1.clone(),
+            pending_window_in_days: Some(7),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(aws_error(&denied), d);
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    assert!(denied.message().contains(ALICE) && denied.message().contains("explicit deny"));
+    assert_eq!(describe_key(&mut root, &k1).await.key_state, "Enabled");
+
+    // Grants: bob may Encrypt and Decrypt k1 when the context holds dept=IT.
+    let bob_grant = |ops: [&str; 3]| CreateGrantRequest {
+        key_id: k1.clone(),
+        grantee_principal: BOB.into(),
+        retiring_principal: Some(CAROL.into()),
+        operations: ops.into_iter().map(String::from).collect(),
+        constraints: Some(GrantConstraints {
+            encryption_context_subset: ctx(&[("dept", "IT")]),
+            ..Default::default()
+        }),
+        name: Some("bob-it".into()),
+        ..Default::default()
+    };
+    let grant = root
+        .create_grant(bob_grant(["Encrypt", "Decrypt", "CreateGrant"]))
+        .await
+        .expect("CreateGrant")
+        .into_inner();
+    assert_eq!(
+        encrypt_as(&mut bob, &k1, &[("dept", "IT"), ("x", "y")]).await,
+        "ok"
+    );
+    assert_eq!(encrypt_as(&mut bob, &k1, &[("dept", "HR")]).await, d);
+    assert_eq!(encrypt_as(&mut bob, &k1, &[]).await, d);
+    assert_eq!(
+        outcome(
+            bob.describe_key(DescribeKeyRequest {
+                key_id: k1.clone(),
+                grant_tokens: vec![grant.grant_token.clone()],
+            })
+            .await
+        ),
+        d,
+        "DescribeKey is not a granted operation"
+    );
+    // Same name, same terms: the same grant.
+    let again = root
+        .create_grant(bob_grant(["Decrypt", "CreateGrant", "Encrypt"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.grant_id, grant.grant_id);
+    // Bob may pass on part of his grant, never more, and only as strictly constrained.
+    let child = |ops: Vec<&str>, subset: &[(&str, &str)]| CreateGrantRequest {
+        key_id: k1.clone(),
+        grantee_principal: EVE.into(),
+        operations: ops.into_iter().map(String::from).collect(),
+        constraints: Some(GrantConstraints {
+            encryption_context_subset: ctx(subset),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    assert_eq!(
+        outcome(
+            bob.create_grant(child(vec!["Decrypt"], &[("dept", "IT"), ("y", "z")]))
+                .await
+        ),
+        "ok"
+    );
+    assert_eq!(
+        outcome(
+            bob.create_grant(child(vec!["DescribeKey"], &[("dept", "IT")]))
+                .await
+        ),
+        d
+    );
+    assert_eq!(
+        outcome(bob.create_grant(child(vec!["Decrypt"], &[])).await),
+        d
+    );
+    // Alice has no CreateGrant permission at all.
+    assert_eq!(
+        outcome(
+            alice
+                .create_grant(child(vec!["Decrypt"], &[("dept", "IT")]))
+                .await
+        ),
+        d
+    );
+    // Bad input.
+    assert_eq!(
+        outcome(root.create_grant(child(vec!["Sign"], &[])).await),
+        "ValidationException"
+    );
+    assert_eq!(
+        outcome(
+            bob.encrypt(EncryptRequest {
+                key_id: k1.clone(),
+                plaintext: b"x".to_vec(),
+                grant_tokens: vec!["garbage".into()],
+                ..Default::default()
+            })
+            .await
+        ),
+        "InvalidGrantTokenException"
+    );
+
+    let grants = root
+        .list_grants(ListGrantsRequest {
+            key_id: k1.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .grants;
+    assert_eq!(grants.len(), 2);
+    let mine = grants
+        .iter()
+        .find(|g| g.grant_id == grant.grant_id)
+        .unwrap();
+    assert_eq!(mine.grantee_principal, BOB);
+    assert_eq!(mine.operations, ["CreateGrant", "Decrypt", "Encrypt"]);
+    assert_eq!(
+        outcome(
+            alice
+                .list_grants(ListGrantsRequest {
+                    key_id: k1.clone(),
+                    ..Default::default()
+                })
+                .await
+        ),
+        d
+    );
+    let retirable = carol
+        .list_retirable_grants(ListRetirableGrantsRequest {
+            retiring_principal: CAROL.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .grants;
+    assert_eq!(retirable.len(), 1);
+    // Only the retiring principal (or the grantee with RetireGrant, or the account) retires.
+    assert_eq!(
+        outcome(
+            eve.retire_grant(RetireGrantRequest {
+                grant_token: Some(grant.grant_token.clone()),
+                ..Default::default()
+            })
+            .await
+        ),
+        d
+    );
+    carol
+        .retire_grant(RetireGrantRequest {
+            grant_token: Some(grant.grant_token.clone()),
+            ..Default::default()
+        })
+        .await
+        .expect("retiring principal retires");
+    assert_eq!(
+        encrypt_as(&mut bob, &k1, &[("dept", "IT")]).await,
+        d,
+        "retired"
+    );
+    // The child grant goes by revocation.
+    let child_id = grants
+        .iter()
+        .find(|g| g.grant_id != grant.grant_id)
+        .unwrap()
+        .grant_id
+        .clone();
+    assert_eq!(
+        outcome(
+            alice
+                .revoke_grant(RevokeGrantRequest {
+                    key_id: k1.clone(),
+                    grant_id: child_id.clone(),
+                    dry_run: None
+                })
+                .await
+        ),
+        d
+    );
+    root.revoke_grant(RevokeGrantRequest {
+        key_id: k1.clone(),
+        grant_id: child_id.clone(),
+        dry_run: None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        outcome(
+            root.revoke_grant(RevokeGrantRequest {
+                key_id: k1.clone(),
+                grant_id: child_id,
+                dry_run: None
+            })
+            .await
+        ),
+        "NotFoundException"
+    );
+
+    // The policy lockout safety check.
+    let only_bob = r#"{"Statement":[{"Effect":"Allow","Principal":{"AWS":"arn:aws:iam::111122223333:role/app"},"Action":"kms:*","Resource":"*"}]}"#;
+    let put = |bypass: Option<bool>, policy: &str| PutKeyPolicyRequest {
+        key_id: k1.clone(),
+        policy_name: Some("default".into()),
+        policy: policy.into(),
+        bypass_policy_lockout_safety_check: bypass,
+    };
+    assert_eq!(
+        outcome(root.put_key_policy(put(None, only_bob)).await),
+        "MalformedPolicyDocumentException"
+    );
+    assert_eq!(
+        outcome(root.put_key_policy(put(None, "{not json")).await),
+        "MalformedPolicyDocumentException"
+    );
+    assert_eq!(
+        outcome(alice.put_key_policy(put(Some(true), only_bob)).await),
+        d
+    );
+    root.put_key_policy(put(Some(true), only_bob))
+        .await
+        .expect("bypassing the check");
+    assert_eq!(
+        outcome(
+            root.put_key_policy(put(Some(true), &default_policy()))
+                .await
+        ),
+        d,
+        "root locked itself out, as AWS warns"
+    );
+    assert_eq!(encrypt_as(&mut bob, &k1, &[]).await, "ok");
+    assert_eq!(encrypt_as(&mut root, &k1, &[]).await, d);
+    // A CreateKey policy that locks the caller out is refused unless bypassed.
+    assert_eq!(
+        outcome(
+            root.create_key(CreateKeyRequest {
+                custom_key_store_id: Some(store.clone()),
+                origin: Some("AWS_CLOUDHSM".into()),
+                policy: Some(only_bob.into()),
+                ..Default::default()
+            })
+            .await
+        ),
+        "MalformedPolicyDocumentException"
+    );
+
+    // The audit trail: every request above, allowed or denied, in an intact chain.
+    drop((root, alice, bob, eve, carol));
+    let mut h = h;
+    assert!(h.stop(), "hsm-kms did not exit cleanly");
+    let audit = h.dir.path().join("audit.jsonl");
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.len() > 40, "{} audit lines", lines.len());
+    let denied_alice = lines
+        .iter()
+        .find(|l| l["operation"] == "ScheduleKeyDeletion")
+        .expect("the denied ScheduleKeyDeletion is audited");
+    assert_eq!(denied_alice["principal"], ALICE);
+    assert_eq!(denied_alice["outcome"], "denied");
+    assert_eq!(denied_alice["error"], "AccessDeniedException");
+    assert_eq!(denied_alice["resources"][0], k1.as_str());
+    assert!(denied_alice["source"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    let carol_ok = lines
+        .iter()
+        .find(|l| {
+            l["principal"] == CAROL && l["operation"] == "Encrypt" && l["outcome"] == "allowed"
+        })
+        .unwrap();
+    assert_eq!(carol_ok["encryption_context"]["tenant"], "carol");
+    // Never plaintext or data keys.
+    for secret in [
+        "table secret",
+        "salaries",
+        "dGFibGUgc2VjcmV0",
+        "c2FsYXJpZXM=",
+    ] {
+        assert!(!text.contains(secret), "audit holds {secret}");
+    }
+    assert!(!text.contains("Plaintext") && !text.contains("plaintext"));
+    assert_chain(&audit, true);
+    tamper_and_check(&audit);
+}
+
+fn default_policy() -> String {
+    format!(
+        r#"{{"Statement":[{{"Effect":"Allow","Principal":{{"AWS":"arn:aws:iam::{ACCOUNT}:root"}},"Action":"kms:*","Resource":"*"}}]}}"#
+    )
+}
+
+/// Runs `hsm-kms audit verify` and checks its verdict.
+fn assert_chain(file: &Path, intact: bool) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hsm-kms"))
+        .args(["audit", "verify"])
+        .arg(file)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.success(), intact, "{said}");
+    assert!(
+        said.contains(if intact {
+            "chain intact"
+        } else {
+            "chain broken"
+        }),
+        "{said}"
+    );
+}
+
+/// A removed, an altered and a reordered line each break the chain.
+fn tamper_and_check(file: &Path) {
+    let good = std::fs::read_to_string(file).unwrap();
+    let lines: Vec<&str> = good.lines().collect();
+    let write = |ls: Vec<String>| std::fs::write(file, ls.join("\n") + "\n").unwrap();
+    let all = || lines.iter().map(|l| l.to_string()).collect::<Vec<_>>();
+
+    let mut removed = all();
+    removed.remove(5);
+    write(removed);
+    assert_chain(file, false);
+
+    let mut altered = all();
+    altered[7] = altered[7]
+        .replace("\"denied\"", "\"allowed\"")
+        .replace("\"failed\"", "\"allowed\"");
+    altered[7] = altered[7].replace("127.0.0.1", "10.0.0.9");
+    write(altered);
+    assert_chain(file, false);
+
+    let mut reordered = all();
+    reordered.swap(3, 4);
+    write(reordered);
+    assert_chain(file, false);
+
+    std::fs::write(file, &good).unwrap();
+    assert_chain(file, true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_refuses_unknown_missing_and_expired_certificates() {
+    let pki = Pki::new("hsm-kms test CA");
+    let h = tls_server(&pki, vec![], vec![], &[]).await;
+    let ok = |c: Result<Client, tonic::transport::Error>| async move {
+        let mut c = c.ok()?;
+        c.list_keys(ListKeysRequest::default()).await.ok()
+    };
+    // A good certificate works.
+    assert!(
+        ok(tls_client(&h, &pki.ca_pem, Some(pki.client(Some(ROOT), "root"))).await)
+            .await
+            .is_some()
+    );
+    // Signed by another CA.
+    let other = Pki::new("someone else's CA");
+    assert!(
+        ok(tls_client(&h, &pki.ca_pem, Some(other.client(Some(ROOT), "root"))).await)
+            .await
+            .is_none()
+    );
+    // No client certificate.
+    assert!(ok(tls_client(&h, &pki.ca_pem, None).await).await.is_none());
+    // Expired.
+    assert!(
+        ok(tls_client(&h, &pki.ca_pem, Some(pki.expired_client(ROOT))).await)
+            .await
+            .is_none()
+    );
+    // Plaintext to a TLS port.
+    let plaintext_works =
+        match KeyManagementServiceClient::connect(format!("http://{}", h.addr)).await {
+            Ok(mut c) => c.list_keys(ListKeysRequest::default()).await.is_ok(),
+            Err(_) => false,
+        };
+    assert!(!plaintext_works);
+    // A certificate of the right CA that names no principal.
+    let mut anonymous = tls_client(&h, &pki.ca_pem, Some(pki.client(None, "nobody")))
+        .await
+        .unwrap();
+    let e = anonymous
+        .list_keys(ListKeysRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(aws_error(&e), "AccessDeniedException");
+    assert!(e.message().contains("CN=nobody"), "{}", e.message());
+}
+
+/// Plaintext is refused off loopback and when the config does not ask for it.
+#[test]
+fn plaintext_needs_loopback_and_consent() {
+    let dir = tempfile::tempdir().unwrap();
+    for (listen, allow, why) in [
+        ("0.0.0.0:0", true, "loopback"),
+        ("127.0.0.1:0", false, "no TLS configured"),
+    ] {
+        let cfg = dir.path().join("c.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[server]\nlisten = \"{listen}\"\n[auth]\nallow_plaintext_loopback = {allow}\n\
+                 [storage]\nsqlite_path = \"{0}/m.db\"\n[security]\nsealing_key_file = \"{0}/s.key\"\n\
+                 [audit]\nfile = \"{0}/a.jsonl\"\n[admin]\nenabled = false\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_hsm-kms"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains(why), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kmsuser_password_is_rotated_on_connect_and_survives_a_crash_midway() {
+    let mut h = Harness::start_with(&[ClusterSpec::faulty("cluster-rotationabcd")], |s| {
+        s.security.rotate_kmsuser_password = true;
+    })
+    .await;
+    let mut c = h.client().await;
+    let store = h.connected_store(&mut c, 0, "rotating").await;
+    let key = create_key(&mut c, &store).await.arn;
+    // Only the service knows the password now.
+    assert!(
+        !h.pin_works(0, PASSWORD),
+        "the original password still logs in"
+    );
+    disconnect(&mut c, &store).await;
+    assert_eq!(connect(&mut c, &store).await, ("CONNECTED".into(), None));
+    encrypt(&mut c, &key, b"after rotation").await;
+
+    // A crash between the token's change and its record: C_SetPIN takes effect, then fails.
+    h.set_faults("fault = general_error\nfunctions = C_SetPIN\nafter_call = true\n");
+    disconnect(&mut c, &store).await;
+    assert_eq!(connect(&mut c, &store).await, ("CONNECTED".into(), None));
+    h.set_faults("");
+    disconnect(&mut c, &store).await;
+    assert_eq!(
+        connect(&mut c, &store).await,
+        ("CONNECTED".into(), None),
+        "the pending password of the interrupted rotation logs in"
+    );
+    encrypt(&mut c, &key, b"after a crash midway").await;
+
+    // And after a restart.
+    drop(c);
+    h.restart_with(|_| {}).await;
+    let mut c = h.client().await;
+    assert_eq!(wait_settled(&mut c, &store).await.0, "CONNECTED");
+    encrypt(&mut c, &key, b"after restart").await;
+    // The sealed passwords never reach the audit trail or the metadata in clear.
+    let meta = std::fs::read(h.dir.path().join("metadata.sqlite3")).unwrap();
+    assert!(!meta
+        .windows(PASSWORD.len())
+        .any(|w| w == PASSWORD.as_bytes()));
+}
