@@ -431,6 +431,17 @@ async fn policies_identities_and_grants_decide_who_may_do_what() {
         encrypt_as(&mut bob, &k1, &[("dept", "IT"), ("x", "y")]).await,
         "ok"
     );
+    // Usable at once, with or without its token.
+    let with_token = bob
+        .encrypt(EncryptRequest {
+            key_id: k1.clone(),
+            plaintext: b"table secret".to_vec(),
+            encryption_context: ctx(&[("dept", "IT")]),
+            grant_tokens: vec![grant.grant_token.clone()],
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(outcome(with_token), "ok");
     assert_eq!(encrypt_as(&mut bob, &k1, &[("dept", "HR")]).await, d);
     assert_eq!(encrypt_as(&mut bob, &k1, &[]).await, d);
     assert_eq!(

@@ -936,6 +936,29 @@ mod tests {
         assert!(verdict(if_exists, ALICE, "kms:Encrypt", f(&[])).allow);
         assert!(!verdict(if_exists, ALICE, "kms:Encrypt", f(&[("a", "2")])).allow);
 
+        let who_and_what = r#"{"Statement":{"Effect":"Allow","Principal":"*","Action":"kms:CreateGrant","Resource":"*",
+            "Condition":{"StringLike":{"aws:PrincipalArn":"arn:aws:iam::111122223333:user/*"},
+                         "ForAllValues:StringEquals":{"kms:GrantOperations":["Encrypt","Decrypt"]}}}}"#;
+        let ops = |o: &[&str]| {
+            Facts::of(&p).value(
+                "kms:GrantOperations",
+                o.iter().map(|s| s.to_string()).collect(),
+            )
+        };
+        assert!(verdict(who_and_what, ALICE, "kms:CreateGrant", ops(&["Decrypt"])).allow);
+        assert!(
+            !verdict(
+                who_and_what,
+                ALICE,
+                "kms:CreateGrant",
+                ops(&["Decrypt", "CreateGrant"])
+            )
+            .allow
+        );
+        let role = "arn:aws:iam::111122223333:role/app";
+        let role_facts = Facts::of(&who(role)).value("kms:GrantOperations", vec!["Decrypt".into()]);
+        assert!(!verdict(who_and_what, role, "kms:CreateGrant", role_facts).allow);
+
         let boolean = r#"{"Statement":{"Effect":"Allow","Principal":"*","Action":"kms:CreateGrant","Resource":"*",
             "Condition":{"Bool":{"kms:GrantIsForAWSResource":true}}}}"#;
         let g = |b| Facts::of(&p).flag("kms:GrantIsForAWSResource", b);
