@@ -10,44 +10,63 @@
 //! which operation on which key or store, the encryption context, and the outcome.
 //!
 //! Requests hand their entry to a writer thread over a channel, so the request path does no
-//! file I/O; the writer flushes whenever the channel is empty, and at shutdown.
+//! file I/O, formatting or hashing; the writer flushes whenever the channel is empty, lingers
+//! a moment (so that under load requests need not wake it), and flushes at shutdown.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use serde::Serialize;
 
+use crate::kms::access::{Principal, Resource};
+use crate::kms::ids::ArnScope;
+
 const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// One request, as the audit trail records it.
-#[derive(Debug, Serialize)]
+/// One request, as the audit trail records it. Built on the request path, so it holds
+/// only what is at hand; the writer thread formats it.
+#[derive(Debug)]
 pub struct Entry {
-    pub time: String,
-    pub request_id: String,
-    pub principal: Option<String>,
-    pub source: Option<String>,
+    /// Unix milliseconds.
+    pub time_ms: i64,
+    pub request_id: uuid::Uuid,
+    pub principal: Option<Arc<Principal>>,
+    pub source: Option<SocketAddr>,
     pub operation: &'static str,
-    pub resources: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resources: Vec<Resource>,
     pub encryption_context: Option<BTreeMap<String, String>>,
     /// `allowed` (and succeeded), `denied` (AccessDeniedException) or `failed`.
     pub outcome: &'static str,
     pub error: Option<&'static str>,
 }
 
-/// The line as hashed: the entry with its place in the chain.
+/// The line as written and hashed (field order is the line's order).
 #[derive(Serialize)]
-struct Chained<'a> {
+struct Line<'a> {
     seq: u64,
-    #[serde(flatten)]
-    entry: &'a Entry,
+    time: String,
+    request_id: String,
+    principal: Option<&'a str>,
+    source: Option<String>,
+    operation: &'static str,
+    resources: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encryption_context: Option<&'a BTreeMap<String, String>>,
+    outcome: &'static str,
+    error: Option<&'static str>,
     prev: &'a str,
 }
+
+/// How long the writer lingers after a batch before it sleeps on the channel: under load,
+/// entries keep arriving meanwhile and requests never have to wake it.
+const LINGER: Duration = Duration::from_millis(2);
 
 pub struct Audit {
     tx: Mutex<Option<mpsc::Sender<Entry>>>,
@@ -56,8 +75,9 @@ pub struct Audit {
 }
 
 impl Audit {
-    /// Opens (or creates, mode 0600) the file and continues its chain.
-    pub fn open(path: &Path) -> anyhow::Result<Audit> {
+    /// Opens (or creates, mode 0600) the file and continues its chain; key ARNs are written
+    /// in `scope`.
+    pub fn open(path: &Path, scope: ArnScope) -> anyhow::Result<Audit> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating the audit directory {}", dir.display()))?;
@@ -90,7 +110,7 @@ impl Audit {
         let (tx, rx) = mpsc::channel::<Entry>();
         let writer = std::thread::Builder::new()
             .name("audit".into())
-            .spawn(move || write_loop(file, rx, seq, prev))?;
+            .spawn(move || write_loop(file, rx, scope, seq, prev))?;
         Ok(Audit {
             tx: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
@@ -115,13 +135,34 @@ impl Audit {
     }
 }
 
-fn write_loop(file: File, rx: mpsc::Receiver<Entry>, mut seq: u64, mut prev: String) {
+fn write_loop(
+    file: File,
+    rx: mpsc::Receiver<Entry>,
+    scope: ArnScope,
+    mut seq: u64,
+    mut prev: String,
+) {
     let mut out = BufWriter::new(file);
-    let mut append = |e: &Entry, out: &mut BufWriter<File>| -> std::io::Result<()> {
+    let mut append = |e: Entry, out: &mut BufWriter<File>| -> std::io::Result<()> {
         seq += 1;
-        let body = serde_json::to_string(&Chained {
+        let body = serde_json::to_string(&Line {
             seq,
-            entry: e,
+            time: rfc3339(e.time_ms),
+            request_id: e.request_id.to_string(),
+            principal: e.principal.as_deref().map(|p| p.arn.as_str()),
+            source: e.source.map(|a| a.to_string()),
+            operation: e.operation,
+            resources: e
+                .resources
+                .iter()
+                .map(|r| match r {
+                    Resource::Key(id) => scope.key_arn(id),
+                    Resource::Named(n) => n.clone(),
+                })
+                .collect(),
+            encryption_context: e.encryption_context.as_ref(),
+            outcome: e.outcome,
+            error: e.error,
             prev: &prev,
         })
         .map_err(std::io::Error::other)?;
@@ -132,17 +173,24 @@ fn write_loop(file: File, rx: mpsc::Receiver<Entry>, mut seq: u64, mut prev: Str
         prev = hash;
         Ok(())
     };
-    while let Ok(first) = rx.recv() {
-        let mut result = append(&first, &mut out);
+    let mut next = rx.recv().ok();
+    while let Some(first) = next.take() {
+        let mut result = append(first, &mut out);
         while result.is_ok() {
             match rx.try_recv() {
-                Ok(e) => result = append(&e, &mut out),
+                Ok(e) => result = append(e, &mut out),
                 Err(_) => break,
             }
         }
         if let Err(e) = result.and_then(|()| out.flush()) {
             tracing::error!(error = %e, "writing the audit trail failed");
         }
+        std::thread::sleep(LINGER);
+        next = match rx.try_recv() {
+            Ok(e) => Some(e),
+            Err(mpsc::TryRecvError::Empty) => rx.recv().ok(),
+            Err(mpsc::TryRecvError::Disconnected) => None,
+        };
     }
     let _ = out.flush();
     let _ = out.get_ref().sync_all();
@@ -250,9 +298,9 @@ mod tests {
 
     fn entry(op: &'static str) -> Entry {
         Entry {
-            time: rfc3339(0),
-            request_id: "r".into(),
-            principal: Some("arn:aws:iam::111122223333:user/alice".into()),
+            time_ms: 0,
+            request_id: uuid::Uuid::nil(),
+            principal: Principal::parse("arn:aws:iam::111122223333:user/alice").map(Arc::new),
             source: None,
             operation: op,
             resources: vec![],
@@ -274,7 +322,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         for ops in [["Encrypt", "Decrypt"], ["CreateKey", "ListKeys"]] {
-            let a = Audit::open(&path).unwrap();
+            let a = Audit::open(
+                &path,
+                ArnScope {
+                    partition: "aws".into(),
+                    region: "us-east-1".into(),
+                    account_id: "111122223333".into(),
+                },
+            )
+            .unwrap();
             for op in ops {
                 a.record(entry(op));
             }

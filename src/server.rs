@@ -74,7 +74,10 @@ pub async fn start(
     ));
 
     let auth = crate::api::auth::Authenticator::new(settings)?;
-    let audit = Arc::new(crate::audit::Audit::open(&settings.audit.file)?);
+    let audit = Arc::new(crate::audit::Audit::open(
+        &settings.audit.file,
+        kms.scope.clone(),
+    )?);
     let mut builder = tonic::transport::Server::builder();
     if settings.tls.enabled() {
         builder = builder

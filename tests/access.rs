@@ -407,6 +407,13 @@ async fn policies_identities_and_grants_decide_who_may_do_what() {
     assert_eq!(aws_error(&denied), d);
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
     assert!(denied.message().contains(ALICE) && denied.message().contains("explicit deny"));
+    let denied_id = denied
+        .metadata()
+        .get("x-request-id")
+        .expect("a refusal carries its request id")
+        .to_str()
+        .unwrap()
+        .to_string();
     assert_eq!(describe_key(&mut root, &k1).await.key_state, "Enabled");
 
     // Grants: bob may Encrypt and Decrypt k1 when the context holds dept=IT.
@@ -679,6 +686,7 @@ async fn policies_identities_and_grants_decide_who_may_do_what() {
         .find(|l| l["operation"] == "ScheduleKeyDeletion")
         .expect("the denied ScheduleKeyDeletion is audited");
     assert_eq!(denied_alice["principal"], ALICE);
+    assert_eq!(denied_alice["request_id"], denied_id.as_str());
     assert_eq!(denied_alice["outcome"], "denied");
     assert_eq!(denied_alice["error"], "AccessDeniedException");
     assert_eq!(denied_alice["resources"][0], k1.as_str());

@@ -63,13 +63,21 @@ impl Principal {
     }
 }
 
+/// What a request acted on, for the audit trail: a key (its ARN is written out there, off
+/// the request path) or a store id or alias ARN.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resource {
+    Key(uuid::Uuid),
+    Named(String),
+}
+
 /// The calling side of one request: who, and from where. The domain notes here which
 /// resources the request touched, for the audit trail.
 #[derive(Debug)]
 pub struct Caller {
     pub principal: Arc<Principal>,
     pub source: Option<SocketAddr>,
-    resources: Mutex<Vec<String>>,
+    resources: Mutex<Vec<Resource>>,
 }
 
 impl Caller {
@@ -81,78 +89,95 @@ impl Caller {
         }
     }
 
-    /// Records a key ARN or store id the request acted on.
-    pub fn note(&self, resource: impl Into<String>) {
-        let resource = resource.into();
+    /// Records a resource the request acted on.
+    pub fn note(&self, resource: Resource) {
         let mut r = self.resources.lock().unwrap_or_else(|p| p.into_inner());
         if !r.contains(&resource) {
             r.push(resource);
         }
     }
 
-    pub fn resources(&self) -> Vec<String> {
-        self.resources
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    pub fn resources(&self) -> Vec<Resource> {
+        std::mem::take(&mut *self.resources.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
-/// The request's condition keys and their values (keys in lower case: IAM condition key
-/// names are case-insensitive, the encryption context key part included).
+/// The request's condition keys. Values are looked up when a condition asks for them, so a
+/// policy without conditions (the default key policy) costs no allocation. IAM condition key
+/// names are case-insensitive, the encryption context key part included.
 #[derive(Default, Debug)]
-pub struct Facts {
-    values: Vec<(String, Vec<String>)>,
+pub struct Facts<'a> {
+    principal: Option<&'a Principal>,
+    ctx: Option<&'a Context>,
+    alias: Option<&'a str>,
+    /// Further keys (lower case) and values of particular operations.
+    extra: Vec<(String, Vec<String>)>,
 }
 
-impl Facts {
+impl<'a> Facts<'a> {
     /// The keys every request has: aws:PrincipalArn and kms:CallerAccount.
-    pub fn of(caller: &Principal) -> Facts {
-        let mut f = Facts::default();
-        f.set("aws:principalarn", vec![caller.arn.clone()]);
-        f.set("kms:calleraccount", vec![caller.account.clone()]);
-        f
-    }
-
-    fn set(&mut self, key: &str, values: Vec<String>) {
-        self.values.push((key.to_ascii_lowercase(), values));
+    pub fn of(caller: &'a Principal) -> Facts<'a> {
+        Facts {
+            principal: Some(caller),
+            ..Facts::default()
+        }
     }
 
     /// kms:EncryptionContext:<key> for each pair and kms:EncryptionContextKeys. An empty
     /// context sets neither, so that Null and ...IfExists see the keys as absent.
-    pub fn context(mut self, ctx: &Context) -> Facts {
-        if ctx.is_empty() {
-            return self;
-        }
-        for (k, v) in ctx {
-            self.set(&format!("kms:encryptioncontext:{k}"), vec![v.clone()]);
-        }
-        self.set("kms:encryptioncontextkeys", ctx.keys().cloned().collect());
+    pub fn context(mut self, ctx: &'a Context) -> Facts<'a> {
+        self.ctx = Some(ctx).filter(|c| !c.is_empty());
         self
     }
 
     /// kms:RequestAlias, when the request named its key by an alias.
-    pub fn alias(mut self, alias: Option<&str>) -> Facts {
-        if let Some(a) = alias {
-            self.set("kms:requestalias", vec![a.to_string()]);
-        }
+    pub fn alias(mut self, alias: Option<&'a str>) -> Facts<'a> {
+        self.alias = alias;
         self
     }
 
-    pub fn value(mut self, key: &str, values: Vec<String>) -> Facts {
-        self.set(key, values);
+    pub fn value(mut self, key: &str, values: Vec<String>) -> Facts<'a> {
+        self.extra.push((key.to_ascii_lowercase(), values));
         self
     }
 
-    pub fn flag(self, key: &str, b: bool) -> Facts {
+    pub fn flag(self, key: &str, b: bool) -> Facts<'a> {
         self.value(key, vec![b.to_string()])
     }
 
-    fn get(&self, key: &str) -> Option<&[String]> {
-        self.values
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_slice())
+    /// The values of a condition key (given in lower case), if the request has it.
+    fn get(&self, key: &str) -> Option<Vec<&str>> {
+        let found: Vec<&str> = match key {
+            "aws:principalarn" => self.principal.map(|p| p.arn.as_str()).into_iter().collect(),
+            "kms:calleraccount" => self
+                .principal
+                .map(|p| p.account.as_str())
+                .into_iter()
+                .collect(),
+            "kms:requestalias" => self.alias.into_iter().collect(),
+            "kms:encryptioncontextkeys" => self
+                .ctx
+                .into_iter()
+                .flatten()
+                .map(|(k, _)| k.as_str())
+                .collect(),
+            _ => match key.strip_prefix("kms:encryptioncontext:") {
+                Some(want) => self
+                    .ctx
+                    .into_iter()
+                    .flatten()
+                    .filter(|(k, _)| k.eq_ignore_ascii_case(want))
+                    .map(|(_, v)| v.as_str())
+                    .collect(),
+                None => self
+                    .extra
+                    .iter()
+                    .filter(|(k, _)| k == key)
+                    .flat_map(|(_, v)| v.iter().map(String::as_str))
+                    .collect(),
+            },
+        };
+        (!found.is_empty()).then_some(found)
     }
 }
 
@@ -225,7 +250,7 @@ struct Condition {
 
 impl Condition {
     fn holds(&self, facts: &Facts) -> bool {
-        let present = facts.get(&self.key).filter(|v| !v.is_empty());
+        let present = facts.get(&self.key);
         if self.op == Op::Null {
             // "true": the key must be absent; "false": present.
             let want_absent = self.values.iter().any(|v| v.eq_ignore_ascii_case("true"));
@@ -236,7 +261,7 @@ impl Condition {
             // operator holds (nothing equals); anything else does not.
             return self.set == Some(SetOp::AllValues) || self.if_exists || self.op.negated();
         };
-        let matches_any = |r: &String| self.values.iter().any(|p| self.op.one(p, r));
+        let matches_any = |r: &&str| self.values.iter().any(|p| self.op.one(p, r));
         match (self.set, self.op.negated()) {
             // Negated: a request value "matches" when it equals none of the policy values.
             (Some(SetOp::AllValues), false) => request.iter().all(matches_any),
@@ -657,7 +682,12 @@ impl super::Kms {
     }
 
     /// The request's condition keys that every operation on a key has.
-    pub(super) fn facts(&self, caller: &Caller, ctx: &Context, key_ref: Option<&str>) -> Facts {
+    pub(super) fn facts<'a>(
+        &self,
+        caller: &'a Caller,
+        ctx: &'a Context,
+        key_ref: Option<&'a str>,
+    ) -> Facts<'a> {
         Facts::of(&caller.principal)
             .context(ctx)
             .alias(key_ref.and_then(request_alias))
@@ -716,8 +746,8 @@ impl super::Kms {
         facts: &Facts,
         granted: impl FnOnce() -> bool,
     ) -> KmsResult<()> {
+        caller.note(Resource::Key(key.id));
         let arn = self.scope.key_arn(&key.id);
-        caller.note(arn.clone());
         let policy = self.compiled_policy(key)?;
         let decision = decide_key(
             &policy,
@@ -755,7 +785,7 @@ impl super::Kms {
         facts: &Facts,
     ) -> KmsResult<()> {
         if let Some(r) = resource {
-            caller.note(r);
+            caller.note(Resource::Named(r.to_string()));
         }
         let resource = resource.filter(|r| r.starts_with("arn:")).unwrap_or("*");
         match decide_account(
@@ -903,7 +933,8 @@ mod tests {
             "Action":"kms:*","Resource":"*",
             "Condition":{"StringEquals":{"kms:EncryptionContext:Tenant":"blue"}}}]}"#;
         let p = who(ALICE);
-        let f = |c: &[(&str, &str)]| Facts::of(&p).context(&ctx(c));
+        // Leaked: each Facts borrows its context; a test may.
+        let f = |c: &[(&str, &str)]| Facts::of(&p).context(Box::leak(Box::new(ctx(c))));
         assert!(verdict(doc, ALICE, "kms:Encrypt", f(&[("tenant", "blue")])).allow);
         assert!(!verdict(doc, ALICE, "kms:Encrypt", f(&[("tenant", "Blue")])).allow);
         assert!(!verdict(doc, ALICE, "kms:Encrypt", f(&[])).allow);
@@ -956,7 +987,9 @@ mod tests {
             .allow
         );
         let role = "arn:aws:iam::111122223333:role/app";
-        let role_facts = Facts::of(&who(role)).value("kms:GrantOperations", vec!["Decrypt".into()]);
+        let role_principal = who(role);
+        let role_facts =
+            Facts::of(&role_principal).value("kms:GrantOperations", vec!["Decrypt".into()]);
         assert!(!verdict(who_and_what, role, "kms:CreateGrant", role_facts).allow);
 
         let boolean = r#"{"Statement":{"Effect":"Allow","Principal":"*","Action":"kms:CreateGrant","Resource":"*",

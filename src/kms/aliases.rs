@@ -4,7 +4,7 @@
 use uuid::Uuid;
 
 use super::access::{Caller, Facts};
-use super::crypto::Context;
+use super::crypto::NO_CONTEXT;
 use super::error::{ErrorKind, KmsError, KmsResult};
 use super::keystores::Page;
 use super::{decode_marker, encode_marker, page_limit, Kms};
@@ -115,7 +115,7 @@ impl Kms {
         self.authorize_account(caller, action, Some(&self.scope.alias_arn(name)), &facts)?;
         for k in keys {
             let key = self.key_by_id(k)?;
-            self.authorize_key(caller, action, &key, &Context::new(), &facts)?;
+            self.authorize_key(caller, action, &key, &NO_CONTEXT, &facts)?;
         }
         Ok(())
     }

@@ -17,6 +17,9 @@ use crate::hsm::{HsmError, IV_LEN};
 
 pub type Context = BTreeMap<String, String>;
 
+/// The empty encryption context, for operations without one.
+pub static NO_CONTEXT: Context = Context::new();
+
 pub const SYMMETRIC_DEFAULT: &str = "SYMMETRIC_DEFAULT";
 const ALGORITHMS: &[&str] = &[
     "SYMMETRIC_DEFAULT",

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use uuid::Uuid;
 
 use super::access::{Caller, Facts, Principal};
-use super::crypto::Context;
+use super::crypto::{Context, NO_CONTEXT};
 use super::error::{ErrorKind, KmsError, KmsResult};
 use super::keystores::Page;
 use super::{decode_marker, encode_marker, page_limit, Kms};
@@ -310,8 +310,8 @@ impl Kms {
         }
         let after = marker.map(decode_marker).transpose()?;
         let key = self.key_record(key_ref)?;
-        let facts = self.facts(caller, &Context::new(), None);
-        self.authorize_key(caller, "kms:ListGrants", &key, &Context::new(), &facts)?;
+        let facts = self.facts(caller, &NO_CONTEXT, None);
+        self.authorize_key(caller, "kms:ListGrants", &key, &NO_CONTEXT, &facts)?;
         let grants = self.store.key_grants(&key.id)?;
         let matching = grants.iter().filter(|g| {
             grant_id.is_none_or(|id| g.grant_id == id)
@@ -405,7 +405,7 @@ impl Kms {
             }
         };
         let key_arn = self.scope.key_arn(&grant.key_id);
-        caller.note(key_arn.clone());
+        caller.note(super::access::Resource::Key(grant.key_id));
         let me = &caller.principal;
         let facts = Facts::of(me);
         let (id_deny, id_allow) = self.identities_of(me, "kms:RetireGrant", &key_arn, &facts);
@@ -444,8 +444,8 @@ impl Kms {
     ) -> KmsResult<()> {
         check_grant_id(grant_id)?;
         let key = self.key_record(key_ref)?;
-        let facts = self.facts(caller, &Context::new(), None);
-        self.authorize_key(caller, "kms:RevokeGrant", &key, &Context::new(), &facts)?;
+        let facts = self.facts(caller, &NO_CONTEXT, None);
+        self.authorize_key(caller, "kms:RevokeGrant", &key, &NO_CONTEXT, &facts)?;
         let key_arn = self.scope.key_arn(&key.id);
         if !self
             .store

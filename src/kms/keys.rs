@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use super::access::{Caller, Facts};
 use super::conn_state::CONNECTED;
-use super::crypto::Context;
+use super::crypto::{Context, NO_CONTEXT};
 use super::error::{ErrorKind, KmsError, KmsResult};
 use super::ids::KeyRef;
 use super::keystores::Page;
@@ -252,16 +252,14 @@ impl Kms {
         };
         check_tags(&req.tags)?;
         let id = Uuid::new_v4();
-        let key_policy = match req.policy {
-            Some(p) => {
-                policy::validate(&p)?;
-                if !bypass {
-                    self.check_lockout(caller, &id, &p)?;
-                }
-                p
+        // No policy given: the key has the default key policy, kept as `None` (GetKeyPolicy
+        // writes it out), so 10,000 default keys do not carry 10,000 copies of its text.
+        if let Some(p) = &req.policy {
+            policy::validate(p)?;
+            if !bypass {
+                self.check_lockout(caller, &id, p)?;
             }
-            None => policy::default_policy(&self.scope.partition, &self.scope.account_id),
-        };
+        }
 
         let store = self.get_store(&store_id)?;
         require_connected_for_create(&store)?;
@@ -305,7 +303,7 @@ impl Kms {
             key_state: stored::CREATING.into(),
             deletion_date_ms: None,
             pending_window_days: None,
-            policy: Some(key_policy),
+            policy: req.policy,
         };
         self.store.insert_key(&rec, &req.tags)?;
         if let Err(e) = conn.generate_key(id, arn.clone()).await {
@@ -331,7 +329,7 @@ impl Kms {
             return Err(e);
         }
         tracing::info!(key_arn = %arn, custom_key_store_id = %store_id, "created key");
-        caller.note(arn.clone());
+        caller.note(super::access::Resource::Key(id));
         Ok(self.view(
             KeyRecord {
                 key_state: stored::ENABLED.into(),
@@ -445,8 +443,8 @@ impl Kms {
 
     pub fn describe_key(&self, caller: &Caller, key_ref: &str) -> KmsResult<KeyView> {
         let key = self.key_by_id(&self.resolve(key_ref)?)?;
-        let facts = self.facts(caller, &Context::new(), Some(key_ref));
-        self.authorize_key(caller, "kms:DescribeKey", &key, &Context::new(), &facts)?;
+        let facts = self.facts(caller, &NO_CONTEXT, Some(key_ref));
+        self.authorize_key(caller, "kms:DescribeKey", &key, &NO_CONTEXT, &facts)?;
         let store = self.store_of(&key)?;
         Ok(self.view(key, &store))
     }
@@ -459,8 +457,8 @@ impl Kms {
         key_ref: &str,
     ) -> KmsResult<KeyRecord> {
         let key = self.key_record(key_ref)?;
-        let facts = self.facts(caller, &Context::new(), None);
-        self.authorize_key(caller, action, &key, &Context::new(), &facts)?;
+        let facts = self.facts(caller, &NO_CONTEXT, None);
+        self.authorize_key(caller, action, &key, &NO_CONTEXT, &facts)?;
         Ok(key)
     }
 
@@ -643,9 +641,9 @@ impl Kms {
         policy::validate(doc)?;
         let key = self.key_record(key_ref)?;
         let facts = self
-            .facts(caller, &Context::new(), None)
+            .facts(caller, &NO_CONTEXT, None)
             .flag("kms:BypassPolicyLockoutSafetyCheck", bypass_lockout_check);
-        self.authorize_key(caller, "kms:PutKeyPolicy", &key, &Context::new(), &facts)?;
+        self.authorize_key(caller, "kms:PutKeyPolicy", &key, &NO_CONTEXT, &facts)?;
         if !bypass_lockout_check {
             self.check_lockout(caller, &key.id, doc)?;
         }

@@ -132,7 +132,7 @@ pub struct KeyRecord {
     pub key_state: String,
     pub deletion_date_ms: Option<i64>,
     pub pending_window_days: Option<i32>,
-    /// The key policy; `None` for keys made before policies were stored (the default applies).
+    /// The key policy; `None` for the default key policy (written out by GetKeyPolicy).
     pub policy: Option<String>,
 }
 
