@@ -220,6 +220,10 @@ pub fn prepare(data_dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Se
     // Dev mode is plaintext on loopback whatever an older generated file says; a --listen
     // off loopback is refused by the check below.
     settings.auth.allow_plaintext_loopback = true;
+    // A file generated before the audit trail existed names none: keep it in the data dir.
+    if settings.audit.file == crate::config::AuditSettings::default().file {
+        settings.audit.file = data_dir.join("audit.jsonl");
+    }
     settings.check()?;
     if let Some(conf) = &settings.hsm.softhsm2_conf {
         std::env::set_var("SOFTHSM2_CONF", conf);
