@@ -623,6 +623,33 @@ async fn policies_identities_and_grants_decide_who_may_do_what() {
         "NotFoundException"
     );
 
+    // As AWS's key-state table: a Disabled key takes no new grant (DisabledException), nor
+    // one pending deletion (KMSInvalidStateException).
+    let k3 = create_key(&mut root, &store).await.arn;
+    root.disable_key(DisableKeyRequest { key_id: k3.clone() })
+        .await
+        .unwrap();
+    let to_eve = |key: &str| CreateGrantRequest {
+        key_id: key.into(),
+        grantee_principal: EVE.into(),
+        operations: vec!["Decrypt".into()],
+        ..Default::default()
+    };
+    assert_eq!(
+        outcome(root.create_grant(to_eve(&k3)).await),
+        "DisabledException"
+    );
+    root.schedule_key_deletion(ScheduleKeyDeletionRequest {
+        key_id: k3.clone(),
+        pending_window_in_days: Some(7),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        outcome(root.create_grant(to_eve(&k3)).await),
+        "KMSInvalidStateException"
+    );
+
     // The policy lockout safety check.
     let only_bob = r#"{"Statement":[{"Effect":"Allow","Principal":{"AWS":"arn:aws:iam::111122223333:role/app"},"Action":"kms:*","Resource":"*"}]}"#;
     let put = |bypass: Option<bool>, policy: &str| PutKeyPolicyRequest {

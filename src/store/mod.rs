@@ -832,9 +832,8 @@ impl Store {
         };
         let out = self.with(|c| {
             let tx = c.transaction()?;
-            if let Err(r) =
-                require_state(&tx, &g.key_id, &["Enabled", "Disabled", "PendingDeletion"])?
-            {
+            // As AWS's key-state table: only an Enabled key takes new grants.
+            if let Err(r) = require_state(&tx, &g.key_id, &["Enabled"])? {
                 return Ok(Err(r));
             }
             if g.name.is_some() {
