@@ -665,8 +665,12 @@ pub fn request_alias(key_ref: &str) -> Option<&str> {
 /// Compiled key policies, by key; an entry is reused while the key's policy text is the same.
 #[derive(Default)]
 pub struct PolicyCache {
-    by_key: Mutex<HashMap<uuid::Uuid, (String, Arc<Policy>)>>,
+    by_key: std::sync::RwLock<HashMap<uuid::Uuid, (String, Arc<Policy>)>>,
 }
+
+/// Keys whose compiled policy is kept; past it the cache starts over (deleted keys' entries
+/// go with it).
+const POLICY_CACHE_LIMIT: usize = 10_000;
 
 impl super::Kms {
     /// The service acting on its own behalf (resuming stores at start, dev set-up): the
@@ -697,17 +701,26 @@ impl super::Kms {
         let Some(text) = &key.policy else {
             return Ok(Arc::clone(&self.default_policy));
         };
+        let cached = self
+            .policies
+            .by_key
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key.id)
+            .filter(|(t, _)| t == text)
+            .map(|(_, p)| Arc::clone(p));
+        if let Some(p) = cached {
+            return Ok(p);
+        }
+        let p = Arc::new(Policy::compile(text)?);
         let mut cache = self
             .policies
             .by_key
-            .lock()
+            .write()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some((t, p)) = cache.get(&key.id) {
-            if t == text {
-                return Ok(Arc::clone(p));
-            }
+        if cache.len() >= POLICY_CACHE_LIMIT {
+            cache.clear();
         }
-        let p = Arc::new(Policy::compile(text)?);
         cache.insert(key.id, (text.clone(), Arc::clone(&p)));
         Ok(p)
     }
