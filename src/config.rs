@@ -206,6 +206,11 @@ pub struct ServerSettings {
     /// connections are dropped (idle keep-alive clients would otherwise hold shutdown open).
     #[serde(default = "default_grace")]
     pub shutdown_grace_seconds: u64,
+    /// Threads of the async runtime (gRPC, request handling); unset: one per CPU. The HSM
+    /// calls run on their own session threads, so a host whose cores are shared with a
+    /// software token or a load generator can do with fewer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_threads: Option<usize>,
 }
 
 impl Default for ServerSettings {
@@ -213,6 +218,7 @@ impl Default for ServerSettings {
         ServerSettings {
             listen: default_listen(),
             shutdown_grace_seconds: default_grace(),
+            worker_threads: None,
         }
     }
 }
@@ -462,6 +468,9 @@ impl Settings {
         if self.lifecycle.deletion_check_interval_seconds == 0 {
             bail!("lifecycle.deletion_check_interval_seconds must be at least 1");
         }
+        if self.server.worker_threads == Some(0) {
+            bail!("server.worker_threads must be at least 1 (or unset: one per CPU)");
+        }
         if self.hsm.session_pool_size == 0 {
             bail!("hsm.session_pool_size must be at least 1");
         }
@@ -538,6 +547,7 @@ mod tests {
         s.admin.enabled = false;
         s.throttling.store_requests_per_second = 0;
         s.hsm.softhsm2_conf = None;
+        s.server.worker_threads = Some(3);
         s.clusters.push(ClusterSettings {
             id: "cluster-roundtripabc".into(),
             module: "/m.so".into(),
@@ -555,5 +565,14 @@ mod tests {
             serde_json::to_value(&back).unwrap(),
             serde_json::to_value(&s).unwrap()
         );
+    }
+
+    #[test]
+    fn zero_worker_threads_is_refused() {
+        let s: Settings = toml::from_str("[server]\nworker_threads = 0\n").unwrap();
+        let e = s.check().unwrap_err().to_string();
+        assert!(e.contains("server.worker_threads"), "{e}");
+        let s: Settings = toml::from_str("[server]\nworker_threads = 1\n").unwrap();
+        assert_eq!(s.server.worker_threads, Some(1));
     }
 }

@@ -133,6 +133,7 @@ pub fn prepare(data_dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Se
                 listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
                 // A developer's Ctrl-C should not wait long on idle clients.
                 shutdown_grace_seconds: 3,
+                worker_threads: None,
             },
             account: Default::default(),
             storage: crate::config::StorageSettings {

@@ -90,7 +90,7 @@ fn main() -> anyhow::Result<()> {
             if let Some(conf) = &settings.hsm.softhsm2_conf {
                 std::env::set_var("SOFTHSM2_CONF", conf);
             }
-            runtime()?.block_on(async {
+            runtime_with(settings.server.worker_threads)?.block_on(async {
                 let kms = Kms::new(&settings)?;
                 let running = server::start(
                     &settings,
@@ -153,7 +153,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    runtime_with(None)
+}
+
+fn runtime_with(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads {
+        builder.worker_threads(n);
+    }
+    builder.enable_all().build()
 }

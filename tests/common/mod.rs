@@ -167,6 +167,7 @@ impl Harness {
             server: ServerSettings {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 shutdown_grace_seconds: 2,
+                worker_threads: None,
             },
             account: Default::default(),
             storage: StorageSettings {
