@@ -59,9 +59,18 @@ pub struct Options {
     /// the raw measurement is then skipped.
     #[arg(long)]
     pub target: Option<String>,
-    /// HTTP/2 connections the load is spread over.
+    /// HTTP/2 connections the load is spread over (one load thread each).
     #[arg(long, default_value_t = 2)]
     pub connections: usize,
+    /// The started service's `hsm.session_pool_size`. SoftHSM2 computes in the calling
+    /// thread and serialises on its own locks, so sessions beyond the CPU count only add
+    /// wake-ups and lock contention. Default: the number of CPUs.
+    #[arg(long)]
+    pub session_pool_size: Option<usize>,
+    /// The started service's `server.worker_threads`. On a small host shared with the load
+    /// generator and the token, one async thread wakes the others least.
+    #[arg(long, default_value_t = 1)]
+    pub server_worker_threads: usize,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -95,6 +104,11 @@ pub struct Report {
     pub payload_bytes: usize,
     pub seconds_per_level: f64,
     pub cpus: usize,
+    /// The started service's tuning (absent in reports of earlier runs and with --target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_pool_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_worker_threads: Option<usize>,
     pub raw: Vec<RawResult>,
     pub service: Vec<LevelResult>,
 }
@@ -244,7 +258,7 @@ impl Drop for Server {
     }
 }
 
-fn start_server(dir: &Path, module: &Path) -> anyhow::Result<Server> {
+fn start_server(dir: &Path, module: &Path, pool: usize, workers: usize) -> anyhow::Result<Server> {
     let modules = Modules::default();
     let ctx = modules.get(module).map_err(|e| anyhow::anyhow!(e))?;
     hsm::init_token(&ctx, LABEL, "bench-so-pin", PASSWORD)?;
@@ -259,6 +273,7 @@ fn start_server(dir: &Path, module: &Path) -> anyhow::Result<Server> {
         server: ServerSettings {
             listen: "127.0.0.1:0".parse()?,
             shutdown_grace_seconds: 1,
+            worker_threads: Some(workers),
         },
         account: Default::default(),
         storage: StorageSettings {
@@ -270,6 +285,7 @@ fn start_server(dir: &Path, module: &Path) -> anyhow::Result<Server> {
         },
         hsm: HsmSettings {
             softhsm2_conf: Some(dir.join("softhsm2.conf")),
+            session_pool_size: pool,
             ..Default::default()
         },
         lifecycle: LifecycleSettings::default(),
@@ -394,75 +410,140 @@ impl Op {
 }
 
 /// Drives `op` at `concurrency` for `seconds`; returns per-request latencies and errors.
+///
+/// The load generator shares the machine with the service, so it is kept lean: each HTTP/2
+/// connection has its own thread with a single-threaded runtime that runs the connection and
+/// its share of the callers, so a request and its response never cross threads on this side.
 async fn drive(
-    clients: &[Client],
+    addr: &str,
+    connections: usize,
+    load: &Load,
+    concurrency: usize,
+    seconds: f64,
+) -> anyhow::Result<(Vec<Duration>, usize, f64)> {
+    let connections = connections.clamp(1, concurrency.max(1));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Every connection is up before the clock starts.
+    let ready = Arc::new(std::sync::Barrier::new(connections + 1));
+    let mut threads = Vec::new();
+    for t in 0..connections {
+        let (addr, load) = (addr.to_string(), load.clone());
+        let (stop, ready) = (Arc::clone(&stop), Arc::clone(&ready));
+        threads.push(std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let connected = match &rt {
+                Ok(rt) => rt.block_on(connect(&addr, 1)).map(|mut c| c.remove(0)),
+                Err(e) => Err(anyhow::anyhow!("starting a client runtime: {e}")),
+            };
+            ready.wait();
+            let (rt, client) = (rt?, connected?);
+            rt.block_on(async move {
+                let callers: Vec<_> = (t..concurrency)
+                    .step_by(connections)
+                    .map(|w| {
+                        let (c, load, stop) = (client.clone(), load.clone(), Arc::clone(&stop));
+                        tokio::spawn(caller(c, load, w, concurrency, stop))
+                    })
+                    .collect();
+                let mut lat = Vec::new();
+                let mut errors = 0;
+                for c in callers {
+                    let (l, e) = c.await?;
+                    lat.extend(l);
+                    errors += e;
+                }
+                Ok::<_, anyhow::Error>((lat, errors))
+            })
+        }));
+    }
+    tokio::task::block_in_place(|| ready.wait());
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let outcomes = tokio::task::block_in_place(|| {
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .map_err(|_| anyhow::anyhow!("a load thread panicked"))
+            })
+            .collect::<Vec<_>>()
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for outcome in outcomes {
+        let (l, e) = outcome??;
+        all.extend(l);
+        errors += e;
+    }
+    Ok((all, errors, elapsed))
+}
+
+/// What the callers send: the operation, the keys and ciphertexts to use, the plaintext size.
+#[derive(Clone)]
+struct Load {
     op: Op,
     keys: Arc<Vec<String>>,
     blobs: Arc<Vec<Vec<u8>>>,
     payload: usize,
-    concurrency: usize,
-    seconds: f64,
-) -> (Vec<Duration>, usize, f64) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..concurrency {
-        let mut c = clients[w % clients.len()].clone();
-        let (keys, blobs, stop) = (Arc::clone(&keys), Arc::clone(&blobs), Arc::clone(&stop));
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut errors = 0;
-            let pt = vec![0x42u8; payload];
-            let mut i = w;
-            while !stop.load(Ordering::Relaxed) {
-                i = i.wrapping_add(concurrency);
-                let key = keys[i % keys.len()].clone();
-                let t = Instant::now();
-                let ok = match op {
-                    Op::Encrypt => c
-                        .encrypt(EncryptRequest {
-                            key_id: key,
-                            plaintext: pt.clone(),
-                            ..Default::default()
-                        })
-                        .await
-                        .is_ok(),
-                    Op::Decrypt => c
-                        .decrypt(DecryptRequest {
-                            ciphertext_blob: blobs[i % blobs.len()].clone(),
-                            ..Default::default()
-                        })
-                        .await
-                        .is_ok(),
-                    Op::GenerateDataKey => c
-                        .generate_data_key(GenerateDataKeyRequest {
-                            key_id: key,
-                            key_spec: Some("AES_256".into()),
-                            ..Default::default()
-                        })
-                        .await
-                        .is_ok(),
-                };
-                lat.push(t.elapsed());
-                if !ok {
-                    errors += 1;
-                }
-            }
-            (lat, errors)
-        }));
-    }
-    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Vec::new();
+}
+
+/// One caller: requests back to back until `stop`; its latencies and error count.
+async fn caller(
+    mut c: Client,
+    load: Load,
+    first: usize,
+    stride: usize,
+    stop: Arc<AtomicBool>,
+) -> (Vec<Duration>, usize) {
+    let Load {
+        op,
+        keys,
+        blobs,
+        payload,
+    } = load;
+    let mut lat = Vec::with_capacity(4096);
     let mut errors = 0;
-    for t in tasks {
-        if let Ok((l, e)) = t.await {
-            all.extend(l);
-            errors += e;
+    let pt = vec![0x42u8; payload];
+    let mut i = first;
+    while !stop.load(Ordering::Relaxed) {
+        i = i.wrapping_add(stride);
+        let key = keys[i % keys.len()].clone();
+        let t = Instant::now();
+        let ok = match op {
+            Op::Encrypt => c
+                .encrypt(EncryptRequest {
+                    key_id: key,
+                    plaintext: pt.clone(),
+                    ..Default::default()
+                })
+                .await
+                .is_ok(),
+            Op::Decrypt => c
+                .decrypt(DecryptRequest {
+                    ciphertext_blob: blobs[i % blobs.len()].clone(),
+                    ..Default::default()
+                })
+                .await
+                .is_ok(),
+            Op::GenerateDataKey => c
+                .generate_data_key(GenerateDataKeyRequest {
+                    key_id: key,
+                    key_spec: Some("AES_256".into()),
+                    ..Default::default()
+                })
+                .await
+                .is_ok(),
+        };
+        lat.push(t.elapsed());
+        if !ok {
+            errors += 1;
         }
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    (all, errors, elapsed)
+    (lat, errors)
 }
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
@@ -475,7 +556,7 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 
 #[allow(clippy::too_many_arguments)]
 async fn level(
-    clients: &[Client],
+    addr: &str,
     op: Op,
     keys: Arc<Vec<String>>,
     blobs: Arc<Vec<Vec<u8>>>,
@@ -484,28 +565,18 @@ async fn level(
     store_keys: usize,
     pid: Option<u32>,
     raw: &[RawResult],
-) -> LevelResult {
-    // A short warm-up at the same concurrency, then the measured run.
-    drive(
-        clients,
+) -> anyhow::Result<LevelResult> {
+    let load = Load {
         op,
-        Arc::clone(&keys),
-        Arc::clone(&blobs),
-        opts.payload,
-        concurrency,
-        (opts.seconds / 5.0).min(0.5),
-    )
-    .await;
-    let (mut lat, errors, elapsed) = drive(
-        clients,
-        op,
-        Arc::clone(&keys),
+        keys: Arc::clone(&keys),
         blobs,
-        opts.payload,
-        concurrency,
-        opts.seconds,
-    )
-    .await;
+        payload: opts.payload,
+    };
+    // A short warm-up at the same concurrency, then the measured run.
+    let warm_up = (opts.seconds / 5.0).min(0.5);
+    drive(addr, opts.connections, &load, concurrency, warm_up).await?;
+    let (mut lat, errors, elapsed) =
+        drive(addr, opts.connections, &load, concurrency, opts.seconds).await?;
     lat.sort_unstable();
     let raw_op = match op {
         Op::Decrypt => "Decrypt",
@@ -534,10 +605,14 @@ async fn level(
         "{:16} c={:<4} keys={:<6} {:>9.0} ops/s  p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>8.2} ms  errors {}",
         r.operation, r.concurrency, r.keys, r.ops_per_sec, r.p50_ms, r.p99_ms, r.max_ms, r.errors
     );
-    r
+    Ok(r)
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let pool = opts.session_pool_size.unwrap_or(cpus).max(1);
     let dir = tempfile::tempdir()?;
     let module = make_token(dir.path())?;
     let mut raw = if opts.target.is_none() {
@@ -548,7 +623,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let server = match &opts.target {
         Some(_) => None,
         None => Some(tokio::task::block_in_place(|| {
-            start_server(dir.path(), &module)
+            start_server(dir.path(), &module, pool, opts.server_worker_threads)
         })?),
     };
     let addr = opts
@@ -623,7 +698,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         for &n in &opts.levels {
             service.push(
                 level(
-                    &clients,
+                    &addr,
                     op,
                     Arc::clone(&keys),
                     Arc::clone(&blobs),
@@ -633,7 +708,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                     pid,
                     &raw,
                 )
-                .await,
+                .await?,
             );
         }
     }
@@ -684,7 +759,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         for over in [&many, &keys] {
             service.push(
                 level(
-                    &clients,
+                    &addr,
                     Op::Encrypt,
                     Arc::clone(over),
                     Arc::clone(&blobs),
@@ -694,7 +769,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                     pid,
                     &raw,
                 )
-                .await,
+                .await?,
             );
         }
     }
@@ -710,13 +785,14 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             ops_per_sec: ops,
         });
     }
+    let started = server.is_some();
     drop(server);
     Ok(Report {
         payload_bytes: opts.payload,
         seconds_per_level: opts.seconds,
-        cpus: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
+        cpus,
+        session_pool_size: started.then_some(pool),
+        server_worker_threads: started.then_some(opts.server_worker_threads),
         raw,
         service,
     })
@@ -729,6 +805,12 @@ pub fn table(r: &Report) -> String {
         "payload {} bytes, {} s per level, {} CPUs\n\nraw PKCS#11 (AES-256-GCM in the token)\n",
         r.payload_bytes, r.seconds_per_level, r.cpus
     ));
+    if let (Some(pool), Some(workers)) = (r.session_pool_size, r.server_worker_threads) {
+        s.insert_str(
+            s.find('\n').unwrap_or(0),
+            &format!("; service: hsm.session_pool_size {pool}, server.worker_threads {workers}"),
+        );
+    }
     s.push_str("operation         sessions      ops/s\n");
     for x in &r.raw {
         s.push_str(&format!(

@@ -20,7 +20,14 @@ fn bench_verb_produces_a_complete_report() {
             "--keys-level",
             "2",
         ])
-        .args(["--raw-sessions", "2", "--json"])
+        .args(["--raw-sessions", "2", "--connections", "3"])
+        .args([
+            "--session-pool-size",
+            "3",
+            "--server-worker-threads",
+            "2",
+            "--json",
+        ])
         .arg(&json)
         .arg("--svg")
         .arg(&svg)
@@ -40,6 +47,13 @@ fn bench_verb_produces_a_complete_report() {
 
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    // The started service's tuning is part of the record.
+    assert_eq!(r["session_pool_size"], 3);
+    assert_eq!(r["server_worker_threads"], 2);
+    assert!(
+        table.contains("hsm.session_pool_size 3, server.worker_threads 2"),
+        "{table}"
+    );
     let raw = r["raw"].as_array().unwrap();
     assert_eq!(
         raw.len(),
