@@ -19,7 +19,7 @@ use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -69,7 +69,8 @@ struct Line<'a> {
 const LINGER: Duration = Duration::from_millis(2);
 
 pub struct Audit {
-    tx: Mutex<Option<mpsc::Sender<Entry>>>,
+    /// Read-locked by every request (a `Sender` is shared); taken by `close`.
+    tx: RwLock<Option<mpsc::Sender<Entry>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     path: PathBuf,
 }
@@ -112,14 +113,14 @@ impl Audit {
             .name("audit".into())
             .spawn(move || write_loop(file, rx, scope, seq, prev))?;
         Ok(Audit {
-            tx: Mutex::new(Some(tx)),
+            tx: RwLock::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
             path: path.to_path_buf(),
         })
     }
 
     pub fn record(&self, entry: Entry) {
-        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = self.tx.read().unwrap_or_else(|p| p.into_inner());
         let sent = tx.as_ref().is_some_and(|t| t.send(entry).is_ok());
         if !sent {
             tracing::error!(file = %self.path.display(), "the audit trail is closed; a request went unrecorded");
@@ -128,7 +129,7 @@ impl Audit {
 
     /// Writes out what is queued and stops the writer.
     pub fn close(&self) {
-        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        drop(self.tx.write().unwrap_or_else(|p| p.into_inner()).take());
         if let Some(w) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = w.join();
         }

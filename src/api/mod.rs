@@ -74,7 +74,7 @@ impl Service {
             principal: caller.map(|c| Arc::clone(&c.principal)),
             source: caller.and_then(|c| c.source),
             operation: op,
-            resources: caller.map(|c| c.resources()).unwrap_or_default(),
+            resources: caller.map(|c| c.take_resources()).unwrap_or_default(),
             encryption_context: encryption_context.filter(|c| !c.is_empty()),
             outcome: match &outcome {
                 Ok(_) => "allowed",

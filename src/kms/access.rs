@@ -97,7 +97,8 @@ impl Caller {
         }
     }
 
-    pub fn resources(&self) -> Vec<Resource> {
+    /// Hands over the noted resources (once, for the request's audit line).
+    pub fn take_resources(&self) -> Vec<Resource> {
         std::mem::take(&mut *self.resources.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }

@@ -284,15 +284,10 @@ impl Kms {
         if req.dry_run {
             return Err(super::crypto::dry_run());
         }
-        let saved = self.store.insert_grant(&record)?.map_err(|r| match r {
-            crate::store::Refused::KeyState(s) if s == super::keys::stored::DISABLED => {
-                KmsError::new(
-                    ErrorKind::Disabled,
-                    format!("{} is disabled", self.scope.key_arn(&key.id)),
-                )
-            }
-            r => self.refused(&key.id, r),
-        })?;
+        let saved = self
+            .store
+            .insert_grant(&record)?
+            .map_err(|r| self.refused(&key.id, r))?;
         tracing::info!(key_arn = %self.scope.key_arn(&key.id), grant_id = %saved.grant_id, grantee = %saved.grantee_principal, "grant created");
         Ok((saved.grant_id, saved.token))
     }

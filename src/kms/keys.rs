@@ -396,19 +396,27 @@ impl Kms {
         }
     }
 
-    /// The AWS exception for a refused change to `key`.
+    /// The AWS exception for a refused change to `key`; a refused key state answers as the
+    /// footnotes of AWS's key-state table do.
     pub(super) fn refused(&self, key: &Uuid, r: Refused) -> KmsError {
         let arn = self.scope.key_arn(key);
         match r {
             Refused::KeyMissing => {
                 KmsError::new(ErrorKind::NotFound, format!("Key '{arn}' does not exist"))
             }
-            Refused::KeyState(s) if s == stored::PENDING_DELETION => {
-                KmsError::invalid_state(format!("{arn} is pending deletion"))
-            }
-            Refused::KeyState(_) => {
+            // [4]: only a key pending deletion would do (CancelKeyDeletion).
+            Refused::KeyState { allowed, .. } if allowed == [stored::PENDING_DELETION] => {
                 KmsError::invalid_state(format!("{arn} is not pending deletion"))
             }
+            // [1]: the change needs an Enabled key.
+            Refused::KeyState { state, .. } if state == stored::DISABLED => {
+                KmsError::new(ErrorKind::Disabled, format!("{arn} is disabled"))
+            }
+            // [3]
+            Refused::KeyState { state, .. } if state == stored::PENDING_DELETION => {
+                KmsError::invalid_state(format!("{arn} is pending deletion"))
+            }
+            Refused::KeyState { state, .. } => KmsError::invalid_state(format!("{arn} is {state}")),
             Refused::TooMany(n) => KmsError::new(
                 ErrorKind::Tag,
                 format!("{arn} would carry more than {n} tags"),

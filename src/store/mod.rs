@@ -150,8 +150,11 @@ pub struct AliasRecord {
 pub enum Refused {
     /// No such key (or it is still being created).
     KeyMissing,
-    /// The key is in a state the change does not allow (the state is given).
-    KeyState(String),
+    /// The key is in `state`, not one of the states the change needs (`allowed`).
+    KeyState {
+        state: String,
+        allowed: Vec<String>,
+    },
     AliasExists,
     AliasMissing,
     /// A per-key limit would be exceeded (aliases or tags); the limit is given.
@@ -1074,7 +1077,10 @@ fn require_state(c: &Connection, id: &Uuid, allowed: &[&str]) -> rusqlite::Resul
     Ok(match key_state(c, id)? {
         None => Err(Refused::KeyMissing),
         Some(s) if allowed.contains(&s.as_str()) => Ok(()),
-        Some(s) => Err(Refused::KeyState(s)),
+        Some(state) => Err(Refused::KeyState {
+            state,
+            allowed: allowed.iter().map(|a| a.to_string()).collect(),
+        }),
     })
 }
 
