@@ -63,12 +63,12 @@ pub struct Options {
     #[arg(long, default_value_t = 2)]
     pub connections: usize,
     /// The started service's `hsm.session_pool_size`. SoftHSM2 computes in the calling
-    /// thread and serialises on its own locks, so sessions beyond the CPU count only add
-    /// wake-ups and lock contention. Default: the number of CPUs.
+    /// thread and serialises on its own locks, so sessions beyond the CPU count add
+    /// wake-ups and lock contention rather than throughput. Default: the number of CPUs.
     #[arg(long)]
     pub session_pool_size: Option<usize>,
-    /// The started service's `server.worker_threads`. On a small host shared with the load
-    /// generator and the token, one async thread wakes the others least.
+    /// The started service's `server.worker_threads`. On this 2-CPU host, shared with the
+    /// load generator and the token, one async thread used less CPU per request than two.
     #[arg(long, default_value_t = 1)]
     pub server_worker_threads: usize,
 }
