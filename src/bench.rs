@@ -369,11 +369,24 @@ fn rss_mib(pid: Option<u32>) -> Option<f64> {
 
 type Client = KeyManagementServiceClient<Channel>;
 
+/// `n` HTTP/2 connections to `addr` (HOST:PORT), each over a `transport::Coalesced` stream
+/// as the service's own are, so that a request goes out in one write rather than two.
 async fn connect(addr: &str, n: usize) -> anyhow::Result<Vec<Client>> {
     let mut out = Vec::new();
     for _ in 0..n {
+        let target = addr.to_string();
+        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+            let target = target.clone();
+            async move {
+                let s = tokio::net::TcpStream::connect(target.as_str()).await?;
+                s.set_nodelay(true)?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(crate::transport::Coalesced(
+                    s,
+                )))
+            }
+        });
         let ch = Channel::from_shared(format!("http://{addr}"))?
-            .connect()
+            .connect_with_connector(connector)
             .await?;
         out.push(KeyManagementServiceClient::new(ch));
     }

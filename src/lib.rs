@@ -13,3 +13,4 @@ pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod store;
+pub mod transport;

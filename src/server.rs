@@ -105,8 +105,11 @@ pub async fn start(
     let task = tokio::spawn(async move {
         // TCP_NODELAY: without it, a request split over several writes waits on Nagle's
         // algorithm against the peer's delayed ACK (a 40 ms floor per call, measured).
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        // `Coalesced`: one write per response instead of two (see `transport`).
+        use tokio_stream::StreamExt as _;
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .map(|r| r.map(crate::transport::Coalesced));
         let serve = router.serve_with_incoming_shutdown(incoming, signal);
         tokio::pin!(serve);
         let deadline = async move {
