@@ -78,15 +78,13 @@ pub async fn start(
         &settings.audit.file,
         kms.scope.clone(),
     )?);
-    let mut builder = tonic::transport::Server::builder();
-    if settings.tls.enabled() {
-        builder = builder
-            .tls_config(tls_config(&settings.tls)?)
-            .context("configuring TLS")?;
+    let tls = if settings.tls.enabled() {
+        Some(tls_config(&settings.tls).context("configuring TLS")?)
     } else {
         tracing::warn!(%addr, "plaintext gRPC without client authentication (auth.allow_plaintext_loopback)");
-    }
-    let router = builder
+        None
+    };
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -106,11 +104,21 @@ pub async fn start(
         // TCP_NODELAY: without it, a request split over several writes waits on Nagle's
         // algorithm against the peer's delayed ACK (a 40 ms floor per call, measured).
         // `Coalesced`: one write per response instead of two (see `transport`).
-        use tokio_stream::StreamExt as _;
-        let incoming = tonic::transport::server::TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .map(|r| r.map(crate::transport::Coalesced));
-        let serve = router.serve_with_incoming_shutdown(incoming, signal);
+        let serve: std::pin::Pin<
+            Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+        > = match tls {
+            Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+                crate::transport::tls_incoming(listener, tls),
+                signal,
+            )),
+            None => {
+                use tokio_stream::StreamExt as _;
+                let incoming = tonic::transport::server::TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .map(|r| r.map(crate::transport::Coalesced));
+                Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
+            }
+        };
         tokio::pin!(serve);
         let deadline = async move {
             if stopping_rx.await.is_ok() {
@@ -146,22 +154,18 @@ pub async fn start(
 /// outside its validity period, before any request is read.
 fn tls_config(
     tls: &crate::config::TlsSettings,
-) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+) -> anyhow::Result<std::sync::Arc<tokio_rustls::rustls::ServerConfig>> {
     let read = |p: &Option<PathBuf>, what: &str| -> anyhow::Result<Vec<u8>> {
         let p = p
             .as_ref()
             .with_context(|| format!("tls.{what} is not set"))?;
         std::fs::read(p).with_context(|| format!("reading tls.{what} {}", p.display()))
     };
-    let identity = tonic::transport::Identity::from_pem(
-        read(&tls.cert_file, "cert_file")?,
-        read(&tls.key_file, "key_file")?,
-    );
-    let ca = tonic::transport::Certificate::from_pem(read(&tls.client_ca_file, "client_ca_file")?);
-    Ok(tonic::transport::ServerTlsConfig::new()
-        .identity(identity)
-        .client_ca_root(ca)
-        .client_auth_optional(false))
+    crate::transport::server_config(
+        &read(&tls.cert_file, "cert_file")?,
+        &zeroize::Zeroizing::new(read(&tls.key_file, "key_file")?),
+        &read(&tls.client_ca_file, "client_ca_file")?,
+    )
 }
 
 /// The admin listener: `GET /metrics` in the Prometheus text format.

@@ -804,12 +804,32 @@ async fn tls_refuses_unknown_missing_and_expired_certificates() {
         let mut c = c.ok()?;
         c.list_keys(ListKeysRequest::default()).await.ok()
     };
-    // A good certificate works.
-    assert!(
-        ok(tls_client(&h, &pki.ca_pem, Some(pki.client(Some(ROOT), "root"))).await)
-            .await
-            .is_some()
-    );
+    // Connections that never start their handshake, and one that stops halfway through its
+    // ClientHello, do not hold up the clients behind them (handshakes run side by side).
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        stalled.push(
+            tokio::net::TcpStream::connect(h.addr.as_str())
+                .await
+                .unwrap(),
+        );
+    }
+    let mut half = tokio::net::TcpStream::connect(h.addr.as_str())
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut half, &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
+    stalled.push(half);
+    // A good certificate works, and (a liveness bound, not a speed one) before the server's
+    // 10 s handshake timeout could have freed a listener that waited on the stalled ones.
+    let good = tokio::time::timeout(std::time::Duration::from_secs(9), async {
+        ok(tls_client(&h, &pki.ca_pem, Some(pki.client(Some(ROOT), "root"))).await).await
+    });
+    let served = good.await;
+    assert!(served
+        .expect("stalled handshakes held up a good client")
+        .is_some());
     // Signed by another CA.
     let other = Pki::new("someone else's CA");
     assert!(
@@ -842,6 +862,7 @@ async fn tls_refuses_unknown_missing_and_expired_certificates() {
         .unwrap_err();
     assert_eq!(aws_error(&e), "AccessDeniedException");
     assert!(e.message().contains("CN=nobody"), "{}", e.message());
+    drop(stalled);
 }
 
 /// Plaintext is refused off loopback and when the config does not ask for it.
