@@ -369,28 +369,22 @@ fn rss_mib(pid: Option<u32>) -> Option<f64> {
 
 type Client = KeyManagementServiceClient<Channel>;
 
-/// `n` HTTP/2 connections to `addr` (HOST:PORT), each over a `transport::Coalesced` stream
-/// as the service's own are, so that a request goes out in one write rather than two.
-async fn connect(addr: &str, n: usize) -> anyhow::Result<Vec<Client>> {
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let target = addr.to_string();
-        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
-            let target = target.clone();
-            async move {
-                let s = tokio::net::TcpStream::connect(target.as_str()).await?;
-                s.set_nodelay(true)?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(crate::transport::Coalesced(
-                    s,
-                )))
-            }
-        });
-        let ch = Channel::from_shared(format!("http://{addr}"))?
-            .connect_with_connector(connector)
-            .await?;
-        out.push(KeyManagementServiceClient::new(ch));
-    }
-    Ok(out)
+/// An HTTP/2 connection to `addr` (HOST:PORT) over a `transport::Coalesced` stream, as the
+/// service's own are, so that a request goes out in one write rather than two.
+async fn connect(addr: &str) -> anyhow::Result<Client> {
+    let target = addr.to_string();
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let target = target.clone();
+        async move {
+            let s = tokio::net::TcpStream::connect(target.as_str()).await?;
+            s.set_nodelay(true)?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(crate::transport::Coalesced(s)))
+        }
+    });
+    let ch = Channel::from_shared(format!("http://{addr}"))?
+        .connect_with_connector(connector)
+        .await?;
+    Ok(KeyManagementServiceClient::new(ch))
 }
 
 async fn setup_store(c: &mut Client) -> anyhow::Result<String> {
@@ -447,7 +441,7 @@ async fn drive(
                 .enable_all()
                 .build();
             let connected = match &rt {
-                Ok(rt) => rt.block_on(connect(&addr, 1)).map(|mut c| c.remove(0)),
+                Ok(rt) => rt.block_on(connect(&addr)),
                 Err(e) => Err(anyhow::anyhow!("starting a client runtime: {e}")),
             };
             ready.wait();
@@ -567,31 +561,22 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn level(
     addr: &str,
-    op: Op,
-    keys: Arc<Vec<String>>,
-    blobs: Arc<Vec<Vec<u8>>>,
+    load: Load,
     opts: &Options,
     concurrency: usize,
     store_keys: usize,
     pid: Option<u32>,
     raw: &[RawResult],
 ) -> anyhow::Result<LevelResult> {
-    let load = Load {
-        op,
-        keys: Arc::clone(&keys),
-        blobs,
-        payload: opts.payload,
-    };
     // A short warm-up at the same concurrency, then the measured run.
     let warm_up = (opts.seconds / 5.0).min(0.5);
     drive(addr, opts.connections, &load, concurrency, warm_up).await?;
     let (mut lat, errors, elapsed) =
         drive(addr, opts.connections, &load, concurrency, opts.seconds).await?;
     lat.sort_unstable();
-    let raw_op = match op {
+    let raw_op = match load.op {
         Op::Decrypt => "Decrypt",
         _ => "Encrypt",
     };
@@ -601,9 +586,9 @@ async fn level(
         .map(|r| r.ops_per_sec);
     let ops = (lat.len() - errors) as f64 / elapsed;
     let r = LevelResult {
-        operation: op.name().to_string(),
+        operation: load.op.name().to_string(),
         concurrency,
-        keys: keys.len(),
+        keys: load.keys.len(),
         store_keys,
         requests: lat.len(),
         ops_per_sec: ops,
@@ -645,8 +630,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         .or_else(|| server.as_ref().map(|s| s.addr.clone()))
         .context("no address")?;
     let pid = server.as_ref().map(|s| s.child.id());
-    let clients = connect(&addr, opts.connections.max(1)).await?;
-    let mut c = clients[0].clone();
+    // Set-up and key creation share one connection; each load level opens its own.
+    let mut c = connect(&addr).await?;
     let store = if server.is_some() {
         let id = c
             .create_custom_key_store(CreateCustomKeyStoreRequest {
@@ -712,9 +697,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             service.push(
                 level(
                     &addr,
-                    op,
-                    Arc::clone(&keys),
-                    Arc::clone(&blobs),
+                    Load {
+                        op,
+                        keys: Arc::clone(&keys),
+                        blobs: Arc::clone(&blobs),
+                        payload: opts.payload,
+                    },
                     &opts,
                     n,
                     1,
@@ -732,10 +720,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         let mut all = vec![key];
         let mut pending = Vec::new();
         let retried = Arc::new(AtomicUsize::new(0));
-        for i in 1..opts.keys {
-            let c = clients[i % clients.len()].clone();
+        for _ in 1..opts.keys {
             pending.push(tokio::spawn(create_key_retrying(
-                c,
+                c.clone(),
                 store.clone(),
                 Arc::clone(&retried),
             )));
@@ -773,9 +760,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             service.push(
                 level(
                     &addr,
-                    Op::Encrypt,
-                    Arc::clone(over),
-                    Arc::clone(&blobs),
+                    Load {
+                        op: Op::Encrypt,
+                        keys: Arc::clone(over),
+                        blobs: Arc::clone(&blobs),
+                        payload: opts.payload,
+                    },
                     &opts,
                     opts.keys_level,
                     many.len(),
