@@ -25,28 +25,40 @@ use super::error::{ErrorKind, KmsError, KmsResult};
 pub struct Principal {
     pub arn: String,
     pub account: String,
+    root: bool,
 }
 
 impl Principal {
-    /// Parses `arn:<partition>:iam::<12 digits>:<root | user/... | role/...>`.
+    /// Parses an IAM principal ARN by IAM's grammar:
+    /// `arn:<partition>:iam::<12 digits>:root`, `...:user<path><name>`,
+    /// `...:role<path><name>` or `...:assumed-role/<role name>/<session name>`, where a path is
+    /// `/` or `/<printable ASCII>/` (at most 512 characters) and names are 1 to 64 of
+    /// `[A-Za-z0-9+=,.@_-]` (sessions 2 to 64). Anything else, such as a user whose "name"
+    /// ends in `:root`, names no principal.
     pub fn parse(arn: &str) -> Option<Principal> {
         let parts: Vec<&str> = arn.splitn(6, ':').collect();
         let ["arn", partition, "iam", "", account, resource] = parts[..] else {
             return None;
         };
-        let resource_ok = resource == "root"
-            || ["user/", "role/", "assumed-role/"].iter().any(|p| {
-                resource
-                    .strip_prefix(p)
-                    .is_some_and(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace))
-            });
-        let ok = !partition.is_empty()
-            && account.len() == 12
-            && account.bytes().all(|b| b.is_ascii_digit())
-            && resource_ok;
-        ok.then(|| Principal {
+        let partition_ok = partition.starts_with(|c: char| c.is_ascii_lowercase())
+            && partition
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !partition_ok || account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let root = resource == "root";
+        let resource_ok = root
+            || resource.strip_prefix("user").is_some_and(path_and_name)
+            || resource.strip_prefix("role").is_some_and(path_and_name)
+            || resource
+                .strip_prefix("assumed-role/")
+                .and_then(|r| r.split_once('/'))
+                .is_some_and(|(role, session)| iam_name(role, 1) && iam_name(session, 2));
+        resource_ok.then(|| Principal {
             arn: arn.to_string(),
             account: account.to_string(),
+            root,
         })
     }
 
@@ -55,12 +67,34 @@ impl Principal {
         Principal {
             arn: format!("arn:{partition}:iam::{account}:root"),
             account: account.to_string(),
+            root: true,
         }
     }
 
+    /// Whether this is exactly `arn:<partition>:iam::<account>:root`.
     pub fn is_root(&self) -> bool {
-        self.arn.ends_with(":root")
+        self.root
     }
+}
+
+/// `/<path/>name` of a user or role: the path is `/` or `/.../` in printable ASCII.
+fn path_and_name(rest: &str) -> bool {
+    let Some(slash) = rest.rfind('/') else {
+        return false;
+    };
+    let (path, name) = (&rest[..=slash], &rest[slash + 1..]);
+    path.starts_with('/')
+        && path.len() <= 512
+        && path.bytes().all(|b| (0x21..=0x7e).contains(&b))
+        && iam_name(name, 1)
+}
+
+/// An IAM user, role or session name: `min` to 64 of `[A-Za-z0-9+=,.@_-]`.
+fn iam_name(name: &str, min: usize) -> bool {
+    (min..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b))
 }
 
 /// What a request acted on, for the audit trail: a key (its ARN is written out there, off
@@ -278,13 +312,39 @@ impl Condition {
 struct Statement {
     allow: bool,
     /// None in identity policies, which have no Principal element.
-    principals: Option<Vec<String>>,
+    principals: Option<Vec<Named>>,
     not_principal: bool,
     actions: Vec<String>,
     not_action: bool,
     resources: Vec<String>,
     not_resource: bool,
     conditions: Vec<Condition>,
+}
+
+/// One entry of a Principal or NotPrincipal element, parsed once by IAM's grammar.
+#[derive(Debug)]
+enum Named {
+    /// `*`
+    Any,
+    /// An account: its 12-digit id or exactly `arn:<partition>:iam::<account>:root`.
+    Account(String),
+    /// Any other ARN, compared exactly (one that IAM's grammar rejects matches no caller).
+    Arn(String),
+}
+
+impl Named {
+    fn parse(s: String) -> Named {
+        if s == "*" {
+            return Named::Any;
+        }
+        if s.len() == 12 && s.bytes().all(|b| b.is_ascii_digit()) {
+            return Named::Account(s);
+        }
+        match Principal::parse(&s) {
+            Some(p) if p.is_root() => Named::Account(p.account),
+            _ => Named::Arn(s),
+        }
+    }
 }
 
 /// How a key policy statement's Principal element matched the caller.
@@ -302,37 +362,34 @@ impl Statement {
         let Some(list) = &self.principals else {
             return PrincipalMatch::Direct;
         };
-        let mut best = PrincipalMatch::No;
-        for p in list {
-            let m = if p == "*" || *p == caller.arn {
-                PrincipalMatch::Direct
-            } else if *p == caller.account
-                || (p.ends_with(":root") && account_of(p) == Some(caller.account.as_str()))
-            {
-                PrincipalMatch::Account
-            } else {
-                PrincipalMatch::No
-            };
-            if m == PrincipalMatch::Direct {
-                best = m;
-                break;
-            }
-            if m == PrincipalMatch::Account {
-                best = m;
-            }
-        }
         if self.not_principal {
-            if best == PrincipalMatch::No {
-                PrincipalMatch::Direct
-            } else {
+            // NotPrincipal exempts exactly the principals it names: naming an account names
+            // its root, not every principal of the account.
+            let named = list.iter().any(|n| match n {
+                Named::Any => true,
+                Named::Arn(arn) => *arn == caller.arn,
+                Named::Account(a) => *a == caller.account && caller.is_root(),
+            });
+            return if named {
                 PrincipalMatch::No
-            }
-        } else if best == PrincipalMatch::Account && caller.is_root() {
-            // The account's own root is the account.
-            PrincipalMatch::Direct
-        } else {
-            best
+            } else {
+                PrincipalMatch::Direct
+            };
         }
+        let mut best = PrincipalMatch::No;
+        for n in list {
+            match n {
+                Named::Any => return PrincipalMatch::Direct,
+                Named::Arn(arn) if *arn == caller.arn => return PrincipalMatch::Direct,
+                // The account's own root is the account.
+                Named::Account(a) if *a == caller.account && caller.is_root() => {
+                    return PrincipalMatch::Direct
+                }
+                Named::Account(a) if *a == caller.account => best = PrincipalMatch::Account,
+                _ => {}
+            }
+        }
+        best
     }
 
     fn applies(&self, action: &str, resource: &str, facts: &Facts) -> bool {
@@ -387,7 +444,12 @@ impl Policy {
             let (principals, not_principal) = match (st.get("Principal"), st.get("NotPrincipal")) {
                 (None, None) => (None, false),
                 (p, np) => (
-                    Some(principal_list(p.or(np).unwrap_or(&Value::Null))),
+                    Some(
+                        principal_list(p.or(np).unwrap_or(&Value::Null))
+                            .into_iter()
+                            .map(Named::parse)
+                            .collect(),
+                    ),
                     np.is_some(),
                 ),
             };
@@ -481,33 +543,124 @@ fn principal_list(v: &Value) -> Vec<String> {
 }
 
 /// IAM wildcard matching: `*` any run of characters, `?` any one character.
+///
+/// Its cost is linear in the text for any pattern: the common shapes (no wildcard, one
+/// trailing `*`) are compared directly, and every other pattern runs as a bit-parallel
+/// automaton, O(text x pattern / 64) with no backtracking. (The classic backtracking
+/// matcher took pattern x text steps: a 30,000-character `StringLike` against a large
+/// encryption context value stalled the server for most of a minute.)
 pub fn glob(pattern: &str, text: &str, ignore_case: bool) -> bool {
-    let (p, t) = (pattern.as_bytes(), text.as_bytes());
-    let eq = |a: u8, b: u8| {
+    let eq = |a: &str, b: &str| {
         if ignore_case {
-            a.eq_ignore_ascii_case(&b)
+            a.eq_ignore_ascii_case(b)
         } else {
             a == b
         }
     };
-    let (mut i, mut j) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while j < t.len() {
-        if i < p.len() && (p[i] == b'?' || (p[i] != b'*' && eq(p[i], t[j]))) {
-            i += 1;
-            j += 1;
-        } else if i < p.len() && p[i] == b'*' {
-            star = Some((i, j));
-            i += 1;
-        } else if let Some((si, sj)) = star {
-            i = si + 1;
-            j = sj + 1;
-            star = Some((si, sj + 1));
-        } else {
-            return false;
+    match pattern.find(['*', '?']) {
+        None => eq(pattern, text),
+        Some(i) if i + 1 == pattern.len() && pattern.ends_with('*') => {
+            text.get(..i).is_some_and(|head| eq(&pattern[..i], head))
+        }
+        Some(_) => Automaton::new(pattern, ignore_case).matches(text),
+    }
+}
+
+/// A wildcard pattern as a set of positions: bit `i` set means "the first `i` tokens have
+/// matched the text read so far". Runs of `*` are collapsed, so a star's bit never feeds
+/// another star.
+struct Automaton {
+    ignore_case: bool,
+    /// Tokens in the pattern; bit `tokens` is the accepting position.
+    tokens: usize,
+    /// Characters the pattern needs at least (its tokens that are not `*`).
+    min_len: usize,
+    any: Vec<u64>,
+    star: Vec<u64>,
+    chars: HashMap<char, Vec<u64>>,
+}
+
+impl Automaton {
+    fn new(pattern: &str, ignore_case: bool) -> Automaton {
+        enum Tok {
+            Star,
+            Any,
+            Char(char),
+        }
+        let mut toks: Vec<Tok> = Vec::new();
+        for c in pattern.chars() {
+            match c {
+                '*' if matches!(toks.last(), Some(Tok::Star)) => {}
+                '*' => toks.push(Tok::Star),
+                '?' => toks.push(Tok::Any),
+                c if ignore_case => toks.push(Tok::Char(c.to_ascii_lowercase())),
+                c => toks.push(Tok::Char(c)),
+            }
+        }
+        let words = (toks.len() + 1).div_ceil(64);
+        let (mut any, mut star) = (vec![0u64; words], vec![0u64; words]);
+        let mut chars: HashMap<char, Vec<u64>> = HashMap::new();
+        let set = |v: &mut Vec<u64>, i: usize| v[i / 64] |= 1 << (i % 64);
+        for (i, t) in toks.iter().enumerate() {
+            match t {
+                Tok::Star => set(&mut star, i),
+                Tok::Any => set(&mut any, i),
+                Tok::Char(c) => set(chars.entry(*c).or_insert_with(|| vec![0; words]), i),
+            }
+        }
+        Automaton {
+            ignore_case,
+            tokens: toks.len(),
+            min_len: toks.iter().filter(|t| !matches!(t, Tok::Star)).count(),
+            any,
+            star,
+            chars,
         }
     }
-    p[i..].iter().all(|&b| b == b'*')
+
+    fn matches(&self, text: &str) -> bool {
+        if text.chars().count() < self.min_len {
+            return false;
+        }
+        let words = self.any.len();
+        let mut state = vec![0u64; words];
+        let mut next = vec![0u64; words];
+        state[0] = 1;
+        self.close(&mut state);
+        for c in text.chars() {
+            let c = if self.ignore_case {
+                c.to_ascii_lowercase()
+            } else {
+                c
+            };
+            let exact = self.chars.get(&c);
+            let mut carry = 0u64;
+            let mut alive = 0u64;
+            for w in 0..words {
+                let hit = self.any[w] | exact.map_or(0, |m| m[w]);
+                let moved = state[w] & hit;
+                next[w] = (moved << 1) | carry | (state[w] & self.star[w]);
+                carry = moved >> 63;
+                alive |= next[w];
+            }
+            if alive == 0 {
+                return false;
+            }
+            std::mem::swap(&mut state, &mut next);
+            self.close(&mut state);
+        }
+        state[self.tokens / 64] & (1 << (self.tokens % 64)) != 0
+    }
+
+    /// A position before a `*` also stands after it (the star matched nothing).
+    fn close(&self, state: &mut [u64]) {
+        let mut carry = 0u64;
+        for (word, star) in state.iter_mut().zip(&self.star) {
+            let at_star = *word & star;
+            *word |= (at_star << 1) | carry;
+            carry = at_star >> 63;
+        }
+    }
 }
 
 /// The identity (IAM) policies of principals, from the configuration.
@@ -882,15 +1035,74 @@ mod tests {
             .unwrap()
             .is_root());
         assert!(Principal::parse("arn:aws:iam::111122223333:role/app").is_some());
+        assert!(Principal::parse("arn:aws:iam::111122223333:role/team/app-1").is_some());
+        assert!(Principal::parse("arn:aws:iam::111122223333:user/a+b=c,d.e@f_g-h").is_some());
+        assert!(Principal::parse("arn:aws:iam::111122223333:assumed-role/app/session-1").is_some());
+        assert!(!who(ALICE).is_root());
+        assert!(Principal::root("aws", "111122223333").is_root());
         for bad in [
             "alice",
             "arn:aws:iam::1111:user/alice",
             "arn:aws:kms::111122223333:user/alice",
             "arn:aws:iam::111122223333:user/",
             "arn:aws:iam::111122223333:group/x",
+            // Names that end in `:root` are not the root, and not names at all.
+            "arn:aws:iam::111122223333:user/mallory:root",
+            "arn:aws:iam::111122223333:role/app/x:root",
+            "arn:aws:iam::111122223333:assumed-role/app/s:root",
+            "arn:aws:iam::111122223333:root:root",
+            "arn:aws:iam::111122223333:rooted",
+            "arn:aws:iam::111122223333:useralice",
+            "arn:aws:iam::111122223333:user/al ice",
+            "arn:aws:iam::111122223333:user/al\nice",
+            "arn:aws:iam::111122223333:assumed-role/app",
+            "arn:aws:iam::111122223333:assumed-role/app/s",
+            "arn:AWS:iam::111122223333:root",
+            "arn::iam::111122223333:root",
+            "arn:aws:iam:us-east-1:111122223333:root",
+            "arn:aws:iam::11112222333x:root",
         ] {
             assert!(Principal::parse(bad).is_none(), "{bad}");
         }
+        let long_name = format!("arn:aws:iam::111122223333:user/{}", "a".repeat(65));
+        assert!(Principal::parse(&long_name).is_none());
+    }
+
+    /// The reference: IAM wildcards by recursion, exponential but obviously right.
+    fn slow_glob(p: &[char], t: &[char]) -> bool {
+        match (p.first(), t.first()) {
+            (None, None) => true,
+            (None, Some(_)) => false,
+            (Some('*'), _) => slow_glob(&p[1..], t) || (!t.is_empty() && slow_glob(p, &t[1..])),
+            (Some(_), None) => false,
+            (Some('?'), Some(_)) => slow_glob(&p[1..], &t[1..]),
+            (Some(a), Some(b)) => a == b && slow_glob(&p[1..], &t[1..]),
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn glob_agrees_with_the_reference(p in "[ab*?\u{e9}]{0,12}", t in "[ab\u{e9}]{0,14}") {
+            let (pc, tc): (Vec<char>, Vec<char>) = (p.chars().collect(), t.chars().collect());
+            proptest::prop_assert_eq!(glob(&p, &t, false), slow_glob(&pc, &tc), "{} {}", p, t);
+        }
+    }
+
+    #[test]
+    fn glob_is_linear_in_hostile_cases() {
+        // Pattern x text steps for the backtracking matcher: 3e4 x 6.5e4; here x / 64.
+        let pattern = format!("*{}b*", "a?".repeat(15_000));
+        let text = "a".repeat(1 << 16);
+        assert!(!glob(&pattern, &text, false));
+        let long = format!("*{}*", "a".repeat(100));
+        assert!(glob(&long, &"a".repeat(8192), false));
+        assert!(!glob(&long, &"a".repeat(99), false));
+        // Across the 64-bit word boundary of the automaton.
+        let p = format!("{}*{}", "x?".repeat(40), "y".repeat(30));
+        let t = format!("{}zz{}", "xq".repeat(40), "y".repeat(30));
+        assert!(glob(&p, &t, false));
+        assert!(!glob(&p, &t[1..], false));
+        assert!(glob("KMS:*crypt", "kms:ReEncrypt", true));
     }
 
     #[test]
@@ -1023,6 +1235,31 @@ mod tests {
         assert!(!verdict(doc, ALICE, "kms:Encrypt", Facts::default()).deny);
         assert!(verdict(doc, bob, "kms:Encrypt", Facts::default()).deny);
         assert!(!verdict(doc, ALICE, "kms:Decrypt", Facts::default()).allow);
+
+        // NotPrincipal naming the account exempts the account (its root), no one else.
+        let root = "arn:aws:iam::111122223333:root";
+        for named in [root, "111122223333"] {
+            let doc = format!(
+                r#"{{"Statement":[{{"Effect":"Deny","NotPrincipal":{{"AWS":"{named}"}},"Action":"kms:*","Resource":"*"}}]}}"#
+            );
+            assert!(
+                verdict(&doc, ALICE, "kms:Encrypt", Facts::default()).deny,
+                "{named}"
+            );
+            assert!(
+                !verdict(&doc, root, "kms:Encrypt", Facts::default()).deny,
+                "{named}"
+            );
+        }
+        // A policy naming a hostile "user ... :root" names that string, not the account.
+        let doc = r#"{"Statement":[{"Effect":"Allow","Principal":{"AWS":"arn:aws:iam::111122223333:user/x:root"},"Action":"kms:*","Resource":"*"}]}"#;
+        let v = verdict(doc, ALICE, "kms:Encrypt", Facts::default());
+        assert!(!v.allow && !v.account_allow);
+        // NotAction and NotResource.
+        let doc = r#"{"Statement":[{"Effect":"Deny","Principal":"*","Action":"kms:*","NotResource":"arn:aws:kms:us-east-1:111122223333:key/*"}]}"#;
+        assert!(!verdict(doc, ALICE, "kms:Encrypt", Facts::default()).deny);
+        let doc = r#"{"Statement":[{"Effect":"Deny","Principal":"*","Action":"kms:*","NotResource":"arn:aws:kms:eu-west-1:*"}]}"#;
+        assert!(verdict(doc, ALICE, "kms:Encrypt", Facts::default()).deny);
     }
 
     #[test]
