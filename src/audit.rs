@@ -9,15 +9,31 @@
 //! Lines never hold plaintext, data keys, passwords or ciphertexts: only who, from where,
 //! which operation on which key or store, the encryption context, and the outcome.
 //!
-//! Requests hand their entry to a writer thread over a channel, so the request path does no
-//! file I/O, formatting or hashing; the writer flushes whenever the channel is empty, lingers
-//! a moment (so that under load requests need not wake it), and flushes at shutdown.
+//! The trail fails closed. A request is answered only once its line has been written to the
+//! file (handed to the operating system; with `audit.fsync`, also on disk): `record` returns
+//! a `Receipt` that the request path awaits. Requests hand their entries to a writer thread,
+//! which writes each batch that queued meanwhile with one `write`, so the cost is per batch,
+//! not per request. When a write fails (disk full, I/O error, the file deleted), the
+//! batch's bytes are cut off again, the chain stays where it was, those requests are
+//! refused, and so is every request after them (`available` is false) until the writer
+//! manages to write a line that says how many requests were refused meanwhile. The chain is
+//! then intact across the outage.
+//!
+//! A crash can leave a torn last line (part of a batch's single write). `open` cuts it off,
+//! keeps the cut bytes beside the file (`<file>.torn-<unix ms>`) and says so in the log;
+//! `verify` reports such a tail as torn, apart from an altered line.
+//!
+//! SIGHUP reopens the file at its path (log rotation: move the file, then send SIGHUP); the
+//! chain continues in the new file, and `verify OLD NEW` checks both in order. A file that
+//! is deleted while open is noticed before the next write, which then fails (closed) until
+//! SIGHUP reopens one.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{Read, Seek, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -61,70 +77,127 @@ struct Line<'a> {
     encryption_context: Option<&'a BTreeMap<String, String>>,
     outcome: &'static str,
     error: Option<&'static str>,
+    /// On the line that ends an outage: how many requests were refused because the trail
+    /// could not be written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refused_unrecorded: Option<u64>,
     prev: &'a str,
 }
 
-/// How long the writer lingers after a batch before it sleeps on the channel: under load,
-/// entries keep arriving meanwhile and requests never have to wake it.
-const LINGER: Duration = Duration::from_millis(2);
+/// The operation name of the line that ends an outage of the trail.
+pub const RECOVERED: &str = "hsm-kms:AuditTrailRecovered";
+
+/// How often the writer tries again while the trail cannot be written.
+const RETRY: Duration = Duration::from_millis(250);
+
+/// Entries the writer takes into one batch at most.
+const BATCH: usize = 4096;
+
+/// An entry and the request waiting for it to be written.
+struct Pending {
+    entry: Entry,
+    done: tokio::sync::oneshot::Sender<bool>,
+}
+
+/// Whether a request's line was written; await it before answering the request.
+pub struct Receipt(Option<tokio::sync::oneshot::Receiver<bool>>);
+
+impl Receipt {
+    /// True once the line is written; false if it could not be (the request must then be
+    /// refused).
+    pub async fn written(self) -> bool {
+        match self.0 {
+            Some(rx) => rx.await.unwrap_or(false),
+            None => false,
+        }
+    }
+}
+
+/// What the request path and the writer share.
+struct Shared {
+    /// False from a failed write until the writer has written again.
+    available: AtomicBool,
+    /// Requests refused, unrecorded, since the last written line.
+    refused: AtomicU64,
+    /// Set by `reopen`; the writer reopens the path before its next write.
+    reopen: AtomicBool,
+}
 
 pub struct Audit {
     /// Read-locked by every request (a `Sender` is shared); taken by `close`.
-    tx: RwLock<Option<mpsc::Sender<Entry>>>,
+    tx: RwLock<Option<mpsc::Sender<Pending>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     path: PathBuf,
+    shared: Arc<Shared>,
 }
 
 impl Audit {
-    /// Opens (or creates, mode 0600) the file and continues its chain; key ARNs are written
-    /// in `scope`.
-    pub fn open(path: &Path, scope: ArnScope) -> anyhow::Result<Audit> {
+    /// Opens (or creates, mode 0600) the file and continues its chain, cutting off a torn
+    /// last line first; key ARNs are written in `scope`. With `fsync`, each batch is also
+    /// flushed to disk before its requests are answered.
+    pub fn open(path: &Path, scope: ArnScope, fsync: bool) -> anyhow::Result<Audit> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating the audit directory {}", dir.display()))?;
         }
-        let (mut seq, mut prev) = (0u64, ZERO_HASH.to_string());
-        if path.exists() {
-            if let Some(last) = last_line(path)? {
-                let (body, hash) = split_hash(&last).with_context(|| {
-                    format!(
-                        "the last line of {} has no hash; run `hsm-kms audit verify` on it",
-                        path.display()
-                    )
-                })?;
-                let v: serde_json::Value = serde_json::from_str(&body)?;
-                seq = v["seq"]
-                    .as_u64()
-                    .context("the last audit line has no seq")?;
-                prev = hash.to_string();
-            }
-        }
-        let file = {
-            use std::os::unix::fs::OpenOptionsExt;
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(path)
-                .with_context(|| format!("opening the audit file {}", path.display()))?
+        let file = open_append(path)?;
+        let (seq, prev) = recover(path, &file)?;
+        let (tx, rx) = mpsc::channel::<Pending>();
+        let shared = Arc::new(Shared {
+            available: AtomicBool::new(true),
+            refused: AtomicU64::new(0),
+            reopen: AtomicBool::new(false),
+        });
+        let mut writer = Writer {
+            len: file.metadata()?.len(),
+            file,
+            path: path.to_path_buf(),
+            scope,
+            seq,
+            prev,
+            fsync,
+            shared: Arc::clone(&shared),
+            failing_since: None,
         };
-        let (tx, rx) = mpsc::channel::<Entry>();
-        let writer = std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("audit".into())
-            .spawn(move || write_loop(file, rx, scope, seq, prev))?;
+            .spawn(move || writer.run(rx))?;
         Ok(Audit {
             tx: RwLock::new(Some(tx)),
-            writer: Mutex::new(Some(writer)),
+            writer: Mutex::new(Some(thread)),
             path: path.to_path_buf(),
+            shared,
         })
     }
 
-    pub fn record(&self, entry: Entry) {
+    /// Whether requests may be served: false while the trail cannot be written.
+    pub fn available(&self) -> bool {
+        self.shared.available.load(Ordering::Acquire)
+    }
+
+    /// Counts a request refused because the trail was unavailable; the line that ends the
+    /// outage gives the count.
+    pub fn refused(&self) {
+        self.shared.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Queues `entry`; the receipt tells when it is written.
+    pub fn record(&self, entry: Entry) -> Receipt {
+        let (done, rx) = tokio::sync::oneshot::channel();
         let tx = self.tx.read().unwrap_or_else(|p| p.into_inner());
-        let sent = tx.as_ref().is_some_and(|t| t.send(entry).is_ok());
+        let sent = tx
+            .as_ref()
+            .is_some_and(|t| t.send(Pending { entry, done }).is_ok());
         if !sent {
-            tracing::error!(file = %self.path.display(), "the audit trail is closed; a request went unrecorded");
+            tracing::error!(file = %self.path.display(), "the audit trail is closed; a request is refused");
+            return Receipt(None);
         }
+        Receipt(Some(rx))
+    }
+
+    /// Reopens the file at its path before the next write (SIGHUP; log rotation).
+    pub fn reopen(&self) {
+        self.shared.reopen.store(true, Ordering::Release);
     }
 
     /// Writes out what is queued and stops the writer.
@@ -136,66 +209,243 @@ impl Audit {
     }
 }
 
-fn write_loop(
-    file: File,
-    rx: mpsc::Receiver<Entry>,
-    scope: ArnScope,
-    mut seq: u64,
-    mut prev: String,
-) {
-    let mut out = BufWriter::new(file);
-    let mut append = |e: Entry, out: &mut BufWriter<File>| -> std::io::Result<()> {
-        seq += 1;
-        let body = serde_json::to_string(&Line {
-            seq,
-            time: rfc3339(e.time_ms),
-            request_id: e.request_id.to_string(),
-            principal: e.principal.as_deref().map(|p| p.arn.as_str()),
-            source: e.source.map(|a| a.to_string()),
-            operation: e.operation,
-            resources: e
-                .resources
-                .iter()
-                .map(|r| match r {
-                    Resource::Key(id) => scope.key_arn(id),
-                    Resource::Named(n) => n.clone(),
-                })
-                .collect(),
-            encryption_context: e.encryption_context.as_ref(),
-            outcome: e.outcome,
-            error: e.error,
-            prev: &prev,
-        })
-        .map_err(std::io::Error::other)?;
-        let hash = sha256_hex(body.as_bytes());
-        // `{...}` becomes `{...,"hash":"<hex>"}`.
-        out.write_all(&body.as_bytes()[..body.len() - 1])?;
-        writeln!(out, ",\"hash\":\"{hash}\"}}")?;
-        prev = hash;
-        Ok(())
+fn open_append(path: &Path) -> anyhow::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("opening the audit file {}", path.display()))
+}
+
+/// The chain's state at the end of `file` (seq, head hash), after cutting off a torn last
+/// line: one that a crash left without its newline. A complete last line that does not
+/// check out is not cut: that is for `verify` and a person to look at.
+fn recover(path: &Path, file: &File) -> anyhow::Result<(u64, String)> {
+    let mut text = Vec::new();
+    (&*file).seek(std::io::SeekFrom::Start(0))?;
+    (&*file).read_to_end(&mut text)?;
+    let complete = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    if complete < text.len() {
+        let torn = &text[complete..];
+        let keep = path.with_extension(format!(
+            "{}.torn-{}",
+            path.extension().and_then(|e| e.to_str()).unwrap_or("audit"),
+            crate::kms::now_ms()
+        ));
+        std::fs::write(&keep, torn)
+            .with_context(|| format!("saving the torn tail of {}", path.display()))?;
+        file.set_len(complete as u64)
+            .with_context(|| format!("cutting the torn tail of {}", path.display()))?;
+        file.sync_all()?;
+        tracing::warn!(
+            file = %path.display(),
+            bytes = torn.len(),
+            saved_to = %keep.display(),
+            "the audit file ended in a torn line (a crash during a write); cut it off and kept it aside"
+        );
+    }
+    let Some(last) = text[..complete]
+        .split(|&b| b == b'\n')
+        .rev()
+        .find(|l| !l.is_empty())
+    else {
+        return Ok((0, ZERO_HASH.to_string()));
     };
-    let mut next = rx.recv().ok();
-    while let Some(first) = next.take() {
-        let mut result = append(first, &mut out);
-        while result.is_ok() {
-            match rx.try_recv() {
-                Ok(e) => result = append(e, &mut out),
-                Err(_) => break,
+    let last = std::str::from_utf8(last).context("the last audit line is not text")?;
+    let (body, hash) = split_hash(last).with_context(|| {
+        format!(
+            "the last line of {} has no hash; run `hsm-kms audit verify` on it",
+            path.display()
+        )
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    let seq = v["seq"]
+        .as_u64()
+        .context("the last audit line has no seq")?;
+    Ok((seq, hash.to_string()))
+}
+
+struct Writer {
+    file: File,
+    /// The file's length after the last complete batch.
+    len: u64,
+    path: PathBuf,
+    scope: ArnScope,
+    seq: u64,
+    prev: String,
+    fsync: bool,
+    shared: Arc<Shared>,
+    /// Unix ms of the first failure of the current outage.
+    failing_since: Option<i64>,
+}
+
+impl Writer {
+    fn run(&mut self, rx: mpsc::Receiver<Pending>) {
+        let mut batch: Vec<Pending> = Vec::new();
+        loop {
+            // While failing, wake up on our own to try again.
+            let first = if self.failing_since.is_some() {
+                match rx.recv_timeout(RETRY) {
+                    Ok(p) => Some(p),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(p) => Some(p),
+                    Err(_) => break,
+                }
+            };
+            batch.extend(first);
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            let ok = self.write(batch.iter().map(|p| &p.entry));
+            if !ok {
+                let n = batch.len() as u64;
+                self.shared.refused.fetch_add(n, Ordering::Relaxed);
+            }
+            for p in batch.drain(..) {
+                let _ = p.done.send(ok);
             }
         }
-        if let Err(e) = result.and_then(|()| out.flush()) {
-            tracing::error!(error = %e, "writing the audit trail failed");
-        }
-        std::thread::sleep(LINGER);
-        next = match rx.try_recv() {
-            Ok(e) => Some(e),
-            Err(mpsc::TryRecvError::Empty) => rx.recv().ok(),
-            Err(mpsc::TryRecvError::Disconnected) => None,
-        };
+        // What is queued at shutdown still gets written.
+        let _ = self.file.sync_all();
+        tracing::info!(seq = self.seq, head = %self.prev, "audit trail closed");
     }
-    let _ = out.flush();
-    let _ = out.get_ref().sync_all();
-    tracing::info!(seq, head = %prev, "audit trail closed");
+
+    /// Writes the lines of `entries` (preceded, after an outage, by the line that ends it) in
+    /// one write; on failure cuts the file back and leaves the chain as it was.
+    fn write<'a>(&mut self, entries: impl Iterator<Item = &'a Entry>) -> bool {
+        let outcome = self.try_write(entries);
+        match outcome {
+            Ok(()) => {
+                if self.failing_since.take().is_some() {
+                    tracing::warn!(file = %self.path.display(), "the audit trail is written again; serving requests");
+                }
+                self.shared.available.store(true, Ordering::Release);
+                true
+            }
+            Err(e) => {
+                self.shared.available.store(false, Ordering::Release);
+                if self.failing_since.is_none() {
+                    self.failing_since = Some(crate::kms::now_ms());
+                    tracing::error!(
+                        file = %self.path.display(),
+                        error = format!("{e:#}"),
+                        "the audit trail cannot be written; refusing requests until it can"
+                    );
+                }
+                false
+            }
+        }
+    }
+
+    fn try_write<'a>(&mut self, entries: impl Iterator<Item = &'a Entry>) -> anyhow::Result<()> {
+        if self.shared.reopen.swap(false, Ordering::AcqRel) {
+            let file = open_append(&self.path)?;
+            self.len = file.metadata()?.len();
+            self.file = file;
+            tracing::info!(file = %self.path.display(), seq = self.seq, "audit file reopened; the chain continues in it");
+        }
+        if self.file.metadata()?.nlink() == 0 {
+            anyhow::bail!("the audit file was deleted; send SIGHUP to start a new one");
+        }
+        // A failed write may have left part of a batch: cut it before writing on.
+        if self.file.metadata()?.len() != self.len {
+            self.file.set_len(self.len)?;
+        }
+        let (mut seq, mut prev) = (self.seq, self.prev.clone());
+        let mut text = Vec::new();
+        if let Some(since) = self.failing_since {
+            let refused = self.shared.refused.load(Ordering::Relaxed);
+            let line = Line {
+                seq: seq + 1,
+                time: rfc3339(crate::kms::now_ms()),
+                request_id: uuid::Uuid::new_v4().to_string(),
+                principal: None,
+                source: None,
+                operation: RECOVERED,
+                resources: vec![format!("unwritable since {}", rfc3339(since))],
+                encryption_context: None,
+                outcome: "recorded",
+                error: None,
+                refused_unrecorded: Some(refused),
+                prev: &prev,
+            };
+            prev = append_line(&mut text, &line)?;
+            seq += 1;
+        }
+        for e in entries {
+            let line = Line {
+                seq: seq + 1,
+                time: rfc3339(e.time_ms),
+                request_id: e.request_id.to_string(),
+                principal: e.principal.as_deref().map(|p| p.arn.as_str()),
+                source: e.source.map(|a| a.to_string()),
+                operation: e.operation,
+                resources: e
+                    .resources
+                    .iter()
+                    .map(|r| match r {
+                        Resource::Key(id) => self.scope.key_arn(id),
+                        Resource::Named(n) => n.clone(),
+                    })
+                    .collect(),
+                encryption_context: e.encryption_context.as_ref(),
+                outcome: e.outcome,
+                error: e.error,
+                refused_unrecorded: None,
+                prev: &prev,
+            };
+            prev = append_line(&mut text, &line)?;
+            seq += 1;
+        }
+        if text.is_empty() {
+            return Ok(());
+        }
+        let written = self.file.write_all(&text).and_then(|()| {
+            if self.fsync {
+                self.file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = written {
+            // Cut off what part of the batch got in, so that the chain stays whole.
+            if let Err(cut) = self.file.set_len(self.len) {
+                tracing::error!(error = %cut, "cutting a partly written audit batch failed; will retry");
+            }
+            return Err(e.into());
+        }
+        if self.failing_since.is_some() {
+            self.shared.refused.store(0, Ordering::Relaxed);
+        }
+        self.len += text.len() as u64;
+        self.seq = seq;
+        self.prev = prev;
+        Ok(())
+    }
+}
+
+use std::os::unix::fs::MetadataExt as _;
+
+/// Appends `line` and its hash to `out`; returns the hash.
+fn append_line(out: &mut Vec<u8>, line: &Line<'_>) -> anyhow::Result<String> {
+    let body = serde_json::to_string(line)?;
+    let hash = sha256_hex(body.as_bytes());
+    // `{...}` becomes `{...,"hash":"<hex>"}`.
+    out.extend_from_slice(&body.as_bytes()[..body.len() - 1]);
+    out.extend_from_slice(b",\"hash\":\"");
+    out.extend_from_slice(hash.as_bytes());
+    out.extend_from_slice(b"\"}\n");
+    Ok(hash)
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -216,58 +466,85 @@ fn split_hash(line: &str) -> Option<(String, &str)> {
     Some((format!("{head}}}"), hash))
 }
 
-fn last_line(path: &Path) -> anyhow::Result<Option<String>> {
-    let mut last = None;
-    for line in BufReader::new(File::open(path)?).lines() {
-        let line = line?;
-        if !line.trim().is_empty() {
-            last = Some(line);
-        }
-    }
-    Ok(last)
-}
-
 /// What `verify` found.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Verified {
     pub lines: u64,
     pub head: String,
+    /// Bytes of a torn last line (a crash during a write), not part of the chain.
+    pub torn_tail: usize,
 }
 
-/// Checks the whole chain of an audit file; the error names the first line that breaks it.
-pub fn verify(path: &Path) -> anyhow::Result<Verified> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+/// Checks the chain of one audit file, or of several that continue one another (a rotated
+/// file, then the one after it); the error names the first line that breaks it. A last
+/// line without its newline that does not check out is a torn tail (reported in
+/// `torn_tail`), not a broken chain: a crash leaves that, and the service cuts it at start.
+pub fn verify(paths: &[PathBuf]) -> anyhow::Result<Verified> {
     let mut prev = ZERO_HASH.to_string();
     let mut n = 0u64;
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        let line_no = i + 1;
-        let line = line.with_context(|| format!("line {line_no}: not text"))?;
-        let (body, hash) = split_hash(&line)
-            .with_context(|| format!("line {line_no}: no hash at the end of the line"))?;
-        if sha256_hex(body.as_bytes()) != hash {
-            anyhow::bail!("line {line_no}: its hash does not match its content (altered)");
+    let mut torn_tail = 0;
+    for (f, path) in paths.iter().enumerate() {
+        let text = std::fs::read(path).with_context(|| format!("opening {}", path.display()))?;
+        let at = |line_no: usize| format!("{} line {line_no}", path.display());
+        let lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
+        for (i, raw) in lines.iter().enumerate() {
+            let line_no = i + 1;
+            let complete = raw.ends_with(b"\n");
+            let line = std::str::from_utf8(raw)
+                .unwrap_or("")
+                .trim_end_matches('\n');
+            let hashed = split_hash(line);
+            let checked = hashed
+                .as_ref()
+                .is_some_and(|(body, hash)| sha256_hex(body.as_bytes()) == *hash);
+            let (Some((body, hash)), true) = (hashed, checked) else {
+                let hash_missing = split_hash(line).is_none();
+                if !complete && hash_missing && f + 1 == paths.len() {
+                    torn_tail = raw.len();
+                    break;
+                }
+                if hash_missing {
+                    anyhow::bail!("{}: no hash at the end of the line", at(line_no));
+                }
+                anyhow::bail!(
+                    "{}: its hash does not match its content (altered)",
+                    at(line_no)
+                );
+            };
+            let v: serde_json::Value = serde_json::from_str(&body)
+                .with_context(|| format!("{}: not a JSON object", at(line_no)))?;
+            if n == 0 && v["seq"].as_u64() != Some(1) {
+                anyhow::bail!(
+                    "{}: the chain starts at sequence number {}: lines were cut off its start, \
+                     or the file continues a rotated one (verify that one and then this one, \
+                     in one command)",
+                    at(line_no),
+                    v["seq"]
+                );
+            }
+            if v["prev"].as_str() != Some(prev.as_str()) {
+                anyhow::bail!(
+                    "{}: it does not follow the line before it (a line was removed, inserted \
+                     or moved)",
+                    at(line_no)
+                );
+            }
+            if v["seq"].as_u64() != Some(n + 1) {
+                anyhow::bail!(
+                    "{}: sequence number {} where {} was due",
+                    at(line_no),
+                    v["seq"],
+                    n + 1
+                );
+            }
+            n += 1;
+            prev = hash.to_string();
         }
-        let v: serde_json::Value = serde_json::from_str(&body)
-            .with_context(|| format!("line {line_no}: not a JSON object"))?;
-        if v["prev"].as_str() != Some(prev.as_str()) {
-            anyhow::bail!(
-                "line {line_no}: it does not follow the line before it (a line was removed, \
-                 inserted or moved)"
-            );
-        }
-        if v["seq"].as_u64() != Some(n + 1) {
-            anyhow::bail!(
-                "line {line_no}: sequence number {} where {} was due",
-                v["seq"],
-                n + 1
-            );
-        }
-        n += 1;
-        prev = hash.to_string();
     }
     Ok(Verified {
         lines: n,
         head: prev,
+        torn_tail,
     })
 }
 
@@ -311,37 +588,126 @@ mod tests {
         assert_eq!(rfc3339(1_795_348_800_123), "2026-11-22T12:00:00.123Z");
     }
 
+    fn scope() -> ArnScope {
+        ArnScope {
+            partition: "aws".into(),
+            region: "us-east-1".into(),
+            account_id: "111122223333".into(),
+        }
+    }
+
+    fn record_all(a: &Audit, ops: &[&'static str]) -> Vec<bool> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        ops.iter()
+            .map(|op| rt.block_on(a.record(entry(op)).written()))
+            .collect()
+    }
+
     #[test]
     fn chain_continues_across_restarts_and_detects_tampering() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         for ops in [["Encrypt", "Decrypt"], ["CreateKey", "ListKeys"]] {
-            let a = Audit::open(
-                &path,
-                ArnScope {
-                    partition: "aws".into(),
-                    region: "us-east-1".into(),
-                    account_id: "111122223333".into(),
-                },
-            )
-            .unwrap();
-            for op in ops {
-                a.record(entry(op));
-            }
+            let a = Audit::open(&path, scope(), false).unwrap();
+            assert_eq!(record_all(&a, &ops), [true, true]);
             a.close();
         }
+        let one = || verify(std::slice::from_ref(&path));
         let good = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(verify(&path).unwrap().lines, 4);
+        assert_eq!(one().unwrap().lines, 4);
         let lines: Vec<&str> = good.lines().collect();
         let write = |ls: &[&str]| std::fs::write(&path, ls.join("\n") + "\n").unwrap();
         write(&[lines[0], lines[2], lines[3]]);
-        assert!(verify(&path).is_err(), "removed line");
+        assert!(one().is_err(), "removed line");
         write(&[lines[0], lines[2], lines[1], lines[3]]);
-        assert!(verify(&path).is_err(), "reordered lines");
+        assert!(one().is_err(), "reordered lines");
         let altered = lines[1].replace("Decrypt", "Encrypt");
         write(&[lines[0], &altered, lines[2], lines[3]]);
-        assert!(verify(&path).is_err(), "altered line");
+        assert!(one().unwrap_err().to_string().contains("altered"));
         write(&[lines[1], lines[2], lines[3]]);
-        assert!(verify(&path).is_err(), "removed first line");
+        assert!(one().is_err(), "removed first line");
+        // An altered last line stays an alteration, even without its newline: a torn line
+        // never has its whole hash.
+        std::fs::write(&path, format!("{}\n{}", lines[0], altered)).unwrap();
+        assert!(one().unwrap_err().to_string().contains("altered"));
+    }
+
+    #[test]
+    fn a_torn_tail_is_reported_then_cut_at_start_and_the_chain_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let a = Audit::open(&path, scope(), false).unwrap();
+        record_all(&a, &["Encrypt", "Decrypt", "ListKeys"]);
+        a.close();
+        let whole = std::fs::read(&path).unwrap();
+        // A crash in the middle of the third line's write.
+        let cut = whole.len() - 40;
+        std::fs::write(&path, &whole[..cut]).unwrap();
+        let v = verify(std::slice::from_ref(&path)).unwrap();
+        assert_eq!((v.lines, v.torn_tail > 0), (2, true));
+        // The service starts, cuts the tail off (keeping it aside) and continues the chain.
+        let a = Audit::open(&path, scope(), false).unwrap();
+        record_all(&a, &["CreateKey"]);
+        a.close();
+        let v = verify(std::slice::from_ref(&path)).unwrap();
+        assert_eq!((v.lines, v.torn_tail), (3, 0));
+        let kept: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".torn-"))
+            .collect();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(
+            std::fs::read(kept[0].path()).unwrap(),
+            whole[whole[..cut].iter().rposition(|&b| b == b'\n').unwrap() + 1..cut]
+        );
+    }
+
+    #[test]
+    fn a_rotated_file_continues_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let old = dir.path().join("audit.jsonl.1");
+        let a = Audit::open(&path, scope(), false).unwrap();
+        record_all(&a, &["Encrypt", "Decrypt"]);
+        std::fs::rename(&path, &old).unwrap();
+        a.reopen();
+        record_all(&a, &["ListKeys"]);
+        a.close();
+        assert_eq!(verify(&[old.clone(), path.clone()]).unwrap().lines, 3);
+        assert!(
+            verify(std::slice::from_ref(&path)).is_err(),
+            "starts mid-chain"
+        );
+        assert!(verify(&[path, old]).is_err(), "out of order");
+    }
+
+    #[test]
+    fn a_deleted_file_fails_closed_until_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let a = Audit::open(&path, scope(), false).unwrap();
+        assert_eq!(record_all(&a, &["Encrypt"]), [true]);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(record_all(&a, &["Decrypt", "Decrypt"]), [false, false]);
+        assert!(!a.available());
+        a.refused();
+        a.reopen();
+        // The writer retries on its own and the trail comes back.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !a.available() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(a.available());
+        assert_eq!(record_all(&a, &["ListKeys"]), [true]);
+        a.close();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert_eq!(first["operation"], RECOVERED);
+        // Two requests failed at the write, one was refused before it.
+        assert_eq!(first["refused_unrecorded"], 3);
+        assert_eq!(first["seq"], 2);
     }
 }

@@ -274,6 +274,7 @@ fn start_server(dir: &Path, module: &Path, pool: usize, workers: usize) -> anyho
             listen: "127.0.0.1:0".parse()?,
             shutdown_grace_seconds: 1,
             worker_threads: Some(workers),
+            ..Default::default()
         },
         account: Default::default(),
         storage: StorageSettings {
@@ -305,6 +306,7 @@ fn start_server(dir: &Path, module: &Path, pool: usize, workers: usize) -> anyho
         },
         audit: crate::config::AuditSettings {
             file: dir.join("audit.jsonl"),
+            fsync: false,
         },
         clusters: vec![ClusterSettings {
             id: "cluster-benchbenchbe".into(),

@@ -108,12 +108,17 @@ pub struct AuditSettings {
     /// The append-only audit file; `hsm-kms audit verify FILE` checks its chain.
     #[serde(default = "default_audit_file")]
     pub file: PathBuf,
+    /// Flush each batch of lines to disk (fdatasync) before answering its requests, so that
+    /// an acknowledged request's line survives a power loss, not only a crash.
+    #[serde(default)]
+    pub fsync: bool,
 }
 
 impl Default for AuditSettings {
     fn default() -> Self {
         AuditSettings {
             file: default_audit_file(),
+            fsync: false,
         }
     }
 }
@@ -211,6 +216,27 @@ pub struct ServerSettings {
     /// software token or a load generator can do with fewer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_threads: Option<usize>,
+    /// Open client connections at most; past it, new connections wait in the kernel's
+    /// backlog. Clamped at start to what the process's file descriptor limit allows.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams (requests) per connection, as advertised to clients.
+    #[serde(default = "default_max_streams")]
+    pub max_concurrent_streams: u32,
+    /// Requests being read or served at once, over all connections; more wait, unread.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight_requests: usize,
+    /// A new connection must send its first bytes (and finish its TLS handshake) within
+    /// this time; connections that have not yet are "pending".
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_seconds: u64,
+    /// Pending connections at most; past it, the oldest pending connection is closed to
+    /// make room. A request message must also arrive whole within header_timeout_seconds.
+    #[serde(default = "default_max_pending")]
+    pub max_pending_connections: usize,
+    /// A connection on which nothing is read or written for this long is closed.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_seconds: u64,
 }
 
 impl Default for ServerSettings {
@@ -219,8 +245,38 @@ impl Default for ServerSettings {
             listen: default_listen(),
             shutdown_grace_seconds: default_grace(),
             worker_threads: None,
+            max_connections: default_max_connections(),
+            max_concurrent_streams: default_max_streams(),
+            max_inflight_requests: default_max_inflight(),
+            header_timeout_seconds: default_header_timeout(),
+            max_pending_connections: default_max_pending(),
+            idle_timeout_seconds: default_idle_timeout(),
         }
     }
+}
+
+fn default_max_connections() -> usize {
+    1024
+}
+
+fn default_max_streams() -> u32 {
+    128
+}
+
+fn default_max_inflight() -> usize {
+    512
+}
+
+fn default_header_timeout() -> u64 {
+    10
+}
+
+fn default_max_pending() -> usize {
+    256
+}
+
+fn default_idle_timeout() -> u64 {
+    300
 }
 
 fn default_grace() -> u64 {

@@ -134,6 +134,7 @@ pub fn prepare(data_dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Se
                 // A developer's Ctrl-C should not wait long on idle clients.
                 shutdown_grace_seconds: 3,
                 worker_threads: None,
+                ..Default::default()
             },
             account: Default::default(),
             storage: crate::config::StorageSettings {
@@ -159,6 +160,7 @@ pub fn prepare(data_dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Se
             },
             audit: crate::config::AuditSettings {
                 file: data_dir.join("audit.jsonl"),
+                fsync: false,
             },
             clusters: vec![ClusterSettings {
                 id: cluster_id.clone(),
@@ -225,11 +227,62 @@ pub fn prepare(data_dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Se
     if settings.audit.file == crate::config::AuditSettings::default().file {
         settings.audit.file = data_dir.join("audit.jsonl");
     }
+    check_own_paths(&data_dir, &settings, &softhsm_conf)?;
     settings.check()?;
     if let Some(conf) = &settings.hsm.softhsm2_conf {
         std::env::set_var("SOFTHSM2_CONF", conf);
     }
     Ok(settings)
+}
+
+/// Refuses a data directory whose config or SoftHSM2 config points outside it: a copy of
+/// another data directory would otherwise go on using the original's metadata, audit trail
+/// and token, silently.
+fn check_own_paths(
+    data_dir: &Path,
+    settings: &Settings,
+    softhsm_conf: &Path,
+) -> anyhow::Result<()> {
+    let tokendir = fs::read_to_string(softhsm_conf)?.lines().find_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        (k.trim() == "directories.tokendir").then(|| PathBuf::from(v.trim()))
+    });
+    let mut paths = vec![
+        ("storage.sqlite_path", settings.storage.sqlite_path.clone()),
+        (
+            "security.sealing_key_file",
+            settings.security.sealing_key_file.clone(),
+        ),
+        ("audit.file", settings.audit.file.clone()),
+    ];
+    paths.extend(
+        settings
+            .hsm
+            .softhsm2_conf
+            .clone()
+            .map(|p| ("hsm.softhsm2_conf", p)),
+    );
+    paths.extend(
+        settings
+            .clusters
+            .iter()
+            .map(|c| ("clusters.trust_anchor_file", c.trust_anchor_file.clone())),
+    );
+    paths.extend(tokendir.map(|p| ("directories.tokendir in softhsm2.conf", p)));
+    for (what, path) in paths {
+        if !path.starts_with(data_dir) {
+            anyhow::bail!(
+                "{what} is {}, outside the data directory {}: was this directory copied from \
+                 another one? It would go on using the other's metadata, audit trail and \
+                 token. Use a new data directory, or correct the paths in {} and {}.",
+                path.display(),
+                data_dir.display(),
+                data_dir.join("hsm-kms.toml").display(),
+                softhsm_conf.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Makes sure the token exists; returns the current kmsuser password.

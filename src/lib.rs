@@ -9,6 +9,8 @@ pub mod config;
 pub mod dev;
 pub mod hsm;
 pub mod kms;
+pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod proto;
 pub mod server;

@@ -67,25 +67,25 @@ enum Command {
 #[derive(Subcommand)]
 enum AuditCommand {
     /// Check the hash chain of an audit file: exits 1 naming the first removed, altered,
-    /// inserted or reordered line.
+    /// inserted or reordered line. A torn last line (a crash during a write) is reported,
+    /// not counted as tampering. Give rotated files first, in order, to check the chain
+    /// across them.
     Verify {
-        /// The audit file (audit.file in the configuration).
-        file: PathBuf,
+        /// The audit file (audit.file in the configuration), after the files it continues.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // First, while this is the only thread: no secret stays in the environment.
+    hsm_kms::kms::sealing::take_env_key();
+    hsm_kms::logging::init();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => {
             let settings = Settings::load(&config)?;
+            hsm_kms::limits::raise_open_files();
             // Before any thread starts: the PKCS#11 module reads it at C_Initialize.
             if let Some(conf) = &settings.hsm.softhsm2_conf {
                 std::env::set_var("SOFTHSM2_CONF", conf);
@@ -128,22 +128,28 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Audit {
-            command: AuditCommand::Verify { file },
-        } => match hsm_kms::audit::verify(&file) {
-            Ok(v) => {
-                println!(
-                    "{}: chain intact, {} lines, head {}",
-                    file.display(),
-                    v.lines,
-                    v.head
-                );
-                Ok(())
+            command: AuditCommand::Verify { files },
+        } => {
+            let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+            let names = names.join(" + ");
+            match hsm_kms::audit::verify(&files) {
+                Ok(v) => {
+                    println!("{names}: chain intact, {} lines, head {}", v.lines, v.head);
+                    if v.torn_tail > 0 {
+                        println!(
+                            "{names}: then a torn last line of {} bytes, not part of the chain: \
+                             a crash during a write (hsm-kms cuts it off at start)",
+                            v.torn_tail
+                        );
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    println!("{names}: chain broken: {e:#}");
+                    std::process::exit(1);
+                }
             }
-            Err(e) => {
-                println!("{}: chain broken: {e:#}", file.display());
-                std::process::exit(1);
-            }
-        },
+        }
         Command::Dev { data_dir, listen } => {
             let data_dir = data_dir.unwrap_or_else(dev::default_data_dir);
             let settings = dev::prepare(&data_dir, listen)?;

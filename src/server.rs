@@ -16,6 +16,31 @@ use crate::kms::Kms;
 use crate::proto::key_management_service_server::KeyManagementServiceServer;
 use crate::proto::FILE_DESCRIPTOR_SET;
 
+/// HTTP/2 flow-control windows: how much a client may send ahead on one stream and on one
+/// connection before the server has read it. The largest request fits one stream window.
+const STREAM_WINDOW: u32 = 256 * 1024;
+const CONNECTION_WINDOW: u32 = 512 * 1024;
+/// Request headers (gRPC metadata) per request.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// File descriptors kept for everything but client connections: the audit and metadata
+/// files, the admin listener's clients, HSM sockets, logs.
+const RESERVED_DESCRIPTORS: u64 = 256;
+
+/// `configured`, lowered to what the file descriptor limit leaves for client connections.
+fn connection_cap(configured: usize) -> usize {
+    let soft = crate::limits::open_files();
+    let room = soft.saturating_sub(RESERVED_DESCRIPTORS).max(16) as usize;
+    if configured > room {
+        tracing::warn!(
+            configured,
+            allowed = room,
+            open_files_limit = soft,
+            "server.max_connections lowered to fit the open-files limit (raise LimitNOFILE)"
+        );
+    }
+    configured.min(room)
+}
+
 /// A started server: its addresses and the task that runs it until shutdown.
 pub struct Running {
     pub kms: Arc<Kms>,
@@ -44,7 +69,6 @@ pub async fn start(
     } else {
         (None, None)
     };
-    let reload = config_file.map(|path| spawn_reload_on_sighup(Arc::clone(&kms), path));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -73,26 +97,52 @@ pub async fn start(
         settings.lifecycle.deletion_check_interval_seconds,
     ));
 
-    let auth = crate::api::auth::Authenticator::new(settings)?;
+    let auth = Arc::new(crate::api::auth::Authenticator::new(settings)?);
     let audit = Arc::new(crate::audit::Audit::open(
         &settings.audit.file,
         kms.scope.clone(),
+        settings.audit.fsync,
     )?);
+    let failures = crate::api::failures::spawn_flusher();
+    let reload = spawn_reload_on_sighup(Arc::clone(&kms), config_file, Arc::clone(&audit));
     let tls = if settings.tls.enabled() {
         Some(tls_config(&settings.tls).context("configuring TLS")?)
     } else {
         tracing::warn!(%addr, "plaintext gRPC without client authentication (auth.allow_plaintext_loopback)");
         None
     };
+    // Bounds on what a client can make the server hold before it is authenticated (see
+    // deploy/hsm-kms.example.toml): streams per connection, the flow-control windows (bytes
+    // buffered per stream and per connection), header size, and requests in flight over all
+    // connections. A request waiting for the in-flight limit is not read, so the memory of
+    // request bodies is at most max_inflight_requests x MAX_REQUEST_BYTES.
+    let server = &settings.server;
     let router = tonic::transport::Server::builder()
+        .max_concurrent_streams(server.max_concurrent_streams)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .http2_max_header_list_size(MAX_HEADER_LIST)
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            server.max_inflight_requests.max(1),
+        ))
+        .layer(crate::api::protocol::ProtocolErrorsLayer::new(
+            Arc::clone(&audit),
+            Arc::clone(&auth),
+        ))
+        .layer(crate::transport::body_deadline(Duration::from_secs(
+            server.header_timeout_seconds.max(1),
+        )))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(KeyManagementServiceServer::new(Service::new(
-            Arc::clone(&kms),
-            auth,
-            Arc::clone(&audit),
-        )));
+        .add_service(
+            KeyManagementServiceServer::new(Service::new(
+                Arc::clone(&kms),
+                Arc::clone(&auth),
+                Arc::clone(&audit),
+            ))
+            .max_decoding_message_size(crate::api::MAX_REQUEST_BYTES),
+        );
     let kms_for_task = Arc::clone(&kms);
     let grace = Duration::from_secs(settings.server.shutdown_grace_seconds);
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
@@ -100,24 +150,32 @@ pub async fn start(
         shutdown.await;
         let _ = stopping_tx.send(());
     };
+    let limits = crate::transport::Limits {
+        max_connections: connection_cap(settings.server.max_connections),
+        ..crate::transport::Limits::of(&settings.server)
+    };
     let task = tokio::spawn(async move {
         // TCP_NODELAY: without it, a request split over several writes waits on Nagle's
         // algorithm against the peer's delayed ACK (a 40 ms floor per call, measured).
         // `Coalesced`: one write per response instead of two (see `transport`).
+        use crate::transport::{first_bytes, incoming, tls_handshake};
         let serve: std::pin::Pin<
             Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
         > = match tls {
             Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
-                crate::transport::tls_incoming(listener, tls),
+                incoming(
+                    listener,
+                    limits,
+                    tls_handshake(tokio_rustls::TlsAcceptor::from(tls), move |der| {
+                        auth.principal(Some(der)).map(drop).map_err(|e| e.message)
+                    }),
+                ),
                 signal,
             )),
-            None => {
-                use tokio_stream::StreamExt as _;
-                let incoming = tonic::transport::server::TcpIncoming::from(listener)
-                    .with_nodelay(Some(true))
-                    .map(|r| r.map(crate::transport::Coalesced));
-                Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
-            }
+            None => Box::pin(
+                router
+                    .serve_with_incoming_shutdown(incoming(listener, limits, first_bytes), signal),
+            ),
         };
         tokio::pin!(serve);
         let deadline = async move {
@@ -132,7 +190,7 @@ pub async fn start(
             _ = deadline => tracing::warn!(?grace, "shutdown grace period over; dropping the remaining connections"),
         }
         deletion.abort();
-        for task in reload.into_iter().chain(admin) {
+        for task in [reload, failures].into_iter().chain(admin) {
             task.abort();
         }
         tracing::info!("server stopped; closing HSM connections");
@@ -191,6 +249,21 @@ async fn spawn_admin(
         }
     });
     let app = axum::Router::new().route("/metrics", metrics);
+    // A scrape is one short request: a few connections, each with seconds to send it.
+    let limits = crate::transport::Limits {
+        max_connections: 64,
+        max_pending: 32,
+        header_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(10),
+    };
+    let incoming =
+        crate::transport::incoming(listener, limits, |tcp: tokio::net::TcpStream| async move {
+            if tcp.peek(&mut [0u8; 1]).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            Ok(tcp)
+        });
+    let listener = AdminListener { incoming, addr };
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "admin listener failed");
@@ -200,9 +273,45 @@ async fn spawn_admin(
     Ok((addr, task))
 }
 
-/// On SIGHUP, re-reads the configuration file and applies its clusters (the HSM inventory
-/// among them). A file that does not load changes nothing.
-fn spawn_reload_on_sighup(kms: Arc<Kms>, path: PathBuf) -> tokio::task::JoinHandle<()> {
+/// The admin listener's connections, as axum takes them.
+struct AdminListener {
+    incoming: tokio_stream::wrappers::ReceiverStream<
+        std::io::Result<crate::transport::Guarded<tokio::net::TcpStream>>,
+    >,
+    addr: SocketAddr,
+}
+
+impl axum::serve::Listener for AdminListener {
+    type Io = crate::transport::Guarded<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use tokio_stream::StreamExt as _;
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(io)) => {
+                    let peer = io.peer();
+                    return (io, peer);
+                }
+                Some(Err(_)) => continue,
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.addr)
+    }
+}
+
+/// On SIGHUP, reopens the audit file (log rotation), and re-reads the configuration file,
+/// if any, and applies its clusters (the HSM inventory among them). A file that does not
+/// load changes nothing.
+fn spawn_reload_on_sighup(
+    kms: Arc<Kms>,
+    path: Option<PathBuf>,
+    audit: Arc<crate::audit::Audit>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut hangups =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -213,7 +322,9 @@ fn spawn_reload_on_sighup(kms: Arc<Kms>, path: PathBuf) -> tokio::task::JoinHand
                 }
             };
         while hangups.recv().await.is_some() {
-            let outcome = Settings::load(&path).and_then(|s| kms.reload(&s));
+            audit.reopen();
+            let Some(path) = &path else { continue };
+            let outcome = Settings::load(path).and_then(|s| kms.reload(&s));
             match outcome {
                 Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
                 Err(e) => tracing::error!(

@@ -31,9 +31,6 @@ use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
-/// A client that has not finished its TLS handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// `T`, but reporting that it takes no vectored writes (see the module documentation).
 pub struct Coalesced<T>(pub T);
 
@@ -107,46 +104,369 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// The connections of `listener` that completed a TLS handshake under `config`, each with
-/// TCP_NODELAY set. Handshakes run concurrently, each within `HANDSHAKE_TIMEOUT`; a failed one
-/// is logged (debug) and dropped. Accepting stops when the stream is dropped.
-pub fn tls_incoming(
+/// How long a pending connection is left alone before it may be closed to make room.
+const MIN_PENDING: Duration = Duration::from_millis(250);
+
+/// What a listener lets clients hold before anyone is authenticated.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Open connections; past it, accepting waits (new clients queue in the backlog).
+    pub max_connections: usize,
+    /// Connections that have not sent their first bytes (or finished TLS) yet.
+    pub max_pending: usize,
+    /// How long a pending connection may stay pending.
+    pub header_timeout: Duration,
+    /// How long an open connection may go without a byte read or written.
+    pub idle_timeout: Duration,
+}
+
+impl Limits {
+    /// The gRPC listener's limits, from `[server]`.
+    pub fn of(server: &crate::config::ServerSettings) -> Limits {
+        Limits {
+            max_connections: server.max_connections.max(1),
+            max_pending: server.max_pending_connections.max(1),
+            header_timeout: Duration::from_secs(server.header_timeout_seconds.max(1)),
+            idle_timeout: Duration::from_secs(server.idle_timeout_seconds.max(1)),
+        }
+    }
+}
+
+/// The connections of `listener`, each with TCP_NODELAY set, once `handshake` has made them
+/// ready (TLS accepted, or first bytes arrived) within `limits.header_timeout`.
+///
+/// At most `limits.max_connections` are open, pending ones included, so the process never
+/// runs out of file descriptors because of clients. Pending connections (no first bytes or
+/// no TLS handshake yet) are the ones an unauthenticated client can hold, so they give way:
+/// when `limits.max_pending` are pending, or every connection slot is taken while some are
+/// pending, the oldest pending connection is closed (once it has been pending for
+/// `MIN_PENDING`) to take the new one. A flood of idle
+/// connections thus cycles through the pending slots while a real client, which sends at
+/// once, gets through. Only when every slot holds a ready connection does accepting wait
+/// (new clients then queue in the kernel's backlog). A failed `accept` (out of descriptors
+/// after all, say) is retried after a pause, never in a spin. Accepting stops when the
+/// stream is dropped.
+pub fn incoming<S, F, Fut>(
     listener: TcpListener,
-    config: Arc<ServerConfig>,
-) -> ReceiverStream<io::Result<Coalesced<TlsStream<TcpStream>>>> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    limits: Limits,
+    handshake: F,
+) -> ReceiverStream<io::Result<Guarded<S>>>
+where
+    S: Send + 'static,
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = io::Result<S>> + Send + 'static,
+{
+    let handshake = Arc::new(handshake);
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let (ready, incoming) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
+        let mut failures = 0u32;
+        // Set-up tasks and when they started, oldest first; finished ones are dropped as
+        // the loop goes.
+        let mut pending: std::collections::VecDeque<(
+            tokio::time::Instant,
+            tokio::task::AbortHandle,
+        )> = std::collections::VecDeque::new();
+        let mut evicted = 0u64;
         loop {
+            pending.retain(|(_, t)| !t.is_finished());
+            while pending.len() >= limits.max_pending
+                || (open.available_permits() == 0 && !pending.is_empty())
+            {
+                let Some((since, oldest)) = pending.pop_front() else {
+                    break;
+                };
+                // A pending connection gets a moment to send before it can be pushed out: a
+                // real client needs far less, and a flood is slowed to max_pending
+                // connections per moment.
+                tokio::time::sleep_until(since + MIN_PENDING).await;
+                if oldest.is_finished() {
+                    continue; // it became a connection meanwhile
+                }
+                oldest.abort();
+                evicted += 1;
+                if evicted.is_power_of_two() {
+                    tracing::warn!(
+                        evicted,
+                        "closing connections that sent nothing, to make room (a flood of idle connections?)"
+                    );
+                }
+                break;
+            }
+            let conn = tokio::select! {
+                _ = ready.closed() => break,
+                p = Arc::clone(&open).acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
             let accepted = tokio::select! {
                 _ = ready.closed() => break,
                 accepted = listener.accept() => accepted,
             };
             let (tcp, peer) = match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    failures = 0;
+                    a
+                }
                 Err(e) => {
-                    // Out of file descriptors and the like: wait rather than spin.
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Out of file descriptors and the like: back off rather than spin, and
+                    // say so once per streak, not once per try.
+                    if failures == 0 {
+                        tracing::warn!(error = %e, "accepting a connection failed; backing off");
+                    }
+                    failures = failures.saturating_add(1);
+                    let pause = Duration::from_millis(10u64 << failures.min(6));
+                    tokio::time::sleep(pause).await;
                     continue;
                 }
             };
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::debug!(%peer, error = %e, "TCP_NODELAY");
             }
-            let (acceptor, ready) = (acceptor.clone(), ready.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = ready.send(Ok(Coalesced(tls))).await;
+            let (handshake, ready) = (Arc::clone(&handshake), ready.clone());
+            let (header_timeout, idle) = (limits.header_timeout, limits.idle_timeout);
+            let task = tokio::spawn(async move {
+                match tokio::time::timeout(header_timeout, handshake(tcp)).await {
+                    Ok(Ok(io)) => {
+                        let _ = ready.send(Ok(Guarded::new(io, peer, conn, idle))).await;
                     }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "connection set-up failed"),
+                    Err(_) => tracing::debug!(%peer, "connection sent nothing in time; closed"),
                 }
             });
+            pending.push_back((tokio::time::Instant::now(), task.abort_handle()));
         }
     });
     ReceiverStream::new(incoming)
+}
+
+/// The set-up of a plaintext connection: it is ready once its first bytes have arrived
+/// (`peek` waits for data; readiness alone can be reported before any).
+pub async fn first_bytes(tcp: TcpStream) -> io::Result<Coalesced<TcpStream>> {
+    if tcp.peek(&mut [0u8; 1]).await? == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(Coalesced(tcp))
+}
+
+/// A connection's set-up in progress.
+pub type Handshake<S> = Pin<Box<dyn std::future::Future<Output = io::Result<S>> + Send>>;
+
+/// The set-up of a TLS connection under `acceptor` (see `server_config`). rustls has checked
+/// the client certificate's chain and dates; a certificate that names no principal
+/// (`names_principal` false) is refused here too, so that no HTTP/2 stream is opened, and
+/// nothing held, for a certificate that could never be authorised; the log says why.
+pub fn tls_handshake(
+    acceptor: tokio_rustls::TlsAcceptor,
+    names_principal: impl Fn(&[u8]) -> Result<(), String> + Send + Sync + 'static,
+) -> impl Fn(TcpStream) -> Handshake<Coalesced<TlsStream<TcpStream>>> + Send + Sync + 'static {
+    let names_principal = Arc::new(names_principal);
+    move |tcp| {
+        let accept = acceptor.accept(tcp);
+        let names_principal = Arc::clone(&names_principal);
+        Box::pin(async move {
+            let tls = accept.await?;
+            let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+            let named = leaf.map_or(Err("no client certificate".to_string()), |der| {
+                names_principal(der)
+            });
+            if let Err(why) = named {
+                let peer = tls.get_ref().0.peer_addr().ok();
+                tracing::info!(?peer, reason = %why, "refused a TLS client whose certificate names no principal");
+                return Err(io::Error::new(io::ErrorKind::PermissionDenied, why));
+            }
+            Ok(Coalesced(tls))
+        })
+    }
+}
+
+/// A tower layer giving every request body `limit` to arrive whole, counted from the first
+/// time it is awaited: a stream that announces a message and then sends nothing more is
+/// cut off, and what tonic reserved for it is freed, instead of holding a request slot.
+pub fn body_deadline(
+    limit: Duration,
+) -> tower::util::MapRequestLayer<
+    impl Fn(http::Request<tonic::body::Body>) -> http::Request<tonic::body::Body> + Clone,
+> {
+    tower::util::MapRequestLayer::new(move |req: http::Request<tonic::body::Body>| {
+        req.map(|body| {
+            tonic::body::Body::new(Deadline {
+                inner: body,
+                limit,
+                timer: None,
+            })
+        })
+    })
+}
+
+use tonic::codegen::http;
+
+/// A body that fails once `limit` has passed since it first had to wait for data.
+struct Deadline<B> {
+    inner: B,
+    limit: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> http_body::Body for Deadline<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<tonic::codegen::StdError>,
+{
+    type Data = bytes::Bytes;
+    type Error = tonic::codegen::StdError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Pending => {
+                let limit = self.limit;
+                let timer = self
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                        "the request message did not arrive within {limit:?}"
+                    )
+                    .into()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An accepted connection: holds its place among `max_connections` while open, and fails
+/// its reads once nothing has been read or written for the idle timeout.
+pub struct Guarded<T> {
+    inner: T,
+    peer: std::net::SocketAddr,
+    _open: tokio::sync::OwnedSemaphorePermit,
+    idle: Duration,
+    /// When the connection was last active; the timer is moved to match only when it fires,
+    /// so traffic costs a clock read, not a timer update.
+    last: tokio::time::Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<T> Guarded<T> {
+    fn new(
+        inner: T,
+        peer: std::net::SocketAddr,
+        open: tokio::sync::OwnedSemaphorePermit,
+        idle: Duration,
+    ) -> Guarded<T> {
+        let now = tokio::time::Instant::now();
+        Guarded {
+            inner,
+            peer,
+            _open: open,
+            idle,
+            last: now,
+            timer: Box::pin(tokio::time::sleep_until(now + idle)),
+        }
+    }
+
+    pub fn peer(&self) -> std::net::SocketAddr {
+        self.peer
+    }
+
+    /// Whether the connection has been idle too long (registers for a wake-up otherwise).
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            let due = self.last + self.idle;
+            if due <= tokio::time::Instant::now() {
+                return true;
+            }
+            self.timer.as_mut().reset(due);
+        }
+    }
+}
+
+use std::future::Future as _;
+
+impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    self.last = tokio::time::Instant::now();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connection idle too long",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.last = tokio::time::Instant::now();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.last = tokio::time::Instant::now();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected for Guarded<T> {
+    type ConnectInfo = T::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
 }
 
 #[cfg(test)]
@@ -169,6 +489,51 @@ mod tests {
             .signed_by(&key, &issuer)
             .unwrap();
         (ca.pem(), cert.pem(), key.serialize_pem())
+    }
+
+    /// Idle connections beyond the caps are pushed out oldest first; a client that sends
+    /// gets through, and its connection is closed once idle.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pending_connections_give_way_and_idle_ones_close() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        use tokio_stream::StreamExt as _;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            max_connections: 16,
+            max_pending: 8,
+            header_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_millis(500),
+        };
+        let mut incoming = incoming(listener, limits, first_bytes);
+        let mut idle = Vec::new();
+        for _ in 0..100 {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let mut good = TcpStream::connect(addr).await.unwrap();
+        good.write_all(b"hello").await.unwrap();
+        let mut conn = tokio::time::timeout(Duration::from_secs(60), incoming.next())
+            .await
+            .expect("the client that sent was not accepted in time")
+            .unwrap()
+            .unwrap();
+        let mut buf = [0u8; 5];
+        conn.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hello");
+        // Idle too long: the next read fails.
+        let err = conn.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        // Most idle connections were closed to make room.
+        let mut closed = 0;
+        for s in &idle {
+            let mut b = [0u8; 1];
+            if matches!(s.try_read(&mut b), Ok(0))
+                || matches!(s.try_read(&mut b), Err(e) if e.kind() != io::ErrorKind::WouldBlock)
+            {
+                closed += 1;
+            }
+        }
+        assert!(closed >= 80, "{closed} of 100 idle connections closed");
     }
 
     #[test]

@@ -852,16 +852,13 @@ async fn tls_refuses_unknown_missing_and_expired_certificates() {
             Err(_) => false,
         };
     assert!(!plaintext_works);
-    // A certificate of the right CA that names no principal.
-    let mut anonymous = tls_client(&h, &pki.ca_pem, Some(pki.client(None, "nobody")))
-        .await
-        .unwrap();
-    let e = anonymous
-        .list_keys(ListKeysRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(aws_error(&e), "AccessDeniedException");
-    assert!(e.message().contains("CN=nobody"), "{}", e.message());
+    // A certificate of the right CA that names no principal: refused with the connection,
+    // before any stream can be opened (the server's log says why).
+    assert!(
+        ok(tls_client(&h, &pki.ca_pem, Some(pki.client(None, "nobody"))).await)
+            .await
+            .is_none()
+    );
     drop(stalled);
 }
 
@@ -937,4 +934,218 @@ async fn kmsuser_password_is_rotated_on_connect_and_survives_a_crash_midway() {
     assert!(!meta
         .windows(PASSWORD.len())
         .any(|w| w == PASSWORD.as_bytes()));
+}
+
+/// The attacks on who the caller is: a principal whose name ends in `:root`, NotPrincipal
+/// naming the account, a bare key id or alias from another account, and grants without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn principals_are_exact_and_grants_are_bounded() {
+    let pki = Pki::new("hsm-kms test CA");
+    let h = tls_server(
+        &pki,
+        vec![(ALICE, ALICE_POLICY)],
+        vec![],
+        &[ClusterSpec::good("cluster-exactaaaaaaa")],
+    )
+    .await;
+    let mut root = as_principal(&h, &pki, ROOT).await;
+    let store = h.connected_store(&mut root, 0, "exact").await;
+    let key = create_key(&mut root, &store).await;
+    let ciphertext = encrypt(&mut root, &key.key_id, b"root's secret").await;
+
+    // Names that end in ":root" are not the account root: no call of theirs succeeds.
+    for hostile in [
+        "arn:aws:iam::111122223333:user/mallory:root",
+        "arn:aws:iam::111122223333:role/app/x:root",
+    ] {
+        let client = tls_client(&h, &pki.ca_pem, Some(pki.client(Some(hostile), "mallory"))).await;
+        let Ok(mut m) = client else { continue };
+        let calls = [
+            outcome(m.list_keys(ListKeysRequest::default()).await),
+            outcome(
+                m.decrypt(DecryptRequest {
+                    ciphertext_blob: ciphertext.clone(),
+                    ..Default::default()
+                })
+                .await,
+            ),
+            outcome(
+                m.disable_key(DisableKeyRequest {
+                    key_id: key.key_id.clone(),
+                })
+                .await,
+            ),
+            outcome(
+                m.create_key(CreateKeyRequest {
+                    custom_key_store_id: Some(store.clone()),
+                    origin: Some("AWS_CLOUDHSM".into()),
+                    ..Default::default()
+                })
+                .await,
+            ),
+        ];
+        assert!(!calls.iter().any(|c| c == "ok"), "{hostile}: {calls:?}");
+    }
+    assert_eq!(
+        describe_key(&mut root, &key.key_id).await.key_state,
+        "Enabled"
+    );
+
+    // NotPrincipal naming the account exempts its root only: alice is denied.
+    let mut alice = as_principal(&h, &pki, ALICE).await;
+    assert_eq!(encrypt_as(&mut alice, &key.key_id, &[]).await, "ok");
+    let deny_all_but_root = format!(
+        r#"{{"Statement":[
+          {{"Effect":"Allow","Principal":{{"AWS":"{ROOT}"}},"Action":"kms:*","Resource":"*"}},
+          {{"Effect":"Deny","NotPrincipal":{{"AWS":"{ROOT}"}},"Action":"kms:*","Resource":"*"}}]}}"#
+    );
+    root.put_key_policy(PutKeyPolicyRequest {
+        key_id: key.key_id.clone(),
+        policy: deny_all_but_root,
+        ..Default::default()
+    })
+    .await
+    .expect("PutKeyPolicy");
+    assert_eq!(
+        encrypt_as(&mut alice, &key.key_id, &[]).await,
+        "AccessDeniedException"
+    );
+    assert_eq!(encrypt_as(&mut root, &key.key_id, &[]).await, "ok");
+
+    // Another account, allowed by the key policy, must name the key by its ARN.
+    let cross = format!(
+        r#"{{"Statement":[
+          {{"Effect":"Allow","Principal":{{"AWS":"{ROOT}"}},"Action":"kms:*","Resource":"*"}},
+          {{"Effect":"Allow","Principal":{{"AWS":"arn:aws:iam::444455556666:root"}},"Action":"kms:Encrypt","Resource":"*"}}]}}"#
+    );
+    root.put_key_policy(PutKeyPolicyRequest {
+        key_id: key.key_id.clone(),
+        policy: cross,
+        ..Default::default()
+    })
+    .await
+    .expect("PutKeyPolicy");
+    root.create_alias(CreateAliasRequest {
+        alias_name: "alias/exact".into(),
+        target_key_id: key.key_id.clone(),
+    })
+    .await
+    .expect("CreateAlias");
+    let mut other = as_principal(&h, &pki, "arn:aws:iam::444455556666:root").await;
+    assert_eq!(
+        encrypt_as(&mut other, &key.key_id, &[]).await,
+        "NotFoundException"
+    );
+    assert_eq!(
+        encrypt_as(&mut other, "alias/exact", &[]).await,
+        "NotFoundException"
+    );
+    assert_eq!(encrypt_as(&mut other, &key.arn, &[]).await, "ok");
+
+    // At most 500 grants per grantee on a key.
+    let grant = |grantee: &str| CreateGrantRequest {
+        key_id: key.key_id.clone(),
+        grantee_principal: grantee.into(),
+        operations: vec!["Encrypt".into()],
+        ..Default::default()
+    };
+    for i in 0..500 {
+        root.create_grant(grant(ALICE))
+            .await
+            .unwrap_or_else(|e| panic!("grant {i}: {e:?}"));
+    }
+    let over = root.create_grant(grant(ALICE)).await.unwrap_err();
+    assert_eq!(aws_error(&over), "LimitExceededException", "{over:?}");
+    assert_eq!(outcome(root.create_grant(grant(BOB)).await), "ok");
+}
+
+/// The encryption context is bounded (pairs and bytes), and a costly wildcard in a policy
+/// cannot stall other clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encryption_contexts_are_bounded_and_wildcards_cost_little() {
+    let pki = Pki::new("hsm-kms test CA");
+    let h = tls_server(
+        &pki,
+        vec![],
+        vec![],
+        &[ClusterSpec::good("cluster-contextaaaaa")],
+    )
+    .await;
+    let mut root = as_principal(&h, &pki, ROOT).await;
+    let store = h.connected_store(&mut root, 0, "context").await;
+    let key = create_key(&mut root, &store).await.key_id;
+    // A Deny with a 24,000-character StringLike pattern, which the backtracking matcher
+    // took pattern x text steps for, and one whose matches fit in a context, to see that
+    // matching still matches. Together just under the 32 KiB policy limit.
+    let pattern = format!("*{}b*", "a?".repeat(12_000));
+    let fits = format!("*{}b*", "a?".repeat(2_000));
+    let policy = format!(
+        r#"{{"Statement":[
+          {{"Effect":"Allow","Principal":{{"AWS":"{ROOT}"}},"Action":"kms:*","Resource":"*"}},
+          {{"Effect":"Deny","Principal":"*","Action":"kms:Encrypt","Resource":"*",
+            "Condition":{{"StringLike":{{"kms:EncryptionContext:v":"{pattern}"}}}}}},
+          {{"Effect":"Deny","Principal":"*","Action":"kms:Encrypt","Resource":"*",
+            "Condition":{{"StringLike":{{"kms:EncryptionContext:w":"{fits}"}}}}}}]}}"#
+    );
+    root.put_key_policy(PutKeyPolicyRequest {
+        key_id: key.clone(),
+        policy,
+        ..Default::default()
+    })
+    .await
+    .expect("PutKeyPolicy");
+    let big = "a".repeat(1 << 20);
+    let at_bound = "a".repeat(8192 - 1);
+    let pairs: Vec<(String, String)> = (0..65).map(|i| (format!("k{i}"), "v".into())).collect();
+    let many: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    // Two hostile Encrypts at once, and a good client beside them.
+    let hostile = |ctx: Vec<(&'static str, String)>| {
+        let mut c = root.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            let r = c
+                .encrypt(EncryptRequest {
+                    key_id: key,
+                    plaintext: b"x".to_vec(),
+                    encryption_context: ctx.into_iter().map(|(k, v)| (k.into(), v)).collect(),
+                    ..Default::default()
+                })
+                .await;
+            outcome(r)
+        })
+    };
+    let h1 = hostile(vec![("v", big.clone())]);
+    let h2 = hostile(vec![("v", big)]);
+    let good = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        encrypt_as(&mut root.clone(), &key, &[("app", "good")]),
+    )
+    .await;
+    assert_eq!(
+        good.as_deref(),
+        Ok("ok"),
+        "a good client during the hostile Encrypts"
+    );
+    assert_eq!(h1.await.unwrap(), "ValidationException");
+    assert_eq!(h2.await.unwrap(), "ValidationException");
+    assert_eq!(
+        encrypt_as(&mut root, &key, &many).await,
+        "ValidationException"
+    );
+    // At the bound (8,192 bytes of keys and values) the request is evaluated and allowed.
+    assert_eq!(encrypt_as(&mut root, &key, &[("v", &at_bound)]).await, "ok");
+    // And the Deny still bites.
+    let matching = format!("x{}b", "aZ".repeat(2000));
+    assert_eq!(
+        encrypt_as(&mut root, &key, &[("w", &matching)]).await,
+        "AccessDeniedException"
+    );
+    let near_miss = format!("x{}c", "aZ".repeat(2000));
+    assert_eq!(
+        encrypt_as(&mut root, &key, &[("w", &near_miss)]).await,
+        "ok"
+    );
 }

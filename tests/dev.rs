@@ -248,4 +248,25 @@ async fn dev_mode_end_to_end() {
     assert_eq!(out.plaintext, b"carried over");
     sigterm(&child);
     assert!(child.wait().unwrap().success());
+
+    // The metadata file is owner-only, as the other data files.
+    assert_eq!(mode(&dir.join("metadata.sqlite3")), 0o600);
+
+    // A copy of the data directory is refused, not run on the original's files.
+    let copy = tmp.path().join("copy");
+    assert!(Command::new("cp")
+        .args(["-a"])
+        .arg(&dir)
+        .arg(&copy)
+        .status()
+        .unwrap()
+        .success());
+    let out = Command::new(env!("CARGO_BIN_EXE_hsm-kms"))
+        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a copied data directory ran");
+    assert!(said.contains("copied"), "{said}");
 }

@@ -280,10 +280,12 @@ async fn list_keys_paginates() {
     }
 }
 
-/// Concurrent CreateKey calls all succeed, each with its own token object.
+/// Concurrent CreateKey calls all succeed, each with its own token object. SoftHSM2 makes
+/// token objects one at a time (tens of ms each on a slow disk), so the HSM deadline here is
+/// long enough for 48 queued creations: the point is correctness under concurrency.
 #[tokio::test]
 async fn concurrent_create_key() {
-    let h = Harness::start(&[ClusterSpec::good(A)]).await;
+    let h = Harness::start_with(&[ClusterSpec::good(A)], |s| s.hsm.call_timeout_ms = 20_000).await;
     let mut c = h.client().await;
     let store = h.connected_store(&mut c, 0, "many").await;
     let tasks: Vec<_> = (0..48)

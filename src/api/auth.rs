@@ -100,7 +100,10 @@ impl Authenticator {
         match arns[..] {
             [arn] => {
                 return Principal::parse(arn).map(Arc::new).ok_or_else(|| {
-                    format!("The client certificate names {arn}, which is not an IAM principal ARN")
+                    format!(
+                        "The client certificate names {}, which is not an IAM principal ARN",
+                        crate::kms::error::quoted(arn)
+                    )
                 })
             }
             [] => {}
@@ -114,8 +117,9 @@ impl Authenticator {
             .unwrap_or_default();
         self.by_common_name.get(cn).cloned().ok_or_else(|| {
             format!(
-                "The client certificate (CN={cn}) names no principal: give it an arn: URI \
-                 subject alternative name, or map its common name in auth.certificate_principals"
+                "The client certificate (CN={}) names no principal: give it an arn: URI \
+                 subject alternative name, or map its common name in auth.certificate_principals",
+                crate::kms::error::quoted(cn)
             )
         })
     }

@@ -2,6 +2,8 @@
 //! domain errors -> gRPC statuses (`status`). No business rule lives here.
 
 pub mod auth;
+pub mod failures;
+pub mod protocol;
 pub mod status;
 
 use std::collections::{BTreeMap, HashMap};
@@ -15,7 +17,7 @@ use zeroize::Zeroizing;
 use crate::audit::Audit;
 use crate::kms::access::Caller;
 use crate::kms::aliases::AliasView;
-use crate::kms::crypto::{data_key_len, SYMMETRIC_DEFAULT};
+use crate::kms::crypto::{check_context, data_key_len, SYMMETRIC_DEFAULT};
 use crate::kms::error::{ErrorKind, KmsError, KmsResult};
 use crate::kms::grants::{check_grant_tokens, CreateGrant, GrantView};
 use crate::kms::keys::{CreateKey, KeyView};
@@ -25,14 +27,20 @@ use crate::proto::key_management_service_server::KeyManagementService;
 use crate::proto::*;
 use status::to_status;
 
+/// The largest request message accepted, in bytes. The largest valid KMS request is a
+/// CreateKey with a 32 KiB policy, an 8,192-character description and 50 tags of 128 + 256
+/// characters: at most ~150 KiB even in 4-byte UTF-8 characters. tonic reserves a message's
+/// announced length before its body arrives, so this also bounds that reservation.
+pub const MAX_REQUEST_BYTES: usize = 192 * 1024;
+
 pub struct Service {
     kms: Arc<Kms>,
-    auth: auth::Authenticator,
+    auth: Arc<auth::Authenticator>,
     audit: Arc<Audit>,
 }
 
 impl Service {
-    pub fn new(kms: Arc<Kms>, auth: auth::Authenticator, audit: Arc<Audit>) -> Service {
+    pub fn new(kms: Arc<Kms>, auth: Arc<auth::Authenticator>, audit: Arc<Audit>) -> Service {
         Service { kms, auth, audit }
     }
 
@@ -61,14 +69,14 @@ impl Service {
         fut: impl std::future::Future<Output = KmsResult<T>>,
     ) -> Result<Response<T>, Status> {
         let op = call.op;
+        // Fail closed: nothing is done that the audit trail could not record.
+        if !self.audit.available() {
+            self.audit.refused();
+            return Err(self.refuse(call, unaudited()));
+        }
         let outcome = fut.instrument(tracing::debug_span!("kms", op)).await;
-        let name = match &outcome {
-            Ok(_) => "ok",
-            Err(e) => e.kind.aws_name(),
-        };
-        crate::metrics::get().request(op, name, call.started.elapsed());
         let caller = call.caller.as_ref().ok();
-        self.audit.record(crate::audit::Entry {
+        let receipt = self.audit.record(crate::audit::Entry {
             time_ms: crate::kms::now_ms(),
             request_id: call.request_id,
             principal: caller.map(|c| Arc::clone(&c.principal)),
@@ -83,22 +91,45 @@ impl Service {
             },
             error: outcome.as_ref().err().map(|e| e.kind.aws_name()),
         });
+        // No answer before the request's line has reached the operating system.
+        let outcome = if receipt.written().await {
+            outcome
+        } else {
+            Err(unaudited())
+        };
         match outcome {
-            Ok(v) => Ok(Response::new(v)),
-            Err(e) => {
-                tracing::info!(op, error = e.kind.aws_name(), message = %e.message, request_id = %call.request_id, "request failed");
-                let mut status = to_status(e);
-                // The id of a refused or failed request, to find it in the audit trail. Not
-                // on successes: a unique header per response costs measurable throughput.
-                let mut id_text = uuid::Uuid::encode_buffer();
-                let id_text = call.request_id.hyphenated().encode_lower(&mut id_text);
-                if let Ok(id) = tonic::metadata::MetadataValue::try_from(&*id_text) {
-                    status.metadata_mut().insert("x-request-id", id);
-                }
-                Err(status)
+            Ok(v) => {
+                crate::metrics::get().request(op, "ok", call.started.elapsed());
+                Ok(Response::new(v))
             }
+            Err(e) => Err(self.refuse(call, e)),
         }
     }
+
+    /// The status of a refused or failed request, counted in the metrics and logged.
+    fn refuse(&self, call: &Call, e: KmsError) -> Status {
+        let op = call.op;
+        crate::metrics::get().request(op, e.kind.aws_name(), call.started.elapsed());
+        failures::note(op, e.kind.aws_name(), &e.message, &call.request_id);
+        let mut status = to_status(e);
+        // The id of a refused or failed request, to find it in the audit trail. Not
+        // on successes: a unique header per response costs measurable throughput.
+        let mut id_text = uuid::Uuid::encode_buffer();
+        let id_text = call.request_id.hyphenated().encode_lower(&mut id_text);
+        if let Ok(id) = tonic::metadata::MetadataValue::try_from(&*id_text) {
+            status.metadata_mut().insert("x-request-id", id);
+        }
+        status
+    }
+}
+
+/// The answer when the audit trail cannot record a request: KMSInternalException, which AWS
+/// SDKs retry.
+fn unaudited() -> KmsError {
+    KmsError::new(
+        ErrorKind::KmsInternal,
+        "The request was refused because the audit trail cannot be written",
+    )
 }
 
 /// One request in flight: its operation, id, start time and caller.
@@ -117,7 +148,7 @@ impl Call {
 
 /// A request id: a version-4 UUID from a per-process random prefix and a counter, unique
 /// without a system call per request.
-fn request_id() -> uuid::Uuid {
+pub(crate) fn request_id() -> uuid::Uuid {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::LazyLock;
     static PREFIX: LazyLock<u64> = LazyLock::new(|| {
@@ -135,9 +166,11 @@ fn request_id() -> uuid::Uuid {
     uuid::Builder::from_random_bytes(bytes).into_uuid()
 }
 
-/// The encryption context as the audit trail records it.
+/// The encryption context as the audit trail records it: none when empty, or when over the
+/// bound (the request is then refused, and its line must stay small).
 fn audited(ctx: &HashMap<String, String>) -> Option<BTreeMap<String, String>> {
-    (!ctx.is_empty()).then(|| ctx.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    let ctx: BTreeMap<String, String> = ctx.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    (!ctx.is_empty() && check_context("EncryptionContext", &ctx).is_ok()).then_some(ctx)
 }
 
 fn timestamp(ms: i64) -> Option<Timestamp> {
@@ -183,8 +216,11 @@ fn ciphertext_field(v: &[u8]) -> KmsResult<&[u8]> {
     Ok(v)
 }
 
-fn context(map: HashMap<String, String>) -> BTreeMap<String, String> {
-    map.into_iter().collect()
+/// An encryption context, within the service's bound (`crypto::check_context`).
+fn context(field: &str, map: HashMap<String, String>) -> KmsResult<BTreeMap<String, String>> {
+    let ctx = map.into_iter().collect();
+    check_context(field, &ctx)?;
+    Ok(ctx)
 }
 
 fn store_id_field(field: &str, v: &str) -> KmsResult<()> {
@@ -738,7 +774,8 @@ impl KeyManagementService for Service {
             let caller = call.who()?;
             check_grant_tokens(&r.grant_tokens)?;
             let constraints = r.constraints.unwrap_or_default();
-            let nonempty = |m: HashMap<String, String>| (!m.is_empty()).then(|| context(m));
+            let nonempty =
+                |m: HashMap<String, String>| (!m.is_empty()).then(|| m.into_iter().collect());
             let (grant_id, grant_token) = self.kms.create_grant(
                 caller,
                 CreateGrant {
@@ -919,7 +956,7 @@ impl KeyManagementService for Service {
                     caller,
                     key_id_field("KeyId", &r.key_id)?,
                     plaintext_field(r.plaintext)?,
-                    &context(r.encryption_context),
+                    &context("EncryptionContext", r.encryption_context)?,
                     r.encryption_algorithm.as_deref(),
                     r.dry_run.unwrap_or(false),
                 )
@@ -948,7 +985,7 @@ impl KeyManagementService for Service {
                 .decrypt(
                     caller,
                     ciphertext_field(&r.ciphertext_blob)?,
-                    &context(r.encryption_context),
+                    &context("EncryptionContext", r.encryption_context)?,
                     opt_key_id("KeyId", &r.key_id)?,
                     r.encryption_algorithm.as_deref(),
                     r.dry_run.unwrap_or(false),
@@ -978,10 +1015,13 @@ impl KeyManagementService for Service {
                 .re_encrypt(
                     caller,
                     ciphertext_field(&r.ciphertext_blob)?,
-                    &context(r.source_encryption_context),
+                    &context("SourceEncryptionContext", r.source_encryption_context)?,
                     opt_key_id("SourceKeyId", &r.source_key_id)?,
                     key_id_field("DestinationKeyId", &r.destination_key_id)?,
-                    &context(r.destination_encryption_context),
+                    &context(
+                        "DestinationEncryptionContext",
+                        r.destination_encryption_context,
+                    )?,
                     r.source_encryption_algorithm.as_deref(),
                     r.destination_encryption_algorithm.as_deref(),
                     r.dry_run.unwrap_or(false),
@@ -1016,7 +1056,7 @@ impl KeyManagementService for Service {
                     caller,
                     "kms:GenerateDataKey",
                     key_id,
-                    &context(r.encryption_context),
+                    &context("EncryptionContext", r.encryption_context)?,
                     len,
                     r.dry_run.unwrap_or(false),
                 )
@@ -1048,7 +1088,7 @@ impl KeyManagementService for Service {
                     caller,
                     "kms:GenerateDataKeyWithoutPlaintext",
                     key_id,
-                    &context(r.encryption_context),
+                    &context("EncryptionContext", r.encryption_context)?,
                     len,
                     r.dry_run.unwrap_or(false),
                 )

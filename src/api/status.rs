@@ -15,6 +15,7 @@ pub fn code(kind: ErrorKind) -> Code {
     use ErrorKind::*;
     match kind {
         Validation
+        | Serialization
         | InvalidCiphertext
         | IncorrectKey
         | InvalidKeyUsage

@@ -122,7 +122,7 @@ impl Kms {
 
     pub fn create_alias(&self, caller: &Caller, name: &str, target: &str) -> KmsResult<()> {
         check_alias_name(name)?;
-        let key = self.key_record(target)?.id;
+        let key = self.key_record(caller, target)?.id;
         self.authorize_alias(caller, "kms:CreateAlias", name, &[key])?;
         self.store
             .create_alias(name, &key, self.now(), MAX_ALIASES_PER_KEY)?
@@ -133,7 +133,7 @@ impl Kms {
 
     pub fn update_alias(&self, caller: &Caller, name: &str, target: &str) -> KmsResult<()> {
         check_alias_name(name)?;
-        let key = self.key_record(target)?.id;
+        let key = self.key_record(caller, target)?.id;
         let current = self.alias_target(name)?;
         self.authorize_alias(caller, "kms:UpdateAlias", name, &[current, key])?;
         self.store
@@ -169,7 +169,7 @@ impl Kms {
             &Facts::of(&caller.principal),
         )?;
         let key = key_ref
-            .map(|k| self.key_record(k))
+            .map(|k| self.key_record(caller, k))
             .transpose()?
             .map(|k| k.id);
         let after = marker.map(decode_marker).transpose()?;

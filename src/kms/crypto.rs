@@ -20,6 +20,25 @@ pub type Context = BTreeMap<String, String>;
 /// The empty encryption context, for operations without one.
 pub static NO_CONTEXT: Context = Context::new();
 
+/// The largest encryption context accepted: pairs, and bytes of keys and values (UTF-8).
+/// AWS publishes no bound; this one keeps every request's policy evaluation, additional
+/// data and audit line small, and is far above what envelope encryption uses.
+pub const CONTEXT_MAX_PAIRS: usize = 64;
+pub const CONTEXT_MAX_BYTES: usize = 8192;
+
+/// ValidationException when `ctx` is over the bound.
+pub fn check_context(field: &str, ctx: &Context) -> KmsResult<()> {
+    let bytes: usize = ctx.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if ctx.len() > CONTEXT_MAX_PAIRS || bytes > CONTEXT_MAX_BYTES {
+        return Err(KmsError::validation(format!(
+            "{field} must have at most {CONTEXT_MAX_PAIRS} pairs and {CONTEXT_MAX_BYTES} bytes \
+             of keys and values; it has {} pairs and {bytes} bytes",
+            ctx.len()
+        )));
+    }
+    Ok(())
+}
+
 pub const SYMMETRIC_DEFAULT: &str = "SYMMETRIC_DEFAULT";
 const ALGORITHMS: &[&str] = &[
     "SYMMETRIC_DEFAULT",
@@ -183,7 +202,7 @@ impl Kms {
     fn open_target(&self, blob: &ciphertext::Blob<'_>, auth: Auth<'_>) -> KmsResult<UsableKey> {
         let expected = auth.key_ref;
         if let Some(want) = expected {
-            let want = self.resolve(want)?;
+            let want = self.resolve(auth.caller, want)?;
             if want != blob.key_id {
                 return Err(KmsError::new(
                     ErrorKind::IncorrectKey,

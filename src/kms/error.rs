@@ -10,6 +10,8 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
     Validation,
+    /// The request could not be read at all (not a message of its operation).
+    Serialization,
     InvalidCiphertext,
     IncorrectKey,
     InvalidKeyUsage,
@@ -48,6 +50,7 @@ impl ErrorKind {
     pub fn aws_name(self) -> &'static str {
         match self {
             ErrorKind::Validation => "ValidationException",
+            ErrorKind::Serialization => "SerializationException",
             ErrorKind::InvalidCiphertext => "InvalidCiphertextException",
             ErrorKind::IncorrectKey => "IncorrectKeyException",
             ErrorKind::InvalidKeyUsage => "InvalidKeyUsageException",
@@ -92,12 +95,35 @@ pub struct KmsError {
     pub message: String,
 }
 
+/// Longest message answered, in bytes: a message travels in the response's metadata twice
+/// (grpc-message and the status details), which HTTP/2 peers bound to 16 KiB or less.
+pub const MESSAGE_LIMIT: usize = 1024;
+
+/// Longest piece of caller input quoted in a message, in characters.
+pub const QUOTE_LIMIT: usize = 128;
+
+/// Caller input as a message quotes it: cut to `QUOTE_LIMIT` characters, with `...` when cut.
+pub fn quoted(input: &str) -> std::borrow::Cow<'_, str> {
+    match input.char_indices().nth(QUOTE_LIMIT) {
+        None => input.into(),
+        Some((end, _)) => format!("{}...", &input[..end]).into(),
+    }
+}
+
 impl KmsError {
+    /// An error with `message`, cut to `MESSAGE_LIMIT` bytes: callers quote their input with
+    /// `quoted`, and this is the backstop for any message that still grows with it.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        KmsError {
-            kind,
-            message: message.into(),
+        let mut message = message.into();
+        if message.len() > MESSAGE_LIMIT {
+            let mut end = MESSAGE_LIMIT - 3;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str("...");
         }
+        KmsError { kind, message }
     }
 
     pub fn validation(message: impl Into<String>) -> Self {
@@ -127,3 +153,20 @@ impl fmt::Display for KmsError {
 impl std::error::Error for KmsError {}
 
 pub type KmsResult<T> = Result<T, KmsError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_and_quotes_are_bounded() {
+        let emoji = "\u{1F600}".repeat(2048);
+        let q = quoted(&emoji);
+        assert_eq!(q.chars().count(), QUOTE_LIMIT + 3);
+        assert!(q.ends_with("..."));
+        assert_eq!(quoted("short"), "short");
+        let e = KmsError::new(ErrorKind::NotFound, format!("Key '{emoji}' does not exist"));
+        assert!(e.message.len() <= MESSAGE_LIMIT, "{}", e.message.len());
+        assert!(e.message.ends_with("..."));
+    }
+}

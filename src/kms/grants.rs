@@ -42,6 +42,11 @@ const OTHER_OPERATIONS: &[&str] = &[
     "DeriveSharedSecret",
 ];
 
+/// AWS's quotas: grants on one key, and grants on one key for one grantee principal
+/// (LimitExceededException past them).
+pub const GRANTS_PER_KEY: usize = 50_000;
+pub const GRANTS_PER_GRANTEE: usize = 500;
+
 const TOKEN_PREFIX: &str = "hsmkms-grant-token-v1.";
 
 pub struct CreateGrant {
@@ -245,7 +250,7 @@ impl Kms {
                 check_constraint(field, c)?;
             }
         }
-        let key = self.key_record(&req.key_id)?;
+        let key = self.key_record(caller, &req.key_id)?;
         let grant_id = random_hex(32)?;
         let record = GrantRecord {
             token: format!("{TOKEN_PREFIX}{grant_id}{}", random_hex(32)?),
@@ -286,7 +291,7 @@ impl Kms {
         }
         let saved = self
             .store
-            .insert_grant(&record)?
+            .insert_grant(&record, GRANTS_PER_KEY, GRANTS_PER_GRANTEE)?
             .map_err(|r| self.refused(&key.id, r))?;
         tracing::info!(key_arn = %self.scope.key_arn(&key.id), grant_id = %saved.grant_id, grantee = %saved.grantee_principal, "grant created");
         Ok((saved.grant_id, saved.token))
@@ -309,7 +314,7 @@ impl Kms {
             check_principal_id("GranteePrincipal", g)?;
         }
         let after = marker.map(decode_marker).transpose()?;
-        let key = self.key_record(key_ref)?;
+        let key = self.key_record(caller, key_ref)?;
         let facts = self.facts(caller, &NO_CONTEXT, None);
         self.authorize_key(caller, "kms:ListGrants", &key, &NO_CONTEXT, &facts)?;
         let grants = self.store.key_grants(&key.id)?;
@@ -390,7 +395,7 @@ impl Kms {
             }
             (None, Some(k), Some(id)) => {
                 check_grant_id(id)?;
-                let key = self.key_record(k)?;
+                let key = self.key_record(caller, k)?;
                 self.store
                     .key_grants(&key.id)?
                     .iter()
@@ -443,7 +448,7 @@ impl Kms {
         dry_run: bool,
     ) -> KmsResult<()> {
         check_grant_id(grant_id)?;
-        let key = self.key_record(key_ref)?;
+        let key = self.key_record(caller, key_ref)?;
         let facts = self.facts(caller, &NO_CONTEXT, None);
         self.authorize_key(caller, "kms:RevokeGrant", &key, &NO_CONTEXT, &facts)?;
         let key_arn = self.scope.key_arn(&key.id);

@@ -28,9 +28,23 @@ impl ArnScope {
         )
     }
 
-    /// Parses a key id, key ARN, alias name or alias ARN.
-    pub fn parse_ref(&self, key_ref: &str) -> KmsResult<KeyRef> {
+    /// Parses a key id, key ARN, alias name or alias ARN, for a caller of `caller_account`.
+    ///
+    /// As in AWS, a bare key id or alias name is resolved in the caller's own account: a
+    /// caller of another account must name this account's keys by ARN.
+    pub fn parse_ref(&self, key_ref: &str, caller_account: &str) -> KmsResult<KeyRef> {
         if key_ref.starts_with("alias/") {
+            if caller_account != self.account_id {
+                return Err(KmsError::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "Alias arn:{}:kms:{}:{caller_account}:{} is not found.",
+                        self.partition,
+                        self.region,
+                        super::error::quoted(key_ref)
+                    ),
+                ));
+            }
             return Ok(KeyRef::Alias(key_ref.to_string()));
         }
         if key_ref.starts_with("arn:") {
@@ -50,7 +64,7 @@ impl ArnScope {
                 }
             }
         }
-        self.parse_key_ref(key_ref).map(KeyRef::Key)
+        self.parse_key_ref(key_ref, caller_account).map(KeyRef::Key)
     }
 
     pub fn key_arn(&self, key_id: &Uuid) -> String {
@@ -60,11 +74,12 @@ impl ArnScope {
         )
     }
 
-    /// Resolves a key id or key ARN to the key id it names.
+    /// Resolves a key id or key ARN to the key id it names, for a caller of `caller_account`.
     ///
     /// A well-formed ARN for another partition, region or account names no key here
-    /// (NotFoundException); a malformed ARN is InvalidArnException.
-    pub fn parse_key_ref(&self, key_ref: &str) -> KmsResult<Uuid> {
+    /// (NotFoundException); a malformed ARN is InvalidArnException. A bare key id names a key
+    /// of the caller's own account only.
+    pub fn parse_key_ref(&self, key_ref: &str, caller_account: &str) -> KmsResult<Uuid> {
         if let Some(rest) = key_ref.strip_prefix("arn:") {
             let parts: Vec<&str> = rest.splitn(5, ':').collect();
             let [partition, service, region, account, resource] = parts[..] else {
@@ -99,7 +114,7 @@ impl ArnScope {
             }
             return Ok(id);
         }
-        parse_uuid(key_ref).ok_or_else(|| {
+        let id = parse_uuid(key_ref).ok_or_else(|| {
             let hint = if key_ref.starts_with("alias/") {
                 ": this operation takes a key id or key ARN, not an alias"
             } else {
@@ -107,9 +122,19 @@ impl ArnScope {
             };
             KmsError::new(
                 ErrorKind::NotFound,
-                format!("Invalid keyId '{key_ref}'{hint}"),
+                format!("Invalid keyId '{}'{hint}", super::error::quoted(key_ref)),
             )
-        })
+        })?;
+        if caller_account != self.account_id {
+            return Err(KmsError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "Key 'arn:{}:kms:{}:{caller_account}:key/{id}' does not exist",
+                    self.partition, self.region
+                ),
+            ));
+        }
+        Ok(id)
     }
 }
 
@@ -161,35 +186,58 @@ mod tests {
         }
     }
 
+    const HOME: &str = "111122223333";
+
     #[test]
     fn key_refs() {
         let s = scope();
         let id = Uuid::new_v4();
-        assert_eq!(s.parse_key_ref(&id.to_string()).unwrap(), id);
-        assert_eq!(s.parse_key_ref(&s.key_arn(&id)).unwrap(), id);
+        assert_eq!(s.parse_key_ref(&id.to_string(), HOME).unwrap(), id);
+        assert_eq!(s.parse_key_ref(&s.key_arn(&id), HOME).unwrap(), id);
         let other = format!("arn:aws:kms:eu-west-1:111122223333:key/{id}");
         assert_eq!(
-            s.parse_key_ref(&other).unwrap_err().kind,
+            s.parse_key_ref(&other, HOME).unwrap_err().kind,
             ErrorKind::NotFound
         );
         assert_eq!(
-            s.parse_key_ref("nope").unwrap_err().kind,
+            s.parse_key_ref("nope", HOME).unwrap_err().kind,
             ErrorKind::NotFound
         );
         assert_eq!(
-            s.parse_key_ref("arn:aws:kms").unwrap_err().kind,
+            s.parse_key_ref("arn:aws:kms", HOME).unwrap_err().kind,
             ErrorKind::InvalidArn
         );
         let bad = "arn:aws:kms:us-east-1:111122223333:key/not-a-uuid";
         assert_eq!(
-            s.parse_key_ref(bad).unwrap_err().kind,
+            s.parse_key_ref(bad, HOME).unwrap_err().kind,
             ErrorKind::InvalidArn
         );
         // Only the canonical hyphenated form is a key id.
         let simple = id.simple().to_string();
         assert_eq!(
-            s.parse_key_ref(&simple).unwrap_err().kind,
+            s.parse_key_ref(&simple, HOME).unwrap_err().kind,
             ErrorKind::NotFound
+        );
+    }
+
+    #[test]
+    fn bare_ids_and_alias_names_resolve_in_the_callers_account() {
+        let s = scope();
+        let id = Uuid::new_v4();
+        let other = "444455556666";
+        let e = s.parse_key_ref(&id.to_string(), other).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        assert_eq!(
+            e.message,
+            format!("Key 'arn:aws:kms:us-east-1:444455556666:key/{id}' does not exist")
+        );
+        // By ARN, another account may name the key (its policy then decides).
+        assert_eq!(s.parse_key_ref(&s.key_arn(&id), other).unwrap(), id);
+        let e = s.parse_ref("alias/app", other).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        assert_eq!(
+            s.parse_ref("alias/app", HOME).unwrap(),
+            KeyRef::Alias("alias/app".into())
         );
     }
 

@@ -389,8 +389,8 @@ impl Kms {
     }
 
     /// The key a KeyId names, aliases included (for cryptographic operations and DescribeKey).
-    pub(super) fn resolve(&self, key_ref: &str) -> KmsResult<Uuid> {
-        match self.scope.parse_ref(key_ref)? {
+    pub(super) fn resolve(&self, caller: &Caller, key_ref: &str) -> KmsResult<Uuid> {
+        match self.scope.parse_ref(key_ref, &caller.principal.account)? {
             KeyRef::Key(id) => Ok(id),
             KeyRef::Alias(name) => self.alias_target(&name),
         }
@@ -421,6 +421,14 @@ impl Kms {
                 ErrorKind::Tag,
                 format!("{arn} would carry more than {n} tags"),
             ),
+            Refused::TooManyGrants { per_grantee, limit } => KmsError::new(
+                ErrorKind::LimitExceeded,
+                if per_grantee {
+                    format!("{arn} already has {limit} grants for this grantee principal")
+                } else {
+                    format!("{arn} already has {limit} grants")
+                },
+            ),
             Refused::AliasExists | Refused::AliasMissing => {
                 KmsError::internal(format!("unexpected alias outcome for {arn}"))
             }
@@ -428,8 +436,10 @@ impl Kms {
     }
 
     /// The key row named by a key id or ARN; NotFoundException if there is none.
-    pub(super) fn key_record(&self, key_ref: &str) -> KmsResult<KeyRecord> {
-        let id = self.scope.parse_key_ref(key_ref)?;
+    pub(super) fn key_record(&self, caller: &Caller, key_ref: &str) -> KmsResult<KeyRecord> {
+        let id = self
+            .scope
+            .parse_key_ref(key_ref, &caller.principal.account)?;
         self.key_by_id(&id)
     }
 
@@ -450,7 +460,7 @@ impl Kms {
     }
 
     pub fn describe_key(&self, caller: &Caller, key_ref: &str) -> KmsResult<KeyView> {
-        let key = self.key_by_id(&self.resolve(key_ref)?)?;
+        let key = self.key_by_id(&self.resolve(caller, key_ref)?)?;
         let facts = self.facts(caller, &NO_CONTEXT, Some(key_ref));
         self.authorize_key(caller, "kms:DescribeKey", &key, &NO_CONTEXT, &facts)?;
         let store = self.store_of(&key)?;
@@ -464,7 +474,7 @@ impl Kms {
         action: &'static str,
         key_ref: &str,
     ) -> KmsResult<KeyRecord> {
-        let key = self.key_record(key_ref)?;
+        let key = self.key_record(caller, key_ref)?;
         let facts = self.facts(caller, &NO_CONTEXT, None);
         self.authorize_key(caller, action, &key, &NO_CONTEXT, &facts)?;
         Ok(key)
@@ -647,7 +657,7 @@ impl Kms {
     ) -> KmsResult<()> {
         policy::check_policy_name(name)?;
         policy::validate(doc)?;
-        let key = self.key_record(key_ref)?;
+        let key = self.key_record(caller, key_ref)?;
         let facts = self
             .facts(caller, &NO_CONTEXT, None)
             .flag("kms:BypassPolicyLockoutSafetyCheck", bypass_lockout_check);
@@ -757,7 +767,7 @@ impl Kms {
     }
 
     pub(super) fn usable_key(&self, key_ref: &str, auth: Auth<'_>) -> KmsResult<UsableKey> {
-        let id = self.resolve(key_ref)?;
+        let id = self.resolve(auth.caller, key_ref)?;
         self.usable_key_by_id(
             &id,
             Auth {

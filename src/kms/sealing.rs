@@ -1,7 +1,8 @@
 //! Sealing of kmsuser passwords at rest: AES-256-GCM under a local sealing key.
 //!
-//! The sealing key comes from the environment (`HSM_KMS_SEALING_KEY`, 64 hex digits) or from a
-//! file of 32 raw bytes readable by its owner only (created on first start). The store id is
+//! The sealing key comes from a file of 32 raw bytes readable by its owner only (created on
+//! first start), or from the environment (`HSM_KMS_SEALING_KEY`, 64 hex digits), which the
+//! binary takes out of its environment as it starts (`take_env_key`). The store id is
 //! the additional data, so a sealed password cannot be moved to another store's row.
 //! Neither the key nor a password ever reaches a log, an error or Debug output.
 
@@ -18,6 +19,35 @@ use super::error::{KmsError, KmsResult};
 
 pub const SEALING_KEY_ENV: &str = "HSM_KMS_SEALING_KEY";
 
+/// The key taken out of the environment by `take_env_key`.
+static ENV_KEY: std::sync::Mutex<Option<Zeroizing<String>>> = std::sync::Mutex::new(None);
+
+/// Takes `HSM_KMS_SEALING_KEY` out of the process environment: keeps its value for `load`,
+/// overwrites it where the environment block holds it (so that /proc/PID/environ, child
+/// processes and crash dumps no longer show it), and removes the variable. Call at the
+/// start of `main`, before any other thread exists: the environment is not thread-safe.
+/// The key file (`security.sealing_key_file`) remains the better way to give the key.
+pub fn take_env_key() {
+    let Ok(name) = std::ffi::CString::new(SEALING_KEY_ENV) else {
+        return;
+    };
+    // SAFETY: single-threaded at this point (see above); getenv's pointer is valid until
+    // the environment is changed, and the bytes up to its NUL are the value's.
+    unsafe {
+        let value = libc::getenv(name.as_ptr());
+        if value.is_null() {
+            return;
+        }
+        let bytes = std::ffi::CStr::from_ptr(value).to_bytes();
+        let kept = Zeroizing::new(String::from_utf8_lossy(bytes).into_owned());
+        for i in 0..bytes.len() {
+            std::ptr::write_volatile(value.add(i), b'x' as libc::c_char);
+        }
+        std::env::remove_var(SEALING_KEY_ENV);
+        *ENV_KEY.lock().unwrap_or_else(|p| p.into_inner()) = Some(kept);
+    }
+}
+
 pub struct Sealer {
     cipher: Aes256Gcm,
 }
@@ -32,7 +62,12 @@ impl Sealer {
     /// Loads the sealing key from the environment, else from `path`, creating the file
     /// (mode 0600) with a fresh random key if it does not exist.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let key: Zeroizing<Vec<u8>> = if let Ok(hex_key) = std::env::var(SEALING_KEY_ENV) {
+        let from_env = ENV_KEY
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .or_else(|| std::env::var(SEALING_KEY_ENV).ok().map(Zeroizing::new));
+        let key: Zeroizing<Vec<u8>> = if let Some(hex_key) = from_env {
             let key = Zeroizing::new(
                 hex::decode(hex_key.trim())
                     .map_err(|_| anyhow::anyhow!("{SEALING_KEY_ENV} is not hex"))?,

@@ -159,6 +159,12 @@ pub enum Refused {
     AliasMissing,
     /// A per-key limit would be exceeded (aliases or tags); the limit is given.
     TooMany(usize),
+    /// The key has `limit` grants already, in all (`per_grantee` false) or for the new
+    /// grant's grantee principal.
+    TooManyGrants {
+        per_grantee: bool,
+        limit: usize,
+    },
 }
 
 pub type Conditional<T> = Result<T, Refused>;
@@ -187,6 +193,17 @@ impl Store {
     pub fn open(path: &Path) -> anyhow::Result<Store> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
+        }
+        // Created owner-only, as every other data file; SQLite gives its -wal and -shm files
+        // the database file's mode.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
         }
         let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -828,7 +845,14 @@ impl Store {
 
     /// Inserts a grant, unless the key already has one with the same name and the same
     /// terms: then that grant is returned (CreateGrant's idempotency by Name).
-    pub fn insert_grant(&self, g: &GrantRecord) -> KmsResult<Conditional<GrantRecord>> {
+    /// Adds a grant unless the key already has `per_key` grants, or `per_grantee` for the
+    /// grant's grantee; an identical named grant is returned instead of a new one.
+    pub fn insert_grant(
+        &self,
+        g: &GrantRecord,
+        per_key: usize,
+        per_grantee: usize,
+    ) -> KmsResult<Conditional<GrantRecord>> {
         let ctx_json = |m: &Option<std::collections::BTreeMap<String, String>>| {
             m.as_ref()
                 .map(|m| serde_json::to_string(m).unwrap_or_default())
@@ -855,6 +879,26 @@ impl Store {
                 if let Some(existing) = same {
                     return Ok(Ok(existing));
                 }
+            }
+            let (all, of_grantee): (i64, i64) = tx
+                .prepare_cached(
+                    "SELECT COUNT(*), COALESCE(SUM(grantee_principal = ?2), 0)
+                     FROM grants WHERE key_id = ?1",
+                )?
+                .query_row(params![g.key_id.to_string(), g.grantee_principal], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+            if all as usize >= per_key {
+                return Ok(Err(Refused::TooManyGrants {
+                    per_grantee: false,
+                    limit: per_key,
+                }));
+            }
+            if of_grantee as usize >= per_grantee {
+                return Ok(Err(Refused::TooManyGrants {
+                    per_grantee: true,
+                    limit: per_grantee,
+                }));
             }
             tx.execute(
                 "INSERT INTO grants (grant_id, key_id, name, grantee_principal, retiring_principal,
@@ -1165,5 +1209,76 @@ mod tests {
         // Opening again runs no migration twice.
         let store = Store::open(&path).unwrap();
         assert!(store.get_alias("alias/a").unwrap().is_some());
+    }
+
+    /// The grant limits hold: per key, and per grantee on a key; a refused grant is not
+    /// written.
+    #[test]
+    fn grants_are_bounded_per_key_and_per_grantee() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.sqlite3")).unwrap();
+        store
+            .insert_store(&StoreRecord {
+                id: "cks-0".into(),
+                name: "s".into(),
+                cluster_id: "cluster-x".into(),
+                trust_anchor: "pem".into(),
+                sealed_password: vec![0],
+                connection_state: "CONNECTED".into(),
+                connection_error_code: None,
+                creation_date_ms: 0,
+            })
+            .unwrap();
+        let key = Uuid::new_v4();
+        store
+            .insert_key(
+                &KeyRecord {
+                    id: key,
+                    custom_key_store_id: "cks-0".into(),
+                    creation_date_ms: 0,
+                    description: String::new(),
+                    key_state: "Enabled".into(),
+                    deletion_date_ms: None,
+                    pending_window_days: None,
+                    policy: None,
+                },
+                &[],
+            )
+            .unwrap();
+        let grant = |n: usize, grantee: &str| GrantRecord {
+            grant_id: format!("{n:064x}"),
+            key_id: key,
+            name: None,
+            grantee_principal: grantee.into(),
+            retiring_principal: None,
+            issuing_account: "arn:aws:iam::111122223333:root".into(),
+            operations: vec!["Encrypt".into()],
+            context_subset: None,
+            context_equals: None,
+            creation_date_ms: 0,
+            token: format!("t{n}"),
+        };
+        let (per_key, per_grantee) = (5, 2);
+        let mut outcomes = Vec::new();
+        for (n, who) in ["a", "a", "a", "b", "b", "c", "d"].iter().enumerate() {
+            let r = store
+                .insert_grant(&grant(n, who), per_key, per_grantee)
+                .unwrap();
+            outcomes.push(r.map(|_| ()));
+        }
+        let over = |per_grantee, limit| Err(Refused::TooManyGrants { per_grantee, limit });
+        assert_eq!(
+            outcomes,
+            [
+                Ok(()),
+                Ok(()),
+                over(true, 2),
+                Ok(()),
+                Ok(()),
+                Ok(()),
+                over(false, 5)
+            ]
+        );
+        assert_eq!(store.key_grants(&key).unwrap().len(), 5);
     }
 }

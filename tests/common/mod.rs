@@ -89,14 +89,61 @@ pub fn faulty_module() -> PathBuf {
         })
         .clone()
 }
+/// The server binary under test: this build's, or `HSM_KMS_TEST_BINARY` (to see whether a
+/// test fails against an older build).
+pub fn server_binary() -> PathBuf {
+    std::env::var_os("HSM_KMS_TEST_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_hsm-kms")))
+}
+
+/// The config file's text. Against an older binary (`HSM_KMS_TEST_BINARY`), the settings it
+/// may not know are left out when they hold their defaults.
+fn config_text(settings: &Settings) -> String {
+    let text = toml::to_string_pretty(settings).unwrap();
+    if std::env::var_os("HSM_KMS_TEST_BINARY").is_none() {
+        return text;
+    }
+    let defaults = toml::to_string_pretty(&hsm_kms::config::ServerSettings::default()).unwrap();
+    let audit_default = "fsync = false";
+    text.lines()
+        .filter(|l| {
+            let newer = [
+                "max_connections",
+                "max_concurrent_streams",
+                "max_inflight_requests",
+                "header_timeout_seconds",
+                "max_pending_connections",
+                "idle_timeout_seconds",
+            ];
+            let is_newer_default = newer.iter().any(|k| l.starts_with(&format!("{k} = ")))
+                && defaults.lines().any(|d| d == *l);
+            !is_newer_default && *l != audit_default
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 pub fn softhsm2_module() -> PathBuf {
     hsm_kms::dev::softhsm2_module().expect("SoftHSM2 must be installed (scripts/setup.sh)")
+}
+
+/// How the server process runs.
+#[derive(Clone, Default)]
+pub struct Options {
+    /// The limit on open files (soft and hard).
+    pub open_files: Option<u64>,
+    /// RUST_LOG for the server [default: the test's RUST_LOG, else "warn"].
+    pub log: Option<&'static str>,
+    /// More environment variables for the server.
+    pub env: Vec<(&'static str, String)>,
 }
 
 pub struct Harness {
     pub dir: tempfile::TempDir,
     pub settings: Settings,
     pub anchors: Vec<String>,
+    pub options: Options,
     child: Option<Child>,
     pub addr: String,
     /// The admin (metrics) listener's address.
@@ -112,6 +159,15 @@ impl Harness {
     /// As `start`, with `change` applied to the config first.
     pub async fn start_with(
         clusters: &[ClusterSpec],
+        change: impl FnOnce(&mut Settings),
+    ) -> Harness {
+        Harness::start_opts(clusters, Options::default(), change).await
+    }
+
+    /// As `start_with`, with the process `options`.
+    pub async fn start_opts(
+        clusters: &[ClusterSpec],
+        options: Options,
         change: impl FnOnce(&mut Settings),
     ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
@@ -168,6 +224,7 @@ impl Harness {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 shutdown_grace_seconds: 2,
                 worker_threads: None,
+                ..Default::default()
             },
             account: Default::default(),
             storage: StorageSettings {
@@ -209,6 +266,7 @@ impl Harness {
             },
             audit: AuditSettings {
                 file: dir.path().join("audit.jsonl"),
+                fsync: false,
             },
             clusters: cluster_settings,
         };
@@ -218,6 +276,7 @@ impl Harness {
             dir,
             settings,
             anchors,
+            options,
             child: None,
             addr: String::new(),
             admin: String::new(),
@@ -235,25 +294,50 @@ impl Harness {
     }
 
     async fn launch(&mut self) {
-        std::fs::write(
-            self.config_path(),
-            toml::to_string_pretty(&self.settings).unwrap(),
-        )
-        .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hsm-kms"))
+        std::fs::write(self.config_path(), config_text(&self.settings)).unwrap();
+        let mut command = match self.options.open_files {
+            // sh's ulimit -n sets the soft and the hard limit; exec keeps the pid.
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\"")])
+                    .arg(server_binary());
+                c
+            }
+            None => Command::new(server_binary()),
+        };
+        let mut child = command
             .args(["serve", "--config"])
             .arg(self.config_path())
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or("warn".into()),
+                self.options
+                    .log
+                    .map(str::to_string)
+                    .or_else(|| std::env::var("RUST_LOG").ok())
+                    .unwrap_or("warn".into()),
             )
             .env_remove("HSM_KMS_SEALING_KEY")
+            .envs(self.options.env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("FAULTY_PKCS11_CONTROL", self.fault_control())
             .env("FAULTY_PKCS11_MODULE", softhsm2_module())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start hsm-kms");
+        // The server's log goes to the test's output, and to a file that tests can read.
+        let stderr = child.stderr.take().unwrap();
+        let log = self.log_path();
+        std::thread::spawn(move || {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                let _ = writeln!(file, "{line}");
+            }
+        });
         let lines = wait_for_lines(
             &mut child,
             &["hsm-kms admin listening on ", "hsm-kms listening on "],
@@ -262,6 +346,51 @@ impl Harness {
         self.admin = lines[0].clone();
         self.addr = lines[1].clone();
         self.child = Some(child);
+    }
+
+    /// The file that collects the server's log (standard error), over restarts.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server running").id()
+    }
+
+    /// The server's resident memory, in KiB (from /proc).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+
+    /// Whether the server process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Kills the server with SIGKILL (a crash) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Starts the server again after `kill` or `stop`, on the same config and data.
+    pub async fn relaunch(&mut self) {
+        self.launch().await;
     }
 
     /// The control file of the fault-injecting module (see testing/faulty-pkcs11).
@@ -277,11 +406,7 @@ impl Harness {
     /// Rewrites the config file with `change` applied and sends SIGHUP (reload).
     pub fn reload_with(&mut self, change: impl FnOnce(&mut Settings)) {
         change(&mut self.settings);
-        std::fs::write(
-            self.config_path(),
-            toml::to_string_pretty(&self.settings).unwrap(),
-        )
-        .unwrap();
+        std::fs::write(self.config_path(), config_text(&self.settings)).unwrap();
         self.sighup();
     }
 
