@@ -22,6 +22,7 @@ use crate::kms::error::{ErrorKind, KmsError, KmsResult};
 use crate::kms::grants::{check_grant_tokens, CreateGrant, GrantView};
 use crate::kms::keys::{CreateKey, KeyView};
 use crate::kms::keystores::{CreateStore, Password, StoreView, UpdateStore};
+use crate::kms::op::Op;
 use crate::kms::Kms;
 use crate::proto::key_management_service_server::KeyManagementService;
 use crate::proto::*;
@@ -45,7 +46,7 @@ impl Service {
     }
 
     /// Names the caller of a request (the refusal, if any, is answered by `finish`).
-    fn call<R>(&self, op: &'static str, req: &Request<R>) -> Call {
+    fn call<R>(&self, op: Op, req: &Request<R>) -> Call {
         let leaf = req.peer_certs();
         let principal = self
             .auth
@@ -62,13 +63,33 @@ impl Service {
     /// audit trail, and gives the request id of a failure to the caller (`x-request-id`). The span is
     /// debug-level: an enabled span per request costs measurable throughput (bench), so
     /// failures name the operation in their own event instead.
+    /// The request path every operation runs: names the caller, then `handle` maps the wire
+    /// request to the domain call and its reply back (all that an operation writes), and
+    /// `finish` does the rest. `context` picks what the audit line records of the request.
+    async fn run<R, T>(
+        &self,
+        op: Op,
+        req: Request<R>,
+        context: impl FnOnce(&R) -> Option<BTreeMap<String, String>>,
+        handle: impl AsyncFnOnce(&Caller, R) -> KmsResult<T>,
+    ) -> Result<Response<T>, Status> {
+        let call = self.call(op, &req);
+        let r = req.into_inner();
+        let ctx = context(&r);
+        self.finish(&call, ctx, async {
+            let caller = call.who()?;
+            handle(caller, r).await
+        })
+        .await
+    }
+
     async fn finish<T>(
         &self,
         call: &Call,
         encryption_context: Option<BTreeMap<String, String>>,
         fut: impl std::future::Future<Output = KmsResult<T>>,
     ) -> Result<Response<T>, Status> {
-        let op = call.op;
+        let op = call.op.name();
         // Fail closed: nothing is done that the audit trail could not record.
         if !self.audit.available() {
             self.audit.refused();
@@ -108,7 +129,7 @@ impl Service {
 
     /// The status of a refused or failed request, counted in the metrics and logged.
     fn refuse(&self, call: &Call, e: KmsError) -> Status {
-        let op = call.op;
+        let op = call.op.name();
         crate::metrics::get().request(op, e.kind.aws_name(), call.started.elapsed());
         failures::note(op, e.kind.aws_name(), &e.message, &call.request_id);
         let mut status = to_status(e);
@@ -134,7 +155,7 @@ fn unaudited() -> KmsError {
 
 /// One request in flight: its operation, id, start time and caller.
 struct Call {
-    op: &'static str,
+    op: Op,
     started: std::time::Instant,
     request_id: uuid::Uuid,
     caller: KmsResult<Caller>,
@@ -328,24 +349,26 @@ impl KeyManagementService for Service {
         &self,
         req: Request<CreateCustomKeyStoreRequest>,
     ) -> Result<Response<CreateCustomKeyStoreResponse>, Status> {
-        let call = self.call("CreateCustomKeyStore", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            let id = self.kms.create_custom_key_store(
-                caller,
-                CreateStore {
-                    name: r.custom_key_store_name,
-                    cluster_id: r.cloud_hsm_cluster_id,
-                    trust_anchor: r.trust_anchor_certificate,
-                    password: password(r.key_store_password)?,
-                    store_type: r.custom_key_store_type,
-                },
-            )?;
-            Ok(CreateCustomKeyStoreResponse {
-                custom_key_store_id: id,
-            })
-        })
+        self.run(
+            Op::CreateCustomKeyStore,
+            req,
+            |_| None,
+            async |caller, r| {
+                let id = self.kms.create_custom_key_store(
+                    caller,
+                    CreateStore {
+                        name: r.custom_key_store_name,
+                        cluster_id: r.cloud_hsm_cluster_id,
+                        trust_anchor: r.trust_anchor_certificate,
+                        password: password(r.key_store_password)?,
+                        store_type: r.custom_key_store_type,
+                    },
+                )?;
+                Ok(CreateCustomKeyStoreResponse {
+                    custom_key_store_id: id,
+                })
+            },
+        )
         .await
     }
 
@@ -353,26 +376,28 @@ impl KeyManagementService for Service {
         &self,
         req: Request<DescribeCustomKeyStoresRequest>,
     ) -> Result<Response<DescribeCustomKeyStoresResponse>, Status> {
-        let call = self.call("DescribeCustomKeyStores", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            if let Some(id) = &r.custom_key_store_id {
-                store_id_field("CustomKeyStoreId", id)?;
-            }
-            let page = self.kms.describe_custom_key_stores(
-                caller,
-                r.custom_key_store_id.as_deref(),
-                r.custom_key_store_name.as_deref(),
-                r.limit,
-                marker_field(&r.marker)?,
-            )?;
-            Ok(DescribeCustomKeyStoresResponse {
-                custom_key_stores: page.items.into_iter().map(store_entry).collect(),
-                truncated: page.next_marker.is_some(),
-                next_marker: page.next_marker,
-            })
-        })
+        self.run(
+            Op::DescribeCustomKeyStores,
+            req,
+            |_| None,
+            async |caller, r| {
+                if let Some(id) = &r.custom_key_store_id {
+                    store_id_field("CustomKeyStoreId", id)?;
+                }
+                let page = self.kms.describe_custom_key_stores(
+                    caller,
+                    r.custom_key_store_id.as_deref(),
+                    r.custom_key_store_name.as_deref(),
+                    r.limit,
+                    marker_field(&r.marker)?,
+                )?;
+                Ok(DescribeCustomKeyStoresResponse {
+                    custom_key_stores: page.items.into_iter().map(store_entry).collect(),
+                    truncated: page.next_marker.is_some(),
+                    next_marker: page.next_marker,
+                })
+            },
+        )
         .await
     }
 
@@ -380,24 +405,26 @@ impl KeyManagementService for Service {
         &self,
         req: Request<UpdateCustomKeyStoreRequest>,
     ) -> Result<Response<UpdateCustomKeyStoreResponse>, Status> {
-        let call = self.call("UpdateCustomKeyStore", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            store_id_field("CustomKeyStoreId", &r.custom_key_store_id)?;
-            self.kms
-                .update_custom_key_store(
-                    caller,
-                    UpdateStore {
-                        id: r.custom_key_store_id,
-                        new_name: r.new_custom_key_store_name,
-                        password: password(r.key_store_password)?,
-                        cluster_id: r.cloud_hsm_cluster_id,
-                    },
-                )
-                .await?;
-            Ok(UpdateCustomKeyStoreResponse {})
-        })
+        self.run(
+            Op::UpdateCustomKeyStore,
+            req,
+            |_| None,
+            async |caller, r| {
+                store_id_field("CustomKeyStoreId", &r.custom_key_store_id)?;
+                self.kms
+                    .update_custom_key_store(
+                        caller,
+                        UpdateStore {
+                            id: r.custom_key_store_id,
+                            new_name: r.new_custom_key_store_name,
+                            password: password(r.key_store_password)?,
+                            cluster_id: r.cloud_hsm_cluster_id,
+                        },
+                    )
+                    .await?;
+                Ok(UpdateCustomKeyStoreResponse {})
+            },
+        )
         .await
     }
 
@@ -405,16 +432,18 @@ impl KeyManagementService for Service {
         &self,
         req: Request<DeleteCustomKeyStoreRequest>,
     ) -> Result<Response<DeleteCustomKeyStoreResponse>, Status> {
-        let call = self.call("DeleteCustomKeyStore", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            store_id_field("CustomKeyStoreId", &r.custom_key_store_id)?;
-            self.kms
-                .delete_custom_key_store(caller, &r.custom_key_store_id)
-                .await?;
-            Ok(DeleteCustomKeyStoreResponse {})
-        })
+        self.run(
+            Op::DeleteCustomKeyStore,
+            req,
+            |_| None,
+            async |caller, r| {
+                store_id_field("CustomKeyStoreId", &r.custom_key_store_id)?;
+                self.kms
+                    .delete_custom_key_store(caller, &r.custom_key_store_id)
+                    .await?;
+                Ok(DeleteCustomKeyStoreResponse {})
+            },
+        )
         .await
     }
 
@@ -422,16 +451,18 @@ impl KeyManagementService for Service {
         &self,
         req: Request<ConnectCustomKeyStoreRequest>,
     ) -> Result<Response<ConnectCustomKeyStoreResponse>, Status> {
-        let call = self.call("ConnectCustomKeyStore", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            store_id_field("CustomKeyStoreId", &r.custom_key_store_id)?;
-            self.kms
-                .connect_custom_key_store(caller, &r.custom_key_store_id)
-                .await?;
-            Ok(ConnectCustomKeyStoreResponse {})
-        })
+        self.run(
+            Op::ConnectCustomKeyStore,
+            req,
+            |_| None,
+            async |caller, r| {
+                store_id_field("CustomKeyStoreId", &r.custom_key_store_id)?;
+                self.kms
+                    .connect_custom_key_store(caller, &r.custom_key_store_id)
+                    .await?;
+                Ok(ConnectCustomKeyStoreResponse {})
+            },
+        )
         .await
     }
 
@@ -439,16 +470,18 @@ impl KeyManagementService for Service {
         &self,
         req: Request<DisconnectCustomKeyStoreRequest>,
     ) -> Result<Response<DisconnectCustomKeyStoreResponse>, Status> {
-        let call = self.call("DisconnectCustomKeyStore", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            store_id_field("CustomKeyStoreId", &r.custom_key_store_id)?;
-            self.kms
-                .disconnect_custom_key_store(caller, &r.custom_key_store_id)
-                .await?;
-            Ok(DisconnectCustomKeyStoreResponse {})
-        })
+        self.run(
+            Op::DisconnectCustomKeyStore,
+            req,
+            |_| None,
+            async |caller, r| {
+                store_id_field("CustomKeyStoreId", &r.custom_key_store_id)?;
+                self.kms
+                    .disconnect_custom_key_store(caller, &r.custom_key_store_id)
+                    .await?;
+                Ok(DisconnectCustomKeyStoreResponse {})
+            },
+        )
         .await
     }
 
@@ -456,41 +489,43 @@ impl KeyManagementService for Service {
         &self,
         req: Request<CreateKeyRequest>,
     ) -> Result<Response<CreateKeyResponse>, Status> {
-        let call = self.call("CreateKey", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            if let Some(id) = &r.custom_key_store_id {
-                store_id_field("CustomKeyStoreId", id)?;
-            }
-            let key = self
-                .kms
-                .create_key(
-                    caller,
-                    CreateKey {
-                        description: r.description,
-                        key_usage: r.key_usage,
-                        customer_master_key_spec: r.customer_master_key_spec,
-                        key_spec: r.key_spec,
-                        origin: r.origin,
-                        custom_key_store_id: r.custom_key_store_id,
-                        tags: r
-                            .tags
-                            .into_iter()
-                            .map(|t| (t.tag_key, t.tag_value))
-                            .collect(),
-                        multi_region: r.multi_region,
-                        policy: r.policy,
-                        bypass_policy_lockout_safety_check: r
-                            .bypass_policy_lockout_safety_check
-                            .unwrap_or(false),
-                    },
-                )
-                .await?;
-            Ok(CreateKeyResponse {
-                key_metadata: Some(key_metadata(key)),
-            })
-        })
+        self.run(
+            Op::CreateKey,
+            req,
+            |_| None,
+            async |caller, r| {
+                if let Some(id) = &r.custom_key_store_id {
+                    store_id_field("CustomKeyStoreId", id)?;
+                }
+                let key = self
+                    .kms
+                    .create_key(
+                        caller,
+                        CreateKey {
+                            description: r.description,
+                            key_usage: r.key_usage,
+                            customer_master_key_spec: r.customer_master_key_spec,
+                            key_spec: r.key_spec,
+                            origin: r.origin,
+                            custom_key_store_id: r.custom_key_store_id,
+                            tags: r
+                                .tags
+                                .into_iter()
+                                .map(|t| (t.tag_key, t.tag_value))
+                                .collect(),
+                            multi_region: r.multi_region,
+                            policy: r.policy,
+                            bypass_policy_lockout_safety_check: r
+                                .bypass_policy_lockout_safety_check
+                                .unwrap_or(false),
+                        },
+                    )
+                    .await?;
+                Ok(CreateKeyResponse {
+                    key_metadata: Some(key_metadata(key)),
+                })
+            },
+        )
         .await
     }
 
@@ -498,18 +533,20 @@ impl KeyManagementService for Service {
         &self,
         req: Request<DescribeKeyRequest>,
     ) -> Result<Response<DescribeKeyResponse>, Status> {
-        let call = self.call("DescribeKey", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            check_grant_tokens(&r.grant_tokens)?;
-            let key = self
-                .kms
-                .describe_key(caller, key_id_field("KeyId", &r.key_id)?)?;
-            Ok(DescribeKeyResponse {
-                key_metadata: Some(key_metadata(key)),
-            })
-        })
+        self.run(
+            Op::DescribeKey,
+            req,
+            |_| None,
+            async |caller, r| {
+                check_grant_tokens(&r.grant_tokens)?;
+                let key = self
+                    .kms
+                    .describe_key(caller, key_id_field("KeyId", &r.key_id)?)?;
+                Ok(DescribeKeyResponse {
+                    key_metadata: Some(key_metadata(key)),
+                })
+            },
+        )
         .await
     }
 
@@ -517,26 +554,28 @@ impl KeyManagementService for Service {
         &self,
         req: Request<ListKeysRequest>,
     ) -> Result<Response<ListKeysResponse>, Status> {
-        let call = self.call("ListKeys", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            let page = self
-                .kms
-                .list_keys(caller, r.limit, marker_field(&r.marker)?)?;
-            Ok(ListKeysResponse {
-                keys: page
-                    .items
-                    .into_iter()
-                    .map(|(id, arn)| KeyListEntry {
-                        key_id: id.to_string(),
-                        key_arn: arn,
-                    })
-                    .collect(),
-                truncated: page.next_marker.is_some(),
-                next_marker: page.next_marker,
-            })
-        })
+        self.run(
+            Op::ListKeys,
+            req,
+            |_| None,
+            async |caller, r| {
+                let page = self
+                    .kms
+                    .list_keys(caller, r.limit, marker_field(&r.marker)?)?;
+                Ok(ListKeysResponse {
+                    keys: page
+                        .items
+                        .into_iter()
+                        .map(|(id, arn)| KeyListEntry {
+                            key_id: id.to_string(),
+                            key_arn: arn,
+                        })
+                        .collect(),
+                    truncated: page.next_marker.is_some(),
+                    next_marker: page.next_marker,
+                })
+            },
+        )
         .await
     }
 
@@ -544,26 +583,28 @@ impl KeyManagementService for Service {
         &self,
         req: Request<ListResourceTagsRequest>,
     ) -> Result<Response<ListResourceTagsResponse>, Status> {
-        let call = self.call("ListResourceTags", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            let page = self.kms.list_resource_tags(
-                caller,
-                key_id_field("KeyId", &r.key_id)?,
-                r.limit,
-                marker_field(&r.marker)?,
-            )?;
-            Ok(ListResourceTagsResponse {
-                tags: page
-                    .items
-                    .into_iter()
-                    .map(|(tag_key, tag_value)| Tag { tag_key, tag_value })
-                    .collect(),
-                truncated: page.next_marker.is_some(),
-                next_marker: page.next_marker,
-            })
-        })
+        self.run(
+            Op::ListResourceTags,
+            req,
+            |_| None,
+            async |caller, r| {
+                let page = self.kms.list_resource_tags(
+                    caller,
+                    key_id_field("KeyId", &r.key_id)?,
+                    r.limit,
+                    marker_field(&r.marker)?,
+                )?;
+                Ok(ListResourceTagsResponse {
+                    tags: page
+                        .items
+                        .into_iter()
+                        .map(|(tag_key, tag_value)| Tag { tag_key, tag_value })
+                        .collect(),
+                    truncated: page.next_marker.is_some(),
+                    next_marker: page.next_marker,
+                })
+            },
+        )
         .await
     }
 
@@ -571,14 +612,16 @@ impl KeyManagementService for Service {
         &self,
         req: Request<EnableKeyRequest>,
     ) -> Result<Response<EnableKeyResponse>, Status> {
-        let call = self.call("EnableKey", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            self.kms
-                .set_key_enabled(caller, key_id_field("KeyId", &r.key_id)?, true)?;
-            Ok(EnableKeyResponse {})
-        })
+        self.run(
+            Op::EnableKey,
+            req,
+            |_| None,
+            async |caller, r| {
+                self.kms
+                    .set_key_enabled(caller, key_id_field("KeyId", &r.key_id)?, true)?;
+                Ok(EnableKeyResponse {})
+            },
+        )
         .await
     }
 
@@ -586,14 +629,16 @@ impl KeyManagementService for Service {
         &self,
         req: Request<DisableKeyRequest>,
     ) -> Result<Response<DisableKeyResponse>, Status> {
-        let call = self.call("DisableKey", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            self.kms
-                .set_key_enabled(caller, key_id_field("KeyId", &r.key_id)?, false)?;
-            Ok(DisableKeyResponse {})
-        })
+        self.run(
+            Op::DisableKey,
+            req,
+            |_| None,
+            async |caller, r| {
+                self.kms
+                    .set_key_enabled(caller, key_id_field("KeyId", &r.key_id)?, false)?;
+                Ok(DisableKeyResponse {})
+            },
+        )
         .await
     }
 
@@ -601,17 +646,19 @@ impl KeyManagementService for Service {
         &self,
         req: Request<UpdateKeyDescriptionRequest>,
     ) -> Result<Response<UpdateKeyDescriptionResponse>, Status> {
-        let call = self.call("UpdateKeyDescription", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            self.kms.update_key_description(
-                caller,
-                key_id_field("KeyId", &r.key_id)?,
-                &r.description,
-            )?;
-            Ok(UpdateKeyDescriptionResponse {})
-        })
+        self.run(
+            Op::UpdateKeyDescription,
+            req,
+            |_| None,
+            async |caller, r| {
+                self.kms.update_key_description(
+                    caller,
+                    key_id_field("KeyId", &r.key_id)?,
+                    &r.description,
+                )?;
+                Ok(UpdateKeyDescriptionResponse {})
+            },
+        )
         .await
     }
 
@@ -619,22 +666,24 @@ impl KeyManagementService for Service {
         &self,
         req: Request<ScheduleKeyDeletionRequest>,
     ) -> Result<Response<ScheduleKeyDeletionResponse>, Status> {
-        let call = self.call("ScheduleKeyDeletion", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            let k = self.kms.schedule_key_deletion(
-                caller,
-                key_id_field("KeyId", &r.key_id)?,
-                r.pending_window_in_days,
-            )?;
-            Ok(ScheduleKeyDeletionResponse {
-                key_id: k.arn,
-                deletion_date: k.deletion_date_ms.and_then(timestamp),
-                key_state: k.key_state,
-                pending_window_in_days: k.pending_window_days.unwrap_or_default(),
-            })
-        })
+        self.run(
+            Op::ScheduleKeyDeletion,
+            req,
+            |_| None,
+            async |caller, r| {
+                let k = self.kms.schedule_key_deletion(
+                    caller,
+                    key_id_field("KeyId", &r.key_id)?,
+                    r.pending_window_in_days,
+                )?;
+                Ok(ScheduleKeyDeletionResponse {
+                    key_id: k.arn,
+                    deletion_date: k.deletion_date_ms.and_then(timestamp),
+                    key_state: k.key_state,
+                    pending_window_in_days: k.pending_window_days.unwrap_or_default(),
+                })
+            },
+        )
         .await
     }
 
@@ -642,17 +691,19 @@ impl KeyManagementService for Service {
         &self,
         req: Request<CancelKeyDeletionRequest>,
     ) -> Result<Response<CancelKeyDeletionResponse>, Status> {
-        let call = self.call("CancelKeyDeletion", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            let id = self
-                .kms
-                .cancel_key_deletion(caller, key_id_field("KeyId", &r.key_id)?)?;
-            Ok(CancelKeyDeletionResponse {
-                key_id: self.kms.scope.key_arn(&id),
-            })
-        })
+        self.run(
+            Op::CancelKeyDeletion,
+            req,
+            |_| None,
+            async |caller, r| {
+                let id = self
+                    .kms
+                    .cancel_key_deletion(caller, key_id_field("KeyId", &r.key_id)?)?;
+                Ok(CancelKeyDeletionResponse {
+                    key_id: self.kms.scope.key_arn(&id),
+                })
+            },
+        )
         .await
     }
 
@@ -660,19 +711,21 @@ impl KeyManagementService for Service {
         &self,
         req: Request<TagResourceRequest>,
     ) -> Result<Response<TagResourceResponse>, Status> {
-        let call = self.call("TagResource", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            let tags: Vec<(String, String)> = r
-                .tags
-                .into_iter()
-                .map(|t| (t.tag_key, t.tag_value))
-                .collect();
-            self.kms
-                .tag_resource(caller, key_id_field("KeyId", &r.key_id)?, &tags)?;
-            Ok(TagResourceResponse {})
-        })
+        self.run(
+            Op::TagResource,
+            req,
+            |_| None,
+            async |caller, r| {
+                let tags: Vec<(String, String)> = r
+                    .tags
+                    .into_iter()
+                    .map(|t| (t.tag_key, t.tag_value))
+                    .collect();
+                self.kms
+                    .tag_resource(caller, key_id_field("KeyId", &r.key_id)?, &tags)?;
+                Ok(TagResourceResponse {})
+            },
+        )
         .await
     }
 
@@ -680,14 +733,16 @@ impl KeyManagementService for Service {
         &self,
         req: Request<UntagResourceRequest>,
     ) -> Result<Response<UntagResourceResponse>, Status> {
-        let call = self.call("UntagResource", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            self.kms
-                .untag_resource(caller, key_id_field("KeyId", &r.key_id)?, &r.tag_keys)?;
-            Ok(UntagResourceResponse {})
-        })
+        self.run(
+            Op::UntagResource,
+            req,
+            |_| None,
+            async |caller, r| {
+                self.kms
+                    .untag_resource(caller, key_id_field("KeyId", &r.key_id)?, &r.tag_keys)?;
+                Ok(UntagResourceResponse {})
+            },
+        )
         .await
     }
 
@@ -695,17 +750,19 @@ impl KeyManagementService for Service {
         &self,
         req: Request<CreateAliasRequest>,
     ) -> Result<Response<CreateAliasResponse>, Status> {
-        let call = self.call("CreateAlias", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            self.kms.create_alias(
-                caller,
-                &r.alias_name,
-                key_id_field("TargetKeyId", &r.target_key_id)?,
-            )?;
-            Ok(CreateAliasResponse {})
-        })
+        self.run(
+            Op::CreateAlias,
+            req,
+            |_| None,
+            async |caller, r| {
+                self.kms.create_alias(
+                    caller,
+                    &r.alias_name,
+                    key_id_field("TargetKeyId", &r.target_key_id)?,
+                )?;
+                Ok(CreateAliasResponse {})
+            },
+        )
         .await
     }
 
@@ -713,17 +770,19 @@ impl KeyManagementService for Service {
         &self,
         req: Request<UpdateAliasRequest>,
     ) -> Result<Response<UpdateAliasResponse>, Status> {
-        let call = self.call("UpdateAlias", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            self.kms.update_alias(
-                caller,
-                &r.alias_name,
-                key_id_field("TargetKeyId", &r.target_key_id)?,
-            )?;
-            Ok(UpdateAliasResponse {})
-        })
+        self.run(
+            Op::UpdateAlias,
+            req,
+            |_| None,
+            async |caller, r| {
+                self.kms.update_alias(
+                    caller,
+                    &r.alias_name,
+                    key_id_field("TargetKeyId", &r.target_key_id)?,
+                )?;
+                Ok(UpdateAliasResponse {})
+            },
+        )
         .await
     }
 
@@ -731,13 +790,15 @@ impl KeyManagementService for Service {
         &self,
         req: Request<DeleteAliasRequest>,
     ) -> Result<Response<DeleteAliasResponse>, Status> {
-        let call = self.call("DeleteAlias", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            self.kms.delete_alias(caller, &r.alias_name)?;
-            Ok(DeleteAliasResponse {})
-        })
+        self.run(
+            Op::DeleteAlias,
+            req,
+            |_| None,
+            async |caller, r| {
+                self.kms.delete_alias(caller, &r.alias_name)?;
+                Ok(DeleteAliasResponse {})
+            },
+        )
         .await
     }
 
@@ -745,22 +806,24 @@ impl KeyManagementService for Service {
         &self,
         req: Request<ListAliasesRequest>,
     ) -> Result<Response<ListAliasesResponse>, Status> {
-        let call = self.call("ListAliases", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            let page = self.kms.list_aliases(
-                caller,
-                opt_key_id("KeyId", &r.key_id)?,
-                r.limit,
-                marker_field(&r.marker)?,
-            )?;
-            Ok(ListAliasesResponse {
-                aliases: page.items.into_iter().map(alias_entry).collect(),
-                truncated: page.next_marker.is_some(),
-                next_marker: page.next_marker,
-            })
-        })
+        self.run(
+            Op::ListAliases,
+            req,
+            |_| None,
+            async |caller, r| {
+                let page = self.kms.list_aliases(
+                    caller,
+                    opt_key_id("KeyId", &r.key_id)?,
+                    r.limit,
+                    marker_field(&r.marker)?,
+                )?;
+                Ok(ListAliasesResponse {
+                    aliases: page.items.into_iter().map(alias_entry).collect(),
+                    truncated: page.next_marker.is_some(),
+                    next_marker: page.next_marker,
+                })
+            },
+        )
         .await
     }
 
@@ -768,32 +831,34 @@ impl KeyManagementService for Service {
         &self,
         req: Request<CreateGrantRequest>,
     ) -> Result<Response<CreateGrantResponse>, Status> {
-        let call = self.call("CreateGrant", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            check_grant_tokens(&r.grant_tokens)?;
-            let constraints = r.constraints.unwrap_or_default();
-            let nonempty =
-                |m: HashMap<String, String>| (!m.is_empty()).then(|| m.into_iter().collect());
-            let (grant_id, grant_token) = self.kms.create_grant(
-                caller,
-                CreateGrant {
-                    key_id: key_id_field("KeyId", &r.key_id)?.to_string(),
-                    grantee_principal: r.grantee_principal,
-                    retiring_principal: r.retiring_principal,
-                    operations: r.operations,
-                    context_subset: nonempty(constraints.encryption_context_subset),
-                    context_equals: nonempty(constraints.encryption_context_equals),
-                    name: r.name,
-                    dry_run: r.dry_run.unwrap_or(false),
-                },
-            )?;
-            Ok(CreateGrantResponse {
-                grant_token,
-                grant_id,
-            })
-        })
+        self.run(
+            Op::CreateGrant,
+            req,
+            |_| None,
+            async |caller, r| {
+                check_grant_tokens(&r.grant_tokens)?;
+                let constraints = r.constraints.unwrap_or_default();
+                let nonempty =
+                    |m: HashMap<String, String>| (!m.is_empty()).then(|| m.into_iter().collect());
+                let (grant_id, grant_token) = self.kms.create_grant(
+                    caller,
+                    CreateGrant {
+                        key_id: key_id_field("KeyId", &r.key_id)?.to_string(),
+                        grantee_principal: r.grantee_principal,
+                        retiring_principal: r.retiring_principal,
+                        operations: r.operations,
+                        context_subset: nonempty(constraints.encryption_context_subset),
+                        context_equals: nonempty(constraints.encryption_context_equals),
+                        name: r.name,
+                        dry_run: r.dry_run.unwrap_or(false),
+                    },
+                )?;
+                Ok(CreateGrantResponse {
+                    grant_token,
+                    grant_id,
+                })
+            },
+        )
         .await
     }
 
@@ -801,20 +866,22 @@ impl KeyManagementService for Service {
         &self,
         req: Request<ListGrantsRequest>,
     ) -> Result<Response<ListGrantsResponse>, Status> {
-        let call = self.call("ListGrants", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            let page = self.kms.list_grants(
-                caller,
-                key_id_field("KeyId", &r.key_id)?,
-                r.grant_id.as_deref(),
-                r.grantee_principal.as_deref(),
-                r.limit,
-                marker_field(&r.marker)?,
-            )?;
-            Ok(grant_page(page))
-        })
+        self.run(
+            Op::ListGrants,
+            req,
+            |_| None,
+            async |caller, r| {
+                let page = self.kms.list_grants(
+                    caller,
+                    key_id_field("KeyId", &r.key_id)?,
+                    r.grant_id.as_deref(),
+                    r.grantee_principal.as_deref(),
+                    r.limit,
+                    marker_field(&r.marker)?,
+                )?;
+                Ok(grant_page(page))
+            },
+        )
         .await
     }
 
@@ -822,18 +889,20 @@ impl KeyManagementService for Service {
         &self,
         req: Request<ListRetirableGrantsRequest>,
     ) -> Result<Response<ListGrantsResponse>, Status> {
-        let call = self.call("ListRetirableGrants", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            let page = self.kms.list_retirable_grants(
-                caller,
-                &r.retiring_principal,
-                r.limit,
-                marker_field(&r.marker)?,
-            )?;
-            Ok(grant_page(page))
-        })
+        self.run(
+            Op::ListRetirableGrants,
+            req,
+            |_| None,
+            async |caller, r| {
+                let page = self.kms.list_retirable_grants(
+                    caller,
+                    &r.retiring_principal,
+                    r.limit,
+                    marker_field(&r.marker)?,
+                )?;
+                Ok(grant_page(page))
+            },
+        )
         .await
     }
 
@@ -841,19 +910,21 @@ impl KeyManagementService for Service {
         &self,
         req: Request<RetireGrantRequest>,
     ) -> Result<Response<RetireGrantResponse>, Status> {
-        let call = self.call("RetireGrant", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            self.kms.retire_grant(
-                caller,
-                r.grant_token.as_deref(),
-                opt_key_id("KeyId", &r.key_id)?,
-                r.grant_id.as_deref(),
-                r.dry_run.unwrap_or(false),
-            )?;
-            Ok(RetireGrantResponse {})
-        })
+        self.run(
+            Op::RetireGrant,
+            req,
+            |_| None,
+            async |caller, r| {
+                self.kms.retire_grant(
+                    caller,
+                    r.grant_token.as_deref(),
+                    opt_key_id("KeyId", &r.key_id)?,
+                    r.grant_id.as_deref(),
+                    r.dry_run.unwrap_or(false),
+                )?;
+                Ok(RetireGrantResponse {})
+            },
+        )
         .await
     }
 
@@ -861,18 +932,20 @@ impl KeyManagementService for Service {
         &self,
         req: Request<RevokeGrantRequest>,
     ) -> Result<Response<RevokeGrantResponse>, Status> {
-        let call = self.call("RevokeGrant", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            self.kms.revoke_grant(
-                caller,
-                key_id_field("KeyId", &r.key_id)?,
-                &r.grant_id,
-                r.dry_run.unwrap_or(false),
-            )?;
-            Ok(RevokeGrantResponse {})
-        })
+        self.run(
+            Op::RevokeGrant,
+            req,
+            |_| None,
+            async |caller, r| {
+                self.kms.revoke_grant(
+                    caller,
+                    key_id_field("KeyId", &r.key_id)?,
+                    &r.grant_id,
+                    r.dry_run.unwrap_or(false),
+                )?;
+                Ok(RevokeGrantResponse {})
+            },
+        )
         .await
     }
 
@@ -880,19 +953,21 @@ impl KeyManagementService for Service {
         &self,
         req: Request<PutKeyPolicyRequest>,
     ) -> Result<Response<PutKeyPolicyResponse>, Status> {
-        let call = self.call("PutKeyPolicy", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            self.kms.put_key_policy(
-                caller,
-                key_id_field("KeyId", &r.key_id)?,
-                r.policy_name.as_deref(),
-                &r.policy,
-                r.bypass_policy_lockout_safety_check.unwrap_or(false),
-            )?;
-            Ok(PutKeyPolicyResponse {})
-        })
+        self.run(
+            Op::PutKeyPolicy,
+            req,
+            |_| None,
+            async |caller, r| {
+                self.kms.put_key_policy(
+                    caller,
+                    key_id_field("KeyId", &r.key_id)?,
+                    r.policy_name.as_deref(),
+                    &r.policy,
+                    r.bypass_policy_lockout_safety_check.unwrap_or(false),
+                )?;
+                Ok(PutKeyPolicyResponse {})
+            },
+        )
         .await
     }
 
@@ -900,20 +975,22 @@ impl KeyManagementService for Service {
         &self,
         req: Request<GetKeyPolicyRequest>,
     ) -> Result<Response<GetKeyPolicyResponse>, Status> {
-        let call = self.call("GetKeyPolicy", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            let policy = self.kms.get_key_policy(
-                caller,
-                key_id_field("KeyId", &r.key_id)?,
-                r.policy_name.as_deref(),
-            )?;
-            Ok(GetKeyPolicyResponse {
-                policy,
-                policy_name: "default".into(),
-            })
-        })
+        self.run(
+            Op::GetKeyPolicy,
+            req,
+            |_| None,
+            async |caller, r| {
+                let policy = self.kms.get_key_policy(
+                    caller,
+                    key_id_field("KeyId", &r.key_id)?,
+                    r.policy_name.as_deref(),
+                )?;
+                Ok(GetKeyPolicyResponse {
+                    policy,
+                    policy_name: "default".into(),
+                })
+            },
+        )
         .await
     }
 
@@ -921,22 +998,24 @@ impl KeyManagementService for Service {
         &self,
         req: Request<ListKeyPoliciesRequest>,
     ) -> Result<Response<ListKeyPoliciesResponse>, Status> {
-        let call = self.call("ListKeyPolicies", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            let page = self.kms.list_key_policies(
-                caller,
-                key_id_field("KeyId", &r.key_id)?,
-                r.limit,
-                marker_field(&r.marker)?,
-            )?;
-            Ok(ListKeyPoliciesResponse {
-                policy_names: page.items,
-                truncated: false,
-                next_marker: None,
-            })
-        })
+        self.run(
+            Op::ListKeyPolicies,
+            req,
+            |_| None,
+            async |caller, r| {
+                let page = self.kms.list_key_policies(
+                    caller,
+                    key_id_field("KeyId", &r.key_id)?,
+                    r.limit,
+                    marker_field(&r.marker)?,
+                )?;
+                Ok(ListKeyPoliciesResponse {
+                    policy_names: page.items,
+                    truncated: false,
+                    next_marker: None,
+                })
+            },
+        )
         .await
     }
 
@@ -944,29 +1023,30 @@ impl KeyManagementService for Service {
         &self,
         req: Request<EncryptRequest>,
     ) -> Result<Response<EncryptResponse>, Status> {
-        let call = self.call("Encrypt", &req);
-        let r = req.into_inner();
-        let audit_ctx = audited(&r.encryption_context);
-        self.finish(&call, audit_ctx, async {
-            let caller = call.who()?;
-            check_grant_tokens(&r.grant_tokens)?;
-            let out = self
-                .kms
-                .encrypt(
-                    caller,
-                    key_id_field("KeyId", &r.key_id)?,
-                    plaintext_field(r.plaintext)?,
-                    &context("EncryptionContext", r.encryption_context)?,
-                    r.encryption_algorithm.as_deref(),
-                    r.dry_run.unwrap_or(false),
-                )
-                .await?;
-            Ok(EncryptResponse {
-                ciphertext_blob: out.ciphertext_blob,
-                key_id: out.key_arn,
-                encryption_algorithm: SYMMETRIC_DEFAULT.into(),
-            })
-        })
+        self.run(
+            Op::Encrypt,
+            req,
+            |r| audited(&r.encryption_context),
+            async |caller, r| {
+                check_grant_tokens(&r.grant_tokens)?;
+                let out = self
+                    .kms
+                    .encrypt(
+                        caller,
+                        key_id_field("KeyId", &r.key_id)?,
+                        plaintext_field(r.plaintext)?,
+                        &context("EncryptionContext", r.encryption_context)?,
+                        r.encryption_algorithm.as_deref(),
+                        r.dry_run.unwrap_or(false),
+                    )
+                    .await?;
+                Ok(EncryptResponse {
+                    ciphertext_blob: out.ciphertext_blob,
+                    key_id: out.key_arn,
+                    encryption_algorithm: SYMMETRIC_DEFAULT.into(),
+                })
+            },
+        )
         .await
     }
 
@@ -974,29 +1054,30 @@ impl KeyManagementService for Service {
         &self,
         req: Request<DecryptRequest>,
     ) -> Result<Response<DecryptResponse>, Status> {
-        let call = self.call("Decrypt", &req);
-        let r = req.into_inner();
-        let audit_ctx = audited(&r.encryption_context);
-        self.finish(&call, audit_ctx, async {
-            let caller = call.who()?;
-            check_grant_tokens(&r.grant_tokens)?;
-            let out = self
-                .kms
-                .decrypt(
-                    caller,
-                    ciphertext_field(&r.ciphertext_blob)?,
-                    &context("EncryptionContext", r.encryption_context)?,
-                    opt_key_id("KeyId", &r.key_id)?,
-                    r.encryption_algorithm.as_deref(),
-                    r.dry_run.unwrap_or(false),
-                )
-                .await?;
-            Ok(DecryptResponse {
-                key_id: out.key_arn,
-                plaintext: out.plaintext.0.to_vec(),
-                encryption_algorithm: SYMMETRIC_DEFAULT.into(),
-            })
-        })
+        self.run(
+            Op::Decrypt,
+            req,
+            |r| audited(&r.encryption_context),
+            async |caller, r| {
+                check_grant_tokens(&r.grant_tokens)?;
+                let out = self
+                    .kms
+                    .decrypt(
+                        caller,
+                        ciphertext_field(&r.ciphertext_blob)?,
+                        &context("EncryptionContext", r.encryption_context)?,
+                        opt_key_id("KeyId", &r.key_id)?,
+                        r.encryption_algorithm.as_deref(),
+                        r.dry_run.unwrap_or(false),
+                    )
+                    .await?;
+                Ok(DecryptResponse {
+                    key_id: out.key_arn,
+                    plaintext: out.plaintext.0.to_vec(),
+                    encryption_algorithm: SYMMETRIC_DEFAULT.into(),
+                })
+            },
+        )
         .await
     }
 
@@ -1004,37 +1085,38 @@ impl KeyManagementService for Service {
         &self,
         req: Request<ReEncryptRequest>,
     ) -> Result<Response<ReEncryptResponse>, Status> {
-        let call = self.call("ReEncrypt", &req);
-        let r = req.into_inner();
-        let audit_ctx = audited(&r.destination_encryption_context);
-        self.finish(&call, audit_ctx, async {
-            let caller = call.who()?;
-            check_grant_tokens(&r.grant_tokens)?;
-            let out = self
-                .kms
-                .re_encrypt(
-                    caller,
-                    ciphertext_field(&r.ciphertext_blob)?,
-                    &context("SourceEncryptionContext", r.source_encryption_context)?,
-                    opt_key_id("SourceKeyId", &r.source_key_id)?,
-                    key_id_field("DestinationKeyId", &r.destination_key_id)?,
-                    &context(
-                        "DestinationEncryptionContext",
-                        r.destination_encryption_context,
-                    )?,
-                    r.source_encryption_algorithm.as_deref(),
-                    r.destination_encryption_algorithm.as_deref(),
-                    r.dry_run.unwrap_or(false),
-                )
-                .await?;
-            Ok(ReEncryptResponse {
-                ciphertext_blob: out.ciphertext_blob,
-                source_key_id: out.source_key_arn,
-                key_id: out.key_arn,
-                source_encryption_algorithm: SYMMETRIC_DEFAULT.into(),
-                destination_encryption_algorithm: SYMMETRIC_DEFAULT.into(),
-            })
-        })
+        self.run(
+            Op::ReEncrypt,
+            req,
+            |r| audited(&r.destination_encryption_context),
+            async |caller, r| {
+                check_grant_tokens(&r.grant_tokens)?;
+                let out = self
+                    .kms
+                    .re_encrypt(
+                        caller,
+                        ciphertext_field(&r.ciphertext_blob)?,
+                        &context("SourceEncryptionContext", r.source_encryption_context)?,
+                        opt_key_id("SourceKeyId", &r.source_key_id)?,
+                        key_id_field("DestinationKeyId", &r.destination_key_id)?,
+                        &context(
+                            "DestinationEncryptionContext",
+                            r.destination_encryption_context,
+                        )?,
+                        r.source_encryption_algorithm.as_deref(),
+                        r.destination_encryption_algorithm.as_deref(),
+                        r.dry_run.unwrap_or(false),
+                    )
+                    .await?;
+                Ok(ReEncryptResponse {
+                    ciphertext_blob: out.ciphertext_blob,
+                    source_key_id: out.source_key_arn,
+                    key_id: out.key_arn,
+                    source_encryption_algorithm: SYMMETRIC_DEFAULT.into(),
+                    destination_encryption_algorithm: SYMMETRIC_DEFAULT.into(),
+                })
+            },
+        )
         .await
     }
 
@@ -1042,31 +1124,32 @@ impl KeyManagementService for Service {
         &self,
         req: Request<GenerateDataKeyRequest>,
     ) -> Result<Response<GenerateDataKeyResponse>, Status> {
-        let call = self.call("GenerateDataKey", &req);
-        let r = req.into_inner();
-        let audit_ctx = audited(&r.encryption_context);
-        self.finish(&call, audit_ctx, async {
-            let caller = call.who()?;
-            check_grant_tokens(&r.grant_tokens)?;
-            let key_id = key_id_field("KeyId", &r.key_id)?;
-            let len = data_key_len(r.key_spec.as_deref(), r.number_of_bytes)?;
-            let out = self
-                .kms
-                .generate_data_key(
-                    caller,
-                    "kms:GenerateDataKey",
-                    key_id,
-                    &context("EncryptionContext", r.encryption_context)?,
-                    len,
-                    r.dry_run.unwrap_or(false),
-                )
-                .await?;
-            Ok(GenerateDataKeyResponse {
-                ciphertext_blob: out.ciphertext_blob,
-                plaintext: out.plaintext.0.to_vec(),
-                key_id: out.key_arn,
-            })
-        })
+        self.run(
+            Op::GenerateDataKey,
+            req,
+            |r| audited(&r.encryption_context),
+            async |caller, r| {
+                check_grant_tokens(&r.grant_tokens)?;
+                let key_id = key_id_field("KeyId", &r.key_id)?;
+                let len = data_key_len(r.key_spec.as_deref(), r.number_of_bytes)?;
+                let out = self
+                    .kms
+                    .generate_data_key(
+                        caller,
+                        Op::GenerateDataKey.action(),
+                        key_id,
+                        &context("EncryptionContext", r.encryption_context)?,
+                        len,
+                        r.dry_run.unwrap_or(false),
+                    )
+                    .await?;
+                Ok(GenerateDataKeyResponse {
+                    ciphertext_blob: out.ciphertext_blob,
+                    plaintext: out.plaintext.0.to_vec(),
+                    key_id: out.key_arn,
+                })
+            },
+        )
         .await
     }
 
@@ -1074,30 +1157,31 @@ impl KeyManagementService for Service {
         &self,
         req: Request<GenerateDataKeyWithoutPlaintextRequest>,
     ) -> Result<Response<GenerateDataKeyWithoutPlaintextResponse>, Status> {
-        let call = self.call("GenerateDataKeyWithoutPlaintext", &req);
-        let r = req.into_inner();
-        let audit_ctx = audited(&r.encryption_context);
-        self.finish(&call, audit_ctx, async {
-            let caller = call.who()?;
-            check_grant_tokens(&r.grant_tokens)?;
-            let key_id = key_id_field("KeyId", &r.key_id)?;
-            let len = data_key_len(r.key_spec.as_deref(), r.number_of_bytes)?;
-            let out = self
-                .kms
-                .generate_data_key(
-                    caller,
-                    "kms:GenerateDataKeyWithoutPlaintext",
-                    key_id,
-                    &context("EncryptionContext", r.encryption_context)?,
-                    len,
-                    r.dry_run.unwrap_or(false),
-                )
-                .await?;
-            Ok(GenerateDataKeyWithoutPlaintextResponse {
-                ciphertext_blob: out.ciphertext_blob,
-                key_id: out.key_arn,
-            })
-        })
+        self.run(
+            Op::GenerateDataKeyWithoutPlaintext,
+            req,
+            |r| audited(&r.encryption_context),
+            async |caller, r| {
+                check_grant_tokens(&r.grant_tokens)?;
+                let key_id = key_id_field("KeyId", &r.key_id)?;
+                let len = data_key_len(r.key_spec.as_deref(), r.number_of_bytes)?;
+                let out = self
+                    .kms
+                    .generate_data_key(
+                        caller,
+                        Op::GenerateDataKeyWithoutPlaintext.action(),
+                        key_id,
+                        &context("EncryptionContext", r.encryption_context)?,
+                        len,
+                        r.dry_run.unwrap_or(false),
+                    )
+                    .await?;
+                Ok(GenerateDataKeyWithoutPlaintextResponse {
+                    ciphertext_blob: out.ciphertext_blob,
+                    key_id: out.key_arn,
+                })
+            },
+        )
         .await
     }
 
@@ -1105,21 +1189,23 @@ impl KeyManagementService for Service {
         &self,
         req: Request<GenerateRandomRequest>,
     ) -> Result<Response<GenerateRandomResponse>, Status> {
-        let call = self.call("GenerateRandom", &req);
-        let r = req.into_inner();
-        self.finish(&call, None, async {
-            let caller = call.who()?;
-            if let Some(id) = &r.custom_key_store_id {
-                store_id_field("CustomKeyStoreId", id)?;
-            }
-            let bytes = self
-                .kms
-                .generate_random(caller, r.number_of_bytes, r.custom_key_store_id.as_deref())
-                .await?;
-            Ok(GenerateRandomResponse {
-                plaintext: bytes.0.to_vec(),
-            })
-        })
+        self.run(
+            Op::GenerateRandom,
+            req,
+            |_| None,
+            async |caller, r| {
+                if let Some(id) = &r.custom_key_store_id {
+                    store_id_field("CustomKeyStoreId", id)?;
+                }
+                let bytes = self
+                    .kms
+                    .generate_random(caller, r.number_of_bytes, r.custom_key_store_id.as_deref())
+                    .await?;
+                Ok(GenerateRandomResponse {
+                    plaintext: bytes.0.to_vec(),
+                })
+            },
+        )
         .await
     }
 }

@@ -900,7 +900,7 @@ impl super::Kms {
     ) -> KmsResult<()> {
         // A grant for CreateGrant has rules of its own (see grants.rs).
         self.authorize_key_or(caller, action, key, facts, || {
-            action != "kms:CreateGrant" && self.granted(caller, key, action, ctx)
+            action != super::op::Op::CreateGrant.action() && self.granted(caller, key, action, ctx)
         })
     }
 
@@ -983,7 +983,7 @@ impl super::Kms {
             &policy,
             &self.identities(),
             &caller.principal,
-            "kms:PutKeyPolicy",
+            super::op::Op::PutKeyPolicy.action(),
             &arn,
             &facts,
             || false,

@@ -7,6 +7,7 @@ use super::access::{Caller, Facts};
 use super::crypto::NO_CONTEXT;
 use super::error::{ErrorKind, KmsError, KmsResult};
 use super::keystores::Page;
+use super::op::Op;
 use super::{decode_marker, encode_marker, page_limit, Kms};
 use crate::store::{AliasRecord, Refused};
 
@@ -123,7 +124,7 @@ impl Kms {
     pub fn create_alias(&self, caller: &Caller, name: &str, target: &str) -> KmsResult<()> {
         check_alias_name(name)?;
         let key = self.key_record(caller, target)?.id;
-        self.authorize_alias(caller, "kms:CreateAlias", name, &[key])?;
+        self.authorize_alias(caller, Op::CreateAlias.action(), name, &[key])?;
         self.store
             .create_alias(name, &key, self.now(), MAX_ALIASES_PER_KEY)?
             .map_err(|r| self.alias_refused(name, &key, r))?;
@@ -135,7 +136,7 @@ impl Kms {
         check_alias_name(name)?;
         let key = self.key_record(caller, target)?.id;
         let current = self.alias_target(name)?;
-        self.authorize_alias(caller, "kms:UpdateAlias", name, &[current, key])?;
+        self.authorize_alias(caller, Op::UpdateAlias.action(), name, &[current, key])?;
         self.store
             .update_alias(name, &key, self.now(), MAX_ALIASES_PER_KEY)?
             .map_err(|r| self.alias_refused(name, &key, r))?;
@@ -146,7 +147,7 @@ impl Kms {
     pub fn delete_alias(&self, caller: &Caller, name: &str) -> KmsResult<()> {
         check_alias_name(name)?;
         let current = self.alias_target(name)?;
-        self.authorize_alias(caller, "kms:DeleteAlias", name, &[current])?;
+        self.authorize_alias(caller, Op::DeleteAlias.action(), name, &[current])?;
         self.store
             .delete_alias(name)?
             .map_err(|r| self.alias_refused(name, &Uuid::nil(), r))?;
@@ -164,7 +165,7 @@ impl Kms {
         let limit = page_limit(limit, 100, 50)?;
         self.authorize_account(
             caller,
-            "kms:ListAliases",
+            Op::ListAliases.action(),
             None,
             &Facts::of(&caller.principal),
         )?;

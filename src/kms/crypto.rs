@@ -11,6 +11,7 @@ use super::ciphertext;
 use super::conn_state::CONNECTED;
 use super::error::{ErrorKind, KmsError, KmsResult};
 use super::keys::{Auth, UsableKey};
+use super::op::Op;
 use super::Kms;
 use crate::config::GcmIvMode;
 use crate::hsm::{HsmError, IV_LEN};
@@ -250,7 +251,7 @@ impl Kms {
             key_ref,
             Auth {
                 caller,
-                action: "kms:Encrypt",
+                action: Op::Encrypt.action(),
                 ctx,
                 key_ref: None,
             },
@@ -281,7 +282,7 @@ impl Kms {
             &blob,
             Auth {
                 caller,
-                action: "kms:Decrypt",
+                action: Op::Decrypt.action(),
                 ctx,
                 key_ref,
             },
@@ -317,7 +318,7 @@ impl Kms {
             &blob,
             Auth {
                 caller,
-                action: "kms:ReEncryptFrom",
+                action: Op::ReEncrypt.actions()[0], // kms:ReEncryptFrom, on the source key
                 ctx: source_ctx,
                 key_ref: source_key_ref,
             },
@@ -326,7 +327,7 @@ impl Kms {
             destination_key_ref,
             Auth {
                 caller,
-                action: "kms:ReEncryptTo",
+                action: Op::ReEncrypt.actions()[1], // kms:ReEncryptTo, on the destination key
                 ctx: destination_ctx,
                 key_ref: None,
             },
@@ -391,7 +392,7 @@ impl Kms {
             number_of_bytes.ok_or_else(|| KmsError::validation("NumberOfBytes is required"))?,
         )?;
         let facts = Facts::of(&caller.principal);
-        self.authorize_account(caller, "kms:GenerateRandom", store_id, &facts)?;
+        self.authorize_account(caller, Op::GenerateRandom.action(), store_id, &facts)?;
         let Some(store_id) = store_id else {
             let mut buf = Zeroizing::new(vec![0u8; n]);
             getrandom::fill(&mut buf).map_err(KmsError::internal)?;

@@ -13,21 +13,9 @@ use super::access::{Caller, Facts, Principal};
 use super::crypto::{Context, NO_CONTEXT};
 use super::error::{ErrorKind, KmsError, KmsResult};
 use super::keystores::Page;
+use super::op::Op;
 use super::{decode_marker, encode_marker, page_limit, Kms};
 use crate::store::GrantRecord;
-
-/// The grant operations of symmetric encryption keys: the ones a grant here may hold.
-const SYMMETRIC_OPERATIONS: &[&str] = &[
-    "Decrypt",
-    "Encrypt",
-    "GenerateDataKey",
-    "GenerateDataKeyWithoutPlaintext",
-    "ReEncryptFrom",
-    "ReEncryptTo",
-    "CreateGrant",
-    "RetireGrant",
-    "DescribeKey",
-];
 
 /// The other grant operations AWS defines (asymmetric and HMAC keys): ValidationException
 /// for a symmetric key, as AWS answers.
@@ -230,10 +218,10 @@ impl Kms {
                     "Operation {o} is not valid for a symmetric encryption KMS key"
                 )));
             }
-            if !SYMMETRIC_OPERATIONS.contains(&o.as_str()) {
+            if !super::op::grant_operations().any(|g| g == o) {
                 return Err(KmsError::validation(format!(
                     "Operation '{o}' is not one of {}, {}",
-                    SYMMETRIC_OPERATIONS.join(", "),
+                    super::op::grant_operations().collect::<Vec<_>>().join(", "),
                     OTHER_OPERATIONS.join(", ")
                 )));
             }
@@ -283,7 +271,7 @@ impl Kms {
                 "kms:GranteePrincipal",
                 vec![record.grantee_principal.clone()],
             );
-        self.authorize_key_or(caller, "kms:CreateGrant", &key, &facts, || {
+        self.authorize_key_or(caller, Op::CreateGrant.action(), &key, &facts, || {
             self.grant_allows_child(caller, &key.id, &record)
         })?;
         if req.dry_run {
@@ -316,7 +304,7 @@ impl Kms {
         let after = marker.map(decode_marker).transpose()?;
         let key = self.key_record(caller, key_ref)?;
         let facts = self.facts(caller, &NO_CONTEXT, None);
-        self.authorize_key(caller, "kms:ListGrants", &key, &NO_CONTEXT, &facts)?;
+        self.authorize_key(caller, Op::ListGrants.action(), &key, &NO_CONTEXT, &facts)?;
         let grants = self.store.key_grants(&key.id)?;
         let matching = grants.iter().filter(|g| {
             grant_id.is_none_or(|id| g.grant_id == id)
@@ -356,7 +344,7 @@ impl Kms {
         check_principal_id("RetiringPrincipal", retiring_principal)?;
         let after = marker.map(decode_marker).transpose()?;
         let facts = Facts::of(&caller.principal);
-        self.authorize_account(caller, "kms:ListRetirableGrants", None, &facts)?;
+        self.authorize_account(caller, Op::ListRetirableGrants.action(), None, &facts)?;
         let rows = self
             .store
             .retirable_grants(retiring_principal, after.as_deref(), limit + 1)?;
@@ -413,7 +401,8 @@ impl Kms {
         caller.note(super::access::Resource::Key(grant.key_id));
         let me = &caller.principal;
         let facts = Facts::of(me);
-        let (id_deny, id_allow) = self.identities_of(me, "kms:RetireGrant", &key_arn, &facts);
+        let (id_deny, id_allow) =
+            self.identities_of(me, Op::RetireGrant.action(), &key_arn, &facts);
         let named = grant.retiring_principal.as_deref() == Some(me.arn.as_str())
             || (grant.grantee_principal == me.arn
                 && grant.operations.iter().any(|o| o == "RetireGrant"));
@@ -423,7 +412,7 @@ impl Kms {
         if id_deny || !(named || issuer) {
             return Err(super::access::denied(
                 me,
-                "kms:RetireGrant",
+                Op::RetireGrant.action(),
                 &key_arn,
                 if id_deny {
                     super::access::Decision::ExplicitDeny("an identity-based policy")
@@ -450,7 +439,7 @@ impl Kms {
         check_grant_id(grant_id)?;
         let key = self.key_record(caller, key_ref)?;
         let facts = self.facts(caller, &NO_CONTEXT, None);
-        self.authorize_key(caller, "kms:RevokeGrant", &key, &NO_CONTEXT, &facts)?;
+        self.authorize_key(caller, Op::RevokeGrant.action(), &key, &NO_CONTEXT, &facts)?;
         let key_arn = self.scope.key_arn(&key.id);
         if !self
             .store

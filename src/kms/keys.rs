@@ -10,6 +10,7 @@ use super::crypto::{Context, NO_CONTEXT};
 use super::error::{ErrorKind, KmsError, KmsResult};
 use super::ids::KeyRef;
 use super::keystores::Page;
+use super::op::Op;
 use super::policy;
 use super::{decode_marker, encode_marker, page_limit, Kms};
 use crate::config::GcmIvMode;
@@ -185,7 +186,7 @@ impl Kms {
     pub async fn create_key(&self, caller: &Caller, req: CreateKey) -> KmsResult<KeyView> {
         let bypass = req.bypass_policy_lockout_safety_check;
         let facts = Facts::of(&caller.principal).flag("kms:BypassPolicyLockoutSafetyCheck", bypass);
-        self.authorize_account(caller, "kms:CreateKey", None, &facts)?;
+        self.authorize_account(caller, Op::CreateKey.action(), None, &facts)?;
         if let Some(d) = &req.description {
             if d.chars().count() > 8192 {
                 return Err(KmsError::validation(
@@ -462,7 +463,7 @@ impl Kms {
     pub fn describe_key(&self, caller: &Caller, key_ref: &str) -> KmsResult<KeyView> {
         let key = self.key_by_id(&self.resolve(caller, key_ref)?)?;
         let facts = self.facts(caller, &NO_CONTEXT, Some(key_ref));
-        self.authorize_key(caller, "kms:DescribeKey", &key, &NO_CONTEXT, &facts)?;
+        self.authorize_key(caller, Op::DescribeKey.action(), &key, &NO_CONTEXT, &facts)?;
         let store = self.store_of(&key)?;
         Ok(self.view(key, &store))
     }
@@ -487,7 +488,12 @@ impl Kms {
         marker: Option<&str>,
     ) -> KmsResult<Page<(Uuid, String)>> {
         let limit = page_limit(limit, 1000, 100)?;
-        self.authorize_account(caller, "kms:ListKeys", None, &Facts::of(&caller.principal))?;
+        self.authorize_account(
+            caller,
+            Op::ListKeys.action(),
+            None,
+            &Facts::of(&caller.principal),
+        )?;
         let after = match marker {
             Some(m) => Some(Uuid::try_parse(&decode_marker(m)?).map_err(|_| {
                 KmsError::new(
@@ -521,7 +527,7 @@ impl Kms {
         marker: Option<&str>,
     ) -> KmsResult<Page<(String, String)>> {
         let limit = page_limit(limit, 50, 50)?;
-        let key = self.authorized_record(caller, "kms:ListResourceTags", key_ref)?;
+        let key = self.authorized_record(caller, Op::ListResourceTags.action(), key_ref)?;
         let after = marker.map(decode_marker).transpose()?;
         let mut rows = self.store.list_tags(&key.id, after.as_deref(), limit + 1)?;
         let next_marker = if rows.len() > limit {
@@ -540,9 +546,9 @@ impl Kms {
     /// shows once the store reconnects (the key reads Unavailable meanwhile), as in AWS.
     pub fn set_key_enabled(&self, caller: &Caller, key_ref: &str, enabled: bool) -> KmsResult<()> {
         let action = if enabled {
-            "kms:EnableKey"
+            Op::EnableKey.action()
         } else {
-            "kms:DisableKey"
+            Op::DisableKey.action()
         };
         let key = self.authorized_record(caller, action, key_ref)?;
         let to = if enabled {
@@ -568,7 +574,7 @@ impl Kms {
                 "Description is longer than 8192 characters",
             ));
         }
-        let key = self.authorized_record(caller, "kms:UpdateKeyDescription", key_ref)?;
+        let key = self.authorized_record(caller, Op::UpdateKeyDescription.action(), key_ref)?;
         self.store
             .set_description(&key.id, description)?
             .map_err(|r| self.refused(&key.id, r))
@@ -587,7 +593,7 @@ impl Kms {
                 "PendingWindowInDays must be between 7 and 30, got {days}"
             )));
         }
-        let key = self.authorized_record(caller, "kms:ScheduleKeyDeletion", key_ref)?;
+        let key = self.authorized_record(caller, Op::ScheduleKeyDeletion.action(), key_ref)?;
         let date = self.now() + i64::from(days) * 86_400_000;
         self.store
             .schedule_deletion(&key.id, date, days)?
@@ -600,7 +606,7 @@ impl Kms {
 
     /// Cancels a scheduled deletion; the key comes back Disabled.
     pub fn cancel_key_deletion(&self, caller: &Caller, key_ref: &str) -> KmsResult<Uuid> {
-        let key = self.authorized_record(caller, "kms:CancelKeyDeletion", key_ref)?;
+        let key = self.authorized_record(caller, Op::CancelKeyDeletion.action(), key_ref)?;
         self.store
             .cancel_deletion(&key.id)?
             .map_err(|r| self.refused(&key.id, r))?;
@@ -618,7 +624,7 @@ impl Kms {
             return Err(KmsError::validation("Tags must not be empty"));
         }
         check_tags(tags)?;
-        let key = self.authorized_record(caller, "kms:TagResource", key_ref)?;
+        let key = self.authorized_record(caller, Op::TagResource.action(), key_ref)?;
         self.store
             .tag_key(&key.id, tags, 50)?
             .map_err(|r| self.refused(&key.id, r))
@@ -641,7 +647,7 @@ impl Kms {
                 "Tag keys must be 1 to 128 characters long: '{k}'"
             )));
         }
-        let key = self.authorized_record(caller, "kms:UntagResource", key_ref)?;
+        let key = self.authorized_record(caller, Op::UntagResource.action(), key_ref)?;
         self.store
             .untag_key(&key.id, tag_keys)?
             .map_err(|r| self.refused(&key.id, r))
@@ -661,7 +667,7 @@ impl Kms {
         let facts = self
             .facts(caller, &NO_CONTEXT, None)
             .flag("kms:BypassPolicyLockoutSafetyCheck", bypass_lockout_check);
-        self.authorize_key(caller, "kms:PutKeyPolicy", &key, &NO_CONTEXT, &facts)?;
+        self.authorize_key(caller, Op::PutKeyPolicy.action(), &key, &NO_CONTEXT, &facts)?;
         if !bypass_lockout_check {
             self.check_lockout(caller, &key.id, doc)?;
         }
@@ -679,7 +685,7 @@ impl Kms {
         name: Option<&str>,
     ) -> KmsResult<String> {
         policy::check_policy_name(name)?;
-        let key = self.authorized_record(caller, "kms:GetKeyPolicy", key_ref)?;
+        let key = self.authorized_record(caller, Op::GetKeyPolicy.action(), key_ref)?;
         Ok(key.policy.unwrap_or_else(|| {
             policy::default_policy(&self.scope.partition, &self.scope.account_id)
         }))
@@ -700,7 +706,7 @@ impl Kms {
                 "The marker is not one this service issued",
             ));
         }
-        self.authorized_record(caller, "kms:ListKeyPolicies", key_ref)?;
+        self.authorized_record(caller, Op::ListKeyPolicies.action(), key_ref)?;
         Ok(Page {
             items: vec![policy::DEFAULT_POLICY_NAME.to_string()],
             next_marker: None,

@@ -13,6 +13,7 @@ use super::access::Caller;
 use super::conn_state::*;
 use super::error::{ErrorKind, KmsError, KmsResult};
 use super::ids::{is_cluster_id, is_store_id, new_store_id};
+use super::op::Op;
 use super::{decode_marker, encode_marker, page_limit, pem_der, Cluster, Kms};
 use crate::config::PinFormat;
 use crate::hsm::{Connection, LoginFailure, Options};
@@ -141,7 +142,7 @@ impl Kms {
     pub fn create_custom_key_store(&self, caller: &Caller, req: CreateStore) -> KmsResult<String> {
         self.authorize_account(
             caller,
-            "kms:CreateCustomKeyStore",
+            Op::CreateCustomKeyStore.action(),
             None,
             &super::access::Facts::of(&caller.principal),
         )?;
@@ -215,7 +216,7 @@ impl Kms {
     ) -> KmsResult<Page<StoreView>> {
         self.authorize_account(
             caller,
-            "kms:DescribeCustomKeyStores",
+            Op::DescribeCustomKeyStores.action(),
             id,
             &super::access::Facts::of(&caller.principal),
         )?;
@@ -265,7 +266,7 @@ impl Kms {
     ) -> KmsResult<()> {
         self.authorize_account(
             caller,
-            "kms:UpdateCustomKeyStore",
+            Op::UpdateCustomKeyStore.action(),
             Some(&req.id),
             &super::access::Facts::of(&caller.principal),
         )?;
@@ -329,7 +330,7 @@ impl Kms {
     pub async fn delete_custom_key_store(&self, caller: &Caller, id: &str) -> KmsResult<()> {
         self.authorize_account(
             caller,
-            "kms:DeleteCustomKeyStore",
+            Op::DeleteCustomKeyStore.action(),
             Some(id),
             &super::access::Facts::of(&caller.principal),
         )?;
@@ -355,7 +356,7 @@ impl Kms {
     ) -> KmsResult<()> {
         self.authorize_account(
             caller,
-            "kms:ConnectCustomKeyStore",
+            Op::ConnectCustomKeyStore.action(),
             Some(id),
             &super::access::Facts::of(&caller.principal),
         )?;
@@ -621,7 +622,7 @@ impl Kms {
     pub async fn disconnect_custom_key_store(&self, caller: &Caller, id: &str) -> KmsResult<()> {
         self.authorize_account(
             caller,
-            "kms:DisconnectCustomKeyStore",
+            Op::DisconnectCustomKeyStore.action(),
             Some(id),
             &super::access::Facts::of(&caller.principal),
         )?;

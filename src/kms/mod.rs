@@ -13,6 +13,7 @@ pub mod grants;
 pub mod ids;
 pub mod keys;
 pub mod keystores;
+pub mod op;
 pub mod policy;
 pub mod sealing;
 pub mod throttle;

@@ -1,0 +1,345 @@
+//! The KMS operations: one value per operation, and what each one is. An operation's name is
+//! written here once; its IAM action, whether a grant can allow it, whether it is
+//! cryptographic (the quota and the key-state table's column) and what the audit trail
+//! records of it all follow from exhaustive matches, so a new operation cannot be added
+//! without deciding each.
+
+/// A KMS operation, named as AWS names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Op {
+    CreateCustomKeyStore,
+    DescribeCustomKeyStores,
+    UpdateCustomKeyStore,
+    DeleteCustomKeyStore,
+    ConnectCustomKeyStore,
+    DisconnectCustomKeyStore,
+    CreateKey,
+    DescribeKey,
+    ListKeys,
+    ListResourceTags,
+    EnableKey,
+    DisableKey,
+    UpdateKeyDescription,
+    ScheduleKeyDeletion,
+    CancelKeyDeletion,
+    TagResource,
+    UntagResource,
+    CreateAlias,
+    UpdateAlias,
+    DeleteAlias,
+    ListAliases,
+    CreateGrant,
+    ListGrants,
+    ListRetirableGrants,
+    RetireGrant,
+    RevokeGrant,
+    PutKeyPolicy,
+    GetKeyPolicy,
+    ListKeyPolicies,
+    Encrypt,
+    Decrypt,
+    ReEncrypt,
+    GenerateDataKey,
+    GenerateDataKeyWithoutPlaintext,
+    GenerateRandom,
+}
+
+/// What the audit line of an operation records besides who, what and the outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recorded {
+    /// The request's encryption context (the destination's, for ReEncrypt).
+    EncryptionContext,
+    /// Nothing more: the resources the operation touched are noted as it runs.
+    Resources,
+}
+
+impl Op {
+    /// Every operation, in the order of the API.
+    pub const ALL: [Op; 35] = [
+        Op::CreateCustomKeyStore,
+        Op::DescribeCustomKeyStores,
+        Op::UpdateCustomKeyStore,
+        Op::DeleteCustomKeyStore,
+        Op::ConnectCustomKeyStore,
+        Op::DisconnectCustomKeyStore,
+        Op::CreateKey,
+        Op::DescribeKey,
+        Op::ListKeys,
+        Op::ListResourceTags,
+        Op::EnableKey,
+        Op::DisableKey,
+        Op::UpdateKeyDescription,
+        Op::ScheduleKeyDeletion,
+        Op::CancelKeyDeletion,
+        Op::TagResource,
+        Op::UntagResource,
+        Op::CreateAlias,
+        Op::UpdateAlias,
+        Op::DeleteAlias,
+        Op::ListAliases,
+        Op::CreateGrant,
+        Op::ListGrants,
+        Op::ListRetirableGrants,
+        Op::RetireGrant,
+        Op::RevokeGrant,
+        Op::PutKeyPolicy,
+        Op::GetKeyPolicy,
+        Op::ListKeyPolicies,
+        Op::Encrypt,
+        Op::Decrypt,
+        Op::ReEncrypt,
+        Op::GenerateDataKey,
+        Op::GenerateDataKeyWithoutPlaintext,
+        Op::GenerateRandom,
+    ];
+
+    /// The AWS operation name (also the gRPC method name).
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::CreateCustomKeyStore => "CreateCustomKeyStore",
+            Op::DescribeCustomKeyStores => "DescribeCustomKeyStores",
+            Op::UpdateCustomKeyStore => "UpdateCustomKeyStore",
+            Op::DeleteCustomKeyStore => "DeleteCustomKeyStore",
+            Op::ConnectCustomKeyStore => "ConnectCustomKeyStore",
+            Op::DisconnectCustomKeyStore => "DisconnectCustomKeyStore",
+            Op::CreateKey => "CreateKey",
+            Op::DescribeKey => "DescribeKey",
+            Op::ListKeys => "ListKeys",
+            Op::ListResourceTags => "ListResourceTags",
+            Op::EnableKey => "EnableKey",
+            Op::DisableKey => "DisableKey",
+            Op::UpdateKeyDescription => "UpdateKeyDescription",
+            Op::ScheduleKeyDeletion => "ScheduleKeyDeletion",
+            Op::CancelKeyDeletion => "CancelKeyDeletion",
+            Op::TagResource => "TagResource",
+            Op::UntagResource => "UntagResource",
+            Op::CreateAlias => "CreateAlias",
+            Op::UpdateAlias => "UpdateAlias",
+            Op::DeleteAlias => "DeleteAlias",
+            Op::ListAliases => "ListAliases",
+            Op::CreateGrant => "CreateGrant",
+            Op::ListGrants => "ListGrants",
+            Op::ListRetirableGrants => "ListRetirableGrants",
+            Op::RetireGrant => "RetireGrant",
+            Op::RevokeGrant => "RevokeGrant",
+            Op::PutKeyPolicy => "PutKeyPolicy",
+            Op::GetKeyPolicy => "GetKeyPolicy",
+            Op::ListKeyPolicies => "ListKeyPolicies",
+            Op::Encrypt => "Encrypt",
+            Op::Decrypt => "Decrypt",
+            Op::ReEncrypt => "ReEncrypt",
+            Op::GenerateDataKey => "GenerateDataKey",
+            Op::GenerateDataKeyWithoutPlaintext => "GenerateDataKeyWithoutPlaintext",
+            Op::GenerateRandom => "GenerateRandom",
+        }
+    }
+
+    /// The operation of an AWS name.
+    pub fn parse(name: &str) -> Option<Op> {
+        Op::ALL.into_iter().find(|op| op.name() == name)
+    }
+
+    /// The IAM actions the caller needs: `kms:<Name>`, but ReEncrypt needs ReEncryptFrom on
+    /// the source key and ReEncryptTo on the destination key (AWS's rule).
+    pub fn actions(self) -> &'static [&'static str] {
+        match self {
+            Op::ReEncrypt => &["kms:ReEncryptFrom", "kms:ReEncryptTo"],
+            Op::CreateCustomKeyStore => &["kms:CreateCustomKeyStore"],
+            Op::DescribeCustomKeyStores => &["kms:DescribeCustomKeyStores"],
+            Op::UpdateCustomKeyStore => &["kms:UpdateCustomKeyStore"],
+            Op::DeleteCustomKeyStore => &["kms:DeleteCustomKeyStore"],
+            Op::ConnectCustomKeyStore => &["kms:ConnectCustomKeyStore"],
+            Op::DisconnectCustomKeyStore => &["kms:DisconnectCustomKeyStore"],
+            Op::CreateKey => &["kms:CreateKey"],
+            Op::DescribeKey => &["kms:DescribeKey"],
+            Op::ListKeys => &["kms:ListKeys"],
+            Op::ListResourceTags => &["kms:ListResourceTags"],
+            Op::EnableKey => &["kms:EnableKey"],
+            Op::DisableKey => &["kms:DisableKey"],
+            Op::UpdateKeyDescription => &["kms:UpdateKeyDescription"],
+            Op::ScheduleKeyDeletion => &["kms:ScheduleKeyDeletion"],
+            Op::CancelKeyDeletion => &["kms:CancelKeyDeletion"],
+            Op::TagResource => &["kms:TagResource"],
+            Op::UntagResource => &["kms:UntagResource"],
+            Op::CreateAlias => &["kms:CreateAlias"],
+            Op::UpdateAlias => &["kms:UpdateAlias"],
+            Op::DeleteAlias => &["kms:DeleteAlias"],
+            Op::ListAliases => &["kms:ListAliases"],
+            Op::CreateGrant => &["kms:CreateGrant"],
+            Op::ListGrants => &["kms:ListGrants"],
+            Op::ListRetirableGrants => &["kms:ListRetirableGrants"],
+            Op::RetireGrant => &["kms:RetireGrant"],
+            Op::RevokeGrant => &["kms:RevokeGrant"],
+            Op::PutKeyPolicy => &["kms:PutKeyPolicy"],
+            Op::GetKeyPolicy => &["kms:GetKeyPolicy"],
+            Op::ListKeyPolicies => &["kms:ListKeyPolicies"],
+            Op::Encrypt => &["kms:Encrypt"],
+            Op::Decrypt => &["kms:Decrypt"],
+            Op::GenerateDataKey => &["kms:GenerateDataKey"],
+            Op::GenerateDataKeyWithoutPlaintext => &["kms:GenerateDataKeyWithoutPlaintext"],
+            Op::GenerateRandom => &["kms:GenerateRandom"],
+        }
+    }
+
+    /// The IAM action of an operation with one.
+    pub fn action(self) -> &'static str {
+        self.actions()[0]
+    }
+
+    /// The grant operations that allow it, as CreateGrant's Operations name them (AWS's
+    /// grant operations of a symmetric encryption key); empty when no grant can.
+    pub fn grant_operations(self) -> &'static [&'static str] {
+        match self {
+            Op::Encrypt => &["Encrypt"],
+            Op::Decrypt => &["Decrypt"],
+            Op::ReEncrypt => &["ReEncryptFrom", "ReEncryptTo"],
+            Op::GenerateDataKey => &["GenerateDataKey"],
+            Op::GenerateDataKeyWithoutPlaintext => &["GenerateDataKeyWithoutPlaintext"],
+            Op::CreateGrant => &["CreateGrant"],
+            Op::RetireGrant => &["RetireGrant"],
+            Op::DescribeKey => &["DescribeKey"],
+            Op::CreateCustomKeyStore
+            | Op::DescribeCustomKeyStores
+            | Op::UpdateCustomKeyStore
+            | Op::DeleteCustomKeyStore
+            | Op::ConnectCustomKeyStore
+            | Op::DisconnectCustomKeyStore
+            | Op::CreateKey
+            | Op::ListKeys
+            | Op::ListResourceTags
+            | Op::EnableKey
+            | Op::DisableKey
+            | Op::UpdateKeyDescription
+            | Op::ScheduleKeyDeletion
+            | Op::CancelKeyDeletion
+            | Op::TagResource
+            | Op::UntagResource
+            | Op::CreateAlias
+            | Op::UpdateAlias
+            | Op::DeleteAlias
+            | Op::ListAliases
+            | Op::ListGrants
+            | Op::ListRetirableGrants
+            | Op::RevokeGrant
+            | Op::PutKeyPolicy
+            | Op::GetKeyPolicy
+            | Op::ListKeyPolicies
+            | Op::GenerateRandom => &[],
+        }
+    }
+
+    /// Whether it is a cryptographic operation: it uses key material in the HSM, counts
+    /// against the store's request quota, and follows the "cryptographic operations" column
+    /// of AWS's key-state table.
+    pub fn cryptographic(self) -> bool {
+        match self {
+            Op::Encrypt
+            | Op::Decrypt
+            | Op::ReEncrypt
+            | Op::GenerateDataKey
+            | Op::GenerateDataKeyWithoutPlaintext => true,
+            // GenerateRandom uses the HSM but no key.
+            Op::GenerateRandom
+            | Op::CreateCustomKeyStore
+            | Op::DescribeCustomKeyStores
+            | Op::UpdateCustomKeyStore
+            | Op::DeleteCustomKeyStore
+            | Op::ConnectCustomKeyStore
+            | Op::DisconnectCustomKeyStore
+            | Op::CreateKey
+            | Op::DescribeKey
+            | Op::ListKeys
+            | Op::ListResourceTags
+            | Op::EnableKey
+            | Op::DisableKey
+            | Op::UpdateKeyDescription
+            | Op::ScheduleKeyDeletion
+            | Op::CancelKeyDeletion
+            | Op::TagResource
+            | Op::UntagResource
+            | Op::CreateAlias
+            | Op::UpdateAlias
+            | Op::DeleteAlias
+            | Op::ListAliases
+            | Op::CreateGrant
+            | Op::ListGrants
+            | Op::ListRetirableGrants
+            | Op::RetireGrant
+            | Op::RevokeGrant
+            | Op::PutKeyPolicy
+            | Op::GetKeyPolicy
+            | Op::ListKeyPolicies => false,
+        }
+    }
+
+    /// What its audit line records besides who, what and the outcome.
+    pub fn recorded(self) -> Recorded {
+        if self.cryptographic() {
+            Recorded::EncryptionContext
+        } else {
+            Recorded::Resources
+        }
+    }
+}
+
+/// The grant operations a grant on a symmetric encryption key may hold: those of every
+/// operation, in AWS's order.
+pub fn grant_operations() -> impl Iterator<Item = &'static str> {
+    let mut all: Vec<&'static str> = Op::ALL
+        .into_iter()
+        .flat_map(|op| op.grant_operations().iter().copied())
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    all.into_iter()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_are_unique() {
+        for op in Op::ALL {
+            assert_eq!(Op::parse(op.name()), Some(op));
+            assert!(op.action().starts_with("kms:"), "{op:?}");
+        }
+        let mut names: Vec<_> = Op::ALL.iter().map(|o| o.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), Op::ALL.len());
+        assert_eq!(Op::parse("Sign"), None);
+    }
+
+    #[test]
+    fn the_proto_has_exactly_these_operations() {
+        let proto = include_str!("../../proto/kms/v1/kms.proto");
+        let mut rpcs: Vec<&str> = proto
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("rpc "))
+            .map(|l| l.split('(').next().unwrap().trim())
+            .collect();
+        rpcs.sort();
+        let mut ops: Vec<&str> = Op::ALL.iter().map(|o| o.name()).collect();
+        ops.sort();
+        assert_eq!(rpcs, ops);
+    }
+
+    #[test]
+    fn grant_operations_are_awss_for_symmetric_keys() {
+        assert_eq!(
+            grant_operations().collect::<Vec<_>>(),
+            [
+                "CreateGrant",
+                "Decrypt",
+                "DescribeKey",
+                "Encrypt",
+                "GenerateDataKey",
+                "GenerateDataKeyWithoutPlaintext",
+                "ReEncryptFrom",
+                "ReEncryptTo",
+                "RetireGrant"
+            ]
+        );
+    }
+}
