@@ -164,6 +164,7 @@ impl Audit {
             fsync,
             shared: Arc::clone(&shared),
             failing_since: None,
+            moved_reported: false,
         };
         let thread = std::thread::Builder::new()
             .name("audit".into())
@@ -286,6 +287,8 @@ struct Writer {
     shared: Arc<Shared>,
     /// Unix ms of the first failure of the current outage.
     failing_since: Option<i64>,
+    /// Whether the log has said that the file was moved away from its path.
+    moved_reported: bool,
 }
 
 impl Writer {
@@ -365,13 +368,23 @@ impl Writer {
             let file = open_append(&self.path)?;
             self.len = file.metadata()?.len();
             self.file = file;
+            self.moved_reported = false;
             tracing::info!(file = %self.path.display(), seq = self.seq, "audit file reopened; the chain continues in it");
         }
-        if self.file.metadata()?.nlink() == 0 {
+        let meta = self.file.metadata()?;
+        if meta.nlink() == 0 {
             anyhow::bail!("the audit file was deleted; send SIGHUP to start a new one");
         }
+        // Moved (rotated) but not yet reopened: the lines still reach a file, so this is
+        // said once, not refused.
+        let at_path = std::fs::metadata(&self.path).ok();
+        let same = at_path.is_some_and(|m| m.ino() == meta.ino() && m.dev() == meta.dev());
+        if !same && !self.moved_reported {
+            self.moved_reported = true;
+            tracing::warn!(file = %self.path.display(), "the audit file was moved or replaced; lines go on into the moved file until SIGHUP reopens the path");
+        }
         // A failed write may have left part of a batch: cut it before writing on.
-        if self.file.metadata()?.len() != self.len {
+        if meta.len() != self.len {
             self.file.set_len(self.len)?;
         }
         let (mut seq, mut prev) = (self.seq, self.prev.clone());

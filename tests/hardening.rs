@@ -706,3 +706,26 @@ async fn huge_inputs_are_quoted_short_in_errors() {
     assert_eq!(aws_error(&e), "InvalidArnException", "{e:?}");
     assert!(e.message().len() <= 1024, "{}", e.message().len());
 }
+
+/// A moved (rotated) audit file is reported in the log; lines go on into it until SIGHUP,
+/// after which the chain continues in a new file at the path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_audit_file_is_reported_and_sighup_rotates() {
+    let (mut h, mut c, key) = server_with_key(Options::default(), |_| {}).await;
+    let file = h.settings.audit.file.clone();
+    let rotated = file.with_extension("jsonl.1");
+    std::fs::rename(&file, &rotated).unwrap();
+    encrypt(&mut c, &key, b"into the moved file").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(h.log().contains("moved or replaced"), "{}", h.log());
+    h.sighup();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !file.exists() {
+        encrypt(&mut c, &key, b"after SIGHUP").await;
+        assert!(Instant::now() < deadline, "SIGHUP did not reopen the path");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(h.stop());
+    let (ok, said) = verify(&[rotated, file]);
+    assert!(ok, "{said}");
+}
