@@ -206,6 +206,17 @@ const K2_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[
   {"Sid":"Eve","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::444455556666:user/eve"},
    "Action":"kms:Generate*","Resource":"*"}]}"#;
 
+/// A key policy of NotPrincipal, NotAction and NotResource statements.
+const K3_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[
+  {"Sid":"Root","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::111122223333:root"},"Action":"kms:*","Resource":"*"},
+  {"Sid":"BobAllButDecrypt","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::111122223333:role/app"},
+   "NotAction":"kms:Decrypt","Resource":"*"},
+  {"Sid":"OnlyTheseEncrypt","Effect":"Deny",
+   "NotPrincipal":{"AWS":["111122223333","arn:aws:iam::111122223333:role/app","arn:aws:iam::111122223333:user/carol"]},
+   "Action":"kms:Encrypt","Resource":"*"},
+  {"Sid":"CarolOnlyElsewhere","Effect":"Deny","Principal":{"AWS":"arn:aws:iam::111122223333:user/carol"},
+   "Action":"kms:Encrypt","NotResource":"arn:aws:kms:*:*:key/00000000-0000-0000-0000-000000000000"}]}"#;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_identities_and_grants_decide_who_may_do_what() {
     let pki = Pki::new("hsm-kms test CA");
@@ -246,6 +257,22 @@ async fn policies_identities_and_grants_decide_who_may_do_what() {
     })
     .await
     .unwrap();
+
+    // A key policy of the Not* elements: NotPrincipal exempts exactly whom it names,
+    // NotAction allows all but what it names, NotResource applies everywhere but there.
+    let k3 = root
+        .create_key(CreateKeyRequest {
+            custom_key_store_id: Some(store.clone()),
+            origin: Some("AWS_CLOUDHSM".into()),
+            policy: Some(K3_POLICY.into()),
+            ..Default::default()
+        })
+        .await
+        .expect("CreateKey with the Not* policy")
+        .into_inner()
+        .key_metadata
+        .unwrap()
+        .arn;
 
     // Principal x operation x policy: the expected outcome of each.
     let d = "AccessDeniedException";
@@ -296,6 +323,35 @@ async fn policies_identities_and_grants_decide_who_may_do_what() {
             &k2,
             &[],
             d,
+        ),
+        ("root, named in NotPrincipal", &root, &k3, &[], "ok"),
+        (
+            "bob, NotAction allow, named in NotPrincipal",
+            &bob,
+            &k3,
+            &[],
+            "ok",
+        ),
+        (
+            "alice, NotPrincipal names the account (its root), not her",
+            &alice,
+            &k3,
+            &[],
+            d,
+        ),
+        (
+            "carol, NotResource deny applies to every other key",
+            &carol,
+            &k3,
+            &[("tenant", "carol")],
+            d,
+        ),
+        (
+            "carol, the same on k1 (no such deny there)",
+            &carol,
+            &k1,
+            &[("tenant", "carol")],
+            "ok",
         ),
     ];
     for (case, client, key, context, want) in table {
