@@ -8,7 +8,7 @@ use super::crypto::NO_CONTEXT;
 use super::error::{ErrorKind, KmsError, KmsResult};
 use super::keystores::Page;
 use super::op::Op;
-use super::{decode_marker, encode_marker, page_limit, Kms};
+use super::{decode_marker, page_limit, Kms};
 use crate::store::{AliasRecord, Refused};
 
 pub const MAX_ALIASES_PER_KEY: usize = 50;
@@ -174,19 +174,15 @@ impl Kms {
             .transpose()?
             .map(|k| k.id);
         let after = marker.map(decode_marker).transpose()?;
-        let mut rows = self
+        let rows = self
             .store
             .list_aliases(key.as_ref(), after.as_deref(), limit + 1)?;
-        let next_marker = if rows.len() > limit {
-            rows.truncate(limit);
-            rows.last().map(|a| encode_marker(&a.name))
-        } else {
-            None
-        };
-        Ok(Page {
-            items: rows.into_iter().map(|a| self.alias_view(a)).collect(),
-            next_marker,
-        })
+        Ok(Page::of(
+            rows,
+            limit,
+            |a| a.name.clone(),
+            |a| self.alias_view(a),
+        ))
     }
 }
 

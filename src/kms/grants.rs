@@ -14,7 +14,7 @@ use super::crypto::{Context, NO_CONTEXT};
 use super::error::{ErrorKind, KmsError, KmsResult};
 use super::keystores::Page;
 use super::op::Op;
-use super::{decode_marker, encode_marker, page_limit, Kms};
+use super::{decode_marker, page_limit, Kms};
 use crate::store::GrantRecord;
 
 /// The other grant operations AWS defines (asymmetric and HMAC keys): ValidationException
@@ -314,23 +314,16 @@ impl Kms {
         self.grant_page(matching.cloned().collect(), limit)
     }
 
-    fn grant_page(&self, mut rows: Vec<GrantRecord>, limit: usize) -> KmsResult<Page<GrantView>> {
-        let next_marker = if rows.len() > limit {
-            rows.truncate(limit);
-            rows.last().map(|g| encode_marker(&g.grant_id))
-        } else {
-            None
-        };
-        Ok(Page {
-            items: rows
-                .into_iter()
-                .map(|g| GrantView {
-                    key_arn: self.scope.key_arn(&g.key_id),
-                    record: g,
-                })
-                .collect(),
-            next_marker,
-        })
+    fn grant_page(&self, rows: Vec<GrantRecord>, limit: usize) -> KmsResult<Page<GrantView>> {
+        Ok(Page::of(
+            rows,
+            limit,
+            |g| g.grant_id.clone(),
+            |g| GrantView {
+                key_arn: self.scope.key_arn(&g.key_id),
+                record: g,
+            },
+        ))
     }
 
     pub fn list_retirable_grants(

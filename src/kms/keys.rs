@@ -12,7 +12,7 @@ use super::ids::KeyRef;
 use super::keystores::Page;
 use super::op::Op;
 use super::policy;
-use super::{decode_marker, encode_marker, page_limit, Kms};
+use super::{decode_marker, page_limit, Kms};
 use crate::config::GcmIvMode;
 use crate::hsm::{Connection, HsmError};
 use crate::store::{KeyRecord, Refused, StoreRecord};
@@ -503,20 +503,13 @@ impl Kms {
             })?),
             None => None,
         };
-        let mut rows = self.store.list_keys(after.as_ref(), limit + 1)?;
-        let next_marker = if rows.len() > limit {
-            rows.truncate(limit);
-            rows.last().map(|r| encode_marker(&r.id.to_string()))
-        } else {
-            None
-        };
-        Ok(Page {
-            items: rows
-                .into_iter()
-                .map(|r| (r.id, self.scope.key_arn(&r.id)))
-                .collect(),
-            next_marker,
-        })
+        let rows = self.store.list_keys(after.as_ref(), limit + 1)?;
+        Ok(Page::of(
+            rows,
+            limit,
+            |r| r.id.to_string(),
+            |r| (r.id, self.scope.key_arn(&r.id)),
+        ))
     }
 
     pub fn list_resource_tags(
@@ -529,17 +522,8 @@ impl Kms {
         let limit = page_limit(limit, 50, 50)?;
         let key = self.authorized_record(caller, Op::ListResourceTags.action(), key_ref)?;
         let after = marker.map(decode_marker).transpose()?;
-        let mut rows = self.store.list_tags(&key.id, after.as_deref(), limit + 1)?;
-        let next_marker = if rows.len() > limit {
-            rows.truncate(limit);
-            rows.last().map(|(k, _)| encode_marker(k))
-        } else {
-            None
-        };
-        Ok(Page {
-            items: rows,
-            next_marker,
-        })
+        let rows = self.store.list_tags(&key.id, after.as_deref(), limit + 1)?;
+        Ok(Page::of(rows, limit, |(k, _)| k.clone(), |t| t))
     }
 
     /// EnableKey / DisableKey. On a key of a disconnected store the change is recorded and

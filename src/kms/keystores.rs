@@ -14,7 +14,7 @@ use super::conn_state::*;
 use super::error::{ErrorKind, KmsError, KmsResult};
 use super::ids::{is_cluster_id, is_store_id, new_store_id};
 use super::op::Op;
-use super::{decode_marker, encode_marker, page_limit, pem_der, Cluster, Kms};
+use super::{decode_marker, page_limit, pem_der, Cluster, Kms};
 use crate::config::PinFormat;
 use crate::hsm::{Connection, LoginFailure, Options};
 use crate::store::{store_not_found, StoreRecord, StoreUpdate};
@@ -71,6 +71,29 @@ pub struct StoreView {
 pub struct Page<T> {
     pub items: Vec<T>,
     pub next_marker: Option<String>,
+}
+
+impl<T> Page<T> {
+    /// The page of `rows`, fetched as up to `limit + 1` in marker order: the extra row, if
+    /// any, only tells that there is more, and the marker is the sort key (`key`) of the
+    /// last row shown. The one pagination step of every List operation.
+    pub fn of<R>(
+        mut rows: Vec<R>,
+        limit: usize,
+        key: impl Fn(&R) -> String,
+        item: impl FnMut(R) -> T,
+    ) -> Page<T> {
+        let next_marker = if rows.len() > limit {
+            rows.truncate(limit);
+            rows.last().map(|r| super::encode_marker(&key(r)))
+        } else {
+            None
+        };
+        Page {
+            items: rows.into_iter().map(item).collect(),
+            next_marker,
+        }
+    }
 }
 
 fn view(r: StoreRecord) -> StoreView {
@@ -244,17 +267,8 @@ impl Kms {
             }
             (None, None) => {
                 let after = marker.map(decode_marker).transpose()?;
-                let mut rows = self.store.list_stores(after.as_deref(), limit + 1)?;
-                let next_marker = if rows.len() > limit {
-                    rows.truncate(limit);
-                    rows.last().map(|r| encode_marker(&r.id))
-                } else {
-                    None
-                };
-                Ok(Page {
-                    items: rows.into_iter().map(view).collect(),
-                    next_marker,
-                })
+                let rows = self.store.list_stores(after.as_deref(), limit + 1)?;
+                Ok(Page::of(rows, limit, |r| r.id.clone(), view))
             }
         }
     }
@@ -707,4 +721,26 @@ fn login_pin(cluster: &Cluster, password: &[u8]) -> Result<AuthPin, &'static str
     }
     pin.push_str(password);
     Ok(AuthPin::from(pin))
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::Page;
+
+    #[test]
+    fn a_page_shows_limit_rows_and_marks_the_last_one_only_when_there_are_more() {
+        let full = Page::of(
+            vec!["a", "b", "c"],
+            2,
+            |r| r.to_string(),
+            |r| r.to_uppercase(),
+        );
+        assert_eq!(full.items, ["A", "B"]);
+        assert_eq!(full.next_marker, Some(super::super::encode_marker("b")));
+        let last = Page::of(vec!["c"], 2, |r| r.to_string(), |r| r.to_uppercase());
+        assert_eq!(
+            (last.items, last.next_marker),
+            (vec!["C".to_string()], None)
+        );
+    }
 }
