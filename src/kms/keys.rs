@@ -188,11 +188,7 @@ impl Kms {
         let facts = Facts::of(&caller.principal).flag("kms:BypassPolicyLockoutSafetyCheck", bypass);
         self.authorize_account(caller, Op::CreateKey.action(), None, &facts)?;
         if let Some(d) = &req.description {
-            if d.chars().count() > 8192 {
-                return Err(KmsError::validation(
-                    "Description is longer than 8192 characters",
-                ));
-            }
+            check_description(d)?;
         }
         if req.key_spec.is_some() && req.customer_master_key_spec.is_some() {
             return Err(KmsError::validation(
@@ -553,11 +549,7 @@ impl Kms {
         key_ref: &str,
         description: &str,
     ) -> KmsResult<()> {
-        if description.chars().count() > 8192 {
-            return Err(KmsError::validation(
-                "Description is longer than 8192 characters",
-            ));
-        }
+        check_description(description)?;
         let key = self.authorized_record(caller, Op::UpdateKeyDescription.action(), key_ref)?;
         self.store
             .set_description(&key.id, description)?
@@ -766,6 +758,17 @@ impl Kms {
             },
         )
     }
+}
+
+/// A key description: at most 8,192 characters (AWS's limit), for CreateKey and
+/// UpdateKeyDescription alike.
+fn check_description(d: &str) -> KmsResult<()> {
+    if d.chars().count() > 8192 {
+        return Err(KmsError::validation(
+            "Description is longer than 8192 characters",
+        ));
+    }
+    Ok(())
 }
 
 fn require_connected_for_create(store: &StoreRecord) -> KmsResult<()> {
