@@ -92,7 +92,7 @@ where
             return Box::pin(self.inner.call(req));
         };
         let started = std::time::Instant::now();
-        let (source, leaf) = peer(&req);
+        let (source, certs) = peer(&req);
         let (audit, auth) = (Arc::clone(&self.audit), Arc::clone(&self.auth));
         let answer = self.inner.call(req);
         Box::pin(async move {
@@ -115,7 +115,8 @@ where
                 )
             };
             let request_id = super::request_id();
-            let principal = auth.principal(leaf.as_deref()).ok();
+            let leaf = certs.as_ref().and_then(|c| c.first()).map(|d| d.as_ref());
+            let principal = auth.principal(leaf).ok();
             let receipt = audit.record(crate::audit::Entry {
                 time_ms: crate::kms::now_ms(),
                 request_id,
@@ -139,14 +140,14 @@ where
     }
 }
 
-/// The caller's address and leaf certificate, from the connection.
-fn peer<B>(req: &http::Request<B>) -> (Option<SocketAddr>, Option<Vec<u8>>) {
+/// The caller's address and certificates, from the connection (a reference count, not a
+/// copy: this runs for every request, and is used only for the rare malformed one).
+type Certs = Arc<Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>>;
+
+fn peer<B>(req: &http::Request<B>) -> (Option<SocketAddr>, Option<Certs>) {
     let ext = req.extensions();
     if let Some(tls) = ext.get::<TlsConnectInfo<TcpConnectInfo>>() {
-        let leaf = tls
-            .peer_certs()
-            .and_then(|c| c.first().map(|d| d.as_ref().to_vec()));
-        return (tls.get_ref().remote_addr(), leaf);
+        return (tls.get_ref().remote_addr(), tls.peer_certs());
     }
     (
         ext.get::<TcpConnectInfo>().and_then(|i| i.remote_addr()),
