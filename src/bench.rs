@@ -313,7 +313,7 @@ fn start_server(dir: &Path, module: &Path, pool: usize, workers: usize) -> anyho
             module: module.to_path_buf(),
             token_label: LABEL.into(),
             trust_anchor_file: anchor,
-            state: "ACTIVE".into(),
+            state: Default::default(),
             lineage: None,
             pin_format: PinFormat::Password,
             gcm_iv: GcmIvMode::Service,
@@ -322,12 +322,12 @@ fn start_server(dir: &Path, module: &Path, pool: usize, workers: usize) -> anyho
                 HsmEntry {
                     id: "hsm-a".into(),
                     availability_zone: "az-a".into(),
-                    state: "ACTIVE".into(),
+                    state: Default::default(),
                 },
                 HsmEntry {
                     id: "hsm-b".into(),
                     availability_zone: "az-b".into(),
-                    state: "ACTIVE".into(),
+                    state: Default::default(),
                 },
             ],
         }],

@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::kms::ids::is_cluster_id;
+use crate::kms::states::{ClusterState, HsmState};
 
 pub const ENV_PREFIX: &str = "HSM_KMS";
 
@@ -454,8 +455,8 @@ pub struct ClusterSettings {
     /// PEM file of the cluster's trust anchor certificate.
     pub trust_anchor_file: PathBuf,
     /// AWS cluster state; only ACTIVE clusters can back a new or updated key store.
-    #[serde(default = "default_active")]
-    pub state: String,
+    #[serde(default)]
+    pub state: ClusterState,
     /// Clusters with the same lineage share backup history (AWS: "related" clusters) and
     /// may replace each other in UpdateCustomKeyStore. Defaults to the cluster id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -483,13 +484,10 @@ pub struct HsmEntry {
     pub id: String,
     pub availability_zone: String,
     /// AWS HSM state; only ACTIVE HSMs count.
-    #[serde(default = "default_active")]
-    pub state: String,
+    #[serde(default)]
+    pub state: HsmState,
 }
 
-fn default_active() -> String {
-    "ACTIVE".into()
-}
 fn default_crypto_user() -> String {
     "kmsuser".into()
 }
@@ -609,7 +607,7 @@ mod tests {
             module: "/m.so".into(),
             token_label: "t".into(),
             trust_anchor_file: "/a.pem".into(),
-            state: "ACTIVE".into(),
+            state: Default::default(),
             lineage: None,
             pin_format: PinFormat::UserPassword,
             gcm_iv: GcmIvMode::Hsm,

@@ -26,10 +26,10 @@ use anyhow::{bail, Context};
 use zeroize::Zeroizing;
 
 use crate::config::{ClusterSettings, HsmEntry, PinFormat, Settings};
-use crate::hsm;
-use crate::kms::conn_state::*;
+use crate::hsm::{self, Modules};
 use crate::kms::keystores::{CreateStore, Password, UpdateStore};
-use crate::kms::Kms;
+use crate::kms::states::ConnectionState::{Connected, Disconnected, Failed};
+use crate::kms::{Kms, Parts};
 use crate::server;
 
 pub const STORE_NAME: &str = "dev";
@@ -167,7 +167,7 @@ pub fn prepare(data_dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Se
                 module: softhsm2_module()?,
                 token_label: TOKEN_LABEL.into(),
                 trust_anchor_file: anchor.clone(),
-                state: "ACTIVE".into(),
+                state: Default::default(),
                 lineage: None,
                 pin_format: PinFormat::Password,
                 gcm_iv: Default::default(),
@@ -176,12 +176,12 @@ pub fn prepare(data_dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Se
                     HsmEntry {
                         id: format!("hsm-{}", random_text(CLUSTER_ALPHABET, 11)?),
                         availability_zone: "us-east-1a".into(),
-                        state: "ACTIVE".into(),
+                        state: Default::default(),
                     },
                     HsmEntry {
                         id: format!("hsm-{}", random_text(CLUSTER_ALPHABET, 11)?),
                         availability_zone: "us-east-1b".into(),
-                        state: "ACTIVE".into(),
+                        state: Default::default(),
                     },
                 ],
             }],
@@ -287,7 +287,7 @@ fn check_own_paths(
 
 /// Makes sure the token exists; returns the current kmsuser password.
 fn ensure_token(
-    kms: &Kms,
+    modules: &Modules,
     settings: &Settings,
     data_dir: &Path,
 ) -> anyhow::Result<Zeroizing<String>> {
@@ -295,8 +295,8 @@ fn ensure_token(
         .clusters
         .first()
         .context("the dev config has no cluster")?;
-    let ctx = kms
-        .module(&cluster.module)
+    let ctx = modules
+        .get(&cluster.module)
         .map_err(|e| anyhow::anyhow!(e))?;
     let password_file = data_dir.join("kmsuser-password");
     if hsm::find_token(&ctx, &cluster.token_label)?.is_some() {
@@ -321,11 +321,12 @@ fn ensure_token(
 /// printed, then serves until SIGINT/SIGTERM.
 pub async fn run(data_dir: PathBuf, settings: Settings) -> anyhow::Result<()> {
     let data_dir = data_dir.canonicalize()?;
-    let kms = Kms::new(&settings)?;
+    let modules = Arc::new(Modules::default());
     let password = {
-        let (kms, settings, dir) = (Arc::clone(&kms), settings.clone(), data_dir.clone());
-        tokio::task::spawn_blocking(move || ensure_token(&kms, &settings, &dir)).await??
+        let (modules, settings, dir) = (Arc::clone(&modules), settings.clone(), data_dir.clone());
+        tokio::task::spawn_blocking(move || ensure_token(&modules, &settings, &dir)).await??
     };
+    let kms = Kms::new(Parts::from_settings(&settings, modules)?);
     let running = server::start(
         &settings,
         Arc::clone(&kms),
@@ -348,6 +349,7 @@ async fn ensure_store(
     let me = kms.service_caller();
     let existing = kms
         .describe_custom_key_stores(&me, None, Some(STORE_NAME), None, None)
+        .await
         .ok()
         .and_then(|p| p.items.into_iter().next());
     let (id, fresh) = match existing {
@@ -365,23 +367,24 @@ async fn ensure_store(
                         store_type: None,
                     },
                 )
+                .await
                 .map_err(err)?;
             (id, true)
         }
     };
     for attempt in 0..2 {
         kms.settle(&id).await;
-        let state = kms.store_state(&id).map_err(err)?;
-        match state.as_str() {
-            CONNECTED => return Ok(id),
-            FAILED => {
+        let state = kms.keystore_state(&id).await.map_err(err)?;
+        match state {
+            Connected => return Ok(id),
+            Failed => {
                 kms.disconnect_custom_key_store(&me, &id)
                     .await
                     .map_err(err)?;
             }
             _ => {}
         }
-        if kms.store_state(&id).map_err(err)? == DISCONNECTED {
+        if kms.keystore_state(&id).await.map_err(err)? == Disconnected {
             if !fresh || attempt > 0 {
                 // The token may have been made anew: the password file is the truth in dev.
                 kms.update_custom_key_store(
@@ -401,8 +404,8 @@ async fn ensure_store(
         tracing::debug!(attempt, "waiting for the dev store to connect");
     }
     kms.settle(&id).await;
-    let state = kms.store_state(&id).map_err(err)?;
-    if state != CONNECTED {
+    let state = kms.keystore_state(&id).await.map_err(err)?;
+    if state != Connected {
         bail!("the dev custom key store {id} did not connect (state {state}); see the log above");
     }
     Ok(id)

@@ -1,6 +1,6 @@
 //! hsm-kms: the AWS KMS custom key store model over PKCS#11 HSMs.
 //!
-//! Data flows one way: `api` (gRPC) -> `kms` (the domain) -> (`hsm`, `store`).
+//! Data flows one way: `api` (gRPC) -> `kms` (the domain) -> (`hsm`, `metadata`).
 
 pub mod api;
 pub mod audit;
@@ -11,8 +11,8 @@ pub mod hsm;
 pub mod kms;
 pub mod limits;
 pub mod logging;
+pub mod metadata;
 pub mod metrics;
 pub mod proto;
 pub mod server;
-pub mod store;
 pub mod transport;

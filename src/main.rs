@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use hsm_kms::config::Settings;
-use hsm_kms::{dev, kms::Kms, server};
+use hsm_kms::kms::{Kms, Parts};
+use hsm_kms::{dev, server};
 
 /// mimalloc, overriding `malloc` for the whole process, the PKCS#11 library included.
 /// Measured: after SoftHSM2 had created 6,000 keys in-process, glibc's allocator spent a
@@ -91,7 +92,8 @@ fn main() -> anyhow::Result<()> {
                 std::env::set_var("SOFTHSM2_CONF", conf);
             }
             runtime_with(settings.server.worker_threads)?.block_on(async {
-                let kms = Kms::new(&settings)?;
+                let modules = std::sync::Arc::new(hsm_kms::hsm::Modules::default());
+                let kms = Kms::new(Parts::from_settings(&settings, modules)?);
                 let running = server::start(
                     &settings,
                     kms,

@@ -75,7 +75,8 @@ pub async fn start(
         .set_serving::<KeyManagementServiceServer<Service>>()
         .await;
     // Each store reports under its id: SERVING while CONNECTED and its HSM answers.
-    kms.attach_health(health.clone()).await;
+    kms.publish_health().await;
+    tokio::spawn(feed_health(kms.health(), health.clone()));
     // grpcurl and other tools may speak either reflection version. google.rpc is registered
     // so that tools can decode the ErrorInfo in error details.
     let descriptors = [
@@ -238,7 +239,7 @@ async fn spawn_admin(
     let metrics = axum::routing::get(move || {
         let kms = Arc::clone(&kms);
         async move {
-            let body = crate::metrics::get().render(&kms.store_snapshots());
+            let body = crate::metrics::get().render(&kms.keystore_snapshots().await);
             (
                 [(
                     axum::http::header::CONTENT_TYPE,
@@ -355,4 +356,32 @@ pub async fn shutdown_signal() {
         _ = term => {}
     }
     tracing::info!("shutdown requested");
+}
+
+/// Feeds the domain's store health to the gRPC health service, until the domain is gone.
+async fn feed_health(
+    mut health: tokio::sync::watch::Receiver<crate::kms::connections::Health>,
+    mut reporter: tonic_health::server::HealthReporter,
+) {
+    let mut shown = crate::kms::connections::Health::new();
+    loop {
+        let now = health.borrow_and_update().clone();
+        for (id, serving) in &now {
+            if shown.get(id) != Some(serving) {
+                let status = if *serving {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                reporter.set_service_status(id, status).await;
+            }
+        }
+        for id in shown.keys().filter(|id| !now.contains_key(*id)) {
+            reporter.clear_service_status(id).await;
+        }
+        shown = now;
+        if health.changed().await.is_err() {
+            return;
+        }
+    }
 }

@@ -397,7 +397,7 @@ async fn the_hsm_inventory_reloads_at_run_time() {
     // No active HSM: cryptographic operations stop and say why.
     h.reload_with(|s| {
         for hsm in &mut s.clusters[0].hsms {
-            hsm.state = "DELETED".into();
+            hsm.state = HsmState::Deleted;
         }
     });
     wait_for("the reload to apply", Duration::from_secs(10), || {
@@ -416,7 +416,7 @@ async fn the_hsm_inventory_reloads_at_run_time() {
     assert_err(r, "KMSInvalidStateException");
 
     // One active HSM: crypto works, but creating keys and stores needs two zones.
-    h.reload_with(|s| s.clusters[0].hsms[0].state = "ACTIVE".into());
+    h.reload_with(|s| s.clusters[0].hsms[0].state = HsmState::Active);
     wait_for("the reload to apply", Duration::from_secs(10), || {
         let f = try_encrypt(&c);
         async move { f.await.is_ok() }
@@ -445,7 +445,7 @@ async fn the_hsm_inventory_reloads_at_run_time() {
         "a bad reload must keep the running inventory"
     );
 
-    h.reload_with(|s| s.clusters[0].hsms[1].state = "ACTIVE".into());
+    h.reload_with(|s| s.clusters[0].hsms[1].state = HsmState::Active);
     wait_for("two zones again", Duration::from_secs(10), || {
         let (mut c, store) = (c.clone(), store.clone());
         async move { try_create_key(&mut c, &store).await.is_ok() }

@@ -86,11 +86,17 @@ async fn lifecycle_connect_disconnect_delete() {
 #[tokio::test]
 async fn create_preconditions() {
     let mut two_in_one_zone = ClusterSpec::good("cluster-onezoneclstr");
-    two_in_one_zone.hsms = vec![("us-east-1a", "ACTIVE"), ("us-east-1a", "ACTIVE")];
+    two_in_one_zone.hsms = vec![
+        ("us-east-1a", HsmState::Active),
+        ("us-east-1a", HsmState::Active),
+    ];
     let mut one_active = ClusterSpec::good("cluster-oneactivecls");
-    one_active.hsms = vec![("us-east-1a", "ACTIVE"), ("us-east-1b", "DEGRADED")];
+    one_active.hsms = vec![
+        ("us-east-1a", HsmState::Active),
+        ("us-east-1b", HsmState::Degraded),
+    ];
     let mut inactive = ClusterSpec::good("cluster-uninitclustr");
-    inactive.state = "UNINITIALIZED";
+    inactive.state = ClusterState::Uninitialized;
     let h = Harness::start(&[
         ClusterSpec::good(A),
         ClusterSpec::good(B),
@@ -265,7 +271,7 @@ async fn connect_needs_an_active_hsm_and_reconnects_after_restart() {
     // operations fail with KMSInvalidStateException naming the store.
     h.restart_with(|s| {
         for hsm in &mut s.clusters[0].hsms {
-            hsm.state = "DEGRADED".into();
+            hsm.state = HsmState::Degraded;
         }
     })
     .await;
@@ -292,7 +298,7 @@ async fn connect_needs_an_active_hsm_and_reconnects_after_restart() {
 
     // One active HSM: crypto works, CreateKey does not.
     h.restart_with(|s| {
-        s.clusters[0].hsms[0].state = "ACTIVE".into();
+        s.clusters[0].hsms[0].state = HsmState::Active;
     })
     .await;
     let mut c = h.client().await;
@@ -327,7 +333,7 @@ async fn update_rules() {
         c
     };
     let mut one_zone = related("cluster-onezonelinea");
-    one_zone.hsms = vec![("us-east-1a", "ACTIVE")];
+    one_zone.hsms = vec![("us-east-1a", HsmState::Active)];
     let h = Harness::start(&[
         related(A),
         ClusterSpec::good(B),

@@ -267,7 +267,7 @@ fn key_metadata(k: KeyView) -> KeyMetadata {
         creation_date: timestamp(k.creation_date_ms),
         description: k.description,
         key_usage: "ENCRYPT_DECRYPT".into(),
-        key_state: k.key_state,
+        key_state: k.key_state.as_str().into(),
         deletion_date: k.deletion_date_ms.and_then(timestamp),
         origin: "AWS_CLOUDHSM".into(),
         custom_key_store_id: k.custom_key_store_id,
@@ -287,8 +287,8 @@ fn store_entry(s: StoreView) -> CustomKeyStoresListEntry {
         custom_key_store_name: s.name,
         cloud_hsm_cluster_id: s.cluster_id,
         trust_anchor_certificate: s.trust_anchor,
-        connection_state: s.connection_state,
-        connection_error_code: s.connection_error_code,
+        connection_state: s.connection_state.as_str().into(),
+        connection_error_code: s.connection_error_code.map(|c| c.as_str().into()),
         creation_date: timestamp(s.creation_date_ms),
         custom_key_store_type: "AWS_CLOUDHSM".into(),
     }
@@ -354,16 +354,19 @@ impl KeyManagementService for Service {
             req,
             |_| None,
             async |caller, r| {
-                let id = self.kms.create_custom_key_store(
-                    caller,
-                    CreateStore {
-                        name: r.custom_key_store_name,
-                        cluster_id: r.cloud_hsm_cluster_id,
-                        trust_anchor: r.trust_anchor_certificate,
-                        password: password(r.key_store_password)?,
-                        store_type: r.custom_key_store_type,
-                    },
-                )?;
+                let id = self
+                    .kms
+                    .create_custom_key_store(
+                        caller,
+                        CreateStore {
+                            name: r.custom_key_store_name,
+                            cluster_id: r.cloud_hsm_cluster_id,
+                            trust_anchor: r.trust_anchor_certificate,
+                            password: password(r.key_store_password)?,
+                            store_type: r.custom_key_store_type,
+                        },
+                    )
+                    .await?;
                 Ok(CreateCustomKeyStoreResponse {
                     custom_key_store_id: id,
                 })
@@ -384,13 +387,16 @@ impl KeyManagementService for Service {
                 if let Some(id) = &r.custom_key_store_id {
                     store_id_field("CustomKeyStoreId", id)?;
                 }
-                let page = self.kms.describe_custom_key_stores(
-                    caller,
-                    r.custom_key_store_id.as_deref(),
-                    r.custom_key_store_name.as_deref(),
-                    r.limit,
-                    marker_field(&r.marker)?,
-                )?;
+                let page = self
+                    .kms
+                    .describe_custom_key_stores(
+                        caller,
+                        r.custom_key_store_id.as_deref(),
+                        r.custom_key_store_name.as_deref(),
+                        r.limit,
+                        marker_field(&r.marker)?,
+                    )
+                    .await?;
                 Ok(DescribeCustomKeyStoresResponse {
                     custom_key_stores: page.items.into_iter().map(store_entry).collect(),
                     truncated: page.next_marker.is_some(),
@@ -541,7 +547,8 @@ impl KeyManagementService for Service {
                 check_grant_tokens(&r.grant_tokens)?;
                 let key = self
                     .kms
-                    .describe_key(caller, key_id_field("KeyId", &r.key_id)?)?;
+                    .describe_key(caller, key_id_field("KeyId", &r.key_id)?)
+                    .await?;
                 Ok(DescribeKeyResponse {
                     key_metadata: Some(key_metadata(key)),
                 })
@@ -561,7 +568,8 @@ impl KeyManagementService for Service {
             async |caller, r| {
                 let page = self
                     .kms
-                    .list_keys(caller, r.limit, marker_field(&r.marker)?)?;
+                    .list_keys(caller, r.limit, marker_field(&r.marker)?)
+                    .await?;
                 Ok(ListKeysResponse {
                     keys: page
                         .items
@@ -588,12 +596,15 @@ impl KeyManagementService for Service {
             req,
             |_| None,
             async |caller, r| {
-                let page = self.kms.list_resource_tags(
-                    caller,
-                    key_id_field("KeyId", &r.key_id)?,
-                    r.limit,
-                    marker_field(&r.marker)?,
-                )?;
+                let page = self
+                    .kms
+                    .list_resource_tags(
+                        caller,
+                        key_id_field("KeyId", &r.key_id)?,
+                        r.limit,
+                        marker_field(&r.marker)?,
+                    )
+                    .await?;
                 Ok(ListResourceTagsResponse {
                     tags: page
                         .items
@@ -618,7 +629,8 @@ impl KeyManagementService for Service {
             |_| None,
             async |caller, r| {
                 self.kms
-                    .set_key_enabled(caller, key_id_field("KeyId", &r.key_id)?, true)?;
+                    .set_key_enabled(caller, key_id_field("KeyId", &r.key_id)?, true)
+                    .await?;
                 Ok(EnableKeyResponse {})
             },
         )
@@ -635,7 +647,8 @@ impl KeyManagementService for Service {
             |_| None,
             async |caller, r| {
                 self.kms
-                    .set_key_enabled(caller, key_id_field("KeyId", &r.key_id)?, false)?;
+                    .set_key_enabled(caller, key_id_field("KeyId", &r.key_id)?, false)
+                    .await?;
                 Ok(DisableKeyResponse {})
             },
         )
@@ -651,11 +664,13 @@ impl KeyManagementService for Service {
             req,
             |_| None,
             async |caller, r| {
-                self.kms.update_key_description(
-                    caller,
-                    key_id_field("KeyId", &r.key_id)?,
-                    &r.description,
-                )?;
+                self.kms
+                    .update_key_description(
+                        caller,
+                        key_id_field("KeyId", &r.key_id)?,
+                        &r.description,
+                    )
+                    .await?;
                 Ok(UpdateKeyDescriptionResponse {})
             },
         )
@@ -671,15 +686,18 @@ impl KeyManagementService for Service {
             req,
             |_| None,
             async |caller, r| {
-                let k = self.kms.schedule_key_deletion(
-                    caller,
-                    key_id_field("KeyId", &r.key_id)?,
-                    r.pending_window_in_days,
-                )?;
+                let k = self
+                    .kms
+                    .schedule_key_deletion(
+                        caller,
+                        key_id_field("KeyId", &r.key_id)?,
+                        r.pending_window_in_days,
+                    )
+                    .await?;
                 Ok(ScheduleKeyDeletionResponse {
                     key_id: k.arn,
                     deletion_date: k.deletion_date_ms.and_then(timestamp),
-                    key_state: k.key_state,
+                    key_state: k.key_state.as_str().into(),
                     pending_window_in_days: k.pending_window_days.unwrap_or_default(),
                 })
             },
@@ -698,7 +716,8 @@ impl KeyManagementService for Service {
             async |caller, r| {
                 let id = self
                     .kms
-                    .cancel_key_deletion(caller, key_id_field("KeyId", &r.key_id)?)?;
+                    .cancel_key_deletion(caller, key_id_field("KeyId", &r.key_id)?)
+                    .await?;
                 Ok(CancelKeyDeletionResponse {
                     key_id: self.kms.scope.key_arn(&id),
                 })
@@ -722,7 +741,8 @@ impl KeyManagementService for Service {
                     .map(|t| (t.tag_key, t.tag_value))
                     .collect();
                 self.kms
-                    .tag_resource(caller, key_id_field("KeyId", &r.key_id)?, &tags)?;
+                    .tag_resource(caller, key_id_field("KeyId", &r.key_id)?, &tags)
+                    .await?;
                 Ok(TagResourceResponse {})
             },
         )
@@ -739,7 +759,8 @@ impl KeyManagementService for Service {
             |_| None,
             async |caller, r| {
                 self.kms
-                    .untag_resource(caller, key_id_field("KeyId", &r.key_id)?, &r.tag_keys)?;
+                    .untag_resource(caller, key_id_field("KeyId", &r.key_id)?, &r.tag_keys)
+                    .await?;
                 Ok(UntagResourceResponse {})
             },
         )
@@ -755,11 +776,13 @@ impl KeyManagementService for Service {
             req,
             |_| None,
             async |caller, r| {
-                self.kms.create_alias(
-                    caller,
-                    &r.alias_name,
-                    key_id_field("TargetKeyId", &r.target_key_id)?,
-                )?;
+                self.kms
+                    .create_alias(
+                        caller,
+                        &r.alias_name,
+                        key_id_field("TargetKeyId", &r.target_key_id)?,
+                    )
+                    .await?;
                 Ok(CreateAliasResponse {})
             },
         )
@@ -775,11 +798,13 @@ impl KeyManagementService for Service {
             req,
             |_| None,
             async |caller, r| {
-                self.kms.update_alias(
-                    caller,
-                    &r.alias_name,
-                    key_id_field("TargetKeyId", &r.target_key_id)?,
-                )?;
+                self.kms
+                    .update_alias(
+                        caller,
+                        &r.alias_name,
+                        key_id_field("TargetKeyId", &r.target_key_id)?,
+                    )
+                    .await?;
                 Ok(UpdateAliasResponse {})
             },
         )
@@ -795,7 +820,7 @@ impl KeyManagementService for Service {
             req,
             |_| None,
             async |caller, r| {
-                self.kms.delete_alias(caller, &r.alias_name)?;
+                self.kms.delete_alias(caller, &r.alias_name).await?;
                 Ok(DeleteAliasResponse {})
             },
         )
@@ -811,12 +836,15 @@ impl KeyManagementService for Service {
             req,
             |_| None,
             async |caller, r| {
-                let page = self.kms.list_aliases(
-                    caller,
-                    opt_key_id("KeyId", &r.key_id)?,
-                    r.limit,
-                    marker_field(&r.marker)?,
-                )?;
+                let page = self
+                    .kms
+                    .list_aliases(
+                        caller,
+                        opt_key_id("KeyId", &r.key_id)?,
+                        r.limit,
+                        marker_field(&r.marker)?,
+                    )
+                    .await?;
                 Ok(ListAliasesResponse {
                     aliases: page.items.into_iter().map(alias_entry).collect(),
                     truncated: page.next_marker.is_some(),
@@ -840,19 +868,22 @@ impl KeyManagementService for Service {
                 let constraints = r.constraints.unwrap_or_default();
                 let nonempty =
                     |m: HashMap<String, String>| (!m.is_empty()).then(|| m.into_iter().collect());
-                let (grant_id, grant_token) = self.kms.create_grant(
-                    caller,
-                    CreateGrant {
-                        key_id: key_id_field("KeyId", &r.key_id)?.to_string(),
-                        grantee_principal: r.grantee_principal,
-                        retiring_principal: r.retiring_principal,
-                        operations: r.operations,
-                        context_subset: nonempty(constraints.encryption_context_subset),
-                        context_equals: nonempty(constraints.encryption_context_equals),
-                        name: r.name,
-                        dry_run: r.dry_run.unwrap_or(false),
-                    },
-                )?;
+                let (grant_id, grant_token) = self
+                    .kms
+                    .create_grant(
+                        caller,
+                        CreateGrant {
+                            key_id: key_id_field("KeyId", &r.key_id)?.to_string(),
+                            grantee_principal: r.grantee_principal,
+                            retiring_principal: r.retiring_principal,
+                            operations: r.operations,
+                            context_subset: nonempty(constraints.encryption_context_subset),
+                            context_equals: nonempty(constraints.encryption_context_equals),
+                            name: r.name,
+                            dry_run: r.dry_run.unwrap_or(false),
+                        },
+                    )
+                    .await?;
                 Ok(CreateGrantResponse {
                     grant_token,
                     grant_id,
@@ -871,14 +902,17 @@ impl KeyManagementService for Service {
             req,
             |_| None,
             async |caller, r| {
-                let page = self.kms.list_grants(
-                    caller,
-                    key_id_field("KeyId", &r.key_id)?,
-                    r.grant_id.as_deref(),
-                    r.grantee_principal.as_deref(),
-                    r.limit,
-                    marker_field(&r.marker)?,
-                )?;
+                let page = self
+                    .kms
+                    .list_grants(
+                        caller,
+                        key_id_field("KeyId", &r.key_id)?,
+                        r.grant_id.as_deref(),
+                        r.grantee_principal.as_deref(),
+                        r.limit,
+                        marker_field(&r.marker)?,
+                    )
+                    .await?;
                 Ok(grant_page(page))
             },
         )
@@ -894,12 +928,15 @@ impl KeyManagementService for Service {
             req,
             |_| None,
             async |caller, r| {
-                let page = self.kms.list_retirable_grants(
-                    caller,
-                    &r.retiring_principal,
-                    r.limit,
-                    marker_field(&r.marker)?,
-                )?;
+                let page = self
+                    .kms
+                    .list_retirable_grants(
+                        caller,
+                        &r.retiring_principal,
+                        r.limit,
+                        marker_field(&r.marker)?,
+                    )
+                    .await?;
                 Ok(grant_page(page))
             },
         )
@@ -915,13 +952,15 @@ impl KeyManagementService for Service {
             req,
             |_| None,
             async |caller, r| {
-                self.kms.retire_grant(
-                    caller,
-                    r.grant_token.as_deref(),
-                    opt_key_id("KeyId", &r.key_id)?,
-                    r.grant_id.as_deref(),
-                    r.dry_run.unwrap_or(false),
-                )?;
+                self.kms
+                    .retire_grant(
+                        caller,
+                        r.grant_token.as_deref(),
+                        opt_key_id("KeyId", &r.key_id)?,
+                        r.grant_id.as_deref(),
+                        r.dry_run.unwrap_or(false),
+                    )
+                    .await?;
                 Ok(RetireGrantResponse {})
             },
         )
@@ -937,12 +976,14 @@ impl KeyManagementService for Service {
             req,
             |_| None,
             async |caller, r| {
-                self.kms.revoke_grant(
-                    caller,
-                    key_id_field("KeyId", &r.key_id)?,
-                    &r.grant_id,
-                    r.dry_run.unwrap_or(false),
-                )?;
+                self.kms
+                    .revoke_grant(
+                        caller,
+                        key_id_field("KeyId", &r.key_id)?,
+                        &r.grant_id,
+                        r.dry_run.unwrap_or(false),
+                    )
+                    .await?;
                 Ok(RevokeGrantResponse {})
             },
         )
@@ -958,13 +999,15 @@ impl KeyManagementService for Service {
             req,
             |_| None,
             async |caller, r| {
-                self.kms.put_key_policy(
-                    caller,
-                    key_id_field("KeyId", &r.key_id)?,
-                    r.policy_name.as_deref(),
-                    &r.policy,
-                    r.bypass_policy_lockout_safety_check.unwrap_or(false),
-                )?;
+                self.kms
+                    .put_key_policy(
+                        caller,
+                        key_id_field("KeyId", &r.key_id)?,
+                        r.policy_name.as_deref(),
+                        &r.policy,
+                        r.bypass_policy_lockout_safety_check.unwrap_or(false),
+                    )
+                    .await?;
                 Ok(PutKeyPolicyResponse {})
             },
         )
@@ -980,11 +1023,14 @@ impl KeyManagementService for Service {
             req,
             |_| None,
             async |caller, r| {
-                let policy = self.kms.get_key_policy(
-                    caller,
-                    key_id_field("KeyId", &r.key_id)?,
-                    r.policy_name.as_deref(),
-                )?;
+                let policy = self
+                    .kms
+                    .get_key_policy(
+                        caller,
+                        key_id_field("KeyId", &r.key_id)?,
+                        r.policy_name.as_deref(),
+                    )
+                    .await?;
                 Ok(GetKeyPolicyResponse {
                     policy,
                     policy_name: "default".into(),
@@ -1003,12 +1049,15 @@ impl KeyManagementService for Service {
             req,
             |_| None,
             async |caller, r| {
-                let page = self.kms.list_key_policies(
-                    caller,
-                    key_id_field("KeyId", &r.key_id)?,
-                    r.limit,
-                    marker_field(&r.marker)?,
-                )?;
+                let page = self
+                    .kms
+                    .list_key_policies(
+                        caller,
+                        key_id_field("KeyId", &r.key_id)?,
+                        r.limit,
+                        marker_field(&r.marker)?,
+                    )
+                    .await?;
                 Ok(ListKeyPoliciesResponse {
                     policy_names: page.items,
                     truncated: false,
@@ -1136,7 +1185,7 @@ impl KeyManagementService for Service {
                     .kms
                     .generate_data_key(
                         caller,
-                        Op::GenerateDataKey.action(),
+                        Op::GenerateDataKey,
                         key_id,
                         &context("EncryptionContext", r.encryption_context)?,
                         len,
@@ -1169,7 +1218,7 @@ impl KeyManagementService for Service {
                     .kms
                     .generate_data_key(
                         caller,
-                        Op::GenerateDataKeyWithoutPlaintext.action(),
+                        Op::GenerateDataKeyWithoutPlaintext,
                         key_id,
                         &context("EncryptionContext", r.encryption_context)?,
                         len,

@@ -92,17 +92,6 @@ impl LoginFailure {
             _ => LoginFailure::Internal,
         }
     }
-
-    pub fn connection_error_code(self) -> &'static str {
-        match self {
-            LoginFailure::InvalidCredentials => "INVALID_CREDENTIALS",
-            LoginFailure::UserLockedOut => "USER_LOCKED_OUT",
-            LoginFailure::UserNotFound => "USER_NOT_FOUND",
-            LoginFailure::TokenNotFound => "CLUSTER_NOT_FOUND",
-            LoginFailure::Device => "NETWORK_ERRORS",
-            LoginFailure::Internal => "INTERNAL_ERROR",
-        }
-    }
 }
 
 /// A failed HSM operation, as the domain sees it.

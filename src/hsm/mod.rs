@@ -60,6 +60,48 @@ impl Modules {
         loaded.insert(module.to_path_buf(), ctx.clone());
         Ok(ctx)
     }
+
+    /// Loads `module` if need be, then opens a connection to its token `label` (see
+    /// `Connection::open`). Blocking.
+    pub fn open(
+        &self,
+        module: &Path,
+        label: &str,
+        pin: &Pin,
+        options: Options,
+    ) -> Result<Arc<Connection>, LoginFailure> {
+        let ctx = self.get(module).map_err(|e| {
+            tracing::error!(error = %e, "PKCS#11 module unusable");
+            LoginFailure::Internal
+        })?;
+        Connection::open(ctx, label, pin, options)
+    }
+}
+
+/// The crypto user's PIN: `user:password` for modules that take the user in the PIN (AWS
+/// CloudHSM's), else the password alone. Built in one allocation that moves into the
+/// zeroizing AuthPin, so that no stray copy is left in freed memory. Never printed.
+pub struct Pin(AuthPin);
+
+impl Pin {
+    /// `None` if the password is not UTF-8 (PKCS#11 PINs are text here).
+    pub fn new(user: Option<&str>, password: &[u8]) -> Option<Pin> {
+        let password = std::str::from_utf8(password).ok()?;
+        let user_len = user.map_or(0, |u| u.len() + 1);
+        let mut pin = String::with_capacity(user_len + password.len());
+        if let Some(u) = user {
+            pin.push_str(u);
+            pin.push(':');
+        }
+        pin.push_str(password);
+        Some(Pin(AuthPin::from(pin)))
+    }
+}
+
+impl std::fmt::Debug for Pin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pin(<redacted>)")
+    }
 }
 
 /// The slot whose token carries `label`, if any.
@@ -174,7 +216,7 @@ impl Connection {
     pub fn open(
         ctx: Pkcs11,
         token_label: &str,
-        pin: &AuthPin,
+        pin: &Pin,
         options: Options,
     ) -> Result<Arc<Connection>, LoginFailure> {
         let slot = match find_token(&ctx, token_label) {
@@ -189,7 +231,7 @@ impl Connection {
             tracing::warn!(token = token_label, error = %short(&e), "opening the anchor session failed");
             LoginFailure::from_error(&e)
         })?;
-        match anchor.login(UserType::User, Some(pin)) {
+        match anchor.login(UserType::User, Some(&pin.0)) {
             Ok(()) => {}
             // Another session of this process already holds the login: that is fine.
             Err(cryptoki::error::Error::Pkcs11(
@@ -251,13 +293,13 @@ impl Connection {
     }
 
     /// Changes the crypto user's PIN (C_SetPIN on the logged-in anchor session). Blocking.
-    pub fn set_pin(&self, old: &AuthPin, new: &AuthPin) -> Result<(), HsmError> {
+    pub fn set_pin(&self, old: &Pin, new: &Pin) -> Result<(), HsmError> {
         let anchor = self.anchor.lock().unwrap_or_else(|p| p.into_inner());
         let session = anchor
             .as_ref()
             .ok_or_else(|| HsmError::Internal("the connection is closed".into()))?;
         session
-            .set_pin(old, new)
+            .set_pin(&old.0, &new.0)
             .map_err(|e| HsmError::from_pkcs11(&e))
     }
 

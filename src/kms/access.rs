@@ -850,8 +850,32 @@ impl super::Kms {
             .context(ctx)
             .alias(key_ref.and_then(request_alias))
     }
+}
 
-    fn compiled_policy(&self, key: &crate::store::KeyRecord) -> KmsResult<Arc<Policy>> {
+/// Access evaluation's state: the identity policies, the default key policy, and compiled
+/// key policies.
+pub struct Access {
+    /// Identity (IAM) policies by principal; replaced on configuration reload.
+    identities: std::sync::RwLock<Arc<Identities>>,
+    policies: PolicyCache,
+    /// The policy of keys without a stored one.
+    default_policy: Arc<Policy>,
+}
+
+impl Access {
+    pub fn new(scope: &super::ids::ArnScope, identities: Identities) -> KmsResult<Access> {
+        let default_policy = Policy::compile(&super::policy::default_policy(
+            &scope.partition,
+            &scope.account_id,
+        ))?;
+        Ok(Access {
+            identities: std::sync::RwLock::new(Arc::new(identities)),
+            policies: PolicyCache::default(),
+            default_policy: Arc::new(default_policy),
+        })
+    }
+
+    fn compiled_policy(&self, key: &crate::metadata::KeyRecord) -> KmsResult<Arc<Policy>> {
         let Some(text) = &key.policy else {
             return Ok(Arc::clone(&self.default_policy));
         };
@@ -887,46 +911,52 @@ impl super::Kms {
     pub fn set_identities(&self, ids: Identities) {
         *self.identities.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ids);
     }
+}
 
+impl super::Kms {
     /// Authorises `action` on `key` for the caller: key policy, identity policies, grants.
     /// The key's ARN is noted for the audit trail either way.
-    pub(super) fn authorize_key(
+    pub(super) async fn authorize_key(
         &self,
         caller: &Caller,
         action: &'static str,
-        key: &crate::store::KeyRecord,
+        key: &crate::metadata::KeyRecord,
         ctx: &Context,
-        facts: &Facts,
+        facts: &Facts<'_>,
     ) -> KmsResult<()> {
         // A grant for CreateGrant has rules of its own (see grants.rs).
-        self.authorize_key_or(caller, action, key, facts, || {
-            action != super::op::Op::CreateGrant.action() && self.granted(caller, key, action, ctx)
+        self.authorize_key_or(caller, action, key, facts, async || {
+            action != super::op::Op::CreateGrant.action()
+                && self.granted(caller, key, action, ctx).await
         })
+        .await
     }
 
     /// As `authorize_key`, with `granted` deciding whether a grant allows the request.
-    pub(super) fn authorize_key_or(
+    /// The grants are read only when the policies neither allow nor deny.
+    pub(super) async fn authorize_key_or(
         &self,
         caller: &Caller,
         action: &'static str,
-        key: &crate::store::KeyRecord,
-        facts: &Facts,
-        granted: impl FnOnce() -> bool,
+        key: &crate::metadata::KeyRecord,
+        facts: &Facts<'_>,
+        granted: impl AsyncFnOnce() -> bool,
     ) -> KmsResult<()> {
         caller.note(Resource::Key(key.id));
         let arn = self.scope.key_arn(&key.id);
-        let policy = self.compiled_policy(key)?;
+        let policy = self.access.compiled_policy(key)?;
         let decision = decide_key(
             &policy,
-            &self.identities(),
+            &self.access.identities(),
             &caller.principal,
             action,
             &arn,
             facts,
-            granted,
+            || false,
         );
         match decision {
             Decision::Allow => Ok(()),
+            Decision::NoAllow(_) if granted().await => Ok(()),
             d => Err(denied(&caller.principal, action, &arn, d)),
         }
     }
@@ -939,7 +969,9 @@ impl super::Kms {
         resource: &str,
         facts: &Facts,
     ) -> (bool, bool) {
-        self.identities().evaluate(caller, action, resource, facts)
+        self.access
+            .identities()
+            .evaluate(caller, action, resource, facts)
     }
 
     /// Authorises an account-level operation (`resource` is `*`, or the store id / alias
@@ -949,14 +981,14 @@ impl super::Kms {
         caller: &Caller,
         action: &'static str,
         resource: Option<&str>,
-        facts: &Facts,
+        facts: &Facts<'_>,
     ) -> KmsResult<()> {
         if let Some(r) = resource {
             caller.note(Resource::Named(r.to_string()));
         }
         let resource = resource.filter(|r| r.starts_with("arn:")).unwrap_or("*");
         match decide_account(
-            &self.identities(),
+            &self.access.identities(),
             &caller.principal,
             &self.scope.account_id,
             action,
@@ -981,7 +1013,7 @@ impl super::Kms {
         let facts = Facts::of(&caller.principal);
         let d = decide_key(
             &policy,
-            &self.identities(),
+            &self.access.identities(),
             &caller.principal,
             super::op::Op::PutKeyPolicy.action(),
             &arn,

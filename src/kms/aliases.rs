@@ -8,8 +8,9 @@ use super::crypto::NO_CONTEXT;
 use super::error::{ErrorKind, KmsError, KmsResult};
 use super::keystores::Page;
 use super::op::Op;
+use super::states::KeyState;
 use super::{decode_marker, page_limit, Kms};
-use crate::store::{AliasRecord, Refused};
+use crate::metadata::{AliasRecord, Failure, Precondition, Unique};
 
 pub const MAX_ALIASES_PER_KEY: usize = 50;
 
@@ -67,45 +68,47 @@ impl Kms {
     }
 
     /// The key an alias points to; NotFoundException if there is no such alias.
-    pub(super) fn alias_target(&self, name: &str) -> KmsResult<Uuid> {
-        self.store
-            .get_alias(name)?
+    pub(super) async fn alias_target(&self, name: &str) -> KmsResult<Uuid> {
+        self.meta
+            .alias(name)
+            .await?
             .map(|a| a.key_id)
-            .ok_or_else(|| {
-                KmsError::new(
-                    ErrorKind::NotFound,
-                    format!("Alias {} is not found", self.scope.alias_arn(name)),
-                )
-            })
+            .ok_or_else(|| self.alias_not_found(name))
     }
 
-    fn alias_refused(&self, name: &str, key: &Uuid, r: Refused) -> KmsError {
-        match r {
-            Refused::AliasExists => KmsError::new(
+    fn alias_not_found(&self, name: &str) -> KmsError {
+        KmsError::new(
+            ErrorKind::NotFound,
+            format!("Alias {} is not found", self.scope.alias_arn(name)),
+        )
+    }
+
+    /// The exception for a refused alias change of `op` that names `key`.
+    fn alias_refused(&self, op: Op, name: &str, key: &Uuid, f: Failure) -> KmsError {
+        match f {
+            Failure::Taken(Unique::AliasName) => KmsError::new(
                 ErrorKind::AlreadyExists,
                 format!(
                     "An alias with the name {} already exists",
                     self.scope.alias_arn(name)
                 ),
             ),
-            Refused::AliasMissing => KmsError::new(
-                ErrorKind::NotFound,
-                format!("Alias {} is not found", self.scope.alias_arn(name)),
-            ),
-            Refused::TooMany(n) => KmsError::new(
+            // The key was looked up just before; what is missing now is the alias.
+            Failure::NotFound if op != Op::CreateAlias => self.alias_not_found(name),
+            Failure::Precondition(Precondition::Limit(n)) => KmsError::new(
                 ErrorKind::LimitExceeded,
                 format!(
                     "{} already has {n} aliases, the most a key may have",
                     self.scope.key_arn(key)
                 ),
             ),
-            other => self.refused(key, other),
+            other => self.refused(op, key, other),
         }
     }
 
     /// Alias operations need the permission on the alias (identity policies) and on each
     /// key involved (key policies), as in AWS.
-    fn authorize_alias(
+    async fn authorize_alias(
         &self,
         caller: &Caller,
         action: &'static str,
@@ -115,47 +118,69 @@ impl Kms {
         let facts = Facts::of(&caller.principal);
         self.authorize_account(caller, action, Some(&self.scope.alias_arn(name)), &facts)?;
         for k in keys {
-            let key = self.key_by_id(k)?;
-            self.authorize_key(caller, action, &key, &NO_CONTEXT, &facts)?;
+            let key = self.key_by_id(k).await?;
+            self.authorize_key(caller, action, &key, &NO_CONTEXT, &facts)
+                .await?;
         }
         Ok(())
     }
 
-    pub fn create_alias(&self, caller: &Caller, name: &str, target: &str) -> KmsResult<()> {
+    pub async fn create_alias(&self, caller: &Caller, name: &str, target: &str) -> KmsResult<()> {
+        let op = Op::CreateAlias;
         check_alias_name(name)?;
-        let key = self.key_record(caller, target)?.id;
-        self.authorize_alias(caller, Op::CreateAlias.action(), name, &[key])?;
-        self.store
-            .create_alias(name, &key, self.now(), MAX_ALIASES_PER_KEY)?
-            .map_err(|r| self.alias_refused(name, &key, r))?;
+        let key = self.key_record(caller, target).await?.id;
+        self.authorize_alias(caller, op.action(), name, &[key])
+            .await?;
+        self.meta
+            .create_alias(
+                name,
+                &key,
+                KeyState::accepted_by(op),
+                self.now(),
+                MAX_ALIASES_PER_KEY,
+            )
+            .await
+            .map_err(|f| self.alias_refused(op, name, &key, f))?;
         tracing::info!(alias = name, key_arn = %self.scope.key_arn(&key), "created alias");
         Ok(())
     }
 
-    pub fn update_alias(&self, caller: &Caller, name: &str, target: &str) -> KmsResult<()> {
+    pub async fn update_alias(&self, caller: &Caller, name: &str, target: &str) -> KmsResult<()> {
+        let op = Op::UpdateAlias;
         check_alias_name(name)?;
-        let key = self.key_record(caller, target)?.id;
-        let current = self.alias_target(name)?;
-        self.authorize_alias(caller, Op::UpdateAlias.action(), name, &[current, key])?;
-        self.store
-            .update_alias(name, &key, self.now(), MAX_ALIASES_PER_KEY)?
-            .map_err(|r| self.alias_refused(name, &key, r))?;
+        let key = self.key_record(caller, target).await?.id;
+        let current = self.alias_target(name).await?;
+        self.authorize_alias(caller, op.action(), name, &[current, key])
+            .await?;
+        self.meta
+            .update_alias(
+                name,
+                &key,
+                KeyState::accepted_by(op),
+                self.now(),
+                MAX_ALIASES_PER_KEY,
+            )
+            .await
+            .map_err(|f| self.alias_refused(op, name, &key, f))?;
         tracing::info!(alias = name, key_arn = %self.scope.key_arn(&key), "updated alias");
         Ok(())
     }
 
-    pub fn delete_alias(&self, caller: &Caller, name: &str) -> KmsResult<()> {
+    pub async fn delete_alias(&self, caller: &Caller, name: &str) -> KmsResult<()> {
+        let op = Op::DeleteAlias;
         check_alias_name(name)?;
-        let current = self.alias_target(name)?;
-        self.authorize_alias(caller, Op::DeleteAlias.action(), name, &[current])?;
-        self.store
-            .delete_alias(name)?
-            .map_err(|r| self.alias_refused(name, &Uuid::nil(), r))?;
+        let current = self.alias_target(name).await?;
+        self.authorize_alias(caller, op.action(), name, &[current])
+            .await?;
+        self.meta
+            .delete_alias(name)
+            .await
+            .map_err(|f| self.alias_refused(op, name, &current, f))?;
         tracing::info!(alias = name, "deleted alias");
         Ok(())
     }
 
-    pub fn list_aliases(
+    pub async fn list_aliases(
         &self,
         caller: &Caller,
         key_ref: Option<&str>,
@@ -169,14 +194,15 @@ impl Kms {
             None,
             &Facts::of(&caller.principal),
         )?;
-        let key = key_ref
-            .map(|k| self.key_record(caller, k))
-            .transpose()?
-            .map(|k| k.id);
+        let key = match key_ref {
+            Some(k) => Some(self.key_record(caller, k).await?.id),
+            None => None,
+        };
         let after = marker.map(decode_marker).transpose()?;
         let rows = self
-            .store
-            .list_aliases(key.as_ref(), after.as_deref(), limit + 1)?;
+            .meta
+            .list_aliases(key.as_ref(), after.as_deref(), limit + 1)
+            .await?;
         Ok(Page::of(
             rows,
             limit,

@@ -42,7 +42,7 @@ pub struct Blob<'a> {
     /// The header bytes that lead the additional data (version dependent).
     pub aad_prefix: &'a [u8],
     /// GCM ciphertext followed by the tag, as PKCS#11 C_Decrypt takes it.
-    pub sealed: &'a [u8],
+    pub body: &'a [u8],
 }
 
 /// Parses a blob. Total: any byte string yields a `Blob` or InvalidCiphertextException.
@@ -50,7 +50,7 @@ pub fn parse(bytes: &[u8]) -> KmsResult<Blob<'_>> {
     if bytes.len() < MIN_LEN {
         return Err(invalid("the ciphertext is too short"));
     }
-    let (header, sealed) = bytes.split_at(HEADER_LEN);
+    let (header, body) = bytes.split_at(HEADER_LEN);
     let aad_prefix = match header[0] {
         VERSION => &header[..PREFIX_LEN],
         VERSION_1 => header,
@@ -63,7 +63,7 @@ pub fn parse(bytes: &[u8]) -> KmsResult<Blob<'_>> {
         key_id,
         iv,
         aad_prefix,
-        sealed,
+        body,
     })
 }
 
@@ -76,11 +76,11 @@ pub fn prefix(key_id: &Uuid) -> [u8; PREFIX_LEN] {
 }
 
 /// Joins the prefix, the IV and the GCM output (ciphertext and tag) into a blob.
-pub fn assemble(prefix: &[u8; PREFIX_LEN], iv: &[u8; IV_LEN], sealed: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + sealed.len());
+pub fn assemble(prefix: &[u8; PREFIX_LEN], iv: &[u8; IV_LEN], body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(prefix);
     out.extend_from_slice(iv);
-    out.extend_from_slice(sealed);
+    out.extend_from_slice(body);
     out
 }
 
@@ -120,7 +120,7 @@ mod tests {
     use proptest::prelude::*;
 
     /// Software AES-GCM with the same layout as the HSM path, to test the format on its own.
-    fn seal(
+    fn encrypt_blob(
         key: &[u8; 32],
         id: &Uuid,
         iv: [u8; 12],
@@ -130,23 +130,23 @@ mod tests {
         let p = prefix(id);
         let aad = additional_data(&p, ctx);
         let c = Aes256Gcm::new(key.into());
-        let sealed = c
+        let body = c
             .encrypt(Nonce::from_slice(&iv), Payload { msg: pt, aad: &aad })
             .unwrap();
-        assemble(&p, &iv, &sealed)
+        assemble(&p, &iv, &body)
     }
 
     /// A version 1 blob: the whole header, IV included, leads the additional data.
-    fn seal_v1(key: &[u8; 32], id: &Uuid, iv: [u8; 12], pt: &[u8]) -> Vec<u8> {
+    fn encrypt_blob_v1(key: &[u8; 32], id: &Uuid, iv: [u8; 12], pt: &[u8]) -> Vec<u8> {
         let mut h = vec![VERSION_1];
         h.extend_from_slice(id.as_bytes());
         h.extend_from_slice(&iv);
         let aad = additional_data(&h, &BTreeMap::new());
         let c = Aes256Gcm::new(key.into());
-        let sealed = c
+        let body = c
             .encrypt(Nonce::from_slice(&iv), Payload { msg: pt, aad: &aad })
             .unwrap();
-        [h, sealed].concat()
+        [h, body].concat()
     }
 
     fn open(key: &[u8; 32], blob: &[u8], ctx: &BTreeMap<String, String>) -> KmsResult<Vec<u8>> {
@@ -156,7 +156,7 @@ mod tests {
         c.decrypt(
             Nonce::from_slice(&b.iv),
             Payload {
-                msg: b.sealed,
+                msg: b.body,
                 aad: &aad,
             },
         )
@@ -166,7 +166,7 @@ mod tests {
     #[test]
     fn layout() {
         let id = Uuid::new_v4();
-        let blob = seal(&[7; 32], &id, [1; 12], b"hello", &BTreeMap::new());
+        let blob = encrypt_blob(&[7; 32], &id, [1; 12], b"hello", &BTreeMap::new());
         assert_eq!(blob.len(), HEADER_LEN + 5 + TAG_LEN);
         let b = parse(&blob).unwrap();
         assert_eq!(b.key_id, id);
@@ -188,7 +188,7 @@ mod tests {
     #[test]
     fn version_1_blobs_still_open() {
         let (key, id) = ([4u8; 32], Uuid::new_v4());
-        let blob = seal_v1(&key, &id, [6; 12], b"legacy");
+        let blob = encrypt_blob_v1(&key, &id, [6; 12], b"legacy");
         assert_eq!(parse(&blob).unwrap().aad_prefix.len(), HEADER_LEN);
         assert_eq!(open(&key, &blob, &BTreeMap::new()).unwrap(), b"legacy");
         // The version byte is bound: relabelling a v1 blob as v2 fails the tag.
@@ -219,7 +219,7 @@ mod tests {
         ) {
             let key = [9u8; 32];
             let id = Uuid::new_v4();
-            let blob = seal(&key, &id, iv, &pt, &ctx);
+            let blob = encrypt_blob(&key, &id, iv, &pt, &ctx);
             prop_assert_eq!(open(&key, &blob, &ctx).unwrap(), pt);
         }
 
@@ -231,7 +231,7 @@ mod tests {
         ) {
             let key = [3u8; 32];
             let ctx: BTreeMap<_, _> = [("purpose".to_string(), "test".to_string())].into();
-            let blob = seal(&key, &Uuid::new_v4(), [5; 12], &pt, &ctx);
+            let blob = encrypt_blob(&key, &Uuid::new_v4(), [5; 12], &pt, &ctx);
             let mut bad = blob.clone();
             let i = pos.index(bad.len());
             bad[i] ^= 1 << bit;

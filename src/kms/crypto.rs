@@ -8,10 +8,10 @@ use zeroize::Zeroizing;
 
 use super::access::{Caller, Facts};
 use super::ciphertext;
-use super::conn_state::CONNECTED;
 use super::error::{ErrorKind, KmsError, KmsResult};
 use super::keys::{Auth, UsableKey};
 use super::op::Op;
+use super::states::ConnectionState;
 use super::Kms;
 use crate::config::GcmIvMode;
 use crate::hsm::{HsmError, IV_LEN};
@@ -175,7 +175,8 @@ pub(super) fn store_hsm_error(store_id: &str, what: &str, e: HsmError) -> KmsErr
 }
 
 impl Kms {
-    async fn seal(
+    /// Encrypts under the key in its HSM and assembles the ciphertext blob.
+    async fn encrypt_with(
         &self,
         key: &UsableKey,
         plaintext: Zeroizing<Vec<u8>>,
@@ -191,19 +192,23 @@ impl Kms {
         };
         let prefix = ciphertext::prefix(&key.id);
         let aad = ciphertext::additional_data(&prefix, ctx);
-        let (iv, sealed) = key
+        let (iv, body) = key
             .conn
             .encrypt(key.id, iv, aad, plaintext)
             .await
             .map_err(|e| hsm_error(key, e))?;
-        Ok(ciphertext::assemble(&prefix, &iv, &sealed))
+        Ok(ciphertext::assemble(&prefix, &iv, &body))
     }
 
     /// Resolves the key of a parsed blob; `auth.key_ref` is the caller's KeyId, if any.
-    fn open_target(&self, blob: &ciphertext::Blob<'_>, auth: Auth<'_>) -> KmsResult<UsableKey> {
+    async fn open_target(
+        &self,
+        blob: &ciphertext::Blob<'_>,
+        auth: Auth<'_>,
+    ) -> KmsResult<UsableKey> {
         let expected = auth.key_ref;
         if let Some(want) = expected {
-            let want = self.resolve(auth.caller, want)?;
+            let want = self.resolve(auth.caller, want).await?;
             if want != blob.key_id {
                 return Err(KmsError::new(
                     ErrorKind::IncorrectKey,
@@ -214,7 +219,7 @@ impl Kms {
                 ));
             }
         }
-        match self.usable_key_by_id(&blob.key_id, auth) {
+        match self.usable_key_by_id(&blob.key_id, auth).await {
             // A blob naming no key here is not a ciphertext of this service.
             Err(e) if e.kind == ErrorKind::NotFound && expected.is_none() => Err(KmsError::new(
                 ErrorKind::InvalidCiphertext,
@@ -224,7 +229,8 @@ impl Kms {
         }
     }
 
-    async fn unseal(
+    /// Decrypts a parsed blob under the key in its HSM.
+    async fn decrypt_with(
         &self,
         key: &UsableKey,
         blob: &ciphertext::Blob<'_>,
@@ -232,7 +238,7 @@ impl Kms {
     ) -> KmsResult<Zeroizing<Vec<u8>>> {
         let aad = ciphertext::additional_data(blob.aad_prefix, ctx);
         key.conn
-            .decrypt(key.id, blob.iv, aad, blob.sealed.to_vec())
+            .decrypt(key.id, blob.iv, aad, blob.body.to_vec())
             .await
             .map_err(|e| hsm_error(key, e))
     }
@@ -247,20 +253,23 @@ impl Kms {
         dry: bool,
     ) -> KmsResult<Encrypted> {
         check_algorithm("EncryptionAlgorithm", algorithm)?;
-        let key = self.usable_key(
-            key_ref,
-            Auth {
-                caller,
-                action: Op::Encrypt.action(),
-                ctx,
-                key_ref: None,
-            },
-        )?;
+        let key = self
+            .usable_key(
+                key_ref,
+                Auth {
+                    caller,
+                    op: Op::Encrypt,
+                    action: Op::Encrypt.action(),
+                    ctx,
+                    key_ref: None,
+                },
+            )
+            .await?;
         if dry {
             return Err(dry_run());
         }
         self.admit(&key.store_id)?;
-        let blob = self.seal(&key, plaintext, ctx).await?;
+        let blob = self.encrypt_with(&key, plaintext, ctx).await?;
         Ok(Encrypted {
             ciphertext_blob: blob,
             key_arn: key.arn,
@@ -278,20 +287,23 @@ impl Kms {
     ) -> KmsResult<Decrypted> {
         check_algorithm("EncryptionAlgorithm", algorithm)?;
         let blob = ciphertext::parse(blob)?;
-        let key = self.open_target(
-            &blob,
-            Auth {
-                caller,
-                action: Op::Decrypt.action(),
-                ctx,
-                key_ref,
-            },
-        )?;
+        let key = self
+            .open_target(
+                &blob,
+                Auth {
+                    caller,
+                    op: Op::Decrypt,
+                    action: Op::Decrypt.action(),
+                    ctx,
+                    key_ref,
+                },
+            )
+            .await?;
         if dry {
             return Err(dry_run());
         }
         self.admit(&key.store_id)?;
-        let plaintext = self.unseal(&key, &blob, ctx).await?;
+        let plaintext = self.decrypt_with(&key, &blob, ctx).await?;
         Ok(Decrypted {
             plaintext: Secret(plaintext),
             key_arn: key.arn,
@@ -314,24 +326,30 @@ impl Kms {
         check_algorithm("SourceEncryptionAlgorithm", source_algorithm)?;
         check_algorithm("DestinationEncryptionAlgorithm", destination_algorithm)?;
         let blob = ciphertext::parse(blob)?;
-        let source = self.open_target(
-            &blob,
-            Auth {
-                caller,
-                action: Op::ReEncrypt.actions()[0], // kms:ReEncryptFrom, on the source key
-                ctx: source_ctx,
-                key_ref: source_key_ref,
-            },
-        )?;
-        let destination = self.usable_key(
-            destination_key_ref,
-            Auth {
-                caller,
-                action: Op::ReEncrypt.actions()[1], // kms:ReEncryptTo, on the destination key
-                ctx: destination_ctx,
-                key_ref: None,
-            },
-        )?;
+        let source = self
+            .open_target(
+                &blob,
+                Auth {
+                    caller,
+                    op: Op::ReEncrypt,
+                    action: Op::ReEncrypt.actions()[0], // kms:ReEncryptFrom, on the source key
+                    ctx: source_ctx,
+                    key_ref: source_key_ref,
+                },
+            )
+            .await?;
+        let destination = self
+            .usable_key(
+                destination_key_ref,
+                Auth {
+                    caller,
+                    op: Op::ReEncrypt,
+                    action: Op::ReEncrypt.actions()[1], // kms:ReEncryptTo, on the destination key
+                    ctx: destination_ctx,
+                    key_ref: None,
+                },
+            )
+            .await?;
         if dry {
             return Err(dry_run());
         }
@@ -340,8 +358,10 @@ impl Kms {
         if destination.store_id != source.store_id {
             self.admit(&destination.store_id)?;
         }
-        let plaintext = self.unseal(&source, &blob, source_ctx).await?;
-        let blob = self.seal(&destination, plaintext, destination_ctx).await?;
+        let plaintext = self.decrypt_with(&source, &blob, source_ctx).await?;
+        let blob = self
+            .encrypt_with(&destination, plaintext, destination_ctx)
+            .await?;
         Ok(ReEncrypted {
             ciphertext_blob: blob,
             source_key_arn: source.arn,
@@ -353,27 +373,30 @@ impl Kms {
     pub async fn generate_data_key(
         &self,
         caller: &Caller,
-        action: &'static str,
+        op: Op,
         key_ref: &str,
         ctx: &Context,
         len: usize,
         dry: bool,
     ) -> KmsResult<DataKey> {
-        let key = self.usable_key(
-            key_ref,
-            Auth {
-                caller,
-                action,
-                ctx,
-                key_ref: None,
-            },
-        )?;
+        let key = self
+            .usable_key(
+                key_ref,
+                Auth {
+                    caller,
+                    op,
+                    action: op.action(),
+                    ctx,
+                    key_ref: None,
+                },
+            )
+            .await?;
         if dry {
             return Err(dry_run());
         }
         self.admit(&key.store_id)?;
         let plaintext = key.conn.random(len).await.map_err(|e| hsm_error(&key, e))?;
-        let blob = self.seal(&key, plaintext.clone(), ctx).await?;
+        let blob = self.encrypt_with(&key, plaintext.clone(), ctx).await?;
         Ok(DataKey {
             ciphertext_blob: blob,
             plaintext: Secret(plaintext),
@@ -398,8 +421,8 @@ impl Kms {
             getrandom::fill(&mut buf).map_err(KmsError::internal)?;
             return Ok(Secret(buf));
         };
-        let store = self.get_store(store_id)?;
-        let conn = if store.connection_state == CONNECTED {
+        let store = self.keystore(store_id).await?;
+        let conn = if store.connection_state == ConnectionState::Connected {
             self.connection(&store.id)
         } else {
             None

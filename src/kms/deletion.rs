@@ -9,14 +9,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::conn_state::*;
+use super::states::ConnectionState::*;
 use super::Kms;
+use crate::metadata::Failure;
 
 impl Kms {
     /// Deletes every key whose deletion date has passed; returns how many were deleted.
     pub async fn delete_due_keys(&self) -> usize {
         let now = self.now();
-        let due = match self.store.keys_due(now, 100) {
+        let due = match self.meta.keys_due(now, 100).await {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, "listing keys due for deletion failed");
@@ -28,7 +29,7 @@ impl Kms {
             let arn = self.scope.key_arn(&key.id);
             // While the store is changing state, wait: deleting now would orphan material that
             // could be destroyed a moment later.
-            let state = match self.store_state(&key.custom_key_store_id) {
+            let state = match self.keystore_state(&key.custom_key_store_id).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!(key_arn = %arn, error = %e, "reading the key's store failed");
@@ -36,14 +37,14 @@ impl Kms {
                 }
             };
             let conn = self.connection(&key.custom_key_store_id);
-            let reachable = match (state.as_str(), &conn) {
-                (CONNECTED, Some(_)) => true,
-                (DISCONNECTED | FAILED, _) => false,
+            let reachable = match (state, &conn) {
+                (Connected, Some(_)) => true,
+                (Disconnected | Failed, _) => false,
                 _ => continue,
             };
-            match self.store.begin_deletion(&key.id, now) {
-                Ok(true) => {}
-                Ok(false) => continue, // cancelled meanwhile
+            match self.meta.begin_deletion(&key.id, now).await {
+                Ok(()) => {}
+                Err(Failure::NotFound) => continue, // cancelled meanwhile
                 Err(e) => {
                     tracing::error!(key_arn = %arn, error = %e, "marking key for deletion failed");
                     continue;
@@ -68,7 +69,7 @@ impl Kms {
                     );
                 }
             }
-            match self.store.delete_key(&key.id) {
+            match self.meta.delete_key(&key.id).await {
                 Ok(()) => {
                     deleted += 1;
                     tracing::info!(key_arn = %arn, "deleted key at the end of its waiting period");
@@ -84,15 +85,9 @@ impl Kms {
     /// Removes key creations abandoned after an HSM timeout: `Creating` rows older than any
     /// CreateKey can still be working on, in stores whose HSM answers.
     pub async fn sweep_abandoned_creations(&self) {
-        let cutoff = self.now() - 2 * self.hsm.call_timeout_ms as i64 - 1_000;
-        let conns: Vec<(String, std::sync::Arc<crate::hsm::Connection>)> = self
-            .connections
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|(_, c)| !c.is_degraded())
-            .map(|(id, c)| (id.clone(), Arc::clone(c)))
-            .collect();
+        let call_timeout_ms = self.connections.settings().call_timeout_ms as i64;
+        let cutoff = self.now() - 2 * call_timeout_ms - 1_000;
+        let conns = self.connections.healthy();
         for (store_id, conn) in conns {
             self.reconcile_creating_keys(&store_id, &conn, cutoff).await;
         }

@@ -1,8 +1,9 @@
 //! The domain error: an AWS exception name plus a message for people.
 //!
-//! Every layer below (`hsm`, `store`) translates its own failures into this type at its edge,
-//! so the API layer has exactly one mapping to do (see `api::status`). Messages name the key ARN
-//! or store id involved, as AWS does, and never carry plaintext, data keys, passwords or PINs.
+//! The layers below (`hsm`, `metadata`) report typed outcomes; the domain turns them into
+//! this type, so the API layer has exactly one mapping to do (see `api::status`). Messages
+//! name the key ARN or store id involved, as AWS does, and never carry plaintext, data keys,
+//! passwords or PINs.
 
 use std::fmt;
 
@@ -151,6 +152,14 @@ impl fmt::Display for KmsError {
 }
 
 impl std::error::Error for KmsError {}
+
+/// A metadata outcome the calling code did not expect is an internal error; the outcomes a
+/// caller can cause (not found, a name taken, a state refused) are matched where they arise.
+impl From<crate::metadata::Failure> for KmsError {
+    fn from(f: crate::metadata::Failure) -> Self {
+        KmsError::internal(f)
+    }
+}
 
 pub type KmsResult<T> = Result<T, KmsError>;
 

@@ -1,7 +1,7 @@
 //! Grants: CreateGrant, ListGrants, ListRetirableGrants, RetireGrant, RevokeGrant, and the
 //! check that lets a grant allow a request no policy allows.
 //!
-//! Grants take effect at once here (one metadata store, no eventual consistency), so grant
+//! Grants take effect at once here (one metadata database, no eventual consistency), so grant
 //! tokens are checked for form (the API layer does so for every request that carries them)
 //! and, in RetireGrant, looked up; a request never waits for one.
 
@@ -14,8 +14,9 @@ use super::crypto::{Context, NO_CONTEXT};
 use super::error::{ErrorKind, KmsError, KmsResult};
 use super::keystores::Page;
 use super::op::Op;
+use super::states::KeyState;
 use super::{decode_marker, page_limit, Kms};
-use crate::store::GrantRecord;
+use crate::metadata::{Failure, GrantRecord};
 
 /// The other grant operations AWS defines (asymmetric and HMAC keys): ValidationException
 /// for a symmetric key, as AWS answers.
@@ -143,20 +144,20 @@ fn random_hex(bytes: usize) -> KmsResult<String> {
 impl Kms {
     /// Whether one of the key's grants lets the caller do `action` with this encryption
     /// context. Grants do not constrain DescribeKey and RetireGrant, which have no context.
-    pub(super) fn granted(
+    pub(super) async fn granted(
         &self,
         caller: &Caller,
-        key: &crate::store::KeyRecord,
+        key: &crate::metadata::KeyRecord,
         action: &str,
         ctx: &Context,
     ) -> bool {
         let Some(op) = action.strip_prefix("kms:") else {
             return false;
         };
-        let grants = match self.store.key_grants(&key.id) {
+        let grants = match self.meta.key_grants(&key.id).await {
             Ok(g) => g,
             Err(e) => {
-                tracing::error!(error = %e.message, "reading grants failed");
+                tracing::error!(error = %e, "reading grants failed");
                 return false;
             }
         };
@@ -170,8 +171,8 @@ impl Kms {
 
     /// A grantee's CreateGrant: only what its own grants allow, with constraints at least
     /// as strict as theirs.
-    fn grant_allows_child(&self, caller: &Caller, key: &Uuid, child: &GrantRecord) -> bool {
-        let Ok(grants) = self.store.key_grants(key) else {
+    async fn grant_allows_child(&self, caller: &Caller, key: &Uuid, child: &GrantRecord) -> bool {
+        let Ok(grants) = self.meta.key_grants(key).await else {
             return false;
         };
         grants.iter().any(|g| {
@@ -191,7 +192,11 @@ impl Kms {
         })
     }
 
-    pub fn create_grant(&self, caller: &Caller, req: CreateGrant) -> KmsResult<(String, String)> {
+    pub async fn create_grant(
+        &self,
+        caller: &Caller,
+        req: CreateGrant,
+    ) -> KmsResult<(String, String)> {
         check_principal_id("GranteePrincipal", &req.grantee_principal)?;
         if let Some(r) = &req.retiring_principal {
             check_principal_id("RetiringPrincipal", r)?;
@@ -238,7 +243,7 @@ impl Kms {
                 check_constraint(field, c)?;
             }
         }
-        let key = self.key_record(caller, &req.key_id)?;
+        let key = self.key_record(caller, &req.key_id).await?;
         let grant_id = random_hex(32)?;
         let record = GrantRecord {
             token: format!("{TOKEN_PREFIX}{grant_id}{}", random_hex(32)?),
@@ -271,21 +276,29 @@ impl Kms {
                 "kms:GranteePrincipal",
                 vec![record.grantee_principal.clone()],
             );
-        self.authorize_key_or(caller, Op::CreateGrant.action(), &key, &facts, || {
-            self.grant_allows_child(caller, &key.id, &record)
-        })?;
+        let op = Op::CreateGrant;
+        self.authorize_key_or(caller, op.action(), &key, &facts, async || {
+            self.grant_allows_child(caller, &key.id, &record).await
+        })
+        .await?;
         if req.dry_run {
             return Err(super::crypto::dry_run());
         }
         let saved = self
-            .store
-            .insert_grant(&record, GRANTS_PER_KEY, GRANTS_PER_GRANTEE)?
-            .map_err(|r| self.refused(&key.id, r))?;
+            .meta
+            .insert_grant(
+                &record,
+                KeyState::accepted_by(op),
+                GRANTS_PER_KEY,
+                GRANTS_PER_GRANTEE,
+            )
+            .await
+            .map_err(|f| self.refused(op, &key.id, f))?;
         tracing::info!(key_arn = %self.scope.key_arn(&key.id), grant_id = %saved.grant_id, grantee = %saved.grantee_principal, "grant created");
         Ok((saved.grant_id, saved.token))
     }
 
-    pub fn list_grants(
+    pub async fn list_grants(
         &self,
         caller: &Caller,
         key_ref: &str,
@@ -302,10 +315,11 @@ impl Kms {
             check_principal_id("GranteePrincipal", g)?;
         }
         let after = marker.map(decode_marker).transpose()?;
-        let key = self.key_record(caller, key_ref)?;
+        let key = self.key_record(caller, key_ref).await?;
         let facts = self.facts(caller, &NO_CONTEXT, None);
-        self.authorize_key(caller, Op::ListGrants.action(), &key, &NO_CONTEXT, &facts)?;
-        let grants = self.store.key_grants(&key.id)?;
+        self.authorize_key(caller, Op::ListGrants.action(), &key, &NO_CONTEXT, &facts)
+            .await?;
+        let grants = self.meta.key_grants(&key.id).await?;
         let matching = grants.iter().filter(|g| {
             grant_id.is_none_or(|id| g.grant_id == id)
                 && grantee.is_none_or(|p| g.grantee_principal == p)
@@ -326,7 +340,7 @@ impl Kms {
         ))
     }
 
-    pub fn list_retirable_grants(
+    pub async fn list_retirable_grants(
         &self,
         caller: &Caller,
         retiring_principal: &str,
@@ -339,15 +353,16 @@ impl Kms {
         let facts = Facts::of(&caller.principal);
         self.authorize_account(caller, Op::ListRetirableGrants.action(), None, &facts)?;
         let rows = self
-            .store
-            .retirable_grants(retiring_principal, after.as_deref(), limit + 1)?;
+            .meta
+            .retirable_grants(retiring_principal, after.as_deref(), limit + 1)
+            .await?;
         self.grant_page(rows, limit)
     }
 
     /// RetireGrant: by grant token, or by key and grant id. Allowed for the grant's retiring
     /// principal, its grantee when the grant includes RetireGrant, and the issuing account
     /// (its root, or a principal its identity policies allow kms:RetireGrant).
-    pub fn retire_grant(
+    pub async fn retire_grant(
         &self,
         caller: &Caller,
         token: Option<&str>,
@@ -358,7 +373,7 @@ impl Kms {
         let grant = match (token, key_ref, grant_id) {
             (Some(t), _, _) => {
                 check_grant_tokens(std::slice::from_ref(&t.to_string()))?;
-                let g = self.store.grant_by_token(t)?.ok_or_else(|| {
+                let g = self.meta.grant_by_token(t).await?.ok_or_else(|| {
                     KmsError::new(
                         ErrorKind::NotFound,
                         "The grant of this grant token does not exist",
@@ -376,9 +391,10 @@ impl Kms {
             }
             (None, Some(k), Some(id)) => {
                 check_grant_id(id)?;
-                let key = self.key_record(caller, k)?;
-                self.store
-                    .key_grants(&key.id)?
+                let key = self.key_record(caller, k).await?;
+                self.meta
+                    .key_grants(&key.id)
+                    .await?
                     .iter()
                     .find(|g| g.grant_id == id)
                     .cloned()
@@ -417,12 +433,18 @@ impl Kms {
         if dry_run {
             return Err(super::crypto::dry_run());
         }
-        self.store.delete_grant(&grant.key_id, &grant.grant_id)?;
+        self.meta
+            .delete_grant(&grant.key_id, &grant.grant_id)
+            .await
+            .map_err(|f| match f {
+                Failure::NotFound => grant_missing(&grant.grant_id, &key_arn),
+                f => f.into(),
+            })?;
         tracing::info!(%key_arn, grant_id = %grant.grant_id, "grant retired");
         Ok(())
     }
 
-    pub fn revoke_grant(
+    pub async fn revoke_grant(
         &self,
         caller: &Caller,
         key_ref: &str,
@@ -430,13 +452,15 @@ impl Kms {
         dry_run: bool,
     ) -> KmsResult<()> {
         check_grant_id(grant_id)?;
-        let key = self.key_record(caller, key_ref)?;
+        let key = self.key_record(caller, key_ref).await?;
         let facts = self.facts(caller, &NO_CONTEXT, None);
-        self.authorize_key(caller, Op::RevokeGrant.action(), &key, &NO_CONTEXT, &facts)?;
+        self.authorize_key(caller, Op::RevokeGrant.action(), &key, &NO_CONTEXT, &facts)
+            .await?;
         let key_arn = self.scope.key_arn(&key.id);
         if !self
-            .store
-            .key_grants(&key.id)?
+            .meta
+            .key_grants(&key.id)
+            .await?
             .iter()
             .any(|g| g.grant_id == grant_id)
         {
@@ -445,7 +469,13 @@ impl Kms {
         if dry_run {
             return Err(super::crypto::dry_run());
         }
-        self.store.delete_grant(&key.id, grant_id)?;
+        self.meta
+            .delete_grant(&key.id, grant_id)
+            .await
+            .map_err(|f| match f {
+                Failure::NotFound => grant_missing(grant_id, &key_arn),
+                f => f.into(),
+            })?;
         tracing::info!(%key_arn, %grant_id, "grant revoked");
         Ok(())
     }

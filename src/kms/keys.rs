@@ -5,29 +5,17 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::access::{Caller, Facts};
-use super::conn_state::CONNECTED;
 use super::crypto::{Context, NO_CONTEXT};
 use super::error::{ErrorKind, KmsError, KmsResult};
 use super::ids::KeyRef;
 use super::keystores::Page;
 use super::op::Op;
 use super::policy;
+use super::states::{ConnectionState, KeyState, StateSet};
 use super::{decode_marker, page_limit, Kms};
 use crate::config::GcmIvMode;
 use crate::hsm::{Connection, HsmError};
-use crate::store::{KeyRecord, Refused, StoreRecord};
-
-/// Stored key states. `Creating` is internal: such a key is invisible to callers.
-pub mod stored {
-    pub const CREATING: &str = "Creating";
-    pub const ENABLED: &str = "Enabled";
-    pub const DISABLED: &str = "Disabled";
-    pub const PENDING_DELETION: &str = "PendingDeletion";
-    /// Internal: the deletion task is destroying the key; invisible to callers.
-    pub const DELETING: &str = "Deleting";
-}
-
-pub const UNAVAILABLE: &str = "Unavailable";
+use crate::metadata::{Failure, KeyRecord, KeyStoreRecord, Precondition};
 
 pub struct CreateKey {
     pub description: Option<String>,
@@ -50,7 +38,7 @@ pub struct KeyView {
     pub arn: String,
     pub creation_date_ms: i64,
     pub description: String,
-    pub key_state: String,
+    pub key_state: KeyState,
     pub custom_key_store_id: String,
     pub cloud_hsm_cluster_id: String,
     pub deletion_date_ms: Option<i64>,
@@ -59,17 +47,7 @@ pub struct KeyView {
 
 impl KeyView {
     pub fn enabled(&self) -> bool {
-        self.key_state == stored::ENABLED
-    }
-}
-
-/// The state a caller sees: a key of a store that is not CONNECTED is Unavailable, except
-/// that a key pending deletion stays PendingDeletion (so its deletion can be cancelled).
-pub fn effective_state(key_state: &str, store_state: &str) -> String {
-    if key_state == stored::PENDING_DELETION || store_state == CONNECTED {
-        key_state.to_string()
-    } else {
-        UNAVAILABLE.to_string()
+        self.key_state == KeyState::Enabled
     }
 }
 
@@ -78,6 +56,8 @@ pub fn effective_state(key_state: &str, store_state: &str) -> String {
 #[derive(Clone, Copy)]
 pub struct Auth<'a> {
     pub caller: &'a Caller,
+    /// The operation (its column of the key-state table) and the IAM action it needs here.
+    pub op: Op,
     pub action: &'static str,
     pub ctx: &'a Context,
     pub key_ref: Option<&'a str>,
@@ -258,12 +238,12 @@ impl Kms {
             }
         }
 
-        let store = self.get_store(&store_id)?;
+        let store = self.keystore(&store_id).await?;
         require_connected_for_create(&store)?;
         let lock = self.lifecycle_lock(&store_id);
         let _guard = lock.read().await;
         // Re-read under the lock: a disconnect may have finished while we waited.
-        let store = self.get_store(&store_id)?;
+        let store = self.keystore(&store_id).await?;
         require_connected_for_create(&store)?;
         let cluster = self.cluster(&store.cluster_id).ok_or_else(|| {
             KmsError::new(
@@ -297,18 +277,18 @@ impl Kms {
             custom_key_store_id: store_id.clone(),
             creation_date_ms: self.now(),
             description: req.description.unwrap_or_default(),
-            key_state: stored::CREATING.into(),
+            key_state: KeyState::Creating,
             deletion_date_ms: None,
             pending_window_days: None,
             policy: req.policy,
         };
-        self.store.insert_key(&rec, &req.tags)?;
+        self.meta.insert_key(&rec, &req.tags).await?;
         if let Err(e) = conn.generate_key(id, arn.clone()).await {
             if matches!(e, HsmError::Timeout(_)) {
                 // The HSM may still make the object after the deadline: the row stays
                 // `Creating` and the periodic sweep removes both once the call is long over.
                 tracing::warn!(key_arn = %arn, "key generation timed out; the half-made key is left for the sweep");
-            } else if let Err(db) = self.store.delete_key(&id) {
+            } else if let Err(db) = self.meta.delete_key(&id).await {
                 tracing::error!(key_arn = %arn, error = %db, "removing a half-made key row failed; reconnect reconciles it");
             }
             return Err(super::crypto::store_hsm_error(
@@ -317,19 +297,28 @@ impl Kms {
                 e,
             ));
         }
-        if let Err(e) = self.store.set_key_state(&id, stored::ENABLED) {
+        // Only a row still `Creating` becomes Enabled: one removed meanwhile (by a
+        // reconciliation) means the key does not exist, whatever the HSM made.
+        let creating = StateSet::of(&[KeyState::Creating]);
+        if let Err(f) = self
+            .meta
+            .set_key_state(&id, creating, KeyState::Enabled)
+            .await
+        {
             // Roll back: destroy the token key so no material exists without a usable row.
             if let Err(h) = conn.destroy_key(id).await {
                 tracing::error!(key_arn = %arn, error = ?h, "rollback left orphaned key material");
             }
-            let _ = self.store.delete_key(&id);
-            return Err(e);
+            let _ = self.meta.delete_key(&id).await;
+            return Err(KmsError::internal(format!(
+                "finishing the creation of {arn}: {f}"
+            )));
         }
         tracing::info!(key_arn = %arn, custom_key_store_id = %store_id, "created key");
         caller.note(super::access::Resource::Key(id));
         Ok(self.view(
             KeyRecord {
-                key_state: stored::ENABLED.into(),
+                key_state: KeyState::Enabled,
                 ..rec
             },
             &store,
@@ -346,7 +335,7 @@ impl Kms {
         conn: &Arc<Connection>,
         created_before_ms: i64,
     ) {
-        let ids = match self.store.creating_keys(store_id, created_before_ms) {
+        let ids = match self.meta.creating_keys(store_id, created_before_ms).await {
             Ok(ids) => ids,
             Err(e) => {
                 tracing::error!(custom_key_store_id = %store_id, error = %e, "listing half-made keys failed");
@@ -357,7 +346,7 @@ impl Kms {
             let arn = self.scope.key_arn(&id);
             match conn.destroy_key(id).await {
                 Ok(()) => {
-                    if let Err(e) = self.store.delete_key(&id) {
+                    if let Err(e) = self.meta.delete_key(&id).await {
                         tracing::error!(key_arn = %arn, error = %e, "removing a half-made key row failed");
                     } else {
                         tracing::warn!(key_arn = %arn, "removed a key whose creation was interrupted");
@@ -370,14 +359,14 @@ impl Kms {
         }
     }
 
-    fn view(&self, rec: KeyRecord, store: &StoreRecord) -> KeyView {
+    fn view(&self, rec: KeyRecord, store: &KeyStoreRecord) -> KeyView {
         KeyView {
             account_id: self.scope.account_id.clone(),
             key_id: rec.id,
             arn: self.scope.key_arn(&rec.id),
             creation_date_ms: rec.creation_date_ms,
             description: rec.description,
-            key_state: effective_state(&rec.key_state, &store.connection_state),
+            key_state: rec.key_state.seen(store.connection_state),
             custom_key_store_id: store.id.clone(),
             cloud_hsm_cluster_id: store.cluster_id.clone(),
             deletion_date_ms: rec.deletion_date_ms,
@@ -386,98 +375,96 @@ impl Kms {
     }
 
     /// The key a KeyId names, aliases included (for cryptographic operations and DescribeKey).
-    pub(super) fn resolve(&self, caller: &Caller, key_ref: &str) -> KmsResult<Uuid> {
+    pub(super) async fn resolve(&self, caller: &Caller, key_ref: &str) -> KmsResult<Uuid> {
         match self.scope.parse_ref(key_ref, &caller.principal.account)? {
             KeyRef::Key(id) => Ok(id),
-            KeyRef::Alias(name) => self.alias_target(&name),
+            KeyRef::Alias(name) => self.alias_target(&name).await,
         }
     }
 
-    /// The AWS exception for a refused change to `key`; a refused key state answers as the
-    /// footnotes of AWS's key-state table do.
-    pub(super) fn refused(&self, key: &Uuid, r: Refused) -> KmsError {
+    /// The AWS exception for `op`'s change to `key` that the metadata database refused; a
+    /// refused key state answers as the key-state table says.
+    pub(super) fn refused(&self, op: Op, key: &Uuid, f: Failure) -> KmsError {
         let arn = self.scope.key_arn(key);
-        match r {
-            Refused::KeyMissing => {
-                KmsError::new(ErrorKind::NotFound, format!("Key '{arn}' does not exist"))
-            }
-            // [4]: only a key pending deletion would do (CancelKeyDeletion).
-            Refused::KeyState { allowed, .. } if allowed == [stored::PENDING_DELETION] => {
-                KmsError::invalid_state(format!("{arn} is not pending deletion"))
-            }
-            // [1]: the change needs an Enabled key.
-            Refused::KeyState { state, .. } if state == stored::DISABLED => {
-                KmsError::new(ErrorKind::Disabled, format!("{arn} is disabled"))
-            }
-            // [3]
-            Refused::KeyState { state, .. } if state == stored::PENDING_DELETION => {
-                KmsError::invalid_state(format!("{arn} is pending deletion"))
-            }
-            Refused::KeyState { state, .. } => KmsError::invalid_state(format!("{arn} is {state}")),
-            Refused::TooMany(n) => KmsError::new(
+        match f {
+            Failure::NotFound => self.key_not_found(key),
+            Failure::Precondition(Precondition::KeyState(state)) => match state.check(op) {
+                Err(refusal) => refusal.error(&arn, None),
+                Ok(()) => KmsError::internal(format!("{op:?} refused on {arn}, {state}")),
+            },
+            Failure::Precondition(Precondition::Limit(n)) => KmsError::new(
                 ErrorKind::Tag,
                 format!("{arn} would carry more than {n} tags"),
             ),
-            Refused::TooManyGrants { per_grantee, limit } => KmsError::new(
-                ErrorKind::LimitExceeded,
-                if per_grantee {
-                    format!("{arn} already has {limit} grants for this grantee principal")
-                } else {
-                    format!("{arn} already has {limit} grants")
-                },
-            ),
-            Refused::AliasExists | Refused::AliasMissing => {
-                KmsError::internal(format!("unexpected alias outcome for {arn}"))
+            Failure::Precondition(Precondition::GrantLimit { per_grantee, limit }) => {
+                KmsError::new(
+                    ErrorKind::LimitExceeded,
+                    if per_grantee {
+                        format!("{arn} already has {limit} grants for this grantee principal")
+                    } else {
+                        format!("{arn} already has {limit} grants")
+                    },
+                )
             }
+            other => KmsError::internal(format!("{op:?} on {arn}: {other}")),
         }
+    }
+
+    fn key_not_found(&self, id: &Uuid) -> KmsError {
+        KmsError::new(
+            ErrorKind::NotFound,
+            format!("Key '{}' does not exist", self.scope.key_arn(id)),
+        )
     }
 
     /// The key row named by a key id or ARN; NotFoundException if there is none.
-    pub(super) fn key_record(&self, caller: &Caller, key_ref: &str) -> KmsResult<KeyRecord> {
+    pub(super) async fn key_record(&self, caller: &Caller, key_ref: &str) -> KmsResult<KeyRecord> {
         let id = self
             .scope
             .parse_key_ref(key_ref, &caller.principal.account)?;
-        self.key_by_id(&id)
+        self.key_by_id(&id).await
     }
 
-    pub(super) fn key_by_id(&self, id: &Uuid) -> KmsResult<KeyRecord> {
-        match self.store.get_key(id)? {
-            Some(k) if k.key_state != stored::CREATING && k.key_state != stored::DELETING => Ok(k),
-            _ => Err(KmsError::new(
-                ErrorKind::NotFound,
-                format!("Key '{}' does not exist", self.scope.key_arn(id)),
-            )),
+    pub(super) async fn key_by_id(&self, id: &Uuid) -> KmsResult<KeyRecord> {
+        match self.meta.key(id).await? {
+            Some(k) if k.key_state.visible() => Ok(k),
+            _ => Err(self.key_not_found(id)),
         }
     }
 
-    fn store_of(&self, key: &KeyRecord) -> KmsResult<StoreRecord> {
-        self.store
-            .get_store(&key.custom_key_store_id)?
-            .ok_or_else(|| KmsError::internal(format!("key {} has no store", key.id)))
+    async fn keystore_of(&self, key: &KeyRecord) -> KmsResult<KeyStoreRecord> {
+        self.meta
+            .keystore(&key.custom_key_store_id)
+            .await?
+            .ok_or_else(|| KmsError::internal(format!("key {} has no key store", key.id)))
     }
 
-    pub fn describe_key(&self, caller: &Caller, key_ref: &str) -> KmsResult<KeyView> {
-        let key = self.key_by_id(&self.resolve(caller, key_ref)?)?;
+    pub async fn describe_key(&self, caller: &Caller, key_ref: &str) -> KmsResult<KeyView> {
+        let key = self
+            .key_by_id(&self.resolve(caller, key_ref).await?)
+            .await?;
         let facts = self.facts(caller, &NO_CONTEXT, Some(key_ref));
-        self.authorize_key(caller, Op::DescribeKey.action(), &key, &NO_CONTEXT, &facts)?;
-        let store = self.store_of(&key)?;
+        self.authorize_key(caller, Op::DescribeKey.action(), &key, &NO_CONTEXT, &facts)
+            .await?;
+        let store = self.keystore_of(&key).await?;
         Ok(self.view(key, &store))
     }
 
-    /// A key record named by id or ARN (no alias), after authorising `action` on it.
-    fn authorized_record(
+    /// A key record named by id or ARN (no alias), after authorising `op` on it.
+    async fn authorized_record(
         &self,
         caller: &Caller,
-        action: &'static str,
+        op: Op,
         key_ref: &str,
     ) -> KmsResult<KeyRecord> {
-        let key = self.key_record(caller, key_ref)?;
+        let key = self.key_record(caller, key_ref).await?;
         let facts = self.facts(caller, &NO_CONTEXT, None);
-        self.authorize_key(caller, action, &key, &NO_CONTEXT, &facts)?;
+        self.authorize_key(caller, op.action(), &key, &NO_CONTEXT, &facts)
+            .await?;
         Ok(key)
     }
 
-    pub fn list_keys(
+    pub async fn list_keys(
         &self,
         caller: &Caller,
         limit: Option<i32>,
@@ -499,7 +486,7 @@ impl Kms {
             })?),
             None => None,
         };
-        let rows = self.store.list_keys(after.as_ref(), limit + 1)?;
+        let rows = self.meta.list_keys(after.as_ref(), limit + 1).await?;
         Ok(Page::of(
             rows,
             limit,
@@ -508,7 +495,7 @@ impl Kms {
         ))
     }
 
-    pub fn list_resource_tags(
+    pub async fn list_resource_tags(
         &self,
         caller: &Caller,
         key_ref: &str,
@@ -516,102 +503,117 @@ impl Kms {
         marker: Option<&str>,
     ) -> KmsResult<Page<(String, String)>> {
         let limit = page_limit(limit, 50, 50)?;
-        let key = self.authorized_record(caller, Op::ListResourceTags.action(), key_ref)?;
+        let key = self
+            .authorized_record(caller, Op::ListResourceTags, key_ref)
+            .await?;
         let after = marker.map(decode_marker).transpose()?;
-        let rows = self.store.list_tags(&key.id, after.as_deref(), limit + 1)?;
+        let rows = self
+            .meta
+            .list_tags(&key.id, after.as_deref(), limit + 1)
+            .await?;
         Ok(Page::of(rows, limit, |(k, _)| k.clone(), |t| t))
     }
 
     /// EnableKey / DisableKey. On a key of a disconnected store the change is recorded and
     /// shows once the store reconnects (the key reads Unavailable meanwhile), as in AWS.
-    pub fn set_key_enabled(&self, caller: &Caller, key_ref: &str, enabled: bool) -> KmsResult<()> {
-        let action = if enabled {
-            Op::EnableKey.action()
+    pub async fn set_key_enabled(
+        &self,
+        caller: &Caller,
+        key_ref: &str,
+        enabled: bool,
+    ) -> KmsResult<()> {
+        let (op, to) = if enabled {
+            (Op::EnableKey, KeyState::Enabled)
         } else {
-            Op::DisableKey.action()
+            (Op::DisableKey, KeyState::Disabled)
         };
-        let key = self.authorized_record(caller, action, key_ref)?;
-        let to = if enabled {
-            stored::ENABLED
-        } else {
-            stored::DISABLED
-        };
-        self.store
-            .change_key_state(&key.id, &[stored::ENABLED, stored::DISABLED], to)?
-            .map_err(|r| self.refused(&key.id, r))?;
-        tracing::info!(key_arn = %self.scope.key_arn(&key.id), state = to, "key state set");
+        let key = self.authorized_record(caller, op, key_ref).await?;
+        self.meta
+            .set_key_state(&key.id, KeyState::accepted_by(op), to)
+            .await
+            .map_err(|f| self.refused(op, &key.id, f))?;
+        tracing::info!(key_arn = %self.scope.key_arn(&key.id), state = %to, "key state set");
         Ok(())
     }
 
-    pub fn update_key_description(
+    pub async fn update_key_description(
         &self,
         caller: &Caller,
         key_ref: &str,
         description: &str,
     ) -> KmsResult<()> {
+        let op = Op::UpdateKeyDescription;
         check_description(description)?;
-        let key = self.authorized_record(caller, Op::UpdateKeyDescription.action(), key_ref)?;
-        self.store
-            .set_description(&key.id, description)?
-            .map_err(|r| self.refused(&key.id, r))
+        let key = self.authorized_record(caller, op, key_ref).await?;
+        self.meta
+            .set_description(&key.id, KeyState::accepted_by(op), description)
+            .await
+            .map_err(|f| self.refused(op, &key.id, f))
     }
 
     /// Schedules deletion after `window_days` (7..30, default 30); returns the key's view.
-    pub fn schedule_key_deletion(
+    pub async fn schedule_key_deletion(
         &self,
         caller: &Caller,
         key_ref: &str,
         window_days: Option<i32>,
     ) -> KmsResult<KeyView> {
+        let op = Op::ScheduleKeyDeletion;
         let days = window_days.unwrap_or(30);
         if !(7..=30).contains(&days) {
             return Err(KmsError::validation(format!(
                 "PendingWindowInDays must be between 7 and 30, got {days}"
             )));
         }
-        let key = self.authorized_record(caller, Op::ScheduleKeyDeletion.action(), key_ref)?;
+        let key = self.authorized_record(caller, op, key_ref).await?;
         let date = self.now() + i64::from(days) * 86_400_000;
-        self.store
-            .schedule_deletion(&key.id, date, days)?
-            .map_err(|r| self.refused(&key.id, r))?;
+        self.meta
+            .schedule_deletion(&key.id, KeyState::accepted_by(op), date, days)
+            .await
+            .map_err(|f| self.refused(op, &key.id, f))?;
         tracing::info!(key_arn = %self.scope.key_arn(&key.id), days, "key deletion scheduled");
-        let key = self.key_by_id(&key.id)?;
-        let store = self.store_of(&key)?;
+        let key = self.key_by_id(&key.id).await?;
+        let store = self.keystore_of(&key).await?;
         Ok(self.view(key, &store))
     }
 
     /// Cancels a scheduled deletion; the key comes back Disabled.
-    pub fn cancel_key_deletion(&self, caller: &Caller, key_ref: &str) -> KmsResult<Uuid> {
-        let key = self.authorized_record(caller, Op::CancelKeyDeletion.action(), key_ref)?;
-        self.store
-            .cancel_deletion(&key.id)?
-            .map_err(|r| self.refused(&key.id, r))?;
+    pub async fn cancel_key_deletion(&self, caller: &Caller, key_ref: &str) -> KmsResult<Uuid> {
+        let op = Op::CancelKeyDeletion;
+        let key = self.authorized_record(caller, op, key_ref).await?;
+        self.meta
+            .cancel_deletion(&key.id, KeyState::accepted_by(op))
+            .await
+            .map_err(|f| self.refused(op, &key.id, f))?;
         tracing::info!(key_arn = %self.scope.key_arn(&key.id), "key deletion cancelled");
         Ok(key.id)
     }
 
-    pub fn tag_resource(
+    pub async fn tag_resource(
         &self,
         caller: &Caller,
         key_ref: &str,
         tags: &[(String, String)],
     ) -> KmsResult<()> {
+        let op = Op::TagResource;
         if tags.is_empty() {
             return Err(KmsError::validation("Tags must not be empty"));
         }
         check_tags(tags)?;
-        let key = self.authorized_record(caller, Op::TagResource.action(), key_ref)?;
-        self.store
-            .tag_key(&key.id, tags, 50)?
-            .map_err(|r| self.refused(&key.id, r))
+        let key = self.authorized_record(caller, op, key_ref).await?;
+        self.meta
+            .tag_key(&key.id, KeyState::accepted_by(op), tags, 50)
+            .await
+            .map_err(|f| self.refused(op, &key.id, f))
     }
 
-    pub fn untag_resource(
+    pub async fn untag_resource(
         &self,
         caller: &Caller,
         key_ref: &str,
         tag_keys: &[String],
     ) -> KmsResult<()> {
+        let op = Op::UntagResource;
         if tag_keys.is_empty() {
             return Err(KmsError::validation("TagKeys must not be empty"));
         }
@@ -623,13 +625,14 @@ impl Kms {
                 "Tag keys must be 1 to 128 characters long: '{k}'"
             )));
         }
-        let key = self.authorized_record(caller, Op::UntagResource.action(), key_ref)?;
-        self.store
-            .untag_key(&key.id, tag_keys)?
-            .map_err(|r| self.refused(&key.id, r))
+        let key = self.authorized_record(caller, op, key_ref).await?;
+        self.meta
+            .untag_key(&key.id, KeyState::accepted_by(op), tag_keys)
+            .await
+            .map_err(|f| self.refused(op, &key.id, f))
     }
 
-    pub fn put_key_policy(
+    pub async fn put_key_policy(
         &self,
         caller: &Caller,
         key_ref: &str,
@@ -637,37 +640,42 @@ impl Kms {
         doc: &str,
         bypass_lockout_check: bool,
     ) -> KmsResult<()> {
+        let op = Op::PutKeyPolicy;
         policy::check_policy_name(name)?;
         policy::validate(doc)?;
-        let key = self.key_record(caller, key_ref)?;
+        let key = self.key_record(caller, key_ref).await?;
         let facts = self
             .facts(caller, &NO_CONTEXT, None)
             .flag("kms:BypassPolicyLockoutSafetyCheck", bypass_lockout_check);
-        self.authorize_key(caller, Op::PutKeyPolicy.action(), &key, &NO_CONTEXT, &facts)?;
+        self.authorize_key(caller, op.action(), &key, &NO_CONTEXT, &facts)
+            .await?;
         if !bypass_lockout_check {
             self.check_lockout(caller, &key.id, doc)?;
         }
-        self.store
-            .set_policy(&key.id, doc)?
-            .map_err(|r| self.refused(&key.id, r))?;
+        self.meta
+            .set_policy(&key.id, KeyState::accepted_by(op), doc)
+            .await
+            .map_err(|f| self.refused(op, &key.id, f))?;
         tracing::info!(key_arn = %self.scope.key_arn(&key.id), "key policy replaced");
         Ok(())
     }
 
-    pub fn get_key_policy(
+    pub async fn get_key_policy(
         &self,
         caller: &Caller,
         key_ref: &str,
         name: Option<&str>,
     ) -> KmsResult<String> {
         policy::check_policy_name(name)?;
-        let key = self.authorized_record(caller, Op::GetKeyPolicy.action(), key_ref)?;
+        let key = self
+            .authorized_record(caller, Op::GetKeyPolicy, key_ref)
+            .await?;
         Ok(key.policy.unwrap_or_else(|| {
             policy::default_policy(&self.scope.partition, &self.scope.account_id)
         }))
     }
 
-    pub fn list_key_policies(
+    pub async fn list_key_policies(
         &self,
         caller: &Caller,
         key_ref: &str,
@@ -682,40 +690,31 @@ impl Kms {
                 "The marker is not one this service issued",
             ));
         }
-        self.authorized_record(caller, Op::ListKeyPolicies.action(), key_ref)?;
+        self.authorized_record(caller, Op::ListKeyPolicies, key_ref)
+            .await?;
         Ok(Page {
             items: vec![policy::DEFAULT_POLICY_NAME.to_string()],
             next_marker: None,
         })
     }
 
-    /// Checks every condition of a cryptographic operation (seeds: key Enabled, store
-    /// CONNECTED, an active HSM); key material presence is checked by the HSM call itself.
-    pub(super) fn usable_key_by_id(&self, id: &Uuid, auth: Auth<'_>) -> KmsResult<UsableKey> {
-        let key = self.key_by_id(id)?;
+    /// Checks every condition of a cryptographic operation: the caller's permission, the
+    /// key-state table (with the state the caller sees), an active HSM and a live connection.
+    /// Key material presence is checked by the HSM call itself.
+    pub(super) async fn usable_key_by_id(&self, id: &Uuid, auth: Auth<'_>) -> KmsResult<UsableKey> {
+        let key = self.key_by_id(id).await?;
         let facts = self.facts(auth.caller, auth.ctx, auth.key_ref);
-        self.authorize_key(auth.caller, auth.action, &key, auth.ctx, &facts)?;
-        let store = self.store_of(&key)?;
+        self.authorize_key(auth.caller, auth.action, &key, auth.ctx, &facts)
+            .await?;
+        let store = self.keystore_of(&key).await?;
         let arn = self.scope.key_arn(&key.id);
-        match key.key_state.as_str() {
-            stored::PENDING_DELETION => {
-                return Err(KmsError::invalid_state(format!(
-                    "{arn} is pending deletion"
-                )))
-            }
-            _ if store.connection_state != CONNECTED => {
-                return Err(KmsError::invalid_state(format!(
-                    "{arn} is unavailable: its custom key store {} is {}",
-                    store.id, store.connection_state
-                )))
-            }
-            stored::DISABLED => {
-                return Err(KmsError::new(
-                    ErrorKind::Disabled,
-                    format!("{arn} is disabled"),
-                ))
-            }
-            _ => {}
+        if let Err(refusal) = key.key_state.seen(store.connection_state).check(auth.op) {
+            let detail = format!(
+                "its custom key store {} is {}",
+                store.id, store.connection_state
+            );
+            let unavailable = refusal == super::states::Refusal::Unavailable;
+            return Err(refusal.error(&arn, unavailable.then_some(detail.as_str())));
         }
         let cluster = self.cluster(&store.cluster_id);
         let active = cluster.as_ref().map(|c| c.active_hsms()).unwrap_or(0);
@@ -748,8 +747,8 @@ impl Kms {
         })
     }
 
-    pub(super) fn usable_key(&self, key_ref: &str, auth: Auth<'_>) -> KmsResult<UsableKey> {
-        let id = self.resolve(auth.caller, key_ref)?;
+    pub(super) async fn usable_key(&self, key_ref: &str, auth: Auth<'_>) -> KmsResult<UsableKey> {
+        let id = self.resolve(auth.caller, key_ref).await?;
         self.usable_key_by_id(
             &id,
             Auth {
@@ -757,6 +756,7 @@ impl Kms {
                 ..auth
             },
         )
+        .await
     }
 }
 
@@ -771,8 +771,8 @@ fn check_description(d: &str) -> KmsResult<()> {
     Ok(())
 }
 
-fn require_connected_for_create(store: &StoreRecord) -> KmsResult<()> {
-    if store.connection_state != CONNECTED {
+fn require_connected_for_create(store: &KeyStoreRecord) -> KmsResult<()> {
+    if store.connection_state != ConnectionState::Connected {
         return Err(KmsError::new(
             ErrorKind::CustomKeyStoreInvalidState,
             format!(

@@ -1,23 +1,24 @@
 //! Custom key stores: create, describe, update, delete, connect, disconnect.
 //!
-//! Connection state lives in the metadata store (so a CONNECTED store reconnects after a
+//! Connection state lives in the metadata database (so a CONNECTED store reconnects after a
 //! restart); the live PKCS#11 connection lives in `Kms::connections` while CONNECTED.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
 use super::access::Caller;
-use super::conn_state::*;
+use super::clusters::{pem_der, Cluster};
 use super::error::{ErrorKind, KmsError, KmsResult};
 use super::ids::{is_cluster_id, is_store_id, new_store_id};
 use super::op::Op;
-use super::{decode_marker, page_limit, pem_der, Cluster, Kms};
-use crate::config::PinFormat;
-use crate::hsm::{Connection, LoginFailure, Options};
-use crate::store::{store_not_found, StoreRecord, StoreUpdate};
+use super::states::{ConnectionErrorCode, ConnectionState};
+use super::{decode_marker, page_limit, Kms};
+use crate::hsm::{Connection, Pin};
+use crate::metadata::{Failure, KeyStoreRecord, KeyStoreUpdate, Precondition, Unique};
+
+use ConnectionState::*;
 
 /// A kmsuser password as the caller gave it. Never printed.
 pub struct Password(pub Zeroizing<String>);
@@ -63,8 +64,8 @@ pub struct StoreView {
     pub name: String,
     pub cluster_id: String,
     pub trust_anchor: String,
-    pub connection_state: String,
-    pub connection_error_code: Option<String>,
+    pub connection_state: ConnectionState,
+    pub connection_error_code: Option<ConnectionErrorCode>,
     pub creation_date_ms: i64,
 }
 
@@ -96,7 +97,7 @@ impl<T> Page<T> {
     }
 }
 
-fn view(r: StoreRecord) -> StoreView {
+fn view(r: KeyStoreRecord) -> StoreView {
     StoreView {
         id: r.id,
         name: r.name,
@@ -118,7 +119,7 @@ fn check_name(name: &str, field: &str) -> KmsResult<()> {
     Ok(())
 }
 
-fn invalid_state(id: &str, state: &str, op: &str, needs: &str) -> KmsError {
+fn invalid_state(id: &str, state: ConnectionState, op: &str, needs: &str) -> KmsError {
     KmsError::new(
         ErrorKind::CustomKeyStoreInvalidState,
         format!("Custom key store {id} is {state}; {op} requires it to be {needs}"),
@@ -162,7 +163,11 @@ impl Kms {
         Ok(cluster)
     }
 
-    pub fn create_custom_key_store(&self, caller: &Caller, req: CreateStore) -> KmsResult<String> {
+    pub async fn create_custom_key_store(
+        &self,
+        caller: &Caller,
+        req: CreateStore,
+    ) -> KmsResult<String> {
         self.authorize_account(
             caller,
             Op::CreateCustomKeyStore.action(),
@@ -207,29 +212,36 @@ impl Kms {
         }
         let id = new_store_id()?;
         let sealed = self.sealer.seal(&id, password.0.as_bytes())?;
-        self.store.insert_store(&StoreRecord {
-            id: id.clone(),
-            name: req.name,
-            cluster_id,
-            trust_anchor: anchor,
-            sealed_password: sealed,
-            connection_state: DISCONNECTED.into(),
-            connection_error_code: None,
-            creation_date_ms: self.now(),
-        })?;
+        let name = req.name;
+        self.meta
+            .insert_keystore(&KeyStoreRecord {
+                id: id.clone(),
+                name: name.clone(),
+                cluster_id: cluster_id.clone(),
+                trust_anchor: anchor,
+                sealed_password: sealed,
+                connection_state: Disconnected,
+                connection_error_code: None,
+                creation_date_ms: self.now(),
+            })
+            .await
+            .map_err(|f| taken(f, &name, &cluster_id))?;
         tracing::info!(custom_key_store_id = %id, "created custom key store");
         Ok(id)
     }
 
-    /// The store record, or CustomKeyStoreNotFoundException (also for malformed ids).
-    pub(super) fn get_store(&self, id: &str) -> KmsResult<StoreRecord> {
+    /// The key store record, or CustomKeyStoreNotFoundException (also for malformed ids).
+    pub(super) async fn keystore(&self, id: &str) -> KmsResult<KeyStoreRecord> {
         if !is_store_id(id) {
-            return Err(store_not_found(id));
+            return Err(keystore_not_found(id));
         }
-        self.store.get_store(id)?.ok_or_else(|| store_not_found(id))
+        self.meta
+            .keystore(id)
+            .await?
+            .ok_or_else(|| keystore_not_found(id))
     }
 
-    pub fn describe_custom_key_stores(
+    pub async fn describe_custom_key_stores(
         &self,
         caller: &Caller,
         id: Option<&str>,
@@ -249,12 +261,12 @@ impl Kms {
                 "Specify CustomKeyStoreId or CustomKeyStoreName, not both",
             )),
             (Some(id), None) => Ok(Page {
-                items: vec![view(self.get_store(id)?)],
+                items: vec![view(self.keystore(id).await?)],
                 next_marker: None,
             }),
             (None, Some(name)) => {
                 check_name(name, "CustomKeyStoreName")?;
-                let rec = self.store.get_store_by_name(name)?.ok_or_else(|| {
+                let rec = self.meta.keystore_by_name(name).await?.ok_or_else(|| {
                     KmsError::new(
                         ErrorKind::CustomKeyStoreNotFound,
                         format!("No custom key store is named {name}"),
@@ -267,7 +279,10 @@ impl Kms {
             }
             (None, None) => {
                 let after = marker.map(decode_marker).transpose()?;
-                let rows = self.store.list_stores(after.as_deref(), limit + 1)?;
+                let rows = self
+                    .meta
+                    .list_keystores(after.as_deref(), limit + 1)
+                    .await?;
                 Ok(Page::of(rows, limit, |r| r.id.clone(), view))
             }
         }
@@ -294,15 +309,15 @@ impl Kms {
         }
         let lock = self.lifecycle_lock(&req.id);
         let _guard = lock.write().await;
-        let rec = self.get_store(&req.id)?;
+        let rec = self.keystore(&req.id).await?;
         if (req.password.is_some() || req.cluster_id.is_some())
-            && rec.connection_state != DISCONNECTED
+            && rec.connection_state != Disconnected
         {
             return Err(invalid_state(
                 &rec.id,
-                &rec.connection_state,
+                rec.connection_state,
                 "changing the password or the cluster",
-                DISCONNECTED,
+                Disconnected.as_str(),
             ));
         }
         if let Some(new_cluster) = &req.cluster_id {
@@ -329,14 +344,22 @@ impl Kms {
             Some(p) => Some(self.sealer.seal(&rec.id, p.0.as_bytes())?),
             None => None,
         };
-        self.store.update_store(
-            &rec.id,
-            &StoreUpdate {
-                name: req.new_name,
-                cluster_id: req.cluster_id.filter(|c| *c != rec.cluster_id),
-                sealed_password: sealed,
-            },
-        )?;
+        let update = KeyStoreUpdate {
+            name: req.new_name,
+            cluster_id: req.cluster_id.filter(|c| *c != rec.cluster_id),
+            sealed_password: sealed,
+        };
+        self.meta
+            .update_keystore(&rec.id, &update)
+            .await
+            .map_err(|f| match f {
+                Failure::NotFound => keystore_not_found(&rec.id),
+                f => taken(
+                    f,
+                    update.name.as_deref().unwrap_or_default(),
+                    update.cluster_id.as_deref().unwrap_or_default(),
+                ),
+            })?;
         tracing::info!(custom_key_store_id = %rec.id, "updated custom key store");
         Ok(())
     }
@@ -349,14 +372,28 @@ impl Kms {
             &super::access::Facts::of(&caller.principal),
         )?;
         if !is_store_id(id) {
-            return Err(store_not_found(id));
+            return Err(keystore_not_found(id));
         }
         let lock = self.lifecycle_lock(id);
         let _guard = lock.write().await;
-        self.store.delete_store(id)?;
-        if let Some(h) = self.health.get() {
-            h.clone().clear_service_status(id).await;
-        }
+        self.meta
+            .delete_keystore(id, Disconnected)
+            .await
+            .map_err(|f| match f {
+                Failure::NotFound => keystore_not_found(id),
+                Failure::Precondition(Precondition::ConnectionState(s)) => KmsError::new(
+                    ErrorKind::CustomKeyStoreInvalidState,
+                    format!(
+                        "Custom key store {id} is {s}; it can be deleted only while DISCONNECTED"
+                    ),
+                ),
+                Failure::Precondition(Precondition::KeyStoreHasKeys(n)) => KmsError::new(
+                    ErrorKind::CustomKeyStoreHasCmks,
+                    format!("Custom key store {id} still holds {n} KMS key(s)"),
+                ),
+                f => f.into(),
+            })?;
+        self.connections.forget(id);
         tracing::info!(custom_key_store_id = %id, "deleted custom key store");
         Ok(())
     }
@@ -376,10 +413,10 @@ impl Kms {
         )?;
         let lock = self.lifecycle_lock(id);
         let guard = lock.clone().write_owned().await;
-        let rec = self.get_store(id)?;
-        match rec.connection_state.as_str() {
-            CONNECTED | CONNECTING => return Ok(()),
-            DISCONNECTED => {}
+        let rec = self.keystore(id).await?;
+        match rec.connection_state {
+            Connected | Connecting => return Ok(()),
+            Disconnected => {}
             other => {
                 return Err(invalid_state(
                     id,
@@ -400,14 +437,19 @@ impl Kms {
                 ));
             }
         }
-        if !self
-            .store
-            .transition_store(id, &[DISCONNECTED], CONNECTING, None)?
+        match self
+            .meta
+            .transition_keystore(id, &[Disconnected], Connecting, None)
+            .await
         {
-            return Err(KmsError::new(
-                ErrorKind::CustomKeyStoreInvalidState,
-                format!("Custom key store {id} changed state; try again"),
-            ));
+            Ok(()) => {}
+            Err(Failure::Precondition(_) | Failure::NotFound) => {
+                return Err(KmsError::new(
+                    ErrorKind::CustomKeyStoreInvalidState,
+                    format!("Custom key store {id} changed state; try again"),
+                ))
+            }
+            Err(f) => return Err(f.into()),
         }
         let kms = Arc::clone(self);
         tokio::spawn(async move {
@@ -418,71 +460,70 @@ impl Kms {
     }
 
     /// The background half of connecting. The caller holds the store's lifecycle lock.
-    async fn finish_connect(self: &Arc<Self>, rec: StoreRecord) {
+    async fn finish_connect(self: &Arc<Self>, rec: KeyStoreRecord) {
         let outcome = self.open_connection(&rec).await;
         let (state, code) = match outcome {
             Ok(conn) => {
-                if self.rotate_password {
+                if self.connections.rotate_password {
                     self.rotate_password(&rec, &conn).await;
                 }
                 self.reconcile_creating_keys(&rec.id, &conn, i64::MAX).await;
-                self.connections
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(rec.id.clone(), conn);
-                (CONNECTED, None)
+                self.connections.insert(&rec.id, conn);
+                (Connected, None)
             }
-            Err(code) => (FAILED, Some(code)),
+            Err(code) => (Failed, Some(code)),
         };
         match self
-            .store
-            .transition_store(&rec.id, &[CONNECTING], state, code)
+            .meta
+            .transition_keystore(&rec.id, &[Connecting], state, code)
+            .await
         {
-            Ok(true) => {
-                tracing::info!(custom_key_store_id = %rec.id, state, error_code = code, "connection finished")
+            Ok(()) => {
+                tracing::info!(custom_key_store_id = %rec.id, state = %state, error_code = code.map(|c| c.as_str()), "connection finished")
             }
-            Ok(false) => {
+            Err(Failure::Precondition(_) | Failure::NotFound) => {
                 tracing::warn!(custom_key_store_id = %rec.id, "store left CONNECTING meanwhile")
             }
             Err(e) => {
                 tracing::error!(custom_key_store_id = %rec.id, error = %e, "recording the connection state failed")
             }
         }
-        self.report(&rec.id, state == CONNECTED).await;
+        self.report(&rec.id, state == Connected);
     }
 
     /// Logs in to the store's cluster within the login deadline; on failure, the AWS
     /// ConnectionErrorCode. A device-tier failure of the new connection starts `recover`.
     async fn open_connection(
         self: &Arc<Self>,
-        rec: &StoreRecord,
-    ) -> Result<Arc<Connection>, &'static str> {
+        rec: &KeyStoreRecord,
+    ) -> Result<Arc<Connection>, ConnectionErrorCode> {
+        use ConnectionErrorCode as Code;
         let Some(cluster) = self.cluster(&rec.cluster_id) else {
             tracing::warn!(custom_key_store_id = %rec.id, cluster = %rec.cluster_id, "cluster is not configured");
-            return Err("CLUSTER_NOT_FOUND");
+            return Err(Code::ClusterNotFound);
         };
         if cluster.active_hsms() == 0 {
-            return Err("INSUFFICIENT_CLOUDHSM_HSMS");
+            return Err(Code::InsufficientCloudHsmHsms);
         }
         let stored = self
             .sealer
             .unseal(&rec.id, &rec.sealed_password)
-            .map_err(|_| "INTERNAL_ERROR")?;
+            .map_err(|_| Code::InternalError)?;
         match self.login(rec, &cluster, &stored).await {
-            Err("INVALID_CREDENTIALS") => {}
+            Err(Code::InvalidCredentials) => {}
             other => return other,
         }
         // A rotation may have changed the token's password and stopped (a crash) before
         // recording it: the password it was setting is kept sealed until then.
-        let Some(pending) = self.store.pending_password(&rec.id).ok().flatten() else {
-            return Err("INVALID_CREDENTIALS");
+        let Some(pending) = self.meta.pending_password(&rec.id).await.ok().flatten() else {
+            return Err(Code::InvalidCredentials);
         };
         let pending = self
             .sealer
             .unseal(&rec.id, &pending)
-            .map_err(|_| "INTERNAL_ERROR")?;
+            .map_err(|_| Code::InternalError)?;
         let conn = self.login(rec, &cluster, &pending).await?;
-        if let Err(e) = self.store.promote_pending_password(&rec.id) {
+        if let Err(e) = self.meta.promote_pending_password(&rec.id).await {
             tracing::error!(custom_key_store_id = %rec.id, error = %e, "recording the rotated kmsuser password failed");
         }
         tracing::warn!(custom_key_store_id = %rec.id, "logged in with the password of an unfinished rotation; it is now the stored one");
@@ -492,71 +533,43 @@ impl Kms {
     /// Logs in with `password` within the login deadline.
     async fn login(
         self: &Arc<Self>,
-        rec: &StoreRecord,
+        rec: &KeyStoreRecord,
         cluster: &Cluster,
         password: &[u8],
-    ) -> Result<Arc<Connection>, &'static str> {
-        let pin = login_pin(cluster, password)?;
-        let module = cluster.settings.module.clone();
-        let label = cluster.settings.token_label.clone();
-        let options = Options {
-            pool_size: self.hsm.session_pool_size,
-            call_timeout: self.call_timeout(),
-            on_device_failure: self.recovery_trigger(&rec.id),
-        };
-        let modules = Arc::clone(&self.modules);
-        // Loading the module (C_Initialize) and logging in are PKCS#11 calls: blocking thread.
-        let opening = tokio::task::spawn_blocking(move || {
-            let ctx = modules.get(&module).map_err(|e| {
-                tracing::error!(error = %e, "PKCS#11 module unusable");
-                LoginFailure::Internal
-            })?;
-            Connection::open(ctx, &label, &pin, options)
-        });
-        let limit = Duration::from_millis(self.hsm.login_timeout_ms);
-        let opened = match tokio::time::timeout(limit, opening).await {
-            Ok(joined) => joined.map_err(|_| "INTERNAL_ERROR")?,
-            Err(_) => {
-                // A login that returns later is dropped, closing its sessions.
-                tracing::warn!(custom_key_store_id = %rec.id, ?limit, "logging in timed out");
-                return Err("NETWORK_ERRORS");
-            }
-        };
-        match opened {
-            Ok(conn) => Ok(conn),
-            Err(failure) => {
-                tracing::warn!(custom_key_store_id = %rec.id, ?failure, "connecting failed");
-                Err(LoginFailure::connection_error_code(failure))
-            }
-        }
+    ) -> Result<Arc<Connection>, ConnectionErrorCode> {
+        self.connections
+            .login(&rec.id, cluster, password, self.recovery_trigger(&rec.id))
+            .await
     }
 
     /// Replaces the kmsuser password with a random one only this service knows, as AWS does
     /// on connect. The new password is stored sealed (as pending) before the token changes,
     /// and becomes the stored one after: a crash in between leaves both recoverable. A token
     /// that refuses C_SetPIN keeps its password; the connection is unaffected.
-    async fn rotate_password(&self, rec: &StoreRecord, conn: &Arc<Connection>) {
+    async fn rotate_password(&self, rec: &KeyStoreRecord, conn: &Arc<Connection>) {
         let Some(cluster) = self.cluster(&rec.cluster_id) else {
             return;
         };
         let outcome: KmsResult<()> = async {
-            let current = self.get_store(&rec.id)?;
+            let current = self.keystore(&rec.id).await?;
             let old = self.sealer.unseal(&rec.id, &current.sealed_password)?;
             let mut raw = Zeroizing::new([0u8; 16]);
             getrandom::fill(raw.as_mut()).map_err(KmsError::internal)?;
             let new = Zeroizing::new(hex::encode(raw.as_ref()).into_bytes());
-            self.store
-                .set_pending_password(&rec.id, Some(&self.sealer.seal(&rec.id, &new)?))?;
-            let (old_pin, new_pin) = (
-                login_pin(&cluster, &old).map_err(KmsError::internal)?,
-                login_pin(&cluster, &new).map_err(KmsError::internal)?,
-            );
+            self.meta
+                .set_pending_password(&rec.id, Some(&self.sealer.seal(&rec.id, &new)?))
+                .await?;
+            let pin = |password: &[u8]| {
+                Pin::new(cluster.pin_user(), password)
+                    .ok_or_else(|| KmsError::internal("a kmsuser password is not UTF-8"))
+            };
+            let (old_pin, new_pin) = (pin(&old)?, pin(&new)?);
             let conn = Arc::clone(conn);
             tokio::task::spawn_blocking(move || conn.set_pin(&old_pin, &new_pin))
                 .await
                 .map_err(KmsError::internal)?
                 .map_err(|e| KmsError::internal(format!("C_SetPIN: {e:?}")))?;
-            self.store.promote_pending_password(&rec.id)?;
+            self.meta.promote_pending_password(&rec.id).await?;
             Ok(())
         }
         .await;
@@ -587,9 +600,10 @@ impl Kms {
     /// The store stays CONNECTED throughout (it reconnects after a restart too); meanwhile
     /// its keys fail fast with KMSInvalidStateException and its health is NOT_SERVING.
     async fn recover(self: Arc<Self>, store_id: String) {
-        self.report(&store_id, false).await;
-        let max = Duration::from_millis(self.hsm.reconnect_max_backoff_ms);
-        let mut wait = Duration::from_millis(self.hsm.reconnect_initial_backoff_ms);
+        self.report(&store_id, false);
+        let hsm = self.connections.settings();
+        let max = Duration::from_millis(hsm.reconnect_max_backoff_ms);
+        let mut wait = Duration::from_millis(hsm.reconnect_initial_backoff_ms);
         let mut closed = false;
         loop {
             tokio::time::sleep(wait).await;
@@ -601,12 +615,12 @@ impl Kms {
             if !old.is_degraded() {
                 return; // already replaced
             }
-            let rec = match self.get_store(&store_id) {
-                Ok(rec) if rec.connection_state == CONNECTED => rec,
+            let rec = match self.keystore(&store_id).await {
+                Ok(rec) if rec.connection_state == Connected => rec,
                 _ => return,
             };
             if !closed {
-                old.close(self.call_timeout()).await;
+                old.close(self.connections.call_timeout()).await;
                 old.supersede();
                 closed = true;
             }
@@ -614,20 +628,17 @@ impl Kms {
                 Ok(conn) => {
                     self.reconcile_creating_keys(&store_id, &conn, i64::MAX)
                         .await;
-                    self.connections
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(store_id.clone(), conn);
+                    self.connections.insert(&store_id, conn);
                     crate::metrics::get().reconnect(&store_id, "ok");
                     tracing::info!(custom_key_store_id = %store_id, "reconnected to the HSM");
                     drop(guard);
-                    self.report(&store_id, true).await;
+                    self.report(&store_id, true);
                     return;
                 }
                 Err(code) => {
                     crate::metrics::get().reconnect(&store_id, "failed");
                     wait = (wait * 2).min(max);
-                    tracing::warn!(custom_key_store_id = %store_id, error_code = code, retry_in = ?wait, "reconnecting failed");
+                    tracing::warn!(custom_key_store_id = %store_id, error_code = code.as_str(), retry_in = ?wait, "reconnecting failed");
                 }
             }
         }
@@ -642,28 +653,25 @@ impl Kms {
         )?;
         let lock = self.lifecycle_lock(id);
         let _guard = lock.write().await;
-        let rec = self.get_store(id)?;
-        if matches!(rec.connection_state.as_str(), DISCONNECTED | DISCONNECTING) {
+        let rec = self.keystore(id).await?;
+        if matches!(rec.connection_state, Disconnected | Disconnecting) {
             return Err(invalid_state(
                 id,
-                &rec.connection_state,
+                rec.connection_state,
                 "DisconnectCustomKeyStore",
                 "CONNECTED, CONNECTING or FAILED",
             ));
         }
-        self.store
-            .transition_store(id, &[CONNECTED, CONNECTING, FAILED], DISCONNECTING, None)?;
-        let conn = self
-            .connections
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        if let Some(conn) = conn {
-            conn.close(self.call_timeout()).await;
+        self.meta
+            .transition_keystore(id, &[Connected, Connecting, Failed], Disconnecting, None)
+            .await?;
+        if let Some(conn) = self.connections.remove(id) {
+            conn.close(self.connections.call_timeout()).await;
         }
-        self.store
-            .transition_store(id, &[DISCONNECTING], DISCONNECTED, None)?;
-        self.report(id, false).await;
+        self.meta
+            .transition_keystore(id, &[Disconnecting], Disconnected, None)
+            .await?;
+        self.report(id, false);
         tracing::info!(custom_key_store_id = %id, "disconnected custom key store");
         Ok(())
     }
@@ -672,28 +680,27 @@ impl Kms {
     pub async fn resume(self: &Arc<Self>) -> KmsResult<()> {
         let mut after: Option<String> = None;
         loop {
-            let page = self.store.list_stores(after.as_deref(), 100)?;
+            let page = self.meta.list_keystores(after.as_deref(), 100).await?;
             let Some(last) = page.last() else { break };
             after = Some(last.id.clone());
             for rec in page {
-                match rec.connection_state.as_str() {
-                    CONNECTED | CONNECTING => {
-                        self.store.transition_store(
-                            &rec.id,
-                            &[CONNECTED, CONNECTING],
-                            DISCONNECTED,
-                            None,
-                        )?;
+                match rec.connection_state {
+                    Connected | Connecting => {
+                        self.meta
+                            .transition_keystore(
+                                &rec.id,
+                                &[Connected, Connecting],
+                                Disconnected,
+                                None,
+                            )
+                            .await?;
                         self.connect_custom_key_store(&self.service_caller(), &rec.id)
                             .await?;
                     }
-                    DISCONNECTING => {
-                        self.store.transition_store(
-                            &rec.id,
-                            &[DISCONNECTING],
-                            DISCONNECTED,
-                            None,
-                        )?;
+                    Disconnecting => {
+                        self.meta
+                            .transition_keystore(&rec.id, &[Disconnecting], Disconnected, None)
+                            .await?;
                     }
                     _ => {}
                 }
@@ -709,18 +716,26 @@ impl Kms {
     }
 }
 
-/// The PIN of the cluster's crypto user for `password`, built in one allocation that moves
-/// into the zeroizing AuthPin, so that no stray copy is left in freed memory.
-fn login_pin(cluster: &Cluster, password: &[u8]) -> Result<AuthPin, &'static str> {
-    let password = std::str::from_utf8(password).map_err(|_| "INTERNAL_ERROR")?;
-    let user = &cluster.settings.crypto_user;
-    let mut pin = String::with_capacity(user.len() + 1 + password.len());
-    if cluster.settings.pin_format == PinFormat::UserPassword {
-        pin.push_str(user);
-        pin.push(':');
+pub(super) fn keystore_not_found(id: &str) -> KmsError {
+    KmsError::new(
+        ErrorKind::CustomKeyStoreNotFound,
+        format!("Custom key store {id} does not exist"),
+    )
+}
+
+/// The exception for a key store name or cluster already in use.
+fn taken(f: Failure, name: &str, cluster: &str) -> KmsError {
+    match f {
+        Failure::Taken(Unique::KeyStoreName) => KmsError::new(
+            ErrorKind::CustomKeyStoreNameInUse,
+            format!("The custom key store name {name} is already in use"),
+        ),
+        Failure::Taken(Unique::KeyStoreCluster) => KmsError::new(
+            ErrorKind::CloudHsmClusterInUse,
+            format!("Cluster {cluster} is already associated with another custom key store"),
+        ),
+        f => f.into(),
     }
-    pin.push_str(password);
-    Ok(AuthPin::from(pin))
 }
 
 #[cfg(test)]

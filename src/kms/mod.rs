@@ -1,11 +1,15 @@
 //! The domain: custom key stores, keys, key states and the cryptographic operations.
 //!
-//! No tonic, no SQL and no PKCS#11 return code appears here: the `api` layer hands in plain
-//! values, `store` and `hsm` hand back their outcomes already translated.
+//! No tonic, no SQL and no PKCS#11 type appears here: the transport hands in plain values,
+//! the metadata seam (`crate::metadata`) and `crate::hsm` hand back their outcomes already
+//! typed. `Kms` is composed of parts with one job each, built by the caller (`Parts`) and
+//! handed in, so that the domain runs on an in-memory database in unit tests.
 
 pub mod access;
 pub mod aliases;
 pub mod ciphertext;
+pub mod clusters;
+pub mod connections;
 pub mod crypto;
 pub mod deletion;
 pub mod error;
@@ -16,201 +20,155 @@ pub mod keystores;
 pub mod op;
 pub mod policy;
 pub mod sealing;
+pub mod states;
 pub mod throttle;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 
-use crate::config::{ClusterSettings, HsmSettings, Settings};
-use crate::hsm::{Connection, Modules};
-use crate::store::Store;
+use crate::config::Settings;
+use crate::hsm::Modules;
+use crate::metadata::{KeyStoreRecord, Metadata};
+use access::Access;
+use clusters::Clusters;
+use connections::Connections;
 use error::{KmsError, KmsResult};
 use ids::ArnScope;
 use sealing::Sealer;
-use throttle::Quota;
+use states::ConnectionState;
+use throttle::Quotas;
 
-/// Connection states of a custom key store, as AWS spells them.
-pub mod conn_state {
-    pub const CONNECTED: &str = "CONNECTED";
-    pub const CONNECTING: &str = "CONNECTING";
-    pub const DISCONNECTED: &str = "DISCONNECTED";
-    pub const DISCONNECTING: &str = "DISCONNECTING";
-    pub const FAILED: &str = "FAILED";
+/// What a `Kms` is made of.
+pub struct Parts {
+    pub scope: ArnScope,
+    /// The configured clusters (settings and trust anchors).
+    pub clusters: Clusters,
+    /// Everything remembered besides key material.
+    pub metadata: Arc<dyn Metadata>,
+    /// Seals kmsuser passwords at rest.
+    pub sealer: Sealer,
+    /// Live HSM connections, logins, lifecycle locks and store health.
+    pub connections: Connections,
+    /// Identity policies and key policies.
+    pub access: Access,
+    /// Cryptographic requests per second per store.
+    pub quotas: Quotas,
+    /// Added to the system clock (tests of scheduled deletion).
+    pub clock_offset_ms: i64,
 }
 
-/// A configured cluster: its settings and its trust anchor, read once at start.
-pub struct Cluster {
-    pub settings: ClusterSettings,
-    /// The trust anchor certificate in DER, for comparison with what callers present.
-    pub trust_anchor_der: Vec<u8>,
-    pub trust_anchor_pem: String,
-}
-
-impl Cluster {
-    pub fn active_hsms(&self) -> usize {
-        self.settings
-            .hsms
-            .iter()
-            .filter(|h| h.state == "ACTIVE")
-            .count()
-    }
-
-    /// AWS asks for at least two active HSMs in different availability zones.
-    pub fn has_two_zones(&self) -> bool {
-        let zones: std::collections::HashSet<&str> = self
-            .settings
-            .hsms
-            .iter()
-            .filter(|h| h.state == "ACTIVE")
-            .map(|h| h.availability_zone.as_str())
-            .collect();
-        zones.len() >= 2
-    }
-
-    pub fn is_active(&self) -> bool {
-        self.settings.state == "ACTIVE"
+impl Parts {
+    /// The parts a configuration describes: reads the trust anchors and the sealing key,
+    /// opens the SQLite metadata database. `modules` are the process's PKCS#11 modules.
+    pub fn from_settings(settings: &Settings, modules: Arc<Modules>) -> anyhow::Result<Parts> {
+        let scope = ArnScope {
+            partition: settings.account.partition.clone(),
+            region: settings.account.region.clone(),
+            account_id: settings.account.account_id.clone(),
+        };
+        let metadata = crate::metadata::sqlite::Sqlite::open(&settings.storage.sqlite_path)
+            .with_context(|| {
+                format!(
+                    "opening metadata database {}",
+                    settings.storage.sqlite_path.display()
+                )
+            })?;
+        let identities = access::Identities::load(&settings.auth.identity_policies)?;
+        let access = Access::new(&scope, identities)
+            .map_err(|e| anyhow::anyhow!("the default key policy: {}", e.message))?;
+        Ok(Parts {
+            clusters: Clusters::load(&settings.clusters)?,
+            metadata: Arc::new(metadata),
+            sealer: Sealer::load(&settings.security.sealing_key_file)?,
+            connections: Connections::new(
+                modules,
+                settings.hsm.clone(),
+                settings.security.rotate_kmsuser_password,
+            ),
+            access,
+            quotas: Quotas::per_second(settings.throttling.store_requests_per_second),
+            clock_offset_ms: settings.lifecycle.clock_offset_seconds.saturating_mul(1000),
+            scope,
+        })
     }
 }
 
 pub struct Kms {
     pub scope: ArnScope,
-    /// The configured clusters; replaced as a whole when the configuration is reloaded.
-    clusters: RwLock<Arc<HashMap<String, Arc<Cluster>>>>,
-    store: Store,
+    clusters: Clusters,
+    meta: Arc<dyn Metadata>,
     sealer: Sealer,
-    modules: Arc<Modules>,
-    hsm: HsmSettings,
-    /// Added to the system clock (tests of scheduled deletion).
+    connections: Connections,
+    access: Access,
+    quotas: Quotas,
     clock_offset_ms: i64,
-    /// Live HSM connections of the stores that are CONNECTED.
-    connections: RwLock<HashMap<String, Arc<Connection>>>,
-    /// Serialises lifecycle changes (connect, disconnect, update, delete, key creation,
-    /// reconnection) of one store: writers change the store, readers need it as it is.
-    lifecycle: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
-    /// Cryptographic requests per second per store; 0 = no quota.
-    store_rate: u32,
-    quotas: RwLock<HashMap<String, Arc<Quota>>>,
-    /// The gRPC health service, told each store's state (service name = store id).
-    health: OnceLock<tonic_health::server::HealthReporter>,
-    /// Identity (IAM) policies by principal; replaced on configuration reload.
-    identities: RwLock<Arc<access::Identities>>,
-    /// Compiled key policies, and the default one that keys without a stored policy have.
-    policies: access::PolicyCache,
-    default_policy: Arc<access::Policy>,
-    /// Whether ConnectCustomKeyStore replaces the kmsuser password with its own.
-    rotate_password: bool,
-}
-
-/// Reads the clusters' trust anchors and builds the cluster table.
-fn load_clusters(settings: &[ClusterSettings]) -> anyhow::Result<HashMap<String, Arc<Cluster>>> {
-    let mut clusters = HashMap::new();
-    for c in settings {
-        let pem_text = std::fs::read_to_string(&c.trust_anchor_file).with_context(|| {
-            format!(
-                "reading trust anchor {} of {}",
-                c.trust_anchor_file.display(),
-                c.id
-            )
-        })?;
-        let der = pem_der(&pem_text).with_context(|| {
-            format!(
-                "trust anchor {} of {} is not a PEM certificate",
-                c.trust_anchor_file.display(),
-                c.id
-            )
-        })?;
-        clusters.insert(
-            c.id.clone(),
-            Arc::new(Cluster {
-                settings: c.clone(),
-                trust_anchor_der: der,
-                trust_anchor_pem: pem_text,
-            }),
-        );
-    }
-    Ok(clusters)
 }
 
 impl Kms {
-    pub fn new(settings: &Settings) -> anyhow::Result<Arc<Kms>> {
-        let clusters = load_clusters(&settings.clusters)?;
-        let store = Store::open(&settings.storage.sqlite_path).with_context(|| {
-            format!(
-                "opening metadata store {}",
-                settings.storage.sqlite_path.display()
-            )
-        })?;
-        let sealer = Sealer::load(&settings.security.sealing_key_file)?;
-        let identities = access::Identities::load(&settings.auth.identity_policies)?;
-        let default_policy = access::Policy::compile(&policy::default_policy(
-            &settings.account.partition,
-            &settings.account.account_id,
-        ))
-        .map_err(|e| anyhow::anyhow!("the default key policy: {}", e.message))?;
-        Ok(Arc::new(Kms {
-            scope: ArnScope {
-                partition: settings.account.partition.clone(),
-                region: settings.account.region.clone(),
-                account_id: settings.account.account_id.clone(),
-            },
-            clusters: RwLock::new(Arc::new(clusters)),
-            store,
+    pub fn new(parts: Parts) -> Arc<Kms> {
+        let Parts {
+            scope,
+            clusters,
+            metadata,
             sealer,
-            modules: Arc::new(Modules::default()),
-            hsm: settings.hsm.clone(),
-            clock_offset_ms: settings.lifecycle.clock_offset_seconds.saturating_mul(1000),
-            connections: RwLock::new(HashMap::new()),
-            lifecycle: Mutex::new(HashMap::new()),
-            store_rate: settings.throttling.store_requests_per_second,
-            quotas: RwLock::new(HashMap::new()),
-            health: OnceLock::new(),
-            identities: RwLock::new(Arc::new(identities)),
-            policies: access::PolicyCache::default(),
-            default_policy: Arc::new(default_policy),
-            rotate_password: settings.security.rotate_kmsuser_password,
-        }))
-    }
-
-    /// Applies a reloaded configuration's clusters (HSM inventory, cluster states, trust
-    /// anchors, IV mode...). Live connections stay; module, token and PIN changes apply at the
-    /// next connection. On error nothing changes.
-    pub fn reload_clusters(&self, settings: &[ClusterSettings]) -> anyhow::Result<()> {
-        let clusters = load_clusters(settings)?;
-        *self.clusters.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(clusters);
-        for c in settings {
-            let active = c.hsms.iter().filter(|h| h.state == "ACTIVE").count();
-            tracing::info!(cluster = %c.id, state = %c.state, active_hsms = active, hsms = c.hsms.len(), "cluster inventory loaded");
-        }
-        Ok(())
+            connections,
+            access,
+            quotas,
+            clock_offset_ms,
+        } = parts;
+        Arc::new(Kms {
+            scope,
+            clusters,
+            meta: metadata,
+            sealer,
+            connections,
+            access,
+            quotas,
+            clock_offset_ms,
+        })
     }
 
     /// Applies a reloaded configuration: clusters and identity policies, both or neither.
+    /// Live connections stay; module, token and PIN changes apply at the next connection.
     pub fn reload(&self, settings: &Settings) -> anyhow::Result<()> {
         let identities = access::Identities::load(&settings.auth.identity_policies)?;
-        self.reload_clusters(&settings.clusters)?;
-        self.set_identities(identities);
+        self.clusters
+            .replace_with(Clusters::load(&settings.clusters)?);
+        self.access.set_identities(identities);
+        for c in &settings.clusters {
+            let active = c
+                .hsms
+                .iter()
+                .filter(|h| h.state == states::HsmState::Active)
+                .count();
+            tracing::info!(cluster = %c.id, state = ?c.state, active_hsms = active, hsms = c.hsms.len(), "cluster inventory loaded");
+        }
         Ok(())
     }
 
-    /// Hands the health service's reporter over; store states are reported from then on.
-    pub async fn attach_health(&self, reporter: tonic_health::server::HealthReporter) {
-        let _ = self.health.set(reporter);
-        for rec in self.all_stores() {
-            let serving = rec.connection_state == conn_state::CONNECTED
+    /// Each store's health as it changes: SERVING while CONNECTED and its HSM answers.
+    /// Every store has an entry once `publish_health` ran.
+    pub fn health(&self) -> tokio::sync::watch::Receiver<connections::Health> {
+        self.connections.health()
+    }
+
+    /// Publishes every store's current health.
+    pub async fn publish_health(&self) {
+        for rec in self.all_keystores().await {
+            let serving = rec.connection_state == ConnectionState::Connected
                 && self.connection(&rec.id).is_some_and(|c| !c.is_degraded());
-            self.report(&rec.id, serving).await;
+            self.connections.report(&rec.id, serving);
         }
     }
 
-    /// Every store record, page by page (a read error ends the list early, logged).
-    fn all_stores(&self) -> Vec<crate::store::StoreRecord> {
+    /// Every key store record, page by page (a read error ends the list early, logged).
+    async fn all_keystores(&self) -> Vec<KeyStoreRecord> {
         let mut out = Vec::new();
         loop {
-            let after = out.last().map(|r: &crate::store::StoreRecord| r.id.clone());
-            match self.store.list_stores(after.as_deref(), 100) {
+            let after = out.last().map(|r: &KeyStoreRecord| r.id.clone());
+            match self.meta.list_keystores(after.as_deref(), 100).await {
                 Ok(page) if page.is_empty() => return out,
                 Ok(page) => out.extend(page),
                 Err(e) => {
@@ -221,20 +179,9 @@ impl Kms {
         }
     }
 
-    /// Tells the health service whether a store serves.
-    async fn report(&self, store_id: &str, serving: bool) {
-        if let Some(h) = self.health.get() {
-            let status = if serving {
-                tonic_health::ServingStatus::Serving
-            } else {
-                tonic_health::ServingStatus::NotServing
-            };
-            h.set_service_status(store_id, status).await;
-        }
-    }
-
-    fn call_timeout(&self) -> Duration {
-        Duration::from_millis(self.hsm.call_timeout_ms)
+    /// Tells whoever watches the health whether a store serves.
+    fn report(&self, store_id: &str, serving: bool) {
+        self.connections.report(store_id, serving);
     }
 
     /// The service's clock, in Unix milliseconds.
@@ -242,54 +189,57 @@ impl Kms {
         now_ms().saturating_add(self.clock_offset_ms)
     }
 
-    fn cluster(&self, id: &str) -> Option<Arc<Cluster>> {
-        self.clusters
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
+    fn cluster(&self, id: &str) -> Option<Arc<clusters::Cluster>> {
+        self.clusters.get(id)
     }
 
-    fn connection(&self, store_id: &str) -> Option<Arc<Connection>> {
-        self.connections
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(store_id)
-            .cloned()
+    fn connection(&self, store_id: &str) -> Option<Arc<crate::hsm::Connection>> {
+        self.connections.get(store_id)
     }
 
     fn lifecycle_lock(&self, store_id: &str) -> Arc<tokio::sync::RwLock<()>> {
-        self.lifecycle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(store_id.to_string())
-            .or_default()
-            .clone()
+        self.connections.lifecycle_lock(store_id)
     }
 
     /// Closes every HSM connection (sessions closed, tokens logged out) without changing the
     /// stores' recorded states, so they reconnect on the next start.
     pub async fn shutdown(&self) {
-        let conns: Vec<(String, Arc<Connection>)> = self
-            .connections
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .collect();
-        for (id, conn) in conns {
-            conn.close(self.call_timeout()).await;
-            tracing::info!(custom_key_store_id = %id, "closed HSM connection");
-        }
+        self.connections.close_all().await;
     }
-}
 
-/// The DER of the first certificate in a PEM text.
-pub fn pem_der(text: &str) -> Option<Vec<u8>> {
-    pem::parse_many(text)
-        .ok()?
-        .into_iter()
-        .find(|p| p.tag() == "CERTIFICATE")
-        .map(|p| p.into_contents())
+    /// The recorded connection state of a key store.
+    pub async fn keystore_state(&self, id: &str) -> KmsResult<ConnectionState> {
+        Ok(self.keystore(id).await?.connection_state)
+    }
+
+    /// Every key store's state and session pool, for the metrics.
+    pub async fn keystore_snapshots(&self) -> Vec<crate::metrics::StoreSnapshot> {
+        self.all_keystores()
+            .await
+            .into_iter()
+            .map(|rec| {
+                let conn = self.connection(&rec.id);
+                let state = match rec.connection_state {
+                    ConnectionState::Connected
+                        if conn.as_ref().is_some_and(|c| c.is_degraded()) =>
+                    {
+                        "DEGRADED"
+                    }
+                    s => s.as_str(),
+                };
+                crate::metrics::StoreSnapshot {
+                    id: rec.id,
+                    state,
+                    pool: conn.map(|c| c.pool()),
+                }
+            })
+            .collect()
+    }
+
+    /// Takes one request from the store's quota, or answers ThrottlingException.
+    pub(super) fn admit(&self, store_id: &str) -> KmsResult<()> {
+        self.quotas.admit(store_id)
+    }
 }
 
 pub fn now_ms() -> i64 {
@@ -327,74 +277,5 @@ pub fn page_limit(limit: Option<i32>, max: i32, default: i32) -> KmsResult<usize
     }
 }
 
-impl Kms {
-    /// The process's PKCS#11 context for a module (for `dev` set-up and tools).
-    pub fn module(&self, path: &std::path::Path) -> Result<cryptoki::context::Pkcs11, String> {
-        self.modules.get(path)
-    }
-
-    /// The recorded connection state of a store.
-    pub fn store_state(&self, id: &str) -> KmsResult<String> {
-        Ok(self.get_store(id)?.connection_state)
-    }
-
-    /// Every store's state and session pool, for the metrics.
-    pub fn store_snapshots(&self) -> Vec<crate::metrics::StoreSnapshot> {
-        use conn_state::*;
-        self.all_stores()
-            .into_iter()
-            .map(|rec| {
-                let conn = self.connection(&rec.id);
-                let state = match rec.connection_state.as_str() {
-                    CONNECTED if conn.as_ref().is_some_and(|c| c.is_degraded()) => "DEGRADED",
-                    CONNECTED => CONNECTED,
-                    CONNECTING => CONNECTING,
-                    DISCONNECTING => DISCONNECTING,
-                    FAILED => FAILED,
-                    _ => DISCONNECTED,
-                };
-                crate::metrics::StoreSnapshot {
-                    id: rec.id,
-                    state,
-                    pool: conn.map(|c| c.pool()),
-                }
-            })
-            .collect()
-    }
-
-    /// Takes one request from the store's quota, or answers ThrottlingException.
-    pub(super) fn admit(&self, store_id: &str) -> KmsResult<()> {
-        if self.store_rate == 0 {
-            return Ok(());
-        }
-        let quota = self
-            .quotas
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(store_id)
-            .cloned();
-        let quota = match quota {
-            Some(q) => q,
-            None => self
-                .quotas
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(store_id.to_string())
-                .or_insert_with(|| Arc::new(Quota::per_second(self.store_rate)))
-                .clone(),
-        };
-        if quota.try_take() {
-            Ok(())
-        } else {
-            crate::metrics::get().throttled(store_id);
-            Err(KmsError::new(
-                error::ErrorKind::Throttling,
-                format!(
-                    "Custom key store {store_id} is over its quota of {} cryptographic requests \
-                     per second; retry with back-off",
-                    self.store_rate
-                ),
-            ))
-        }
-    }
-}
+#[cfg(test)]
+mod tests;

@@ -105,8 +105,16 @@ impl Sealer {
             tracing::info!(path = %path.display(), "created a new sealing key file");
             key
         };
-        let cipher = Aes256Gcm::new_from_slice(&key).map_err(|_| anyhow::anyhow!("bad key"))?;
-        Ok(Sealer { cipher })
+        anyhow::ensure!(key.len() == 32, "the sealing key must be 32 bytes");
+        let mut fixed = Zeroizing::new([0u8; 32]);
+        fixed.copy_from_slice(&key);
+        Ok(Sealer::with_key(&fixed))
+    }
+
+    pub fn with_key(key: &[u8; 32]) -> Sealer {
+        Sealer {
+            cipher: Aes256Gcm::new(key.into()),
+        }
     }
 
     /// Seals `secret` for the record `context`: IV (12 bytes) then ciphertext and tag.

@@ -2,8 +2,63 @@
 //! and holding at most one second's worth, so a store takes short bursts up to its rate but
 //! never more than the rate over any second on average.
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
+
+use super::error::{ErrorKind, KmsError, KmsResult};
+
+/// The cryptographic request quota of every custom key store.
+pub struct Quotas {
+    /// Requests per second per store; 0 = no quota.
+    rate: u32,
+    by_store: RwLock<HashMap<String, Arc<Quota>>>,
+}
+
+impl Quotas {
+    pub fn per_second(rate: u32) -> Quotas {
+        Quotas {
+            rate,
+            by_store: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one request from the store's quota, or answers ThrottlingException.
+    pub fn admit(&self, store_id: &str) -> KmsResult<()> {
+        if self.rate == 0 {
+            return Ok(());
+        }
+        let quota = self
+            .by_store
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(store_id)
+            .cloned();
+        let quota = match quota {
+            Some(q) => q,
+            None => self
+                .by_store
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(store_id.to_string())
+                .or_insert_with(|| Arc::new(Quota::per_second(self.rate)))
+                .clone(),
+        };
+        if quota.try_take() {
+            Ok(())
+        } else {
+            crate::metrics::get().throttled(store_id);
+            Err(KmsError::new(
+                ErrorKind::Throttling,
+                format!(
+                    "Custom key store {store_id} is over its quota of {} cryptographic requests \
+                     per second; retry with back-off",
+                    self.rate
+                ),
+            ))
+        }
+    }
+}
 
 pub struct Quota {
     rate: f64,

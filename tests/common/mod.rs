@@ -13,6 +13,7 @@ use hsm_kms::config::{
     LifecycleSettings, PinFormat, SecuritySettings, ServerSettings, Settings, StorageSettings,
     ThrottlingSettings,
 };
+pub use hsm_kms::kms::states::{ClusterState, HsmState};
 use hsm_kms::proto::key_management_service_client::KeyManagementServiceClient;
 use hsm_kms::proto::*;
 use tonic::transport::Channel;
@@ -28,8 +29,8 @@ pub const PASSWORD: &str = "kmsuser-Passw0rd";
 pub struct ClusterSpec {
     pub id: String,
     /// (availability zone, state) per HSM.
-    pub hsms: Vec<(&'static str, &'static str)>,
-    pub state: &'static str,
+    pub hsms: Vec<(&'static str, HsmState)>,
+    pub state: ClusterState,
     pub lineage: Option<String>,
     /// Whether the token exists (false: the cluster's token is absent).
     pub token: bool,
@@ -44,8 +45,11 @@ impl ClusterSpec {
     pub fn good(id: &str) -> ClusterSpec {
         ClusterSpec {
             id: id.into(),
-            hsms: vec![("us-east-1a", "ACTIVE"), ("us-east-1b", "ACTIVE")],
-            state: "ACTIVE",
+            hsms: vec![
+                ("us-east-1a", HsmState::Active),
+                ("us-east-1b", HsmState::Active),
+            ],
+            state: ClusterState::Active,
             lineage: None,
             token: true,
             faulty: false,
@@ -202,7 +206,7 @@ impl Harness {
                 },
                 token_label: label,
                 trust_anchor_file: anchor_file,
-                state: c.state.into(),
+                state: c.state,
                 lineage: c.lineage.clone(),
                 pin_format: c.pin_format,
                 gcm_iv: c.gcm_iv,
@@ -214,7 +218,7 @@ impl Harness {
                     .map(|(i, (az, state))| HsmEntry {
                         id: format!("hsm-{i}"),
                         availability_zone: az.to_string(),
-                        state: state.to_string(),
+                        state: *state,
                     })
                     .collect(),
             });

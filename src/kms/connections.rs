@@ -1,0 +1,192 @@
+//! The live PKCS#11 connections of connected custom key stores: logging in within the
+//! login deadline, the per-store lifecycle locks, and each store's health as the domain
+//! publishes it (the server feeds it to the gRPC health service).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::clusters::Cluster;
+use super::states::ConnectionErrorCode;
+use crate::config::HsmSettings;
+use crate::hsm::{Connection, LoginFailure, Modules, Options, Pin};
+
+/// Whether each custom key store serves (CONNECTED and its HSM answering), by store id.
+pub type Health = BTreeMap<String, bool>;
+
+pub struct Connections {
+    modules: Arc<Modules>,
+    settings: HsmSettings,
+    /// Whether ConnectCustomKeyStore replaces the kmsuser password with its own.
+    pub rotate_password: bool,
+    live: RwLock<HashMap<String, Arc<Connection>>>,
+    /// Serialises lifecycle changes (connect, disconnect, update, delete, key creation,
+    /// reconnection) of one store: writers change the store, readers need it as it is.
+    lifecycle: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
+    health: watch::Sender<Health>,
+}
+
+impl Connections {
+    pub fn new(modules: Arc<Modules>, settings: HsmSettings, rotate_password: bool) -> Self {
+        Connections {
+            modules,
+            settings,
+            rotate_password,
+            live: RwLock::new(HashMap::new()),
+            lifecycle: Mutex::new(HashMap::new()),
+            health: watch::Sender::new(Health::new()),
+        }
+    }
+
+    pub fn settings(&self) -> &HsmSettings {
+        &self.settings
+    }
+
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.settings.call_timeout_ms)
+    }
+
+    /// The live connection of a store.
+    pub fn get(&self, store_id: &str) -> Option<Arc<Connection>> {
+        self.live
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(store_id)
+            .cloned()
+    }
+
+    pub(super) fn insert(&self, store_id: &str, conn: Arc<Connection>) {
+        self.live
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(store_id.to_string(), conn);
+    }
+
+    pub(super) fn remove(&self, store_id: &str) -> Option<Arc<Connection>> {
+        self.live
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(store_id)
+    }
+
+    /// The connections whose HSM answers.
+    pub(super) fn healthy(&self) -> Vec<(String, Arc<Connection>)> {
+        self.live
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, c)| !c.is_degraded())
+            .map(|(id, c)| (id.clone(), Arc::clone(c)))
+            .collect()
+    }
+
+    pub(super) fn lifecycle_lock(&self, store_id: &str) -> Arc<tokio::sync::RwLock<()>> {
+        self.lifecycle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(store_id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Each store's health, as it changes.
+    pub fn health(&self) -> watch::Receiver<Health> {
+        self.health.subscribe()
+    }
+
+    /// Publishes whether a store serves.
+    pub(super) fn report(&self, store_id: &str, serving: bool) {
+        self.health
+            .send_if_modified(|h| h.insert(store_id.to_string(), serving) != Some(serving));
+    }
+
+    /// A deleted store has no health any more.
+    pub(super) fn forget(&self, store_id: &str) {
+        self.health
+            .send_if_modified(|h| h.remove(store_id).is_some());
+    }
+
+    /// Logs in to the cluster's token with `password` within the login deadline; on
+    /// failure, the AWS ConnectionErrorCode.
+    pub(super) async fn login(
+        &self,
+        store_id: &str,
+        cluster: &Cluster,
+        password: &[u8],
+        on_device_failure: Box<dyn Fn(&str) + Send + Sync>,
+    ) -> Result<Arc<Connection>, ConnectionErrorCode> {
+        let pin =
+            Pin::new(cluster.pin_user(), password).ok_or(ConnectionErrorCode::InternalError)?;
+        let module = cluster.settings.module.clone();
+        let label = cluster.settings.token_label.clone();
+        let options = Options {
+            pool_size: self.settings.session_pool_size,
+            call_timeout: self.call_timeout(),
+            on_device_failure,
+        };
+        let modules = Arc::clone(&self.modules);
+        // Loading the module (C_Initialize) and logging in are PKCS#11 calls: blocking thread.
+        let opening =
+            tokio::task::spawn_blocking(move || modules.open(&module, &label, &pin, options));
+        let limit = Duration::from_millis(self.settings.login_timeout_ms);
+        let opened = match tokio::time::timeout(limit, opening).await {
+            Ok(joined) => joined.map_err(|_| ConnectionErrorCode::InternalError)?,
+            Err(_) => {
+                // A login that returns later is dropped, closing its sessions.
+                tracing::warn!(custom_key_store_id = %store_id, ?limit, "logging in timed out");
+                return Err(ConnectionErrorCode::NetworkErrors);
+            }
+        };
+        opened.map_err(|failure| {
+            tracing::warn!(custom_key_store_id = %store_id, ?failure, "connecting failed");
+            error_code(failure)
+        })
+    }
+
+    /// Closes every connection (sessions closed, tokens logged out).
+    pub async fn close_all(&self) {
+        let conns: Vec<(String, Arc<Connection>)> = self
+            .live
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        for (id, conn) in conns {
+            conn.close(self.call_timeout()).await;
+            tracing::info!(custom_key_store_id = %id, "closed HSM connection");
+        }
+    }
+}
+
+/// The AWS ConnectionErrorCode of a failed login.
+fn error_code(f: LoginFailure) -> ConnectionErrorCode {
+    use ConnectionErrorCode as Code;
+    match f {
+        LoginFailure::InvalidCredentials => Code::InvalidCredentials,
+        LoginFailure::UserLockedOut => Code::UserLockedOut,
+        LoginFailure::UserNotFound => Code::UserNotFound,
+        LoginFailure::TokenNotFound => Code::ClusterNotFound,
+        LoginFailure::Device => Code::NetworkErrors,
+        LoginFailure::Internal => Code::InternalError,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_is_published_on_change_only() {
+        let c = Connections::new(Arc::default(), HsmSettings::default(), false);
+        let mut rx = c.health();
+        c.report("cks-1", true);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(rx.borrow_and_update().get("cks-1"), Some(&true));
+        c.report("cks-1", true);
+        assert!(!rx.has_changed().unwrap(), "no change, no news");
+        c.forget("cks-1");
+        assert!(rx.borrow_and_update().is_empty());
+    }
+}

@@ -1,0 +1,278 @@
+//! The domain on an in-memory metadata database, without files and without an HSM: the
+//! rules that do not need key material (key states, limits, who may change what, deletion
+//! of keys whose store is disconnected).
+
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::access::{Access, Identities};
+use super::clusters::Clusters;
+use super::connections::Connections;
+use super::error::ErrorKind;
+use super::grants::CreateGrant;
+use super::ids::ArnScope;
+use super::sealing::Sealer;
+use super::states::{ConnectionState, KeyState};
+use super::throttle::Quotas;
+use super::{Kms, Parts};
+use crate::metadata::sqlite::Sqlite;
+use crate::metadata::{KeyRecord, KeyStoreRecord, Metadata};
+
+const STORE: &str = "cks-1234567890abcdef0";
+
+fn kms() -> (Arc<Kms>, Arc<dyn Metadata>) {
+    let scope = ArnScope {
+        partition: "aws".into(),
+        region: "us-east-1".into(),
+        account_id: "111122223333".into(),
+    };
+    let metadata: Arc<dyn Metadata> = Arc::new(Sqlite::in_memory().unwrap());
+    let kms = Kms::new(Parts {
+        access: Access::new(&scope, Identities::default()).unwrap(),
+        scope,
+        clusters: Clusters::default(),
+        metadata: Arc::clone(&metadata),
+        sealer: Sealer::with_key(&[7; 32]),
+        connections: Connections::new(Arc::default(), Default::default(), false),
+        quotas: Quotas::per_second(0),
+        clock_offset_ms: 0,
+    });
+    (kms, metadata)
+}
+
+/// A key store in `state` and a key in it, written straight to the database.
+async fn key_in(meta: &dyn Metadata, store_state: ConnectionState, state: KeyState) -> Uuid {
+    if meta.keystore(STORE).await.unwrap().is_none() {
+        meta.insert_keystore(&KeyStoreRecord {
+            id: STORE.into(),
+            name: "store".into(),
+            cluster_id: "cluster-234567abcdefg".into(),
+            trust_anchor: "pem".into(),
+            sealed_password: vec![0; 40],
+            connection_state: store_state,
+            connection_error_code: None,
+            creation_date_ms: 0,
+        })
+        .await
+        .unwrap();
+    }
+    let id = Uuid::new_v4();
+    meta.insert_key(
+        &KeyRecord {
+            id,
+            custom_key_store_id: STORE.into(),
+            creation_date_ms: 0,
+            description: String::new(),
+            key_state: state,
+            deletion_date_ms: None,
+            pending_window_days: None,
+            policy: None,
+        },
+        &[],
+    )
+    .await
+    .unwrap();
+    id
+}
+
+#[tokio::test]
+async fn state_changes_follow_the_key_state_table() {
+    let (kms, meta) = kms();
+    let me = kms.service_caller();
+    let id = key_in(&*meta, ConnectionState::Connected, KeyState::Enabled).await;
+    let key = id.to_string();
+    let arn = kms.scope.key_arn(&id);
+
+    let e = kms.cancel_key_deletion(&me, &key).await.unwrap_err();
+    assert_eq!(
+        (e.kind, e.message),
+        (
+            ErrorKind::KmsInvalidState,
+            format!("{arn} is not pending deletion")
+        )
+    );
+    let view = kms.schedule_key_deletion(&me, &key, Some(7)).await.unwrap();
+    assert_eq!(view.key_state, KeyState::PendingDeletion);
+    for e in [
+        kms.set_key_enabled(&me, &key, true).await.unwrap_err(),
+        kms.update_key_description(&me, &key, "d")
+            .await
+            .unwrap_err(),
+        kms.tag_resource(&me, &key, &[("k".into(), "v".into())])
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(
+            (e.kind, e.message),
+            (
+                ErrorKind::KmsInvalidState,
+                format!("{arn} is pending deletion")
+            )
+        );
+    }
+    // PutKeyPolicy works in every state.
+    let policy = super::policy::default_policy("aws", "111122223333");
+    kms.put_key_policy(&me, &key, None, &policy, false)
+        .await
+        .unwrap();
+    kms.cancel_key_deletion(&me, &key).await.unwrap();
+    assert_eq!(
+        kms.describe_key(&me, &key).await.unwrap().key_state,
+        KeyState::Disabled
+    );
+}
+
+#[tokio::test]
+async fn keys_of_a_disconnected_store_are_unavailable_and_refuse_cryptography() {
+    let (kms, meta) = kms();
+    let me = kms.service_caller();
+    let id = key_in(&*meta, ConnectionState::Disconnected, KeyState::Enabled).await;
+    let key = id.to_string();
+    assert_eq!(
+        kms.describe_key(&me, &key).await.unwrap().key_state,
+        KeyState::Unavailable
+    );
+    let Err(e) = kms
+        .encrypt(
+            &me,
+            &key,
+            zeroize::Zeroizing::new(b"x".to_vec()),
+            &Default::default(),
+            None,
+            false,
+        )
+        .await
+    else {
+        panic!("encrypted under a key of a disconnected store");
+    };
+    assert_eq!(e.kind, ErrorKind::KmsInvalidState);
+    assert_eq!(
+        e.message,
+        format!(
+            "{} is unavailable: its custom key store {STORE} is DISCONNECTED",
+            kms.scope.key_arn(&id)
+        )
+    );
+    // [12]: the change is recorded and shows once the store is back.
+    kms.set_key_enabled(&me, &key, false).await.unwrap();
+    assert_eq!(
+        meta.key(&id).await.unwrap().unwrap().key_state,
+        KeyState::Disabled
+    );
+    // Grants can be made for it (the table allows CreateGrant on an unavailable key).
+    let e = kms
+        .create_grant(
+            &me,
+            CreateGrant {
+                key_id: key.clone(),
+                grantee_principal: "arn:aws:iam::111122223333:role/app".into(),
+                retiring_principal: None,
+                operations: vec!["Decrypt".into()],
+                context_subset: None,
+                context_equals: None,
+                name: None,
+                dry_run: false,
+            },
+        )
+        .await
+        .unwrap_err();
+    // ... but not for a disabled one, [1].
+    assert_eq!(e.kind, ErrorKind::Disabled);
+}
+
+#[tokio::test]
+async fn creating_keys_are_invisible() {
+    let (kms, meta) = kms();
+    let me = kms.service_caller();
+    let id = key_in(&*meta, ConnectionState::Connected, KeyState::Creating).await;
+    let e = kms.describe_key(&me, &id.to_string()).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert!(kms
+        .list_keys(&me, None, None)
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+}
+
+#[tokio::test]
+async fn aliases_are_unique_and_follow_the_table() {
+    let (kms, meta) = kms();
+    let me = kms.service_caller();
+    let a = key_in(&*meta, ConnectionState::Connected, KeyState::Enabled).await;
+    let b = key_in(
+        &*meta,
+        ConnectionState::Connected,
+        KeyState::PendingDeletion,
+    )
+    .await;
+    kms.create_alias(&me, "alias/app", &a.to_string())
+        .await
+        .unwrap();
+    let e = kms
+        .create_alias(&me, "alias/app", &a.to_string())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::AlreadyExists);
+    let e = kms
+        .update_alias(&me, "alias/app", &b.to_string())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.kind, e.message),
+        (
+            ErrorKind::KmsInvalidState,
+            format!("{} is pending deletion", kms.scope.key_arn(&b))
+        )
+    );
+    let e = kms.delete_alias(&me, "alias/none").await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    kms.delete_alias(&me, "alias/app").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_store_with_keys_is_not_deleted() {
+    let (kms, meta) = kms();
+    let me = kms.service_caller();
+    key_in(&*meta, ConnectionState::Disconnected, KeyState::Enabled).await;
+    let e = kms.delete_custom_key_store(&me, STORE).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::CustomKeyStoreHasCmks);
+    let e = kms
+        .delete_custom_key_store(&me, "cks-0000000000aaaaaaa")
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::CustomKeyStoreNotFound);
+}
+
+#[tokio::test]
+async fn due_keys_of_a_disconnected_store_are_deleted_and_their_material_reported_orphaned() {
+    let (kms, meta) = kms();
+    let me = kms.service_caller();
+    let id = key_in(&*meta, ConnectionState::Disconnected, KeyState::Enabled).await;
+    meta.create_alias(
+        "alias/gone",
+        &id,
+        KeyState::accepted_by(super::op::Op::CreateAlias),
+        0,
+        50,
+    )
+    .await
+    .unwrap();
+    meta.schedule_deletion(
+        &id,
+        KeyState::accepted_by(super::op::Op::ScheduleKeyDeletion),
+        kms.now() - 1,
+        7,
+    )
+    .await
+    .unwrap();
+    assert_eq!(kms.delete_due_keys().await, 1);
+    assert_eq!(meta.key(&id).await.unwrap(), None);
+    assert!(kms
+        .list_aliases(&me, None, None, None)
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+}

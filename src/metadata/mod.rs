@@ -1,0 +1,293 @@
+//! The metadata seam: everything hsm-kms remembers besides key material (custom key stores,
+//! keys, tags, aliases, grants), behind one interface, `Metadata`.
+//!
+//! An implementation stores rows and applies changes atomically; it knows no AWS exception
+//! and no business rule. A change that depends on what is stored (a key's state, a unique
+//! name, a count) is given its condition by the domain and reports a typed `Failure` when
+//! the condition does not hold; the domain decides what that means to a caller.
+//!
+//! `sqlite` is the embedded implementation. `contract` is the test suite every
+//! implementation must pass.
+
+pub mod sqlite;
+
+#[cfg(test)]
+pub mod contract;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use crate::kms::states::{ConnectionErrorCode, ConnectionState, KeyState, StateSet};
+
+/// A custom key store row.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyStoreRecord {
+    pub id: String,
+    pub name: String,
+    pub cluster_id: String,
+    pub trust_anchor: String,
+    /// The kmsuser password, sealed with the service's password-sealing key.
+    pub sealed_password: Vec<u8>,
+    pub connection_state: ConnectionState,
+    pub connection_error_code: Option<ConnectionErrorCode>,
+    pub creation_date_ms: i64,
+}
+
+impl std::fmt::Debug for KeyStoreRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyStoreRecord")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("cluster_id", &self.cluster_id)
+            .field("connection_state", &self.connection_state)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Changes to a custom key store row; `None` leaves a column as it is.
+#[derive(Default)]
+pub struct KeyStoreUpdate {
+    pub name: Option<String>,
+    pub cluster_id: Option<String>,
+    /// A new sealed password; it also drops a pending one (see `set_pending_password`).
+    pub sealed_password: Option<Vec<u8>>,
+}
+
+/// A key row. `key_state` is the stored state; what a caller sees also depends on the key
+/// store's connection (`KeyState::seen`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub id: Uuid,
+    pub custom_key_store_id: String,
+    pub creation_date_ms: i64,
+    pub description: String,
+    pub key_state: KeyState,
+    pub deletion_date_ms: Option<i64>,
+    pub pending_window_days: Option<i32>,
+    /// The key policy; `None` for the default key policy.
+    pub policy: Option<String>,
+}
+
+/// An alias row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AliasRecord {
+    pub name: String,
+    pub key_id: Uuid,
+    pub creation_date_ms: i64,
+    pub last_updated_ms: i64,
+}
+
+/// A grant row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrantRecord {
+    pub grant_id: String,
+    pub key_id: Uuid,
+    pub name: Option<String>,
+    pub grantee_principal: String,
+    pub retiring_principal: Option<String>,
+    pub issuing_account: String,
+    pub operations: Vec<String>,
+    pub context_subset: Option<BTreeMap<String, String>>,
+    pub context_equals: Option<BTreeMap<String, String>>,
+    pub creation_date_ms: i64,
+    pub token: String,
+}
+
+/// A unique name that was already taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unique {
+    KeyStoreName,
+    KeyStoreCluster,
+    AliasName,
+}
+
+/// A condition of a change that did not hold; nothing was changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Precondition {
+    /// The key is in this (visible) state, which the change does not accept.
+    KeyState(KeyState),
+    /// The key store is in this connection state, which the change does not accept.
+    ConnectionState(ConnectionState),
+    /// The key store still holds this many keys.
+    KeyStoreHasKeys(u64),
+    /// The change would take a count (tags or aliases of a key) over this limit.
+    Limit(usize),
+    /// The key has this many grants already, in all or (`per_grantee`) for the grantee.
+    GrantLimit { per_grantee: bool, limit: usize },
+}
+
+/// Why a metadata call did not do what it was asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The row the call names does not exist (a key in `Creating` or `Deleting` counts as
+    /// absent unless the call accepts that state).
+    NotFound,
+    Taken(Unique),
+    Precondition(Precondition),
+    /// The database failed; the text is for the log only.
+    Internal(String),
+}
+
+pub type MetaResult<T> = Result<T, Failure>;
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::NotFound => f.write_str("not found"),
+            Failure::Taken(u) => write!(f, "{u:?} taken"),
+            Failure::Precondition(p) => write!(f, "precondition failed: {p:?}"),
+            Failure::Internal(e) => write!(f, "metadata database: {e}"),
+        }
+    }
+}
+
+/// Custom key store rows, and the kmsuser password being rotated.
+#[async_trait]
+pub trait KeyStores: Send + Sync {
+    /// Fails with `Taken` if the name or the cluster is another store's.
+    async fn insert_keystore(&self, rec: &KeyStoreRecord) -> MetaResult<()>;
+    async fn keystore(&self, id: &str) -> MetaResult<Option<KeyStoreRecord>>;
+    async fn keystore_by_name(&self, name: &str) -> MetaResult<Option<KeyStoreRecord>>;
+    /// Stores ordered by id, after `after`.
+    async fn list_keystores(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> MetaResult<Vec<KeyStoreRecord>>;
+    /// Sets the connection state (and error code) if the current state is one of `from`.
+    async fn transition_keystore(
+        &self,
+        id: &str,
+        from: &[ConnectionState],
+        to: ConnectionState,
+        error_code: Option<ConnectionErrorCode>,
+    ) -> MetaResult<()>;
+    /// Fails with `Taken` if a new name or cluster is another store's.
+    async fn update_keystore(&self, id: &str, update: &KeyStoreUpdate) -> MetaResult<()>;
+    /// Deletes the store if it is in state `only_in` and holds no keys.
+    async fn delete_keystore(&self, id: &str, only_in: ConnectionState) -> MetaResult<()>;
+    /// Records (or clears) the sealed password a rotation is about to set on the token.
+    async fn set_pending_password(&self, id: &str, sealed: Option<&[u8]>) -> MetaResult<()>;
+    async fn pending_password(&self, id: &str) -> MetaResult<Option<Vec<u8>>>;
+    /// Makes the pending password the stored one, if there is one.
+    async fn promote_pending_password(&self, id: &str) -> MetaResult<()>;
+}
+
+/// Key rows and their tags. A change given `accepted` applies only to a key in one of those
+/// states; otherwise it fails with `Precondition(KeyState)`, or `NotFound` for a key that
+/// is absent or invisible (`Creating`, `Deleting`) and not accepted.
+#[async_trait]
+pub trait Keys: Send + Sync {
+    /// Inserts a key row and its tags, atomically.
+    async fn insert_key(&self, rec: &KeyRecord, tags: &[(String, String)]) -> MetaResult<()>;
+    async fn key(&self, id: &Uuid) -> MetaResult<Option<KeyRecord>>;
+    /// Visible keys ordered by id, after `after`.
+    async fn list_keys(&self, after: Option<&Uuid>, limit: usize) -> MetaResult<Vec<KeyRecord>>;
+    /// Keys of a store still `Creating` that were created before `before_ms`.
+    async fn creating_keys(&self, keystore_id: &str, before_ms: i64) -> MetaResult<Vec<Uuid>>;
+    async fn set_key_state(&self, id: &Uuid, accepted: StateSet, to: KeyState) -> MetaResult<()>;
+    async fn delete_key(&self, id: &Uuid) -> MetaResult<()>;
+    async fn set_description(
+        &self,
+        id: &Uuid,
+        accepted: StateSet,
+        description: &str,
+    ) -> MetaResult<()>;
+    async fn set_policy(&self, id: &Uuid, accepted: StateSet, policy: &str) -> MetaResult<()>;
+    /// PendingDeletion with its date and window.
+    async fn schedule_deletion(
+        &self,
+        id: &Uuid,
+        accepted: StateSet,
+        date_ms: i64,
+        window_days: i32,
+    ) -> MetaResult<()>;
+    /// Back to Disabled, the deletion date cleared.
+    async fn cancel_deletion(&self, id: &Uuid, accepted: StateSet) -> MetaResult<()>;
+    /// Keys pending deletion (or being deleted) whose date is at or before `now_ms`.
+    async fn keys_due(&self, now_ms: i64, limit: usize) -> MetaResult<Vec<KeyRecord>>;
+    /// Marks a due key `Deleting` if it is still due; `NotFound` if it is not.
+    async fn begin_deletion(&self, id: &Uuid, now_ms: i64) -> MetaResult<()>;
+    /// Adds or overwrites tags; `Precondition(Limit)` if the key would carry more than `max`.
+    async fn tag_key(
+        &self,
+        id: &Uuid,
+        accepted: StateSet,
+        tags: &[(String, String)],
+        max: usize,
+    ) -> MetaResult<()>;
+    async fn untag_key(&self, id: &Uuid, accepted: StateSet, keys: &[String]) -> MetaResult<()>;
+    /// Tags ordered by tag key, after `after`.
+    async fn list_tags(
+        &self,
+        id: &Uuid,
+        after: Option<&str>,
+        limit: usize,
+    ) -> MetaResult<Vec<(String, String)>>;
+}
+
+/// Alias rows. The key an alias is created for, or moved to, must be in `accepted`.
+#[async_trait]
+pub trait Aliases: Send + Sync {
+    /// `Taken(AliasName)`, or `Precondition(Limit)` if the key has `max` aliases already.
+    async fn create_alias(
+        &self,
+        name: &str,
+        key: &Uuid,
+        accepted: StateSet,
+        now_ms: i64,
+        max: usize,
+    ) -> MetaResult<()>;
+    /// `NotFound` if there is no such alias.
+    async fn update_alias(
+        &self,
+        name: &str,
+        key: &Uuid,
+        accepted: StateSet,
+        now_ms: i64,
+        max: usize,
+    ) -> MetaResult<()>;
+    async fn delete_alias(&self, name: &str) -> MetaResult<()>;
+    async fn alias(&self, name: &str) -> MetaResult<Option<AliasRecord>>;
+    /// Aliases ordered by name after `after`, of one key or of all.
+    async fn list_aliases(
+        &self,
+        key: Option<&Uuid>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> MetaResult<Vec<AliasRecord>>;
+}
+
+/// Grant rows.
+#[async_trait]
+pub trait Grants: Send + Sync {
+    /// Adds a grant to a key in `accepted`, within the limits; a named grant identical to
+    /// one the key has is not added again, and the existing one is returned.
+    async fn insert_grant(
+        &self,
+        g: &GrantRecord,
+        accepted: StateSet,
+        per_key: usize,
+        per_grantee: usize,
+    ) -> MetaResult<GrantRecord>;
+    /// Every grant of a key, ordered by grant id.
+    async fn key_grants(&self, key: &Uuid) -> MetaResult<Arc<Vec<GrantRecord>>>;
+    async fn grant_by_token(&self, token: &str) -> MetaResult<Option<GrantRecord>>;
+    /// `NotFound` if the key has no such grant.
+    async fn delete_grant(&self, key: &Uuid, grant_id: &str) -> MetaResult<()>;
+    /// Grants whose retiring principal is `principal`, ordered by grant id after `after`.
+    async fn retirable_grants(
+        &self,
+        principal: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> MetaResult<Vec<GrantRecord>>;
+}
+
+/// The whole seam: what the domain is handed.
+pub trait Metadata: KeyStores + Keys + Aliases + Grants {}
+
+impl<T: KeyStores + Keys + Aliases + Grants> Metadata for T {}

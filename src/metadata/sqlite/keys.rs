@@ -1,0 +1,292 @@
+//! Key rows and their tags.
+
+use async_trait::async_trait;
+use rusqlite::{params, OptionalExtension, ToSql};
+use uuid::Uuid;
+
+use super::{bad_column, parse_id, read, require_state, write, Forget, Sqlite};
+use crate::kms::states::{KeyState, StateSet};
+use crate::metadata::{Failure, KeyRecord, Keys, MetaResult, Precondition};
+
+const COLUMNS: &str = "SELECT id, custom_key_store_id, creation_date_ms, description,
+    key_state, deletion_date_ms, pending_window_days, policy FROM keys";
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
+    let state: String = r.get(4)?;
+    Ok(KeyRecord {
+        id: parse_id(r.get(0)?, 0)?,
+        custom_key_store_id: r.get(1)?,
+        creation_date_ms: r.get(2)?,
+        description: r.get(3)?,
+        key_state: KeyState::parse(&state).ok_or_else(|| bad_column(4, "a key state"))?,
+        deletion_date_ms: r.get(5)?,
+        pending_window_days: r.get(6)?,
+        policy: r.get(7)?,
+    })
+}
+
+impl Sqlite {
+    /// Runs `sql` (whose `?1` is the key id, then `args`) if the key is in `accepted`, in
+    /// one transaction with the check; the cached row is dropped afterwards.
+    fn update_key_if(
+        &self,
+        id: &Uuid,
+        accepted: StateSet,
+        sql: &str,
+        args: &[&dyn ToSql],
+    ) -> MetaResult<()> {
+        let _forget = Forget::Key(self, *id);
+        let key = id.to_string();
+        let mut all: Vec<&dyn ToSql> = vec![&key];
+        all.extend_from_slice(args);
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let ok = require_state(&tx, id, accepted)?;
+            if ok.is_ok() {
+                tx.execute(sql, all.as_slice())?;
+            }
+            tx.commit()?;
+            Ok(ok)
+        })?
+    }
+}
+
+#[async_trait]
+impl Keys for Sqlite {
+    async fn insert_key(&self, rec: &KeyRecord, tags: &[(String, String)]) -> MetaResult<()> {
+        let _forget = Forget::Key(self, rec.id);
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO keys (id, custom_key_store_id, creation_date_ms, description, key_state,
+                                   policy)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    rec.id.to_string(),
+                    rec.custom_key_store_id,
+                    rec.creation_date_ms,
+                    rec.description,
+                    rec.key_state.as_str(),
+                    rec.policy
+                ],
+            )?;
+            for (k, v) in tags {
+                tx.execute(
+                    "INSERT INTO key_tags (key_id, tag_key, tag_value) VALUES (?1, ?2, ?3)",
+                    params![rec.id.to_string(), k, v],
+                )?;
+            }
+            tx.commit()
+        })
+    }
+
+    async fn key(&self, id: &Uuid) -> MetaResult<Option<KeyRecord>> {
+        if let Some(k) = read(&self.keys).get(id) {
+            return Ok(Some(k.clone()));
+        }
+        self.with(|c| {
+            let k = c
+                .prepare_cached(&format!("{COLUMNS} WHERE id = ?1"))?
+                .query_row([id.to_string()], row)
+                .optional()?;
+            if let Some(k) = &k {
+                write(&self.keys).insert(*id, k.clone());
+            }
+            Ok(k)
+        })
+    }
+
+    async fn list_keys(&self, after: Option<&Uuid>, limit: usize) -> MetaResult<Vec<KeyRecord>> {
+        let after = after.map(|u| u.to_string()).unwrap_or_default();
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!(
+                "{COLUMNS} WHERE id > ?1 AND key_state NOT IN ('Creating', 'Deleting')
+                 ORDER BY id LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![after, limit as i64], row)?;
+            rows.collect()
+        })
+    }
+
+    async fn creating_keys(&self, keystore_id: &str, before_ms: i64) -> MetaResult<Vec<Uuid>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id FROM keys WHERE custom_key_store_id = ?1 AND key_state = 'Creating'
+                     AND creation_date_ms < ?2",
+            )?;
+            let rows =
+                stmt.query_map(params![keystore_id, before_ms], |r| parse_id(r.get(0)?, 0))?;
+            rows.collect()
+        })
+    }
+
+    async fn set_key_state(&self, id: &Uuid, accepted: StateSet, to: KeyState) -> MetaResult<()> {
+        self.update_key_if(
+            id,
+            accepted,
+            "UPDATE keys SET key_state = ?2 WHERE id = ?1",
+            &[&to.as_str()],
+        )
+    }
+
+    async fn delete_key(&self, id: &Uuid) -> MetaResult<()> {
+        let _forget = Forget::Key(self, *id);
+        self.forget_grants(id);
+        self.with(|c| c.execute("DELETE FROM keys WHERE id = ?1", [id.to_string()]))
+            .and_then(|n| {
+                if n == 1 {
+                    Ok(())
+                } else {
+                    Err(Failure::NotFound)
+                }
+            })
+    }
+
+    async fn set_description(
+        &self,
+        id: &Uuid,
+        accepted: StateSet,
+        description: &str,
+    ) -> MetaResult<()> {
+        self.update_key_if(
+            id,
+            accepted,
+            "UPDATE keys SET description = ?2 WHERE id = ?1",
+            &[&description],
+        )
+    }
+
+    async fn set_policy(&self, id: &Uuid, accepted: StateSet, policy: &str) -> MetaResult<()> {
+        self.update_key_if(
+            id,
+            accepted,
+            "UPDATE keys SET policy = ?2 WHERE id = ?1",
+            &[&policy],
+        )
+    }
+
+    async fn schedule_deletion(
+        &self,
+        id: &Uuid,
+        accepted: StateSet,
+        date_ms: i64,
+        window_days: i32,
+    ) -> MetaResult<()> {
+        self.update_key_if(
+            id,
+            accepted,
+            "UPDATE keys SET key_state = 'PendingDeletion', deletion_date_ms = ?2,
+                 pending_window_days = ?3 WHERE id = ?1",
+            &[&date_ms, &window_days],
+        )
+    }
+
+    async fn cancel_deletion(&self, id: &Uuid, accepted: StateSet) -> MetaResult<()> {
+        self.update_key_if(
+            id,
+            accepted,
+            "UPDATE keys SET key_state = 'Disabled', deletion_date_ms = NULL,
+                 pending_window_days = NULL WHERE id = ?1",
+            &[],
+        )
+    }
+
+    async fn keys_due(&self, now_ms: i64, limit: usize) -> MetaResult<Vec<KeyRecord>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!(
+                "{COLUMNS} WHERE key_state IN ('PendingDeletion', 'Deleting')
+                     AND deletion_date_ms <= ?1
+                 ORDER BY deletion_date_ms LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![now_ms, limit as i64], row)?;
+            rows.collect()
+        })
+    }
+
+    async fn begin_deletion(&self, id: &Uuid, now_ms: i64) -> MetaResult<()> {
+        let _forget = Forget::Key(self, *id);
+        self.with(|c| {
+            c.execute(
+                "UPDATE keys SET key_state = 'Deleting' WHERE id = ?1
+                     AND key_state IN ('PendingDeletion', 'Deleting') AND deletion_date_ms <= ?2",
+                params![id.to_string(), now_ms],
+            )
+        })
+        .and_then(|n| {
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(Failure::NotFound)
+            }
+        })
+    }
+
+    async fn tag_key(
+        &self,
+        id: &Uuid,
+        accepted: StateSet,
+        tags: &[(String, String)],
+        max: usize,
+    ) -> MetaResult<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            if let Err(r) = require_state(&tx, id, accepted)? {
+                return Ok(Err(r));
+            }
+            for (k, v) in tags {
+                tx.execute(
+                    "INSERT INTO key_tags (key_id, tag_key, tag_value) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (key_id, tag_key) DO UPDATE SET tag_value = excluded.tag_value",
+                    params![id.to_string(), k, v],
+                )?;
+            }
+            let n: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM key_tags WHERE key_id = ?1",
+                [id.to_string()],
+                |r| r.get(0),
+            )?;
+            if n as usize > max {
+                // Dropping `tx` rolls the tags back.
+                return Ok(Err(Failure::Precondition(Precondition::Limit(max))));
+            }
+            tx.commit()?;
+            Ok(Ok(()))
+        })?
+    }
+
+    async fn untag_key(&self, id: &Uuid, accepted: StateSet, keys: &[String]) -> MetaResult<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            if let Err(r) = require_state(&tx, id, accepted)? {
+                return Ok(Err(r));
+            }
+            for k in keys {
+                tx.execute(
+                    "DELETE FROM key_tags WHERE key_id = ?1 AND tag_key = ?2",
+                    params![id.to_string(), k],
+                )?;
+            }
+            tx.commit()?;
+            Ok(Ok(()))
+        })?
+    }
+
+    async fn list_tags(
+        &self,
+        id: &Uuid,
+        after: Option<&str>,
+        limit: usize,
+    ) -> MetaResult<Vec<(String, String)>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT tag_key, tag_value FROM key_tags WHERE key_id = ?1 AND tag_key > ?2
+                 ORDER BY tag_key LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(
+                params![id.to_string(), after.unwrap_or(""), limit as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            rows.collect()
+        })
+    }
+}

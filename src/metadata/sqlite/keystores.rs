@@ -1,0 +1,253 @@
+//! Custom key store rows.
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{bad_column, read, taken, write, Forget, Sqlite};
+use crate::kms::states::{ConnectionErrorCode, ConnectionState};
+use crate::metadata::{
+    Failure, KeyStoreRecord, KeyStoreUpdate, KeyStores, MetaResult, Precondition, Unique,
+};
+
+const COLUMNS: &str = "SELECT id, name, cluster_id, trust_anchor, sealed_password,
+    connection_state, connection_error_code, creation_date_ms FROM custom_key_stores";
+
+/// The unique columns of the table, and what each one means.
+const UNIQUE: &[(&str, Unique)] = &[
+    ("custom_key_stores.name", Unique::KeyStoreName),
+    ("custom_key_stores.cluster_id", Unique::KeyStoreCluster),
+];
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyStoreRecord> {
+    let state: String = r.get(5)?;
+    let code: Option<String> = r.get(6)?;
+    Ok(KeyStoreRecord {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        cluster_id: r.get(2)?,
+        trust_anchor: r.get(3)?,
+        sealed_password: r.get(4)?,
+        connection_state: ConnectionState::parse(&state)
+            .ok_or_else(|| bad_column(5, "a connection state"))?,
+        connection_error_code: code
+            .map(|c| ConnectionErrorCode::parse(&c).ok_or_else(|| bad_column(6, "an error code")))
+            .transpose()?,
+        creation_date_ms: r.get(7)?,
+    })
+}
+
+fn connection_state(c: &Connection, id: &str) -> rusqlite::Result<Option<ConnectionState>> {
+    let s: Option<String> = c
+        .query_row(
+            "SELECT connection_state FROM custom_key_stores WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    s.map(|s| ConnectionState::parse(&s).ok_or_else(|| bad_column(0, "a connection state")))
+        .transpose()
+}
+
+#[async_trait]
+impl KeyStores for Sqlite {
+    async fn insert_keystore(&self, rec: &KeyStoreRecord) -> MetaResult<()> {
+        let _forget = Forget::KeyStore(self, &rec.id);
+        self.raw(|c| {
+            c.execute(
+                "INSERT INTO custom_key_stores (id, name, cluster_id, trust_anchor, sealed_password,
+                     connection_state, connection_error_code, creation_date_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    rec.id,
+                    rec.name,
+                    rec.cluster_id,
+                    rec.trust_anchor,
+                    rec.sealed_password,
+                    rec.connection_state.as_str(),
+                    rec.connection_error_code.map(|c| c.as_str()),
+                    rec.creation_date_ms
+                ],
+            )
+            .map(|_| ())
+        })
+        .map_err(|e| taken(e, UNIQUE))
+    }
+
+    async fn keystore(&self, id: &str) -> MetaResult<Option<KeyStoreRecord>> {
+        if let Some(r) = read(&self.keystores).get(id) {
+            return Ok(Some(r.clone()));
+        }
+        self.with(|c| {
+            let r = c
+                .prepare_cached(&format!("{COLUMNS} WHERE id = ?1"))?
+                .query_row([id], row)
+                .optional()?;
+            if let Some(r) = &r {
+                write(&self.keystores).insert(id.to_string(), r.clone());
+            }
+            Ok(r)
+        })
+    }
+
+    async fn keystore_by_name(&self, name: &str) -> MetaResult<Option<KeyStoreRecord>> {
+        self.with(|c| {
+            c.query_row(&format!("{COLUMNS} WHERE name = ?1"), [name], row)
+                .optional()
+        })
+    }
+
+    async fn list_keystores(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> MetaResult<Vec<KeyStoreRecord>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!("{COLUMNS} WHERE id > ?1 ORDER BY id LIMIT ?2"))?;
+            let rows = stmt.query_map(params![after.unwrap_or(""), limit as i64], row)?;
+            rows.collect()
+        })
+    }
+
+    async fn transition_keystore(
+        &self,
+        id: &str,
+        from: &[ConnectionState],
+        to: ConnectionState,
+        error_code: Option<ConnectionErrorCode>,
+    ) -> MetaResult<()> {
+        let _forget = Forget::KeyStore(self, id);
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let outcome = match connection_state(&tx, id)? {
+                None => Err(Failure::NotFound),
+                Some(s) if !from.contains(&s) => {
+                    Err(Failure::Precondition(Precondition::ConnectionState(s)))
+                }
+                Some(_) => {
+                    tx.execute(
+                        "UPDATE custom_key_stores SET connection_state = ?2,
+                             connection_error_code = ?3
+                         WHERE id = ?1",
+                        params![id, to.as_str(), error_code.map(|c| c.as_str())],
+                    )?;
+                    Ok(())
+                }
+            };
+            tx.commit()?;
+            Ok(outcome)
+        })?
+    }
+
+    async fn update_keystore(&self, id: &str, update: &KeyStoreUpdate) -> MetaResult<()> {
+        let _forget = Forget::KeyStore(self, id);
+        self.raw(|c| {
+            let tx = c.transaction()?;
+            let exists = tx
+                .query_row(
+                    "SELECT 1 FROM custom_key_stores WHERE id = ?1",
+                    [id],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            if !exists {
+                return Ok(Err(Failure::NotFound));
+            }
+            if let Some(n) = &update.name {
+                tx.execute(
+                    "UPDATE custom_key_stores SET name = ?2 WHERE id = ?1",
+                    params![id, n],
+                )?;
+            }
+            if let Some(cl) = &update.cluster_id {
+                tx.execute(
+                    "UPDATE custom_key_stores SET cluster_id = ?2 WHERE id = ?1",
+                    params![id, cl],
+                )?;
+            }
+            if let Some(p) = &update.sealed_password {
+                tx.execute(
+                    // The password the caller gives is the token's now: a pending one from an
+                    // unfinished rotation is stale.
+                    "UPDATE custom_key_stores SET sealed_password = ?2, pending_password = NULL
+                     WHERE id = ?1",
+                    params![id, p],
+                )?;
+            }
+            tx.commit()?;
+            Ok(Ok(()))
+        })
+        .map_err(|e| taken(e, UNIQUE))?
+    }
+
+    async fn delete_keystore(&self, id: &str, only_in: ConnectionState) -> MetaResult<()> {
+        let _forget = Forget::KeyStore(self, id);
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let outcome = match connection_state(&tx, id)? {
+                None => Err(Failure::NotFound),
+                Some(s) if s != only_in => {
+                    Err(Failure::Precondition(Precondition::ConnectionState(s)))
+                }
+                Some(_) => {
+                    let keys: i64 = tx.query_row(
+                        "SELECT COUNT(*) FROM keys WHERE custom_key_store_id = ?1",
+                        [id],
+                        |r| r.get(0),
+                    )?;
+                    if keys > 0 {
+                        Err(Failure::Precondition(Precondition::KeyStoreHasKeys(
+                            keys as u64,
+                        )))
+                    } else {
+                        tx.execute("DELETE FROM custom_key_stores WHERE id = ?1", [id])?;
+                        Ok(())
+                    }
+                }
+            };
+            tx.commit()?;
+            Ok(outcome)
+        })?
+    }
+
+    async fn set_pending_password(&self, id: &str, sealed: Option<&[u8]>) -> MetaResult<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE custom_key_stores SET pending_password = ?2 WHERE id = ?1",
+                params![id, sealed],
+            )
+        })
+        .and_then(|n| {
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(Failure::NotFound)
+            }
+        })
+    }
+
+    async fn pending_password(&self, id: &str) -> MetaResult<Option<Vec<u8>>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT pending_password FROM custom_key_stores WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(Option::flatten)
+        })
+    }
+
+    async fn promote_pending_password(&self, id: &str) -> MetaResult<()> {
+        let _forget = Forget::KeyStore(self, id);
+        self.with(|c| {
+            c.execute(
+                "UPDATE custom_key_stores SET sealed_password = pending_password,
+                     pending_password = NULL
+                 WHERE id = ?1 AND pending_password IS NOT NULL",
+                [id],
+            )
+            .map(|_| ())
+        })
+    }
+}

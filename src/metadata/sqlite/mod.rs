@@ -1,0 +1,300 @@
+//! The embedded metadata database: SQLite, one file, one writer.
+//!
+//! Every call is one transaction, so each is atomic with respect to the others, and a
+//! condition a change depends on is checked inside the transaction that makes it. Rows read
+//! on the hot path (every cryptographic request reads its key and key store, and the key's
+//! grants when a policy does not allow it) are cached, and invalidated after every write to
+//! them. The files hold one table family each: key stores, keys (with tags), aliases, grants.
+
+mod aliases;
+mod grants;
+mod keys;
+mod keystores;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+use rusqlite::{Connection, OptionalExtension};
+use uuid::Uuid;
+
+use super::{Failure, GrantRecord, KeyRecord, KeyStoreRecord, MetaResult, Precondition};
+use crate::kms::states::{KeyState, StateSet};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
+
+const SCHEMA_V1: &str = "
+CREATE TABLE IF NOT EXISTS custom_key_stores (
+    id                    TEXT PRIMARY KEY,
+    name                  TEXT NOT NULL UNIQUE,
+    cluster_id            TEXT NOT NULL UNIQUE,
+    trust_anchor          TEXT NOT NULL,
+    sealed_password       BLOB NOT NULL,
+    connection_state      TEXT NOT NULL,
+    connection_error_code TEXT,
+    creation_date_ms      INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS keys (
+    id                    TEXT PRIMARY KEY,
+    custom_key_store_id   TEXT NOT NULL REFERENCES custom_key_stores(id),
+    creation_date_ms      INTEGER NOT NULL,
+    description           TEXT NOT NULL,
+    key_state             TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS keys_by_store ON keys(custom_key_store_id);
+CREATE TABLE IF NOT EXISTS key_tags (
+    key_id    TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+    tag_key   TEXT NOT NULL,
+    tag_value TEXT NOT NULL,
+    PRIMARY KEY (key_id, tag_key)
+);
+";
+
+/// Scheduled deletion, key policies and aliases.
+const SCHEMA_V2: &str = "
+ALTER TABLE keys ADD COLUMN deletion_date_ms INTEGER;
+ALTER TABLE keys ADD COLUMN pending_window_days INTEGER;
+ALTER TABLE keys ADD COLUMN policy TEXT;
+CREATE INDEX IF NOT EXISTS keys_by_deletion ON keys(deletion_date_ms) WHERE deletion_date_ms IS NOT NULL;
+CREATE TABLE IF NOT EXISTS aliases (
+    name             TEXT PRIMARY KEY,
+    key_id           TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+    creation_date_ms INTEGER NOT NULL,
+    last_updated_ms  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS aliases_by_key ON aliases(key_id);
+";
+
+/// Grants, and the kmsuser password that replaces the stored one while it is being rotated.
+const SCHEMA_V3: &str = "
+CREATE TABLE IF NOT EXISTS grants (
+    grant_id           TEXT PRIMARY KEY,
+    key_id             TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+    name               TEXT,
+    grantee_principal  TEXT NOT NULL,
+    retiring_principal TEXT,
+    issuing_account    TEXT NOT NULL,
+    operations         TEXT NOT NULL,
+    context_subset     TEXT,
+    context_equals     TEXT,
+    creation_date_ms   INTEGER NOT NULL,
+    token              TEXT NOT NULL UNIQUE
+);
+CREATE INDEX IF NOT EXISTS grants_by_key ON grants(key_id, grant_id);
+CREATE INDEX IF NOT EXISTS grants_by_retiring ON grants(retiring_principal, grant_id);
+ALTER TABLE custom_key_stores ADD COLUMN pending_password BLOB;
+";
+
+pub struct Sqlite {
+    conn: Mutex<Connection>,
+    /// Cached rows. Filled only while holding `conn`, and invalidated after every write to
+    /// the row, so a fill can never put back a value older than the last write.
+    keys: RwLock<HashMap<Uuid, KeyRecord>>,
+    keystores: RwLock<HashMap<String, KeyStoreRecord>>,
+    /// Each key's grants; dropped on any change to the key's grants.
+    grants: RwLock<HashMap<Uuid, Arc<Vec<GrantRecord>>>>,
+}
+
+impl Sqlite {
+    /// Opens (creating it owner-only if need be) and migrates the database file.
+    pub fn open(path: &Path) -> anyhow::Result<Sqlite> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        // Created owner-only, as every other data file; SQLite gives its -wal and -shm files
+        // the database file's mode.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
+        }
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        Self::with_connection(conn)
+    }
+
+    /// A database in memory, for tests of the domain.
+    pub fn in_memory() -> anyhow::Result<Sqlite> {
+        Self::with_connection(Connection::open_in_memory()?)
+    }
+
+    fn with_connection(mut conn: Connection) -> anyhow::Result<Sqlite> {
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let done: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(done) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(m)?;
+            tx.pragma_update(None, "user_version", i + 1)?;
+            tx.commit()?;
+        }
+        Ok(Sqlite {
+            conn: Mutex::new(conn),
+            keys: RwLock::new(HashMap::new()),
+            keystores: RwLock::new(HashMap::new()),
+            grants: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// Runs `f` on the connection; an SQLite error is `Failure::Internal`.
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> MetaResult<T> {
+        self.raw(f).map_err(internal)
+    }
+
+    /// Runs `f` on the connection, for callers that translate SQLite errors themselves.
+    fn raw<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut conn)
+    }
+
+    fn forget_key(&self, id: &Uuid) {
+        write(&self.keys).remove(id);
+    }
+
+    fn forget_keystore(&self, id: &str) {
+        write(&self.keystores).remove(id);
+    }
+
+    fn forget_grants(&self, key: &Uuid) {
+        write(&self.grants).remove(key);
+    }
+}
+
+/// Invalidates a cached row when dropped: at the end of a write method, after its commit.
+enum Forget<'a> {
+    Key(&'a Sqlite, Uuid),
+    KeyStore(&'a Sqlite, &'a str),
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        match self {
+            Forget::Key(s, id) => s.forget_key(id),
+            Forget::KeyStore(s, id) => s.forget_keystore(id),
+        }
+    }
+}
+
+fn read<K, V>(m: &RwLock<HashMap<K, V>>) -> std::sync::RwLockReadGuard<'_, HashMap<K, V>> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<K, V>(m: &RwLock<HashMap<K, V>>) -> std::sync::RwLockWriteGuard<'_, HashMap<K, V>> {
+    m.write().unwrap_or_else(|p| p.into_inner())
+}
+
+fn internal(e: rusqlite::Error) -> Failure {
+    Failure::Internal(e.to_string())
+}
+
+/// A column that does not hold what this code wrote there.
+fn bad_column(col: usize, what: impl std::fmt::Display) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        col,
+        rusqlite::types::Type::Text,
+        format!("not {what}").into(),
+    )
+}
+
+fn parse_id(s: String, col: usize) -> rusqlite::Result<Uuid> {
+    Uuid::try_parse(&s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+/// A key's stored state, inside a transaction; `None` if there is no such key.
+fn stored_key_state(c: &Connection, id: &Uuid) -> rusqlite::Result<Option<KeyState>> {
+    let s: Option<String> = c
+        .query_row(
+            "SELECT key_state FROM keys WHERE id = ?1",
+            [id.to_string()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    s.map(|s| KeyState::parse(&s).ok_or_else(|| bad_column(0, "a key state")))
+        .transpose()
+}
+
+/// Whether a change accepting `accepted` may go ahead on the key, inside its transaction.
+fn require_state(
+    c: &Connection,
+    id: &Uuid,
+    accepted: StateSet,
+) -> rusqlite::Result<MetaResult<()>> {
+    Ok(match stored_key_state(c, id)? {
+        Some(s) if accepted.contains(s) => Ok(()),
+        Some(s) if s.visible() => Err(Failure::Precondition(Precondition::KeyState(s))),
+        _ => Err(Failure::NotFound),
+    })
+}
+
+/// Turns the unique-constraint violation of `column` (as SQLite names it, `table.column`)
+/// into `Taken(what)`.
+fn taken(e: rusqlite::Error, columns: &[(&str, super::Unique)]) -> Failure {
+    if let rusqlite::Error::SqliteFailure(f, Some(msg)) = &e {
+        if f.code == rusqlite::ErrorCode::ConstraintViolation {
+            if let Some((_, u)) = columns.iter().find(|(c, _)| msg.contains(c)) {
+                return Failure::Taken(*u);
+            }
+        }
+    }
+    internal(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata::{Aliases, Keys};
+
+    #[tokio::test]
+    async fn the_contract_holds() {
+        crate::metadata::contract::run(|| async {
+            Arc::new(Sqlite::in_memory().unwrap()) as Arc<dyn crate::metadata::Metadata>
+        })
+        .await;
+    }
+
+    /// A database made by the first schema opens, migrates, and keeps its rows.
+    #[tokio::test]
+    async fn migrates_a_v1_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sqlite3");
+        let id = Uuid::new_v4();
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(SCHEMA_V1).unwrap();
+            c.execute(
+                "INSERT INTO custom_key_stores VALUES ('cks-0', 'n', 'cluster-x', 'pem', x'00',
+                 'DISCONNECTED', NULL, 0)",
+                [],
+            )
+            .unwrap();
+            c.execute(
+                "INSERT INTO keys VALUES (?1, 'cks-0', 5, 'old key', 'Enabled')",
+                [id.to_string()],
+            )
+            .unwrap();
+        }
+        let db = Sqlite::open(&path).unwrap();
+        let key = db.key(&id).await.unwrap().unwrap();
+        assert_eq!(
+            (key.description.as_str(), key.policy, key.deletion_date_ms),
+            ("old key", None, None)
+        );
+        let any = StateSet::of(&[KeyState::Enabled]);
+        db.create_alias("alias/a", &id, any, 1, 50).await.unwrap();
+        drop(db);
+        // Opening again runs no migration twice.
+        let db = Sqlite::open(&path).unwrap();
+        assert!(db.alias("alias/a").await.unwrap().is_some());
+    }
+}
