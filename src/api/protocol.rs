@@ -114,7 +114,7 @@ where
                     format!("The {op} request could not be read: {message}"),
                 )
             };
-            let request_id = super::request_id();
+            let request_id = super::path::request_id();
             let leaf = certs.as_ref().and_then(|c| c.first()).map(|d| d.as_ref());
             let principal = auth.principal(leaf).ok();
             let receipt = audit.record(crate::audit::Entry {

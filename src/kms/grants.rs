@@ -12,6 +12,7 @@ use uuid::Uuid;
 use super::access::{Caller, Facts, Principal};
 use super::crypto::{Context, NO_CONTEXT};
 use super::error::{ErrorKind, KmsError, KmsResult};
+use super::fields;
 use super::keystores::Page;
 use super::op::Op;
 use super::states::KeyState;
@@ -56,7 +57,7 @@ pub struct GrantView {
 
 /// PrincipalIdType: 1..256 characters of `[\w+=,.@:/-]`.
 pub fn check_principal_id(field: &str, v: &str) -> KmsResult<()> {
-    let ok = (1..=256).contains(&v.chars().count())
+    let ok = fields::PRINCIPAL_CHARS.contains(&v.chars().count())
         && v.chars()
             .all(|c| c.is_alphanumeric() || c == '_' || "+=,.@:/-".contains(c));
     if ok {
@@ -70,13 +71,13 @@ pub fn check_principal_id(field: &str, v: &str) -> KmsResult<()> {
 
 /// GrantTokens: at most 10, each 1..8192 characters, each one this service issued.
 pub fn check_grant_tokens(tokens: &[String]) -> KmsResult<()> {
-    if tokens.len() > 10 {
+    if tokens.len() > fields::GRANT_TOKENS_PER_REQUEST {
         return Err(KmsError::validation(
             "GrantTokens may hold at most 10 tokens",
         ));
     }
     for t in tokens {
-        if t.is_empty() || t.len() > 8192 {
+        if !fields::GRANT_TOKEN_CHARS.contains(&t.chars().count()) {
             return Err(KmsError::validation(
                 "Each grant token must be 1 to 8192 characters long",
             ));
@@ -202,7 +203,7 @@ impl Kms {
             check_principal_id("RetiringPrincipal", r)?;
         }
         if let Some(n) = &req.name {
-            let ok = (1..=256).contains(&n.len())
+            let ok = fields::GRANT_NAME_CHARS.contains(&n.len())
                 && n.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b":/_-".contains(&b));
             if !ok {

@@ -7,6 +7,7 @@ use uuid::Uuid;
 use super::access::{Caller, Facts};
 use super::crypto::{Context, NO_CONTEXT};
 use super::error::{ErrorKind, KmsError, KmsResult};
+use super::fields::{self, check_description};
 use super::ids::KeyRef;
 use super::keystores::Page;
 use super::op::Op;
@@ -125,7 +126,7 @@ fn check_enum(field: &str, value: &str, known: &[&str], supported: &str) -> KmsR
 /// `_ . : / = + - @`, at most 50 tags, no duplicate keys.
 pub fn check_tags(tags: &[(String, String)]) -> KmsResult<()> {
     let tag_err = |m: String| KmsError::new(ErrorKind::Tag, m);
-    if tags.len() > 50 {
+    if tags.len() > fields::TAGS_PER_KEY {
         return Err(tag_err(format!(
             "At most 50 tags are allowed, got {}",
             tags.len()
@@ -135,12 +136,12 @@ pub fn check_tags(tags: &[(String, String)]) -> KmsResult<()> {
     let mut seen = std::collections::HashSet::new();
     for (k, v) in tags {
         let kl = k.chars().count();
-        if !(1..=128).contains(&kl) {
+        if !fields::TAG_KEY_CHARS.contains(&kl) {
             return Err(tag_err(format!(
                 "Tag keys must be 1 to 128 characters long: '{k}'"
             )));
         }
-        if v.chars().count() > 256 {
+        if v.chars().count() > fields::TAG_VALUE_MAX_CHARS {
             return Err(tag_err(format!(
                 "The value of tag '{k}' is longer than 256 characters"
             )));
@@ -602,7 +603,12 @@ impl Kms {
         check_tags(tags)?;
         let key = self.authorized_record(caller, op, key_ref).await?;
         self.meta
-            .tag_key(&key.id, KeyState::accepted_by(op), tags, 50)
+            .tag_key(
+                &key.id,
+                KeyState::accepted_by(op),
+                tags,
+                fields::TAGS_PER_KEY,
+            )
             .await
             .map_err(|f| self.refused(op, &key.id, f))
     }
@@ -619,7 +625,7 @@ impl Kms {
         }
         if let Some(k) = tag_keys
             .iter()
-            .find(|k| !(1..=128).contains(&k.chars().count()))
+            .find(|k| !fields::TAG_KEY_CHARS.contains(&k.chars().count()))
         {
             return Err(KmsError::validation(format!(
                 "Tag keys must be 1 to 128 characters long: '{k}'"
@@ -758,17 +764,6 @@ impl Kms {
         )
         .await
     }
-}
-
-/// A key description: at most 8,192 characters (AWS's limit), for CreateKey and
-/// UpdateKeyDescription alike.
-fn check_description(d: &str) -> KmsResult<()> {
-    if d.chars().count() > 8192 {
-        return Err(KmsError::validation(
-            "Description is longer than 8192 characters",
-        ));
-    }
-    Ok(())
 }
 
 fn require_connected_for_create(store: &KeyStoreRecord) -> KmsResult<()> {

@@ -11,6 +11,7 @@ use zeroize::Zeroizing;
 use super::access::Caller;
 use super::clusters::{pem_der, Cluster};
 use super::error::{ErrorKind, KmsError, KmsResult};
+use super::fields::check_keystore_name;
 use super::ids::{is_cluster_id, is_store_id, new_store_id};
 use super::op::Op;
 use super::states::{ConnectionErrorCode, ConnectionState};
@@ -109,16 +110,6 @@ fn view(r: KeyStoreRecord) -> StoreView {
     }
 }
 
-fn check_name(name: &str, field: &str) -> KmsResult<()> {
-    let n = name.chars().count();
-    if !(1..=256).contains(&n) {
-        return Err(KmsError::validation(format!(
-            "{field} must be 1 to 256 characters long"
-        )));
-    }
-    Ok(())
-}
-
 fn invalid_state(id: &str, state: ConnectionState, op: &str, needs: &str) -> KmsError {
     KmsError::new(
         ErrorKind::CustomKeyStoreInvalidState,
@@ -174,7 +165,7 @@ impl Kms {
             None,
             &super::access::Facts::of(&caller.principal),
         )?;
-        check_name(&req.name, "CustomKeyStoreName")?;
+        check_keystore_name(&req.name, "CustomKeyStoreName")?;
         match req.store_type.as_deref() {
             None | Some("AWS_CLOUDHSM") => {}
             Some("EXTERNAL_KEY_STORE") => {
@@ -265,7 +256,7 @@ impl Kms {
                 next_marker: None,
             }),
             (None, Some(name)) => {
-                check_name(name, "CustomKeyStoreName")?;
+                check_keystore_name(name, "CustomKeyStoreName")?;
                 let rec = self.meta.keystore_by_name(name).await?.ok_or_else(|| {
                     KmsError::new(
                         ErrorKind::CustomKeyStoreNotFound,
@@ -305,7 +296,7 @@ impl Kms {
             ));
         }
         if let Some(n) = &req.new_name {
-            check_name(n, "NewCustomKeyStoreName")?;
+            check_keystore_name(n, "NewCustomKeyStoreName")?;
         }
         let lock = self.lifecycle_lock(&req.id);
         let _guard = lock.write().await;

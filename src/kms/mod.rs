@@ -13,6 +13,7 @@ pub mod connections;
 pub mod crypto;
 pub mod deletion;
 pub mod error;
+pub mod fields;
 pub mod grants;
 pub mod ids;
 pub mod keys;

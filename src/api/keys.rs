@@ -1,0 +1,278 @@
+//! Key operations (lifecycle, tags, key policies): wire <-> domain.
+
+use std::sync::Arc;
+
+use super::timestamp;
+use crate::kms::access::Caller;
+use crate::kms::crypto::SYMMETRIC_DEFAULT;
+use crate::kms::error::KmsResult;
+use crate::kms::fields::{KeyId, KeyStoreId, Marker};
+use crate::kms::grants::check_grant_tokens;
+use crate::kms::keys::{CreateKey, KeyView};
+use crate::kms::Kms;
+use crate::proto::*;
+
+pub(super) async fn create_key(
+    kms: &Arc<Kms>,
+    caller: &Caller,
+    r: CreateKeyRequest,
+) -> KmsResult<CreateKeyResponse> {
+    if let Some(id) = &r.custom_key_store_id {
+        KeyStoreId::new(id)?;
+    }
+    let key = kms
+        .create_key(
+            caller,
+            CreateKey {
+                description: r.description,
+                key_usage: r.key_usage,
+                customer_master_key_spec: r.customer_master_key_spec,
+                key_spec: r.key_spec,
+                origin: r.origin,
+                custom_key_store_id: r.custom_key_store_id,
+                tags: r
+                    .tags
+                    .into_iter()
+                    .map(|t| (t.tag_key, t.tag_value))
+                    .collect(),
+                multi_region: r.multi_region,
+                policy: r.policy,
+                bypass_policy_lockout_safety_check: r
+                    .bypass_policy_lockout_safety_check
+                    .unwrap_or(false),
+            },
+        )
+        .await?;
+    Ok(CreateKeyResponse {
+        key_metadata: Some(key_metadata(key)),
+    })
+}
+
+pub(super) async fn describe_key(
+    kms: &Arc<Kms>,
+    caller: &Caller,
+    r: DescribeKeyRequest,
+) -> KmsResult<DescribeKeyResponse> {
+    check_grant_tokens(&r.grant_tokens)?;
+    let key = kms
+        .describe_key(caller, KeyId::new("KeyId", &r.key_id)?.get())
+        .await?;
+    Ok(DescribeKeyResponse {
+        key_metadata: Some(key_metadata(key)),
+    })
+}
+
+pub(super) async fn list_keys(
+    kms: &Arc<Kms>,
+    caller: &Caller,
+    r: ListKeysRequest,
+) -> KmsResult<ListKeysResponse> {
+    let page = kms
+        .list_keys(caller, r.limit, Marker::optional(r.marker.as_deref())?)
+        .await?;
+    Ok(ListKeysResponse {
+        keys: page
+            .items
+            .into_iter()
+            .map(|(id, arn)| KeyListEntry {
+                key_id: id.to_string(),
+                key_arn: arn,
+            })
+            .collect(),
+        truncated: page.next_marker.is_some(),
+        next_marker: page.next_marker,
+    })
+}
+
+pub(super) async fn list_resource_tags(
+    kms: &Arc<Kms>,
+    caller: &Caller,
+    r: ListResourceTagsRequest,
+) -> KmsResult<ListResourceTagsResponse> {
+    let page = kms
+        .list_resource_tags(
+            caller,
+            KeyId::new("KeyId", &r.key_id)?.get(),
+            r.limit,
+            Marker::optional(r.marker.as_deref())?,
+        )
+        .await?;
+    Ok(ListResourceTagsResponse {
+        tags: page
+            .items
+            .into_iter()
+            .map(|(tag_key, tag_value)| Tag { tag_key, tag_value })
+            .collect(),
+        truncated: page.next_marker.is_some(),
+        next_marker: page.next_marker,
+    })
+}
+
+pub(super) async fn enable_key(
+    kms: &Arc<Kms>,
+    caller: &Caller,
+    r: EnableKeyRequest,
+) -> KmsResult<EnableKeyResponse> {
+    kms.set_key_enabled(caller, KeyId::new("KeyId", &r.key_id)?.get(), true)
+        .await?;
+    Ok(EnableKeyResponse {})
+}
+
+pub(super) async fn disable_key(
+    kms: &Arc<Kms>,
+    caller: &Caller,
+    r: DisableKeyRequest,
+) -> KmsResult<DisableKeyResponse> {
+    kms.set_key_enabled(caller, KeyId::new("KeyId", &r.key_id)?.get(), false)
+        .await?;
+    Ok(DisableKeyResponse {})
+}
+
+pub(super) async fn update_key_description(
+    kms: &Arc<Kms>,
+    caller: &Caller,
+    r: UpdateKeyDescriptionRequest,
+) -> KmsResult<UpdateKeyDescriptionResponse> {
+    kms.update_key_description(
+        caller,
+        KeyId::new("KeyId", &r.key_id)?.get(),
+        &r.description,
+    )
+    .await?;
+    Ok(UpdateKeyDescriptionResponse {})
+}
+
+pub(super) async fn schedule_key_deletion(
+    kms: &Arc<Kms>,
+    caller: &Caller,
+    r: ScheduleKeyDeletionRequest,
+) -> KmsResult<ScheduleKeyDeletionResponse> {
+    let k = kms
+        .schedule_key_deletion(
+            caller,
+            KeyId::new("KeyId", &r.key_id)?.get(),
+            r.pending_window_in_days,
+        )
+        .await?;
+    Ok(ScheduleKeyDeletionResponse {
+        key_id: k.arn,
+        deletion_date: k.deletion_date_ms.and_then(timestamp),
+        key_state: k.key_state.as_str().into(),
+        pending_window_in_days: k.pending_window_days.unwrap_or_default(),
+    })
+}
+
+pub(super) async fn cancel_key_deletion(
+    kms: &Arc<Kms>,
+    caller: &Caller,
+    r: CancelKeyDeletionRequest,
+) -> KmsResult<CancelKeyDeletionResponse> {
+    let id = kms
+        .cancel_key_deletion(caller, KeyId::new("KeyId", &r.key_id)?.get())
+        .await?;
+    Ok(CancelKeyDeletionResponse {
+        key_id: kms.scope.key_arn(&id),
+    })
+}
+
+pub(super) async fn tag_resource(
+    kms: &Arc<Kms>,
+    caller: &Caller,
+    r: TagResourceRequest,
+) -> KmsResult<TagResourceResponse> {
+    let tags: Vec<(String, String)> = r
+        .tags
+        .into_iter()
+        .map(|t| (t.tag_key, t.tag_value))
+        .collect();
+    kms.tag_resource(caller, KeyId::new("KeyId", &r.key_id)?.get(), &tags)
+        .await?;
+    Ok(TagResourceResponse {})
+}
+
+pub(super) async fn untag_resource(
+    kms: &Arc<Kms>,
+    caller: &Caller,
+    r: UntagResourceRequest,
+) -> KmsResult<UntagResourceResponse> {
+    kms.untag_resource(caller, KeyId::new("KeyId", &r.key_id)?.get(), &r.tag_keys)
+        .await?;
+    Ok(UntagResourceResponse {})
+}
+
+pub(super) async fn put_key_policy(
+    kms: &Arc<Kms>,
+    caller: &Caller,
+    r: PutKeyPolicyRequest,
+) -> KmsResult<PutKeyPolicyResponse> {
+    kms.put_key_policy(
+        caller,
+        KeyId::new("KeyId", &r.key_id)?.get(),
+        r.policy_name.as_deref(),
+        &r.policy,
+        r.bypass_policy_lockout_safety_check.unwrap_or(false),
+    )
+    .await?;
+    Ok(PutKeyPolicyResponse {})
+}
+
+pub(super) async fn get_key_policy(
+    kms: &Arc<Kms>,
+    caller: &Caller,
+    r: GetKeyPolicyRequest,
+) -> KmsResult<GetKeyPolicyResponse> {
+    let policy = kms
+        .get_key_policy(
+            caller,
+            KeyId::new("KeyId", &r.key_id)?.get(),
+            r.policy_name.as_deref(),
+        )
+        .await?;
+    Ok(GetKeyPolicyResponse {
+        policy,
+        policy_name: "default".into(),
+    })
+}
+
+pub(super) async fn list_key_policies(
+    kms: &Arc<Kms>,
+    caller: &Caller,
+    r: ListKeyPoliciesRequest,
+) -> KmsResult<ListKeyPoliciesResponse> {
+    let page = kms
+        .list_key_policies(
+            caller,
+            KeyId::new("KeyId", &r.key_id)?.get(),
+            r.limit,
+            Marker::optional(r.marker.as_deref())?,
+        )
+        .await?;
+    Ok(ListKeyPoliciesResponse {
+        policy_names: page.items,
+        truncated: false,
+        next_marker: None,
+    })
+}
+
+fn key_metadata(k: KeyView) -> KeyMetadata {
+    KeyMetadata {
+        enabled: k.enabled(),
+        aws_account_id: k.account_id,
+        key_id: k.key_id.to_string(),
+        arn: k.arn,
+        creation_date: timestamp(k.creation_date_ms),
+        description: k.description,
+        key_usage: "ENCRYPT_DECRYPT".into(),
+        key_state: k.key_state.as_str().into(),
+        deletion_date: k.deletion_date_ms.and_then(timestamp),
+        origin: "AWS_CLOUDHSM".into(),
+        custom_key_store_id: k.custom_key_store_id,
+        cloud_hsm_cluster_id: k.cloud_hsm_cluster_id,
+        key_manager: "CUSTOMER".into(),
+        customer_master_key_spec: SYMMETRIC_DEFAULT.into(),
+        key_spec: SYMMETRIC_DEFAULT.into(),
+        encryption_algorithms: vec![SYMMETRIC_DEFAULT.into()],
+        multi_region: false,
+        pending_deletion_window_in_days: k.pending_window_days,
+    }
+}
