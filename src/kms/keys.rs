@@ -583,7 +583,7 @@ impl Kms {
         let op = Op::CancelKeyDeletion;
         let key = self.authorized_record(caller, op, key_ref).await?;
         self.meta
-            .cancel_deletion(&key.id, KeyState::accepted_by(op))
+            .cancel_deletion(&key.id, KeyState::accepted_by(op), KeyState::Disabled)
             .await
             .map_err(|f| self.refused(op, &key.id, f))?;
         tracing::info!(key_arn = %self.scope.key_arn(&key.id), "key deletion cancelled");

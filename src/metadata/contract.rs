@@ -313,7 +313,9 @@ async fn scheduled_deletion_and_its_claim(m: Arc<dyn Metadata>) {
     );
     assert!(m.keys_due(999, 10).await.unwrap().is_empty());
     assert_eq!(m.keys_due(1_000, 10).await.unwrap().len(), 1);
-    m.cancel_deletion(&id, StateSet::of(&[PD])).await.unwrap();
+    m.cancel_deletion(&id, StateSet::of(&[PD]), D)
+        .await
+        .unwrap();
     let k = m.key(&id).await.unwrap().unwrap();
     assert_eq!((k.key_state, k.deletion_date_ms), (D, None));
     m.schedule_deletion(&id, LIVE, 1_000, 7).await.unwrap();
@@ -325,7 +327,7 @@ async fn scheduled_deletion_and_its_claim(m: Arc<dyn Metadata>) {
     );
     // Being deleted, the key can no longer be cancelled, but it is still due.
     assert_eq!(
-        m.cancel_deletion(&id, StateSet::of(&[PD])).await,
+        m.cancel_deletion(&id, StateSet::of(&[PD]), D).await,
         Err(Failure::NotFound)
     );
     assert_eq!(m.keys_due(1_000, 10).await.unwrap().len(), 1);

@@ -205,8 +205,8 @@ pub trait Keys: Send + Sync {
         date_ms: i64,
         window_days: i32,
     ) -> MetaResult<()>;
-    /// Back to Disabled, the deletion date cleared.
-    async fn cancel_deletion(&self, id: &Uuid, accepted: StateSet) -> MetaResult<()>;
+    /// Ends a pending deletion: the key goes to state `to`, its deletion date cleared.
+    async fn cancel_deletion(&self, id: &Uuid, accepted: StateSet, to: KeyState) -> MetaResult<()>;
     /// Keys pending deletion (or being deleted) whose date is at or before `now_ms`.
     async fn keys_due(&self, now_ms: i64, limit: usize) -> MetaResult<Vec<KeyRecord>>;
     /// Marks a due key `Deleting` if it is still due; `NotFound` if it is not.

@@ -181,13 +181,13 @@ impl Keys for Sqlite {
         )
     }
 
-    async fn cancel_deletion(&self, id: &Uuid, accepted: StateSet) -> MetaResult<()> {
+    async fn cancel_deletion(&self, id: &Uuid, accepted: StateSet, to: KeyState) -> MetaResult<()> {
         self.update_key_if(
             id,
             accepted,
-            "UPDATE keys SET key_state = 'Disabled', deletion_date_ms = NULL,
+            "UPDATE keys SET key_state = ?2, deletion_date_ms = NULL,
                  pending_window_days = NULL WHERE id = ?1",
-            &[],
+            &[&to.as_str()],
         )
     }
 
