@@ -594,3 +594,59 @@ async fn a_degraded_store_can_be_disconnected_and_connected_again() {
         "no automatic reconnection after the disconnect\n{m}"
     );
 }
+
+/// The PKCS#11 calls each cryptographic operation makes, as the module counts them: one
+/// C_Encrypt or C_Decrypt each (on a network HSM every call is a round trip).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_hsm_round_trip_per_cryptographic_operation() {
+    let h = Harness::start(&[ClusterSpec::faulty(A)]).await;
+    let counts_file = h.fault_control().with_file_name("pkcs11-counts");
+    h.set_faults(&format!("counts_file = {}\n", counts_file.display()));
+    let mut c = h.client().await;
+    let store = h.connected_store(&mut c, 0, "counted").await;
+    let key = create_key(&mut c, &store).await.key_id;
+    let counts = || -> HashMap<String, u64> {
+        std::fs::read_to_string(&counts_file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once(" = "))
+            .map(|(f, n)| (f.to_string(), n.parse().unwrap()))
+            .collect()
+    };
+    // (C_xxxInit, C_xxx) calls between two readings.
+    let calls = |before: &HashMap<String, u64>, init: &str, call: &str| {
+        let after = counts();
+        let delta = |f: &str| after.get(f).unwrap_or(&0) - before.get(f).unwrap_or(&0);
+        (delta(init), delta(call))
+    };
+
+    let before = counts();
+    let ct = encrypt(&mut c, &key, b"counted").await;
+    assert_eq!(
+        calls(&before, "C_EncryptInit", "C_Encrypt"),
+        (1, 1),
+        "Encrypt"
+    );
+
+    let before = counts();
+    assert_eq!(decrypt(&mut c, &ct).await, b"counted");
+    assert_eq!(
+        calls(&before, "C_DecryptInit", "C_Decrypt"),
+        (1, 1),
+        "Decrypt"
+    );
+
+    let before = counts();
+    c.generate_data_key(GenerateDataKeyRequest {
+        key_id: key.clone(),
+        key_spec: Some("AES_256".into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        calls(&before, "C_EncryptInit", "C_Encrypt"),
+        (1, 1),
+        "GenerateDataKey"
+    );
+}

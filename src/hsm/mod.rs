@@ -14,6 +14,7 @@
 //! It never logs or returns a PIN, a plaintext or a data key.
 
 pub mod error;
+pub mod single;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -33,32 +34,40 @@ use zeroize::Zeroizing;
 
 use error::{is_stale_handle, short, tier, Tier};
 pub use error::{HsmError, LoginFailure};
+use single::OneCall;
 
 /// GCM tag length in bits.
 const GCM_TAG_BITS: u64 = 128;
+const GCM_TAG_LEN: usize = 16;
 /// GCM IV length in bytes.
 pub const IV_LEN: usize = 12;
 
 /// The process-wide PKCS#11 contexts, one per module path.
 #[derive(Default)]
 pub struct Modules {
-    loaded: Mutex<HashMap<PathBuf, Pkcs11>>,
+    loaded: Mutex<HashMap<PathBuf, (Pkcs11, Arc<OneCall>)>>,
 }
 
 impl Modules {
     /// The context for `module`, loading and initialising it on first use.
     pub fn get(&self, module: &Path) -> Result<Pkcs11, String> {
+        self.get_with_calls(module).map(|(ctx, _)| ctx)
+    }
+
+    /// The context and the single-call C_Encrypt / C_Decrypt of `module`.
+    pub fn get_with_calls(&self, module: &Path) -> Result<(Pkcs11, Arc<OneCall>), String> {
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(ctx) = loaded.get(module) {
-            return Ok(ctx.clone());
+        if let Some((ctx, calls)) = loaded.get(module) {
+            return Ok((ctx.clone(), Arc::clone(calls)));
         }
         let ctx = Pkcs11::new(module)
             .map_err(|e| format!("loading PKCS#11 module {}: {}", module.display(), short(&e)))?;
         // Never initialise with empty flags: SoftHSM2 then drops its own locking.
         ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
             .map_err(|e| format!("C_Initialize {}: {}", module.display(), short(&e)))?;
-        loaded.insert(module.to_path_buf(), ctx.clone());
-        Ok(ctx)
+        let calls = Arc::new(OneCall::load(module)?);
+        loaded.insert(module.to_path_buf(), (ctx.clone(), Arc::clone(&calls)));
+        Ok((ctx, calls))
     }
 
     /// Loads `module` if need be, then opens a connection to its token `label` (see
@@ -70,11 +79,11 @@ impl Modules {
         pin: &Pin,
         options: Options,
     ) -> Result<Arc<Connection>, LoginFailure> {
-        let ctx = self.get(module).map_err(|e| {
+        let (ctx, calls) = self.get_with_calls(module).map_err(|e| {
             tracing::error!(error = %e, "PKCS#11 module unusable");
             LoginFailure::Internal
         })?;
-        Connection::open(ctx, label, pin, options)
+        Connection::open(ctx, calls, label, pin, options)
     }
 }
 
@@ -190,6 +199,8 @@ pub struct Options {
 /// once with `HsmError::Unavailable` and the domain replaces the connection.
 pub struct Connection {
     ctx: Pkcs11,
+    /// C_Encrypt and C_Decrypt, called once per operation.
+    calls: Arc<OneCall>,
     slot: Slot,
     /// Holds the login. Taken (and logged out) by `close`.
     anchor: Mutex<Option<Session>>,
@@ -215,6 +226,7 @@ impl Connection {
     /// Finds the token, logs in as the crypto user and starts the session workers. Blocking.
     pub fn open(
         ctx: Pkcs11,
+        calls: Arc<OneCall>,
         token_label: &str,
         pin: &Pin,
         options: Options,
@@ -257,6 +269,7 @@ impl Connection {
         let (tx, rx) = std::sync::mpsc::channel::<Work>();
         let conn = Arc::new(Connection {
             ctx,
+            calls,
             slot,
             anchor: Mutex::new(Some(anchor)),
             jobs: std::sync::RwLock::new(Some(tx)),
@@ -522,8 +535,11 @@ impl Connection {
             let (used_iv, sealed) = conn.with_key(session, &key_id, |h| {
                 let mut iv_buf = iv.unwrap_or([0u8; IV_LEN]);
                 let params = GcmParams::new(&mut iv_buf, &aad, GCM_TAG_BITS.into())?;
-                let sealed = session.encrypt(&Mechanism::AesGcm(params), h, &plaintext)?;
-                Ok((iv_buf, sealed))
+                session.encrypt_init(&Mechanism::AesGcm(params), h)?;
+                // The output of AES-GCM: the ciphertext (as long as the input) and the tag.
+                let mut out = vec![0u8; plaintext.len() + GCM_TAG_LEN];
+                conn.calls.encrypt(session, &plaintext, &mut out)?;
+                Ok((iv_buf, out))
             })?;
             // An HSM that was to choose the IV but left zeros would make every ciphertext
             // share one IV: refuse rather than return it.
@@ -549,9 +565,12 @@ impl Connection {
             conn.with_key(session, &key_id, |h| {
                 let mut iv = iv;
                 let params = GcmParams::new(&mut iv, &aad, GCM_TAG_BITS.into())?;
-                session
-                    .decrypt(&Mechanism::AesGcm(params), h, &sealed)
-                    .map(Zeroizing::new)
+                session.decrypt_init(&Mechanism::AesGcm(params), h)?;
+                // Room for the whole input: some tokens ask for it before they have checked
+                // the tag, though the plaintext is 16 bytes shorter.
+                let mut out = Zeroizing::new(vec![0u8; sealed.len()]);
+                conn.calls.decrypt(session, &sealed, &mut out)?;
+                Ok(out)
             })
         })
         .await

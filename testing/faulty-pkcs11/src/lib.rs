@@ -14,15 +14,24 @@
 //! gcm_iv = hsm                          # CloudHSM: refuse caller GCM IVs, write the IV back
 //! pin_format = user:password            # CloudHSM: the PIN is `<user>:<password>`
 //! after_call = true                     # C_SetPIN: fail only after the real call ran
+//! counts_file = /path/counts            # write each wrapped function's call count there
 //! ```
+//!
+//! For benchmarks, a network HSM's latency comes from the environment, read once, so that
+//! no file is read per call: `FAULTY_PKCS11_LATENCY_US=500` adds 500 µs to each call of
+//! `FAULTY_PKCS11_LATENCY_FUNCTIONS` (default `C_Encrypt,C_Decrypt,C_GenerateRandom`), the
+//! calls that cross the network to the HSM. The sleeping thread's timer slack is set to
+//! 1 µs so that the latency is what was asked, not 50 µs more. Without
+//! `FAULTY_PKCS11_CONTROL` no file is read at all.
 //!
 //! `C_GetSlotList` never fails; under `token_not_present` it lists no slot with a token.
 //! Never use this module outside tests.
 
 #![allow(non_snake_case, clippy::missing_safety_doc)]
 
+use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cryptoki_sys::*;
 
@@ -103,6 +112,7 @@ struct Control {
     /// Inject the fault after the real call ran, so its effect stays (a crash after the
     /// HSM acted but before the caller heard of it). Only C_SetPIN honours it.
     after_call: bool,
+    counts_file: Option<String>,
 }
 
 fn names(v: &str) -> Vec<String> {
@@ -141,6 +151,7 @@ impl Control {
                 "gcm_iv" => c.hsm_iv = v == "hsm",
                 "pin_format" => c.user_pin = v == "user:password",
                 "after_call" => c.after_call = v == "true",
+                "counts_file" => c.counts_file = Some(v.to_string()),
                 _ => {}
             }
         }
@@ -152,15 +163,77 @@ impl Control {
 static INJECTED: Mutex<(String, u64)> = Mutex::new((String::new(), 0));
 
 fn control() -> (Control, String) {
-    let text = std::env::var_os("FAULTY_PKCS11_CONTROL")
+    static PATH: OnceLock<Option<std::ffi::OsString>> = OnceLock::new();
+    let text = PATH
+        .get_or_init(|| std::env::var_os("FAULTY_PKCS11_CONTROL"))
+        .as_ref()
         .and_then(|p| std::fs::read_to_string(p).ok())
         .unwrap_or_default();
     (Control::parse(&text), text)
 }
 
+/// The modelled network latency: (per call, the functions it applies to), from the
+/// environment at the first call.
+fn latency() -> &'static Option<(Duration, Vec<String>)> {
+    static LATENCY: OnceLock<Option<(Duration, Vec<String>)>> = OnceLock::new();
+    LATENCY.get_or_init(|| {
+        let us: u64 = std::env::var("FAULTY_PKCS11_LATENCY_US")
+            .ok()?
+            .parse()
+            .ok()?;
+        let functions = std::env::var("FAULTY_PKCS11_LATENCY_FUNCTIONS")
+            .map(|v| names(&v))
+            .unwrap_or_else(|_| names("C_Encrypt,C_Decrypt,C_GenerateRandom"));
+        Some((Duration::from_micros(us), functions))
+    })
+}
+
+/// Sleeps `d`, within a few microseconds: the thread's timer slack (50 µs by default) would
+/// otherwise lengthen every sleep.
+fn sleep_precisely(d: Duration) {
+    thread_local! {
+        static SLACK_SET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    SLACK_SET.with(|set| {
+        if !set.get() {
+            // PR_SET_TIMERSLACK = 29; 1 ns asks for the finest the kernel gives.
+            unsafe { prctl(29, 1 as std::ffi::c_ulong) };
+            set.set(true);
+        }
+    });
+    let until = Instant::now() + d;
+    std::thread::sleep(d);
+    // A sleep that returns early (a signal) finishes here.
+    while Instant::now() < until {
+        std::thread::sleep(until - Instant::now());
+    }
+}
+
+extern "C" {
+    fn prctl(option: std::ffi::c_int, ...) -> std::ffi::c_int;
+}
+
+/// How many times each wrapped function was called.
+static COUNTS: Mutex<BTreeMap<&'static str, u64>> = Mutex::new(BTreeMap::new());
+
+fn count(function: &'static str, file: Option<&str>) {
+    let mut counts = COUNTS.lock().unwrap_or_else(|p| p.into_inner());
+    *counts.entry(function).or_default() += 1;
+    if let Some(path) = file {
+        let text: String = counts.iter().map(|(f, n)| format!("{f} = {n}\n")).collect();
+        let _ = std::fs::write(path, text);
+    }
+}
+
 /// Applies the delay and decides the fault for one call of `function`.
-fn before(function: &str) -> (Control, Option<CK_RV>) {
+fn before(function: &'static str) -> (Control, Option<CK_RV>) {
+    if let Some((d, functions)) = latency() {
+        if functions.iter().any(|f| f == function) {
+            sleep_precisely(*d);
+        }
+    }
     let (c, text) = control();
+    count(function, c.counts_file.as_deref());
     if c.delay_ms > 0 && applies(&c.delay_functions, function) {
         std::thread::sleep(Duration::from_millis(c.delay_ms));
     }
