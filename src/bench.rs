@@ -9,6 +9,10 @@
 //! 3. Reports throughput, p50/p99/max latency, errors, server RSS and the service/raw ratio,
 //!    as a table and as one JSON document; with `--keys N`, Encrypt at one level again with
 //!    the store holding N keys, spread over all of them.
+//! 4. With `--hsm-latency-ms 0.5,2,5` instead: a network HSM's latency, modelled by the
+//!    test-only faulty PKCS#11 module (testing/faulty-pkcs11) adding that much to every call
+//!    that would cross the network; Encrypt, Decrypt and GenerateDataKey at each level
+//!    against the bound `sessions / latency`.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -31,6 +35,7 @@ use crate::config::{
     AdminSettings, ClusterSettings, GcmIvMode, HsmEntry, HsmSettings, LifecycleSettings, PinFormat,
     SecuritySettings, ServerSettings, Settings, StorageSettings, ThrottlingSettings,
 };
+use crate::hsm::single::OneCall;
 use crate::hsm::{self, Modules};
 use crate::proto::key_management_service_client::KeyManagementServiceClient;
 use crate::proto::*;
@@ -69,8 +74,19 @@ pub struct Options {
     pub session_pool_size: Option<usize>,
     /// The started service's `server.worker_threads`. On this 2-CPU host, shared with the
     /// load generator and the token, one async thread used less CPU per request than two.
-    #[arg(long, default_value_t = 1)]
-    pub server_worker_threads: usize,
+    /// Default: 1, and 2 with --hsm-latency-ms (there the CPU is not what limits, and one
+    /// thread answering the 16 operations that finish together puts them in a queue).
+    #[arg(long)]
+    pub server_worker_threads: Option<usize>,
+    /// Model a network HSM: per-call latencies in milliseconds (sub-millisecond allowed),
+    /// each measured on a fresh service whose token is reached through the faulty module.
+    /// The session pool is then 16 unless --session-pool-size says otherwise.
+    #[arg(long, value_delimiter = ',')]
+    pub hsm_latency_ms: Vec<f64>,
+    /// The faulty PKCS#11 module for --hsm-latency-ms (`cargo build --release -p
+    /// faulty-pkcs11`). Default: libfaulty_pkcs11.so beside this executable.
+    #[arg(long)]
+    pub faulty_module: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -111,6 +127,22 @@ pub struct Report {
     pub server_worker_threads: Option<usize>,
     pub raw: Vec<RawResult>,
     pub service: Vec<LevelResult>,
+    /// The modelled network HSM (`--hsm-latency-ms`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hsm_latency: Vec<LatencyResult>,
+}
+
+/// One operation at one concurrency against a modelled network HSM.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LatencyResult {
+    pub latency_ms: f64,
+    pub sessions: usize,
+    pub level: LevelResult,
+    /// `sessions / (latency x HSM calls per operation)`, in operations per second.
+    pub bound_ops_per_sec: f64,
+    pub ratio_to_bound: f64,
+    /// The p99 target: 1.5 x the per-call latency + 1 ms (at concurrency <= sessions).
+    pub p99_target_ms: f64,
 }
 
 const PASSWORD: &str = "bench-kmsuser-pw";
@@ -133,23 +165,42 @@ fn make_token(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(module)
 }
 
-fn gcm_encrypt(s: &Session, key: ObjectHandle, pt: &[u8]) -> cryptoki::error::Result<Vec<u8>> {
+/// AES-GCM as the service calls it: C_EncryptInit, then one C_Encrypt (hsm/single.rs).
+fn gcm_encrypt(
+    calls: &OneCall,
+    s: &Session,
+    key: ObjectHandle,
+    pt: &[u8],
+) -> cryptoki::error::Result<Vec<u8>> {
     let mut iv = [7u8; 12];
     let aad = [0u8; 33];
     let params = GcmParams::new(&mut iv, &aad, 128.into())?;
-    s.encrypt(&Mechanism::AesGcm(params), key, pt)
+    s.encrypt_init(&Mechanism::AesGcm(params), key)?;
+    let mut out = vec![0u8; pt.len() + 16];
+    calls.encrypt(s, pt, &mut out)?;
+    Ok(out)
 }
 
-fn gcm_decrypt(s: &Session, key: ObjectHandle, ct: &[u8]) -> cryptoki::error::Result<Vec<u8>> {
+fn gcm_decrypt(
+    calls: &OneCall,
+    s: &Session,
+    key: ObjectHandle,
+    ct: &[u8],
+) -> cryptoki::error::Result<Vec<u8>> {
     let mut iv = [7u8; 12];
     let aad = [0u8; 33];
     let params = GcmParams::new(&mut iv, &aad, 128.into())?;
-    s.decrypt(&Mechanism::AesGcm(params), key, ct)
+    s.decrypt_init(&Mechanism::AesGcm(params), key)?;
+    let mut out = vec![0u8; ct.len()];
+    calls.decrypt(s, ct, &mut out)?;
+    Ok(out)
 }
 
 /// Runs `op` on `sessions` threads, each with its own session, for `seconds`.
+#[allow(clippy::too_many_arguments)]
 fn raw_run(
     ctx: &Pkcs11,
+    calls: &Arc<OneCall>,
     slot: cryptoki::slot::Slot,
     key: ObjectHandle,
     sessions: usize,
@@ -163,14 +214,15 @@ fn raw_run(
         let session = ctx.open_rw_session(slot)?;
         let stop = Arc::clone(&stop);
         let pt = vec![0x5a; payload];
+        let calls = Arc::clone(calls);
         handles.push(std::thread::spawn(move || -> anyhow::Result<u64> {
-            let ct = gcm_encrypt(&session, key, &pt)?;
+            let ct = gcm_encrypt(&calls, &session, key, &pt)?;
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 if decrypt {
-                    gcm_decrypt(&session, key, &ct)?;
+                    gcm_decrypt(&calls, &session, key, &ct)?;
                 } else {
-                    gcm_encrypt(&session, key, &pt)?;
+                    gcm_encrypt(&calls, &session, key, &pt)?;
                 }
                 n += 1;
             }
@@ -191,7 +243,9 @@ fn raw_run(
 
 fn raw_ceiling(module: &Path, opts: &Options) -> anyhow::Result<Vec<RawResult>> {
     let modules = Modules::default();
-    let ctx = modules.get(module).map_err(|e| anyhow::anyhow!(e))?;
+    let (ctx, calls) = modules
+        .get_with_calls(module)
+        .map_err(|e| anyhow::anyhow!(e))?;
     let raw_label = format!("{LABEL}-raw");
     hsm::init_token(&ctx, &raw_label, "bench-so-pin", PASSWORD)?;
     let slot = hsm::find_token(&ctx, &raw_label)?.context("raw token vanished")?;
@@ -207,6 +261,7 @@ fn raw_ceiling(module: &Path, opts: &Options) -> anyhow::Result<Vec<RawResult>> 
         for sessions in [1, opts.raw_sessions] {
             let ops = raw_run(
                 &ctx,
+                &calls,
                 slot,
                 key,
                 sessions,
@@ -229,7 +284,9 @@ fn raw_ceiling(module: &Path, opts: &Options) -> anyhow::Result<Vec<RawResult>> 
 /// tell the token's cost of holding many objects from the service's.
 fn raw_on_service_token(module: &Path, opts: &Options) -> anyhow::Result<f64> {
     let modules = Modules::default();
-    let ctx = modules.get(module).map_err(|e| anyhow::anyhow!(e))?;
+    let (ctx, calls) = modules
+        .get_with_calls(module)
+        .map_err(|e| anyhow::anyhow!(e))?;
     let slot = hsm::find_token(&ctx, LABEL)?.context("the service token is gone")?;
     let anchor = ctx.open_rw_session(slot)?;
     anchor.login(UserType::User, Some(&AuthPin::from(PASSWORD)))?;
@@ -240,7 +297,16 @@ fn raw_on_service_token(module: &Path, opts: &Options) -> anyhow::Result<f64> {
         .into_iter()
         .next()
         .context("no key in the service token")?;
-    raw_run(&ctx, slot, key, 1, opts.seconds, false, opts.payload)
+    raw_run(
+        &ctx,
+        &calls,
+        slot,
+        key,
+        1,
+        opts.seconds,
+        false,
+        opts.payload,
+    )
 }
 
 /// A started service process.
@@ -258,10 +324,21 @@ impl Drop for Server {
     }
 }
 
-fn start_server(dir: &Path, module: &Path, pool: usize, workers: usize) -> anyhow::Result<Server> {
+/// Starts `hsm-kms serve` on a fresh token of `module`; the service reaches the token
+/// through `service_module` (the same, or the faulty module wrapping it) with `env`.
+fn start_server(
+    dir: &Path,
+    module: &Path,
+    service_module: &Path,
+    env: &[(&str, String)],
+    pool: usize,
+    workers: usize,
+) -> anyhow::Result<Server> {
     let modules = Modules::default();
     let ctx = modules.get(module).map_err(|e| anyhow::anyhow!(e))?;
-    hsm::init_token(&ctx, LABEL, "bench-so-pin", PASSWORD)?;
+    if hsm::find_token(&ctx, LABEL)?.is_none() {
+        hsm::init_token(&ctx, LABEL, "bench-so-pin", PASSWORD)?;
+    }
     let anchor = dir.join("anchor.pem");
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -310,7 +387,7 @@ fn start_server(dir: &Path, module: &Path, pool: usize, workers: usize) -> anyho
         },
         clusters: vec![ClusterSettings {
             id: "cluster-benchbenchbe".into(),
-            module: module.to_path_buf(),
+            module: service_module.to_path_buf(),
             token_label: LABEL.into(),
             trust_anchor_file: anchor,
             state: Default::default(),
@@ -338,6 +415,7 @@ fn start_server(dir: &Path, module: &Path, pool: usize, workers: usize) -> anyho
         .args(["serve", "--config"])
         .arg(&config)
         .env("RUST_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (*k, v)))
         .stdout(Stdio::piped())
         .spawn()?;
     let stdout = child.stdout.take().context("no stdout")?;
@@ -409,6 +487,15 @@ enum Op {
 }
 
 impl Op {
+    /// The calls that reach the HSM per operation: GenerateDataKey asks the token for the
+    /// data key's bytes, then encrypts them.
+    fn hsm_calls(self) -> f64 {
+        match self {
+            Op::Encrypt | Op::Decrypt => 1.0,
+            Op::GenerateDataKey => 2.0,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Op::Encrypt => "Encrypt",
@@ -608,40 +695,19 @@ async fn level(
     Ok(r)
 }
 
-pub async fn run(opts: Options) -> anyhow::Result<Report> {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let pool = opts.session_pool_size.unwrap_or(cpus).max(1);
-    let dir = tempfile::tempdir()?;
-    let module = make_token(dir.path())?;
-    let mut raw = if opts.target.is_none() {
-        tokio::task::block_in_place(|| raw_ceiling(&module, &opts))?
-    } else {
-        Vec::new()
-    };
-    let server = match &opts.target {
-        Some(_) => None,
-        None => Some(tokio::task::block_in_place(|| {
-            start_server(dir.path(), &module, pool, opts.server_worker_threads)
-        })?),
-    };
-    let addr = opts
-        .target
-        .clone()
-        .or_else(|| server.as_ref().map(|s| s.addr.clone()))
-        .context("no address")?;
-    let pid = server.as_ref().map(|s| s.child.id());
-    // Set-up and key creation share one connection; each load level opens its own.
-    let mut c = connect(&addr).await?;
-    let store = if server.is_some() {
+/// A connected store (created when `dir` holds a started service's trust anchor), a key in
+/// it and a ciphertext under the key.
+async fn prepare(
+    c: &mut Client,
+    dir: Option<&Path>,
+    opts: &Options,
+) -> anyhow::Result<(String, String, Vec<u8>)> {
+    let store = if let Some(dir) = dir {
         let id = c
             .create_custom_key_store(CreateCustomKeyStoreRequest {
                 custom_key_store_name: "bench".into(),
                 cloud_hsm_cluster_id: Some("cluster-benchbenchbe".into()),
-                trust_anchor_certificate: Some(std::fs::read_to_string(
-                    dir.path().join("anchor.pem"),
-                )?),
+                trust_anchor_certificate: Some(std::fs::read_to_string(dir.join("anchor.pem"))?),
                 key_store_password: Some(PASSWORD.into()),
                 custom_key_store_type: None,
             })
@@ -654,34 +720,25 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         .await?;
         for _ in 0..200 {
             tokio::time::sleep(Duration::from_millis(25)).await;
-            if setup_store(&mut c).await.is_ok() {
+            if setup_store(c).await.is_ok() {
                 break;
             }
         }
         id
     } else {
-        setup_store(&mut c).await?
+        setup_store(c).await?
     };
-    let create = |c: &mut Client| {
-        let mut c = c.clone();
-        let store = store.clone();
-        async move {
-            c.create_key(CreateKeyRequest {
-                custom_key_store_id: Some(store),
-                origin: Some("AWS_CLOUDHSM".into()),
-                ..Default::default()
-            })
-            .await
-            .map(|r| {
-                r.into_inner()
-                    .key_metadata
-                    .map(|m| m.key_id)
-                    .unwrap_or_default()
-            })
-        }
-    };
-    let key = create(&mut c).await?;
-    let keys = Arc::new(vec![key.clone()]);
+    let key = c
+        .create_key(CreateKeyRequest {
+            custom_key_store_id: Some(store.clone()),
+            origin: Some("AWS_CLOUDHSM".into()),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .key_metadata
+        .map(|m| m.key_id)
+        .unwrap_or_default();
     let blob = c
         .encrypt(EncryptRequest {
             key_id: key.clone(),
@@ -691,6 +748,123 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         .await?
         .into_inner()
         .ciphertext_blob;
+    Ok((store, key, blob))
+}
+
+/// `--hsm-latency-ms`: for each latency, a fresh service whose token is reached through the
+/// faulty module adding that latency to every call that would cross the network.
+async fn latency_model(opts: Options) -> anyhow::Result<Report> {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let pool = opts.session_pool_size.unwrap_or(16).max(1);
+    let workers = opts.server_worker_threads.unwrap_or(2);
+    let faulty = match &opts.faulty_module {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("libfaulty_pkcs11.so"),
+    };
+    anyhow::ensure!(
+        faulty.exists(),
+        "{} is missing: build it with `cargo build --release -p faulty-pkcs11`, or name it \
+         with --faulty-module",
+        faulty.display()
+    );
+    let mut out = Vec::new();
+    for &ms in &opts.hsm_latency_ms {
+        let dir = tempfile::tempdir()?;
+        let module = make_token(dir.path())?;
+        let env = [
+            ("FAULTY_PKCS11_MODULE", module.display().to_string()),
+            (
+                "FAULTY_PKCS11_LATENCY_US",
+                ((ms * 1000.0).round() as u64).to_string(),
+            ),
+        ];
+        let server = tokio::task::block_in_place(|| {
+            start_server(dir.path(), &module, &faulty, &env, pool, workers)
+        })?;
+        let mut c = connect(&server.addr).await?;
+        let (_, key, blob) = prepare(&mut c, Some(dir.path()), &opts).await?;
+        let (keys, blobs) = (Arc::new(vec![key]), Arc::new(vec![blob]));
+        for op in [Op::Encrypt, Op::Decrypt, Op::GenerateDataKey] {
+            for &n in &opts.levels {
+                let load = Load {
+                    op,
+                    keys: Arc::clone(&keys),
+                    blobs: Arc::clone(&blobs),
+                    payload: opts.payload,
+                };
+                let level = level(
+                    &server.addr,
+                    load,
+                    &opts,
+                    n,
+                    1,
+                    Some(server.child.id()),
+                    &[],
+                )
+                .await?;
+                let bound = pool as f64 / (ms / 1000.0 * op.hsm_calls());
+                let r = LatencyResult {
+                    latency_ms: ms,
+                    sessions: pool,
+                    bound_ops_per_sec: bound,
+                    ratio_to_bound: level.ops_per_sec / bound,
+                    p99_target_ms: 1.5 * ms + 1.0,
+                    level,
+                };
+                eprintln!(
+                    "  latency {ms} ms: {:.0}% of the bound {bound:.0} ops/s",
+                    r.ratio_to_bound * 100.0
+                );
+                out.push(r);
+            }
+        }
+    }
+    Ok(Report {
+        payload_bytes: opts.payload,
+        seconds_per_level: opts.seconds,
+        cpus,
+        session_pool_size: Some(pool),
+        server_worker_threads: Some(workers),
+        raw: Vec::new(),
+        service: Vec::new(),
+        hsm_latency: out,
+    })
+}
+
+pub async fn run(opts: Options) -> anyhow::Result<Report> {
+    if !opts.hsm_latency_ms.is_empty() {
+        return latency_model(opts).await;
+    }
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let pool = opts.session_pool_size.unwrap_or(cpus).max(1);
+    let workers = opts.server_worker_threads.unwrap_or(1);
+    let dir = tempfile::tempdir()?;
+    let module = make_token(dir.path())?;
+    let mut raw = if opts.target.is_none() {
+        tokio::task::block_in_place(|| raw_ceiling(&module, &opts))?
+    } else {
+        Vec::new()
+    };
+    let server = match &opts.target {
+        Some(_) => None,
+        None => Some(tokio::task::block_in_place(|| {
+            start_server(dir.path(), &module, &module, &[], pool, workers)
+        })?),
+    };
+    let addr = opts
+        .target
+        .clone()
+        .or_else(|| server.as_ref().map(|s| s.addr.clone()))
+        .context("no address")?;
+    let pid = server.as_ref().map(|s| s.child.id());
+    // Set-up and key creation share one connection; each load level opens its own.
+    let mut c = connect(&addr).await?;
+    let (store, key, blob) = prepare(&mut c, server.is_some().then(|| dir.path()), &opts).await?;
+    let keys = Arc::new(vec![key.clone()]);
     let blobs = Arc::new(vec![blob]);
 
     let mut service = Vec::new();
@@ -797,9 +971,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         seconds_per_level: opts.seconds,
         cpus,
         session_pool_size: started.then_some(pool),
-        server_worker_threads: started.then_some(opts.server_worker_threads),
+        server_worker_threads: started.then_some(workers),
         raw,
         service,
+        hsm_latency: Vec::new(),
     })
 }
 
@@ -844,6 +1019,31 @@ pub fn table(r: &Report) -> String {
                 .map(|m| format!("{m:.2}"))
                 .unwrap_or_else(|| "-".into()),
         ));
+    }
+    if !r.hsm_latency.is_empty() {
+        s.push_str(
+            "
+modelled network HSM (bound = sessions / (latency x HSM calls per operation))
+",
+        );
+        s.push_str("latency ms  operation        conc  sessions      ops/s      bound  of bound   p50 ms   p99 ms  p99 target  errors
+");
+        for x in &r.hsm_latency {
+            s.push_str(&format!(
+                "{:>10} {:16} {:>5} {:>9} {:>10.0} {:>10.0} {:>8.0}% {:>8.2} {:>8.2} {:>11.2} {:>7}\n",
+                x.latency_ms,
+                x.level.operation,
+                x.level.concurrency,
+                x.sessions,
+                x.level.ops_per_sec,
+                x.bound_ops_per_sec,
+                x.ratio_to_bound * 100.0,
+                x.level.p50_ms,
+                x.level.p99_ms,
+                x.p99_target_ms,
+                x.level.errors,
+            ));
+        }
     }
     s
 }

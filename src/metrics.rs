@@ -65,6 +65,8 @@ pub struct Metrics {
     reconnects: Family<Reconnect, Counter>,
     session_replacements: Counter,
     orphaned: Counter,
+    session_waits: Family<Store, Histogram, fn() -> Histogram>,
+    sessions_needed: Family<Store, Gauge>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -96,6 +98,8 @@ impl Metrics {
             reconnects: Family::default(),
             session_replacements: Counter::default(),
             orphaned: Counter::default(),
+            session_waits: Family::new_with_constructor(latency),
+            sessions_needed: Family::default(),
         };
         let mut r = m.registry;
         r.register(
@@ -148,7 +152,30 @@ impl Metrics {
             "Key material left on a token because its store was unreachable at deletion",
             m.orphaned.clone(),
         );
+        r.register(
+            "session_wait_duration_seconds",
+            "Time HSM operations waited in the queue for a free PKCS#11 session",
+            m.session_waits.clone(),
+        );
+        r.register(
+            "session_pool_needed",
+            "Sessions the store's load of the last 10 s needed to run without waiting \
+             (throughput x (wait + HSM time)); compare with session_pool_size",
+            m.sessions_needed.clone(),
+        );
         Metrics { registry: r, ..m }
+    }
+
+    /// The session-wait histogram and the sessions-needed gauge of a store, for its
+    /// connection to hold (no label lookup per request).
+    pub fn session_queue(&self, store: &str) -> (Histogram, Gauge) {
+        let label = Store {
+            custom_key_store_id: store.to_string(),
+        };
+        (
+            self.session_waits.get_or_create(&label).clone(),
+            self.sessions_needed.get_or_create(&label).clone(),
+        )
     }
 
     pub fn request(&self, operation: &'static str, outcome: &'static str, took: Duration) {

@@ -650,3 +650,56 @@ async fn one_hsm_round_trip_per_cryptographic_operation() {
         "GenerateDataKey"
     );
 }
+
+/// A pool too small for the load is reported with the size it needs: a modelled 2 ms HSM,
+/// 2 sessions, 16 callers. By Little's law the load keeps about 16 operations waiting or
+/// running, so the service should name a pool of about 16.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queueing_for_sessions_is_reported_with_the_pool_it_needs() {
+    let options = Options {
+        env: vec![("FAULTY_PKCS11_LATENCY_US", "2000".into())],
+        ..Default::default()
+    };
+    let h = Harness::start_opts(&[ClusterSpec::faulty(A)], options, |s| {
+        s.hsm.session_pool_size = 2;
+    })
+    .await;
+    let mut c = h.client().await;
+    let store = h.connected_store(&mut c, 0, "small-pool").await;
+    let key = create_key(&mut c, &store).await.key_id;
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers: Vec<_> = (0..16)
+        .map(|_| {
+            let (mut c, key, stop) = (c.clone(), key.clone(), Arc::clone(&stop));
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    encrypt(&mut c, &key, b"queued").await;
+                }
+            })
+        })
+        .collect();
+    // The report covers 10 s windows and is made by an operation ending after one.
+    wait_for("the queueing report", Duration::from_secs(30), || async {
+        h.log().contains("queueing for PKCS#11 sessions")
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for c in callers {
+        c.await.unwrap();
+    }
+    let log = h.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("queueing for PKCS#11 sessions"))
+        .unwrap();
+    let needed: usize = line
+        .split("sessions_needed=")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no sessions_needed in {line}"));
+    assert!((12..=20).contains(&needed), "{line}");
+    assert!(line.contains("sessions=2"), "{line}");
+    let sample = format!(r#"hsm_kms_session_pool_needed{{custom_key_store_id="{store}"}}"#);
+    assert_eq!(metric(&h.metrics(), &sample), Some(needed as f64));
+}

@@ -187,6 +187,8 @@ pub struct Options {
     pub call_timeout: Duration,
     /// Called once, from a worker thread, on the first device-tier failure.
     pub on_device_failure: Box<dyn Fn(&str) + Send + Sync>,
+    /// The custom key store the connection serves, for its metrics and log lines.
+    pub store_id: String,
 }
 
 /// A logged-in connection to one cluster's token, serving one custom key store.
@@ -220,6 +222,7 @@ pub struct Connection {
     superseded: AtomicBool,
     capacity: usize,
     busy: AtomicUsize,
+    queueing: Queueing,
 }
 
 impl Connection {
@@ -282,6 +285,7 @@ impl Connection {
             superseded: AtomicBool::new(false),
             capacity,
             busy: AtomicUsize::new(0),
+            queueing: Queueing::new(options.store_id, capacity),
         });
         let rx = Arc::new(Mutex::new(rx));
         let mut workers = Vec::with_capacity(capacity);
@@ -355,12 +359,15 @@ impl Connection {
             return Err(Self::unavailable());
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let queued = Instant::now();
         let work: Work = Box::new(move |conn, slot| {
+            let waited = queued.elapsed();
             // The caller's deadline passed while this waited in the queue: no HSM work for it.
             if tx.is_closed() {
+                conn.queueing.note(waited, Duration::ZERO);
                 return;
             }
-            let _ = tx.send(conn.run_on(slot, function, op));
+            let _ = tx.send(conn.run_on(slot, function, waited, op));
         });
         {
             let jobs = self.jobs.read().unwrap_or_else(|p| p.into_inner());
@@ -383,6 +390,7 @@ impl Connection {
         &self,
         slot: &mut Option<Session>,
         function: &'static str,
+        waited: Duration,
         op: F,
     ) -> Result<T, HsmError>
     where
@@ -395,7 +403,9 @@ impl Connection {
         let started = Instant::now();
         let outcome = self.attempt(slot, op);
         self.busy.fetch_sub(1, Ordering::Relaxed);
-        crate::metrics::get().hsm_call(function, started.elapsed());
+        let took = started.elapsed();
+        crate::metrics::get().hsm_call(function, took);
+        self.queueing.note(waited, took);
         outcome.map_err(|e| match e {
             OpError::Pkcs11(e) => {
                 crate::metrics::get().hsm_error(function, error::rv_name(&e));
@@ -654,5 +664,79 @@ enum OpError {
 impl From<cryptoki::error::Error> for OpError {
     fn from(e: cryptoki::error::Error) -> Self {
         OpError::Pkcs11(e)
+    }
+}
+
+/// How long operations wait for a session, for sizing the pool: each wait goes to a
+/// histogram, and every `Queueing::EVERY` (with traffic) the sessions the load needed, by
+/// Little's law the average number of operations waiting or running (throughput x (wait +
+/// HSM time)), go to a gauge, and to a warning when operations waited noticeably.
+struct Queueing {
+    store_id: String,
+    capacity: usize,
+    wait: prometheus_client::metrics::histogram::Histogram,
+    needed: prometheus_client::metrics::gauge::Gauge,
+    jobs: std::sync::atomic::AtomicU64,
+    wait_ns: std::sync::atomic::AtomicU64,
+    busy_ns: std::sync::atomic::AtomicU64,
+    since: Mutex<Instant>,
+}
+
+impl Queueing {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn new(store_id: String, capacity: usize) -> Queueing {
+        let (wait, needed) = crate::metrics::get().session_queue(&store_id);
+        Queueing {
+            store_id,
+            capacity,
+            wait,
+            needed,
+            jobs: Default::default(),
+            wait_ns: Default::default(),
+            busy_ns: Default::default(),
+            since: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn note(&self, waited: Duration, busy: Duration) {
+        self.wait.observe(waited.as_secs_f64());
+        self.jobs.fetch_add(1, Ordering::Relaxed);
+        self.wait_ns
+            .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+        self.busy_ns
+            .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
+        let Ok(mut since) = self.since.try_lock() else {
+            return;
+        };
+        let window = since.elapsed();
+        if window < Self::EVERY {
+            return;
+        }
+        *since = Instant::now();
+        drop(since);
+        let jobs = self.jobs.swap(0, Ordering::Relaxed);
+        let wait = self.wait_ns.swap(0, Ordering::Relaxed) as f64 / 1e9;
+        let busy = self.busy_ns.swap(0, Ordering::Relaxed) as f64 / 1e9;
+        if jobs == 0 {
+            return;
+        }
+        let needed = ((wait + busy) / window.as_secs_f64()).ceil() as usize;
+        self.needed.set(needed as i64);
+        let (mean_wait, mean_busy) = (wait / jobs as f64, busy / jobs as f64);
+        // Waiting that matters: over a millisecond, and over a fifth of the HSM time.
+        if mean_wait > 0.001 && mean_wait > mean_busy / 5.0 {
+            tracing::warn!(
+                custom_key_store_id = %self.store_id,
+                operations_per_second = (jobs as f64 / window.as_secs_f64()).round(),
+                mean_wait_ms = format!("{:.2}", mean_wait * 1000.0),
+                mean_hsm_ms = format!("{:.2}", mean_busy * 1000.0),
+                sessions = self.capacity,
+                sessions_needed = needed,
+                "HSM operations are queueing for PKCS#11 sessions: hsm.session_pool_size = \
+                 {needed} would serve this load without waiting (if the token allows that many \
+                 sessions)"
+            );
+        }
     }
 }

@@ -125,6 +125,7 @@ impl Connections {
             pool_size: self.settings.session_pool_size,
             call_timeout: self.call_timeout(),
             on_device_failure,
+            store_id: store_id.to_string(),
         };
         let modules = Arc::clone(&self.modules);
         // Loading the module (C_Initialize) and logging in are PKCS#11 calls: blocking thread.
