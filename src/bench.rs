@@ -83,6 +83,13 @@ pub struct Options {
     /// The session pool is then 16 unless --session-pool-size says otherwise.
     #[arg(long, value_delimiter = ',')]
     pub hsm_latency_ms: Vec<f64>,
+    /// Drive Encrypt with h2load (Debian's nghttp2-client) instead of the built-in client, at
+    /// each level (streams over --connections connections): less CPU on the load side, so
+    /// the service's own cost shows. The raw single-session ceiling is measured before and
+    /// after; errors are counted from the service's audit trail (h2load does not read gRPC
+    /// trailers).
+    #[arg(long)]
+    pub h2load: bool,
     /// The faulty PKCS#11 module for --hsm-latency-ms (`cargo build --release -p
     /// faulty-pkcs11`). Default: libfaulty_pkcs11.so beside this executable.
     #[arg(long)]
@@ -752,6 +759,156 @@ async fn prepare(
     Ok((store, key, blob))
 }
 
+/// `--h2load`: Encrypt driven by h2load, between two raw single-session measurements.
+async fn with_h2load(opts: Options) -> anyhow::Result<Report> {
+    use prost::Message;
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let pool = opts.session_pool_size.unwrap_or(cpus).max(1);
+    let workers = opts.server_worker_threads.unwrap_or(1);
+    let dir = tempfile::tempdir()?;
+    let module = make_token(dir.path())?;
+    let raw_encrypt_1 = |opts: &Options| -> anyhow::Result<f64> {
+        let one = Options {
+            raw_sessions: 1,
+            ..opts.clone()
+        };
+        Ok(raw_ceiling(&module, &one)?
+            .into_iter()
+            .find(|r| r.operation == "Encrypt")
+            .map(|r| r.ops_per_sec)
+            .unwrap_or(0.0))
+    };
+    let before = tokio::task::block_in_place(|| raw_encrypt_1(&opts))?;
+    let server = tokio::task::block_in_place(|| {
+        start_server(dir.path(), &module, &module, &[], pool, workers)
+    })?;
+    let mut c = connect(&server.addr).await?;
+    let (_, key, _) = prepare(&mut c, Some(dir.path()), &opts).await?;
+    // One gRPC message: a zero compression flag, the length, the protobuf.
+    let body = EncryptRequest {
+        key_id: key,
+        plaintext: vec![0x42; opts.payload],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&u32::try_from(body.len())?.to_be_bytes());
+    framed.extend_from_slice(&body);
+    let request = dir.path().join("encrypt.grpc");
+    std::fs::write(&request, framed)?;
+    let audit = dir.path().join("audit.jsonl");
+    let mut service = Vec::new();
+    let mut measured = Vec::new();
+    for &n in &opts.levels {
+        let connections = opts.connections.clamp(1, n.max(1));
+        let streams = n.div_ceil(connections);
+        let lines_before = audit_outcomes(&audit)?;
+        let out = tokio::task::block_in_place(|| {
+            Command::new("h2load")
+                .args(["-t", "1", "-c", &connections.to_string()])
+                .args(["-m", &streams.to_string()])
+                .args(["-D", &format!("{}", opts.seconds.ceil() as u64)])
+                .args(["--warm-up-time", "1"])
+                .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+                .arg("-d")
+                .arg(&request)
+                .arg(format!(
+                    "http://{}/kms.v1.KeyManagementService/Encrypt",
+                    server.addr
+                ))
+                .output()
+        })
+        .context("running h2load (apt-get install nghttp2-client)")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        anyhow::ensure!(out.status.success(), "h2load failed: {text}");
+        let (ok, failed, errors) = audit_outcomes(&audit)?;
+        let (ok, failed) = (ok - lines_before.0, failed - lines_before.1);
+        for e in &errors[lines_before.2.len()..] {
+            eprintln!("  failed: {e}");
+        }
+        let rate = h2load_rate(&text).context("no req/s in h2load's output")?;
+        // The service's own count: h2load takes every HTTP 200 as a success.
+        let ops = rate * ok as f64 / (ok + failed).max(1) as f64;
+        eprintln!(
+            "Encrypt (h2load)  streams={n:<4} {ops:>9.0} ops/s  errors {failed} (audit trail)"
+        );
+        measured.push(ops);
+        service.push(LevelResult {
+            operation: "Encrypt (h2load)".into(),
+            concurrency: n,
+            keys: 1,
+            store_keys: 1,
+            requests: (ok + failed) as usize,
+            ops_per_sec: ops,
+            p50_ms: 0.0,
+            p99_ms: 0.0,
+            max_ms: 0.0,
+            errors: failed as usize,
+            server_rss_mib: rss_mib(Some(server.child.id())),
+            ratio_to_raw_1_session: None,
+        });
+    }
+    drop(server);
+    let after = tokio::task::block_in_place(|| raw_encrypt_1(&opts))?;
+    let raw_mean = (before + after) / 2.0;
+    for r in &mut service {
+        r.ratio_to_raw_1_session = Some(r.ops_per_sec / raw_mean);
+    }
+    eprintln!("raw Encrypt sessions=1: {before:.0} before, {after:.0} after");
+    Ok(Report {
+        payload_bytes: opts.payload,
+        seconds_per_level: opts.seconds,
+        cpus,
+        session_pool_size: Some(pool),
+        server_worker_threads: Some(workers),
+        raw: vec![
+            RawResult {
+                operation: "Encrypt (before)".into(),
+                sessions: 1,
+                ops_per_sec: before,
+            },
+            RawResult {
+                operation: "Encrypt (after)".into(),
+                sessions: 1,
+                ops_per_sec: after,
+            },
+        ],
+        service,
+        hsm_latency: Vec::new(),
+    })
+}
+
+/// (allowed, refused or failed, their exceptions) of the Encrypt lines in the audit trail.
+fn audit_outcomes(path: &Path) -> anyhow::Result<(u64, u64, Vec<String>)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let (mut ok, mut failed, mut errors) = (0, 0, Vec::new());
+    for line in text.lines() {
+        let v: serde_json::Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        if v["operation"] == "Encrypt" {
+            if v["outcome"] == "allowed" {
+                ok += 1;
+            } else {
+                failed += 1;
+                errors.push(v["error"].as_str().unwrap_or("?").to_string());
+            }
+        }
+    }
+    Ok((ok, failed, errors))
+}
+
+/// The request rate of h2load's `finished in 5.00s, 12345.67 req/s, ...` line.
+fn h2load_rate(out: &str) -> Option<f64> {
+    let line = out.lines().find(|l| l.starts_with("finished in"))?;
+    line.split(", ")
+        .find_map(|part| part.strip_suffix(" req/s"))
+        .and_then(|n| n.trim().parse().ok())
+}
+
 /// `--hsm-latency-ms`: for each latency, a fresh service whose token is reached through the
 /// faulty module adding that latency to every call that would cross the network.
 async fn latency_model(opts: Options) -> anyhow::Result<Report> {
@@ -837,6 +994,9 @@ async fn latency_model(opts: Options) -> anyhow::Result<Report> {
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
     if !opts.hsm_latency_ms.is_empty() {
         return latency_model(opts).await;
+    }
+    if opts.h2load {
+        return with_h2load(opts).await;
     }
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
