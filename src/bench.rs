@@ -393,6 +393,7 @@ fn start_server(
             file: dir.join("audit.jsonl"),
             fsync: false,
         },
+        kms: Default::default(),
         clusters: vec![ClusterSettings {
             id: "cluster-benchbenchbe".into(),
             module: service_module.to_path_buf(),

@@ -40,7 +40,20 @@ pub struct Settings {
     #[serde(default)]
     pub audit: AuditSettings,
     #[serde(default)]
+    pub kms: KmsSettings,
+    #[serde(default)]
     pub clusters: Vec<ClusterSettings>,
+}
+
+/// What KMS operations take when a request leaves it out.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KmsSettings {
+    /// The custom key store (its name or id) where CreateKey puts a key when the request
+    /// names none, as tools that know only AWS KMS do (terraform's aws_kms_key, SDK code).
+    /// Unset: such a CreateKey is refused with UnsupportedOperationException.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_custom_key_store: Option<String>,
 }
 
 /// The gRPC listener's TLS: a server certificate and key, and the CA that signs client

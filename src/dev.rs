@@ -162,6 +162,10 @@ pub fn prepare(data_dir: &Path, listen: Option<SocketAddr>) -> anyhow::Result<Se
                 file: data_dir.join("audit.jsonl"),
                 fsync: false,
             },
+            kms: crate::config::KmsSettings {
+                // Tools that name no store create their keys in the dev store.
+                default_custom_key_store: Some(STORE_NAME.into()),
+            },
             clusters: vec![ClusterSettings {
                 id: cluster_id.clone(),
                 module: softhsm2_module()?,

@@ -304,3 +304,55 @@ async fn concurrent_create_key() {
         encrypt(&mut c, id, b"each key works").await;
     }
 }
+
+/// CreateKey without a store: refused with the setting to use when none is configured;
+/// with `kms.default_custom_key_store` (by name or id), the key is made there, as tools
+/// that know only AWS KMS expect.
+#[tokio::test]
+async fn keys_without_a_store_go_to_the_default_store() {
+    let mut h = Harness::start(&[ClusterSpec::good(A)]).await;
+    let mut c = h.client().await;
+    let store = h.connected_store(&mut c, 0, "the-default").await;
+    let msg = assert_err(
+        c.create_key(CreateKeyRequest::default()).await,
+        "UnsupportedOperationException",
+    );
+    assert!(msg.contains("kms.default_custom_key_store"), "{msg}");
+
+    for named in ["the-default".to_string(), store.clone()] {
+        h.restart_with(|s| s.kms.default_custom_key_store = Some(named.clone()))
+            .await;
+        let mut c = h.client().await;
+        // The store reconnects by itself after the restart.
+        assert_eq!(wait_settled(&mut c, &store).await.0, "CONNECTED");
+        for origin in [None, Some("AWS_KMS"), Some("AWS_CLOUDHSM")] {
+            let m = c
+                .create_key(CreateKeyRequest {
+                    origin: origin.map(String::from),
+                    description: Some("from a tool that names no store".into()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .key_metadata
+                .unwrap();
+            assert_eq!(
+                (m.custom_key_store_id.as_str(), m.origin.as_str()),
+                (store.as_str(), "AWS_CLOUDHSM"),
+                "default store named {named}, Origin {origin:?}"
+            );
+            let ct = encrypt(&mut c, &m.key_id, b"default store").await;
+            assert!(!ct.is_empty());
+        }
+    }
+
+    h.restart_with(|s| s.kms.default_custom_key_store = Some("no-such-store".into()))
+        .await;
+    let mut c = h.client().await;
+    let msg = assert_err(
+        c.create_key(CreateKeyRequest::default()).await,
+        "CustomKeyStoreNotFoundException",
+    );
+    assert!(msg.contains("no-such-store"), "{msg}");
+}

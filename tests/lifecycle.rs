@@ -146,7 +146,7 @@ async fn aliases() {
 
     // The rules.
     for (name, err) in [
-        ("app", "InvalidAliasNameException"),
+        ("app", "ValidationException"),
         ("alias/", "InvalidAliasNameException"),
         ("alias/aws/s3", "InvalidAliasNameException"),
         ("alias/has space", "ValidationException"),

@@ -47,7 +47,11 @@ pub fn check_alias_name(name: &str) -> KmsResult<()> {
         ))
     };
     match name.strip_prefix("alias/") {
-        None => invalid("it must begin with alias/"),
+        // AWS answers a name without the prefix as a validation failure, in these words.
+        None => Err(KmsError::validation(
+            "Alias must start with the prefix \"alias/\". Please see \
+             https://docs.aws.amazon.com/kms/latest/developerguide/kms-alias.html",
+        )),
         Some("") => invalid("it needs a name after alias/"),
         Some(_) if name.starts_with("alias/aws/") => {
             invalid("the prefix alias/aws/ is reserved for AWS managed keys")
@@ -79,7 +83,7 @@ impl Kms {
     fn alias_not_found(&self, name: &str) -> KmsError {
         KmsError::new(
             ErrorKind::NotFound,
-            format!("Alias {} is not found", self.scope.alias_arn(name)),
+            format!("Alias {} is not found.", self.scope.alias_arn(name)),
         )
     }
 
@@ -221,7 +225,7 @@ mod tests {
         assert!(check_alias_name("alias/app-1:blue/x_y").is_ok());
         assert_eq!(
             check_alias_name("app").unwrap_err().kind,
-            ErrorKind::InvalidAliasName
+            ErrorKind::Validation
         );
         assert_eq!(
             check_alias_name("alias/").unwrap_err().kind,

@@ -57,7 +57,7 @@ impl ArnScope {
                     {
                         return Err(KmsError::new(
                             ErrorKind::NotFound,
-                            format!("Alias {key_ref} is not found"),
+                            format!("Alias {} is not found.", super::error::quoted(key_ref)),
                         ));
                     }
                     return Ok(KeyRef::Alias(resource.to_string()));

@@ -210,10 +210,18 @@ impl Kms {
             (Some("EXTERNAL_KEY_STORE"), _) => {
                 return Err(unsupported("External key stores are not supported"))
             }
+            // Tools that know only AWS KMS name no store: the configured default takes them.
+            (None | Some("AWS_KMS") | Some("AWS_CLOUDHSM"), None)
+                if self.default_keystore.is_some() =>
+            {
+                self.default_keystore_id().await?
+            }
             (None | Some("AWS_KMS"), None) => {
                 return Err(unsupported(
-                    "hsm-kms creates keys only in custom key stores: set Origin AWS_CLOUDHSM \
-                     and CustomKeyStoreId",
+                    "hsm-kms creates keys only in custom key stores: name one with \
+                     CustomKeyStoreId (and Origin AWS_CLOUDHSM), or set \
+                     kms.default_custom_key_store in the service's configuration to the name \
+                     or id of the store that takes keys created without one",
                 ))
             }
             (Some("AWS_KMS"), Some(_)) => {
@@ -326,6 +334,24 @@ impl Kms {
         ))
     }
 
+    /// The id of the configured default custom key store (given by name or id).
+    async fn default_keystore_id(&self) -> KmsResult<String> {
+        let wanted = self.default_keystore.as_deref().unwrap_or_default();
+        if super::ids::is_store_id(wanted) {
+            return Ok(wanted.to_string());
+        }
+        match self.meta.keystore_by_name(wanted).await? {
+            Some(rec) => Ok(rec.id),
+            None => Err(KmsError::new(
+                ErrorKind::CustomKeyStoreNotFound,
+                format!(
+                    "The default custom key store {} (kms.default_custom_key_store) does not exist",
+                    super::error::quoted(wanted)
+                ),
+            )),
+        }
+    }
+
     /// Rows left in `Creating` by a crash: destroy any token object they got, drop the row.
     /// Removes keys whose creation never finished (rows still `Creating`, made before
     /// `created_before_ms`) and any token object they got. Runs on connect, with every
@@ -390,7 +416,7 @@ impl Kms {
         match f {
             Failure::NotFound => self.key_not_found(key),
             Failure::Precondition(Precondition::KeyState(state)) => match state.check(op) {
-                Err(refusal) => refusal.error(&arn, None),
+                Err(refusal) => refusal.error(&arn),
                 Ok(()) => KmsError::internal(format!("{op:?} refused on {arn}, {state}")),
             },
             Failure::Precondition(Precondition::Limit(n)) => KmsError::new(
@@ -715,12 +741,8 @@ impl Kms {
         let store = self.keystore_of(&key).await?;
         let arn = self.scope.key_arn(&key.id);
         if let Err(refusal) = key.key_state.seen(store.connection_state).check(auth.op) {
-            let detail = format!(
-                "its custom key store {} is {}",
-                store.id, store.connection_state
-            );
-            let unavailable = refusal == super::states::Refusal::Unavailable;
-            return Err(refusal.error(&arn, unavailable.then_some(detail.as_str())));
+            tracing::debug!(key_arn = %arn, custom_key_store_id = %store.id, state = %store.connection_state, ?refusal, "refused by the key state");
+            return Err(refusal.error(&arn));
         }
         let cluster = self.cluster(&store.cluster_id);
         let active = cluster.as_ref().map(|c| c.active_hsms()).unwrap_or(0);
@@ -730,19 +752,13 @@ impl Kms {
                 store.cluster_id, store.id
             )));
         }
-        let conn = self.connection(&store.id).ok_or_else(|| {
-            KmsError::invalid_state(format!(
-                "{arn} is unavailable: custom key store {} is not connected",
-                store.id
-            ))
-        })?;
-        if conn.is_degraded() {
-            return Err(KmsError::invalid_state(format!(
-                "{arn} is unavailable: the HSM of custom key store {} failed and the store is \
-                 reconnecting",
-                store.id
-            )));
-        }
+        // CONNECTED, but without a live connection (a restart's reconnection still running)
+        // or with one whose HSM failed (reconnecting): unavailable, as AWS says it.
+        let conn = self.connection(&store.id).filter(|c| !c.is_degraded());
+        let Some(conn) = conn else {
+            tracing::debug!(key_arn = %arn, custom_key_store_id = %store.id, "no usable HSM connection");
+            return Err(super::states::Refusal::Unavailable.error(&arn));
+        };
         Ok(UsableKey {
             id: key.id,
             arn,

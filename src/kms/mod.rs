@@ -58,6 +58,8 @@ pub struct Parts {
     pub quotas: Quotas,
     /// Added to the system clock (tests of scheduled deletion).
     pub clock_offset_ms: i64,
+    /// The custom key store (name or id) of keys created without one named.
+    pub default_keystore: Option<String>,
 }
 
 impl Parts {
@@ -91,6 +93,7 @@ impl Parts {
             access,
             quotas: Quotas::per_second(settings.throttling.store_requests_per_second),
             clock_offset_ms: settings.lifecycle.clock_offset_seconds.saturating_mul(1000),
+            default_keystore: settings.kms.default_custom_key_store.clone(),
             scope,
         })
     }
@@ -105,6 +108,7 @@ pub struct Kms {
     access: Access,
     quotas: Quotas,
     clock_offset_ms: i64,
+    default_keystore: Option<String>,
 }
 
 impl Kms {
@@ -118,6 +122,7 @@ impl Kms {
             access,
             quotas,
             clock_offset_ms,
+            default_keystore,
         } = parts;
         Arc::new(Kms {
             scope,
@@ -128,6 +133,7 @@ impl Kms {
             access,
             quotas,
             clock_offset_ms,
+            default_keystore,
         })
     }
 

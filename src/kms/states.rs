@@ -135,7 +135,7 @@ impl std::fmt::Display for ClusterState {
 /// (aws-kms-guide/key-state.md) that apply to keys in a CloudHSM key store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
-    /// [1] `DisabledException: <key ARN> is disabled.`
+    /// [1] `DisabledException: <key ARN> is disabled.` (each message in AWS's words)
     Disabled,
     /// [3] `KMSInvalidStateException: <key ARN> is pending deletion.`
     PendingDeletion,
@@ -156,18 +156,15 @@ impl Refusal {
         }
     }
 
-    /// The exception for the key `arn`; `detail` says more (why a key is unavailable).
-    pub fn error(self, arn: &str, detail: Option<&str>) -> KmsError {
+    /// The exception for the key `arn`, in AWS's words.
+    pub fn error(self, arn: &str) -> KmsError {
         let (kind, what) = match self {
             Refusal::Disabled => (ErrorKind::Disabled, "is disabled"),
             Refusal::PendingDeletion => (ErrorKind::KmsInvalidState, "is pending deletion"),
             Refusal::NotPendingDeletion => (ErrorKind::KmsInvalidState, "is not pending deletion"),
             Refusal::Unavailable => (ErrorKind::KmsInvalidState, "is unavailable"),
         };
-        match detail {
-            Some(d) => KmsError::new(kind, format!("{arn} {what}: {d}")),
-            None => KmsError::new(kind, format!("{arn} {what}")),
-        }
+        KmsError::new(kind, format!("{arn} {what}."))
     }
 }
 

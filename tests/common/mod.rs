@@ -272,6 +272,7 @@ impl Harness {
                 file: dir.path().join("audit.jsonl"),
                 fsync: false,
             },
+            kms: Default::default(),
             clusters: cluster_settings,
         };
         let mut settings = settings;
