@@ -15,6 +15,7 @@ mod keys;
 mod keystores;
 pub mod path;
 pub mod protocol;
+pub mod sigv4;
 pub mod status;
 
 use std::collections::{BTreeMap, HashMap};

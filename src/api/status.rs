@@ -40,6 +40,10 @@ pub fn code(kind: ErrorKind) -> Code {
         LimitExceeded | Throttling => Code::ResourceExhausted,
         UnsupportedOperation => Code::Unimplemented,
         AccessDenied => Code::PermissionDenied,
+        MissingAuthenticationToken
+        | IncompleteSignature
+        | UnrecognizedClient
+        | InvalidSignature => Code::Unauthenticated,
         DependencyTimeout => Code::Unavailable,
         KmsInternal => Code::Internal,
     }

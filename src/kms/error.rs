@@ -43,6 +43,14 @@ pub enum ErrorKind {
     DependencyTimeout,
     Throttling,
     AccessDenied,
+    /// SigV4 (the AWS protocol): no Authorization header.
+    MissingAuthenticationToken,
+    /// SigV4: an Authorization header that cannot be read.
+    IncompleteSignature,
+    /// SigV4: an access key id this service does not know.
+    UnrecognizedClient,
+    /// SigV4: a signature that does not match, a wrong region or service, an expired request.
+    InvalidSignature,
     KmsInternal,
 }
 
@@ -84,6 +92,10 @@ impl ErrorKind {
             ErrorKind::DependencyTimeout => "DependencyTimeoutException",
             ErrorKind::Throttling => "ThrottlingException",
             ErrorKind::AccessDenied => "AccessDeniedException",
+            ErrorKind::MissingAuthenticationToken => "MissingAuthenticationTokenException",
+            ErrorKind::IncompleteSignature => "IncompleteSignatureException",
+            ErrorKind::UnrecognizedClient => "UnrecognizedClientException",
+            ErrorKind::InvalidSignature => "InvalidSignatureException",
             ErrorKind::KmsInternal => "KMSInternalException",
         }
     }

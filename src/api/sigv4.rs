@@ -1,0 +1,586 @@
+//! AWS Signature Version 4: who is calling over the AWS KMS protocol.
+//!
+//! A request names its access key, the date, region and service of its credential scope,
+//! the headers it signed, and the signature. This module checks what the service decides
+//! (the scope names this region and `kms`, the request is at most 5 minutes from now, the
+//! key is known), then recomputes the signature over the same method, path, query, signed
+//! headers and body with the aws-sigv4 crate (no hand-written canonicalisation), and compares
+//! the two in constant time. The payload's SHA-256 is part of what is signed, so a changed
+//! body fails as a bad signature. Refusals carry AWS's exception names.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_credential_types::Credentials;
+use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
+use aws_sigv4::sign::v4;
+use zeroize::Zeroizing;
+
+use crate::kms::access::Principal;
+use crate::kms::error::{ErrorKind, KmsError, KmsResult};
+
+/// The most a request's signing time may be from the service's clock, as AWS allows.
+pub const MAX_SKEW: Duration = Duration::from_secs(5 * 60);
+
+const ALGORITHM: &str = "AWS4-HMAC-SHA256";
+const SERVICE: &str = "kms";
+
+/// An access key: its secret and the principal it stands for. The secret is never printed.
+pub struct AccessKey {
+    secret: Zeroizing<String>,
+    pub principal: Arc<Principal>,
+}
+
+impl AccessKey {
+    pub fn new(secret: Zeroizing<String>, principal: Arc<Principal>) -> AccessKey {
+        AccessKey { secret, principal }
+    }
+}
+
+impl std::fmt::Debug for AccessKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessKey")
+            .field("principal", &self.principal.arn)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The parts of a request that SigV4 covers.
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// Path and query, as sent.
+    pub uri: &'a str,
+    /// Every header of the request (names in any case; `host` included, taken from the
+    /// HTTP/2 authority when there is no Host header).
+    pub headers: &'a [(&'a str, &'a str)],
+    pub body: &'a [u8],
+}
+
+/// Checks SigV4 signatures for one region against the configured access keys.
+pub struct Verifier {
+    region: String,
+    keys: HashMap<String, AccessKey>,
+}
+
+/// What an Authorization header says.
+struct Authorization<'a> {
+    access_key: &'a str,
+    date: &'a str,
+    region: &'a str,
+    service: &'a str,
+    signed_headers: Vec<&'a str>,
+    signature: &'a str,
+}
+
+fn incomplete(what: &str) -> KmsError {
+    KmsError::new(
+        ErrorKind::IncompleteSignature,
+        format!("Authorization header requires {what}. Authorization=AWS4-HMAC-SHA256"),
+    )
+}
+
+fn invalid(message: impl Into<String>) -> KmsError {
+    KmsError::new(ErrorKind::InvalidSignature, message)
+}
+
+impl Verifier {
+    pub fn new(region: impl Into<String>, keys: HashMap<String, AccessKey>) -> Verifier {
+        Verifier {
+            region: region.into(),
+            keys,
+        }
+    }
+
+    /// The principal that signed `req`, or the AWS exception that refuses it.
+    pub fn verify(&self, req: &Request<'_>, now: SystemTime) -> KmsResult<Arc<Principal>> {
+        let header = |name: &str| {
+            req.headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| *v)
+        };
+        let Some(authorization) = header("authorization") else {
+            return Err(KmsError::new(
+                ErrorKind::MissingAuthenticationToken,
+                "Missing Authentication Token",
+            ));
+        };
+        let auth = parse(authorization)?;
+        if auth.service != SERVICE {
+            return Err(invalid(format!(
+                "Credential should be scoped to correct service: '{SERVICE}'."
+            )));
+        }
+        if auth.region != self.region {
+            return Err(invalid(format!(
+                "Credential should be scoped to a valid region, not '{}'.",
+                crate::kms::error::quoted(auth.region)
+            )));
+        }
+        let stamp = header("x-amz-date").ok_or_else(|| {
+            incomplete("a valid X-Amz-Date header (date and time of the signature)")
+        })?;
+        let signed_at = parse_amz_date(stamp)
+            .ok_or_else(|| incomplete("an X-Amz-Date of the form YYYYMMDD'T'HHMMSS'Z'"))?;
+        if !stamp.starts_with(auth.date) || auth.date.len() != 8 {
+            return Err(invalid(
+                "Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date \
+                 from HTTP.",
+            ));
+        }
+        let skew = match now.duration_since(signed_at) {
+            Ok(behind) => behind,
+            Err(ahead) => ahead.duration(),
+        };
+        if skew > MAX_SKEW {
+            return Err(invalid(format!(
+                "Signature expired: {stamp} is now outside the {} minutes allowed around the \
+                 service's time.",
+                MAX_SKEW.as_secs() / 60
+            )));
+        }
+        if !auth.signed_headers.contains(&"host") {
+            return Err(invalid(
+                "'Host' must be a 'SignedHeader' in the AWS Authorization.",
+            ));
+        }
+        if header("x-amz-security-token").is_some() {
+            return Err(KmsError::new(
+                ErrorKind::UnrecognizedClient,
+                "The security token included in the request is invalid.",
+            ));
+        }
+        let Some(key) = self.keys.get(auth.access_key) else {
+            return Err(KmsError::new(
+                ErrorKind::UnrecognizedClient,
+                "The security token included in the request is invalid.",
+            ));
+        };
+        // The signed headers exactly, with their values as sent.
+        let mut signed = Vec::with_capacity(auth.signed_headers.len());
+        for name in &auth.signed_headers {
+            let values: Vec<&str> = req
+                .headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| *v)
+                .collect();
+            if values.is_empty() {
+                return Err(invalid(format!(
+                    "The request signature we calculated does not match the signature you \
+                     provided: signed header '{}' is missing.",
+                    crate::kms::error::quoted(name)
+                )));
+            }
+            for v in values {
+                signed.push((*name, v));
+            }
+        }
+        let expected = self.signature(key, auth.access_key, req, &signed, signed_at)?;
+        if constant_time_eq(expected.as_bytes(), auth.signature.as_bytes()) {
+            Ok(Arc::clone(&key.principal))
+        } else {
+            Err(invalid(
+                "The request signature we calculated does not match the signature you provided. \
+                 Check your AWS Secret Access Key and signing method. Consult the service \
+                 documentation for details.",
+            ))
+        }
+    }
+
+    /// The signature of `req` with `key`, over exactly the `signed` headers.
+    fn signature(
+        &self,
+        key: &AccessKey,
+        access_key: &str,
+        req: &Request<'_>,
+        signed: &[(&str, &str)],
+        at: SystemTime,
+    ) -> KmsResult<String> {
+        let identity = Credentials::new(
+            access_key,
+            key.secret.as_str(),
+            None,
+            None,
+            "hsm-kms access key",
+        )
+        .into();
+        let mut settings = SigningSettings::default();
+        // Sign what the client signed, whatever it is: the default would leave some out.
+        settings.excluded_headers = Some(Vec::new());
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region(&self.region)
+            .name(SERVICE)
+            .time(at)
+            .settings(settings)
+            .build()
+            .map_err(|e| KmsError::internal(format!("SigV4 parameters: {e}")))?
+            .into();
+        let uri = if req.uri.starts_with('/') {
+            format!("https://hsm-kms{}", req.uri)
+        } else {
+            return Err(invalid("The request's path is not a valid URI path."));
+        };
+        let signable = SignableRequest::new(
+            req.method,
+            uri,
+            signed.iter().copied(),
+            SignableBody::Bytes(req.body),
+        )
+        .map_err(|_| invalid("The request cannot be signed as sent."))?;
+        let out = sign(signable, &params)
+            .map_err(|_| invalid("The request cannot be signed as sent."))?;
+        Ok(out.signature().to_string())
+    }
+}
+
+/// `AWS4-HMAC-SHA256 Credential=AKID/20261130/us-east-1/kms/aws4_request,
+/// SignedHeaders=host;x-amz-date, Signature=<64 hex>`
+fn parse(header: &str) -> KmsResult<Authorization<'_>> {
+    let rest = header
+        .strip_prefix(ALGORITHM)
+        .filter(|r| r.starts_with(' '))
+        .ok_or_else(|| incomplete("the algorithm AWS4-HMAC-SHA256"))?;
+    let mut credential = None;
+    let mut signed_headers = None;
+    let mut signature = None;
+    for part in rest.split(',') {
+        let part = part.trim();
+        if let Some(v) = part.strip_prefix("Credential=") {
+            credential = Some(v);
+        } else if let Some(v) = part.strip_prefix("SignedHeaders=") {
+            signed_headers = Some(v);
+        } else if let Some(v) = part.strip_prefix("Signature=") {
+            signature = Some(v);
+        } else if !part.is_empty() {
+            return Err(incomplete("Credential, SignedHeaders and Signature only"));
+        }
+    }
+    let credential = credential.ok_or_else(|| incomplete("parameter 'Credential'"))?;
+    let signed_headers = signed_headers.ok_or_else(|| incomplete("parameter 'SignedHeaders'"))?;
+    let signature = signature.ok_or_else(|| incomplete("parameter 'Signature'"))?;
+    let scope: Vec<&str> = credential.split('/').collect();
+    let [access_key, date, region, service, "aws4_request"] = scope[..] else {
+        return Err(incomplete(
+            "a Credential of the form <key id>/<date>/<region>/<service>/aws4_request",
+        ));
+    };
+    if access_key.is_empty() {
+        return Err(incomplete("an access key id in Credential"));
+    }
+    if signature.len() != 64 || !signature.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(incomplete("a Signature of 64 hexadecimal digits"));
+    }
+    let signed_headers: Vec<&str> = signed_headers.split(';').collect();
+    if signed_headers.iter().any(|h| {
+        h.is_empty()
+            || h.bytes()
+                .any(|b| b.is_ascii_uppercase() || !b.is_ascii_graphic())
+    }) {
+        return Err(incomplete(
+            "SignedHeaders of lower-case header names separated by ;",
+        ));
+    }
+    Ok(Authorization {
+        access_key,
+        date,
+        region,
+        service,
+        signed_headers,
+        signature,
+    })
+}
+
+/// `YYYYMMDD'T'HHMMSS'Z'` as a time.
+fn parse_amz_date(s: &str) -> Option<SystemTime> {
+    let b = s.as_bytes();
+    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let t = s.get(r)?;
+        t.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| t.parse().ok())?
+    };
+    let (y, mo, d) = (num(0..4)?, num(4..6)?, num(6..8)?);
+    let (h, mi, sec) = (num(9..11)?, num(11..13)?, num(13..15)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    // Days from the civil date (proleptic Gregorian), as in Howard Hinnant's algorithm.
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + sec;
+    u64::try_from(secs)
+        .ok()
+        .map(|s| UNIX_EPOCH + Duration::from_secs(s))
+}
+
+/// Equal length and equal bytes, in time that depends only on the length.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
+    const KEY_ID: &str = "AKIDEXAMPLE";
+
+    fn verifier() -> Verifier {
+        let principal = Arc::new(Principal::parse("arn:aws:iam::111122223333:user/alice").unwrap());
+        let keys = HashMap::from([(
+            KEY_ID.to_string(),
+            AccessKey::new(Zeroizing::new(SECRET.into()), principal),
+        )]);
+        Verifier::new("us-east-1", keys)
+    }
+
+    fn amz_date(t: SystemTime) -> String {
+        let secs = t.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+        let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+        // Civil date from days (the inverse of parse_amz_date's).
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let d = doy - (153 * mp + 2) / 5 + 1;
+        let m = if mp < 10 { mp + 3 } else { mp - 9 };
+        let y = yoe + era * 400 + i64::from(m <= 2);
+        format!(
+            "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+            rem / 3600,
+            rem % 3600 / 60,
+            rem % 60
+        )
+    }
+
+    /// A request signed as an AWS SDK would sign it (with aws-sigv4's client side).
+    fn signed(
+        secret: &str,
+        region: &str,
+        at: SystemTime,
+        body: &[u8],
+    ) -> (Vec<(String, String)>, Vec<u8>) {
+        let identity = Credentials::new(KEY_ID, secret, None, None, "test").into();
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region(region)
+            .name("kms")
+            .time(at)
+            .settings(SigningSettings::default())
+            .build()
+            .unwrap()
+            .into();
+        let headers = [
+            ("host", "kms.example.test:8443"),
+            ("content-type", "application/x-amz-json-1.1"),
+            ("x-amz-target", "TrentService.ListKeys"),
+            ("user-agent", "aws-sdk-rust"),
+        ];
+        let req = SignableRequest::new(
+            "POST",
+            "https://kms.example.test:8443/",
+            headers.iter().copied(),
+            SignableBody::Bytes(body),
+        )
+        .unwrap();
+        let (instructions, _) = sign(req, &params).unwrap().into_parts();
+        let mut all: Vec<(String, String)> = headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        for (n, v) in instructions.headers() {
+            all.push((n.to_string(), v.to_string()));
+        }
+        (all, body.to_vec())
+    }
+
+    fn check(
+        v: &Verifier,
+        headers: &[(String, String)],
+        body: &[u8],
+        now: SystemTime,
+    ) -> KmsResult<Arc<Principal>> {
+        let h: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        v.verify(
+            &Request {
+                method: "POST",
+                uri: "/",
+                headers: &h,
+                body,
+            },
+            now,
+        )
+    }
+
+    fn kind(r: KmsResult<Arc<Principal>>) -> &'static str {
+        r.err().map(|e| e.kind.aws_name()).unwrap_or("ok")
+    }
+
+    #[test]
+    fn a_signed_request_names_its_principal() {
+        let now = SystemTime::now();
+        let (h, body) = signed(SECRET, "us-east-1", now, b"{}");
+        let p = check(&verifier(), &h, &body, now).unwrap();
+        assert_eq!(p.arn, "arn:aws:iam::111122223333:user/alice");
+    }
+
+    #[test]
+    fn what_an_attacker_changes_is_refused_with_aws_exceptions() {
+        let v = verifier();
+        let now = SystemTime::now();
+        let (good, body) = signed(SECRET, "us-east-1", now, b"{\"Limit\":5}");
+
+        let (wrong_secret, _) = signed("not-the-secret", "us-east-1", now, &body);
+        assert_eq!(
+            kind(check(&v, &wrong_secret, &body, now)),
+            "InvalidSignatureException"
+        );
+
+        assert_eq!(
+            kind(check(&v, &good, b"{\"Limit\":6}", now)),
+            "InvalidSignatureException",
+            "a tampered body"
+        );
+
+        let (other_region, _) = signed(SECRET, "eu-west-1", now, &body);
+        let e = check(&v, &other_region, &body, now).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidSignature);
+        assert!(e.message.contains("valid region"), "{}", e.message);
+
+        let skew = MAX_SKEW + Duration::from_secs(5);
+        assert_eq!(
+            kind(check(&v, &good, &body, now + skew)),
+            "InvalidSignatureException"
+        );
+        assert_eq!(
+            kind(check(&v, &good, &body, now - skew)),
+            "InvalidSignatureException"
+        );
+        assert_eq!(
+            kind(check(
+                &v,
+                &good,
+                &body,
+                now + MAX_SKEW - Duration::from_secs(5)
+            )),
+            "ok",
+            "within the allowed skew"
+        );
+
+        let retarget = |h: &[(String, String)]| -> Vec<(String, String)> {
+            h.iter()
+                .map(|(n, val)| {
+                    let val = if n == "x-amz-target" {
+                        "TrentService.ScheduleKeyDeletion".to_string()
+                    } else {
+                        val.clone()
+                    };
+                    (n.clone(), val)
+                })
+                .collect()
+        };
+        assert_eq!(
+            kind(check(&v, &retarget(&good), &body, now)),
+            "InvalidSignatureException",
+            "a signed header changed"
+        );
+
+        let without = |name: &str| -> Vec<(String, String)> {
+            good.iter().filter(|(n, _)| n != name).cloned().collect()
+        };
+        assert_eq!(
+            kind(check(&v, &without("authorization"), &body, now)),
+            "MissingAuthenticationTokenException"
+        );
+        assert_eq!(
+            kind(check(&v, &without("x-amz-date"), &body, now)),
+            "IncompleteSignatureException"
+        );
+
+        let with_auth = |auth: String| -> Vec<(String, String)> {
+            good.iter()
+                .map(|(n, val)| {
+                    (
+                        n.clone(),
+                        if n == "authorization" {
+                            auth.clone()
+                        } else {
+                            val.clone()
+                        },
+                    )
+                })
+                .collect()
+        };
+        let auth = good
+            .iter()
+            .find(|(n, _)| n == "authorization")
+            .unwrap()
+            .1
+            .clone();
+        assert_eq!(
+            kind(check(
+                &v,
+                &with_auth(auth.replace(KEY_ID, "AKIDUNKNOWN")),
+                &body,
+                now
+            )),
+            "UnrecognizedClientException"
+        );
+        for broken in [
+            "AWS4-HMAC-SHA256".to_string(),
+            auth.replace("Credential=", "Cred="),
+            auth.replace("/aws4_request", ""),
+            auth.replace("AWS4-HMAC-SHA256", "AWS4-HMAC-SHA1"),
+            auth.split(", Signature=").next().unwrap().to_string() + ", Signature=zz",
+        ] {
+            assert_eq!(
+                kind(check(&v, &with_auth(broken.clone()), &body, now)),
+                "IncompleteSignatureException",
+                "{broken}"
+            );
+        }
+        // Host unsigned: refused, whatever the signature.
+        let no_host = auth.replace(
+            "SignedHeaders=content-type;host;",
+            "SignedHeaders=content-type;",
+        );
+        assert_eq!(
+            kind(check(&v, &with_auth(no_host), &body, now)),
+            "InvalidSignatureException"
+        );
+    }
+
+    #[test]
+    fn amz_dates_read_back_as_written() {
+        for secs in [0u64, 951_782_400, 1_795_996_800, 4_102_444_799] {
+            let t = UNIX_EPOCH + Duration::from_secs(secs);
+            assert_eq!(parse_amz_date(&amz_date(t)), Some(t), "{}", amz_date(t));
+        }
+        assert_eq!(parse_amz_date("20261130T250000Z"), None);
+        assert_eq!(parse_amz_date("2026-11-30T00:00:00Z"), None);
+        assert_eq!(parse_amz_date("20261130T000000"), None);
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let v = verifier();
+        let text = format!("{:?}", v.keys.get(KEY_ID).unwrap());
+        assert!(!text.contains(SECRET), "{text}");
+    }
+}
