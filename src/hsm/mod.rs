@@ -30,7 +30,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use uuid::Uuid;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use error::{is_stale_handle, short, tier, Tier};
 pub use error::{HsmError, LoginFailure};
@@ -39,6 +39,8 @@ use single::OneCall;
 /// GCM tag length in bits.
 const GCM_TAG_BITS: u64 = 128;
 const GCM_TAG_LEN: usize = 16;
+/// Token random bytes fetched at once for data keys: 128 AES-256 keys per C_GenerateRandom.
+const RANDOM_BLOCK: usize = 4096;
 /// GCM IV length in bytes.
 pub const IV_LEN: usize = 12;
 
@@ -223,6 +225,9 @@ pub struct Connection {
     capacity: usize,
     busy: AtomicUsize,
     queueing: Queueing,
+    /// Token random bytes not yet handed out (`data_key_bytes`), and the refill in progress.
+    random_pool: Mutex<Zeroizing<Vec<u8>>>,
+    refill: tokio::sync::Mutex<()>,
 }
 
 impl Connection {
@@ -286,6 +291,8 @@ impl Connection {
             capacity,
             busy: AtomicUsize::new(0),
             queueing: Queueing::new(options.store_id, capacity),
+            random_pool: Mutex::new(Zeroizing::new(Vec::with_capacity(2 * RANDOM_BLOCK))),
+            refill: tokio::sync::Mutex::new(()),
         });
         let rx = Arc::new(Mutex::new(rx));
         let mut workers = Vec::with_capacity(capacity);
@@ -584,6 +591,39 @@ impl Connection {
             })
         })
         .await
+    }
+
+    /// Key material for data keys: the token's random bytes, fetched `RANDOM_BLOCK` at a
+    /// time so that a GenerateDataKey costs one HSM round trip (its C_Encrypt), not two. Each
+    /// byte is handed out once, and zeroed in the pool as it leaves. One caller refills at a
+    /// time; the others wait for its block rather than each fetching one.
+    pub async fn data_key_bytes(
+        self: &Arc<Self>,
+        len: usize,
+    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        if let Some(out) = self.take_random(len) {
+            return Ok(out);
+        }
+        let _refilling = self.refill.lock().await;
+        if let Some(out) = self.take_random(len) {
+            return Ok(out);
+        }
+        let block = self.random(len.max(RANDOM_BLOCK)).await?;
+        self.random_pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(&block);
+        self.take_random(len)
+            .ok_or_else(|| HsmError::Internal("the random block fell short".into()))
+    }
+
+    fn take_random(&self, len: usize) -> Option<Zeroizing<Vec<u8>>> {
+        let mut pool = self.random_pool.lock().unwrap_or_else(|p| p.into_inner());
+        let start = pool.len().checked_sub(len)?;
+        let out = Zeroizing::new(pool[start..].to_vec());
+        pool[start..].zeroize();
+        pool.truncate(start);
+        Some(out)
     }
 
     /// Random bytes from the token's generator.

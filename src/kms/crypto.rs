@@ -395,7 +395,11 @@ impl Kms {
             return Err(dry_run());
         }
         self.admit(&key.store_id)?;
-        let plaintext = key.conn.random(len).await.map_err(|e| hsm_error(&key, e))?;
+        let plaintext = key
+            .conn
+            .data_key_bytes(len)
+            .await
+            .map_err(|e| hsm_error(&key, e))?;
         let blob = self.encrypt_with(&key, plaintext.clone(), ctx).await?;
         Ok(DataKey {
             ciphertext_blob: blob,
