@@ -760,12 +760,16 @@ async fn prepare(
     Ok((store, key, blob))
 }
 
+fn cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
 /// `--h2load`: Encrypt driven by h2load, between two raw single-session measurements.
 async fn with_h2load(opts: Options) -> anyhow::Result<Report> {
     use prost::Message;
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cpus = cpus();
     let pool = opts.session_pool_size.unwrap_or(cpus).max(1);
     let workers = opts.server_worker_threads.unwrap_or(1);
     let dir = tempfile::tempdir()?;
@@ -913,9 +917,7 @@ fn h2load_rate(out: &str) -> Option<f64> {
 /// `--hsm-latency-ms`: for each latency, a fresh service whose token is reached through the
 /// faulty module adding that latency to every call that would cross the network.
 async fn latency_model(opts: Options) -> anyhow::Result<Report> {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cpus = cpus();
     let pool = opts.session_pool_size.unwrap_or(16).max(1);
     let workers = opts.server_worker_threads.unwrap_or(2);
     let faulty = match &opts.faulty_module {
@@ -999,9 +1001,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     if opts.h2load {
         return with_h2load(opts).await;
     }
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cpus = cpus();
     let pool = opts.session_pool_size.unwrap_or(cpus).max(1);
     let workers = opts.server_worker_threads.unwrap_or(1);
     let dir = tempfile::tempdir()?;

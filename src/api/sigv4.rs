@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
@@ -129,15 +129,20 @@ impl Verifier {
                  from HTTP.",
             ));
         }
-        let skew = match now.duration_since(signed_at) {
-            Ok(behind) => behind,
-            Err(ahead) => ahead.duration(),
-        };
-        if skew > MAX_SKEW {
+        // AWS's words for a request signed too long ago, or too far ahead.
+        let minutes = MAX_SKEW.as_secs() / 60;
+        if signed_at + MAX_SKEW < now {
             return Err(invalid(format!(
-                "Signature expired: {stamp} is now outside the {} minutes allowed around the \
-                 service's time.",
-                MAX_SKEW.as_secs() / 60
+                "Signature expired: {stamp} is now earlier than {} ({} - {minutes} min.)",
+                amz_date(now - MAX_SKEW),
+                amz_date(now)
+            )));
+        }
+        if signed_at > now + MAX_SKEW {
+            return Err(invalid(format!(
+                "Signature not yet current: {stamp} is still later than {} ({} + {minutes} min.)",
+                amz_date(now + MAX_SKEW),
+                amz_date(now)
             )));
         }
         if !auth.signed_headers.contains(&"host") {
@@ -293,35 +298,39 @@ fn parse(header: &str) -> KmsResult<Authorization<'_>> {
     })
 }
 
-/// `YYYYMMDD'T'HHMMSS'Z'` as a time.
+/// `YYYYMMDD'T'HHMMSS'Z'` as a time (read as RFC 3339 by prost-types, as the audit trail
+/// writes its times).
 fn parse_amz_date(s: &str) -> Option<SystemTime> {
-    let b = s.as_bytes();
-    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let t = s.get(r)?;
-        t.bytes()
-            .all(|c| c.is_ascii_digit())
-            .then(|| t.parse().ok())?
+    let digits = |r: std::ops::Range<usize>| {
+        s.get(r)
+            .is_some_and(|t| t.bytes().all(|c| c.is_ascii_digit()))
     };
-    let (y, mo, d) = (num(0..4)?, num(4..6)?, num(6..8)?);
-    let (h, mi, sec) = (num(9..11)?, num(11..13)?, num(13..15)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+    if s.len() != 16 || !s.is_char_boundary(8) || &s[8..9] != "T" || !s.ends_with('Z') {
         return None;
     }
-    // Days from the civil date (proleptic Gregorian), as in Howard Hinnant's algorithm.
-    let y = if mo <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + h * 3600 + mi * 60 + sec;
-    u64::try_from(secs)
-        .ok()
-        .map(|s| UNIX_EPOCH + Duration::from_secs(s))
+    if !digits(0..8) || !digits(9..15) {
+        return None;
+    }
+    let rfc3339 = format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &s[0..4],
+        &s[4..6],
+        &s[6..8],
+        &s[9..11],
+        &s[11..13],
+        &s[13..15]
+    );
+    let t: prost_types::Timestamp = rfc3339.parse().ok()?;
+    SystemTime::try_from(t).ok()
+}
+
+/// A time as `YYYYMMDD'T'HHMMSS'Z'`.
+fn amz_date(t: SystemTime) -> String {
+    let whole = prost_types::Timestamp {
+        seconds: prost_types::Timestamp::from(t).seconds,
+        nanos: 0,
+    };
+    whole.to_string().replace(['-', ':'], "")
 }
 
 /// Equal length and equal bytes, in time that depends only on the length.
@@ -332,6 +341,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     const SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
     const KEY_ID: &str = "AKIDEXAMPLE";
@@ -343,27 +353,6 @@ mod tests {
             AccessKey::new(Zeroizing::new(SECRET.into()), principal),
         )]);
         Verifier::new("us-east-1", keys)
-    }
-
-    fn amz_date(t: SystemTime) -> String {
-        let secs = t.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
-        let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-        // Civil date from days (the inverse of parse_amz_date's).
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let d = doy - (153 * mp + 2) / 5 + 1;
-        let m = if mp < 10 { mp + 3 } else { mp - 9 };
-        let y = yoe + era * 400 + i64::from(m <= 2);
-        format!(
-            "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
-            rem / 3600,
-            rem % 3600 / 60,
-            rem % 60
-        )
     }
 
     /// A request signed as an AWS SDK would sign it (with aws-sigv4's client side).
@@ -464,6 +453,10 @@ mod tests {
         assert!(e.message.contains("valid region"), "{}", e.message);
 
         let skew = MAX_SKEW + Duration::from_secs(5);
+        let late = check(&v, &good, &body, now + skew).unwrap_err().message;
+        assert!(late.starts_with("Signature expired: "), "{late}");
+        let early = check(&v, &good, &body, now - skew).unwrap_err().message;
+        assert!(early.starts_with("Signature not yet current: "), "{early}");
         assert_eq!(
             kind(check(&v, &good, &body, now + skew)),
             "InvalidSignatureException"
