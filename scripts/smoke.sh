@@ -2,7 +2,9 @@
 # Smoke test with grpcurl against a freshly started `hsm-kms dev`:
 # DescribeCustomKeyStores -> CreateKey -> Encrypt -> Decrypt -> GenerateDataKey -> Decrypt,
 # then aliases, tags, the key policy, ScheduleKeyDeletion -> CancelKeyDeletion -> EnableKey,
-# the store's health, the metrics, a grant, and the audit trail's hash chain.
+# the store's health, the metrics, a grant; then the AWS protocol with the aws CLI
+# (create-key, encrypt, decrypt, generate-data-key) and an AWS Encryption SDK for Python
+# envelope round trip; and the audit trail's hash chain.
 # Exits non-zero on any failure or mismatch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,10 +19,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-RUST_LOG=warn "$bin" dev --data-dir "$work/data" --listen 127.0.0.1:0 >"$work/out" 2>"$work/err" &
+RUST_LOG=warn "$bin" dev --data-dir "$work/data" --listen 127.0.0.1:0 --aws-listen 127.0.0.1:0 \
+  --admin-listen 127.0.0.1:0 >"$work/out" 2>"$work/err" &
 pid=$!
 for _ in $(seq 1 300); do
-  grep -q "/GenerateDataKey" "$work/out" 2>/dev/null && break
+  grep -q "aws kms generate-data-key" "$work/out" 2>/dev/null && break
   kill -0 "$pid" 2>/dev/null || { cat "$work/err" >&2; echo "smoke: hsm-kms dev exited" >&2; exit 1; }
   sleep 0.1
 done
@@ -99,6 +102,29 @@ grep -q "^hsm_kms_store_state{custom_key_store_id=\"$store_id\",state=\"CONNECTE
 grant_id=$(call CreateGrant "{\"key_id\":\"$key_id\",\"grantee_principal\":\"arn:aws:iam::111122223333:role/app\",\"operations\":[\"Decrypt\"]}" | jq -r .grantId)
 [ "$(call ListGrants "{\"key_id\":\"$key_id\"}" | jq -r '.grants[0].grantId')" = "$grant_id" ] || fail "ListGrants"
 call RevokeGrant "{\"key_id\":\"$key_id\",\"grant_id\":\"$grant_id\"}" >/dev/null
+
+# The AWS protocol, with the endpoint and credentials dev wrote to aws.env.
+[ "$(stat -c %a "$work/data/aws.env")" = 600 ] || fail "aws.env is not 0600"
+(
+  # shellcheck disable=SC1091
+  . "$work/data/aws.env"
+  aws_key=$(aws kms create-key --description smoke-aws --query KeyMetadata.Arn --output text)
+  [ "$(aws kms describe-key --key-id "$aws_key" --query KeyMetadata.CustomKeyStoreId --output text)" = "$store_id" ] \
+    || fail "aws create-key did not use the default store"
+  head -c 1000 /dev/urandom >"$work/aws-plain"
+  aws kms encrypt --key-id "$aws_key" --plaintext "fileb://$work/aws-plain" \
+    --encryption-context purpose=smoke --query CiphertextBlob --output text | base64 -d >"$work/aws-ct"
+  aws kms decrypt --ciphertext-blob "fileb://$work/aws-ct" --encryption-context purpose=smoke \
+    --query Plaintext --output text | base64 -d >"$work/aws-back"
+  cmp -s "$work/aws-plain" "$work/aws-back" || fail "aws decrypt returned other bytes"
+  if err=$(aws kms decrypt --ciphertext-blob "fileb://$work/aws-ct" 2>&1); then
+    fail "aws decrypt without the context succeeded"
+  fi
+  grep -q InvalidCiphertextException <<<"$err" || fail "aws decrypt without the context gave: $err"
+  dk=$(aws kms generate-data-key --key-id "$aws_key" --key-spec AES_256 --query Plaintext --output text)
+  [ "$(base64 -d <<<"$dk" | wc -c)" -eq 32 ] || fail "aws generate-data-key"
+  python3 scripts/esdk_roundtrip.py "$aws_key" || fail "AWS Encryption SDK round trip"
+)
 
 # Stop the service (the audit writer flushes and closes), then check the audit chain.
 audit=$(sed -n 's/.*audit trail: *\([^ ]*\).*/\1/p' "$work/out" | head -n1)

@@ -97,6 +97,52 @@ pub struct AuthSettings {
     /// the principal's account, and alone for account-level operations.
     #[serde(default)]
     pub identity_policies: Vec<IdentityPolicy>,
+    /// The access keys that sign requests to server.aws_listen (SigV4), each standing for a
+    /// principal as a client certificate does over gRPC.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access_keys: Vec<AccessKeySettings>,
+}
+
+/// An access key: its id, where its secret is read from (never the config file itself),
+/// and the principal whose requests it signs.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessKeySettings {
+    pub access_key_id: String,
+    /// A file holding the secret access key (surrounding whitespace ignored); keep it 0600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    /// Or: the environment variable that holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+    pub principal: String,
+}
+
+impl AccessKeySettings {
+    /// The secret access key, from its file or environment variable. Errors name where it
+    /// was looked for, never what was found.
+    pub fn secret(&self) -> anyhow::Result<zeroize::Zeroizing<String>> {
+        let id = &self.access_key_id;
+        let raw = match (&self.secret_file, &self.secret_env) {
+            (Some(file), None) => {
+                zeroize::Zeroizing::new(std::fs::read_to_string(file).with_context(|| {
+                    format!(
+                        "reading the secret of access key {id} from {}",
+                        file.display()
+                    )
+                })?)
+            }
+            (None, Some(var)) => zeroize::Zeroizing::new(std::env::var(var).map_err(|_| {
+                anyhow::anyhow!("access key {id}: the environment variable {var} is not set")
+            })?),
+            _ => bail!("access key {id}: set exactly one of secret_file and secret_env"),
+        };
+        let secret = zeroize::Zeroizing::new(raw.trim().to_string());
+        if secret.is_empty() {
+            bail!("access key {id}: the secret is empty");
+        }
+        Ok(secret)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -221,6 +267,10 @@ pub struct ServerSettings {
     /// Address the gRPC service listens on.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Address the AWS KMS protocol (JSON over HTTP, SigV4) listens on; unset = not served.
+    /// Callers sign with the keys in auth.access_keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_listen: Option<SocketAddr>,
     /// On SIGINT/SIGTERM, how long in-flight requests may take to finish before the remaining
     /// connections are dropped (idle keep-alive clients would otherwise hold shutdown open).
     #[serde(default = "default_grace")]
@@ -257,6 +307,7 @@ impl Default for ServerSettings {
     fn default() -> Self {
         ServerSettings {
             listen: default_listen(),
+            aws_listen: None,
             shutdown_grace_seconds: default_grace(),
             worker_threads: None,
             max_connections: default_max_connections(),
@@ -572,13 +623,39 @@ impl Settings {
                     self.server.listen
                 );
             }
+            if let Some(aws) = self.server.aws_listen.filter(|a| !a.ip().is_loopback()) {
+                bail!("plaintext HTTP is allowed only on a loopback address, not {aws}");
+            }
         }
-        let principals = self.auth.plaintext_principal.iter().chain(
-            self.auth
-                .certificate_principals
-                .iter()
-                .map(|c| &c.principal),
-        );
+        let mut ids = std::collections::HashSet::new();
+        for k in &self.auth.access_keys {
+            if k.access_key_id.len() < 16
+                || k.access_key_id.len() > 128
+                || !k.access_key_id.bytes().all(|b| b.is_ascii_alphanumeric())
+            {
+                bail!(
+                    "auth.access_keys: {} is not an access key id (16 to 128 letters and digits)",
+                    k.access_key_id
+                );
+            }
+            if !ids.insert(k.access_key_id.as_str()) {
+                bail!("auth.access_keys: {} is configured twice", k.access_key_id);
+            }
+        }
+        if self.server.aws_listen.is_some() && self.auth.access_keys.is_empty() {
+            bail!("server.aws_listen is set but auth.access_keys is empty: nobody could sign a request");
+        }
+        let principals = self
+            .auth
+            .plaintext_principal
+            .iter()
+            .chain(
+                self.auth
+                    .certificate_principals
+                    .iter()
+                    .map(|c| &c.principal),
+            )
+            .chain(self.auth.access_keys.iter().map(|k| &k.principal));
         for p in principals {
             if crate::kms::access::Principal::parse(p).is_none() {
                 bail!(

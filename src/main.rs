@@ -40,9 +40,16 @@ enum Command {
         /// [default: $XDG_DATA_HOME/hsm-kms/dev, else ~/.local/share/hsm-kms/dev].
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// The address to listen on [default: 127.0.0.1:50051]; port 0 picks a free port.
+        /// The gRPC address [default: 127.0.0.1:50051, or a free port when that one is
+        /// busy]; port 0 picks a free port.
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// The AWS KMS protocol address [default: 127.0.0.1:50053, or a free port].
+        #[arg(long)]
+        aws_listen: Option<SocketAddr>,
+        /// The admin (metrics) address [default: 127.0.0.1:50052, or a free port].
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
     },
     /// Work with an audit trail file.
     Audit {
@@ -104,6 +111,9 @@ fn main() -> anyhow::Result<()> {
                 if let Some(admin) = running.admin_addr {
                     println!("hsm-kms admin listening on {admin}");
                 }
+                if let Some(aws) = running.aws_addr {
+                    println!("hsm-kms AWS protocol listening on {aws}");
+                }
                 println!("hsm-kms listening on {}", running.addr);
                 running.task.await?
             })
@@ -152,9 +162,19 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Dev { data_dir, listen } => {
+        Command::Dev {
+            data_dir,
+            listen,
+            aws_listen,
+            admin_listen,
+        } => {
             let data_dir = data_dir.unwrap_or_else(dev::default_data_dir);
-            let settings = dev::prepare(&data_dir, listen)?;
+            let ports = dev::Listeners {
+                grpc: listen,
+                aws: aws_listen,
+                admin: admin_listen,
+            };
+            let settings = dev::prepare(&data_dir, ports)?;
             runtime()?.block_on(dev::run(data_dir, settings))
         }
     }

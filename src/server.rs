@@ -15,6 +15,7 @@ use crate::config::Settings;
 use crate::kms::Kms;
 use crate::proto::key_management_service_server::KeyManagementServiceServer;
 use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::transport::Clients;
 
 /// HTTP/2 flow-control windows: how much a client may send ahead on one stream and on one
 /// connection before the server has read it. The largest request fits one stream window.
@@ -47,6 +48,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The admin (metrics) listener, when configured.
     pub admin_addr: Option<SocketAddr>,
+    /// The AWS KMS protocol listener, when configured.
+    pub aws_addr: Option<SocketAddr>,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
@@ -63,6 +66,15 @@ pub async fn start(
         .await
         .with_context(|| format!("binding {}", settings.server.listen))?;
     let addr = listener.local_addr()?;
+    let aws_listener = match settings.server.aws_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding server.aws_listen {a}"))?,
+        ),
+        None => None,
+    };
+    let aws_addr = aws_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let (admin_addr, admin) = if settings.admin.enabled {
         let (addr, task) = spawn_admin(settings.admin.listen, Arc::clone(&kms)).await?;
         (Some(addr), Some(task))
@@ -107,10 +119,21 @@ pub async fn start(
     let failures = crate::api::failures::spawn_flusher();
     let reload = spawn_reload_on_sighup(Arc::clone(&kms), config_file, Arc::clone(&audit));
     let tls = if settings.tls.enabled() {
-        Some(tls_config(&settings.tls).context("configuring TLS")?)
+        Some(tls_config(&settings.tls, Clients::Certified).context("configuring TLS")?)
     } else {
         tracing::warn!(%addr, "plaintext gRPC without client authentication (auth.allow_plaintext_loopback)");
         None
+    };
+    let (stop_aws, stopping_aws) = tokio::sync::watch::channel(false);
+    let aws = match aws_listener {
+        Some(listener) => Some(spawn_aws(
+            settings,
+            listener,
+            crate::api::path::RequestPath::new(Arc::clone(&kms), Arc::clone(&audit)),
+            Arc::clone(&auth),
+            stopping_aws,
+        )?),
+        None => None,
     };
     // Bounds on what a client can make the server hold before it is authenticated (see
     // deploy/hsm-kms.example.toml): streams per connection, the flow-control windows (bytes
@@ -149,6 +172,7 @@ pub async fn start(
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
+        let _ = stop_aws.send(true);
         let _ = stopping_tx.send(());
     };
     let limits = crate::transport::Limits {
@@ -178,7 +202,6 @@ pub async fn start(
                     .serve_with_incoming_shutdown(incoming(listener, limits, first_bytes), signal),
             ),
         };
-        tokio::pin!(serve);
         let deadline = async move {
             if stopping_rx.await.is_ok() {
                 tokio::time::sleep(grace).await;
@@ -186,8 +209,16 @@ pub async fn start(
                 std::future::pending::<()>().await;
             }
         };
+        // Both listeners finish their requests (the AWS one stops with the same signal).
+        let both = async move {
+            let r = serve.await;
+            if let Some(aws) = aws {
+                let _ = aws.await;
+            }
+            r
+        };
         tokio::select! {
-            r = &mut serve => r?,
+            r = both => r?,
             _ = deadline => tracing::warn!(?grace, "shutdown grace period over; dropping the remaining connections"),
         }
         deletion.abort();
@@ -204,8 +235,54 @@ pub async fn start(
         kms,
         addr,
         admin_addr,
+        aws_addr,
         task,
     })
+}
+
+/// The AWS KMS protocol listener: TLS with the gRPC listener's certificate (client
+/// certificates optional), or plaintext on loopback under the same rule as gRPC; the
+/// same connection limits; callers named by the access keys' signatures.
+fn spawn_aws(
+    settings: &Settings,
+    listener: TcpListener,
+    path: crate::api::path::RequestPath,
+    auth: Arc<crate::api::auth::Authenticator>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use crate::api::aws::{serve, sigv4, Front};
+    let mut keys = std::collections::HashMap::new();
+    for k in &settings.auth.access_keys {
+        let principal = crate::kms::access::Principal::parse(&k.principal)
+            .with_context(|| format!("{} is not an IAM principal ARN", k.principal))?;
+        keys.insert(
+            k.access_key_id.clone(),
+            sigv4::AccessKey::new(k.secret()?, Arc::new(principal)),
+        );
+    }
+    let verifier = sigv4::Verifier::new(settings.account.region.clone(), keys);
+    let front = Arc::new(Front::new(path, verifier, auth, &settings.server));
+    let limits = crate::transport::Limits {
+        max_connections: connection_cap(settings.server.max_connections),
+        ..crate::transport::Limits::of(&settings.server)
+    };
+    let streams = settings.server.max_concurrent_streams;
+    let addr = listener.local_addr()?;
+    let task = if settings.tls.enabled() {
+        let tls = tls_config(&settings.tls, Clients::MayCertify).context("configuring TLS")?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let incoming = crate::transport::incoming(listener, limits, move |tcp| {
+            let accept = acceptor.accept(tcp);
+            async move { Ok(crate::transport::Coalesced(accept.await?)) }
+        });
+        tokio::spawn(serve(front, incoming, streams, stop))
+    } else {
+        tracing::warn!(%addr, "plaintext AWS protocol listener (auth.allow_plaintext_loopback)");
+        let incoming = crate::transport::incoming(listener, limits, crate::transport::first_bytes);
+        tokio::spawn(serve(front, incoming, streams, stop))
+    };
+    tracing::info!(%addr, "AWS KMS protocol listening");
+    Ok(task)
 }
 
 /// The server certificate and key, and the CA every client certificate must chain to.
@@ -213,6 +290,7 @@ pub async fn start(
 /// outside its validity period, before any request is read.
 fn tls_config(
     tls: &crate::config::TlsSettings,
+    clients: Clients,
 ) -> anyhow::Result<std::sync::Arc<tokio_rustls::rustls::ServerConfig>> {
     let read = |p: &Option<PathBuf>, what: &str| -> anyhow::Result<Vec<u8>> {
         let p = p
@@ -224,6 +302,7 @@ fn tls_config(
         &read(&tls.cert_file, "cert_file")?,
         &zeroize::Zeroizing::new(read(&tls.key_file, "key_file")?),
         &read(&tls.client_ca_file, "client_ca_file")?,
+        clients,
     )
 }
 

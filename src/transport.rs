@@ -72,12 +72,23 @@ impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected
     }
 }
 
-/// The listener's TLS configuration: the server's PEM certificate chain and private key, and
-/// the PEM CA certificate(s) that every client certificate must chain to. HTTP/2 only.
+/// Whether a listener requires client certificates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Clients {
+    /// gRPC: every client presents a certificate (it names the caller); HTTP/2 only.
+    Certified,
+    /// The AWS protocol: SigV4 names the caller; a certificate, if presented, must still
+    /// chain to the client CA. HTTP/2 or HTTP/1.1.
+    MayCertify,
+}
+
+/// A listener's TLS configuration: the server's PEM certificate chain and private key, and
+/// the PEM CA certificate(s) that client certificates must chain to.
 pub fn server_config(
     cert_pem: &[u8],
     key_pem: &[u8],
     client_ca_pem: &[u8],
+    clients: Clients,
 ) -> anyhow::Result<Arc<ServerConfig>> {
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
@@ -86,9 +97,13 @@ pub fn server_config(
             .add(ca.context("tls.client_ca_file: not a PEM certificate")?)
             .context("tls.client_ca_file: not a usable CA certificate")?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .context("tls.client_ca_file: no CA certificate to verify clients with")?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    let verifier = match clients {
+        Clients::Certified => verifier,
+        Clients::MayCertify => verifier.allow_unauthenticated(),
+    }
+    .build()
+    .context("tls.client_ca_file: no CA certificate to verify clients with")?;
     let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .context("tls.cert_file: not a PEM certificate chain")?;
@@ -100,7 +115,10 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .context("tls.cert_file and tls.key_file do not make a usable server certificate")?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = match clients {
+        Clients::Certified => vec![b"h2".to_vec()],
+        Clients::MayCertify => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    };
     Ok(Arc::new(config))
 }
 
@@ -383,6 +401,10 @@ impl<T> Guarded<T> {
         self.peer
     }
 
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
     /// Whether the connection has been idle too long (registers for a wake-up otherwise).
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         loop {
@@ -539,15 +561,32 @@ mod tests {
     #[test]
     fn a_server_config_needs_a_key_a_chain_and_a_client_ca() {
         let (ca, cert, key) = pki();
-        let config = server_config(cert.as_bytes(), key.as_bytes(), ca.as_bytes()).unwrap();
+        let config = server_config(
+            cert.as_bytes(),
+            key.as_bytes(),
+            ca.as_bytes(),
+            Clients::Certified,
+        )
+        .unwrap();
         assert_eq!(config.alpn_protocols, vec![b"h2".to_vec()]);
 
         let err = |r: anyhow::Result<Arc<ServerConfig>>| format!("{:#}", r.unwrap_err());
         // No client CA: every client would be refused, so the listener does not start.
-        assert!(err(server_config(cert.as_bytes(), key.as_bytes(), b"")).contains("client_ca_file"));
+        assert!(err(server_config(
+            cert.as_bytes(),
+            key.as_bytes(),
+            b"",
+            Clients::Certified
+        ))
+        .contains("client_ca_file"));
         // A key file that holds no key: the error names the setting, never the content.
         let not_a_key = b"-----BEGIN NOTHING-----\nc2VjcmV0LXNlY3JldA==\n-----END NOTHING-----\n";
-        let e = err(server_config(cert.as_bytes(), not_a_key, ca.as_bytes()));
+        let e = err(server_config(
+            cert.as_bytes(),
+            not_a_key,
+            ca.as_bytes(),
+            Clients::Certified,
+        ));
         assert!(e.contains("tls.key_file"), "{e}");
         assert!(!e.contains("c2VjcmV0") && !e.contains("NOTHING"), "{e}");
         // Another certificate's key does not match the chain.
@@ -556,6 +595,7 @@ mod tests {
             cert.as_bytes(),
             other_key.as_bytes(),
             ca.as_bytes(),
+            Clients::Certified,
         ));
         assert!(e.contains("tls.cert_file"), "{e}");
     }

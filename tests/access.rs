@@ -5,12 +5,14 @@
 mod common;
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 
 use common::*;
 use hsm_kms::proto::key_management_service_client::KeyManagementServiceClient;
 use hsm_kms::proto::*;
+use tokio_rustls::rustls;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const ACCOUNT: &str = "111122223333";
@@ -86,6 +88,17 @@ async fn tls_server(
     names: Vec<(&str, &str)>,
     clusters: &[ClusterSpec],
 ) -> Harness {
+    tls_server_with(pki, identities, names, clusters, |_| {}).await
+}
+
+/// As `tls_server`, with `more` applied to the config last.
+async fn tls_server_with(
+    pki: &Pki,
+    identities: Vec<(&str, &str)>,
+    names: Vec<(&str, &str)>,
+    clusters: &[ClusterSpec],
+    more: impl FnOnce(&mut hsm_kms::config::Settings),
+) -> Harness {
     let (cert, key) = pki.server();
     let ca = pki.ca_pem.clone();
     Harness::start_with(clusters, move |s| {
@@ -113,6 +126,7 @@ async fn tls_server(
                 principal: principal.into(),
             })
             .collect();
+        more(s);
     })
     .await
 }
@@ -1203,5 +1217,159 @@ async fn encryption_contexts_are_bounded_and_wildcards_cost_little() {
     assert_eq!(
         encrypt_as(&mut root, &key, &[("w", &near_miss)]).await,
         "ok"
+    );
+}
+
+/// A TLS connection to `addr` that trusts `ca_pem`, presenting `identity` if given; HTTP/1.1.
+fn tls_stream(
+    addr: &str,
+    ca_pem: &str,
+    identity: Option<(String, String)>,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let mut config = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    rustls::StreamOwned::new(conn, std::net::TcpStream::connect(addr).unwrap())
+}
+
+const ALICE_KEY: (&str, &str) = (
+    "AKIAALICEALICE000001",
+    "alice-secret-0123456789abcdefghijklmnop",
+);
+
+/// The AWS protocol over TLS: the gRPC listener's server certificate; no client certificate
+/// needed (the access key names the caller, and policies see that principal); a presented
+/// certificate must chain to the client CA and name the same principal.
+#[tokio::test]
+async fn aws_protocol_over_tls_names_the_signer_and_checks_a_presented_certificate() {
+    let pki = Pki::new("aws test CA");
+    let h = tls_server_with(&pki, vec![], vec![], &[], |s| {
+        let dir = s.storage.sqlite_path.parent().unwrap().to_path_buf();
+        let secret = dir.join("alice.secret");
+        std::fs::write(&secret, format!("{}\n", ALICE_KEY.1)).unwrap();
+        s.server.aws_listen = Some("127.0.0.1:0".parse().unwrap());
+        s.auth.access_keys = vec![hsm_kms::config::AccessKeySettings {
+            access_key_id: ALICE_KEY.0.into(),
+            secret_file: Some(secret),
+            secret_env: None,
+            principal: ALICE.into(),
+        }];
+    })
+    .await;
+    let now = std::time::SystemTime::now();
+    let signed = |body: &str| {
+        aws_headers(
+            &h.aws,
+            "ListKeys",
+            body.as_bytes(),
+            Some(ALICE_KEY),
+            "us-east-1",
+            now,
+        )
+    };
+
+    // The AWS SDK over HTTPS, trusting the CA: alice, who has no identity policy, is
+    // refused ListKeys as AWS refuses a principal without one.
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .tls_context(
+            aws_smithy_http_client::tls::TlsContext::builder()
+                .with_trust_store(
+                    aws_smithy_http_client::tls::TrustStore::empty()
+                        .with_native_roots(false)
+                        .with_pem_certificate(pki.ca_pem.as_bytes()),
+                )
+                .build()
+                .unwrap(),
+        )
+        .build_https();
+    let config = aws_sdk_kms::Config::builder()
+        .behavior_version(aws_sdk_kms::config::BehaviorVersion::latest())
+        .region(aws_sdk_kms::config::Region::new("us-east-1"))
+        .endpoint_url(format!(
+            "https://localhost:{}",
+            h.aws.rsplit(':').next().unwrap()
+        ))
+        .credentials_provider(aws_sdk_kms::config::Credentials::new(
+            ALICE_KEY.0,
+            ALICE_KEY.1,
+            None,
+            None,
+            "test",
+        ))
+        .http_client(http)
+        .build();
+    let sdk = aws_sdk_kms::Client::from_conf(config);
+    use aws_sdk_kms::error::ProvideErrorMetadata;
+    let e = sdk.list_keys().send().await.unwrap_err();
+    assert_eq!(e.code(), Some("AccessDeniedException"), "{e:?}");
+    assert!(e.message().unwrap_or_default().contains(ALICE), "{e:?}");
+
+    // No certificate: the signature names alice.
+    let (status, _, body) = http1_post(tls_stream(&h.aws, &pki.ca_pem, None), &signed("{}"), b"{}");
+    assert_eq!(
+        (status, body["__type"].as_str()),
+        (400, Some("AccessDeniedException"))
+    );
+    // A certificate naming alice, signed by alice: the same answer.
+    let alice_cert = Some(pki.client(Some(ALICE), "alice"));
+    let (_, _, body) = http1_post(
+        tls_stream(&h.aws, &pki.ca_pem, alice_cert),
+        &signed("{}"),
+        b"{}",
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("not authorized"),
+        "{body}"
+    );
+    // A certificate naming bob with alice's signature: refused for the mismatch.
+    let bob_cert = Some(pki.client(Some(BOB), "bob"));
+    let (_, _, body) = http1_post(
+        tls_stream(&h.aws, &pki.ca_pem, bob_cert),
+        &signed("{}"),
+        b"{}",
+    );
+    assert_eq!(body["__type"], "AccessDeniedException");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("client certificate names"),
+        "{body}"
+    );
+    // A certificate from another CA: no TLS session, no answer.
+    let other = Pki::new("another CA").client(Some(ALICE), "alice");
+    let mut s = tls_stream(&h.aws, &pki.ca_pem, Some(other));
+    let mut answer = Vec::new();
+    let r = s
+        .write_all(b"POST / HTTP/1.1\r\nconnection: close\r\n\r\n")
+        .and_then(|_| s.read_to_end(&mut answer));
+    assert!(
+        r.is_err() || answer.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&answer)
     );
 }

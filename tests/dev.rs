@@ -14,6 +14,18 @@ use common::*;
 use hsm_kms::proto::key_management_service_client::KeyManagementServiceClient;
 use hsm_kms::proto::*;
 
+/// Every listener on a free port: tests run side by side.
+const DEV_ARGS: &[&str] = &[
+    "dev",
+    "--listen",
+    "127.0.0.1:0",
+    "--aws-listen",
+    "127.0.0.1:0",
+    "--admin-listen",
+    "127.0.0.1:0",
+    "--data-dir",
+];
+
 struct Dev {
     child: Child,
     banner: Vec<String>,
@@ -22,8 +34,12 @@ struct Dev {
 
 /// Starts `hsm-kms dev` and reads its banner up to the last quickstart line.
 fn start_dev(dir: &Path, log: &Path) -> Dev {
+    start_dev_with(DEV_ARGS, dir, log)
+}
+
+fn start_dev_with(args: &[&str], dir: &Path, log: &Path) -> Dev {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hsm-kms"))
-        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args(args)
         .arg(dir)
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
@@ -44,7 +60,7 @@ fn start_dev(dir: &Path, log: &Path) -> Dev {
         let line = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("hsm-kms dev did not print its quickstart");
-        let last = line.contains("/GenerateDataKey");
+        let last = line.contains("aws kms generate-data-key");
         banner.push(line);
         if last {
             break;
@@ -89,12 +105,19 @@ async fn dev_mode_end_to_end() {
     need("grpcurl");
     need("jq");
     need("pkcs11-tool");
+    need("aws");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     let log = tmp.path().join("dev.log");
     let dev = start_dev(&dir, &log);
 
-    for f in ["kmsuser-password", "so-pin", "sealing.key"] {
+    for f in [
+        "kmsuser-password",
+        "so-pin",
+        "sealing.key",
+        "aws-secret-access-key",
+        "aws.env",
+    ] {
         assert_eq!(
             mode(&dir.join(f)),
             0o600,
@@ -123,18 +146,21 @@ async fn dev_mode_end_to_end() {
         "two HSMs in two zones"
     );
 
-    // The quickstart, run exactly as printed.
+    // The quickstarts (grpcurl, then the aws CLI), run exactly as printed.
     let start = dev
         .banner
         .iter()
         .position(|l| l.starts_with("Quickstart"))
         .unwrap();
-    let script: String = dev.banner[start + 1..]
+    let script: String = dev.banner[start..]
         .iter()
+        .filter(|l| l.starts_with("  "))
         .map(|l| format!("{}\n", l.trim_start()))
         .collect();
+    assert!(script.contains("aws kms encrypt"), "{script}");
     let out = Command::new("bash")
         .args(["-euo", "pipefail", "-c", &script])
+        .current_dir(tmp.path())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -149,7 +175,14 @@ async fn dev_mode_end_to_end() {
         stdout.contains("\"connectionState\": \"CONNECTED\""),
         "{stdout}"
     );
-    assert!(stdout.contains("hello, HSM"), "{stdout}");
+    assert_eq!(stdout.matches("hello, HSM").count(), 2, "{stdout}");
+    assert!(stdout.contains("\"KeyId\": \"arn:aws:kms:"), "{stdout}");
+    // aws.env holds the secret, and nothing else printed or logged does.
+    let secret = std::fs::read_to_string(dir.join("aws-secret-access-key")).unwrap();
+    assert!(std::fs::read_to_string(dir.join("aws.env"))
+        .unwrap()
+        .contains(&format!("export AWS_SECRET_ACCESS_KEY={}", secret.trim())));
+    assert!(!dev.banner.iter().any(|l| l.contains(secret.trim())));
 
     // The pkcs11-tool line shows the key objects labelled with their ARNs.
     let inspect = dev
@@ -188,6 +221,7 @@ async fn dev_mode_end_to_end() {
         first_log.contains("closed HSM connection"),
         "shutdown must log out: {first_log}"
     );
+    assert!(!first_log.contains(secret.trim()));
     assert!(
         !first_log.contains("kmsuser-Passw")
             && !first_log.contains(&std::fs::read_to_string(dir.join("kmsuser-password")).unwrap())
@@ -225,6 +259,7 @@ async fn dev_mode_end_to_end() {
         .arg(dir.join("hsm-kms.toml"))
         .env("HSM_KMS__SERVER__LISTEN", "127.0.0.1:0")
         .env("HSM_KMS__ADMIN__LISTEN", "127.0.0.1:0")
+        .env("HSM_KMS__SERVER__AWS_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
@@ -262,11 +297,57 @@ async fn dev_mode_end_to_end() {
         .unwrap()
         .success());
     let out = Command::new(env!("CARGO_BIN_EXE_hsm-kms"))
-        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args(DEV_ARGS)
         .arg(&copy)
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a copied data directory ran");
     assert!(said.contains("copied"), "{said}");
+}
+
+/// A second dev instance beside a first: a busy default port falls back to a free one that
+/// the banner names, where the instance answers. Here the AWS protocol's default port is
+/// held by this test (or by whoever already holds it).
+#[tokio::test]
+async fn a_busy_default_port_falls_back_to_a_free_one() {
+    let _held = std::net::TcpListener::bind("127.0.0.1:50053");
+    let tmp = tempfile::tempdir().unwrap();
+    let args = [
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+    ];
+    let dev = start_dev_with(&args, &tmp.path().join("data"), &tmp.path().join("dev.log"));
+    let line = dev
+        .banner
+        .iter()
+        .find_map(|l| l.trim_start().strip_prefix("AWS KMS protocol: http://"))
+        .expect("the banner names the AWS endpoint");
+    let aws: std::net::SocketAddr = line.split_whitespace().next().unwrap().parse().unwrap();
+    assert_ne!(aws.port(), 50053, "{line}");
+    let env = std::fs::read_to_string(tmp.path().join("data/aws.env")).unwrap();
+    assert!(
+        env.contains(&format!("AWS_ENDPOINT_URL_KMS=http://{aws}")),
+        "{env}"
+    );
+    // It answers there: an unsigned request gets AWS's refusal.
+    let mut s = std::net::TcpStream::connect(aws).unwrap();
+    use std::io::{Read, Write};
+    write!(
+        s,
+        "POST / HTTP/1.1\r\nHost: {aws}\r\nX-Amz-Target: TrentService.ListKeys\r\n\
+         Content-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.contains("MissingAuthenticationTokenException"),
+        "{answer}"
+    );
+    stop(dev);
 }

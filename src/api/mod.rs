@@ -8,6 +8,7 @@
 
 mod aliases;
 pub mod auth;
+pub mod aws;
 mod crypto;
 pub mod failures;
 mod grants;
@@ -15,7 +16,6 @@ mod keys;
 mod keystores;
 pub mod path;
 pub mod protocol;
-pub mod sigv4;
 pub mod status;
 
 use std::collections::{BTreeMap, HashMap};
@@ -103,10 +103,11 @@ trait Audited {
     fn encryption_context(&self) -> Option<&HashMap<String, String>>;
 }
 
-/// Declares every gRPC method: its operation, its request (and the field its audit line
-/// records), its response, and the function that maps it. Expands to the tonic service and
-/// to each request's `Audited`.
-macro_rules! grpc_methods {
+/// Declares every operation: its gRPC method, its `Op`, its request (and the field its audit
+/// line records), its response, and the function that maps it. Expands to the tonic service,
+/// to the AWS protocol front's dispatch (the same mapping, on the same messages in AWS's
+/// JSON), and to each request's `Audited`.
+macro_rules! operations {
     ($($method:ident: $op:ident($req:ident $([$ctx:ident])?) -> $resp:ident = $family:ident::$handler:ident;)+) => {
         #[tonic::async_trait]
         impl KeyManagementService for Service {
@@ -120,14 +121,36 @@ macro_rules! grpc_methods {
         $(
             impl Audited for $req {
                 fn encryption_context(&self) -> Option<&HashMap<String, String>> {
-                    grpc_methods!(@context self $($ctx)?)
+                    operations!(@context self $($ctx)?)
                 }
             }
         )+
 
         /// (operation, whether its request names an audited encryption context).
         #[cfg(test)]
-        const AUDITED_CONTEXTS: &[(Op, bool)] = &[$((Op::$op, grpc_methods!(@has $($ctx)?)),)+];
+        const AUDITED_CONTEXTS: &[(Op, bool)] = &[$((Op::$op, operations!(@has $($ctx)?)),)+];
+
+        /// Runs `call` from its AWS JSON `body`; the response as AWS JSON.
+        async fn aws_dispatch(path: &RequestPath, call: &Call, body: &[u8]) -> KmsResult<Vec<u8>> {
+            match call.op {
+                $(Op::$op => aws::call::<$req, $resp>(path, call, body, $family::$handler).await,)+
+            }
+        }
+
+        /// Every member of `op`'s request message, as AWS JSON (the unset ones null).
+        fn aws_request_members(op: Op) -> serde_json::Value {
+            match op {
+                $(Op::$op => serde_json::to_value($req::default()).unwrap_or_default(),)+
+            }
+        }
+
+        /// Every top-level member of `op`'s response message, as AWS JSON.
+        #[cfg(test)]
+        fn aws_response_members(op: Op) -> serde_json::Value {
+            match op {
+                $(Op::$op => serde_json::to_value($resp::default()).unwrap_or_default(),)+
+            }
+        }
     };
     (@context $self:ident $ctx:ident) => { Some(&$self.$ctx) };
     (@context $self:ident) => { None };
@@ -135,7 +158,7 @@ macro_rules! grpc_methods {
     (@has) => { false };
 }
 
-grpc_methods! {
+operations! {
     create_custom_key_store: CreateCustomKeyStore(CreateCustomKeyStoreRequest) -> CreateCustomKeyStoreResponse = keystores::create_custom_key_store;
     describe_custom_key_stores: DescribeCustomKeyStores(DescribeCustomKeyStoresRequest) -> DescribeCustomKeyStoresResponse = keystores::describe_custom_key_stores;
     update_custom_key_store: UpdateCustomKeyStore(UpdateCustomKeyStoreRequest) -> UpdateCustomKeyStoreResponse = keystores::update_custom_key_store;

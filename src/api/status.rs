@@ -38,7 +38,7 @@ pub fn code(kind: ErrorKind) -> Code {
         | CloudHsmClusterNotRelated
         | DryRunOperation => Code::FailedPrecondition,
         LimitExceeded | Throttling => Code::ResourceExhausted,
-        UnsupportedOperation => Code::Unimplemented,
+        UnsupportedOperation | UnknownOperation => Code::Unimplemented,
         AccessDenied => Code::PermissionDenied,
         MissingAuthenticationToken
         | IncompleteSignature

@@ -43,6 +43,8 @@ pub enum ErrorKind {
     DependencyTimeout,
     Throttling,
     AccessDenied,
+    /// The AWS protocol: a request for no operation of this service.
+    UnknownOperation,
     /// SigV4 (the AWS protocol): no Authorization header.
     MissingAuthenticationToken,
     /// SigV4: an Authorization header that cannot be read.
@@ -92,6 +94,7 @@ impl ErrorKind {
             ErrorKind::DependencyTimeout => "DependencyTimeoutException",
             ErrorKind::Throttling => "ThrottlingException",
             ErrorKind::AccessDenied => "AccessDeniedException",
+            ErrorKind::UnknownOperation => "UnknownOperationException",
             ErrorKind::MissingAuthenticationToken => "MissingAuthenticationTokenException",
             ErrorKind::IncompleteSignature => "IncompleteSignatureException",
             ErrorKind::UnrecognizedClient => "UnrecognizedClientException",

@@ -152,6 +152,8 @@ pub struct Harness {
     pub addr: String,
     /// The admin (metrics) listener's address.
     pub admin: String,
+    /// The AWS protocol listener's address, when server.aws_listen is set.
+    pub aws: String,
 }
 
 impl Harness {
@@ -285,6 +287,7 @@ impl Harness {
             child: None,
             addr: String::new(),
             admin: String::new(),
+            aws: String::new(),
         };
         h.launch().await;
         h
@@ -343,13 +346,17 @@ impl Harness {
                 let _ = writeln!(file, "{line}");
             }
         });
-        let lines = wait_for_lines(
-            &mut child,
-            &["hsm-kms admin listening on ", "hsm-kms listening on "],
-            Duration::from_secs(60),
-        );
+        let mut prefixes = vec!["hsm-kms admin listening on "];
+        if self.settings.server.aws_listen.is_some() {
+            prefixes.push("hsm-kms AWS protocol listening on ");
+        }
+        prefixes.push("hsm-kms listening on ");
+        let mut lines = wait_for_lines(&mut child, &prefixes, Duration::from_secs(60));
+        self.addr = lines.pop().unwrap();
+        if self.settings.server.aws_listen.is_some() {
+            self.aws = lines.pop().unwrap();
+        }
         self.admin = lines[0].clone();
-        self.addr = lines[1].clone();
         self.child = Some(child);
     }
 
@@ -826,4 +833,96 @@ fn expected_code(name: &str) -> tonic::Code {
         "LimitExceededException" | "ThrottlingException" => ResourceExhausted,
         _ => FailedPrecondition,
     }
+}
+
+/// The headers of an AWS protocol request for `target` with `body`, signed as the AWS SDKs
+/// sign (aws-sigv4) with `key` for `region` at `at`; unsigned when `key` is None.
+pub fn aws_headers(
+    host: &str,
+    target: &str,
+    body: &[u8],
+    key: Option<(&str, &str)>,
+    region: &str,
+    at: std::time::SystemTime,
+) -> Vec<(String, String)> {
+    use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
+    use aws_sigv4::sign::v4;
+    let mut headers = vec![
+        ("host".to_string(), host.to_string()),
+        (
+            "content-type".to_string(),
+            "application/x-amz-json-1.1".to_string(),
+        ),
+        ("x-amz-target".to_string(), format!("TrentService.{target}")),
+    ];
+    let Some((id, secret)) = key else {
+        return headers;
+    };
+    let identity = aws_credential_types::Credentials::new(id, secret, None, None, "test").into();
+    let params = v4::SigningParams::builder()
+        .identity(&identity)
+        .region(region)
+        .name("kms")
+        .time(at)
+        .settings(SigningSettings::default())
+        .build()
+        .unwrap()
+        .into();
+    let signable = SignableRequest::new(
+        "POST",
+        format!("https://{host}/"),
+        headers.iter().map(|(n, v)| (n.as_str(), v.as_str())),
+        SignableBody::Bytes(body),
+    )
+    .unwrap();
+    let (instructions, _) = sign(signable, &params).unwrap().into_parts();
+    for (n, v) in instructions.headers() {
+        headers.push((n.to_string(), v.to_string()));
+    }
+    headers
+}
+
+/// An AWS protocol answer: HTTP status, headers (names in lower case), JSON body.
+pub type AwsAnswer = (
+    u16,
+    std::collections::HashMap<String, String>,
+    serde_json::Value,
+);
+
+/// One HTTP/1.1 `POST /` over `stream` with `headers` and `body`; the connection closes.
+pub fn http1_post(
+    mut stream: impl Read + Write,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> AwsAnswer {
+    let mut request = "POST / HTTP/1.1\r\n".to_string();
+    for (n, v) in headers {
+        request.push_str(&format!("{n}: {v}\r\n"));
+    }
+    request.push_str(&format!(
+        "content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    ));
+    stream.write_all(request.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut answer = Vec::new();
+    // A TLS peer may close without close_notify after the response: keep what arrived.
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP response");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    let headers = lines
+        .filter_map(|l| l.split_once(": "))
+        .map(|(n, v)| (n.to_ascii_lowercase(), v.to_string()))
+        .collect();
+    (
+        status,
+        headers,
+        serde_json::from_str(body).unwrap_or_default(),
+    )
 }

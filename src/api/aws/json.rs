@@ -1,0 +1,373 @@
+//! The AWS JSON 1.1 body of a KMS request and response, on the proto's own messages.
+//!
+//! build.rs gives every `kms.v1` message serde derives with AWS's member names (PascalCase,
+//! `AWSAccountId`), blobs as standard base64 (`blob`) and dates as epoch seconds (`date`).
+//! This module adds what serde alone does not decide the way AWS does: a required member
+//! that is missing or null is a ValidationException in AWS's words; a member of the wrong
+//! type or a body that is not JSON is a SerializationException; a member that AWS has and
+//! hsm-kms does not (`Recipient`, the XKS members) is refused, never silently ignored; and
+//! absent optional members are left out of responses rather than written as `null`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::LazyLock;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::kms::error::{ErrorKind, KmsError, KmsResult};
+use crate::kms::op::Op;
+
+/// `Vec<u8>` as standard base64 with padding, as AWS writes blobs.
+pub mod blob {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+    use serde::{de, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        STANDARD
+            .decode(text.as_bytes())
+            .map_err(|_| de::Error::custom("a blob member is not valid base64"))
+    }
+}
+
+/// A date as epoch seconds, with milliseconds as a fraction (AWS's `timestamp` in JSON).
+pub mod date {
+    use prost_types::Timestamp;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &Option<Timestamp>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            // Milliseconds are what the service keeps; whole seconds print without a fraction.
+            Some(t) => {
+                let ms = t.seconds * 1000 + i64::from(t.nanos / 1_000_000);
+                if ms % 1000 == 0 {
+                    s.serialize_i64(ms / 1000)
+                } else {
+                    s.serialize_f64(ms as f64 / 1000.0)
+                }
+            }
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Timestamp>, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.map(|secs| {
+            let ms = (secs * 1000.0).round() as i64;
+            Timestamp {
+                seconds: ms.div_euclid(1000),
+                nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+            }
+        }))
+    }
+}
+
+/// The members of each operation's request that AWS requires (the model's `required`).
+pub fn required(op: Op) -> &'static [&'static str] {
+    match op {
+        Op::CreateCustomKeyStore => &["CustomKeyStoreName"],
+        Op::UpdateCustomKeyStore
+        | Op::DeleteCustomKeyStore
+        | Op::ConnectCustomKeyStore
+        | Op::DisconnectCustomKeyStore => &["CustomKeyStoreId"],
+        Op::DescribeKey
+        | Op::ListResourceTags
+        | Op::EnableKey
+        | Op::DisableKey
+        | Op::ScheduleKeyDeletion
+        | Op::CancelKeyDeletion
+        | Op::ListGrants
+        | Op::GetKeyPolicy
+        | Op::ListKeyPolicies
+        | Op::GenerateDataKey
+        | Op::GenerateDataKeyWithoutPlaintext => &["KeyId"],
+        Op::UpdateKeyDescription => &["KeyId", "Description"],
+        Op::TagResource => &["KeyId", "Tags"],
+        Op::UntagResource => &["KeyId", "TagKeys"],
+        Op::CreateAlias | Op::UpdateAlias => &["AliasName", "TargetKeyId"],
+        Op::DeleteAlias => &["AliasName"],
+        Op::CreateGrant => &["KeyId", "GranteePrincipal", "Operations"],
+        Op::ListRetirableGrants => &["RetiringPrincipal"],
+        Op::RevokeGrant => &["KeyId", "GrantId"],
+        Op::PutKeyPolicy => &["KeyId", "Policy"],
+        Op::Encrypt => &["KeyId", "Plaintext"],
+        Op::ReEncrypt => &["DestinationKeyId"],
+        Op::DescribeCustomKeyStores
+        | Op::CreateKey
+        | Op::ListKeys
+        | Op::ListAliases
+        | Op::RetireGrant
+        | Op::Decrypt
+        | Op::GenerateRandom => &[],
+    }
+}
+
+/// The members each request message has, from the messages themselves (`super::members`).
+static KNOWN: LazyLock<HashMap<Op, HashSet<String>>> = LazyLock::new(|| {
+    Op::ALL
+        .into_iter()
+        .map(|op| {
+            let members = match crate::api::aws_request_members(op) {
+                Value::Object(m) => m.into_iter().map(|(k, _)| k).collect(),
+                _ => HashSet::new(),
+            };
+            (op, members)
+        })
+        .collect()
+});
+
+/// A member name as AWS's validation messages write it: `KeyId` -> `keyId`.
+fn camel(member: &str) -> String {
+    let mut c = member.chars();
+    match c.next() {
+        Some(first) => first.to_lowercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
+fn unreadable(op: Op, why: impl std::fmt::Display) -> KmsError {
+    KmsError::new(
+        ErrorKind::Serialization,
+        format!("The {} request could not be read: {why}", op.name()),
+    )
+}
+
+/// The request of `op` from its JSON body, or the AWS exception that refuses it.
+pub fn parse<R: DeserializeOwned>(op: Op, body: &[u8]) -> KmsResult<R> {
+    let value: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        Value::Object(Map::new())
+    } else {
+        serde_json::from_slice(body).map_err(|_| unreadable(op, "the body is not JSON"))?
+    };
+    let Value::Object(members) = &value else {
+        return Err(unreadable(op, "the body is not a JSON object"));
+    };
+    let missing: Vec<&str> = required(op)
+        .iter()
+        .copied()
+        .filter(|m| members.get(*m).is_none_or(Value::is_null))
+        .collect();
+    if !missing.is_empty() {
+        let each: Vec<String> = missing
+            .iter()
+            .map(|m| {
+                format!(
+                    "Value null at '{}' failed to satisfy constraint: Member must not be null",
+                    camel(m)
+                )
+            })
+            .collect();
+        let n = each.len();
+        let plural = if n == 1 { "error" } else { "errors" };
+        return Err(KmsError::validation(format!(
+            "{n} validation {plural} detected: {}",
+            each.join("; ")
+        )));
+    }
+    if let Some(known) = KNOWN.get(&op) {
+        if let Some(other) = members
+            .iter()
+            .find(|(k, v)| !v.is_null() && !known.contains(k.as_str()))
+        {
+            return Err(KmsError::new(
+                ErrorKind::UnsupportedOperation,
+                format!(
+                    "hsm-kms does not support the {} member of {} requests",
+                    crate::kms::error::quoted(other.0),
+                    op.name()
+                ),
+            ));
+        }
+    }
+    serde_json::from_value(value).map_err(|e| unreadable(op, e))
+}
+
+/// The JSON body of a response: absent optional members left out, never `null`.
+pub fn write<T: Serialize>(response: &T) -> KmsResult<Vec<u8>> {
+    let mut value = serde_json::to_value(response).map_err(KmsError::internal)?;
+    drop_nulls(&mut value);
+    serde_json::to_vec(&value).map_err(KmsError::internal)
+}
+
+fn drop_nulls(value: &mut Value) {
+    match value {
+        Value::Object(m) => {
+            m.retain(|_, v| !v.is_null());
+            m.values_mut().for_each(drop_nulls);
+        }
+        Value::Array(items) => items.iter_mut().for_each(drop_nulls),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::*;
+
+    #[test]
+    fn members_are_spelled_as_aws_spells_them() {
+        let out = write(&DescribeKeyResponse {
+            key_metadata: Some(KeyMetadata {
+                aws_account_id: "111122223333".into(),
+                creation_date: Some(prost_types::Timestamp {
+                    seconds: 1_700_000_000,
+                    nanos: 250_000_000,
+                }),
+                ..Default::default()
+            }),
+        })
+        .unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        let m = &v["KeyMetadata"];
+        assert_eq!(m["AWSAccountId"], "111122223333");
+        assert_eq!(m["CreationDate"].as_f64(), Some(1_700_000_000.25));
+        // Absent optional members are left out, not null.
+        assert!(m.get("DeletionDate").is_none(), "{m}");
+        assert!(m.get("PendingDeletionWindowInDays").is_none(), "{m}");
+        assert_eq!(write(&EnableKeyResponse {}).unwrap(), b"{}");
+    }
+
+    #[test]
+    fn blobs_are_base64_both_ways() {
+        let r: EncryptRequest = parse(
+            Op::Encrypt,
+            br#"{"KeyId":"alias/a","Plaintext":"aGVsbG8="}"#,
+        )
+        .unwrap();
+        assert_eq!(r.plaintext, b"hello");
+        assert_eq!(r.key_id, "alias/a");
+        let out = write(&GenerateRandomResponse {
+            plaintext: vec![0xff; 4],
+        })
+        .unwrap();
+        assert_eq!(out, br#"{"Plaintext":"/////w=="}"#);
+        let e = parse::<EncryptRequest>(Op::Encrypt, br#"{"KeyId":"k","Plaintext":"%%%"}"#)
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Serialization, "{e}");
+    }
+
+    #[test]
+    fn refusals_name_what_aws_names() {
+        let e = parse::<EncryptRequest>(Op::Encrypt, b"{}").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Validation);
+        assert_eq!(
+            e.message,
+            "2 validation errors detected: Value null at 'keyId' failed to satisfy constraint: \
+             Member must not be null; Value null at 'plaintext' failed to satisfy constraint: \
+             Member must not be null"
+        );
+        let e = parse::<DescribeKeyRequest>(Op::DescribeKey, br#"{"KeyId":null}"#).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Validation);
+        for body in [&b"{"[..], b"[1]", b"\"KeyId\""] {
+            let e = parse::<ListKeysRequest>(Op::ListKeys, body).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Serialization, "{e}");
+        }
+        let e = parse::<ListKeysRequest>(Op::ListKeys, br#"{"Limit":"ten"}"#).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Serialization, "{e}");
+        // A member AWS has and hsm-kms does not: refused, not ignored.
+        let e = parse::<DecryptRequest>(
+            Op::Decrypt,
+            br#"{"CiphertextBlob":"AA==","Recipient":{"AttestationDocument":"AA=="}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::UnsupportedOperation, "{e}");
+        assert!(e.message.contains("Recipient"), "{e}");
+        // An empty body is an empty request, and null stands for absent.
+        let r: ListKeysRequest = parse(Op::ListKeys, b"").unwrap();
+        assert_eq!(r.limit, None);
+        let r: ListKeysRequest = parse(Op::ListKeys, br#"{"Limit":null}"#).unwrap();
+        assert_eq!(r.limit, None);
+    }
+
+    /// The model (../shared/reference, where present): every member a request or response
+    /// has is the model's, and `required` is the model's list.
+    #[test]
+    fn members_and_required_lists_match_the_aws_model() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/reference/aws-kms-api-model.json"
+        );
+        let Ok(text) = std::fs::read_to_string(path) else {
+            eprintln!("skipped: {path} is not here");
+            return;
+        };
+        let model: Value = serde_json::from_str(&text).unwrap();
+        let shapes = &model["shapes"];
+        for op in Op::ALL {
+            let operation = &model["operations"][op.name()];
+            let input = &shapes[operation["input"]["shape"].as_str().unwrap()];
+            let mut want: Vec<&str> = input["required"]
+                .as_array()
+                .map(|r| r.iter().map(|m| m.as_str().unwrap()).collect())
+                .unwrap_or_default();
+            want.sort();
+            let mut have = required(op).to_vec();
+            have.sort();
+            assert_eq!(have, want, "{op:?} required members");
+            for member in &KNOWN[&op] {
+                assert!(
+                    input["members"].get(member).is_some(),
+                    "{op:?}: {member} is not a member of the AWS request"
+                );
+            }
+            if let Some(output) = operation["output"]["shape"].as_str() {
+                check_members(shapes, output, &crate::api::aws_response_members(op));
+            }
+        }
+        // The structures inside responses, with every member present.
+        let entries = [
+            ("KeyMetadata", serde_json::to_value(KeyMetadata::default())),
+            (
+                "KeyListEntry",
+                serde_json::to_value(KeyListEntry::default()),
+            ),
+            (
+                "AliasListEntry",
+                serde_json::to_value(AliasListEntry::default()),
+            ),
+            (
+                "GrantListEntry",
+                serde_json::to_value(GrantListEntry::default()),
+            ),
+            (
+                "GrantConstraints",
+                serde_json::to_value(GrantConstraints::default()),
+            ),
+            ("Tag", serde_json::to_value(Tag::default())),
+            (
+                "CustomKeyStoresListEntry",
+                serde_json::to_value(CustomKeyStoresListEntry::default()),
+            ),
+        ];
+        for (shape, value) in entries {
+            check_members(shapes, shape, &value.unwrap());
+        }
+    }
+
+    /// Every member of `value` (all members present: a message's default, or a filled
+    /// one) is a member of the model's `shape`, recursively through structures and lists.
+    fn check_members(shapes: &Value, shape: &str, value: &Value) {
+        let s = &shapes[shape];
+        match (s["type"].as_str(), value) {
+            (Some("structure"), Value::Object(m)) => {
+                for (k, v) in m {
+                    let member = &s["members"][k];
+                    assert!(member.is_object(), "{k} is not a member of {shape}");
+                    check_members(shapes, member["shape"].as_str().unwrap(), v);
+                }
+            }
+            (Some("list"), Value::Array(items)) => {
+                for v in items {
+                    check_members(shapes, s["member"]["shape"].as_str().unwrap(), v);
+                }
+            }
+            _ => {}
+        }
+    }
+}

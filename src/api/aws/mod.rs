@@ -1,0 +1,342 @@
+//! The AWS KMS protocol front: `POST /` with `X-Amz-Target: TrentService.<Operation>` and an
+//! AWS JSON 1.1 body, over HTTP/1.1 or HTTP/2, signed with SigV4. The caller is the
+//! principal of the signing access key (`sigv4`); the request and response are the proto's
+//! own messages in AWS's JSON (`json`); everything between is the request path every
+//! transport shares (`api::path`): audit, quotas, metrics, the failure log.
+//!
+//! Answers are AWS's: `x-amzn-RequestId` on every response (the id of the request's audit
+//! line), errors as `{"__type": <exception>, "message": ...}` with HTTP 400, or 5xx for the
+//! exceptions the model marks as server faults, which SDKs retry.
+
+pub mod json;
+pub mod sigv4;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::auth::Authenticator;
+use super::path::{Call, RequestPath};
+use super::{audited, Audited};
+use crate::kms::access::Caller;
+use crate::kms::error::{ErrorKind, KmsError, KmsResult};
+use crate::kms::op::{Op, Recorded};
+use crate::kms::Kms;
+
+const TARGET_PREFIX: &str = "TrentService.";
+const CONTENT_TYPE: &str = "application/x-amz-json-1.1";
+
+/// The AWS protocol front of one listener.
+pub struct Front {
+    path: RequestPath,
+    verifier: sigv4::Verifier,
+    /// Names the principal of a client certificate, when one is presented over TLS.
+    auth: Arc<Authenticator>,
+    /// How long a request body may take to arrive whole.
+    body_deadline: Duration,
+    /// Requests being read or served at once on this listener; more wait, unread.
+    inflight: tokio::sync::Semaphore,
+}
+
+/// The far end of a connection: its address and, over TLS, its certificate (DER), if any.
+#[derive(Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub certificate: Option<Arc<[u8]>>,
+}
+
+impl Front {
+    pub fn new(
+        path: RequestPath,
+        verifier: sigv4::Verifier,
+        auth: Arc<Authenticator>,
+        server: &crate::config::ServerSettings,
+    ) -> Front {
+        Front {
+            path,
+            verifier,
+            auth,
+            body_deadline: Duration::from_secs(server.header_timeout_seconds.max(1)),
+            inflight: tokio::sync::Semaphore::new(server.max_inflight_requests.max(1)),
+        }
+    }
+
+    /// Answers one HTTP request.
+    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Full<Bytes>> {
+        let op = match operation(&req) {
+            Ok(op) => op,
+            Err(e) => return error(&e, &super::path::request_id()),
+        };
+        let Ok(_permit) = self.inflight.acquire().await else {
+            return error(&unavailable(), &super::path::request_id());
+        };
+        let (parts, body) = req.into_parts();
+        let read = Limited::new(body, super::MAX_REQUEST_BYTES).collect();
+        let body = match tokio::time::timeout(self.body_deadline, read).await {
+            Ok(Ok(body)) => Ok(body.to_bytes()),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                Err(KmsError::validation(format!(
+                    "The {} request is larger than the {} bytes allowed",
+                    op.name(),
+                    super::MAX_REQUEST_BYTES
+                )))
+            }
+            Ok(Err(_)) => Err(KmsError::new(
+                ErrorKind::Serialization,
+                format!("The {} request body could not be read", op.name()),
+            )),
+            Err(_) => Err(KmsError::new(
+                ErrorKind::Serialization,
+                format!(
+                    "The {} request body did not arrive within {:?}",
+                    op.name(),
+                    self.body_deadline
+                ),
+            )),
+        };
+        let caller = match &body {
+            Ok(body) => self.caller(&parts, body, peer),
+            Err(e) => Err(e.clone()),
+        };
+        let call = Call::new(op, caller);
+        let body = body.unwrap_or_default();
+        match super::aws_dispatch(&self.path, &call, &body).await {
+            Ok(json) => answer(StatusCode::OK, json, &call.request_id),
+            Err(e) => error(&e, &call.request_id),
+        }
+    }
+
+    /// The principal that signed the request. A client certificate, when presented, must
+    /// name the same principal.
+    fn caller(
+        &self,
+        parts: &hyper::http::request::Parts,
+        body: &[u8],
+        peer: &Peer,
+    ) -> KmsResult<Caller> {
+        let mut headers: Vec<(&str, &str)> = parts
+            .headers
+            .iter()
+            .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str(), v)))
+            .collect();
+        // HTTP/2 carries the host as the request's authority.
+        if !parts.headers.contains_key(hyper::header::HOST) {
+            if let Some(authority) = parts.uri.authority() {
+                headers.push(("host", authority.as_str()));
+            }
+        }
+        let uri = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let principal = self.verifier.verify(
+            &sigv4::Request {
+                method: parts.method.as_str(),
+                uri,
+                headers: &headers,
+                body,
+            },
+            SystemTime::now(),
+        )?;
+        if let Some(der) = &peer.certificate {
+            let named = self.auth.principal(Some(der))?;
+            if named.arn != principal.arn {
+                return Err(KmsError::new(
+                    ErrorKind::AccessDenied,
+                    format!(
+                        "The client certificate names {}, but the request is signed with an \
+                         access key of {}",
+                        named.arn, principal.arn
+                    ),
+                ));
+            }
+        }
+        Ok(Caller::new(principal, Some(peer.addr)))
+    }
+}
+
+/// The operation a request names, or UnknownOperationException (no audit line: there is
+/// no operation to record, as AWS records none).
+fn operation<B>(req: &Request<B>) -> KmsResult<Op> {
+    let unknown = || KmsError::new(ErrorKind::UnknownOperation, "");
+    if req.method() != hyper::Method::POST || req.uri().path() != "/" {
+        return Err(unknown());
+    }
+    req.headers()
+        .get("x-amz-target")
+        .and_then(|t| t.to_str().ok())
+        .and_then(|t| t.strip_prefix(TARGET_PREFIX))
+        .and_then(Op::parse)
+        .ok_or_else(unknown)
+}
+
+fn unavailable() -> KmsError {
+    KmsError::new(ErrorKind::KmsInternal, "The service is shutting down")
+}
+
+/// One operation over the AWS protocol: its JSON request read, run on the shared request
+/// path with `handle` (the same mapping gRPC uses), its response written as JSON.
+pub(super) async fn call<R, T>(
+    path: &RequestPath,
+    call: &Call,
+    body: &[u8],
+    handle: impl AsyncFnOnce(&Arc<Kms>, &Caller, R) -> KmsResult<T>,
+) -> KmsResult<Vec<u8>>
+where
+    R: DeserializeOwned + Audited,
+    T: Serialize,
+{
+    let request = json::parse::<R>(call.op, body);
+    let context = match (&request, call.op.recorded()) {
+        (Ok(r), Recorded::EncryptionContext) => r.encryption_context().and_then(audited),
+        _ => None,
+    };
+    let response = path
+        .run(call, context, async |kms, caller| {
+            handle(kms, caller, request?).await
+        })
+        .await?;
+    json::write(&response)
+}
+
+/// The HTTP status AWS answers an exception with: 5xx for the model's server faults (so
+/// that SDKs retry them), 400 for everything the caller can change.
+pub fn status_of(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::KmsInternal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorKind::DependencyTimeout => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+fn answer(status: StatusCode, body: Vec<u8>, request_id: &uuid::Uuid) -> Response<Full<Bytes>> {
+    let mut id = uuid::Uuid::encode_buffer();
+    let id = request_id.hyphenated().encode_lower(&mut id);
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(CONTENT_TYPE),
+    );
+    if let Ok(id) = hyper::header::HeaderValue::from_str(id) {
+        headers.insert("x-amzn-requestid", id);
+    }
+    response
+}
+
+fn error(e: &KmsError, request_id: &uuid::Uuid) -> Response<Full<Bytes>> {
+    let mut body = serde_json::Map::new();
+    body.insert("__type".into(), e.kind.aws_name().into());
+    if !e.message.is_empty() {
+        body.insert("message".into(), e.message.clone().into());
+    }
+    let body = serde_json::to_vec(&body).unwrap_or_default();
+    answer(status_of(e.kind), body, request_id)
+}
+
+/// The client certificate of a connection, if it has one.
+pub trait ClientCertificate {
+    fn certificate(&self) -> Option<Arc<[u8]>>;
+}
+
+impl ClientCertificate for crate::transport::Coalesced<tokio::net::TcpStream> {
+    fn certificate(&self) -> Option<Arc<[u8]>> {
+        None
+    }
+}
+
+impl ClientCertificate
+    for crate::transport::Coalesced<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>
+{
+    fn certificate(&self) -> Option<Arc<[u8]>> {
+        let certs = self.0.get_ref().1.peer_certificates()?;
+        certs.first().map(|c| Arc::from(c.as_ref()))
+    }
+}
+
+/// Completes once `stop` says so (or its sender is gone).
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// HTTP/2 windows and header bounds, as on the gRPC listener.
+const STREAM_WINDOW: u32 = 256 * 1024;
+const CONNECTION_WINDOW: u32 = 512 * 1024;
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// HTTP/1.1: the most of a request (line and headers) buffered before it is refused.
+const MAX_HTTP1_BUFFER: usize = 64 * 1024;
+
+/// Serves `incoming` connections with `front` until `stop` turns true; then each connection
+/// finishes the requests it has and closes, and this returns once all have.
+pub async fn serve<S>(
+    front: Arc<Front>,
+    mut incoming: tokio_stream::wrappers::ReceiverStream<
+        std::io::Result<crate::transport::Guarded<S>>,
+    >,
+    max_concurrent_streams: u32,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    S: ClientCertificate + AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tokio_stream::StreamExt as _;
+
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(front.body_deadline)
+        .max_buf_size(MAX_HTTP1_BUFFER);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(max_concurrent_streams)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(MAX_HEADER_LIST);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let next = tokio::select! {
+            next = incoming.next() => next,
+            _ = stopped(&mut stop) => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let io = match next {
+            Some(Ok(io)) => io,
+            Some(Err(_)) => continue,
+            None => break,
+        };
+        let peer = Peer {
+            addr: io.peer(),
+            certificate: io.get_ref().certificate(),
+        };
+        let front = Arc::clone(&front);
+        let service = hyper::service::service_fn(move |req| {
+            let (front, peer) = (Arc::clone(&front), peer.clone());
+            async move { Ok::<_, Infallible>(front.handle(req, &peer).await) }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(io), service)
+            .into_owned();
+        let mut stop = stop.clone();
+        connections.spawn(async move {
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = stopped(&mut stop) => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    drop(incoming);
+    while connections.join_next().await.is_some() {}
+}

@@ -1,0 +1,753 @@
+//! The AWS KMS protocol against the real binary, driven by the AWS SDK for Rust as an
+//! application would drive AWS KMS: every operation, AWS's exceptions and messages,
+//! pagination, SigV4 refusals, the default key store, and callers named by access keys.
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_kms::error::ProvideErrorMetadata;
+use aws_sdk_kms::operation::RequestId;
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::{GrantOperation, Tag};
+use common::*;
+
+const ROOT_KEY: (&str, &str) = (
+    "AKIAROOTROOTROOT0001",
+    "root-secret-0123456789abcdefghijklmnopqr",
+);
+const BOB_KEY: (&str, &str) = (
+    "AKIABOBBOBBOBBOB0002",
+    "bob-secret-0123456789abcdefghijklmnopqrst",
+);
+const ROOT: &str = "arn:aws:iam::111122223333:root";
+const BOB: &str = "arn:aws:iam::111122223333:user/bob";
+const STORE: &str = "aws-store";
+const REGION: &str = "us-east-1";
+
+/// A server with the AWS protocol on a free port, two access keys (the root's and bob's,
+/// their secrets from the environment), and `kms.default_custom_key_store` naming STORE.
+async fn aws_server(clusters: &[ClusterSpec]) -> Harness {
+    let options = Options {
+        env: vec![
+            ("TEST_ROOT_SECRET", ROOT_KEY.1.to_string()),
+            ("TEST_BOB_SECRET", BOB_KEY.1.to_string()),
+        ],
+        ..Default::default()
+    };
+    Harness::start_opts(clusters, options, |s| {
+        s.server.aws_listen = Some("127.0.0.1:0".parse().unwrap());
+        s.kms.default_custom_key_store = Some(STORE.into());
+        for (id, var, principal) in [
+            (ROOT_KEY.0, "TEST_ROOT_SECRET", ROOT),
+            (BOB_KEY.0, "TEST_BOB_SECRET", BOB),
+        ] {
+            s.auth.access_keys.push(hsm_kms::config::AccessKeySettings {
+                access_key_id: id.into(),
+                secret_file: None,
+                secret_env: Some(var.into()),
+                principal: principal.into(),
+            });
+        }
+    })
+    .await
+}
+
+fn sdk_in(h: &Harness, key: (&str, &str), region: &str) -> aws_sdk_kms::Client {
+    let config = aws_sdk_kms::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(region.to_string()))
+        .endpoint_url(format!("http://{}", h.aws))
+        .credentials_provider(Credentials::new(key.0, key.1, None, None, "test"))
+        .http_client(aws_smithy_http_client::Builder::new().build_http())
+        .build();
+    aws_sdk_kms::Client::from_conf(config)
+}
+
+fn sdk(h: &Harness, key: (&str, &str)) -> aws_sdk_kms::Client {
+    sdk_in(h, key, REGION)
+}
+
+/// The exception name and message of a failed call.
+fn refusal<E: ProvideErrorMetadata, R>(r: Result<R, E>) -> (String, String) {
+    match r {
+        Ok(_) => panic!("the call succeeded"),
+        Err(e) => (
+            e.code().unwrap_or("<no code>").to_string(),
+            e.message().unwrap_or("").to_string(),
+        ),
+    }
+}
+
+/// How an Encrypt under `key` is refused.
+async fn encrypt_refused(c: &aws_sdk_kms::Client, key: &str) -> (String, String) {
+    refusal(
+        c.encrypt()
+            .key_id(key)
+            .plaintext(Blob::new(b"x".to_vec()))
+            .send()
+            .await,
+    )
+}
+
+/// The STORE on cluster 0, created and connected through the AWS protocol.
+async fn connected_store(h: &Harness, c: &aws_sdk_kms::Client) -> String {
+    let id = c
+        .create_custom_key_store()
+        .custom_key_store_name(STORE)
+        .cloud_hsm_cluster_id(&h.cluster(0).id)
+        .trust_anchor_certificate(&h.anchors[0])
+        .key_store_password(PASSWORD)
+        .send()
+        .await
+        .unwrap()
+        .custom_key_store_id
+        .unwrap();
+    c.connect_custom_key_store()
+        .custom_key_store_id(&id)
+        .send()
+        .await
+        .unwrap();
+    for _ in 0..300 {
+        let stores = c
+            .describe_custom_key_stores()
+            .custom_key_store_id(&id)
+            .send()
+            .await
+            .unwrap();
+        let state = stores.custom_key_stores()[0]
+            .connection_state()
+            .unwrap()
+            .as_str()
+            .to_string();
+        if state == "CONNECTED" {
+            return id;
+        }
+        assert!(state == "CONNECTING", "store state {state}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the store did not connect");
+}
+
+fn audit_lines(h: &Harness) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(&h.settings.audit.file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The audit line of a request id, waiting for the writer to get there.
+async fn audit_line(h: &Harness, request_id: &str) -> serde_json::Value {
+    for _ in 0..100 {
+        if let Some(l) = audit_lines(h)
+            .into_iter()
+            .find(|l| l["request_id"] == request_id)
+        {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no audit line for request {request_id}");
+}
+
+#[tokio::test]
+async fn every_operation_through_the_aws_sdk() {
+    let h = aws_server(&[
+        ClusterSpec::good("cluster-awssdkaaaaaa"),
+        ClusterSpec::good("cluster-awssdkbbbbbb"),
+    ])
+    .await;
+    let c = sdk(&h, ROOT_KEY);
+    let store = connected_store(&h, &c).await;
+
+    // CreateKey without a store: the default store, Origin AWS_CLOUDHSM.
+    let created = c
+        .create_key()
+        .description("sdk")
+        .tags(
+            Tag::builder()
+                .tag_key("team")
+                .tag_value("kms")
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let request_id = created.request_id().unwrap().to_string();
+    let meta = created.key_metadata().unwrap();
+    let (key_id, arn) = (meta.key_id().to_string(), meta.arn().unwrap().to_string());
+    assert_eq!(meta.custom_key_store_id(), Some(store.as_str()));
+    assert_eq!(meta.origin().unwrap().as_str(), "AWS_CLOUDHSM");
+    assert_eq!(meta.aws_account_id(), Some("111122223333"));
+    assert_eq!(meta.key_state().unwrap().as_str(), "Enabled");
+    assert!(meta.creation_date().unwrap().secs() > 1_700_000_000);
+    // x-amzn-RequestId is the id of the request's audit line.
+    let line = audit_line(&h, &request_id).await;
+    assert_eq!(line["operation"], "CreateKey");
+    assert_eq!(line["principal"], ROOT);
+
+    let d = c.describe_key().key_id(&arn).send().await.unwrap();
+    assert_eq!(d.key_metadata().unwrap().description(), Some("sdk"));
+
+    // Encrypt / Decrypt / ReEncrypt name the key by ARN and the algorithm.
+    let e = c
+        .encrypt()
+        .key_id(&key_id)
+        .plaintext(Blob::new(b"sdk secret".to_vec()))
+        .encryption_context("app", "sdk")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(e.key_id(), Some(arn.as_str()));
+    assert_eq!(
+        e.encryption_algorithm().unwrap().as_str(),
+        "SYMMETRIC_DEFAULT"
+    );
+    let ct = e.ciphertext_blob().unwrap().clone();
+    let p = c
+        .decrypt()
+        .ciphertext_blob(ct.clone())
+        .encryption_context("app", "sdk")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(p.plaintext().unwrap().as_ref(), b"sdk secret");
+    assert_eq!(p.key_id(), Some(arn.as_str()));
+    assert_eq!(
+        p.encryption_algorithm().unwrap().as_str(),
+        "SYMMETRIC_DEFAULT"
+    );
+    let (code, _) = refusal(
+        c.decrypt()
+            .ciphertext_blob(ct.clone())
+            .encryption_context("app", "other")
+            .send()
+            .await,
+    );
+    assert_eq!(code, "InvalidCiphertextException");
+    let second = c.create_key().send().await.unwrap();
+    let arn2 = second.key_metadata().unwrap().arn().unwrap().to_string();
+    let r = c
+        .re_encrypt()
+        .ciphertext_blob(ct)
+        .source_encryption_context("app", "sdk")
+        .destination_key_id(&arn2)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.source_key_id(), Some(arn.as_str()));
+    assert_eq!(r.key_id(), Some(arn2.as_str()));
+    let p = c
+        .decrypt()
+        .ciphertext_blob(r.ciphertext_blob().unwrap().clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(p.plaintext().unwrap().as_ref(), b"sdk secret");
+
+    // Data keys and randomness.
+    let dk = c
+        .generate_data_key()
+        .key_id(&key_id)
+        .key_spec(aws_sdk_kms::types::DataKeySpec::Aes256)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dk.plaintext().unwrap().as_ref().len(), 32);
+    assert_eq!(dk.key_id(), Some(arn.as_str()));
+    let back = c
+        .decrypt()
+        .ciphertext_blob(dk.ciphertext_blob().unwrap().clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(back.plaintext(), dk.plaintext());
+    let wp = c
+        .generate_data_key_without_plaintext()
+        .key_id(&key_id)
+        .number_of_bytes(16)
+        .send()
+        .await
+        .unwrap();
+    assert!(wp.ciphertext_blob().is_some());
+    let random = c
+        .generate_random()
+        .number_of_bytes(24)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(random.plaintext().unwrap().as_ref().len(), 24);
+
+    // Listing and pagination: three keys, one per page.
+    c.create_key().send().await.unwrap();
+    let mut seen = Vec::new();
+    let mut marker = None;
+    loop {
+        let page = c
+            .list_keys()
+            .limit(1)
+            .set_marker(marker)
+            .send()
+            .await
+            .unwrap();
+        seen.extend(page.keys().iter().map(|k| k.key_arn().unwrap().to_string()));
+        if !page.truncated() {
+            break;
+        }
+        marker = page.next_marker().map(str::to_string);
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    let (code, _) = refusal(c.list_keys().marker("not-a-marker").send().await);
+    assert_eq!(code, "InvalidMarkerException");
+
+    // Tags, description, enable and disable.
+    c.tag_resource()
+        .key_id(&key_id)
+        .tags(
+            Tag::builder()
+                .tag_key("env")
+                .tag_value("test")
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    c.untag_resource()
+        .key_id(&key_id)
+        .tag_keys("team")
+        .send()
+        .await
+        .unwrap();
+    let tags = c.list_resource_tags().key_id(&key_id).send().await.unwrap();
+    let keys: Vec<&str> = tags.tags().iter().map(|t| t.tag_key()).collect();
+    assert_eq!(keys, ["env"]);
+    c.update_key_description()
+        .key_id(&key_id)
+        .description("renamed")
+        .send()
+        .await
+        .unwrap();
+    c.disable_key().key_id(&key_id).send().await.unwrap();
+    let (code, message) = encrypt_refused(&c, &key_id).await;
+    assert_eq!(
+        (code.as_str(), message),
+        ("DisabledException", format!("{arn} is disabled."))
+    );
+    c.enable_key().key_id(&key_id).send().await.unwrap();
+
+    // Aliases, with their dates.
+    c.create_alias()
+        .alias_name("alias/sdk")
+        .target_key_id(&key_id)
+        .send()
+        .await
+        .unwrap();
+    c.update_alias()
+        .alias_name("alias/sdk")
+        .target_key_id(&arn2)
+        .send()
+        .await
+        .unwrap();
+    let aliases = c.list_aliases().key_id(&arn2).send().await.unwrap();
+    let a = &aliases.aliases()[0];
+    assert_eq!(a.alias_name(), Some("alias/sdk"));
+    assert!(a.creation_date().is_some() && a.last_updated_date().is_some());
+    c.delete_alias()
+        .alias_name("alias/sdk")
+        .send()
+        .await
+        .unwrap();
+    let (code, message) = refusal(
+        c.create_alias()
+            .alias_name("sdk")
+            .target_key_id(&key_id)
+            .send()
+            .await,
+    );
+    assert_eq!(code, "ValidationException", "{message}");
+
+    // Key policies.
+    let policy = c.get_key_policy().key_id(&key_id).send().await.unwrap();
+    assert_eq!(policy.policy_name(), Some("default"));
+    c.put_key_policy()
+        .key_id(&key_id)
+        .policy(policy.policy().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let names = c.list_key_policies().key_id(&key_id).send().await.unwrap();
+    assert_eq!(names.policy_names(), ["default"]);
+
+    // Grants: bob's access key names bob; a grant lets him decrypt, a revoke stops him.
+    let bob = sdk(&h, BOB_KEY);
+    let ct = c
+        .encrypt()
+        .key_id(&key_id)
+        .plaintext(Blob::new(b"for bob".to_vec()))
+        .send()
+        .await
+        .unwrap()
+        .ciphertext_blob
+        .unwrap();
+    let (code, _) = refusal(bob.decrypt().ciphertext_blob(ct.clone()).send().await);
+    assert_eq!(code, "AccessDeniedException");
+    let grant = c
+        .create_grant()
+        .key_id(&key_id)
+        .grantee_principal(BOB)
+        .retiring_principal(BOB)
+        .operations(GrantOperation::Decrypt)
+        .send()
+        .await
+        .unwrap();
+    let grant_id = grant.grant_id().unwrap().to_string();
+    let plain = bob
+        .decrypt()
+        .ciphertext_blob(ct.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.plaintext().unwrap().as_ref(), b"for bob");
+    let line = audit_line(&h, plain.request_id().unwrap()).await;
+    assert_eq!(
+        (line["principal"].as_str(), line["outcome"].as_str()),
+        (Some(BOB), Some("allowed"))
+    );
+    let grants = c.list_grants().key_id(&key_id).send().await.unwrap();
+    let g = &grants.grants()[0];
+    assert_eq!(g.grant_id(), Some(grant_id.as_str()));
+    assert!(g.creation_date().is_some());
+    let retirable = c
+        .list_retirable_grants()
+        .retiring_principal(BOB)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retirable.grants().len(), 1);
+    bob.retire_grant()
+        .key_id(&arn)
+        .grant_id(&grant_id)
+        .send()
+        .await
+        .unwrap();
+    let (code, _) = refusal(bob.decrypt().ciphertext_blob(ct.clone()).send().await);
+    assert_eq!(code, "AccessDeniedException");
+    let again = c
+        .create_grant()
+        .key_id(&key_id)
+        .grantee_principal(BOB)
+        .operations(GrantOperation::Decrypt)
+        .send()
+        .await
+        .unwrap();
+    c.revoke_grant()
+        .key_id(&key_id)
+        .grant_id(again.grant_id().unwrap())
+        .send()
+        .await
+        .unwrap();
+
+    // Deletion: scheduled (ARN, state and window answered), refused while pending,
+    // cancelled.
+    let s = c
+        .schedule_key_deletion()
+        .key_id(&key_id)
+        .pending_window_in_days(7)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(s.key_id(), Some(arn.as_str()));
+    assert_eq!(s.key_state().unwrap().as_str(), "PendingDeletion");
+    assert_eq!(s.pending_window_in_days(), Some(7));
+    assert!(s.deletion_date().is_some());
+    let (code, message) = encrypt_refused(&c, &key_id).await;
+    assert_eq!(
+        (code.as_str(), message),
+        (
+            "KMSInvalidStateException",
+            format!("{arn} is pending deletion.")
+        )
+    );
+    let cancelled = c
+        .cancel_key_deletion()
+        .key_id(&key_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.key_id(), Some(arn.as_str()));
+
+    // Not found, in AWS's words.
+    let missing = arn.replace(&key_id, "00000000-0000-4000-8000-000000000000");
+    let (code, message) = refusal(c.describe_key().key_id(&missing).send().await);
+    assert_eq!(
+        (code.as_str(), message),
+        (
+            "NotFoundException",
+            format!("Key '{missing}' does not exist")
+        )
+    );
+
+    // The second store's whole life: create, update, connect, disconnect, delete.
+    let other = c
+        .create_custom_key_store()
+        .custom_key_store_name("other")
+        .cloud_hsm_cluster_id(&h.cluster(1).id)
+        .trust_anchor_certificate(&h.anchors[1])
+        .key_store_password(PASSWORD)
+        .send()
+        .await
+        .unwrap()
+        .custom_key_store_id
+        .unwrap();
+    c.update_custom_key_store()
+        .custom_key_store_id(&other)
+        .new_custom_key_store_name("other-renamed")
+        .send()
+        .await
+        .unwrap();
+    c.connect_custom_key_store()
+        .custom_key_store_id(&other)
+        .send()
+        .await
+        .unwrap();
+    c.disconnect_custom_key_store()
+        .custom_key_store_id(&other)
+        .send()
+        .await
+        .unwrap();
+    c.delete_custom_key_store()
+        .custom_key_store_id(&other)
+        .send()
+        .await
+        .unwrap();
+    let (code, _) = refusal(
+        c.describe_custom_key_stores()
+            .custom_key_store_name("other-renamed")
+            .send()
+            .await,
+    );
+    assert_eq!(code, "CustomKeyStoreNotFoundException");
+
+    // Every operation went over the AWS protocol and is in the audit trail.
+    let lines = audit_lines(&h);
+    for op in hsm_kms::kms::op::Op::ALL {
+        assert!(
+            lines.iter().any(|l| l["operation"] == op.name()),
+            "no audit line for {}",
+            op.name()
+        );
+    }
+}
+
+/// Without `kms.default_custom_key_store`, CreateKey that names no store is refused with
+/// UnsupportedOperationException saying what to set.
+#[tokio::test]
+async fn create_key_without_a_default_store_says_how_to_set_one() {
+    let h = aws_server(&[ClusterSpec::good("cluster-awsdefaultnn")]).await;
+    let mut h = h;
+    h.restart_with(|s| s.kms.default_custom_key_store = None)
+        .await;
+    let c = sdk(&h, ROOT_KEY);
+    let (code, message) = refusal(c.create_key().send().await);
+    assert_eq!(code, "UnsupportedOperationException");
+    assert!(message.contains("default_custom_key_store"), "{message}");
+}
+
+/// A request signed the way the SDK signs it, sent over HTTP/1.1; `body_sent` replaces the
+/// body after signing (a tampered request).
+fn raw_post(
+    h: &Harness,
+    target: &str,
+    body: &str,
+    key: Option<(&str, &str)>,
+    region: &str,
+    at: SystemTime,
+    body_sent: Option<&str>,
+) -> AwsAnswer {
+    let headers = aws_headers(&h.aws, target, body.as_bytes(), key, region, at);
+    let stream = std::net::TcpStream::connect(&h.aws).unwrap();
+    http1_post(stream, &headers, body_sent.unwrap_or(body).as_bytes())
+}
+
+#[tokio::test]
+async fn sigv4_refusals_are_aws_exceptions_with_audit_lines() {
+    let h = aws_server(&[ClusterSpec::good("cluster-awssigvaaaaa")]).await;
+    let now = SystemTime::now();
+
+    // The SDK with a wrong secret, an unknown key, another region.
+    let (code, _) = refusal(
+        sdk(&h, (ROOT_KEY.0, "wrong-secret"))
+            .list_keys()
+            .send()
+            .await,
+    );
+    assert_eq!(code, "InvalidSignatureException");
+    let (code, _) = refusal(
+        sdk(&h, ("AKIAUNKNOWNUNKNOWN00", "x"))
+            .list_keys()
+            .send()
+            .await,
+    );
+    assert_eq!(code, "UnrecognizedClientException");
+    let (code, message) = refusal(sdk_in(&h, ROOT_KEY, "eu-west-1").list_keys().send().await);
+    assert_eq!(code, "InvalidSignatureException");
+    assert!(message.contains("eu-west-1"), "{message}");
+
+    // Unsigned, signed too long ago, and a body changed after signing.
+    let (status, headers, body) = raw_post(&h, "ListKeys", "{}", None, REGION, now, None);
+    assert_eq!(
+        (status, body["__type"].as_str()),
+        (400, Some("MissingAuthenticationTokenException"))
+    );
+    let unsigned_id = headers["x-amzn-requestid"].clone();
+    let old = now - Duration::from_secs(6 * 60);
+    let (status, _, body) = raw_post(&h, "ListKeys", "{}", Some(ROOT_KEY), REGION, old, None);
+    assert_eq!(
+        (status, body["__type"].as_str()),
+        (400, Some("InvalidSignatureException"))
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Signature expired"),
+        "{body}"
+    );
+    let good = r#"{"Limit":1}"#;
+    let (status, _, body) = raw_post(&h, "ListKeys", good, Some(ROOT_KEY), REGION, now, None);
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = raw_post(
+        &h,
+        "ListKeys",
+        good,
+        Some(ROOT_KEY),
+        REGION,
+        now,
+        Some(r#"{"Limit":2}"#),
+    );
+    assert_eq!(
+        (status, body["__type"].as_str()),
+        (400, Some("InvalidSignatureException"))
+    );
+
+    // Each refusal has its audit line, with no principal.
+    let line = audit_line(&h, &unsigned_id).await;
+    assert_eq!(line["error"], "MissingAuthenticationTokenException");
+    assert!(line["principal"].is_null(), "{line}");
+    let refused = audit_lines(&h)
+        .iter()
+        .filter(|l| l["error"] == "InvalidSignatureException")
+        .count();
+    assert!(refused >= 4, "{refused} InvalidSignatureException lines");
+    assert!(!std::fs::read_to_string(h.log_path())
+        .unwrap()
+        .contains(ROOT_KEY.1));
+}
+
+#[tokio::test]
+async fn protocol_errors_are_answered_as_aws_answers_them() {
+    let h = aws_server(&[ClusterSpec::good("cluster-awsprotoaaaa")]).await;
+    let now = SystemTime::now();
+    let post =
+        |target: &str, body: &str| raw_post(&h, target, body, Some(ROOT_KEY), REGION, now, None);
+
+    let (status, _, body) = post("NoSuchOperation", "{}");
+    assert_eq!(
+        (status, body["__type"].as_str()),
+        (400, Some("UnknownOperationException"))
+    );
+    let (status, _, body) = post("ListKeys", "{not json");
+    assert_eq!(
+        (status, body["__type"].as_str()),
+        (400, Some("SerializationException"))
+    );
+    let (status, _, body) = post("ListKeys", r#"{"Limit":"ten"}"#);
+    assert_eq!(
+        (status, body["__type"].as_str()),
+        (400, Some("SerializationException"))
+    );
+    let (status, _, body) = post("DescribeKey", "{}");
+    assert_eq!(
+        (status, body["__type"].as_str()),
+        (400, Some("ValidationException"))
+    );
+    assert_eq!(
+        body["message"],
+        "1 validation error detected: Value null at 'keyId' failed to satisfy constraint: \
+         Member must not be null"
+    );
+    // A member AWS has and hsm-kms does not: refused, not silently ignored.
+    let (status, _, body) = post("GenerateRandom", r#"{"NumberOfBytes":8,"Recipient":{}}"#);
+    assert_eq!(
+        (status, body["__type"].as_str()),
+        (400, Some("UnsupportedOperationException"))
+    );
+    // Limits are the server's: a Limit over 1000 and a 4097-byte plaintext.
+    let (status, _, body) = post("ListKeys", r#"{"Limit":1001}"#);
+    assert_eq!(
+        (status, body["__type"].as_str()),
+        (400, Some("ValidationException")),
+        "{body}"
+    );
+    let big = base64_of(&vec![0u8; 4097]);
+    let (status, _, body) = post(
+        "Encrypt",
+        &format!(r#"{{"KeyId":"alias/x","Plaintext":"{big}"}}"#),
+    );
+    assert_eq!(
+        (status, body["__type"].as_str()),
+        (400, Some("ValidationException")),
+        "{body}"
+    );
+    // An empty output is `{}`, and absent members are left out, never null.
+    let (status, headers, body) = post("ListAliases", "{}");
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "application/x-amz-json-1.1");
+    assert_eq!(body, serde_json::json!({"Aliases": [], "Truncated": false}));
+}
+
+fn base64_of(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// HTTP/2 with prior knowledge on the plaintext listener, as some SDKs speak it.
+#[tokio::test]
+async fn http2_requests_are_served() {
+    let h = aws_server(&[ClusterSpec::good("cluster-awshttp2aaaa")]).await;
+    let tcp = tokio::net::TcpStream::connect(&h.aws).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    // Signed over HTTP/2: the host is the request's authority, not a header.
+    let body = br#"{"NumberOfBytes":16}"#;
+    let headers = aws_headers(
+        &h.aws,
+        "GenerateRandom",
+        body,
+        Some(ROOT_KEY),
+        REGION,
+        SystemTime::now(),
+    );
+    let mut request = http::Request::post(format!("http://{}/", h.aws));
+    for (n, v) in headers.iter().filter(|(n, _)| n != "host") {
+        request = request.header(n, v);
+    }
+    let (response, mut stream) = send.send_request(request.body(()).unwrap(), false).unwrap();
+    stream
+        .send_data(bytes::Bytes::from_static(body), true)
+        .unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        data.extend_from_slice(&chunk.unwrap());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&data).unwrap();
+    assert_eq!(v["Plaintext"].as_str().unwrap().len(), 24, "{v}");
+}
