@@ -936,15 +936,32 @@ async fn tls_refuses_unknown_missing_and_expired_certificates() {
 #[test]
 fn plaintext_needs_loopback_and_consent() {
     let dir = tempfile::tempdir().unwrap();
-    for (listen, allow, why) in [
-        ("0.0.0.0:0", true, "loopback"),
-        ("127.0.0.1:0", false, "no TLS configured"),
+    let key = "[[auth.access_keys]]\naccess_key_id = \"AKIAPLAINTEXT0000001\"\n\
+               secret_env = \"HOME\"\nprincipal = \"arn:aws:iam::111122223333:root\"\n";
+    for (listen, aws, allow, more, why) in [
+        ("0.0.0.0:0", "", true, "", "loopback"),
+        ("127.0.0.1:0", "", false, "", "no TLS configured"),
+        // The AWS protocol: plaintext HTTP under the same rule, and never without keys.
+        (
+            "127.0.0.1:0",
+            "aws_listen = \"0.0.0.0:0\"",
+            true,
+            key,
+            "plaintext HTTP is allowed only on a loopback",
+        ),
+        (
+            "127.0.0.1:0",
+            "aws_listen = \"127.0.0.1:0\"",
+            true,
+            "",
+            "auth.access_keys is empty",
+        ),
     ] {
         let cfg = dir.path().join("c.toml");
         std::fs::write(
             &cfg,
             format!(
-                "[server]\nlisten = \"{listen}\"\n[auth]\nallow_plaintext_loopback = {allow}\n\
+                "[server]\nlisten = \"{listen}\"\n{aws}\n[auth]\nallow_plaintext_loopback = {allow}\n{more}\
                  [storage]\nsqlite_path = \"{0}/m.db\"\n[security]\nsealing_key_file = \"{0}/s.key\"\n\
                  [audit]\nfile = \"{0}/a.jsonl\"\n[admin]\nenabled = false\n",
                 dir.path().display()
