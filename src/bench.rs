@@ -9,7 +9,9 @@
 //! 3. Reports throughput, p50/p99/max latency, errors, server RSS and the service/raw ratio,
 //!    as a table and as one JSON document; with `--keys N`, Encrypt at one level again with
 //!    the store holding N keys, spread over all of them.
-//! 4. With `--hsm-latency-ms 0.5,2,5` instead: a network HSM's latency, modelled by the
+//! 4. With `--aws`, Encrypt again at each level over the AWS KMS protocol (HTTP/1.1, SigV4)
+//!    beside gRPC.
+//! 5. With `--hsm-latency-ms 0.5,2,5` instead: a network HSM's latency, modelled by the
 //!    test-only faulty PKCS#11 module (testing/faulty-pkcs11) adding that much to every call
 //!    that would cross the network; Encrypt, Decrypt and GenerateDataKey at each level
 //!    against the bound `sessions / latency`.
@@ -90,6 +92,12 @@ pub struct Options {
     /// trailers).
     #[arg(long)]
     pub h2load: bool,
+    /// Also drive Encrypt over the AWS KMS protocol at each level, beside gRPC: HTTP/1.1
+    /// keep-alive with one connection per caller (the AWS SDKs keep a pool of them), each
+    /// caller signing its request once and sending it again (the service verifies every
+    /// copy in full), so that the load side's CPU stays small, as with gRPC.
+    #[arg(long)]
+    pub aws: bool,
     /// The faulty PKCS#11 module for --hsm-latency-ms (`cargo build --release -p
     /// faulty-pkcs11`). Default: libfaulty_pkcs11.so beside this executable.
     #[arg(long)]
@@ -321,7 +329,16 @@ fn raw_on_service_token(module: &Path, opts: &Options) -> anyhow::Result<f64> {
 struct Server {
     child: Child,
     addr: String,
+    /// The AWS protocol listener.
+    aws: String,
 }
+
+/// The bench's access key for the AWS protocol (its secret travels in the environment).
+const AWS_KEY: (&str, &str) = (
+    "AKIABENCHBENCHBENCH0",
+    "bench-secret-not-for-production-use-00000",
+);
+const AWS_SECRET_ENV: &str = "HSM_KMS_BENCH_AWS_SECRET";
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -357,6 +374,7 @@ fn start_server(
     let settings = Settings {
         server: ServerSettings {
             listen: "127.0.0.1:0".parse()?,
+            aws_listen: Some("127.0.0.1:0".parse()?),
             shutdown_grace_seconds: 1,
             worker_threads: Some(workers),
             ..Default::default()
@@ -387,6 +405,12 @@ fn start_server(
         // The load generator is on loopback; the audit trail is written as in production.
         auth: crate::config::AuthSettings {
             allow_plaintext_loopback: true,
+            access_keys: vec![crate::config::AccessKeySettings {
+                access_key_id: AWS_KEY.0.into(),
+                secret_file: None,
+                secret_env: Some(AWS_SECRET_ENV.into()),
+                principal: "arn:aws:iam::111122223333:root".into(),
+            }],
             ..Default::default()
         },
         audit: crate::config::AuditSettings {
@@ -424,14 +448,19 @@ fn start_server(
         .args(["serve", "--config"])
         .arg(&config)
         .env("RUST_LOG", "warn")
+        .env(AWS_SECRET_ENV, AWS_KEY.1)
         .envs(env.iter().map(|(k, v)| (*k, v)))
         .stdout(Stdio::piped())
         .spawn()?;
     let stdout = child.stdout.take().context("no stdout")?;
     let mut lines = BufReader::new(stdout).lines();
+    let mut aws = String::new();
     let addr = loop {
         match lines.next() {
             Some(Ok(l)) => {
+                if let Some(a) = l.strip_prefix("hsm-kms AWS protocol listening on ") {
+                    aws = a.to_string();
+                }
                 if let Some(a) = l.strip_prefix("hsm-kms listening on ") {
                     break a.to_string();
                 }
@@ -440,7 +469,7 @@ fn start_server(
         }
     };
     std::thread::spawn(move || for _ in lines {});
-    Ok(Server { child, addr })
+    Ok(Server { child, addr, aws })
 }
 
 fn rss_mib(pid: Option<u32>) -> Option<f64> {
@@ -526,6 +555,7 @@ async fn drive(
     concurrency: usize,
     seconds: f64,
 ) -> anyhow::Result<(Vec<Duration>, usize, f64)> {
+    let front = load.front;
     let connections = connections.clamp(1, concurrency.max(1));
     let stop = Arc::new(AtomicBool::new(false));
     // Every connection is up before the clock starts.
@@ -538,20 +568,32 @@ async fn drive(
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build();
+            let mine: Vec<usize> = (t..concurrency).step_by(connections).collect();
             let connected = match &rt {
-                Ok(rt) => rt.block_on(connect(&addr)),
+                Ok(rt) => rt.block_on(open(front, &addr, mine.len())),
                 Err(e) => Err(anyhow::anyhow!("starting a client runtime: {e}")),
             };
             ready.wait();
-            let (rt, client) = (rt?, connected?);
+            let (rt, connected) = (rt?, connected?);
             rt.block_on(async move {
-                let callers: Vec<_> = (t..concurrency)
-                    .step_by(connections)
-                    .map(|w| {
-                        let (c, load, stop) = (client.clone(), load.clone(), Arc::clone(&stop));
-                        tokio::spawn(caller(c, load, w, concurrency, stop))
-                    })
-                    .collect();
+                let callers: Vec<_> = match connected {
+                    Connections::Grpc(client) => mine
+                        .into_iter()
+                        .map(|w| {
+                            let (c, load, stop) = (client.clone(), load.clone(), Arc::clone(&stop));
+                            tokio::spawn(caller(c, load, w, concurrency, stop))
+                        })
+                        .collect(),
+                    Connections::Aws(senders) => mine
+                        .into_iter()
+                        .zip(senders)
+                        .map(|(w, sender)| {
+                            let (addr, load, stop) =
+                                (addr.clone(), load.clone(), Arc::clone(&stop));
+                            tokio::spawn(aws_caller(sender, addr, load, w, stop))
+                        })
+                        .collect(),
+                };
                 let mut lat = Vec::new();
                 let mut errors = 0;
                 for c in callers {
@@ -587,9 +629,107 @@ async fn drive(
     Ok((all, errors, elapsed))
 }
 
+/// How the load reaches the service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Front {
+    /// gRPC: the callers of one load thread share its HTTP/2 connection.
+    Grpc,
+    /// The AWS KMS protocol (Encrypt only): one HTTP/1.1 keep-alive connection per caller.
+    Aws,
+}
+
+/// A load thread's connections.
+enum Connections {
+    Grpc(Client),
+    Aws(Vec<hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>>),
+}
+
+async fn open(front: Front, addr: &str, callers: usize) -> anyhow::Result<Connections> {
+    match front {
+        Front::Grpc => Ok(Connections::Grpc(connect(addr).await?)),
+        Front::Aws => {
+            let mut senders = Vec::with_capacity(callers);
+            for _ in 0..callers {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                        .await?;
+                tokio::spawn(connection);
+                senders.push(sender);
+            }
+            Ok(Connections::Aws(senders))
+        }
+    }
+}
+
+/// One caller over the AWS protocol: its Encrypt request signed once (by aws-sigv4, as the
+/// SDKs sign), then sent back to back until `stop`; its latencies and error count.
+async fn aws_caller(
+    mut sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    addr: String,
+    load: Load,
+    first: usize,
+    stop: Arc<AtomicBool>,
+) -> (Vec<Duration>, usize) {
+    use base64::Engine as _;
+    use http_body_util::BodyExt as _;
+    let key = &load.keys[first % load.keys.len()];
+    let body = serde_json::json!({
+        "KeyId": key,
+        "Plaintext": base64::engine::general_purpose::STANDARD.encode(vec![0x42u8; load.payload]),
+    })
+    .to_string();
+    let headers = [
+        ("host", addr.as_str()),
+        ("content-type", "application/x-amz-json-1.1"),
+        ("x-amz-target", "TrentService.Encrypt"),
+    ];
+    let (mut lat, mut errors) = (Vec::with_capacity(4096), 0);
+    let signed = match crate::api::aws::sigv4::sign_post(
+        &headers,
+        body.as_bytes(),
+        AWS_KEY.0,
+        AWS_KEY.1,
+        "us-east-1",
+        std::time::SystemTime::now(),
+    ) {
+        Ok(h) => h,
+        Err(_) => return (lat, 1),
+    };
+    let body = bytes::Bytes::from(body);
+    while !stop.load(Ordering::Relaxed) {
+        let mut request = hyper::Request::post("/");
+        for (n, v) in &signed {
+            request = request.header(n, v);
+        }
+        let Ok(request) = request.body(http_body_util::Full::new(body.clone())) else {
+            return (lat, errors + 1);
+        };
+        let t = Instant::now();
+        let ok = match sender.send_request(request).await {
+            Ok(response) => {
+                let status = response.status();
+                response.into_body().collect().await.is_ok() && status == 200
+            }
+            Err(_) => {
+                // The connection is gone: the rest of this caller's run is errors.
+                lat.push(t.elapsed());
+                return (lat, errors + 1);
+            }
+        };
+        lat.push(t.elapsed());
+        if !ok {
+            errors += 1;
+        }
+    }
+    (lat, errors)
+}
+
 /// What the callers send: the operation, the keys and ciphertexts to use, the plaintext size.
 #[derive(Clone)]
 struct Load {
+    front: Front,
     op: Op,
     keys: Arc<Vec<String>>,
     blobs: Arc<Vec<Vec<u8>>>,
@@ -609,6 +749,7 @@ async fn caller(
         keys,
         blobs,
         payload,
+        ..
     } = load;
     let mut lat = Vec::with_capacity(4096);
     let mut errors = 0;
@@ -683,8 +824,12 @@ async fn level(
         .find(|r| r.operation == raw_op && r.sessions == 1)
         .map(|r| r.ops_per_sec);
     let ops = (lat.len() - errors) as f64 / elapsed;
+    let operation = match load.front {
+        Front::Grpc => load.op.name().to_string(),
+        Front::Aws => format!("{} (AWS)", load.op.name()),
+    };
     let r = LevelResult {
-        operation: load.op.name().to_string(),
+        operation,
         concurrency,
         keys: load.keys.len(),
         store_keys,
@@ -950,6 +1095,7 @@ async fn latency_model(opts: Options) -> anyhow::Result<Report> {
         for op in [Op::Encrypt, Op::Decrypt, Op::GenerateDataKey] {
             for &n in &opts.levels {
                 let load = Load {
+                    front: Front::Grpc,
                     op,
                     keys: Arc::clone(&keys),
                     blobs: Arc::clone(&blobs),
@@ -1030,12 +1176,23 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let blobs = Arc::new(vec![blob]);
 
     let mut service = Vec::new();
-    for op in [Op::Encrypt, Op::Decrypt, Op::GenerateDataKey] {
+    // Encrypt over the AWS protocol right after Encrypt over gRPC, at the same levels.
+    let aws = match (&server, opts.aws) {
+        (Some(s), true) => Some(s.aws.clone()),
+        (None, true) => bail!("--aws needs the bench's own service (not --target)"),
+        _ => None,
+    };
+    let mut runs = vec![(Front::Grpc, Op::Encrypt, addr.clone())];
+    runs.extend(aws.map(|a| (Front::Aws, Op::Encrypt, a)));
+    runs.push((Front::Grpc, Op::Decrypt, addr.clone()));
+    runs.push((Front::Grpc, Op::GenerateDataKey, addr.clone()));
+    for (front, op, to) in runs {
         for &n in &opts.levels {
             service.push(
                 level(
-                    &addr,
+                    &to,
                     Load {
+                        front,
                         op,
                         keys: Arc::clone(&keys),
                         blobs: Arc::clone(&blobs),
@@ -1099,6 +1256,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 level(
                     &addr,
                     Load {
+                        front: Front::Grpc,
                         op: Op::Encrypt,
                         keys: Arc::clone(over),
                         blobs: Arc::clone(&blobs),
@@ -1212,8 +1370,8 @@ modelled network HSM (bound = sessions / (latency x HSM calls per operation))
 
 /// A chart of throughput and p99 latency against concurrency, one line per operation.
 pub fn svg(r: &Report) -> String {
-    let ops = ["Encrypt", "Decrypt", "GenerateDataKey"];
-    let colors = ["#1f77b4", "#d62728", "#2ca02c"];
+    let ops = ["Encrypt", "Encrypt (AWS)", "Decrypt", "GenerateDataKey"];
+    let colors = ["#1f77b4", "#9467bd", "#d62728", "#2ca02c"];
     let single_key: Vec<&LevelResult> = r.service.iter().filter(|x| x.store_keys == 1).collect();
     let levels: Vec<usize> = {
         let mut l: Vec<usize> = single_key.iter().map(|x| x.concurrency).collect();

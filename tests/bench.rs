@@ -20,7 +20,7 @@ fn bench_verb_produces_a_complete_report() {
             "--keys-level",
             "2",
         ])
-        .args(["--raw-sessions", "2", "--connections", "3"])
+        .args(["--raw-sessions", "2", "--connections", "3", "--aws"])
         .args([
             "--session-pool-size",
             "3",
@@ -62,14 +62,16 @@ fn bench_verb_produces_a_complete_report() {
     );
     assert!(raw.iter().all(|x| x["ops_per_sec"].as_f64().unwrap() > 0.0));
     let service = r["service"].as_array().unwrap();
-    // 3 operations x 2 levels, then Encrypt over 3 keys and over 1 key.
-    assert_eq!(service.len(), 8);
+    // 3 operations x 2 levels, Encrypt over the AWS protocol x 2 levels, then Encrypt over
+    // 3 keys and over 1 key.
+    assert_eq!(service.len(), 10);
+    assert_eq!(service[2]["operation"], "Encrypt (AWS)");
     for x in service {
         assert_eq!(x["errors"], 0, "{x}");
         assert!(x["requests"].as_u64().unwrap() > 0, "{x}");
         assert!(x["server_rss_mib"].as_f64().unwrap() > 0.0, "{x}");
         assert!(x["p99_ms"].as_f64().unwrap() >= x["p50_ms"].as_f64().unwrap());
     }
-    assert_eq!(service[6]["keys"], 3);
+    assert_eq!(service[8]["keys"], 3);
     assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
 }

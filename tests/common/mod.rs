@@ -845,41 +845,21 @@ pub fn aws_headers(
     region: &str,
     at: std::time::SystemTime,
 ) -> Vec<(String, String)> {
-    use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
-    use aws_sigv4::sign::v4;
-    let mut headers = vec![
-        ("host".to_string(), host.to_string()),
-        (
-            "content-type".to_string(),
-            "application/x-amz-json-1.1".to_string(),
-        ),
-        ("x-amz-target".to_string(), format!("TrentService.{target}")),
+    let target = format!("TrentService.{target}");
+    let headers = [
+        ("host", host),
+        ("content-type", "application/x-amz-json-1.1"),
+        ("x-amz-target", target.as_str()),
     ];
-    let Some((id, secret)) = key else {
-        return headers;
-    };
-    let identity = aws_credential_types::Credentials::new(id, secret, None, None, "test").into();
-    let params = v4::SigningParams::builder()
-        .identity(&identity)
-        .region(region)
-        .name("kms")
-        .time(at)
-        .settings(SigningSettings::default())
-        .build()
-        .unwrap()
-        .into();
-    let signable = SignableRequest::new(
-        "POST",
-        format!("https://{host}/"),
-        headers.iter().map(|(n, v)| (n.as_str(), v.as_str())),
-        SignableBody::Bytes(body),
-    )
-    .unwrap();
-    let (instructions, _) = sign(signable, &params).unwrap().into_parts();
-    for (n, v) in instructions.headers() {
-        headers.push((n.to_string(), v.to_string()));
+    match key {
+        Some((id, secret)) => {
+            hsm_kms::api::aws::sigv4::sign_post(&headers, body, id, secret, region, at).unwrap()
+        }
+        None => headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect(),
     }
-    headers
 }
 
 /// An AWS protocol answer: HTTP status, headers (names in lower case), JSON body.

@@ -241,6 +241,47 @@ impl Verifier {
     }
 }
 
+/// The client side, as the AWS SDKs sign a `POST /` to KMS: `headers` (`host` among them)
+/// followed by the headers the signature adds. For the bench and the tests; the service
+/// itself never signs.
+pub fn sign_post(
+    headers: &[(&str, &str)],
+    body: &[u8],
+    access_key: &str,
+    secret: &str,
+    region: &str,
+    at: SystemTime,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let identity = Credentials::new(access_key, secret, None, None, "hsm-kms client").into();
+    let params = v4::SigningParams::builder()
+        .identity(&identity)
+        .region(region)
+        .name(SERVICE)
+        .time(at)
+        .settings(SigningSettings::default())
+        .build()?
+        .into();
+    let host = headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("host"))
+        .map_or("localhost", |(_, v)| *v);
+    let signable = SignableRequest::new(
+        "POST",
+        format!("https://{host}/"),
+        headers.iter().copied(),
+        SignableBody::Bytes(body),
+    )?;
+    let (instructions, _) = sign(signable, &params)?.into_parts();
+    let mut all: Vec<(String, String)> = headers
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
+    for (n, v) in instructions.headers() {
+        all.push((n.to_string(), v.to_string()));
+    }
+    Ok(all)
+}
+
 /// `AWS4-HMAC-SHA256 Credential=AKID/20261130/us-east-1/kms/aws4_request,
 /// SignedHeaders=host;x-amz-date, Signature=<64 hex>`
 fn parse(header: &str) -> KmsResult<Authorization<'_>> {
@@ -362,37 +403,13 @@ mod tests {
         at: SystemTime,
         body: &[u8],
     ) -> (Vec<(String, String)>, Vec<u8>) {
-        let identity = Credentials::new(KEY_ID, secret, None, None, "test").into();
-        let params = v4::SigningParams::builder()
-            .identity(&identity)
-            .region(region)
-            .name("kms")
-            .time(at)
-            .settings(SigningSettings::default())
-            .build()
-            .unwrap()
-            .into();
         let headers = [
             ("host", "kms.example.test:8443"),
             ("content-type", "application/x-amz-json-1.1"),
             ("x-amz-target", "TrentService.ListKeys"),
             ("user-agent", "aws-sdk-rust"),
         ];
-        let req = SignableRequest::new(
-            "POST",
-            "https://kms.example.test:8443/",
-            headers.iter().copied(),
-            SignableBody::Bytes(body),
-        )
-        .unwrap();
-        let (instructions, _) = sign(req, &params).unwrap().into_parts();
-        let mut all: Vec<(String, String)> = headers
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.to_string()))
-            .collect();
-        for (n, v) in instructions.headers() {
-            all.push((n.to_string(), v.to_string()));
-        }
+        let all = sign_post(&headers, body, KEY_ID, secret, region, at).unwrap();
         (all, body.to_vec())
     }
 
