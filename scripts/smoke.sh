@@ -124,6 +124,18 @@ call RevokeGrant "{\"key_id\":\"$key_id\",\"grant_id\":\"$grant_id\"}" >/dev/nul
   dk=$(aws kms generate-data-key --key-id "$aws_key" --key-spec AES_256 --query Plaintext --output text)
   [ "$(base64 -d <<<"$dk" | wc -c)" -eq 32 ] || fail "aws generate-data-key"
   python3 scripts/esdk_roundtrip.py "$aws_key" || fail "AWS Encryption SDK round trip"
+  # boto3 knows the exceptions by the model's names.
+  python3 - <<'PY' || fail "boto3 did not raise NotFoundException"
+import boto3
+kms = boto3.client("kms")
+try:
+    kms.describe_key(KeyId="alias/does-not-exist")
+except kms.exceptions.NotFoundException as e:
+    assert e.response["ResponseMetadata"]["RequestId"], e.response
+    print("boto3: NotFoundException:", e.response["Error"]["Message"])
+else:
+    raise SystemExit("describe_key of a missing alias succeeded")
+PY
 )
 
 # Stop the service (the audit writer flushes and closes), then check the audit chain.
