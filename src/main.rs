@@ -100,7 +100,7 @@ fn main() -> anyhow::Result<()> {
             }
             runtime_with(settings.server.worker_threads)?.block_on(async {
                 let modules = std::sync::Arc::new(hsm_kms::hsm::Modules::default());
-                let kms = Kms::new(Parts::from_settings(&settings, modules)?);
+                let kms = Kms::new(Parts::from_settings(&settings, modules).await?);
                 let running = server::start(
                     &settings,
                     kms,

@@ -276,10 +276,13 @@ async fn connect_needs_an_active_hsm_and_reconnects_after_restart() {
     })
     .await;
     let mut c = h.client().await;
-    // The store tries to reconnect on start; a connect needs an active HSM, so it ends FAILED.
+    // A restart changes no shared state: the store stays CONNECTED (other replicas may be
+    // serving it); this process cannot log in, so its health says NOT_SERVING and its
+    // requests find the keys unavailable.
+    assert_eq!(wait_settled(&mut c, &id).await, ("CONNECTED".into(), None));
     assert_eq!(
-        wait_settled(&mut c, &id).await,
-        ("FAILED".into(), Some("INSUFFICIENT_CLOUDHSM_HSMS".into()))
+        h.health(&id).await,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
     );
     let msg = assert_err(
         c.decrypt(DecryptRequest {
@@ -289,7 +292,8 @@ async fn connect_needs_an_active_hsm_and_reconnects_after_restart() {
         .await,
         "KMSInvalidStateException",
     );
-    assert!(msg.ends_with(" is unavailable."), "{msg}");
+    assert!(msg.contains("has no active HSM"), "{msg}");
+    // A connect is what decides the shared state: it needs an active HSM, so it ends FAILED.
     disconnect(&mut c, &id).await;
     assert_eq!(
         connect(&mut c, &id).await,

@@ -157,7 +157,7 @@ async fn token_objects_follow_the_template_and_missing_material_is_reported() {
     }
 
     // A crash mid-creation leaves a row in `Creating`, with or without its token object.
-    // Simulate both (the service stopped), then restart: the reconnect removes the rows and
+    // Simulate both (the service stopped), then restart: the login removes the rows and
     // destroys the orphaned material, and neither key is ever visible.
     let with_material = uuid::Uuid::new_v4();
     let without_material = uuid::Uuid::new_v4();
@@ -190,6 +190,16 @@ async fn token_objects_follow_the_template_and_missing_material_is_reported() {
         wait_settled(&mut c, &store).await,
         ("CONNECTED".into(), None)
     );
+    // The restarted process logs in to the CONNECTED store in the background, reconciling
+    // before it reports the store SERVING.
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    for _ in 0..100 {
+        if h.health(&store).await == serving {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(h.health(&store).await, serving);
     for id in [with_material, without_material] {
         assert_err(
             c.describe_key(DescribeKeyRequest {

@@ -26,6 +26,8 @@ pub struct Connections {
     /// reconnection) of one store: writers change the store, readers need it as it is.
     lifecycle: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
     health: watch::Sender<Health>,
+    /// When this replica last failed to log in to a CONNECTED store, per store.
+    attach_failures: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Connections {
@@ -37,6 +39,7 @@ impl Connections {
             live: RwLock::new(HashMap::new()),
             lifecycle: Mutex::new(HashMap::new()),
             health: watch::Sender::new(Health::new()),
+            attach_failures: Mutex::new(HashMap::new()),
         }
     }
 
@@ -46,6 +49,21 @@ impl Connections {
 
     pub fn call_timeout(&self) -> Duration {
         Duration::from_millis(self.settings.call_timeout_ms)
+    }
+
+    pub(super) fn note_attach_failure(&self, store_id: &str) {
+        self.attach_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(store_id.to_string(), std::time::Instant::now());
+    }
+
+    pub(super) fn attach_failed_within(&self, store_id: &str, pause: Duration) -> bool {
+        self.attach_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(store_id)
+            .is_some_and(|t| t.elapsed() < pause)
     }
 
     /// The live connection of a store.

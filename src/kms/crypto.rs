@@ -427,7 +427,7 @@ impl Kms {
         };
         let store = self.keystore(store_id).await?;
         let conn = if store.connection_state == ConnectionState::Connected {
-            self.connection(&store.id)
+            self.connection_or_attach(&store.id).await
         } else {
             None
         };

@@ -85,8 +85,7 @@ impl Kms {
     /// Removes key creations abandoned after an HSM timeout: `Creating` rows older than any
     /// CreateKey can still be working on, in stores whose HSM answers.
     pub async fn sweep_abandoned_creations(&self) {
-        let call_timeout_ms = self.connections.settings().call_timeout_ms as i64;
-        let cutoff = self.now() - 2 * call_timeout_ms - 1_000;
+        let cutoff = self.creation_cutoff();
         let conns = self.connections.healthy();
         for (store_id, conn) in conns {
             self.reconcile_creating_keys(&store_id, &conn, cutoff).await;

@@ -249,6 +249,8 @@ impl Kms {
 
         let store = self.keystore(&store_id).await?;
         require_connected_for_create(&store)?;
+        // Connected through another replica, or before this one started: log in here first.
+        self.connection_or_attach(&store_id).await;
         let lock = self.lifecycle_lock(&store_id);
         let _guard = lock.read().await;
         // Re-read under the lock: a disconnect may have finished while we waited.
@@ -752,9 +754,14 @@ impl Kms {
                 store.cluster_id, store.id
             )));
         }
-        // CONNECTED, but without a live connection (a restart's reconnection still running)
-        // or with one whose HSM failed (reconnecting): unavailable, as AWS says it.
-        let conn = self.connection(&store.id).filter(|c| !c.is_degraded());
+        // CONNECTED for the service but not yet logged in here (connected through another
+        // replica, or before this one started): log in now. Without a live connection
+        // after that, or with one whose HSM failed (reconnecting): unavailable, as AWS
+        // says it.
+        let conn = self
+            .connection_or_attach(&store.id)
+            .await
+            .filter(|c| !c.is_degraded());
         let Some(conn) = conn else {
             tracing::debug!(key_arn = %arn, custom_key_store_id = %store.id, "no usable HSM connection");
             return Err(super::states::Refusal::Unavailable.error(&arn));

@@ -458,7 +458,8 @@ impl Kms {
                 if self.connections.rotate_password {
                     self.rotate_password(&rec, &conn).await;
                 }
-                self.reconcile_creating_keys(&rec.id, &conn, i64::MAX).await;
+                let cutoff = self.creation_cutoff();
+                self.reconcile_creating_keys(&rec.id, &conn, cutoff).await;
                 self.connections.insert(&rec.id, conn);
                 (Connected, None)
             }
@@ -676,14 +677,16 @@ impl Kms {
             after = Some(last.id.clone());
             for rec in page {
                 match rec.connection_state {
-                    Connected | Connecting => {
+                    // Connected for the service: this replica logs in by itself, and the
+                    // shared state stays as it is (another replica may be serving it).
+                    Connected => {
+                        let kms = Arc::clone(self);
+                        tokio::spawn(async move { kms.attach_until_done(&rec.id).await });
+                    }
+                    // A connect that a crash interrupted: made again.
+                    Connecting => {
                         self.meta
-                            .transition_keystore(
-                                &rec.id,
-                                &[Connected, Connecting],
-                                Disconnected,
-                                None,
-                            )
+                            .transition_keystore(&rec.id, &[Connecting], Disconnected, None)
                             .await?;
                         self.connect_custom_key_store(&self.service_caller(), &rec.id)
                             .await?;
@@ -700,12 +703,80 @@ impl Kms {
         Ok(())
     }
 
+    /// This replica's own login to a store that is CONNECTED for the service (connected
+    /// through another replica, or before this process started). The shared state is not
+    /// touched, and a failure is this replica's alone: its health says NOT_SERVING, its
+    /// requests answer that the key is unavailable, and it tries again later. One login at
+    /// a time per store; after a failed one, requests wait `ATTACH_PAUSE` before another.
+    pub(super) async fn attach(self: &Arc<Self>, id: &str) -> Option<Arc<Connection>> {
+        if let Some(c) = self.connection(id) {
+            return Some(c);
+        }
+        if self.connections.attach_failed_within(id, ATTACH_PAUSE) {
+            return None;
+        }
+        let lock = self.lifecycle_lock(id);
+        let _guard = lock.write().await;
+        if let Some(c) = self.connection(id) {
+            return Some(c);
+        }
+        let rec = self.meta.keystore(id).await.ok().flatten()?;
+        if rec.connection_state != Connected {
+            return None;
+        }
+        match self.open_connection(&rec).await {
+            Ok(conn) => {
+                // Only creations no CreateKey can still be working on.
+                let cutoff = self.creation_cutoff();
+                self.reconcile_creating_keys(id, &conn, cutoff).await;
+                self.connections.insert(id, Arc::clone(&conn));
+                self.report(id, true);
+                tracing::info!(custom_key_store_id = %id, "logged in to a CONNECTED custom key store");
+                Some(conn)
+            }
+            Err(code) => {
+                self.connections.note_attach_failure(id);
+                self.report(id, false);
+                tracing::warn!(custom_key_store_id = %id, error_code = code.as_str(), "cannot log in to a CONNECTED custom key store; trying again later");
+                None
+            }
+        }
+    }
+
+    /// `attach`, again with back-off, until this replica is logged in or the store is no
+    /// longer CONNECTED.
+    async fn attach_until_done(self: &Arc<Self>, id: &str) {
+        let settings = self.connections.settings();
+        let mut pause = Duration::from_millis(settings.reconnect_initial_backoff_ms);
+        let max = Duration::from_millis(settings.reconnect_max_backoff_ms).max(ATTACH_PAUSE);
+        loop {
+            if self.attach(id).await.is_some() {
+                return;
+            }
+            match self.meta.keystore(id).await {
+                Ok(Some(rec)) if rec.connection_state == Connected => {}
+                _ => return,
+            }
+            tokio::time::sleep(pause.max(ATTACH_PAUSE)).await;
+            pause = (pause * 2).min(max);
+        }
+    }
+
+    /// `Creating` rows made before this are abandoned: no CreateKey, on any replica, can
+    /// still be working on them (twice the HSM call deadline, and a second).
+    pub(super) fn creation_cutoff(&self) -> i64 {
+        self.now() - 2 * self.connections.settings().call_timeout_ms as i64 - 1_000
+    }
+
     /// Waits until the store's pending lifecycle change (a connect, say) is over.
     pub async fn settle(&self, id: &str) {
         let lock = self.lifecycle_lock(id);
         let _g = lock.read().await;
     }
 }
+
+/// After a failed login to a CONNECTED store, how long requests leave it before another.
+const ATTACH_PAUSE: Duration = Duration::from_secs(2);
 
 pub(super) fn keystore_not_found(id: &str) -> KmsError {
     KmsError::new(

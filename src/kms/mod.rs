@@ -65,25 +65,45 @@ pub struct Parts {
 impl Parts {
     /// The parts a configuration describes: reads the trust anchors and the sealing key,
     /// opens the SQLite metadata database. `modules` are the process's PKCS#11 modules.
-    pub fn from_settings(settings: &Settings, modules: Arc<Modules>) -> anyhow::Result<Parts> {
+    pub async fn from_settings(
+        settings: &Settings,
+        modules: Arc<Modules>,
+    ) -> anyhow::Result<Parts> {
         let scope = ArnScope {
             partition: settings.account.partition.clone(),
             region: settings.account.region.clone(),
             account_id: settings.account.account_id.clone(),
         };
-        let metadata = crate::metadata::sqlite::Sqlite::open(&settings.storage.sqlite_path)
-            .with_context(|| {
-                format!(
-                    "opening metadata database {}",
-                    settings.storage.sqlite_path.display()
+        let metadata: Arc<dyn crate::metadata::Metadata> = match &settings.database {
+            Some(db) => {
+                let password = db.password()?;
+                Arc::new(
+                    crate::metadata::postgres::Postgres::open(crate::metadata::postgres::Connect {
+                        url: &db.url,
+                        password: password.as_ref().map(|p| p.as_str()),
+                        pool_size: db.pool_size,
+                    })
+                    .await
+                    .context("opening the PostgreSQL metadata database (database.url)")?,
                 )
-            })?;
+            }
+            None => Arc::new(
+                crate::metadata::sqlite::Sqlite::open(&settings.storage.sqlite_path).with_context(
+                    || {
+                        format!(
+                            "opening metadata database {}",
+                            settings.storage.sqlite_path.display()
+                        )
+                    },
+                )?,
+            ),
+        };
         let identities = access::Identities::load(&settings.auth.identity_policies)?;
         let access = Access::new(&scope, identities)
             .map_err(|e| anyhow::anyhow!("the default key policy: {}", e.message))?;
         Ok(Parts {
             clusters: Clusters::load(&settings.clusters)?,
-            metadata: Arc::new(metadata),
+            metadata,
             sealer: Sealer::load(&settings.security.sealing_key_file)?,
             connections: Connections::new(
                 modules,
@@ -109,6 +129,8 @@ pub struct Kms {
     quotas: Quotas,
     clock_offset_ms: i64,
     default_keystore: Option<String>,
+    /// This value itself, for work that outlives a request (a login's recovery).
+    me: std::sync::Weak<Kms>,
 }
 
 impl Kms {
@@ -124,7 +146,7 @@ impl Kms {
             clock_offset_ms,
             default_keystore,
         } = parts;
-        Arc::new(Kms {
+        Arc::new_cyclic(|me| Kms {
             scope,
             clusters,
             meta: metadata,
@@ -134,6 +156,7 @@ impl Kms {
             quotas,
             clock_offset_ms,
             default_keystore,
+            me: me.clone(),
         })
     }
 
@@ -202,6 +225,15 @@ impl Kms {
 
     fn connection(&self, store_id: &str) -> Option<Arc<crate::hsm::Connection>> {
         self.connections.get(store_id)
+    }
+
+    /// This replica's connection to a store, logging in first if the store is CONNECTED
+    /// for the service but this replica has no connection yet (see `attach`).
+    async fn connection_or_attach(&self, store_id: &str) -> Option<Arc<crate::hsm::Connection>> {
+        if let Some(c) = self.connection(store_id) {
+            return Some(c);
+        }
+        self.me.upgrade()?.attach(store_id).await
     }
 
     fn lifecycle_lock(&self, store_id: &str) -> Arc<tokio::sync::RwLock<()>> {

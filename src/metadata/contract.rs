@@ -32,6 +32,7 @@ where
     aliases_are_unique_and_bounded(fresh().await).await;
     grants_are_bounded_and_named_grants_are_idempotent(fresh().await).await;
     reads_after_writes_see_the_writes(fresh().await).await;
+    racing_writers_cannot_pass_a_limit(fresh().await).await;
 }
 
 fn keystore(id: &str, name: &str, cluster: &str) -> KeyStoreRecord {
@@ -536,4 +537,50 @@ async fn reads_after_writes_see_the_writes(m: Arc<dyn Metadata>) {
     assert_eq!(m.key_grants(&id).await.unwrap().len(), 1);
     m.delete_grant(&id, "g").await.unwrap();
     assert!(m.key_grants(&id).await.unwrap().is_empty());
+}
+
+/// Writers racing on one key (several connections, for a database that has them) cannot
+/// take a count past its limit: tags, aliases and grants.
+async fn racing_writers_cannot_pass_a_limit(m: Arc<dyn Metadata>) {
+    let id = with_key(&*m, E).await;
+    let mut racers = Vec::new();
+    for w in 0..8 {
+        let m = Arc::clone(&m);
+        racers.push(tokio::spawn(async move {
+            let tags: Vec<(String, String)> = (0..26)
+                .map(|i| (format!("w{w}-{i:02}"), "v".into()))
+                .collect();
+            let tagged = m.tag_key(&id, LIVE, &tags, 50).await;
+            let aliased = m
+                .create_alias(&format!("alias/w{w}"), &id, LIVE, 1, 3)
+                .await;
+            let g = GrantRecord {
+                grant_id: format!("{w:064x}"),
+                key_id: id,
+                name: None,
+                grantee_principal: "arn:aws:iam::111122223333:role/r".into(),
+                retiring_principal: None,
+                issuing_account: "arn:aws:iam::111122223333:root".into(),
+                operations: vec!["Decrypt".into()],
+                context_subset: None,
+                context_equals: None,
+                creation_date_ms: 0,
+                token: format!("race{w}"),
+            };
+            let granted = m.insert_grant(&g, LIVE, 5, 5).await;
+            (tagged.is_ok(), aliased.is_ok(), granted.is_ok())
+        }));
+    }
+    let mut ok = (0, 0, 0);
+    for r in racers {
+        let (t, a, g) = r.await.unwrap();
+        ok = (ok.0 + t as usize, ok.1 + a as usize, ok.2 + g as usize);
+    }
+    let tags = m.list_tags(&id, None, 1000).await.unwrap().len();
+    assert!(tags <= 50, "{tags} tags on a key whose limit is 50");
+    assert_eq!((ok.0, tags), (1, 26), "exactly one tagger fits");
+    let aliases = m.list_aliases(Some(&id), None, 100).await.unwrap().len();
+    assert_eq!((ok.1, aliases), (3, 3), "aliases: limit 3");
+    let grants = m.key_grants(&id).await.unwrap().len();
+    assert_eq!((ok.2, grants), (5, 5), "grants: limit 5");
 }

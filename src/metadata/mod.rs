@@ -9,6 +9,7 @@
 //! `sqlite` is the embedded implementation. `contract` is the test suite every
 //! implementation must pass.
 
+pub mod postgres;
 pub mod sqlite;
 
 #[cfg(test)]
@@ -94,6 +95,18 @@ pub struct GrantRecord {
     pub context_equals: Option<BTreeMap<String, String>>,
     pub creation_date_ms: i64,
     pub token: String,
+}
+
+impl GrantRecord {
+    /// Whether `other` grants the same thing to the same principals (a named grant asked
+    /// for again with these terms is the same grant).
+    pub fn same_terms(&self, other: &GrantRecord) -> bool {
+        self.grantee_principal == other.grantee_principal
+            && self.retiring_principal == other.retiring_principal
+            && self.operations == other.operations
+            && self.context_subset == other.context_subset
+            && self.context_equals == other.context_equals
+    }
 }
 
 /// A unique name that was already taken.

@@ -236,6 +236,7 @@ impl Harness {
             storage: StorageSettings {
                 sqlite_path: dir.path().join("metadata.sqlite3"),
             },
+            database: None,
             security: SecuritySettings {
                 sealing_key_file: dir.path().join("sealing.key"),
                 // Off so that tests can inspect tokens with the password they chose;
@@ -569,6 +570,83 @@ impl Harness {
         let id = self.create_store(c, i, name, PASSWORD).await;
         assert_eq!(connect(c, &id).await, ("CONNECTED".into(), None));
         id
+    }
+}
+
+/// Another replica of a harness's service: the same config, token and database, its own
+/// listeners and audit trail. Killed when dropped.
+pub struct Replica {
+    child: Child,
+    pub addr: String,
+    pub audit: PathBuf,
+}
+
+impl Replica {
+    pub async fn client(&self) -> Client {
+        let url = format!("http://{}", self.addr);
+        KeyManagementServiceClient::connect(url)
+            .await
+            .expect("connect to the replica")
+    }
+
+    /// SIGTERM, and whether it exited cleanly.
+    pub fn stop(mut self) -> bool {
+        sigterm(&self.child);
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Harness {
+    /// Starts replica `name` of this service (which must use `[database]`).
+    pub fn replica(&self, name: &str) -> Replica {
+        assert!(
+            self.settings.database.is_some(),
+            "replicas share a database"
+        );
+        let mut s = self.settings.clone();
+        s.server.listen = "127.0.0.1:0".parse().unwrap();
+        s.admin.listen = "127.0.0.1:0".parse().unwrap();
+        s.server.aws_listen = None;
+        s.audit.file = self.dir.path().join(format!("{name}-audit.jsonl"));
+        let config = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&config, config_text(&s)).unwrap();
+        let mut child = Command::new(server_binary())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .env_remove("HSM_KMS_SEALING_KEY")
+            .envs(self.options.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start a replica");
+        let addr = wait_for_line(&mut child, "hsm-kms listening on ", Duration::from_secs(60));
+        Replica {
+            child,
+            addr,
+            audit: s.audit.file,
+        }
+    }
+}
+
+/// A fresh database on this test process's throwaway PostgreSQL server.
+pub async fn postgres_database() -> hsm_kms::config::DatabaseSettings {
+    let server = hsm_kms::metadata::postgres::throwaway::Server::shared()
+        .expect("PostgreSQL for the replica tests (scripts/setup.sh installs it)");
+    hsm_kms::config::DatabaseSettings {
+        url: server.fresh_database().await.unwrap(),
+        password_file: None,
+        password_env: None,
+        pool_size: 8,
     }
 }
 

@@ -74,13 +74,7 @@ impl Grants for Sqlite {
                     .query_map(params![g.key_id.to_string(), g.name], row)?
                     .collect::<rusqlite::Result<Vec<_>>>()?
                     .into_iter()
-                    .find(|e| {
-                        e.grantee_principal == g.grantee_principal
-                            && e.retiring_principal == g.retiring_principal
-                            && e.operations == g.operations
-                            && e.context_subset == g.context_subset
-                            && e.context_equals == g.context_equals
-                    });
+                    .find(|e| e.same_terms(g));
                 if let Some(existing) = same {
                     return Ok(Ok(existing));
                 }

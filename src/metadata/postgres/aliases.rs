@@ -1,0 +1,127 @@
+//! Alias rows.
+
+use async_trait::async_trait;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use super::{internal, lock_key, one, parse_id, taken, Postgres};
+use crate::kms::states::StateSet;
+use crate::metadata::{AliasRecord, Aliases, Failure, MetaResult, Precondition, Unique};
+
+const COLUMNS: &str = "SELECT name, key_id, creation_date_ms, last_updated_ms FROM aliases";
+
+fn row(r: &Row) -> MetaResult<AliasRecord> {
+    Ok(AliasRecord {
+        name: r.get(0),
+        key_id: parse_id(r.get(1))?,
+        creation_date_ms: r.get(2),
+        last_updated_ms: r.get(3),
+    })
+}
+
+/// How many aliases the key has, inside a transaction that holds the key's row.
+async fn aliases_of(tx: &deadpool_postgres::Transaction<'_>, key: &Uuid) -> MetaResult<usize> {
+    let n: i64 = tx
+        .query_one(
+            "SELECT COUNT(*) FROM aliases WHERE key_id = $1",
+            &[&key.to_string()],
+        )
+        .await
+        .map_err(internal)?
+        .get(0);
+    Ok(n as usize)
+}
+
+#[async_trait]
+impl Aliases for Postgres {
+    async fn create_alias(
+        &self,
+        name: &str,
+        key: &Uuid,
+        accepted: StateSet,
+        now_ms: i64,
+        max: usize,
+    ) -> MetaResult<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(internal)?;
+        // Aliases are counted per key: every change to a key's aliases locks the key first.
+        lock_key(&tx, key, accepted).await??;
+        if aliases_of(&tx, key).await? >= max {
+            return Err(Failure::Precondition(Precondition::Limit(max)));
+        }
+        tx.execute(
+            "INSERT INTO aliases (name, key_id, creation_date_ms, last_updated_ms)
+             VALUES ($1, $2, $3, $3)",
+            &[&name, &key.to_string(), &now_ms],
+        )
+        .await
+        .map_err(|e| taken(e, &[("alias_name_taken", Unique::AliasName)]))?;
+        tx.commit().await.map_err(internal)
+    }
+
+    async fn update_alias(
+        &self,
+        name: &str,
+        key: &Uuid,
+        accepted: StateSet,
+        now_ms: i64,
+        max: usize,
+    ) -> MetaResult<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(internal)?;
+        let current = tx
+            .query_opt(
+                "SELECT key_id FROM aliases WHERE name = $1 FOR UPDATE",
+                &[&name],
+            )
+            .await
+            .map_err(internal)?;
+        let Some(current) = current else {
+            return Err(Failure::NotFound);
+        };
+        let current: String = current.get(0);
+        lock_key(&tx, key, accepted).await??;
+        if current != key.to_string() && aliases_of(&tx, key).await? >= max {
+            return Err(Failure::Precondition(Precondition::Limit(max)));
+        }
+        tx.execute(
+            "UPDATE aliases SET key_id = $2, last_updated_ms = $3 WHERE name = $1",
+            &[&name, &key.to_string(), &now_ms],
+        )
+        .await
+        .map_err(internal)?;
+        tx.commit().await.map_err(internal)
+    }
+
+    async fn delete_alias(&self, name: &str) -> MetaResult<()> {
+        one(self
+            .execute("DELETE FROM aliases WHERE name = $1", &[&name])
+            .await?)
+    }
+
+    async fn alias(&self, name: &str) -> MetaResult<Option<AliasRecord>> {
+        self.row(&format!("{COLUMNS} WHERE name = $1"), &[&name], row)
+            .await
+    }
+
+    async fn list_aliases(
+        &self,
+        key: Option<&Uuid>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> MetaResult<Vec<AliasRecord>> {
+        self.rows(
+            &format!(
+                "{COLUMNS} WHERE name > $1 AND ($2::TEXT IS NULL OR key_id = $2)
+                     ORDER BY name LIMIT $3"
+            ),
+            &[
+                &after.unwrap_or(""),
+                &key.map(|k| k.to_string()),
+                &(limit as i64),
+            ],
+            row,
+        )
+        .await
+    }
+}

@@ -1,0 +1,165 @@
+//! Grant rows.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use super::{bad, internal, lock_key, one, parse_id, Postgres};
+use crate::kms::states::StateSet;
+use crate::metadata::{Failure, GrantRecord, Grants, MetaResult, Precondition};
+
+const COLUMNS: &str = "SELECT grant_id, key_id, name, grantee_principal, retiring_principal,
+    issuing_account, operations, context_subset, context_equals, creation_date_ms, token
+    FROM grants";
+
+fn row(r: &Row) -> MetaResult<GrantRecord> {
+    let ctx = |i: usize| -> MetaResult<Option<BTreeMap<String, String>>> {
+        let s: Option<&str> = r.get(i);
+        s.map(|s| serde_json::from_str(s).map_err(|_| bad("an encryption context")))
+            .transpose()
+    };
+    let ops: &str = r.get(6);
+    Ok(GrantRecord {
+        grant_id: r.get(0),
+        key_id: parse_id(r.get(1))?,
+        name: r.get(2),
+        grantee_principal: r.get(3),
+        retiring_principal: r.get(4),
+        issuing_account: r.get(5),
+        operations: ops
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+        context_subset: ctx(7)?,
+        context_equals: ctx(8)?,
+        creation_date_ms: r.get(9),
+        token: r.get(10),
+    })
+}
+
+fn context_json(m: &Option<BTreeMap<String, String>>) -> Option<String> {
+    m.as_ref()
+        .map(|m| serde_json::to_string(m).unwrap_or_default())
+}
+
+#[async_trait]
+impl Grants for Postgres {
+    async fn insert_grant(
+        &self,
+        g: &GrantRecord,
+        accepted: StateSet,
+        per_key: usize,
+        per_grantee: usize,
+    ) -> MetaResult<GrantRecord> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(internal)?;
+        // A key's grants are counted under its row's lock, so concurrent grants take turns.
+        lock_key(&tx, &g.key_id, accepted).await??;
+        let key = g.key_id.to_string();
+        if g.name.is_some() {
+            let same = tx
+                .query(
+                    &format!("{COLUMNS} WHERE key_id = $1 AND name = $2"),
+                    &[&key, &g.name],
+                )
+                .await
+                .map_err(internal)?;
+            for r in &same {
+                let e = row(r)?;
+                if e.same_terms(g) {
+                    return Ok(e);
+                }
+            }
+        }
+        let counts = tx
+            .query_one(
+                "SELECT COUNT(*), COUNT(*) FILTER (WHERE grantee_principal = $2)
+                 FROM grants WHERE key_id = $1",
+                &[&key, &g.grantee_principal],
+            )
+            .await
+            .map_err(internal)?;
+        let (all, of_grantee): (i64, i64) = (counts.get(0), counts.get(1));
+        let over = |per_grantee, limit| {
+            Err(Failure::Precondition(Precondition::GrantLimit {
+                per_grantee,
+                limit,
+            }))
+        };
+        if all as usize >= per_key {
+            return over(false, per_key);
+        }
+        if of_grantee as usize >= per_grantee {
+            return over(true, per_grantee);
+        }
+        tx.execute(
+            "INSERT INTO grants (grant_id, key_id, name, grantee_principal, retiring_principal,
+                 issuing_account, operations, context_subset, context_equals,
+                 creation_date_ms, token)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            &[
+                &g.grant_id,
+                &key,
+                &g.name,
+                &g.grantee_principal,
+                &g.retiring_principal,
+                &g.issuing_account,
+                &g.operations.join(","),
+                &context_json(&g.context_subset),
+                &context_json(&g.context_equals),
+                &g.creation_date_ms,
+                &g.token,
+            ],
+        )
+        .await
+        .map_err(internal)?;
+        tx.commit().await.map_err(internal)?;
+        Ok(g.clone())
+    }
+
+    async fn key_grants(&self, key: &Uuid) -> MetaResult<Arc<Vec<GrantRecord>>> {
+        let grants = self
+            .rows(
+                &format!("{COLUMNS} WHERE key_id = $1 ORDER BY grant_id"),
+                &[&key.to_string()],
+                row,
+            )
+            .await?;
+        Ok(Arc::new(grants))
+    }
+
+    async fn grant_by_token(&self, token: &str) -> MetaResult<Option<GrantRecord>> {
+        self.row(&format!("{COLUMNS} WHERE token = $1"), &[&token], row)
+            .await
+    }
+
+    async fn delete_grant(&self, key: &Uuid, grant_id: &str) -> MetaResult<()> {
+        one(self
+            .execute(
+                "DELETE FROM grants WHERE key_id = $1 AND grant_id = $2",
+                &[&key.to_string(), &grant_id],
+            )
+            .await?)
+    }
+
+    async fn retirable_grants(
+        &self,
+        principal: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> MetaResult<Vec<GrantRecord>> {
+        self.rows(
+            &format!(
+                "{COLUMNS} WHERE retiring_principal = $1 AND grant_id > $2
+                 ORDER BY grant_id LIMIT $3"
+            ),
+            &[&principal, &after.unwrap_or(""), &(limit as i64)],
+            row,
+        )
+        .await
+    }
+}

@@ -1,0 +1,269 @@
+//! Key rows and their tags.
+
+use async_trait::async_trait;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use super::{internal, key_refusal, lock_key, names, one, parse_id, parse_state, Postgres};
+use crate::kms::states::{KeyState, StateSet};
+use crate::metadata::{Failure, KeyRecord, Keys, MetaResult, Precondition};
+
+const COLUMNS: &str = "SELECT id, custom_key_store_id, creation_date_ms, description,
+    key_state, deletion_date_ms, pending_window_days, policy FROM keys";
+
+fn row(r: &Row) -> MetaResult<KeyRecord> {
+    Ok(KeyRecord {
+        id: parse_id(r.get(0))?,
+        custom_key_store_id: r.get(1),
+        creation_date_ms: r.get(2),
+        description: r.get(3),
+        key_state: parse_state(r.get(4))?,
+        deletion_date_ms: r.get(5),
+        pending_window_days: r.get(6),
+        policy: r.get(7),
+    })
+}
+
+impl Postgres {
+    /// Runs `set` (an `UPDATE keys SET ...` whose `$1` is the key id and `$2` the accepted
+    /// states, then `args`) as one statement conditioned on the key's state.
+    async fn update_key_if(
+        &self,
+        id: &Uuid,
+        accepted: StateSet,
+        set: &str,
+        args: &[&(dyn ToSql + Sync)],
+    ) -> MetaResult<()> {
+        let key = id.to_string();
+        let states = names(accepted);
+        let mut all: Vec<&(dyn ToSql + Sync)> = vec![&key, &states];
+        all.extend_from_slice(args);
+        let c = self.client().await?;
+        let n = c
+            .execute(
+                &format!("{set} WHERE id = $1 AND key_state = ANY($2)"),
+                &all,
+            )
+            .await
+            .map_err(internal)?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(key_refusal(&c, id).await?)
+        }
+    }
+}
+
+#[async_trait]
+impl Keys for Postgres {
+    async fn insert_key(&self, rec: &KeyRecord, tags: &[(String, String)]) -> MetaResult<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(internal)?;
+        tx.execute(
+            "INSERT INTO keys (id, custom_key_store_id, creation_date_ms, description, key_state,
+                               policy)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &rec.id.to_string(),
+                &rec.custom_key_store_id,
+                &rec.creation_date_ms,
+                &rec.description,
+                &rec.key_state.as_str(),
+                &rec.policy,
+            ],
+        )
+        .await
+        .map_err(internal)?;
+        for (k, v) in tags {
+            tx.execute(
+                "INSERT INTO key_tags (key_id, tag_key, tag_value) VALUES ($1, $2, $3)",
+                &[&rec.id.to_string(), k, v],
+            )
+            .await
+            .map_err(internal)?;
+        }
+        tx.commit().await.map_err(internal)
+    }
+
+    async fn key(&self, id: &Uuid) -> MetaResult<Option<KeyRecord>> {
+        self.row(&format!("{COLUMNS} WHERE id = $1"), &[&id.to_string()], row)
+            .await
+    }
+
+    async fn list_keys(&self, after: Option<&Uuid>, limit: usize) -> MetaResult<Vec<KeyRecord>> {
+        let after = after.map(|u| u.to_string()).unwrap_or_default();
+        self.rows(
+            &format!(
+                "{COLUMNS} WHERE id > $1 AND key_state NOT IN ('Creating', 'Deleting')
+                     ORDER BY id LIMIT $2"
+            ),
+            &[&after, &(limit as i64)],
+            row,
+        )
+        .await
+    }
+
+    async fn creating_keys(&self, keystore_id: &str, before_ms: i64) -> MetaResult<Vec<Uuid>> {
+        self.rows(
+            "SELECT id FROM keys WHERE custom_key_store_id = $1 AND key_state = 'Creating'
+                 AND creation_date_ms < $2",
+            &[&keystore_id, &before_ms],
+            |r| parse_id(r.get(0)),
+        )
+        .await
+    }
+
+    async fn set_key_state(&self, id: &Uuid, accepted: StateSet, to: KeyState) -> MetaResult<()> {
+        self.update_key_if(
+            id,
+            accepted,
+            "UPDATE keys SET key_state = $3",
+            &[&to.as_str()],
+        )
+        .await
+    }
+
+    async fn delete_key(&self, id: &Uuid) -> MetaResult<()> {
+        one(self
+            .execute("DELETE FROM keys WHERE id = $1", &[&id.to_string()])
+            .await?)
+    }
+
+    async fn set_description(
+        &self,
+        id: &Uuid,
+        accepted: StateSet,
+        description: &str,
+    ) -> MetaResult<()> {
+        self.update_key_if(
+            id,
+            accepted,
+            "UPDATE keys SET description = $3",
+            &[&description],
+        )
+        .await
+    }
+
+    async fn set_policy(&self, id: &Uuid, accepted: StateSet, policy: &str) -> MetaResult<()> {
+        self.update_key_if(id, accepted, "UPDATE keys SET policy = $3", &[&policy])
+            .await
+    }
+
+    async fn schedule_deletion(
+        &self,
+        id: &Uuid,
+        accepted: StateSet,
+        date_ms: i64,
+        window_days: i32,
+    ) -> MetaResult<()> {
+        self.update_key_if(
+            id,
+            accepted,
+            "UPDATE keys SET key_state = 'PendingDeletion', deletion_date_ms = $3,
+                 pending_window_days = $4",
+            &[&date_ms, &window_days],
+        )
+        .await
+    }
+
+    async fn cancel_deletion(&self, id: &Uuid, accepted: StateSet, to: KeyState) -> MetaResult<()> {
+        self.update_key_if(
+            id,
+            accepted,
+            "UPDATE keys SET key_state = $3, deletion_date_ms = NULL, pending_window_days = NULL",
+            &[&to.as_str()],
+        )
+        .await
+    }
+
+    async fn keys_due(&self, now_ms: i64, limit: usize) -> MetaResult<Vec<KeyRecord>> {
+        self.rows(
+            &format!(
+                "{COLUMNS} WHERE key_state IN ('PendingDeletion', 'Deleting')
+                     AND deletion_date_ms <= $1
+                 ORDER BY deletion_date_ms LIMIT $2"
+            ),
+            &[&now_ms, &(limit as i64)],
+            row,
+        )
+        .await
+    }
+
+    async fn begin_deletion(&self, id: &Uuid, now_ms: i64) -> MetaResult<()> {
+        one(self
+            .execute(
+                "UPDATE keys SET key_state = 'Deleting' WHERE id = $1
+                     AND key_state IN ('PendingDeletion', 'Deleting') AND deletion_date_ms <= $2",
+                &[&id.to_string(), &now_ms],
+            )
+            .await?)
+    }
+
+    async fn tag_key(
+        &self,
+        id: &Uuid,
+        accepted: StateSet,
+        tags: &[(String, String)],
+        max: usize,
+    ) -> MetaResult<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(internal)?;
+        // The key's row locked: concurrent taggers of the key take turns, so the count below
+        // is the count the commit leaves.
+        lock_key(&tx, id, accepted).await??;
+        for (k, v) in tags {
+            tx.execute(
+                "INSERT INTO key_tags (key_id, tag_key, tag_value) VALUES ($1, $2, $3)
+                 ON CONFLICT (key_id, tag_key) DO UPDATE SET tag_value = excluded.tag_value",
+                &[&id.to_string(), k, v],
+            )
+            .await
+            .map_err(internal)?;
+        }
+        let n: i64 = tx
+            .query_one(
+                "SELECT COUNT(*) FROM key_tags WHERE key_id = $1",
+                &[&id.to_string()],
+            )
+            .await
+            .map_err(internal)?
+            .get(0);
+        if n as usize > max {
+            // Dropping `tx` rolls the tags back.
+            return Err(Failure::Precondition(Precondition::Limit(max)));
+        }
+        tx.commit().await.map_err(internal)
+    }
+
+    async fn untag_key(&self, id: &Uuid, accepted: StateSet, keys: &[String]) -> MetaResult<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(internal)?;
+        lock_key(&tx, id, accepted).await??;
+        tx.execute(
+            "DELETE FROM key_tags WHERE key_id = $1 AND tag_key = ANY($2)",
+            &[&id.to_string(), &keys],
+        )
+        .await
+        .map_err(internal)?;
+        tx.commit().await.map_err(internal)
+    }
+
+    async fn list_tags(
+        &self,
+        id: &Uuid,
+        after: Option<&str>,
+        limit: usize,
+    ) -> MetaResult<Vec<(String, String)>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT tag_key, tag_value FROM key_tags WHERE key_id = $1 AND tag_key > $2
+                 ORDER BY tag_key LIMIT $3",
+                &[&id.to_string(), &after.unwrap_or(""), &(limit as i64)],
+            )
+            .await
+            .map_err(internal)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+}

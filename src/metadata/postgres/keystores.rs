@@ -1,0 +1,219 @@
+//! Custom key store rows.
+
+use async_trait::async_trait;
+use tokio_postgres::Row;
+
+use super::{bad, internal, one, taken, Postgres};
+use crate::kms::states::{ConnectionErrorCode, ConnectionState};
+use crate::metadata::{
+    Failure, KeyStoreRecord, KeyStoreUpdate, KeyStores, MetaResult, Precondition, Unique,
+};
+
+const COLUMNS: &str = "SELECT id, name, cluster_id, trust_anchor, sealed_password,
+    connection_state, connection_error_code, creation_date_ms FROM custom_key_stores";
+
+/// The unique constraints of the table, and what each one means.
+const UNIQUE: &[(&str, Unique)] = &[
+    ("keystore_name_taken", Unique::KeyStoreName),
+    ("keystore_cluster_taken", Unique::KeyStoreCluster),
+];
+
+fn row(r: &Row) -> MetaResult<KeyStoreRecord> {
+    let state: &str = r.get(5);
+    let code: Option<&str> = r.get(6);
+    Ok(KeyStoreRecord {
+        id: r.get(0),
+        name: r.get(1),
+        cluster_id: r.get(2),
+        trust_anchor: r.get(3),
+        sealed_password: r.get(4),
+        connection_state: ConnectionState::parse(state).ok_or_else(|| bad("a connection state"))?,
+        connection_error_code: code
+            .map(|c| ConnectionErrorCode::parse(c).ok_or_else(|| bad("an error code")))
+            .transpose()?,
+        creation_date_ms: r.get(7),
+    })
+}
+
+impl Postgres {
+    /// The store's connection state, for a change that touched no row; `NotFound` if absent.
+    async fn connection_refusal(&self, id: &str) -> MetaResult<Failure> {
+        let state = self
+            .row(
+                "SELECT connection_state FROM custom_key_stores WHERE id = $1",
+                &[&id],
+                |r| ConnectionState::parse(r.get(0)).ok_or_else(|| bad("a connection state")),
+            )
+            .await?;
+        Ok(match state {
+            Some(s) => Failure::Precondition(Precondition::ConnectionState(s)),
+            None => Failure::NotFound,
+        })
+    }
+}
+
+#[async_trait]
+impl KeyStores for Postgres {
+    async fn insert_keystore(&self, rec: &KeyStoreRecord) -> MetaResult<()> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO custom_key_stores (id, name, cluster_id, trust_anchor, sealed_password,
+                 connection_state, connection_error_code, creation_date_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            &[
+                &rec.id,
+                &rec.name,
+                &rec.cluster_id,
+                &rec.trust_anchor,
+                &rec.sealed_password,
+                &rec.connection_state.as_str(),
+                &rec.connection_error_code.map(|c| c.as_str()),
+                &rec.creation_date_ms,
+            ],
+        )
+        .await
+        .map(drop)
+        .map_err(|e| taken(e, UNIQUE))
+    }
+
+    async fn keystore(&self, id: &str) -> MetaResult<Option<KeyStoreRecord>> {
+        self.row(&format!("{COLUMNS} WHERE id = $1"), &[&id], row)
+            .await
+    }
+
+    async fn keystore_by_name(&self, name: &str) -> MetaResult<Option<KeyStoreRecord>> {
+        self.row(&format!("{COLUMNS} WHERE name = $1"), &[&name], row)
+            .await
+    }
+
+    async fn list_keystores(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> MetaResult<Vec<KeyStoreRecord>> {
+        self.rows(
+            &format!("{COLUMNS} WHERE id > $1 ORDER BY id LIMIT $2"),
+            &[&after.unwrap_or(""), &(limit as i64)],
+            row,
+        )
+        .await
+    }
+
+    async fn transition_keystore(
+        &self,
+        id: &str,
+        from: &[ConnectionState],
+        to: ConnectionState,
+        error_code: Option<ConnectionErrorCode>,
+    ) -> MetaResult<()> {
+        let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+        let n = self
+            .execute(
+                "UPDATE custom_key_stores SET connection_state = $3, connection_error_code = $4
+                 WHERE id = $1 AND connection_state = ANY($2)",
+                &[&id, &from, &to.as_str(), &error_code.map(|c| c.as_str())],
+            )
+            .await?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(self.connection_refusal(id).await?)
+        }
+    }
+
+    async fn update_keystore(&self, id: &str, update: &KeyStoreUpdate) -> MetaResult<()> {
+        let c = self.client().await?;
+        // The password the caller gives is the token's now: a pending one from an unfinished
+        // rotation is stale.
+        let n = c
+            .execute(
+                "UPDATE custom_key_stores SET name = COALESCE($2, name),
+                     cluster_id = COALESCE($3, cluster_id),
+                     sealed_password = COALESCE($4, sealed_password),
+                     pending_password = CASE WHEN $4::BYTEA IS NULL THEN pending_password END
+                 WHERE id = $1",
+                &[
+                    &id,
+                    &update.name,
+                    &update.cluster_id,
+                    &update.sealed_password,
+                ],
+            )
+            .await
+            .map_err(|e| taken(e, UNIQUE))?;
+        one(n)
+    }
+
+    async fn delete_keystore(&self, id: &str, only_in: ConnectionState) -> MetaResult<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(internal)?;
+        // The store's row locked: a key being inserted into it waits (its foreign key
+        // check takes a share lock on this row), and so cannot slip past the count.
+        let state = tx
+            .query_opt(
+                "SELECT connection_state FROM custom_key_stores WHERE id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await
+            .map_err(internal)?;
+        let Some(state) = state else {
+            return Err(Failure::NotFound);
+        };
+        let state =
+            ConnectionState::parse(state.get(0)).ok_or_else(|| bad("a connection state"))?;
+        if state != only_in {
+            return Err(Failure::Precondition(Precondition::ConnectionState(state)));
+        }
+        let keys: i64 = tx
+            .query_one(
+                "SELECT COUNT(*) FROM keys WHERE custom_key_store_id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(internal)?
+            .get(0);
+        if keys > 0 {
+            return Err(Failure::Precondition(Precondition::KeyStoreHasKeys(
+                keys as u64,
+            )));
+        }
+        tx.execute("DELETE FROM custom_key_stores WHERE id = $1", &[&id])
+            .await
+            .map_err(internal)?;
+        tx.commit().await.map_err(internal)
+    }
+
+    async fn set_pending_password(&self, id: &str, sealed: Option<&[u8]>) -> MetaResult<()> {
+        one(self
+            .execute(
+                "UPDATE custom_key_stores SET pending_password = $2 WHERE id = $1",
+                &[&id, &sealed],
+            )
+            .await?)
+    }
+
+    async fn pending_password(&self, id: &str) -> MetaResult<Option<Vec<u8>>> {
+        let c = self.client().await?;
+        let r = c
+            .query_opt(
+                "SELECT pending_password FROM custom_key_stores WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(internal)?;
+        Ok(r.and_then(|r| r.get(0)))
+    }
+
+    async fn promote_pending_password(&self, id: &str) -> MetaResult<()> {
+        let c = self.client().await?;
+        c.execute(
+            "UPDATE custom_key_stores SET sealed_password = pending_password,
+                 pending_password = NULL
+             WHERE id = $1 AND pending_password IS NOT NULL",
+            &[&id],
+        )
+        .await
+        .map(drop)
+        .map_err(internal)
+    }
+}

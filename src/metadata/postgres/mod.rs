@@ -1,0 +1,388 @@
+//! The shared metadata database: PostgreSQL, for several active replicas.
+//!
+//! PostgreSQL is the only source of truth: this implementation keeps no cache, so a change
+//! made through any replica is what every replica's next request reads. Every conditional
+//! change is race-free under READ COMMITTED with any number of writers:
+//!
+//! * a change to one row under a condition on that row is a single
+//!   `UPDATE ... WHERE <condition> RETURNING`; when it touches no row, a read says why
+//!   (absent, or in which state), for the caller's error;
+//! * a change whose condition spans rows (tags or aliases under a limit, grants under
+//!   their limits, a store's deletion while it holds no keys) first locks the parent row
+//!   (`SELECT ... FOR UPDATE`), so concurrent changes to the same parent take turns; a key
+//!   inserted into a store takes a share lock on the store's row through its foreign key,
+//!   so it cannot slip past a deletion.
+//!
+//! Schema migrations run once, in one transaction under an advisory transaction lock, so
+//! replicas starting together apply each one exactly once.
+
+mod aliases;
+mod grants;
+mod keys;
+mod keystores;
+pub mod throwaway;
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+use super::{Failure, MetaResult, Precondition, Unique};
+use crate::kms::states::{KeyState, StateSet};
+
+/// The advisory lock migrations run under (an arbitrary constant: "hsm-kms" in ASCII).
+const MIGRATION_LOCK: i64 = 0x68_73_6d_2d_6b_6d_73;
+
+/// Schema migrations, applied in order; `hsm_kms_schema.version` records how many ran.
+/// Text keys compare bytewise (`COLLATE "C"`), as pagination markers expect.
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE custom_key_stores (
+    id                    TEXT COLLATE \"C\" PRIMARY KEY,
+    name                  TEXT COLLATE \"C\" NOT NULL CONSTRAINT keystore_name_taken UNIQUE,
+    cluster_id            TEXT NOT NULL CONSTRAINT keystore_cluster_taken UNIQUE,
+    trust_anchor          TEXT NOT NULL,
+    sealed_password       BYTEA NOT NULL,
+    pending_password      BYTEA,
+    connection_state      TEXT NOT NULL,
+    connection_error_code TEXT,
+    creation_date_ms      BIGINT NOT NULL
+);
+CREATE TABLE keys (
+    id                  TEXT COLLATE \"C\" PRIMARY KEY,
+    custom_key_store_id TEXT NOT NULL REFERENCES custom_key_stores(id),
+    creation_date_ms    BIGINT NOT NULL,
+    description         TEXT NOT NULL,
+    key_state           TEXT NOT NULL,
+    deletion_date_ms    BIGINT,
+    pending_window_days INTEGER,
+    policy              TEXT
+);
+CREATE INDEX keys_by_store ON keys(custom_key_store_id);
+CREATE INDEX keys_by_deletion ON keys(deletion_date_ms) WHERE deletion_date_ms IS NOT NULL;
+CREATE TABLE key_tags (
+    key_id    TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+    tag_key   TEXT COLLATE \"C\" NOT NULL,
+    tag_value TEXT NOT NULL,
+    PRIMARY KEY (key_id, tag_key)
+);
+CREATE TABLE aliases (
+    name             TEXT COLLATE \"C\" CONSTRAINT alias_name_taken PRIMARY KEY,
+    key_id           TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+    creation_date_ms BIGINT NOT NULL,
+    last_updated_ms  BIGINT NOT NULL
+);
+CREATE INDEX aliases_by_key ON aliases(key_id);
+CREATE TABLE grants (
+    grant_id           TEXT COLLATE \"C\" PRIMARY KEY,
+    key_id             TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+    name               TEXT,
+    grantee_principal  TEXT NOT NULL,
+    retiring_principal TEXT,
+    issuing_account    TEXT NOT NULL,
+    operations         TEXT NOT NULL,
+    context_subset     TEXT,
+    context_equals     TEXT,
+    creation_date_ms   BIGINT NOT NULL,
+    token              TEXT NOT NULL UNIQUE
+);
+CREATE INDEX grants_by_key ON grants(key_id, grant_id);
+CREATE INDEX grants_by_retiring ON grants(retiring_principal, grant_id);
+"];
+
+pub struct Postgres {
+    pool: Pool,
+}
+
+/// Where the database is and how much of it a replica may hold.
+pub struct Connect<'a> {
+    /// `postgres://user@host:port/dbname` (a password in it works, but belongs in a file).
+    pub url: &'a str,
+    pub password: Option<&'a str>,
+    pub pool_size: usize,
+}
+
+impl Postgres {
+    /// Connects, and brings the schema up to date (once, whatever the number of replicas
+    /// starting at the same time).
+    pub async fn open(c: Connect<'_>) -> anyhow::Result<Postgres> {
+        let mut config: tokio_postgres::Config = c
+            .url
+            .parse()
+            .map_err(|_| anyhow::anyhow!("database.url is not a PostgreSQL connection URL"))?;
+        if let Some(p) = c.password {
+            config.password(p);
+        }
+        config.application_name("hsm-kms");
+        config.connect_timeout(Duration::from_secs(5));
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(c.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(5)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .build()?;
+        let db = Postgres { pool };
+        db.migrate()
+            .await
+            .map_err(|e| anyhow::anyhow!("migrating the metadata schema: {e}"))?;
+        Ok(db)
+    }
+
+    async fn migrate(&self) -> anyhow::Result<()> {
+        let mut c = self.pool.get().await?;
+        let tx = c.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS hsm_kms_schema (version INTEGER NOT NULL)")
+            .await?;
+        let done: i32 = match tx
+            .query_opt("SELECT version FROM hsm_kms_schema", &[])
+            .await?
+        {
+            Some(r) => r.get(0),
+            None => {
+                tx.execute("INSERT INTO hsm_kms_schema VALUES (0)", &[])
+                    .await?;
+                0
+            }
+        };
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(done.max(0) as usize) {
+            tx.batch_execute(m).await?;
+            tx.execute("UPDATE hsm_kms_schema SET version = $1", &[&(i as i32 + 1)])
+                .await?;
+        }
+        Ok(tx.commit().await?)
+    }
+
+    /// A connection from the pool.
+    async fn client(&self) -> MetaResult<Object> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| Failure::Internal(format!("no database connection: {e}")))
+    }
+
+    /// Every row `sql` returns, through `decode`.
+    async fn rows<T>(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        decode: fn(&tokio_postgres::Row) -> MetaResult<T>,
+    ) -> MetaResult<Vec<T>> {
+        let c = self.client().await?;
+        let rows = c.query(sql, params).await.map_err(internal)?;
+        rows.iter().map(decode).collect()
+    }
+
+    /// The row `sql` returns, if any, through `decode`.
+    async fn row<T>(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        decode: fn(&tokio_postgres::Row) -> MetaResult<T>,
+    ) -> MetaResult<Option<T>> {
+        let c = self.client().await?;
+        let r = c.query_opt(sql, params).await.map_err(internal)?;
+        r.as_ref().map(decode).transpose()
+    }
+
+    /// How many rows `sql` changed.
+    async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> MetaResult<u64> {
+        let c = self.client().await?;
+        c.execute(sql, params).await.map_err(internal)
+    }
+}
+
+fn internal(e: tokio_postgres::Error) -> Failure {
+    Failure::Internal(e.to_string())
+}
+
+/// A unique-constraint violation of one of `constraints` is `Taken`; anything else internal.
+fn taken(e: tokio_postgres::Error, constraints: &[(&str, Unique)]) -> Failure {
+    if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+        let name = e.as_db_error().and_then(|d| d.constraint()).unwrap_or("");
+        if let Some((_, u)) = constraints.iter().find(|(c, _)| *c == name) {
+            return Failure::Taken(*u);
+        }
+    }
+    internal(e)
+}
+
+fn bad(what: &str) -> Failure {
+    Failure::Internal(format!("the database holds a value that is not {what}"))
+}
+
+fn parse_id(s: &str) -> MetaResult<Uuid> {
+    Uuid::try_parse(s).map_err(|_| bad("a key id"))
+}
+
+fn parse_state(s: &str) -> MetaResult<KeyState> {
+    KeyState::parse(s).ok_or_else(|| bad("a key state"))
+}
+
+/// The names of the states in `set`, for `= ANY($n)`.
+fn names(set: StateSet) -> Vec<&'static str> {
+    KeyState::ALL
+        .iter()
+        .copied()
+        .filter(|s| set.contains(*s))
+        .map(KeyState::as_str)
+        .collect()
+}
+
+/// Why a change conditioned on the key's state touched no row: the key is absent (or
+/// invisible), or in a visible state the change does not accept.
+async fn key_refusal(c: &tokio_postgres::Client, id: &Uuid) -> MetaResult<Failure> {
+    let row = c
+        .query_opt(
+            "SELECT key_state FROM keys WHERE id = $1",
+            &[&id.to_string()],
+        )
+        .await
+        .map_err(internal)?;
+    Ok(match row {
+        Some(r) => refusal(parse_state(r.get(0))?),
+        None => Failure::NotFound,
+    })
+}
+
+/// Why a change does not apply to a key in state `s`: a visible state it does not accept,
+/// or an invisible key, which is absent to callers.
+fn refusal(s: KeyState) -> Failure {
+    if s.visible() {
+        Failure::Precondition(Precondition::KeyState(s))
+    } else {
+        Failure::NotFound
+    }
+}
+
+/// Locks the key's row for the rest of `tx` if the key is in `accepted`; otherwise says why
+/// not.
+async fn lock_key(
+    tx: &deadpool_postgres::Transaction<'_>,
+    id: &Uuid,
+    accepted: StateSet,
+) -> MetaResult<Result<(), Failure>> {
+    let row = tx
+        .query_opt(
+            "SELECT key_state FROM keys WHERE id = $1 FOR UPDATE",
+            &[&id.to_string()],
+        )
+        .await
+        .map_err(internal)?;
+    Ok(match row {
+        Some(r) => {
+            let s = parse_state(r.get(0))?;
+            if accepted.contains(s) {
+                Ok(())
+            } else {
+                Err(refusal(s))
+            }
+        }
+        None => Err(Failure::NotFound),
+    })
+}
+
+/// Exactly one row, or `NotFound`.
+fn one(n: u64) -> MetaResult<()> {
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(Failure::NotFound)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// The throwaway server, or None where PostgreSQL is not installed and the run does not
+    /// require it (HSM_KMS_REQUIRE_POSTGRES, which scripts/test.sh sets, makes it an error).
+    fn server() -> Option<&'static throwaway::Server> {
+        match throwaway::Server::shared() {
+            Ok(s) => Some(s),
+            Err(e) if std::env::var_os("HSM_KMS_REQUIRE_POSTGRES").is_none() => {
+                eprintln!("skipped: {e}");
+                None
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    async fn open(server: &throwaway::Server) -> Postgres {
+        let url = server.fresh_database().await.unwrap();
+        Postgres::open(Connect {
+            url: &url,
+            password: None,
+            pool_size: 16,
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_contract_holds() {
+        let Some(server) = server() else { return };
+        crate::metadata::contract::run(|| async {
+            Arc::new(open(server).await) as Arc<dyn crate::metadata::Metadata>
+        })
+        .await;
+    }
+
+    /// Replicas starting together migrate the schema once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_starts_migrate_once() {
+        let Some(server) = server() else { return };
+        let url = server.fresh_database().await.unwrap();
+        let starts: Vec<_> = (0..4)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move {
+                    Postgres::open(Connect {
+                        url: &url,
+                        password: None,
+                        pool_size: 2,
+                    })
+                    .await
+                })
+            })
+            .collect();
+        for s in starts {
+            s.await.unwrap().unwrap();
+        }
+        let db = Postgres::open(Connect {
+            url: &url,
+            password: None,
+            pool_size: 1,
+        })
+        .await
+        .unwrap();
+        let c = db.client().await.unwrap();
+        let v: i32 = c
+            .query_one("SELECT version FROM hsm_kms_schema", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(v as usize, MIGRATIONS.len());
+        let rows: i64 = c
+            .query_one("SELECT COUNT(*) FROM hsm_kms_schema", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(rows, 1);
+    }
+}

@@ -1,0 +1,162 @@
+//! A throwaway PostgreSQL server for tests and the bench: `initdb` in a temporary
+//! directory, one server per process on a Unix socket in that directory (no TCP port to
+//! collide on), fsync off, and a fresh database per caller. The server stops when the
+//! process that started it is gone.
+//!
+//! PostgreSQL refuses to run as root; when this process is root, the server runs as the
+//! `postgres` user (which Debian's package creates), through `runuser`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+const PORT: u16 = 5432;
+const USER: &str = "hsm_kms";
+
+/// A running server.
+pub struct Server {
+    dir: tempfile::TempDir,
+}
+
+/// PostgreSQL's programs: `$PG_BIN`, else the newest /usr/lib/postgresql/<version>/bin.
+pub fn bin_dir() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("PG_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, b)| b)
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `program args...`, as the postgres user when this process is root.
+fn command(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+impl Server {
+    /// The process's server, started on first use.
+    pub fn shared() -> anyhow::Result<&'static Server> {
+        static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
+        SERVER
+            .get_or_init(|| Server::start().map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    fn start() -> anyhow::Result<Server> {
+        let bin = bin_dir().context(
+            "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb; set PG_BIN or \
+             run scripts/setup.sh)",
+        )?;
+        let dir = tempfile::Builder::new().prefix("hsm-kms-pg").tempdir()?;
+        let data = dir.path().join("data");
+        if is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:"])
+                .arg(dir.path())
+                .status()?
+                .success();
+            if !ok {
+                bail!("cannot hand {} to the postgres user", dir.path().display());
+            }
+        }
+        let out = command(&bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", USER, "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .output()?;
+        if !out.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        // The server, and a watchdog that stops it once this process has gone.
+        let script = r#"
+"$1/postgres" -D "$2" -p "$3" -k "$4" -c listen_addresses= -c fsync=off \
+    -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 \
+    >"$4/server.log" 2>&1 &
+pg=$!
+while [ -d "/proc/$5" ] && kill -0 "$pg" 2>/dev/null; do sleep 1; done
+kill -INT "$pg" 2>/dev/null
+wait "$pg"
+rm -rf "$4"
+"#;
+        command(Path::new("sh"))
+            .args(["-c", script, "sh"])
+            .arg(&bin)
+            .arg(&data)
+            .arg(PORT.to_string())
+            .arg(dir.path())
+            .arg(std::process::id().to_string())
+            .spawn()?;
+        let server = Server { dir };
+        let socket = server.dir.path().join(format!(".s.PGSQL.{PORT}"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(server.dir.path().join("server.log"));
+                bail!("PostgreSQL did not start: {}", log.unwrap_or_default());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(server)
+    }
+
+    /// A connection string for `database` on this server.
+    pub fn url(&self, database: &str) -> String {
+        format!(
+            "host={} port={PORT} user={USER} dbname={database}",
+            self.dir.path().display()
+        )
+    }
+
+    /// A new, empty database; its connection string.
+    pub async fn fresh_database(&self) -> anyhow::Result<String> {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        // The socket appears a moment before the server takes connections.
+        let mut tries = 0;
+        let (client, connection) = loop {
+            match tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await {
+                Ok(c) => break c,
+                Err(_) if tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let task = tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await?;
+        drop(client);
+        let _ = task.await;
+        Ok(self.url(&name))
+    }
+}

@@ -1,0 +1,85 @@
+//! Several replicas on one PostgreSQL database (a throwaway server per test process), each
+//! with its own PKCS#11 login to the same token: what one replica changes, the others'
+//! next requests see.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hsm_kms::proto::*;
+
+/// Waits until `c` can encrypt under `key`: a replica that just started logs in to the
+/// token by itself, and SoftHSM2 shows a key made by another process a moment late.
+async fn usable(c: &mut Client, key: &str) {
+    for _ in 0..100 {
+        if try_encrypt(c, key, b"probe").await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the key never became usable through this replica");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_through_one_replica_is_seen_by_the_next_request_to_another() {
+    let database = postgres_database().await;
+    let h = Harness::start_with(&[ClusterSpec::good("cluster-replicaaaaaa")], |s| {
+        s.database = Some(database);
+    })
+    .await;
+    let mut a = h.client().await;
+    let store = h.connected_store(&mut a, 0, "shared").await;
+    let key = create_key(&mut a, &store).await;
+
+    let b = h.replica("b");
+    let mut bc = b.client().await;
+    // The store is CONNECTED for both, and B knows the key A made.
+    assert_eq!(
+        describe_store(&mut bc, &store).await.connection_state,
+        "CONNECTED"
+    );
+    usable(&mut bc, &key.key_id).await;
+    let ct = encrypt(&mut a, &key.key_id, b"made by a").await;
+    let out = bc
+        .decrypt(DecryptRequest {
+            ciphertext_blob: ct,
+            ..Default::default()
+        })
+        .await
+        .expect("B decrypts what A encrypted")
+        .into_inner();
+    assert_eq!(out.plaintext, b"made by a");
+
+    // Disabled through B: A's very next request is refused.
+    bc.disable_key(DisableKeyRequest {
+        key_id: key.key_id.clone(),
+    })
+    .await
+    .unwrap();
+    let e = try_encrypt(&mut a, &key.key_id, b"x").await.unwrap_err();
+    assert_eq!(aws_error(&e), "DisabledException", "{e:?}");
+
+    // Aliases, tags and names are one namespace: taken through A, refused through B.
+    a.create_alias(CreateAliasRequest {
+        alias_name: "alias/shared".into(),
+        target_key_id: key.key_id.clone(),
+    })
+    .await
+    .unwrap();
+    let e = bc
+        .create_alias(CreateAliasRequest {
+            alias_name: "alias/shared".into(),
+            target_key_id: key.key_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(aws_error(&e), "AlreadyExistsException", "{e:?}");
+
+    // Each replica writes its own audit trail.
+    assert!(b.stop(), "replica B did not exit cleanly");
+    let b_trail = std::fs::read_to_string(h.dir.path().join("b-audit.jsonl")).unwrap();
+    assert!(b_trail.contains("\"operation\":\"DisableKey\""));
+    let a_trail = std::fs::read_to_string(&h.settings.audit.file).unwrap();
+    assert!(!a_trail.contains("\"operation\":\"DisableKey\""));
+}
