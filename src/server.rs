@@ -23,6 +23,8 @@ const STREAM_WINDOW: u32 = 256 * 1024;
 const CONNECTION_WINDOW: u32 = 512 * 1024;
 /// Request headers (gRPC metadata) per request.
 const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// How often a replica compares its HSM logins with the stores' shared states.
+const STATE_FOLLOW_INTERVAL: Duration = Duration::from_secs(2);
 /// File descriptors kept for everything but client connections: the audit and metadata
 /// files, the admin listener's clients, HSM sockets, logs.
 const RESERVED_DESCRIPTORS: u64 = 256;
@@ -109,6 +111,8 @@ pub async fn start(
     let deletion = kms.spawn_deletion_task(Duration::from_secs(
         settings.lifecycle.deletion_check_interval_seconds,
     ));
+    // Other replicas connect and disconnect stores: follow them (log in or out here).
+    let follower = kms.spawn_state_follower(STATE_FOLLOW_INTERVAL);
 
     let auth = Arc::new(crate::api::auth::Authenticator::new(settings)?);
     let audit = Arc::new(crate::audit::Audit::open(
@@ -222,6 +226,7 @@ pub async fn start(
             _ = deadline => tracing::warn!(?grace, "shutdown grace period over; dropping the remaining connections"),
         }
         deletion.abort();
+        follower.abort();
         for task in [reload, failures].into_iter().chain(admin) {
             task.abort();
         }

@@ -21,6 +21,21 @@ async fn usable(c: &mut Client, key: &str) {
     panic!("the key never became usable through this replica");
 }
 
+/// Whether `check` holds within 10 seconds (polled every 100 ms).
+async fn eventually<F, Fut>(check: F) -> bool
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..100 {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_through_one_replica_is_seen_by_the_next_request_to_another() {
     let database = postgres_database().await;
@@ -75,6 +90,26 @@ async fn a_change_through_one_replica_is_seen_by_the_next_request_to_another() {
         .await
         .unwrap_err();
     assert_eq!(aws_error(&e), "AlreadyExistsException", "{e:?}");
+
+    // Disconnected through B: A logs out by itself (its health follows within seconds), and
+    // connected again through B, A logs in again without a request of its own.
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    disconnect(&mut bc, &store).await;
+    assert_eq!(
+        describe_store(&mut a, &store).await.connection_state,
+        "DISCONNECTED"
+    );
+    let e = try_encrypt(&mut a, &key.key_id, b"x").await.unwrap_err();
+    assert_eq!(aws_error(&e), "KMSInvalidStateException", "{e:?}");
+    assert!(
+        eventually(|| async { h.health(&store).await != serving }).await,
+        "A stayed logged in"
+    );
+    assert_eq!(connect(&mut bc, &store).await, ("CONNECTED".into(), None));
+    assert!(
+        eventually(|| async { h.health(&store).await == serving }).await,
+        "A did not log in"
+    );
 
     // Each replica writes its own audit trail.
     assert!(b.stop(), "replica B did not exit cleanly");

@@ -26,8 +26,8 @@ pub struct Connections {
     /// reconnection) of one store: writers change the store, readers need it as it is.
     lifecycle: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
     health: watch::Sender<Health>,
-    /// When this replica last failed to log in to a CONNECTED store, per store.
-    attach_failures: Mutex<HashMap<String, std::time::Instant>>,
+    /// Failed logins in a row to a CONNECTED store, and when the last one was, per store.
+    attach_failures: Mutex<HashMap<String, (u32, std::time::Instant)>>,
 }
 
 impl Connections {
@@ -51,19 +51,40 @@ impl Connections {
         Duration::from_millis(self.settings.call_timeout_ms)
     }
 
-    pub(super) fn note_attach_failure(&self, store_id: &str) {
-        self.attach_failures
+    pub(super) fn note_attach(&self, store_id: &str, ok: bool) {
+        let mut failures = self
+            .attach_failures
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(store_id.to_string(), std::time::Instant::now());
+            .unwrap_or_else(|p| p.into_inner());
+        if ok {
+            failures.remove(store_id);
+        } else {
+            let n = failures.get(store_id).map_or(0, |(n, _)| *n);
+            failures.insert(
+                store_id.to_string(),
+                (n.saturating_add(1), std::time::Instant::now()),
+            );
+        }
     }
 
-    pub(super) fn attach_failed_within(&self, store_id: &str, pause: Duration) -> bool {
-        self.attach_failures
+    /// Whether a login to the store should wait: after `n` failures in a row, the
+    /// reconnection back-off (`hsm.reconnect_*_backoff_ms`) doubled `n - 1` times, so that
+    /// neither requests nor retries can hammer an HSM that refuses the password (CloudHSM
+    /// locks a crypto user out after repeated failures).
+    pub(super) fn attach_backing_off(&self, store_id: &str) -> bool {
+        let failures = self
+            .attach_failures
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(store_id)
-            .is_some_and(|t| t.elapsed() < pause)
+            .unwrap_or_else(|p| p.into_inner());
+        let Some((n, at)) = failures.get(store_id) else {
+            return false;
+        };
+        let initial = Duration::from_millis(self.settings.reconnect_initial_backoff_ms);
+        let max = Duration::from_millis(self.settings.reconnect_max_backoff_ms);
+        let pause = initial
+            .saturating_mul(1u32 << (n.saturating_sub(1)).min(16))
+            .min(max);
+        at.elapsed() < pause
     }
 
     /// The live connection of a store.
@@ -87,6 +108,16 @@ impl Connections {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(store_id)
+    }
+
+    /// The stores this process has a connection to.
+    pub(super) fn live_ids(&self) -> Vec<String> {
+        self.live
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// The connections whose HSM answers.

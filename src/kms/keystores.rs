@@ -707,12 +707,12 @@ impl Kms {
     /// through another replica, or before this process started). The shared state is not
     /// touched, and a failure is this replica's alone: its health says NOT_SERVING, its
     /// requests answer that the key is unavailable, and it tries again later. One login at
-    /// a time per store; after a failed one, requests wait `ATTACH_PAUSE` before another.
+    /// a time per store; after failed ones, none before the back-off has passed.
     pub(super) async fn attach(self: &Arc<Self>, id: &str) -> Option<Arc<Connection>> {
         if let Some(c) = self.connection(id) {
             return Some(c);
         }
-        if self.connections.attach_failed_within(id, ATTACH_PAUSE) {
+        if self.connections.attach_backing_off(id) {
             return None;
         }
         let lock = self.lifecycle_lock(id);
@@ -730,12 +730,13 @@ impl Kms {
                 let cutoff = self.creation_cutoff();
                 self.reconcile_creating_keys(id, &conn, cutoff).await;
                 self.connections.insert(id, Arc::clone(&conn));
+                self.connections.note_attach(id, true);
                 self.report(id, true);
                 tracing::info!(custom_key_store_id = %id, "logged in to a CONNECTED custom key store");
                 Some(conn)
             }
             Err(code) => {
-                self.connections.note_attach_failure(id);
+                self.connections.note_attach(id, false);
                 self.report(id, false);
                 tracing::warn!(custom_key_store_id = %id, error_code = code.as_str(), "cannot log in to a CONNECTED custom key store; trying again later");
                 None
@@ -743,12 +744,9 @@ impl Kms {
         }
     }
 
-    /// `attach`, again with back-off, until this replica is logged in or the store is no
-    /// longer CONNECTED.
+    /// `attach` (which keeps its own back-off), until this replica is logged in or the store
+    /// is no longer CONNECTED.
     async fn attach_until_done(self: &Arc<Self>, id: &str) {
-        let settings = self.connections.settings();
-        let mut pause = Duration::from_millis(settings.reconnect_initial_backoff_ms);
-        let max = Duration::from_millis(settings.reconnect_max_backoff_ms).max(ATTACH_PAUSE);
         loop {
             if self.attach(id).await.is_some() {
                 return;
@@ -757,9 +755,66 @@ impl Kms {
                 Ok(Some(rec)) if rec.connection_state == Connected => {}
                 _ => return,
             }
-            tokio::time::sleep(pause.max(ATTACH_PAUSE)).await;
-            pause = (pause * 2).min(max);
+            tokio::time::sleep(ATTACH_RETRY).await;
         }
+    }
+
+    /// Follows the shared store states, for the changes other replicas make: logs out of
+    /// stores that are no longer CONNECTED (disconnected or deleted through another replica)
+    /// and logs in to CONNECTED ones it has no connection to yet.
+    pub async fn follow_shared_states(self: &Arc<Self>) {
+        let stores = self.all_keystores().await;
+        let live = self.connections.live_ids();
+        for id in live {
+            let connected = stores
+                .iter()
+                .any(|r| r.id == id && r.connection_state == Connected);
+            if connected {
+                continue;
+            }
+            // Under the store's lock, and read again: this replica's own connect inserts its
+            // connection a moment before the store turns CONNECTED.
+            let lock = self.lifecycle_lock(&id);
+            let _guard = lock.write().await;
+            let state = self
+                .meta
+                .keystore(&id)
+                .await
+                .map(|r| r.map(|r| r.connection_state));
+            if matches!(state, Ok(Some(Connected))) {
+                continue;
+            }
+            if state.is_err() {
+                continue; // the database is unreachable: keep serving what we know
+            }
+            if let Some(conn) = self.connections.remove(&id) {
+                conn.close(self.connections.call_timeout()).await;
+                self.report(&id, false);
+                tracing::info!(custom_key_store_id = %id, "logged out: the store is no longer CONNECTED");
+            }
+        }
+        for rec in stores {
+            if rec.connection_state == Connected && self.connection(&rec.id).is_none() {
+                let kms = Arc::clone(self);
+                tokio::spawn(async move { kms.attach(&rec.id).await });
+            }
+        }
+    }
+
+    /// Runs `follow_shared_states` every `interval` until the process ends.
+    pub fn spawn_state_follower(
+        self: &Arc<Self>,
+        interval: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let kms = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                kms.follow_shared_states().await;
+            }
+        })
     }
 
     /// `Creating` rows made before this are abandoned: no CreateKey, on any replica, can
@@ -775,8 +830,9 @@ impl Kms {
     }
 }
 
-/// After a failed login to a CONNECTED store, how long requests leave it before another.
-const ATTACH_PAUSE: Duration = Duration::from_secs(2);
+/// How often a replica that cannot log in to a CONNECTED store looks again (each login
+/// itself waits for the back-off).
+const ATTACH_RETRY: Duration = Duration::from_millis(500);
 
 pub(super) fn keystore_not_found(id: &str) -> KmsError {
     KmsError::new(
