@@ -10,10 +10,32 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::states::ConnectionState::*;
+
+/// The shortest claim a sweeper takes on a key it deletes.
+const DELETION_LEASE_MS: i64 = 30_000;
 use super::Kms;
 use crate::metadata::Failure;
 
 impl Kms {
+    /// Claims (or renews the claim on) a due key for this replica's sweep; false when it is
+    /// not due any more (cancelled) or another replica holds it.
+    async fn claim_deletion(&self, id: &uuid::Uuid, arn: &str) -> bool {
+        let lease_ms =
+            (4 * self.connections.settings().call_timeout_ms as i64).max(DELETION_LEASE_MS);
+        match self
+            .meta
+            .claim_deletion(id, self.now(), &self.replica, lease_ms)
+            .await
+        {
+            Ok(()) => true,
+            Err(Failure::NotFound) => false,
+            Err(e) => {
+                tracing::error!(key_arn = %arn, error = %e, "claiming a key for deletion failed");
+                false
+            }
+        }
+    }
+
     /// Deletes every key whose deletion date has passed; returns how many were deleted.
     pub async fn delete_due_keys(&self) -> usize {
         let now = self.now();
@@ -42,16 +64,16 @@ impl Kms {
                 (Disconnected | Failed, _) => false,
                 _ => continue,
             };
-            match self.meta.begin_deletion(&key.id, now).await {
-                Ok(()) => {}
-                Err(Failure::NotFound) => continue, // cancelled meanwhile
-                Err(e) => {
-                    tracing::error!(key_arn = %arn, error = %e, "marking key for deletion failed");
-                    continue;
-                }
+            if !self.claim_deletion(&key.id, &arn).await {
+                continue;
             }
             match conn.filter(|_| reachable) {
                 Some(conn) => {
+                    // Renewed right before the material goes: a sweeper frozen past its
+                    // lease finds that another replica has taken the key over.
+                    if !self.claim_deletion(&key.id, &arn).await {
+                        continue;
+                    }
                     if let Err(e) = conn.destroy_key(key.id).await {
                         // Keep the row (Deleting) and try again on the next pass.
                         tracing::warn!(key_arn = %arn, error = ?e, "destroying key material failed; will retry");

@@ -131,6 +131,8 @@ pub struct Kms {
     default_keystore: Option<String>,
     /// This value itself, for work that outlives a request (a login's recovery).
     me: std::sync::Weak<Kms>,
+    /// This process among the replicas: the owner of the deletion claims it takes.
+    replica: String,
 }
 
 impl Kms {
@@ -157,6 +159,7 @@ impl Kms {
             clock_offset_ms,
             default_keystore,
             me: me.clone(),
+            replica: uuid::Uuid::new_v4().to_string(),
         })
     }
 

@@ -320,8 +320,11 @@ async fn scheduled_deletion_and_its_claim(m: Arc<dyn Metadata>) {
     let k = m.key(&id).await.unwrap().unwrap();
     assert_eq!((k.key_state, k.deletion_date_ms), (D, None));
     m.schedule_deletion(&id, LIVE, 1_000, 7).await.unwrap();
-    assert_eq!(m.begin_deletion(&id, 999).await, Err(Failure::NotFound));
-    m.begin_deletion(&id, 1_000).await.unwrap();
+    assert_eq!(
+        m.claim_deletion(&id, 999, "a", 100).await,
+        Err(Failure::NotFound)
+    );
+    m.claim_deletion(&id, 1_000, "a", 100).await.unwrap();
     assert_eq!(
         m.key(&id).await.unwrap().unwrap().key_state,
         KeyState::Deleting
@@ -332,6 +335,22 @@ async fn scheduled_deletion_and_its_claim(m: Arc<dyn Metadata>) {
         Err(Failure::NotFound)
     );
     assert_eq!(m.keys_due(1_000, 10).await.unwrap().len(), 1);
+    // The claim is a's until 1,100: b cannot take it, a renews it; once it has lapsed, b
+    // takes it, and a, back from a freeze, finds it gone when it renews.
+    assert_eq!(
+        m.claim_deletion(&id, 1_050, "b", 100).await,
+        Err(Failure::NotFound)
+    );
+    m.claim_deletion(&id, 1_060, "a", 100).await.unwrap();
+    assert_eq!(
+        m.claim_deletion(&id, 1_159, "b", 100).await,
+        Err(Failure::NotFound)
+    );
+    m.claim_deletion(&id, 1_160, "b", 100).await.unwrap();
+    assert_eq!(
+        m.claim_deletion(&id, 1_161, "a", 100).await,
+        Err(Failure::NotFound)
+    );
     m.delete_key(&id).await.unwrap();
     assert_eq!(m.key(&id).await.unwrap(), None);
 }

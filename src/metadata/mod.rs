@@ -222,8 +222,18 @@ pub trait Keys: Send + Sync {
     async fn cancel_deletion(&self, id: &Uuid, accepted: StateSet, to: KeyState) -> MetaResult<()>;
     /// Keys pending deletion (or being deleted) whose date is at or before `now_ms`.
     async fn keys_due(&self, now_ms: i64, limit: usize) -> MetaResult<Vec<KeyRecord>>;
-    /// Marks a due key `Deleting` if it is still due; `NotFound` if it is not.
-    async fn begin_deletion(&self, id: &Uuid, now_ms: i64) -> MetaResult<()>;
+    /// Claims a due key for deletion by `owner` until `now_ms + lease_ms`, marking it
+    /// `Deleting`: only if it is still due and no other owner holds an unexpired claim
+    /// (`NotFound` otherwise). The owner claiming again renews its claim. With several
+    /// replicas sweeping, one destroys the key's material; a replica frozen past its lease
+    /// loses the key to another, and finds so when it renews before destroying.
+    async fn claim_deletion(
+        &self,
+        id: &Uuid,
+        now_ms: i64,
+        owner: &str,
+        lease_ms: i64,
+    ) -> MetaResult<()>;
     /// Adds or overwrites tags; `Precondition(Limit)` if the key would carry more than `max`.
     async fn tag_key(
         &self,

@@ -190,12 +190,21 @@ impl Keys for Postgres {
         .await
     }
 
-    async fn begin_deletion(&self, id: &Uuid, now_ms: i64) -> MetaResult<()> {
+    async fn claim_deletion(
+        &self,
+        id: &Uuid,
+        now_ms: i64,
+        owner: &str,
+        lease_ms: i64,
+    ) -> MetaResult<()> {
         one(self
             .execute(
-                "UPDATE keys SET key_state = 'Deleting' WHERE id = $1
-                     AND key_state IN ('PendingDeletion', 'Deleting') AND deletion_date_ms <= $2",
-                &[&id.to_string(), &now_ms],
+                "UPDATE keys SET key_state = 'Deleting', deletion_owner = $3,
+                     deletion_lease_until = $2 + $4
+                 WHERE id = $1 AND deletion_date_ms <= $2 AND (key_state = 'PendingDeletion'
+                     OR (key_state = 'Deleting' AND (deletion_owner IS NULL
+                         OR deletion_owner = $3 OR deletion_lease_until <= $2)))",
+                &[&id.to_string(), &now_ms, &owner, &lease_ms],
             )
             .await?)
     }

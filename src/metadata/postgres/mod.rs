@@ -37,7 +37,8 @@ const MIGRATION_LOCK: i64 = 0x68_73_6d_2d_6b_6d_73;
 
 /// Schema migrations, applied in order; `hsm_kms_schema.version` records how many ran.
 /// Text keys compare bytewise (`COLLATE "C"`), as pagination markers expect.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE custom_key_stores (
     id                    TEXT COLLATE \"C\" PRIMARY KEY,
     name                  TEXT COLLATE \"C\" NOT NULL CONSTRAINT keystore_name_taken UNIQUE,
@@ -89,7 +90,12 @@ CREATE TABLE grants (
 );
 CREATE INDEX grants_by_key ON grants(key_id, grant_id);
 CREATE INDEX grants_by_retiring ON grants(retiring_principal, grant_id);
-"];
+",
+    "
+ALTER TABLE keys ADD COLUMN deletion_owner TEXT;
+ALTER TABLE keys ADD COLUMN deletion_lease_until BIGINT;
+",
+];
 
 pub struct Postgres {
     pool: Pool,

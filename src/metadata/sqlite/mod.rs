@@ -22,7 +22,7 @@ use super::{Failure, GrantRecord, KeyRecord, KeyStoreRecord, MetaResult, Precond
 use crate::kms::states::{KeyState, StateSet};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS custom_key_stores (
@@ -84,6 +84,12 @@ CREATE TABLE IF NOT EXISTS grants (
 CREATE INDEX IF NOT EXISTS grants_by_key ON grants(key_id, grant_id);
 CREATE INDEX IF NOT EXISTS grants_by_retiring ON grants(retiring_principal, grant_id);
 ALTER TABLE custom_key_stores ADD COLUMN pending_password BLOB;
+";
+
+/// Who is deleting a key, and until when (deletion claims, for several sweepers).
+const SCHEMA_V4: &str = "
+ALTER TABLE keys ADD COLUMN deletion_owner TEXT;
+ALTER TABLE keys ADD COLUMN deletion_lease_until INTEGER;
 ";
 
 pub struct Sqlite {
