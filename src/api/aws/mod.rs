@@ -340,3 +340,32 @@ pub async fn serve<S>(
     drop(incoming);
     while connections.join_next().await.is_some() {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The exceptions the AWS model marks as server faults answer 5xx (SDKs retry them);
+    /// everything a caller can change answers 400.
+    #[test]
+    fn faults_answer_5xx_and_client_errors_400() {
+        assert_eq!(status_of(ErrorKind::KmsInternal), 500);
+        assert_eq!(status_of(ErrorKind::DependencyTimeout), 503);
+        for kind in [
+            ErrorKind::Validation,
+            ErrorKind::NotFound,
+            ErrorKind::Throttling,
+            ErrorKind::AccessDenied,
+            ErrorKind::InvalidSignature,
+            ErrorKind::KmsInvalidState,
+        ] {
+            assert_eq!(status_of(kind), 400, "{kind:?}");
+        }
+        let e = KmsError::new(ErrorKind::NotFound, "Key 'k' does not exist");
+        let id = uuid::Uuid::nil();
+        let r = error(&e, &id);
+        assert_eq!(r.status(), 400);
+        assert_eq!(r.headers()["x-amzn-requestid"], id.to_string().as_str());
+        assert_eq!(r.headers()["content-type"], CONTENT_TYPE);
+    }
+}
