@@ -40,7 +40,7 @@ where
 async fn a_change_through_one_replica_is_seen_by_the_next_request_to_another() {
     let database = postgres_database().await;
     let h = Harness::start_with(&[ClusterSpec::good("cluster-replicaaaaaa")], |s| {
-        s.database = Some(database);
+        use_database(s, database);
     })
     .await;
     let mut a = h.client().await;
@@ -117,4 +117,52 @@ async fn a_change_through_one_replica_is_seen_by_the_next_request_to_another() {
     assert!(b_trail.contains("\"operation\":\"DisableKey\""));
     let a_trail = std::fs::read_to_string(&h.settings.audit.file).unwrap();
     assert!(!a_trail.contains("\"operation\":\"DisableKey\""));
+}
+
+/// The sealing key is the service's, not a replica's: a replica with another key refuses to
+/// start and says why, and with a database no replica makes up a key of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_another_sealing_key_refuses_to_start() {
+    let database = postgres_database().await;
+    let h = Harness::start_with(&[ClusterSpec::good("cluster-replicaseala")], |s| {
+        use_database(s, database);
+    })
+    .await;
+    let other = h.dir.path().join("other.key");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&other)
+            .unwrap();
+        std::io::Write::write_all(&mut f, &[0x5a; 32]).unwrap();
+    }
+    let (mut command, _) = h.replica_command("wrong-key", |s| {
+        s.security.sealing_key_file = other.clone();
+    });
+    let out = command.output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a replica with another sealing key started"
+    );
+    assert!(
+        said.contains("not the key this metadata database"),
+        "{said}"
+    );
+
+    let missing = h.dir.path().join("missing.key");
+    let (mut command, _) = h.replica_command("no-key", |s| {
+        s.security.sealing_key_file = missing.clone();
+    });
+    let out = command.output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a replica made up its own sealing key"
+    );
+    assert!(said.contains("never created"), "{said}");
+    assert!(!missing.exists());
 }

@@ -101,10 +101,36 @@ impl Parts {
         let identities = access::Identities::load(&settings.auth.identity_policies)?;
         let access = Access::new(&scope, identities)
             .map_err(|e| anyhow::anyhow!("the default key policy: {}", e.message))?;
+        // Replicas share the passwords sealed with the key: never make one up there.
+        let sealer = Sealer::load(
+            &settings.security.sealing_key_file,
+            settings.database.is_none(),
+        )?;
+        // Replicas must agree on the key: a replica with another key would fail every
+        // store's login, so it refuses to start instead. (One node keeps its old way: a
+        // lost key is mended with UpdateCustomKeyStore, which needs a running service.)
+        if settings.database.is_some() {
+            let candidate = sealer
+                .check_value()
+                .map_err(|e| anyhow::anyhow!("sealing the check value: {}", e.message))?;
+            let recorded = metadata
+                .sealing_check(&candidate)
+                .await
+                .map_err(|e| anyhow::anyhow!("reading the sealing check value: {e}"))?;
+            if !sealer.matches(&recorded) {
+                anyhow::bail!(
+                    "the sealing key ({} or {}) is not the key this metadata database's \
+                     kmsuser passwords are sealed with; every replica needs a copy of the \
+                     same key",
+                    settings.security.sealing_key_file.display(),
+                    sealing::SEALING_KEY_ENV
+                );
+            }
+        }
         Ok(Parts {
             clusters: Clusters::load(&settings.clusters)?,
             metadata,
-            sealer: Sealer::load(&settings.security.sealing_key_file)?,
+            sealer,
             connections: Connections::new(
                 modules,
                 settings.hsm.clone(),

@@ -19,6 +19,10 @@ use super::error::{KmsError, KmsResult};
 
 pub const SEALING_KEY_ENV: &str = "HSM_KMS_SEALING_KEY";
 
+/// What the service's sealing check value holds (not a secret), and its sealing context.
+const CHECK_TEXT: &[u8] = b"hsm-kms sealing key check";
+const CHECK_CONTEXT: &str = "sealing-key-check";
+
 /// The key taken out of the environment by `take_env_key`.
 static ENV_KEY: std::sync::Mutex<Option<Zeroizing<String>>> = std::sync::Mutex::new(None);
 
@@ -60,8 +64,9 @@ impl std::fmt::Debug for Sealer {
 
 impl Sealer {
     /// Loads the sealing key from the environment, else from `path`, creating the file
-    /// (mode 0600) with a fresh random key if it does not exist.
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
+    /// (mode 0600) with a fresh random key if it does not exist and `create` allows it
+    /// (never with several replicas: each would make its own key).
+    pub fn load(path: &Path, create: bool) -> anyhow::Result<Self> {
         let from_env = ENV_KEY
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -89,6 +94,12 @@ impl Sealer {
                 path.display()
             );
             key
+        } else if !create {
+            anyhow::bail!(
+                "sealing key file {} does not exist: with [database] (several replicas) it is \
+                 never created; give every replica a copy of the same key (or set {SEALING_KEY_ENV})",
+                path.display()
+            );
         } else {
             let mut key = Zeroizing::new(vec![0u8; 32]);
             getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("randomness: {e}"))?;
@@ -109,6 +120,20 @@ impl Sealer {
         let mut fixed = Zeroizing::new([0u8; 32]);
         fixed.copy_from_slice(&key);
         Ok(Sealer::with_key(&fixed))
+    }
+
+    /// Checks this key against the service's record: the first start records a value sealed
+    /// with it (`record`, which returns the value recorded, whoever recorded it), and any
+    /// later start must be able to open that value, or it would not open the kmsuser
+    /// passwords either.
+    pub fn matches(&self, recorded: &[u8]) -> bool {
+        self.unseal(CHECK_CONTEXT, recorded)
+            .is_ok_and(|text| text.as_slice() == CHECK_TEXT)
+    }
+
+    /// The value to record for `matches`.
+    pub fn check_value(&self) -> KmsResult<Vec<u8>> {
+        self.seal(CHECK_CONTEXT, CHECK_TEXT)
     }
 
     pub fn with_key(key: &[u8; 32]) -> Sealer {
@@ -168,18 +193,26 @@ mod tests {
     fn seal_round_trip_and_binding() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sealing.key");
-        let s = Sealer::load(&path).unwrap();
+        // Where the key must be shared (replicas), a missing file is an error, not a new key.
+        let e = Sealer::load(&path, false).unwrap_err().to_string();
+        assert!(e.contains("never created"), "{e}");
+        assert!(!path.exists());
+        let s = Sealer::load(&path, true).unwrap();
         let mode = fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let sealed = s.seal("cks-1", b"kmsuser-password").unwrap();
         assert_eq!(&*s.unseal("cks-1", &sealed).unwrap(), b"kmsuser-password");
         assert!(s.unseal("cks-2", &sealed).is_err());
         // Reloading reads the same key.
-        let again = Sealer::load(&path).unwrap();
+        let again = Sealer::load(&path, false).unwrap();
         assert_eq!(
             &*again.unseal("cks-1", &sealed).unwrap(),
             b"kmsuser-password"
         );
         assert!(format!("{s:?}").contains("redacted"));
+        // The check value opens with the same key only.
+        let recorded = s.check_value().unwrap();
+        assert!(again.matches(&recorded));
+        assert!(!Sealer::with_key(&[7u8; 32]).matches(&recorded));
     }
 }

@@ -33,6 +33,13 @@ where
     grants_are_bounded_and_named_grants_are_idempotent(fresh().await).await;
     reads_after_writes_see_the_writes(fresh().await).await;
     racing_writers_cannot_pass_a_limit(fresh().await).await;
+    the_first_sealing_check_value_stays(fresh().await).await;
+}
+
+/// The sealing-key check value: the first recorded stays, whatever later starts offer.
+async fn the_first_sealing_check_value_stays(m: Arc<dyn Metadata>) {
+    assert_eq!(m.sealing_check(b"first").await.unwrap(), b"first");
+    assert_eq!(m.sealing_check(b"second").await.unwrap(), b"first");
 }
 
 fn keystore(id: &str, name: &str, cluster: &str) -> KeyStoreRecord {

@@ -187,6 +187,9 @@ pub trait KeyStores: Send + Sync {
     async fn pending_password(&self, id: &str) -> MetaResult<Option<Vec<u8>>>;
     /// Makes the pending password the stored one, if there is one.
     async fn promote_pending_password(&self, id: &str) -> MetaResult<()>;
+    /// Records `candidate` as the service's sealing-key check value unless one is recorded
+    /// already; returns the value recorded (the first replica's).
+    async fn sealing_check(&self, candidate: &[u8]) -> MetaResult<Vec<u8>>;
 }
 
 /// Key rows and their tags. A change given `accepted` applies only to a key in one of those

@@ -606,6 +606,22 @@ impl Drop for Replica {
 impl Harness {
     /// Starts replica `name` of this service (which must use `[database]`).
     pub fn replica(&self, name: &str) -> Replica {
+        let (mut command, audit) = self.replica_command(name, |_| {});
+        let mut child = command
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start a replica");
+        let addr = wait_for_line(&mut child, "hsm-kms listening on ", Duration::from_secs(60));
+        Replica { child, addr, audit }
+    }
+
+    /// The command that runs replica `name`, with `change` applied to its config, and its
+    /// audit file. Its standard output and error are piped.
+    pub fn replica_command(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut Settings),
+    ) -> (Command, PathBuf) {
         assert!(
             self.settings.database.is_some(),
             "replicas share a database"
@@ -615,9 +631,11 @@ impl Harness {
         s.admin.listen = "127.0.0.1:0".parse().unwrap();
         s.server.aws_listen = None;
         s.audit.file = self.dir.path().join(format!("{name}-audit.jsonl"));
+        change(&mut s);
         let config = self.dir.path().join(format!("{name}.toml"));
         std::fs::write(&config, config_text(&s)).unwrap();
-        let mut child = Command::new(server_binary())
+        let mut command = Command::new(server_binary());
+        command
             .args(["serve", "--config"])
             .arg(&config)
             .env(
@@ -627,15 +645,28 @@ impl Harness {
             .env_remove("HSM_KMS_SEALING_KEY")
             .envs(self.options.env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::piped())
-            .spawn()
-            .expect("start a replica");
-        let addr = wait_for_line(&mut child, "hsm-kms listening on ", Duration::from_secs(60));
-        Replica {
-            child,
-            addr,
-            audit: s.audit.file,
-        }
+            .stderr(Stdio::piped());
+        (command, s.audit.file)
     }
+}
+
+/// Points `s` at `database`, with a sealing key file made for it (with a database, the
+/// service never makes one itself: every replica needs a copy of the same key).
+pub fn use_database(s: &mut Settings, database: hsm_kms::config::DatabaseSettings) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = &s.security.sealing_key_file;
+    if !path.exists() {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .unwrap();
+        f.write_all(&key).unwrap();
+    }
+    s.database = Some(database);
 }
 
 /// A fresh database on this test process's throwaway PostgreSQL server.

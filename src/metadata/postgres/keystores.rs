@@ -216,4 +216,20 @@ impl KeyStores for Postgres {
         .map(drop)
         .map_err(internal)
     }
+
+    async fn sealing_check(&self, candidate: &[u8]) -> MetaResult<Vec<u8>> {
+        self.execute(
+            "INSERT INTO service_checks (name, value) VALUES ('sealing', $1)
+             ON CONFLICT (name) DO NOTHING",
+            &[&candidate],
+        )
+        .await?;
+        self.row(
+            "SELECT value FROM service_checks WHERE name = 'sealing'",
+            &[],
+            |r| Ok(r.get(0)),
+        )
+        .await?
+        .ok_or_else(|| Failure::Internal("the sealing check value vanished".into()))
+    }
 }

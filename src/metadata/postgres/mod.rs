@@ -95,6 +95,12 @@ CREATE INDEX grants_by_retiring ON grants(retiring_principal, grant_id);
 ALTER TABLE keys ADD COLUMN deletion_owner TEXT;
 ALTER TABLE keys ADD COLUMN deletion_lease_until BIGINT;
 ",
+    "
+CREATE TABLE service_checks (
+    name  TEXT PRIMARY KEY,
+    value BYTEA NOT NULL
+);
+",
 ];
 
 pub struct Postgres {
@@ -212,7 +218,10 @@ impl Postgres {
 }
 
 fn internal(e: tokio_postgres::Error) -> Failure {
-    Failure::Internal(e.to_string())
+    match e.as_db_error() {
+        Some(db) => Failure::Internal(format!("{} ({})", db.message(), db.code().code())),
+        None => Failure::Internal(e.to_string()),
+    }
 }
 
 /// A unique-constraint violation of one of `constraints` is `Taken`; anything else internal.

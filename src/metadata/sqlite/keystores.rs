@@ -250,4 +250,19 @@ impl KeyStores for Sqlite {
             .map(|_| ())
         })
     }
+
+    async fn sealing_check(&self, candidate: &[u8]) -> MetaResult<Vec<u8>> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO service_checks (name, value) VALUES ('sealing', ?1)
+                 ON CONFLICT (name) DO NOTHING",
+                [candidate],
+            )?;
+            c.query_row(
+                "SELECT value FROM service_checks WHERE name = 'sealing'",
+                [],
+                |r| r.get(0),
+            )
+        })
+    }
 }

@@ -22,7 +22,7 @@ use super::{Failure, GrantRecord, KeyRecord, KeyStoreRecord, MetaResult, Precond
 use crate::kms::states::{KeyState, StateSet};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5];
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS custom_key_stores (
@@ -90,6 +90,14 @@ ALTER TABLE custom_key_stores ADD COLUMN pending_password BLOB;
 const SCHEMA_V4: &str = "
 ALTER TABLE keys ADD COLUMN deletion_owner TEXT;
 ALTER TABLE keys ADD COLUMN deletion_lease_until INTEGER;
+";
+
+/// Values the service checks itself against at start (the sealing key's).
+const SCHEMA_V5: &str = "
+CREATE TABLE IF NOT EXISTS service_checks (
+    name  TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
 ";
 
 pub struct Sqlite {
