@@ -77,8 +77,15 @@ pub async fn start(
         None => None,
     };
     let aws_addr = aws_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    // Set when shutdown begins: /readyz says so, and load balancers stop sending.
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (admin_addr, admin) = if settings.admin.enabled {
-        let (addr, task) = spawn_admin(settings.admin.listen, Arc::clone(&kms)).await?;
+        let (addr, task) = spawn_admin(
+            settings.admin.listen,
+            Arc::clone(&kms),
+            Arc::clone(&stopping),
+        )
+        .await?;
         (Some(addr), Some(task))
     } else {
         (None, None)
@@ -176,6 +183,7 @@ pub async fn start(
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
+        stopping.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = stop_aws.send(true);
         let _ = stopping_tx.send(());
     };
@@ -311,15 +319,19 @@ fn tls_config(
     )
 }
 
-/// The admin listener: `GET /metrics` in the Prometheus text format.
+/// The admin listener: `GET /metrics` in the Prometheus text format; `GET /healthz` (the
+/// process answers) and `GET /readyz` (it can serve: see `Kms::readiness`; 503 with the
+/// reason when not, and from the moment shutdown begins).
 async fn spawn_admin(
     listen: SocketAddr,
     kms: Arc<Kms>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding the admin listener {listen}"))?;
     let addr = listener.local_addr()?;
+    let ready_kms = Arc::clone(&kms);
     let metrics = axum::routing::get(move || {
         let kms = Arc::clone(&kms);
         async move {
@@ -333,7 +345,26 @@ async fn spawn_admin(
             )
         }
     });
-    let app = axum::Router::new().route("/metrics", metrics);
+    let readyz = axum::routing::get(move || {
+        let (kms, stopping) = (Arc::clone(&ready_kms), Arc::clone(&stopping));
+        async move {
+            use axum::http::StatusCode;
+            if stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shutting down\n".to_string(),
+                );
+            }
+            match kms.readiness().await {
+                Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+            }
+        }
+    });
+    let app = axum::Router::new()
+        .route("/metrics", metrics)
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route("/readyz", readyz);
     // A scrape is one short request: a few connections, each with seconds to send it.
     let limits = crate::transport::Limits {
         max_connections: 64,

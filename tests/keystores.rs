@@ -284,6 +284,10 @@ async fn connect_needs_an_active_hsm_and_reconnects_after_restart() {
         h.health(&id).await,
         tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
     );
+    // Nor is it ready for a load balancer, and /readyz says why.
+    let (status, why) = h.admin_get("/readyz");
+    assert_eq!(status, 503, "{why}");
+    assert!(why.contains(&id), "{why}");
     let msg = assert_err(
         c.decrypt(DecryptRequest {
             ciphertext_blob: ct.clone(),

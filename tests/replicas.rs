@@ -47,6 +47,9 @@ async fn a_change_through_one_replica_is_seen_by_the_next_request_to_another() {
     let store = h.connected_store(&mut a, 0, "shared").await;
     let key = create_key(&mut a, &store).await;
 
+    assert_eq!(h.admin_get("/healthz").0, 200);
+    assert_eq!(h.admin_get("/readyz"), (200, "ready\n".into()));
+
     let b = h.replica("b");
     let mut bc = b.client().await;
     // The store is CONNECTED for both, and B knows the key A made.

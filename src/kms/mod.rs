@@ -222,6 +222,33 @@ impl Kms {
         }
     }
 
+    /// Whether this replica can serve: the metadata database answers, and every store that
+    /// is CONNECTED for the service has a working HSM login here. The reason when not.
+    pub async fn readiness(&self) -> Result<(), String> {
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .meta
+                .list_keystores(after.as_deref(), 100)
+                .await
+                .map_err(|e| format!("the metadata database does not answer: {e}"))?;
+            let Some(last) = page.last() else {
+                return Ok(());
+            };
+            after = Some(last.id.clone());
+            for rec in page {
+                let working = self.connection(&rec.id).is_some_and(|c| !c.is_degraded());
+                if rec.connection_state == ConnectionState::Connected && !working {
+                    return Err(format!(
+                        "custom key store {} is CONNECTED, and this replica has no working HSM \
+                         login to it yet",
+                        rec.id
+                    ));
+                }
+            }
+        }
+    }
+
     /// Every key store record, page by page (a read error ends the list early, logged).
     async fn all_keystores(&self) -> Vec<KeyStoreRecord> {
         let mut out = Vec::new();

@@ -479,17 +479,25 @@ impl Harness {
 
     /// The admin listener's /metrics text.
     pub fn metrics(&self) -> String {
+        let (status, body) = self.admin_get("/metrics");
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// GET `path` from the admin listener: (HTTP status, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
         let mut s = std::net::TcpStream::connect(&self.admin).expect("connect admin listener");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(s, "GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n", self.admin).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.admin).unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP response");
-        assert!(
-            head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-            "{head}"
-        );
-        body.to_string()
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("a status line");
+        (status, body.to_string())
     }
 
     /// The gRPC health status of `service` (a store id, or "" for the whole server).
