@@ -169,3 +169,61 @@ async fn a_replica_with_another_sealing_key_refuses_to_start() {
     assert!(said.contains("never created"), "{said}");
     assert!(!missing.exists());
 }
+
+/// The per-store quota is the service's: two replicas each enforce half of it (counted from
+/// their heartbeats), so a burst spread over both cannot pass the rate plus what refills
+/// while it runs. Each replica alone would admit a full bucket, twice the rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_quota_holds_for_the_whole_service() {
+    const RATE: u32 = 100;
+    let database = postgres_database().await;
+    let h = Harness::start_with(&[ClusterSpec::good("cluster-replicaquota")], |s| {
+        use_database(s, database);
+        s.throttling.store_requests_per_second = RATE;
+    })
+    .await;
+    let mut a = h.client().await;
+    let store = h.connected_store(&mut a, 0, "quota").await;
+    let key = create_key(&mut a, &store).await;
+    let b = h.replica("b");
+    let mut bc = b.client().await;
+    usable(&mut bc, &key.key_id).await;
+    // Two heartbeats (one every 2 s) so that each replica counts the other.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Let both buckets fill again after the set-up's requests.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for client in [a.clone(), bc.clone()] {
+        for _ in 0..4 {
+            let (mut c, key) = (client.clone(), key.key_id.clone());
+            tasks.push(tokio::spawn(async move {
+                let (mut ok, mut throttled) = (0u32, 0u32);
+                for _ in 0..50 {
+                    match try_encrypt(&mut c, &key, b"burst").await {
+                        Ok(_) => ok += 1,
+                        Err(e) if aws_error(&e) == "ThrottlingException" => throttled += 1,
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+                (ok, throttled)
+            }));
+        }
+    }
+    let (mut ok, mut throttled) = (0u32, 0u32);
+    for t in tasks {
+        let (o, th) = t.await.unwrap();
+        ok += o;
+        throttled += th;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let bound = f64::from(RATE) * (1.0 + elapsed) + 2.0;
+    assert!(
+        f64::from(ok) <= bound,
+        "{ok} requests admitted in {elapsed:.2} s by two replicas; the service's quota \
+         allows at most {bound:.0}"
+    );
+    assert!(throttled > 0, "a 400-request burst was never throttled");
+    drop(b);
+}

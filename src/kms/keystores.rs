@@ -763,6 +763,15 @@ impl Kms {
     /// stores that are no longer CONNECTED (disconnected or deleted through another replica)
     /// and logs in to CONNECTED ones it has no connection to yet.
     pub async fn follow_shared_states(self: &Arc<Self>) {
+        // This replica's heartbeat, and the quota share it implies.
+        match self
+            .meta
+            .heartbeat(&self.replica, self.now(), REPLICA_LIVE_MS)
+            .await
+        {
+            Ok(n) => self.quotas.set_replicas(n),
+            Err(e) => tracing::warn!(error = %e, "recording this replica's heartbeat failed"),
+        }
         let stores = self.all_keystores().await;
         let live = self.connections.live_ids();
         for id in live {
@@ -829,6 +838,10 @@ impl Kms {
         let _g = lock.read().await;
     }
 }
+
+/// A replica whose last heartbeat is older than this is not counted as live (the beat
+/// comes every 2 s: see server.rs).
+const REPLICA_LIVE_MS: i64 = 10_000;
 
 /// How often a replica that cannot log in to a CONNECTED store looks again (each login
 /// itself waits for the back-off).

@@ -299,6 +299,10 @@ impl Kms {
     /// Closes every HSM connection (sessions closed, tokens logged out) without changing the
     /// stores' recorded states, so they reconnect on the next start.
     pub async fn shutdown(&self) {
+        // The other replicas take this one's quota share at their next heartbeat.
+        if let Err(e) = self.meta.leave(&self.replica).await {
+            tracing::warn!(error = %e, "removing this replica's heartbeat failed");
+        }
         self.connections.close_all().await;
     }
 

@@ -34,6 +34,19 @@ where
     reads_after_writes_see_the_writes(fresh().await).await;
     racing_writers_cannot_pass_a_limit(fresh().await).await;
     the_first_sealing_check_value_stays(fresh().await).await;
+    replicas_are_counted_from_recent_heartbeats(fresh().await).await;
+}
+
+/// Live replicas are those whose heartbeat is recent; one that left is not counted.
+async fn replicas_are_counted_from_recent_heartbeats(m: Arc<dyn Metadata>) {
+    assert_eq!(m.heartbeat("a", 1_000, 100).await.unwrap(), 1);
+    assert_eq!(m.heartbeat("b", 1_050, 100).await.unwrap(), 2);
+    assert_eq!(m.heartbeat("a", 1_100, 100).await.unwrap(), 2);
+    // b's last beat is now older than the window.
+    assert_eq!(m.heartbeat("a", 1_151, 100).await.unwrap(), 1);
+    m.heartbeat("b", 1_160, 100).await.unwrap();
+    m.leave("b").await.unwrap();
+    assert_eq!(m.heartbeat("a", 1_170, 100).await.unwrap(), 1);
 }
 
 /// The sealing-key check value: the first recorded stays, whatever later starts offer.

@@ -190,6 +190,11 @@ pub trait KeyStores: Send + Sync {
     /// Records `candidate` as the service's sealing-key check value unless one is recorded
     /// already; returns the value recorded (the first replica's).
     async fn sealing_check(&self, candidate: &[u8]) -> MetaResult<Vec<u8>>;
+    /// Records that `replica` is alive at `now_ms`; returns how many replicas were seen
+    /// within `live_ms` of it (this one included).
+    async fn heartbeat(&self, replica: &str, now_ms: i64, live_ms: i64) -> MetaResult<u32>;
+    /// Forgets `replica` (it is stopping): the others take its share at their next beat.
+    async fn leave(&self, replica: &str) -> MetaResult<()>;
 }
 
 /// Key rows and their tags. A change given `accepted` applies only to a key in one of those

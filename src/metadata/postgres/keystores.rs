@@ -232,4 +232,33 @@ impl KeyStores for Postgres {
         .await?
         .ok_or_else(|| Failure::Internal("the sealing check value vanished".into()))
     }
+
+    async fn heartbeat(&self, replica: &str, now_ms: i64, live_ms: i64) -> MetaResult<u32> {
+        self.execute(
+            "INSERT INTO replicas (id, last_seen_ms) VALUES ($1, $2)
+             ON CONFLICT (id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms",
+            &[&replica, &now_ms],
+        )
+        .await?;
+        self.execute(
+            "DELETE FROM replicas WHERE last_seen_ms < $1",
+            &[&(now_ms - 10 * live_ms)],
+        )
+        .await?;
+        let n = self
+            .row(
+                "SELECT COUNT(*) FROM replicas WHERE last_seen_ms >= $1",
+                &[&(now_ms - live_ms)],
+                |r| Ok(r.get::<_, i64>(0)),
+            )
+            .await?
+            .unwrap_or(1);
+        Ok(n.clamp(1, i64::from(u32::MAX)) as u32)
+    }
+
+    async fn leave(&self, replica: &str) -> MetaResult<()> {
+        self.execute("DELETE FROM replicas WHERE id = $1", &[&replica])
+            .await
+            .map(drop)
+    }
 }

@@ -101,6 +101,12 @@ CREATE TABLE service_checks (
     value BYTEA NOT NULL
 );
 ",
+    "
+CREATE TABLE replicas (
+    id           TEXT PRIMARY KEY,
+    last_seen_ms BIGINT NOT NULL
+);
+",
 ];
 
 pub struct Postgres {

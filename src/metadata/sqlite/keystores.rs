@@ -265,4 +265,28 @@ impl KeyStores for Sqlite {
             )
         })
     }
+
+    async fn heartbeat(&self, replica: &str, now_ms: i64, live_ms: i64) -> MetaResult<u32> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO replicas (id, last_seen_ms) VALUES (?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms",
+                params![replica, now_ms],
+            )?;
+            c.execute(
+                "DELETE FROM replicas WHERE last_seen_ms < ?1",
+                [now_ms - 10 * live_ms],
+            )?;
+            c.query_row(
+                "SELECT COUNT(*) FROM replicas WHERE last_seen_ms >= ?1",
+                [now_ms - live_ms],
+                |r| r.get::<_, u32>(0),
+            )
+        })
+    }
+
+    async fn leave(&self, replica: &str) -> MetaResult<()> {
+        self.with(|c| c.execute("DELETE FROM replicas WHERE id = ?1", [replica]))
+            .map(drop)
+    }
 }

@@ -22,7 +22,9 @@ use super::{Failure, GrantRecord, KeyRecord, KeyStoreRecord, MetaResult, Precond
 use crate::kms::states::{KeyState, StateSet};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5];
+const MIGRATIONS: &[&str] = &[
+    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6,
+];
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS custom_key_stores (
@@ -97,6 +99,14 @@ const SCHEMA_V5: &str = "
 CREATE TABLE IF NOT EXISTS service_checks (
     name  TEXT PRIMARY KEY,
     value BLOB NOT NULL
+);
+";
+
+/// Replicas' heartbeats (one replica here, but the seam is the same).
+const SCHEMA_V6: &str = "
+CREATE TABLE IF NOT EXISTS replicas (
+    id           TEXT PRIMARY KEY,
+    last_seen_ms INTEGER NOT NULL
 );
 ";
 
