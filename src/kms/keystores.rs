@@ -670,6 +670,7 @@ impl Kms {
 
     /// On start: stores that were connected reconnect; an interrupted disconnect completes.
     pub async fn resume(self: &Arc<Self>) -> KmsResult<()> {
+        self.measure_database_clock().await;
         let mut after: Option<String> = None;
         loop {
             let page = self.meta.list_keystores(after.as_deref(), 100).await?;
@@ -763,6 +764,7 @@ impl Kms {
     /// stores that are no longer CONNECTED (disconnected or deleted through another replica)
     /// and logs in to CONNECTED ones it has no connection to yet.
     pub async fn follow_shared_states(self: &Arc<Self>) {
+        self.measure_database_clock().await;
         // This replica's heartbeat, and the quota share it implies.
         match self
             .meta

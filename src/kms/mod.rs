@@ -159,6 +159,8 @@ pub struct Kms {
     me: std::sync::Weak<Kms>,
     /// This process among the replicas: the owner of the deletion claims it takes.
     replica: String,
+    /// The database's clock minus this host's, in milliseconds (`measure_database_clock`).
+    database_offset_ms: std::sync::atomic::AtomicI64,
 }
 
 impl Kms {
@@ -186,6 +188,7 @@ impl Kms {
             default_keystore,
             me: me.clone(),
             replica: uuid::Uuid::new_v4().to_string(),
+            database_offset_ms: std::sync::atomic::AtomicI64::new(0),
         })
     }
 
@@ -271,8 +274,36 @@ impl Kms {
     }
 
     /// The service's clock, in Unix milliseconds.
+    /// The service's time: the metadata database's clock (as last measured against this
+    /// host's), shifted by `lifecycle.clock_offset_seconds`. Replicas agree on it, so due
+    /// dates and leases do not depend on which replica reads them.
     pub fn now(&self) -> i64 {
-        now_ms().saturating_add(self.clock_offset_ms)
+        now_ms()
+            .saturating_add(
+                self.database_offset_ms
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )
+            .saturating_add(self.clock_offset_ms)
+    }
+
+    /// Measures the database's clock against this host's (half a round trip of error).
+    pub async fn measure_database_clock(&self) {
+        let before = now_ms();
+        match self.meta.clock_ms().await {
+            Ok(db) => {
+                let after = now_ms();
+                let offset = db - (before + after) / 2;
+                self.database_offset_ms
+                    .store(offset, std::sync::atomic::Ordering::Relaxed);
+                if offset.abs() > 1_000 {
+                    tracing::warn!(
+                        offset_ms = offset,
+                        "this host's clock is off the database's; the service keeps the database's"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the database's clock failed"),
+        }
     }
 
     fn cluster(&self, id: &str) -> Option<Arc<clusters::Cluster>> {

@@ -35,6 +35,14 @@ where
     racing_writers_cannot_pass_a_limit(fresh().await).await;
     the_first_sealing_check_value_stays(fresh().await).await;
     replicas_are_counted_from_recent_heartbeats(fresh().await).await;
+    the_database_tells_the_time(fresh().await).await;
+}
+
+/// The database's clock is a wall clock (here, on the same host: within seconds of it).
+async fn the_database_tells_the_time(m: Arc<dyn Metadata>) {
+    let db = m.clock_ms().await.unwrap();
+    let here = crate::kms::now_ms();
+    assert!((db - here).abs() < 5_000, "database {db}, host {here}");
 }
 
 /// Live replicas are those whose heartbeat is recent; one that left is not counted.

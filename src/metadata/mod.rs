@@ -195,6 +195,9 @@ pub trait KeyStores: Send + Sync {
     async fn heartbeat(&self, replica: &str, now_ms: i64, live_ms: i64) -> MetaResult<u32>;
     /// Forgets `replica` (it is stopping): the others take its share at their next beat.
     async fn leave(&self, replica: &str) -> MetaResult<()>;
+    /// The database's clock, in milliseconds since the Unix epoch: the one clock every
+    /// replica agrees on (due dates, leases, heartbeats).
+    async fn clock_ms(&self) -> MetaResult<i64>;
 }
 
 /// Key rows and their tags. A change given `accepted` applies only to a key in one of those

@@ -261,4 +261,14 @@ impl KeyStores for Postgres {
             .await
             .map(drop)
     }
+
+    async fn clock_ms(&self) -> MetaResult<i64> {
+        self.row(
+            "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT",
+            &[],
+            |r| Ok(r.get::<_, i64>(0)),
+        )
+        .await?
+        .ok_or_else(|| Failure::Internal("the database did not tell the time".into()))
+    }
 }
