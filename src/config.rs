@@ -278,6 +278,10 @@ pub struct ServerSettings {
     /// connections are dropped (idle keep-alive clients would otherwise hold shutdown open).
     #[serde(default = "default_grace")]
     pub shutdown_grace_seconds: u64,
+    /// On SIGINT/SIGTERM, how long to keep serving after /readyz turns 503, before the
+    /// listeners close: the time a load balancer needs to notice and stop sending here.
+    #[serde(default)]
+    pub drain_seconds: u64,
     /// Threads of the async runtime (gRPC, request handling); unset: one per CPU. The HSM
     /// calls run on their own session threads, so a host whose cores are shared with a
     /// software token or a load generator can do with fewer.
@@ -312,6 +316,7 @@ impl Default for ServerSettings {
             listen: default_listen(),
             aws_listen: None,
             shutdown_grace_seconds: default_grace(),
+            drain_seconds: 0,
             worker_threads: None,
             max_connections: default_max_connections(),
             max_concurrent_streams: default_max_streams(),

@@ -181,9 +181,14 @@ pub async fn start(
     let kms_for_task = Arc::clone(&kms);
     let grace = Duration::from_secs(settings.server.shutdown_grace_seconds);
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain = Duration::from_secs(settings.server.drain_seconds);
     let signal = async move {
         shutdown.await;
         stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+        if !drain.is_zero() {
+            tracing::info!(?drain, "unready; serving on while load balancers notice");
+            tokio::time::sleep(drain).await;
+        }
         let _ = stop_aws.send(true);
         let _ = stopping_tx.send(());
     };

@@ -227,3 +227,39 @@ async fn the_store_quota_holds_for_the_whole_service() {
     assert!(throttled > 0, "a 400-request burst was never throttled");
     drop(b);
 }
+
+/// SIGTERM with server.drain_seconds: /readyz turns 503 at once, requests are still served
+/// while load balancers notice, then the process stops cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_turns_unready_and_keeps_serving_while_draining() {
+    let mut h = Harness::start_with(&[ClusterSpec::good("cluster-replicadrain")], |s| {
+        s.server.drain_seconds = 3;
+    })
+    .await;
+    let mut c = h.client().await;
+    let store = h.connected_store(&mut c, 0, "drain").await;
+    let key = create_key(&mut c, &store).await;
+    assert_eq!(h.admin_get("/readyz").0, 200);
+    let started = std::time::Instant::now();
+    nix_sigterm(h.pid());
+    assert!(
+        eventually(|| async { h.admin_get("/readyz").0 == 503 }).await,
+        "/readyz stayed 200 after SIGTERM"
+    );
+    assert_eq!(h.admin_get("/readyz").1, "shutting down\n");
+    // Still within the drain: the same connection is served.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "too slow to check the drain"
+    );
+    encrypt(&mut c, &key.key_id, b"during the drain").await;
+    assert!(h.stop(), "hsm-kms did not exit cleanly after draining");
+}
+
+fn nix_sigterm(pid: u32) {
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}

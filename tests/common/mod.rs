@@ -119,6 +119,7 @@ fn config_text(settings: &Settings) -> String {
                 "header_timeout_seconds",
                 "max_pending_connections",
                 "idle_timeout_seconds",
+                "drain_seconds",
             ];
             let is_newer_default = newer.iter().any(|k| l.starts_with(&format!("{k} = ")))
                 && defaults.lines().any(|d| d == *l);
