@@ -263,3 +263,38 @@ fn nix_sigterm(pid: u32) {
         .unwrap();
     assert!(sent.success());
 }
+
+/// Connect through two replicas at once, with kmsuser password rotation on: the store's
+/// CONNECTING transition is a conditional update only one wins, so one replica rotates the
+/// password and the other uses the new one; the initial password no longer works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_connects_rotate_the_password_once() {
+    let database = postgres_database().await;
+    let h = Harness::start_with(&[ClusterSpec::good("cluster-replicarotat")], |s| {
+        use_database(s, database);
+        s.security.rotate_kmsuser_password = true;
+    })
+    .await;
+    let mut a = h.client().await;
+    let store = h.create_store(&mut a, 0, "rotating", PASSWORD).await;
+    let b = h.replica("b");
+    let mut bc = b.client().await;
+    let (ra, rb) = tokio::join!(
+        a.connect_custom_key_store(ConnectCustomKeyStoreRequest {
+            custom_key_store_id: store.clone(),
+        }),
+        bc.connect_custom_key_store(ConnectCustomKeyStoreRequest {
+            custom_key_store_id: store.clone(),
+        })
+    );
+    ra.unwrap();
+    rb.unwrap();
+    assert_eq!(
+        wait_settled(&mut a, &store).await,
+        ("CONNECTED".into(), None)
+    );
+    assert!(!h.pin_works(0, PASSWORD), "the password was not rotated");
+    let key = create_key(&mut a, &store).await;
+    usable(&mut a, &key.key_id).await;
+    usable(&mut bc, &key.key_id).await;
+}
