@@ -400,7 +400,7 @@ pub struct StorageSettings {
 }
 
 /// The shared metadata database of several replicas.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
     /// `postgres://user@host:port/dbname`, or `host=... user=... dbname=...`.
@@ -418,6 +418,19 @@ pub struct DatabaseSettings {
 
 fn default_database_pool() -> usize {
     16
+}
+
+/// A URL may carry a password (`postgres://user:secret@host/db`): Debug shows neither the
+/// URL nor anything in it, only where the password is read from.
+impl std::fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("url", &"<redacted>")
+            .field("password_file", &self.password_file)
+            .field("password_env", &self.password_env)
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
 }
 
 impl DatabaseSettings {
@@ -755,6 +768,16 @@ mod tests {
             serde_json::to_value(&back).unwrap(),
             serde_json::to_value(&s).unwrap()
         );
+    }
+
+    #[test]
+    fn a_database_url_stays_out_of_debug_output() {
+        let s: Settings =
+            toml::from_str("[database]\nurl = \"postgres://kms:hunter2-secret@db.internal/kms\"\n")
+                .unwrap();
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter2-secret"), "{shown}");
+        assert!(shown.contains("DatabaseSettings"), "{shown}");
     }
 
     #[test]

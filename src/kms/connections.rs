@@ -72,6 +72,10 @@ impl Connections {
     /// neither requests nor retries can hammer an HSM that refuses the password (CloudHSM
     /// locks a crypto user out after repeated failures).
     pub(super) fn attach_backing_off(&self, store_id: &str) -> bool {
+        self.attach_backing_off_at(store_id, std::time::Instant::now())
+    }
+
+    fn attach_backing_off_at(&self, store_id: &str, now: std::time::Instant) -> bool {
         let failures = self
             .attach_failures
             .lock()
@@ -84,7 +88,7 @@ impl Connections {
         let pause = initial
             .saturating_mul(1u32 << (n.saturating_sub(1)).min(16))
             .min(max);
-        at.elapsed() < pause
+        now.saturating_duration_since(*at) < pause
     }
 
     /// The live connection of a store.
@@ -238,5 +242,37 @@ mod tests {
         assert!(!rx.has_changed().unwrap(), "no change, no news");
         c.forget("cks-1");
         assert!(rx.borrow_and_update().is_empty());
+    }
+
+    /// A store that refuses this replica's login is not asked again before the back-off
+    /// (doubling per failure, up to the maximum): a CloudHSM crypto user is locked out
+    /// after repeated failed logins.
+    #[test]
+    fn failed_logins_back_off_doubling_up_to_the_maximum() {
+        let settings = HsmSettings {
+            reconnect_initial_backoff_ms: 100,
+            reconnect_max_backoff_ms: 350,
+            ..HsmSettings::default()
+        };
+        let c = Connections::new(Arc::default(), settings, false);
+        let ms = |n| Duration::from_millis(n);
+        assert!(!c.attach_backing_off("cks-1"), "no failure yet");
+        c.note_attach("cks-1", false);
+        let t = std::time::Instant::now();
+        assert!(c.attach_backing_off_at("cks-1", t + ms(90)));
+        assert!(!c.attach_backing_off_at("cks-1", t + ms(110)));
+        c.note_attach("cks-1", false);
+        let t = std::time::Instant::now();
+        assert!(c.attach_backing_off_at("cks-1", t + ms(190)), "doubled");
+        assert!(!c.attach_backing_off_at("cks-1", t + ms(210)));
+        for _ in 0..5 {
+            c.note_attach("cks-1", false);
+        }
+        let t = std::time::Instant::now();
+        assert!(c.attach_backing_off_at("cks-1", t + ms(340)));
+        assert!(!c.attach_backing_off_at("cks-1", t + ms(360)), "capped");
+        assert!(!c.attach_backing_off("cks-2"), "per store");
+        c.note_attach("cks-1", true);
+        assert!(!c.attach_backing_off("cks-1"), "a success clears it");
     }
 }

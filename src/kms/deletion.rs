@@ -119,14 +119,30 @@ impl Kms {
         self: &Arc<Self>,
         interval: Duration,
     ) -> tokio::task::JoinHandle<()> {
+        self.spawn_every(interval, |kms| async move {
+            kms.delete_due_keys().await;
+            kms.sweep_abandoned_creations().await;
+        })
+    }
+
+    /// Runs `work` every `interval` (the first time at once; a late tick delays the next
+    /// rather than bunching them) until the process ends or the task is aborted.
+    pub(super) fn spawn_every<F, Fut>(
+        self: &Arc<Self>,
+        interval: Duration,
+        work: F,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn(Arc<Kms>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let kms = Arc::clone(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                kms.delete_due_keys().await;
-                kms.sweep_abandoned_creations().await;
+                work(Arc::clone(&kms)).await;
             }
         })
     }

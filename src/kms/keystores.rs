@@ -817,15 +817,10 @@ impl Kms {
         self: &Arc<Self>,
         interval: Duration,
     ) -> tokio::task::JoinHandle<()> {
-        let kms = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                kms.follow_shared_states().await;
-            }
-        })
+        self.spawn_every(
+            interval,
+            |kms| async move { kms.follow_shared_states().await },
+        )
     }
 
     /// `Creating` rows made before this are abandoned: no CreateKey, on any replica, can
