@@ -97,6 +97,35 @@ pub struct GrantRecord {
     pub token: String,
 }
 
+/// How a grant's list columns are stored, the same by every implementation: operations
+/// comma-separated, encryption-context constraints as JSON objects.
+pub(crate) mod grant_columns {
+    use std::collections::BTreeMap;
+
+    pub fn operations(ops: &[String]) -> String {
+        ops.join(",")
+    }
+
+    pub fn parse_operations(column: &str) -> Vec<String> {
+        column
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
+    pub fn context(c: &Option<BTreeMap<String, String>>) -> Option<String> {
+        c.as_ref()
+            .map(|c| serde_json::to_string(c).unwrap_or_default())
+    }
+
+    pub fn parse_context(
+        column: Option<&str>,
+    ) -> Result<Option<BTreeMap<String, String>>, serde_json::Error> {
+        column.map(serde_json::from_str).transpose()
+    }
+}
+
 impl GrantRecord {
     /// Whether `other` grants the same thing to the same principals (a named grant asked
     /// for again with these terms is the same grant).

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::{parse_id, read, require_state, write, Sqlite};
 use crate::kms::states::StateSet;
-use crate::metadata::{Failure, GrantRecord, Grants, MetaResult, Precondition};
+use crate::metadata::{grant_columns, Failure, GrantRecord, Grants, MetaResult, Precondition};
 
 const COLUMNS: &str = "SELECT grant_id, key_id, name, grantee_principal, retiring_principal,
     issuing_account, operations, context_subset, context_equals, creation_date_ms, token
@@ -18,16 +18,9 @@ const COLUMNS: &str = "SELECT grant_id, key_id, name, grantee_principal, retirin
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GrantRecord> {
     let ctx = |i: usize| -> rusqlite::Result<Option<BTreeMap<String, String>>> {
         let s: Option<String> = r.get(i)?;
-        s.map(|s| {
-            serde_json::from_str(&s).map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(
-                    i,
-                    rusqlite::types::Type::Text,
-                    Box::new(e),
-                )
-            })
+        grant_columns::parse_context(s.as_deref()).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
         })
-        .transpose()
     };
     let ops: String = r.get(6)?;
     Ok(GrantRecord {
@@ -37,21 +30,12 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GrantRecord> {
         grantee_principal: r.get(3)?,
         retiring_principal: r.get(4)?,
         issuing_account: r.get(5)?,
-        operations: ops
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect(),
+        operations: grant_columns::parse_operations(&ops),
         context_subset: ctx(7)?,
         context_equals: ctx(8)?,
         creation_date_ms: r.get(9)?,
         token: r.get(10)?,
     })
-}
-
-fn context_json(m: &Option<BTreeMap<String, String>>) -> Option<String> {
-    m.as_ref()
-        .map(|m| serde_json::to_string(m).unwrap_or_default())
 }
 
 #[async_trait]
@@ -111,9 +95,9 @@ impl Grants for Sqlite {
                     g.grantee_principal,
                     g.retiring_principal,
                     g.issuing_account,
-                    g.operations.join(","),
-                    context_json(&g.context_subset),
-                    context_json(&g.context_equals),
+                    grant_columns::operations(&g.operations),
+                    grant_columns::context(&g.context_subset),
+                    grant_columns::context(&g.context_equals),
                     g.creation_date_ms,
                     g.token
                 ],
