@@ -4,7 +4,11 @@
 //! first) and ends with `"hash"`, the SHA-256 of the line's text before the hash field. A
 //! removed, altered, inserted or reordered line breaks the chain, which `verify` (the
 //! `hsm-kms audit verify FILE` command) finds. Cutting lines off the end leaves a valid but
-//! shorter chain: compare the head `verify` prints with the one the service logs at shutdown.
+//! shorter chain, so the service records its head in the metadata database every few seconds
+//! and at shutdown (`AuditHead`, never moving back), and `verify` given those heads (`hsm-kms
+//! audit verify --config`) reports a file that ends before its recorded head, or whose line
+//! at that head is another. Every line names its replica (`audit.replica`): each replica
+//! keeps its own chain, and the heads are recorded per replica.
 //!
 //! Lines never hold plaintext, data keys, passwords or ciphertexts: only who, from where,
 //! which operation on which key or store, the encryption context, and the outcome.
@@ -46,6 +50,7 @@ use serde::Serialize;
 
 use crate::kms::access::{Principal, Resource};
 use crate::kms::ids::ArnScope;
+use crate::metadata::AuditHead;
 
 const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -70,6 +75,7 @@ pub struct Entry {
 #[derive(Serialize)]
 struct Line<'a> {
     seq: u64,
+    replica: &'a str,
     time: String,
     request_id: String,
     principal: Option<&'a str>,
@@ -127,6 +133,8 @@ struct Shared {
     refused: AtomicU64,
     /// Set by `reopen`; the writer reopens the path before its next write.
     reopen: AtomicBool,
+    /// The last line written: its sequence number and hash.
+    head: Mutex<(u64, String)>,
 }
 
 pub struct Audit {
@@ -139,9 +147,9 @@ pub struct Audit {
 
 impl Audit {
     /// Opens (or creates, mode 0600) the file and continues its chain, cutting off a torn
-    /// last line first; key ARNs are written in `scope`. With `fsync`, each batch is also
-    /// flushed to disk before its requests are answered.
-    pub fn open(path: &Path, scope: ArnScope, fsync: bool) -> anyhow::Result<Audit> {
+    /// last line first; key ARNs are written in `scope`, and every line names `replica`.
+    /// With `fsync`, each batch is also flushed to disk before its requests are answered.
+    pub fn open(path: &Path, scope: ArnScope, fsync: bool, replica: &str) -> anyhow::Result<Audit> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating the audit directory {}", dir.display()))?;
@@ -153,12 +161,14 @@ impl Audit {
             available: AtomicBool::new(true),
             refused: AtomicU64::new(0),
             reopen: AtomicBool::new(false),
+            head: Mutex::new((seq, prev.clone())),
         });
         let mut writer = Writer {
             len: file.metadata()?.len(),
             file,
             path: path.to_path_buf(),
             scope,
+            replica: replica.to_string(),
             seq,
             prev,
             fsync,
@@ -175,6 +185,15 @@ impl Audit {
             path: path.to_path_buf(),
             shared,
         })
+    }
+
+    /// The last line written so far: its sequence number (0: none) and hash.
+    pub fn head(&self) -> (u64, String) {
+        self.shared
+            .head
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Whether requests may be served: false while the trail cannot be written.
@@ -281,6 +300,7 @@ struct Writer {
     len: u64,
     path: PathBuf,
     scope: ArnScope,
+    replica: String,
     seq: u64,
     prev: String,
     fsync: bool,
@@ -393,6 +413,7 @@ impl Writer {
             let refused = self.shared.refused.load(Ordering::Relaxed);
             let line = Line {
                 seq: seq + 1,
+                replica: &self.replica,
                 time: rfc3339(crate::kms::now_ms()),
                 request_id: uuid::Uuid::new_v4().to_string(),
                 principal: None,
@@ -411,6 +432,7 @@ impl Writer {
         for e in entries {
             let line = Line {
                 seq: seq + 1,
+                replica: &self.replica,
                 time: rfc3339(e.time_ms),
                 request_id: e.request_id.to_string(),
                 principal: e.principal.as_deref().map(|p| p.arn.as_str()),
@@ -455,6 +477,7 @@ impl Writer {
         }
         self.len += text.len() as u64;
         self.seq = seq;
+        *self.shared.head.lock().unwrap_or_else(|p| p.into_inner()) = (seq, prev.clone());
         self.prev = prev;
         Ok(())
     }
@@ -499,16 +522,32 @@ pub struct Verified {
     pub head: String,
     /// Bytes of a torn last line (a crash during a write), not part of the chain.
     pub torn_tail: usize,
+    /// The replica the last line names (lines written before replicas were named: none).
+    pub replica: Option<String>,
+    /// The recorded head of that replica, found on this chain.
+    pub recorded: Option<AuditHead>,
 }
 
 /// Checks the chain of one audit file, or of several that continue one another (a rotated
 /// file, then the one after it); the error names the first line that breaks it. A last
 /// line without its newline that does not check out is a torn tail (reported in
 /// `torn_tail`), not a broken chain: a crash leaves that, and the service cuts it at start.
-pub fn verify(paths: &[PathBuf]) -> anyhow::Result<Verified> {
+///
+/// `recorded` are the heads the service recorded in its database (`Metadata::audit_heads`):
+/// a line at a recorded head must be the recorded line, and the chain must not end before
+/// its replica's recorded head (lines cut off its end). The replica is the one the last
+/// line names, else `expected` (the configured `audit.replica`: a file emptied of every
+/// line still belongs to it). Without recorded heads, a cut at the end goes unseen.
+pub fn verify(
+    paths: &[PathBuf],
+    expected: Option<&str>,
+    recorded: &[AuditHead],
+) -> anyhow::Result<Verified> {
     let mut prev = ZERO_HASH.to_string();
     let mut n = 0u64;
     let mut torn_tail = 0;
+    let mut replica: Option<String> = None;
+    let mut found: Option<AuditHead> = None;
     for (f, path) in paths.iter().enumerate() {
         let text = std::fs::read(path).with_context(|| format!("opening {}", path.display()))?;
         let at = |line_no: usize| format!("{} line {line_no}", path.display());
@@ -565,12 +604,55 @@ pub fn verify(paths: &[PathBuf]) -> anyhow::Result<Verified> {
             }
             n += 1;
             prev = hash.to_string();
+            let named = v["replica"].as_str();
+            if named != replica.as_deref() {
+                replica = named.map(str::to_string);
+            }
+            if let Some(r) = recorded
+                .iter()
+                .find(|r| Some(r.replica.as_str()) == named && r.seq == n)
+            {
+                if r.head != prev {
+                    anyhow::bail!(
+                        "{}: the database recorded another line {} for replica {} at {}: the \
+                         trail was rewritten from there on",
+                        at(line_no),
+                        n,
+                        r.replica,
+                        rfc3339(r.recorded_ms)
+                    );
+                }
+                found = Some(r.clone());
+            }
         }
+    }
+    if let (Some(named), Some(expected)) = (&replica, expected) {
+        if named != expected {
+            anyhow::bail!(
+                "the last line names replica {named}, not {expected} (audit.replica): is this \
+                 another replica's file?"
+            );
+        }
+    }
+    let whose = replica.as_deref().or(expected);
+    if let Some(r) = recorded
+        .iter()
+        .find(|r| Some(r.replica.as_str()) == whose && r.seq > n)
+    {
+        anyhow::bail!(
+            "the chain ends at line {n}, but the database recorded line {} of replica {}'s \
+             chain at {}: lines were cut off its end",
+            r.seq,
+            r.replica,
+            rfc3339(r.recorded_ms)
+        );
     }
     Ok(Verified {
         lines: n,
         head: prev,
         torn_tail,
+        recorded: found.filter(|f| Some(&f.replica) == replica.as_ref()),
+        replica,
     })
 }
 
@@ -636,11 +718,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         for ops in [["Encrypt", "Decrypt"], ["CreateKey", "ListKeys"]] {
-            let a = Audit::open(&path, scope(), false).unwrap();
+            let a = Audit::open(&path, scope(), false, "r1").unwrap();
             assert_eq!(record_all(&a, &ops), [true, true]);
             a.close();
         }
-        let one = || verify(std::slice::from_ref(&path));
+        let one = || verify(std::slice::from_ref(&path), None, &[]);
         let good = std::fs::read_to_string(&path).unwrap();
         assert_eq!(one().unwrap().lines, 4);
         let lines: Vec<&str> = good.lines().collect();
@@ -664,20 +746,20 @@ mod tests {
     fn a_torn_tail_is_reported_then_cut_at_start_and_the_chain_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let a = Audit::open(&path, scope(), false).unwrap();
+        let a = Audit::open(&path, scope(), false, "r1").unwrap();
         record_all(&a, &["Encrypt", "Decrypt", "ListKeys"]);
         a.close();
         let whole = std::fs::read(&path).unwrap();
         // A crash in the middle of the third line's write.
         let cut = whole.len() - 40;
         std::fs::write(&path, &whole[..cut]).unwrap();
-        let v = verify(std::slice::from_ref(&path)).unwrap();
+        let v = verify(std::slice::from_ref(&path), None, &[]).unwrap();
         assert_eq!((v.lines, v.torn_tail > 0), (2, true));
         // The service starts, cuts the tail off (keeping it aside) and continues the chain.
-        let a = Audit::open(&path, scope(), false).unwrap();
+        let a = Audit::open(&path, scope(), false, "r1").unwrap();
         record_all(&a, &["CreateKey"]);
         a.close();
-        let v = verify(std::slice::from_ref(&path)).unwrap();
+        let v = verify(std::slice::from_ref(&path), None, &[]).unwrap();
         assert_eq!((v.lines, v.torn_tail), (3, 0));
         let kept: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
@@ -691,30 +773,80 @@ mod tests {
         );
     }
 
+    /// Cutting lines off the end leaves a valid chain; the head recorded in the database
+    /// shows the cut, and a line rewritten at the recorded head too.
+    #[test]
+    fn recorded_heads_show_a_cut_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let a = Audit::open(&path, scope(), false, "r1").unwrap();
+        record_all(&a, &["Encrypt", "Decrypt", "ListKeys", "CreateKey"]);
+        let (seq, head) = a.head();
+        a.close();
+        assert_eq!(seq, 4);
+        let recorded = [AuditHead {
+            replica: "r1".into(),
+            seq,
+            head,
+            recorded_ms: 0,
+        }];
+        let files = std::slice::from_ref(&path);
+        let v = verify(files, Some("r1"), &recorded).unwrap();
+        assert_eq!(v.replica.as_deref(), Some("r1"));
+        assert_eq!(v.recorded.as_ref(), recorded.first());
+        let whole = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = whole.lines().collect();
+        // Cut off the last line: intact without the database's head, not with it.
+        std::fs::write(&path, lines[..3].join("\n") + "\n").unwrap();
+        assert_eq!(verify(files, None, &[]).unwrap().lines, 3);
+        let e = verify(files, Some("r1"), &recorded).unwrap_err();
+        assert!(e.to_string().contains("cut off its end"), "{e}");
+        // Emptied: the file is still r1's by the configuration.
+        std::fs::write(&path, "").unwrap();
+        assert!(verify(files, None, &recorded).is_ok());
+        assert!(verify(files, Some("r1"), &recorded).is_err());
+        // Another replica's file is not taken for r1's.
+        std::fs::write(&path, &whole).unwrap();
+        let e = verify(files, Some("r2"), &recorded).unwrap_err();
+        assert!(e.to_string().contains("names replica r1, not r2"), "{e}");
+        // The recorded line replaced by another (the chain rebuilt from line 4 on).
+        let other = AuditHead {
+            head: "0".repeat(64),
+            ..recorded[0].clone()
+        };
+        let e = verify(files, Some("r1"), &[other]).unwrap_err();
+        assert!(e.to_string().contains("rewritten"), "{e}");
+    }
+
     #[test]
     fn a_rotated_file_continues_the_chain() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let old = dir.path().join("audit.jsonl.1");
-        let a = Audit::open(&path, scope(), false).unwrap();
+        let a = Audit::open(&path, scope(), false, "r1").unwrap();
         record_all(&a, &["Encrypt", "Decrypt"]);
         std::fs::rename(&path, &old).unwrap();
         a.reopen();
         record_all(&a, &["ListKeys"]);
         a.close();
-        assert_eq!(verify(&[old.clone(), path.clone()]).unwrap().lines, 3);
+        assert_eq!(
+            verify(&[old.clone(), path.clone()], None, &[])
+                .unwrap()
+                .lines,
+            3
+        );
         assert!(
-            verify(std::slice::from_ref(&path)).is_err(),
+            verify(std::slice::from_ref(&path), None, &[]).is_err(),
             "starts mid-chain"
         );
-        assert!(verify(&[path, old]).is_err(), "out of order");
+        assert!(verify(&[path, old], None, &[]).is_err(), "out of order");
     }
 
     #[test]
     fn a_deleted_file_fails_closed_until_reopened() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let a = Audit::open(&path, scope(), false).unwrap();
+        let a = Audit::open(&path, scope(), false, "r1").unwrap();
         assert_eq!(record_all(&a, &["Encrypt"]), [true]);
         std::fs::remove_file(&path).unwrap();
         assert_eq!(record_all(&a, &["Decrypt", "Decrypt"]), [false, false]);

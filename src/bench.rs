@@ -417,6 +417,7 @@ fn start_server(
         audit: crate::config::AuditSettings {
             file: dir.join("audit.jsonl"),
             fsync: false,
+            ..Default::default()
         },
         kms: Default::default(),
         clusters: vec![ClusterSettings {

@@ -175,6 +175,12 @@ pub struct AuditSettings {
     /// an acknowledged request's line survives a power loss, not only a crash.
     #[serde(default)]
     pub fsync: bool,
+    /// This replica's name [default: the host name]. Every audit line carries it, and the
+    /// service records its chain head in the metadata database under it, so that
+    /// `hsm-kms audit verify --config` sees lines cut off the end of the file. Replicas
+    /// sharing a database need distinct names; a replica's name stays with its audit file.
+    #[serde(default = "default_replica")]
+    pub replica: String,
 }
 
 impl Default for AuditSettings {
@@ -182,8 +188,17 @@ impl Default for AuditSettings {
         AuditSettings {
             file: default_audit_file(),
             fsync: false,
+            replica: default_replica(),
         }
     }
+}
+
+fn default_replica() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "hsm-kms".into())
 }
 
 fn default_audit_file() -> PathBuf {
@@ -663,6 +678,13 @@ impl Settings {
             || !self.account.account_id.bytes().all(|b| b.is_ascii_digit())
         {
             bail!("account.account_id must be 12 digits");
+        }
+        let replica = &self.audit.replica;
+        if replica.is_empty()
+            || replica.len() > 128
+            || !replica.bytes().all(|b| b.is_ascii_graphic())
+        {
+            bail!("audit.replica must be 1 to 128 printable ASCII characters, without spaces");
         }
         let tls = &self.tls;
         match (&tls.cert_file, &tls.key_file, &tls.client_ca_file) {

@@ -226,6 +226,7 @@ pub fn prepare(data_dir: &Path, listen: Listeners) -> anyhow::Result<Settings> {
             audit: crate::config::AuditSettings {
                 file: data_dir.join("audit.jsonl"),
                 fsync: false,
+                ..Default::default()
             },
             kms: crate::config::KmsSettings {
                 // Tools that name no store create their keys in the dev store.

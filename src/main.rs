@@ -78,10 +78,17 @@ enum AuditCommand {
     /// inserted or reordered line. A torn last line (a crash during a write) is reported,
     /// not counted as tampering. Give rotated files first, in order, to check the chain
     /// across them.
+    ///
+    /// With --config, it also compares the chain with the heads the service recorded in its
+    /// metadata database, which shows lines cut off the end of the file.
     Verify {
-        /// The audit file (audit.file in the configuration), after the files it continues.
-        #[arg(required = true)]
+        /// The audit file, after the files it continues [default with --config: audit.file].
+        #[arg(required_unless_present = "config")]
         files: Vec<PathBuf>,
+        /// The service's configuration: its metadata database holds the recorded heads,
+        /// and audit.replica names the replica whose chain this is.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -140,28 +147,8 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Audit {
-            command: AuditCommand::Verify { files },
-        } => {
-            let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-            let names = names.join(" + ");
-            match hsm_kms::audit::verify(&files) {
-                Ok(v) => {
-                    println!("{names}: chain intact, {} lines, head {}", v.lines, v.head);
-                    if v.torn_tail > 0 {
-                        println!(
-                            "{names}: then a torn last line of {} bytes, not part of the chain: \
-                             a crash during a write (hsm-kms cuts it off at start)",
-                            v.torn_tail
-                        );
-                    }
-                    Ok(())
-                }
-                Err(e) => {
-                    println!("{names}: chain broken: {e:#}");
-                    std::process::exit(1);
-                }
-            }
-        }
+            command: AuditCommand::Verify { files, config },
+        } => verify_audit(files, config),
         Command::Dev {
             data_dir,
             listen,
@@ -176,6 +163,68 @@ fn main() -> anyhow::Result<()> {
             };
             let settings = dev::prepare(&data_dir, ports)?;
             runtime()?.block_on(dev::run(data_dir, settings))
+        }
+    }
+}
+
+/// `hsm-kms audit verify`: exits 1 when the chain is broken or cut short.
+fn verify_audit(mut files: Vec<PathBuf>, config: Option<PathBuf>) -> anyhow::Result<()> {
+    let (replica, recorded) = match config {
+        Some(config) => {
+            let settings = Settings::load(&config)?;
+            if settings.database.is_none() && !settings.storage.sqlite_path.exists() {
+                anyhow::bail!(
+                    "no metadata database at {} (storage.sqlite_path)",
+                    settings.storage.sqlite_path.display()
+                );
+            }
+            let heads = runtime()?.block_on(async {
+                let meta = hsm_kms::metadata::open(&settings).await?;
+                meta.audit_heads()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("reading the recorded audit heads: {e}"))
+            })?;
+            if files.is_empty() {
+                files.push(settings.audit.file.clone());
+            }
+            (Some(settings.audit.replica), Some(heads))
+        }
+        None => (None, None),
+    };
+    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    let names = names.join(" + ");
+    let heads = recorded.as_deref().unwrap_or_default();
+    match hsm_kms::audit::verify(&files, replica.as_deref(), heads) {
+        Ok(v) => {
+            println!("{names}: chain intact, {} lines, head {}", v.lines, v.head);
+            match (&recorded, &v.recorded) {
+                (None, _) => println!(
+                    "{names}: lines cut off the end leave a chain intact; --config compares it \
+                     with the heads recorded in the metadata database"
+                ),
+                (Some(_), Some(r)) => println!(
+                    "{names}: holds line {} of replica {}, the head recorded at {}",
+                    r.seq,
+                    r.replica,
+                    hsm_kms::audit::rfc3339(r.recorded_ms)
+                ),
+                (Some(_), None) => println!(
+                    "{names}: no head recorded for replica {} yet",
+                    v.replica.as_deref().or(replica.as_deref()).unwrap_or("?")
+                ),
+            }
+            if v.torn_tail > 0 {
+                println!(
+                    "{names}: then a torn last line of {} bytes, not part of the chain: \
+                     a crash during a write (hsm-kms cuts it off at start)",
+                    v.torn_tail
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            println!("{names}: chain broken: {e:#}");
+            std::process::exit(1);
         }
     }
 }

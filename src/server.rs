@@ -114,6 +114,18 @@ pub async fn start(
     let reflection_v1 = v1.build_v1()?;
     let reflection_v1alpha = v1alpha.build_v1alpha()?;
 
+    // The trail first: a start on a cut file is refused before anything else happens.
+    let replica = settings.audit.replica.clone();
+    let audit = Arc::new(crate::audit::Audit::open(
+        &settings.audit.file,
+        kms.scope.clone(),
+        settings.audit.fsync,
+        &replica,
+    )?);
+    if let Err(e) = refuse_a_short_audit_file(&kms, &audit, &settings.audit).await {
+        audit.close();
+        return Err(e);
+    }
     kms.resume().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let deletion = kms.spawn_deletion_task(Duration::from_secs(
         settings.lifecycle.deletion_check_interval_seconds,
@@ -122,11 +134,7 @@ pub async fn start(
     let follower = kms.spawn_state_follower(STATE_FOLLOW_INTERVAL);
 
     let auth = Arc::new(crate::api::auth::Authenticator::new(settings)?);
-    let audit = Arc::new(crate::audit::Audit::open(
-        &settings.audit.file,
-        kms.scope.clone(),
-        settings.audit.fsync,
-    )?);
+    let heads = spawn_audit_head_recorder(&kms, &audit, &replica);
     let failures = crate::api::failures::spawn_flusher();
     let reload = spawn_reload_on_sighup(Arc::clone(&kms), config_file, Arc::clone(&audit));
     let tls = if settings.tls.enabled() {
@@ -244,8 +252,12 @@ pub async fn start(
             task.abort();
         }
         tracing::info!("server stopped; closing HSM connections");
+        heads.abort();
         kms_for_task.shutdown().await;
-        tokio::task::spawn_blocking(move || audit.close()).await?;
+        let closed = Arc::clone(&audit);
+        tokio::task::spawn_blocking(move || closed.close()).await?;
+        // The last lines' head, so that a cut after a clean stop shows in `audit verify`.
+        record_audit_head(&kms_for_task, &audit, &replica).await;
         Ok(())
     });
     tracing::info!(%addr, "hsm-kms listening");
@@ -422,6 +434,76 @@ impl axum::serve::Listener for AdminListener {
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
         Ok(self.addr)
+    }
+}
+
+/// How often a replica records its audit chain head in the metadata database (and at
+/// shutdown): a crash loses at most this much of the record.
+const AUDIT_HEAD_INTERVAL: Duration = Duration::from_secs(2);
+
+/// A start on an audit file that ends before the head recorded for this replica would hide
+/// that lines were cut off it (and chain new lines onto the shortened file): refused.
+async fn refuse_a_short_audit_file(
+    kms: &Kms,
+    audit: &crate::audit::Audit,
+    settings: &crate::config::AuditSettings,
+) -> anyhow::Result<()> {
+    let recorded = kms
+        .audit_heads()
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the recorded audit heads: {e}"))?;
+    let (seq, _) = audit.head();
+    if let Some(r) = recorded
+        .iter()
+        .find(|r| r.replica == settings.replica && r.seq > seq)
+    {
+        anyhow::bail!(
+            "the audit file {} ends at line {seq}, but the metadata database recorded line {} \
+             of replica {}'s chain at {}: lines were cut off it. Restore the file (then \
+             `hsm-kms audit verify --config` checks it), or start a new chain knowingly under \
+             another audit.replica name",
+            settings.file.display(),
+            r.seq,
+            r.replica,
+            crate::audit::rfc3339(r.recorded_ms)
+        );
+    }
+    Ok(())
+}
+
+/// Records the replica's audit head every `AUDIT_HEAD_INTERVAL`, when it moved.
+fn spawn_audit_head_recorder(
+    kms: &Arc<Kms>,
+    audit: &Arc<crate::audit::Audit>,
+    replica: &str,
+) -> tokio::task::JoinHandle<()> {
+    let (audit, replica) = (Arc::clone(audit), replica.to_string());
+    let last = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+    kms.spawn_every(AUDIT_HEAD_INTERVAL, move |kms| {
+        let (audit, replica, last) = (Arc::clone(&audit), replica.clone(), Arc::clone(&last));
+        async move {
+            let seq = audit.head().0;
+            if last.load(std::sync::atomic::Ordering::Relaxed) != seq
+                && record_audit_head(&kms, &audit, &replica).await
+            {
+                last.store(seq, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    })
+}
+
+/// Records the audit head now; says in the log when it cannot.
+async fn record_audit_head(kms: &Kms, audit: &crate::audit::Audit, replica: &str) -> bool {
+    let (seq, head) = audit.head();
+    if seq == 0 {
+        return true;
+    }
+    match kms.record_audit_head(replica, seq, head).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e.message, seq, "recording the audit chain head in the database failed; will retry");
+            false
+        }
     }
 }
 

@@ -316,15 +316,7 @@ impl Drop for SmallDisk {
 }
 
 fn verify(files: &[PathBuf]) -> (bool, String) {
-    let out = Command::new(server_binary())
-        .args(["audit", "verify"])
-        .args(files)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    audit_verify(None, files)
 }
 
 fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
@@ -435,6 +427,41 @@ async fn acknowledged_requests_are_in_the_trail_after_a_crash() {
         encrypts >= acked,
         "{acked} Encrypts acknowledged but only {encrypts} in the audit trail"
     );
+}
+
+/// Lines cut off the end of the trail leave a chain that verifies on its own; the head the
+/// service recorded in its database at shutdown shows the cut, and the service refuses to
+/// start on the shortened file (it would chain new lines onto it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_cut_off_the_end_of_the_trail_show() {
+    let (mut h, mut c, key) = server_with_key(Options::default(), |_| {}).await;
+    for _ in 0..3 {
+        encrypt(&mut c, &key, b"x").await;
+    }
+    assert!(h.stop());
+    let file = h.settings.audit.file.clone();
+    let config = h.config_path();
+    let (ok, said) = audit_verify(Some(&config), &[]);
+    assert!(ok && said.contains("the head recorded at"), "{said}");
+    let lines = audit_lines(&file);
+    assert!(lines.iter().all(|l| l["replica"] == "main"), "{lines:?}");
+    // The attacker removes their last two requests' lines.
+    cut_last_lines(&file, 2);
+    let (ok, said) = verify(std::slice::from_ref(&file));
+    assert!(
+        ok,
+        "without the recorded head a cut end is invisible: {said}"
+    );
+    let (ok, said) = audit_verify(Some(&config), std::slice::from_ref(&file));
+    assert!(!ok && said.contains("lines were cut off its end"), "{said}");
+    let out = Command::new(server_binary())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started on a cut trail");
+    assert!(log.contains("lines were cut off"), "{log}");
 }
 
 /// A torn last line (a crash mid-write) is told apart from tampering by `audit verify`, and

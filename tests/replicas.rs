@@ -122,6 +122,57 @@ async fn a_change_through_one_replica_is_seen_by_the_next_request_to_another() {
     assert!(!a_trail.contains("\"operation\":\"DisableKey\""));
 }
 
+/// Each replica's chain names it, and its head is recorded in the database every few
+/// seconds: lines cut off the end of any replica's trail show in `audit verify --config`,
+/// after a clean stop and after a crash alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_at_the_end_of_any_replicas_trail_shows() {
+    let database = postgres_database().await;
+    let mut h = Harness::start_with(&[ClusterSpec::good("cluster-replicaheads")], |s| {
+        use_database(s, database);
+    })
+    .await;
+    let mut a = h.client().await;
+    let store = h.connected_store(&mut a, 0, "heads").await;
+    let key = create_key(&mut a, &store).await.key_id;
+    let b = h.replica("b");
+    let mut bc = b.client().await;
+    usable(&mut bc, &key).await;
+    for _ in 0..3 {
+        encrypt(&mut bc, &key, b"b").await;
+        encrypt(&mut a, &key, b"a").await;
+    }
+    let b_audit = b.audit.clone();
+    assert!(b.stop(), "replica B did not exit cleanly");
+    // A crashes a while after its last request: its head was recorded by then.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    h.kill();
+    let a_audit = h.settings.audit.file.clone();
+    let (a_config, b_config) = (h.config_path(), h.dir.path().join("b.toml"));
+    for (config, file, name) in [(&a_config, &a_audit, "main"), (&b_config, &b_audit, "b")] {
+        let text = std::fs::read_to_string(file).unwrap();
+        assert!(
+            text.lines()
+                .all(|l| l.contains(&format!("\"replica\":\"{name}\""))),
+            "{text}"
+        );
+        let (ok, said) = audit_verify(Some(config), &[]);
+        assert!(
+            ok && said.contains(&format!("replica {name}, the head")),
+            "{said}"
+        );
+        cut_last_lines(file, 1);
+        let (ok, said) = audit_verify(Some(config), &[]);
+        assert!(
+            !ok && said.contains(&format!("replica {name}'s chain")) && said.contains("cut off"),
+            "{said}"
+        );
+    }
+    // One replica's file is not taken for another's.
+    let (ok, said) = audit_verify(Some(&b_config), std::slice::from_ref(&a_audit));
+    assert!(!ok && said.contains("names replica main, not b"), "{said}");
+}
+
 /// The sealing key is the service's, not a replica's: a replica with another key refuses to
 /// start and says why, and with a database no replica makes up a key of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

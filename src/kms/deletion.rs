@@ -127,7 +127,7 @@ impl Kms {
 
     /// Runs `work` every `interval` (the first time at once; a late tick delays the next
     /// rather than bunching them) until the process ends or the task is aborted.
-    pub(super) fn spawn_every<F, Fut>(
+    pub(crate) fn spawn_every<F, Fut>(
         self: &Arc<Self>,
         interval: Duration,
         work: F,

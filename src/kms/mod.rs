@@ -27,8 +27,6 @@ pub mod throttle;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
-
 use crate::config::Settings;
 use crate::hsm::Modules;
 use crate::metadata::{KeyStoreRecord, Metadata};
@@ -74,30 +72,7 @@ impl Parts {
             region: settings.account.region.clone(),
             account_id: settings.account.account_id.clone(),
         };
-        let metadata: Arc<dyn crate::metadata::Metadata> = match &settings.database {
-            Some(db) => {
-                let password = db.password()?;
-                Arc::new(
-                    crate::metadata::postgres::Postgres::open(crate::metadata::postgres::Connect {
-                        url: &db.url,
-                        password: password.as_ref().map(|p| p.as_str()),
-                        pool_size: db.pool_size,
-                    })
-                    .await
-                    .context("opening the PostgreSQL metadata database (database.url)")?,
-                )
-            }
-            None => Arc::new(
-                crate::metadata::sqlite::Sqlite::open(&settings.storage.sqlite_path).with_context(
-                    || {
-                        format!(
-                            "opening metadata database {}",
-                            settings.storage.sqlite_path.display()
-                        )
-                    },
-                )?,
-            ),
-        };
+        let metadata = crate::metadata::open(settings).await?;
         let identities = access::Identities::load(&settings.auth.identity_policies)?;
         let access = Access::new(&scope, identities)
             .map_err(|e| anyhow::anyhow!("the default key policy: {}", e.message))?;
@@ -369,6 +344,23 @@ impl Kms {
     /// Takes one request from the store's quota, or answers ThrottlingException.
     pub(super) fn admit(&self, store_id: &str) -> KmsResult<()> {
         self.quotas.admit(store_id)
+    }
+
+    /// Every replica's recorded audit chain head.
+    pub async fn audit_heads(&self) -> KmsResult<Vec<crate::metadata::AuditHead>> {
+        Ok(self.meta.audit_heads().await?)
+    }
+
+    /// Records where `replica`'s audit chain stands (line `seq`, hash `head`), by the
+    /// service's clock; a record never moves back.
+    pub async fn record_audit_head(&self, replica: &str, seq: u64, head: String) -> KmsResult<()> {
+        let head = crate::metadata::AuditHead {
+            replica: replica.to_string(),
+            seq,
+            head,
+            recorded_ms: self.now(),
+        };
+        Ok(self.meta.record_audit_head(&head).await?)
     }
 }
 

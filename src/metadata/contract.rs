@@ -36,6 +36,27 @@ where
     the_first_sealing_check_value_stays(fresh().await).await;
     replicas_are_counted_from_recent_heartbeats(fresh().await).await;
     the_database_tells_the_time(fresh().await).await;
+    audit_heads_never_move_back(fresh().await).await;
+}
+
+/// A replica's recorded audit head only moves forward, so a trail cut at its end and a
+/// replica restarted on it cannot make the record shorter too.
+async fn audit_heads_never_move_back(m: Arc<dyn Metadata>) {
+    let head = |replica: &str, seq: u64, ms: i64| crate::metadata::AuditHead {
+        replica: replica.into(),
+        seq,
+        head: format!("{seq:064x}"),
+        recorded_ms: ms,
+    };
+    assert!(m.audit_heads().await.unwrap().is_empty());
+    m.record_audit_head(&head("a", 5, 1)).await.unwrap();
+    m.record_audit_head(&head("b", 2, 1)).await.unwrap();
+    m.record_audit_head(&head("a", 9, 2)).await.unwrap();
+    m.record_audit_head(&head("a", 3, 3)).await.unwrap();
+    assert_eq!(
+        m.audit_heads().await.unwrap(),
+        vec![head("a", 9, 2), head("b", 2, 1)]
+    );
 }
 
 /// The database's clock is a wall clock (here, on the same host: within seconds of it).

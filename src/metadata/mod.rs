@@ -227,6 +227,48 @@ pub trait KeyStores: Send + Sync {
     /// The database's clock, in milliseconds since the Unix epoch: the one clock every
     /// replica agrees on (due dates, leases, heartbeats).
     async fn clock_ms(&self) -> MetaResult<i64>;
+    /// Records a replica's audit chain head, unless a later line of that chain is recorded
+    /// already (a head never moves back: a trail cut at its end then shows).
+    async fn record_audit_head(&self, head: &AuditHead) -> MetaResult<()>;
+    /// Every replica's last recorded audit chain head.
+    async fn audit_heads(&self) -> MetaResult<Vec<AuditHead>>;
+}
+
+/// The metadata database a configuration names: PostgreSQL (`[database]`, migrated), else
+/// the SQLite file at storage.sqlite_path (created if missing).
+pub async fn open(settings: &crate::config::Settings) -> anyhow::Result<Arc<dyn Metadata>> {
+    use anyhow::Context as _;
+    Ok(match &settings.database {
+        Some(db) => {
+            let password = db.password()?;
+            Arc::new(
+                postgres::Postgres::open(postgres::Connect {
+                    url: &db.url,
+                    password: password.as_ref().map(|p| p.as_str()),
+                    pool_size: db.pool_size,
+                })
+                .await
+                .context("opening the PostgreSQL metadata database (database.url)")?,
+            )
+        }
+        None => {
+            let path = &settings.storage.sqlite_path;
+            Arc::new(
+                sqlite::Sqlite::open(path)
+                    .with_context(|| format!("opening metadata database {}", path.display()))?,
+            )
+        }
+    })
+}
+
+/// Where a replica's audit chain stood: its line `seq` had hash `head`, at `recorded_ms`
+/// (the database's clock).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditHead {
+    pub replica: String,
+    pub seq: u64,
+    pub head: String,
+    pub recorded_ms: i64,
 }
 
 /// Key rows and their tags. A change given `accepted` applies only to a key in one of those

@@ -6,7 +6,7 @@ use tokio_postgres::Row;
 use super::{bad, internal, one, taken, Postgres};
 use crate::kms::states::{ConnectionErrorCode, ConnectionState};
 use crate::metadata::{
-    Failure, KeyStoreRecord, KeyStoreUpdate, KeyStores, MetaResult, Precondition, Unique,
+    AuditHead, Failure, KeyStoreRecord, KeyStoreUpdate, KeyStores, MetaResult, Precondition, Unique,
 };
 
 const COLUMNS: &str = "SELECT id, name, cluster_id, trust_anchor, sealed_password,
@@ -270,5 +270,33 @@ impl KeyStores for Postgres {
         )
         .await?
         .ok_or_else(|| Failure::Internal("the database did not tell the time".into()))
+    }
+
+    async fn record_audit_head(&self, h: &AuditHead) -> MetaResult<()> {
+        self.execute(
+            "INSERT INTO audit_heads (replica, seq, head, recorded_ms) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (replica) DO UPDATE SET seq = excluded.seq, head = excluded.head,
+                 recorded_ms = excluded.recorded_ms
+             WHERE audit_heads.seq <= excluded.seq",
+            &[&h.replica, &(h.seq as i64), &h.head, &h.recorded_ms],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn audit_heads(&self) -> MetaResult<Vec<AuditHead>> {
+        self.rows(
+            "SELECT replica, seq, head, recorded_ms FROM audit_heads ORDER BY replica",
+            &[],
+            |r| {
+                Ok(AuditHead {
+                    replica: r.get(0),
+                    seq: r.get::<_, i64>(1).max(0) as u64,
+                    head: r.get(2),
+                    recorded_ms: r.get(3),
+                })
+            },
+        )
+        .await
     }
 }

@@ -107,6 +107,14 @@ CREATE TABLE replicas (
     last_seen_ms BIGINT NOT NULL
 );
 ",
+    "
+CREATE TABLE audit_heads (
+    replica     TEXT PRIMARY KEY,
+    seq         BIGINT NOT NULL,
+    head        TEXT NOT NULL,
+    recorded_ms BIGINT NOT NULL
+);
+",
 ];
 
 pub struct Postgres {

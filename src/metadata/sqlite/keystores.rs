@@ -6,7 +6,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::{bad_column, read, taken, write, Forget, Sqlite};
 use crate::kms::states::{ConnectionErrorCode, ConnectionState};
 use crate::metadata::{
-    Failure, KeyStoreRecord, KeyStoreUpdate, KeyStores, MetaResult, Precondition, Unique,
+    AuditHead, Failure, KeyStoreRecord, KeyStoreUpdate, KeyStores, MetaResult, Precondition, Unique,
 };
 
 const COLUMNS: &str = "SELECT id, name, cluster_id, trust_anchor, sealed_password,
@@ -293,5 +293,35 @@ impl KeyStores for Sqlite {
     async fn clock_ms(&self) -> MetaResult<i64> {
         // One node: its own clock is the database's.
         Ok(crate::kms::now_ms())
+    }
+
+    async fn record_audit_head(&self, h: &AuditHead) -> MetaResult<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO audit_heads (replica, seq, head, recorded_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (replica) DO UPDATE SET seq = excluded.seq, head = excluded.head,
+                     recorded_ms = excluded.recorded_ms
+                 WHERE audit_heads.seq <= excluded.seq",
+                params![h.replica, h.seq as i64, h.head, h.recorded_ms],
+            )
+            .map(drop)
+        })
+    }
+
+    async fn audit_heads(&self) -> MetaResult<Vec<AuditHead>> {
+        self.with(|c| {
+            let mut q = c.prepare(
+                "SELECT replica, seq, head, recorded_ms FROM audit_heads ORDER BY replica",
+            )?;
+            let rows = q.query_map([], |r| {
+                Ok(AuditHead {
+                    replica: r.get(0)?,
+                    seq: r.get::<_, i64>(1)?.max(0) as u64,
+                    head: r.get(2)?,
+                    recorded_ms: r.get(3)?,
+                })
+            })?;
+            rows.collect()
+        })
     }
 }

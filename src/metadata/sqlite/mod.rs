@@ -23,7 +23,7 @@ use crate::kms::states::{KeyState, StateSet};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
-    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6,
+    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7,
 ];
 
 const SCHEMA_V1: &str = "
@@ -107,6 +107,16 @@ const SCHEMA_V6: &str = "
 CREATE TABLE IF NOT EXISTS replicas (
     id           TEXT PRIMARY KEY,
     last_seen_ms INTEGER NOT NULL
+);
+";
+
+/// Each replica's last recorded audit chain head (`audit verify --config` compares).
+const SCHEMA_V7: &str = "
+CREATE TABLE IF NOT EXISTS audit_heads (
+    replica     TEXT PRIMARY KEY,
+    seq         INTEGER NOT NULL,
+    head        TEXT NOT NULL,
+    recorded_ms INTEGER NOT NULL
 );
 ";
 
