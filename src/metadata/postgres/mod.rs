@@ -142,6 +142,15 @@ impl Postgres {
         }
         config.application_name("hsm-kms");
         config.connect_timeout(Duration::from_secs(5));
+        // A dead database host (or a failover that moved its address) is noticed within
+        // about a minute, not at the kernel's two hours; a URL's own settings win.
+        if !c.url.contains("keepalives") {
+            config
+                .keepalives(true)
+                .keepalives_idle(Duration::from_secs(30))
+                .keepalives_interval(Duration::from_secs(10))
+                .keepalives_retries(3);
+        }
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -166,6 +175,9 @@ impl Postgres {
         let mut c = self.pool.get().await?;
         let tx = c.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        // "already exists, skipping" is not news to an operator.
+        tx.batch_execute("SET LOCAL client_min_messages = warning")
             .await?;
         tx.batch_execute("CREATE TABLE IF NOT EXISTS hsm_kms_schema (version INTEGER NOT NULL)")
             .await?;
