@@ -173,6 +173,124 @@ async fn a_cut_at_the_end_of_any_replicas_trail_shows() {
     assert!(!ok && said.contains("names replica main, not b"), "{said}");
 }
 
+/// 300 keys fall due before three sweeping replicas; one is frozen (SIGSTOP) in the middle
+/// of a destroy, holding its claim, until its lease has run out. The others take its key
+/// over, and when it wakes it does not destroy it again: the faulty module, one count file
+/// per process, sees exactly one C_DestroyObject per key, and the token ends with none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sweepers_one_frozen_past_its_lease_destroy_each_key_once() {
+    const KEYS: usize = 300;
+    let database = postgres_database().await;
+    let h = Harness::start_with(&[ClusterSpec::faulty("cluster-replicasweep")], |s| {
+        use_database(s, database);
+    })
+    .await;
+    let mut c = h.client().await;
+    let store = h.connected_store(&mut c, 0, "sweep").await;
+    let mut keys = Vec::new();
+    for _ in 0..KEYS {
+        keys.push(create_key(&mut c, &store).await.key_id);
+    }
+    // The sweepers live 8 days ahead: a key scheduled for 7 days is due for them at once
+    // (and never for the first server, which schedules).
+    let files = |name: &str| {
+        let ctl = h.dir.path().join(format!("{name}-faults.ctl"));
+        let counts = h.dir.path().join(format!("{name}-pkcs11-counts"));
+        std::fs::write(&ctl, format!("counts_file = {}\n", counts.display())).unwrap();
+        (ctl, counts)
+    };
+    let sweepers: Vec<_> = ["s1", "s2", "frozen"]
+        .into_iter()
+        .map(|name| {
+            let (ctl, counts) = files(name);
+            let replica = h.replica_with(
+                name,
+                |s| {
+                    s.lifecycle.clock_offset_seconds = 8 * 86_400;
+                    s.lifecycle.deletion_check_interval_seconds = 1;
+                },
+                &[("FAULTY_PKCS11_CONTROL", &ctl)],
+            );
+            (replica, ctl, counts)
+        })
+        .collect();
+    // The one to freeze finds objects slowly, so that it is caught mid-destroy.
+    let (frozen, frozen_ctl, frozen_counts) = &sweepers[2];
+    std::fs::write(
+        frozen_ctl,
+        format!(
+            "counts_file = {}\ndelay_ms = 1000\ndelay_functions = C_FindObjectsInit\n",
+            frozen_counts.display()
+        ),
+    )
+    .unwrap();
+    let calls = |path: &std::path::Path, function: &str| -> u64 {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once(" = "))
+            .find(|(f, _)| *f == function)
+            .map_or(0, |(_, n)| n.trim().parse().unwrap())
+    };
+    let finds_before = calls(frozen_counts, "C_FindObjectsInit");
+    for key in &keys {
+        c.schedule_key_deletion(ScheduleKeyDeletionRequest {
+            key_id: key.clone(),
+            pending_window_in_days: Some(7),
+        })
+        .await
+        .unwrap();
+    }
+    // Freeze it as soon as it is inside a destroy (the count comes before the delay).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while calls(frozen_counts, "C_FindObjectsInit") == finds_before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sweeper never began a destroy"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pid = frozen.pid() as libc::pid_t;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    // Its lease is 30 s (max(30 s, 4 x the HSM call deadline)); thaw it well after.
+    tokio::time::sleep(Duration::from_secs(36)).await;
+    let mut left = usize::MAX;
+    for _ in 0..100 {
+        left = c
+            .list_keys(ListKeysRequest {
+                limit: Some(1000),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .keys
+            .len();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    assert_eq!(left, 0, "keys left after the others took over");
+    // Let the thawed one finish what it was doing, and sweep again.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let destroys: Vec<u64> = sweepers
+        .iter()
+        .map(|(_, _, counts)| calls(counts, "C_DestroyObject"))
+        .collect();
+    eprintln!("C_DestroyObject per sweeper (s1, s2, frozen): {destroys:?}");
+    assert_eq!(destroys.iter().sum::<u64>(), KEYS as u64, "{destroys:?}");
+    assert!(
+        destroys[0] > 0 && destroys[1] > 0,
+        "a sweeper did no work: {destroys:?}"
+    );
+    assert_eq!(h.token_secret_keys(0), 0, "key material left on the token");
+    for (r, _, _) in sweepers {
+        assert!(r.stop(), "a sweeper did not exit cleanly");
+    }
+}
+
 /// The sealing key is the service's, not a replica's: a replica with another key refuses to
 /// start and says why, and with a database no replica makes up a key of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -527,10 +527,28 @@ impl Connection {
 
     /// Destroys the key's token object if there is one.
     pub async fn destroy_key(self: &Arc<Self>, key_id: Uuid) -> Result<(), HsmError> {
+        self.destroy_key_before(key_id, None).await
+    }
+
+    /// `destroy_key`, but only if the destroy can start before `deadline`: a caller whose
+    /// claim on the key runs out then (a scheduled deletion's lease) must not destroy after
+    /// another replica may have taken the key over. The check is made after the objects are
+    /// found, right before C_DestroyObject.
+    pub async fn destroy_key_before(
+        self: &Arc<Self>,
+        key_id: Uuid,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<(), HsmError> {
         self.run("C_DestroyObject", move |conn, session| {
             let _one_at_a_time = conn.objects.lock().unwrap_or_else(|p| p.into_inner());
             conn.forget(&key_id);
-            for h in session.find_objects(&key_search(&key_id))? {
+            let found = session.find_objects(&key_search(&key_id))?;
+            if deadline.is_some_and(|d| std::time::Instant::now() > d) && !found.is_empty() {
+                return Err(OpError::Hsm(HsmError::Internal(
+                    "the claim on the key ran out before its material could be destroyed".into(),
+                )));
+            }
+            for h in found {
                 session.destroy_object(h)?;
             }
             Ok(())

@@ -7,7 +7,7 @@
 //! cluster, and the log says so, naming its label (the key ARN) so an operator can remove it.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::states::ConnectionState::*;
 
@@ -17,21 +17,24 @@ use super::Kms;
 use crate::metadata::Failure;
 
 impl Kms {
-    /// Claims (or renews the claim on) a due key for this replica's sweep; false when it is
-    /// not due any more (cancelled) or another replica holds it.
-    async fn claim_deletion(&self, id: &uuid::Uuid, arn: &str) -> bool {
+    /// Claims (or renews the claim on) a due key for this replica's sweep. Returns the
+    /// instant until which this replica may start destroying the key's material (half the
+    /// lease, measured from before the claim: the other half is margin for the replicas'
+    /// clocks); none when the key is not due any more (cancelled) or another replica holds it.
+    async fn claim_deletion(&self, id: &uuid::Uuid, arn: &str) -> Option<Instant> {
         let lease_ms =
             (4 * self.connections.settings().call_timeout_ms as i64).max(DELETION_LEASE_MS);
+        let asked = Instant::now();
         match self
             .meta
             .claim_deletion(id, self.now(), &self.replica, lease_ms)
             .await
         {
-            Ok(()) => true,
-            Err(Failure::NotFound) => false,
+            Ok(()) => Some(asked + Duration::from_millis(lease_ms as u64 / 2)),
+            Err(Failure::NotFound) => None,
             Err(e) => {
                 tracing::error!(key_arn = %arn, error = %e, "claiming a key for deletion failed");
-                false
+                None
             }
         }
     }
@@ -64,17 +67,18 @@ impl Kms {
                 (Disconnected | Failed, _) => false,
                 _ => continue,
             };
-            if !self.claim_deletion(&key.id, &arn).await {
+            if self.claim_deletion(&key.id, &arn).await.is_none() {
                 continue;
             }
             match conn.filter(|_| reachable) {
                 Some(conn) => {
                     // Renewed right before the material goes: a sweeper frozen past its
-                    // lease finds that another replica has taken the key over.
-                    if !self.claim_deletion(&key.id, &arn).await {
+                    // lease finds that another replica has taken the key over, and one
+                    // frozen after the renewal does not destroy once its claim ran out.
+                    let Some(until) = self.claim_deletion(&key.id, &arn).await else {
                         continue;
-                    }
-                    if let Err(e) = conn.destroy_key(key.id).await {
+                    };
+                    if let Err(e) = conn.destroy_key_before(key.id, Some(until)).await {
                         // Keep the row (Deleting) and try again on the next pass.
                         tracing::warn!(key_arn = %arn, error = ?e, "destroying key material failed; will retry");
                         continue;

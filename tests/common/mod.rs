@@ -593,6 +593,10 @@ pub struct Replica {
 }
 
 impl Replica {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub async fn client(&self) -> Client {
         let url = format!("http://{}", self.addr);
         KeyManagementServiceClient::connect(url)
@@ -617,7 +621,19 @@ impl Drop for Replica {
 impl Harness {
     /// Starts replica `name` of this service (which must use `[database]`).
     pub fn replica(&self, name: &str) -> Replica {
-        let (mut command, audit) = self.replica_command(name, |_| {});
+        self.replica_with(name, |_| {}, &[])
+    }
+
+    /// Starts replica `name` with `change` applied to its config and `env` added to its
+    /// environment (e.g. its own FAULTY_PKCS11_CONTROL).
+    pub fn replica_with(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut Settings),
+        env: &[(&str, &Path)],
+    ) -> Replica {
+        let (mut command, audit) = self.replica_command(name, change);
+        command.envs(env.iter().copied());
         let mut child = command
             .stderr(Stdio::inherit())
             .spawn()
