@@ -102,6 +102,12 @@ pub struct Options {
     /// faulty-pkcs11`). Default: libfaulty_pkcs11.so beside this executable.
     #[arg(long)]
     pub faulty_module: Option<PathBuf>,
+    /// Measure the service as N replicas, for each N listed (e.g. 1,2,3): one throwaway
+    /// PostgreSQL database and one token shared by N processes, each reaching the token
+    /// through the modelled network HSM (the first --hsm-latency-ms, default 5 ms) with its
+    /// own session pool (--session-pool-size, default 4), the load spread over them.
+    #[arg(long, value_delimiter = ',')]
+    pub replicas: Vec<usize>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -159,6 +165,9 @@ pub struct LatencyResult {
     /// The p99 target at concurrency <= sessions: 1.5 x the HSM time of the operation
     /// (latency x its HSM calls) + 1 ms.
     pub p99_target_ms: f64,
+    /// With --replicas: the replicas sharing the load (`sessions` is over all of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<usize>,
 }
 
 const PASSWORD: &str = "bench-kmsuser-pw";
@@ -349,8 +358,15 @@ impl Drop for Server {
     }
 }
 
+/// A replica among several sharing a PostgreSQL database (`start_server`).
+struct ReplicaOf<'a> {
+    name: &'a str,
+    database: &'a crate::config::DatabaseSettings,
+}
+
 /// Starts `hsm-kms serve` on a fresh token of `module`; the service reaches the token
-/// through `service_module` (the same, or the faulty module wrapping it) with `env`.
+/// through `service_module` (the same, or the faulty module wrapping it) with `env`. As a
+/// `replica`, it uses the database and keeps its config and audit trail under its name.
 fn start_server(
     dir: &Path,
     module: &Path,
@@ -358,6 +374,7 @@ fn start_server(
     env: &[(&str, String)],
     pool: usize,
     workers: usize,
+    replica: Option<ReplicaOf<'_>>,
 ) -> anyhow::Result<Server> {
     let modules = Modules::default();
     let ctx = modules.get(module).map_err(|e| anyhow::anyhow!(e))?;
@@ -365,12 +382,30 @@ fn start_server(
         hsm::init_token(&ctx, LABEL, "bench-so-pin", PASSWORD)?;
     }
     let anchor = dir.join("anchor.pem");
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    std::fs::write(
-        &anchor,
-        params.self_signed(&rcgen::KeyPair::generate()?)?.pem(),
-    )?;
+    if !anchor.exists() {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        std::fs::write(
+            &anchor,
+            params.self_signed(&rcgen::KeyPair::generate()?)?.pem(),
+        )?;
+    }
+    let sealing_key = dir.join("sealing.key");
+    if replica.is_some() && !sealing_key.exists() {
+        // Replicas share one key, made here as an operator would (the service never makes
+        // one with a database).
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut key = zeroize::Zeroizing::new([0u8; 32]);
+        getrandom::fill(&mut key[..]).map_err(|e| anyhow::anyhow!("no random bytes: {e}"))?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&sealing_key)?
+            .write_all(&key[..])?;
+    }
+    let name = replica.as_ref().map_or("hsm-kms", |r| r.name);
     let settings = Settings {
         server: ServerSettings {
             listen: "127.0.0.1:0".parse()?,
@@ -383,9 +418,9 @@ fn start_server(
         storage: StorageSettings {
             sqlite_path: dir.join("metadata.sqlite3"),
         },
-        database: None,
+        database: replica.as_ref().map(|r| r.database.clone()),
         security: SecuritySettings {
-            sealing_key_file: dir.join("sealing.key"),
+            sealing_key_file: sealing_key,
             rotate_kmsuser_password: false,
         },
         hsm: HsmSettings {
@@ -415,9 +450,12 @@ fn start_server(
             ..Default::default()
         },
         audit: crate::config::AuditSettings {
-            file: dir.join("audit.jsonl"),
+            file: match &replica {
+                Some(r) => dir.join(format!("{}-audit.jsonl", r.name)),
+                None => dir.join("audit.jsonl"),
+            },
             fsync: false,
-            ..Default::default()
+            replica: name.into(),
         },
         kms: Default::default(),
         clusters: vec![ClusterSettings {
@@ -444,7 +482,7 @@ fn start_server(
             ],
         }],
     };
-    let config = dir.join("hsm-kms.toml");
+    let config = dir.join(format!("{name}.toml"));
     std::fs::write(&config, toml::to_string_pretty(&settings)?)?;
     let mut child = Command::new(std::env::current_exe()?)
         .args(["serve", "--config"])
@@ -551,7 +589,7 @@ impl Op {
 /// connection has its own thread with a single-threaded runtime that runs the connection and
 /// its share of the callers, so a request and its response never cross threads on this side.
 async fn drive(
-    addr: &str,
+    addrs: &[String],
     connections: usize,
     load: &Load,
     concurrency: usize,
@@ -564,7 +602,8 @@ async fn drive(
     let ready = Arc::new(std::sync::Barrier::new(connections + 1));
     let mut threads = Vec::new();
     for t in 0..connections {
-        let (addr, load) = (addr.to_string(), load.clone());
+        // Connections go round the addresses (replicas), one after another.
+        let (addr, load) = (addrs[t % addrs.len()].clone(), load.clone());
         let (stop, ready) = (Arc::clone(&stop), Arc::clone(&ready));
         threads.push(std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -803,7 +842,7 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 }
 
 async fn level(
-    addr: &str,
+    addrs: &[String],
     load: Load,
     opts: &Options,
     concurrency: usize,
@@ -813,9 +852,12 @@ async fn level(
 ) -> anyhow::Result<LevelResult> {
     // A short warm-up at the same concurrency, then the measured run.
     let warm_up = (opts.seconds / 5.0).min(0.5);
-    drive(addr, opts.connections, &load, concurrency, warm_up).await?;
+    // At least one connection per address, and as many to each.
+    let n = addrs.len().max(1);
+    let connections = opts.connections.max(n).div_ceil(n) * n;
+    drive(addrs, connections, &load, concurrency, warm_up).await?;
     let (mut lat, errors, elapsed) =
-        drive(addr, opts.connections, &load, concurrency, opts.seconds).await?;
+        drive(addrs, connections, &load, concurrency, opts.seconds).await?;
     lat.sort_unstable();
     let raw_op = match load.op {
         Op::Decrypt => "Decrypt",
@@ -934,7 +976,7 @@ async fn with_h2load(opts: Options) -> anyhow::Result<Report> {
     };
     let before = tokio::task::block_in_place(|| raw_encrypt_1(&opts))?;
     let server = tokio::task::block_in_place(|| {
-        start_server(dir.path(), &module, &module, &[], pool, workers)
+        start_server(dir.path(), &module, &module, &[], pool, workers, None)
     })?;
     let mut c = connect(&server.addr).await?;
     let (_, key, _) = prepare(&mut c, Some(dir.path()), &opts).await?;
@@ -1061,12 +1103,8 @@ fn h2load_rate(out: &str) -> Option<f64> {
         .and_then(|n| n.trim().parse().ok())
 }
 
-/// `--hsm-latency-ms`: for each latency, a fresh service whose token is reached through the
-/// faulty module adding that latency to every call that would cross the network.
-async fn latency_model(opts: Options) -> anyhow::Result<Report> {
-    let cpus = cpus();
-    let pool = opts.session_pool_size.unwrap_or(16).max(1);
-    let workers = opts.server_worker_threads.unwrap_or(2);
+/// The faulty PKCS#11 module that models a network HSM.
+fn faulty_module(opts: &Options) -> anyhow::Result<PathBuf> {
     let faulty = match &opts.faulty_module {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("libfaulty_pkcs11.so"),
@@ -1077,6 +1115,118 @@ async fn latency_model(opts: Options) -> anyhow::Result<Report> {
          with --faulty-module",
         faulty.display()
     );
+    Ok(faulty)
+}
+
+/// The environment that makes the faulty module wrap `module` with `ms` per HSM call.
+fn latency_env(module: &Path, ms: f64) -> [(&'static str, String); 2] {
+    [
+        ("FAULTY_PKCS11_MODULE", module.display().to_string()),
+        (
+            "FAULTY_PKCS11_LATENCY_US",
+            ((ms * 1000.0).round() as u64).to_string(),
+        ),
+    ]
+}
+
+/// `--replicas`: for each N, N replicas on a fresh PostgreSQL database and a fresh token
+/// behind the modelled network HSM, driven with Encrypt spread over all of them.
+async fn replica_scaling(opts: Options) -> anyhow::Result<Report> {
+    let ms = opts.hsm_latency_ms.first().copied().unwrap_or(5.0);
+    let pool = opts.session_pool_size.unwrap_or(4).max(1);
+    let workers = opts.server_worker_threads.unwrap_or(1);
+    let faulty = faulty_module(&opts)?;
+    let pg = crate::metadata::postgres::throwaway::Server::shared()?;
+    let mut out = Vec::new();
+    for &n in &opts.replicas {
+        let dir = tempfile::tempdir()?;
+        let module = make_token(dir.path())?;
+        let env = latency_env(&module, ms);
+        let database = crate::config::DatabaseSettings {
+            url: pg.fresh_database().await?,
+            password_file: None,
+            password_env: None,
+            pool_size: 8,
+        };
+        let mut servers = Vec::new();
+        for i in 0..n.max(1) {
+            let name = format!("r{}", i + 1);
+            let replica = ReplicaOf {
+                name: &name,
+                database: &database,
+            };
+            servers.push(tokio::task::block_in_place(|| {
+                start_server(dir.path(), &module, &faulty, &env, pool, workers, Some(replica))
+            })?);
+        }
+        let mut c = connect(&servers[0].addr).await?;
+        let (_, key, blob) = prepare(&mut c, Some(dir.path()), &opts).await?;
+        // Each replica logs in by itself (on its first request or within 2 s).
+        for s in &servers[1..] {
+            let mut c = connect(&s.addr).await?;
+            let mut tries = 0;
+            while c
+                .encrypt(EncryptRequest {
+                    key_id: key.clone(),
+                    plaintext: vec![1],
+                    ..Default::default()
+                })
+                .await
+                .is_err()
+            {
+                tries += 1;
+                anyhow::ensure!(tries < 200, "replica at {} never served the key", s.addr);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let addrs: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
+        let (keys, blobs) = (Arc::new(vec![key]), Arc::new(vec![blob]));
+        for &c in &opts.levels {
+            let load = Load {
+                front: Front::Grpc,
+                op: Op::Encrypt,
+                keys: Arc::clone(&keys),
+                blobs: Arc::clone(&blobs),
+                payload: opts.payload,
+            };
+            let level = level(&addrs, load, &opts, c, 1, None, &[]).await?;
+            let sessions = pool * servers.len();
+            let bound = sessions as f64 / (ms / 1000.0 * Op::Encrypt.hsm_calls());
+            eprintln!(
+                "  {} replicas: {:.0}% of the bound {bound:.0} ops/s",
+                servers.len(),
+                level.ops_per_sec / bound * 100.0
+            );
+            out.push(LatencyResult {
+                latency_ms: ms,
+                sessions,
+                bound_ops_per_sec: bound,
+                ratio_to_bound: level.ops_per_sec / bound,
+                p99_target_ms: 1.5 * ms * Op::Encrypt.hsm_calls() + 1.0,
+                level,
+                replicas: Some(servers.len()),
+            });
+        }
+    }
+    Ok(Report {
+        payload_bytes: opts.payload,
+        seconds_per_level: opts.seconds,
+        cpus: cpus(),
+        session_pool_size: Some(pool),
+        server_worker_threads: Some(workers),
+        raw: Vec::new(),
+        service: Vec::new(),
+        hsm_latency: out,
+    })
+}
+
+/// `--hsm-latency-ms`: for each latency, a fresh service whose token is reached through the
+/// faulty module adding that latency to every call that would cross the network.
+async fn latency_model(opts: Options) -> anyhow::Result<Report> {
+    let cpus = cpus();
+    let pool = opts.session_pool_size.unwrap_or(16).max(1);
+    let workers = opts.server_worker_threads.unwrap_or(2);
+    let faulty = faulty_module(&opts)?;
     let mut out = Vec::new();
     for &ms in &opts.hsm_latency_ms {
         let dir = tempfile::tempdir()?;
@@ -1089,7 +1239,7 @@ async fn latency_model(opts: Options) -> anyhow::Result<Report> {
             ),
         ];
         let server = tokio::task::block_in_place(|| {
-            start_server(dir.path(), &module, &faulty, &env, pool, workers)
+            start_server(dir.path(), &module, &faulty, &env, pool, workers, None)
         })?;
         let mut c = connect(&server.addr).await?;
         let (_, key, blob) = prepare(&mut c, Some(dir.path()), &opts).await?;
@@ -1104,7 +1254,7 @@ async fn latency_model(opts: Options) -> anyhow::Result<Report> {
                     payload: opts.payload,
                 };
                 let level = level(
-                    &server.addr,
+                    std::slice::from_ref(&server.addr),
                     load,
                     &opts,
                     n,
@@ -1121,6 +1271,7 @@ async fn latency_model(opts: Options) -> anyhow::Result<Report> {
                     ratio_to_bound: level.ops_per_sec / bound,
                     p99_target_ms: 1.5 * ms * op.hsm_calls() + 1.0,
                     level,
+                    replicas: None,
                 };
                 eprintln!(
                     "  latency {ms} ms: {:.0}% of the bound {bound:.0} ops/s",
@@ -1143,6 +1294,9 @@ async fn latency_model(opts: Options) -> anyhow::Result<Report> {
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
+    if !opts.replicas.is_empty() {
+        return replica_scaling(opts).await;
+    }
     if !opts.hsm_latency_ms.is_empty() {
         return latency_model(opts).await;
     }
@@ -1162,7 +1316,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let server = match &opts.target {
         Some(_) => None,
         None => Some(tokio::task::block_in_place(|| {
-            start_server(dir.path(), &module, &module, &[], pool, workers)
+            start_server(dir.path(), &module, &module, &[], pool, workers, None)
         })?),
     };
     let addr = opts
@@ -1192,7 +1346,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         for &n in &opts.levels {
             service.push(
                 level(
-                    &to,
+                    std::slice::from_ref(&to),
                     Load {
                         front,
                         op,
@@ -1256,7 +1410,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         for over in [&many, &keys] {
             service.push(
                 level(
-                    &addr,
+                    std::slice::from_ref(&addr),
                     Load {
                         front: Front::Grpc,
                         op: Op::Encrypt,
@@ -1345,7 +1499,7 @@ pub fn table(r: &Report) -> String {
     if !r.hsm_latency.is_empty() {
         s.push_str(
             "
-modelled network HSM (bound = sessions / (latency x HSM calls per operation))
+modelled network HSM (bound = sessions / (latency x HSM calls per operation); xN: N replicas)
 ",
         );
         s.push_str("latency ms  operation        conc  sessions      ops/s      bound  of bound   p50 ms   p99 ms  p99 target  errors
@@ -1354,7 +1508,10 @@ modelled network HSM (bound = sessions / (latency x HSM calls per operation))
             s.push_str(&format!(
                 "{:>10} {:16} {:>5} {:>9} {:>10.0} {:>10.0} {:>8.0}% {:>8.2} {:>8.2} {:>11.2} {:>7}\n",
                 x.latency_ms,
-                x.level.operation,
+                match x.replicas {
+                    Some(n) => format!("{} x{n}", x.level.operation),
+                    None => x.level.operation.clone(),
+                },
                 x.level.concurrency,
                 x.sessions,
                 x.level.ops_per_sec,
