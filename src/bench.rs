@@ -1156,7 +1156,15 @@ async fn replica_scaling(opts: Options) -> anyhow::Result<Report> {
                 database: &database,
             };
             servers.push(tokio::task::block_in_place(|| {
-                start_server(dir.path(), &module, &faulty, &env, pool, workers, Some(replica))
+                start_server(
+                    dir.path(),
+                    &module,
+                    &faulty,
+                    &env,
+                    pool,
+                    workers,
+                    Some(replica),
+                )
             })?);
         }
         let mut c = connect(&servers[0].addr).await?;
