@@ -200,9 +200,13 @@ impl Kms {
         }
     }
 
-    /// Whether this replica can serve: the metadata database answers, and every store that
-    /// is CONNECTED for the service has a working HSM login here. The reason when not.
+    /// Whether this replica can serve: the metadata database answers, its change listener
+    /// works (with PostgreSQL), and every store that is CONNECTED for the service has a
+    /// working HSM login here. The reason when not.
     pub async fn readiness(&self) -> Result<(), String> {
+        if let Some(why) = self.meta.cache_bypassed() {
+            return Err(why.to_string());
+        }
         let mut after: Option<String> = None;
         loop {
             let page = self

@@ -111,7 +111,7 @@ fn key(store: &str, state: KeyState) -> KeyRecord {
 }
 
 /// A database with one key store `cks-1` and a key in `state`.
-async fn with_key(m: &dyn Metadata, state: KeyState) -> Uuid {
+pub(crate) async fn with_key(m: &dyn Metadata, state: KeyState) -> Uuid {
     if m.keystore("cks-1").await.unwrap().is_none() {
         m.insert_keystore(&keystore("cks-1", "one", "cluster-1"))
             .await

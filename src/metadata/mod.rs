@@ -232,6 +232,11 @@ pub trait KeyStores: Send + Sync {
     async fn record_audit_head(&self, head: &AuditHead) -> MetaResult<()>;
     /// Every replica's last recorded audit chain head.
     async fn audit_heads(&self) -> MetaResult<Vec<AuditHead>>;
+    /// Why this replica reads every row from the database instead of its cache (the change
+    /// listener is down), if it does; for readiness. A single node has nothing to hear.
+    fn cache_bypassed(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// The metadata database a configuration names: PostgreSQL (`[database]`, migrated), else

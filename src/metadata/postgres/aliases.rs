@@ -56,7 +56,7 @@ impl Aliases for Postgres {
         )
         .await
         .map_err(|e| taken(e, &[("alias_name_taken", Unique::AliasName)]))?;
-        tx.commit().await.map_err(internal)
+        self.commit(tx).await
     }
 
     async fn update_alias(
@@ -90,7 +90,7 @@ impl Aliases for Postgres {
         )
         .await
         .map_err(internal)?;
-        tx.commit().await.map_err(internal)
+        self.commit(tx).await
     }
 
     async fn delete_alias(&self, name: &str) -> MetaResult<()> {

@@ -106,19 +106,25 @@ impl Grants for Postgres {
         )
         .await
         .map_err(internal)?;
-        tx.commit().await.map_err(internal)?;
+        self.commit(tx).await?;
         Ok(g.clone())
     }
 
     async fn key_grants(&self, key: &Uuid) -> MetaResult<Arc<Vec<GrantRecord>>> {
-        let grants = self
-            .rows(
+        if let Some(hit) = self.cache.grants(key) {
+            return Ok(hit);
+        }
+        let since = self.cache.generation();
+        let grants = Arc::new(
+            self.rows(
                 &format!("{COLUMNS} WHERE key_id = $1 ORDER BY grant_id"),
                 &[&key.to_string()],
                 row,
             )
-            .await?;
-        Ok(Arc::new(grants))
+            .await?,
+        );
+        self.cache.put_grants(since, *key, &grants);
+        Ok(grants)
     }
 
     async fn grant_by_token(&self, token: &str) -> MetaResult<Option<GrantRecord>> {

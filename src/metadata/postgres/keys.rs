@@ -83,12 +83,21 @@ impl Keys for Postgres {
             .await
             .map_err(internal)?;
         }
-        tx.commit().await.map_err(internal)
+        self.commit(tx).await
     }
 
     async fn key(&self, id: &Uuid) -> MetaResult<Option<KeyRecord>> {
-        self.row(&format!("{COLUMNS} WHERE id = $1"), &[&id.to_string()], row)
-            .await
+        if let Some(hit) = self.cache.key(id) {
+            return Ok(Some(hit));
+        }
+        let since = self.cache.generation();
+        let found = self
+            .row(&format!("{COLUMNS} WHERE id = $1"), &[&id.to_string()], row)
+            .await?;
+        if let Some(rec) = &found {
+            self.cache.put_key(since, rec);
+        }
+        Ok(found)
     }
 
     async fn list_keys(&self, after: Option<&Uuid>, limit: usize) -> MetaResult<Vec<KeyRecord>> {
@@ -242,7 +251,7 @@ impl Keys for Postgres {
             // Dropping `tx` rolls the tags back.
             return Err(Failure::Precondition(Precondition::Limit(max)));
         }
-        tx.commit().await.map_err(internal)
+        self.commit(tx).await
     }
 
     async fn untag_key(&self, id: &Uuid, accepted: StateSet, keys: &[String]) -> MetaResult<()> {
@@ -255,7 +264,7 @@ impl Keys for Postgres {
         )
         .await
         .map_err(internal)?;
-        tx.commit().await.map_err(internal)
+        self.commit(tx).await
     }
 
     async fn list_tags(

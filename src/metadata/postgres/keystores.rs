@@ -74,11 +74,21 @@ impl KeyStores for Postgres {
         .await
         .map(drop)
         .map_err(|e| taken(e, UNIQUE))
+        .inspect(|()| self.cache.forget_all())
     }
 
     async fn keystore(&self, id: &str) -> MetaResult<Option<KeyStoreRecord>> {
-        self.row(&format!("{COLUMNS} WHERE id = $1"), &[&id], row)
-            .await
+        if let Some(hit) = self.cache.keystore(id) {
+            return Ok(Some(hit));
+        }
+        let since = self.cache.generation();
+        let found = self
+            .row(&format!("{COLUMNS} WHERE id = $1"), &[&id], row)
+            .await?;
+        if let Some(rec) = &found {
+            self.cache.put_keystore(since, rec);
+        }
+        Ok(found)
     }
 
     async fn keystore_by_name(&self, name: &str) -> MetaResult<Option<KeyStoreRecord>> {
@@ -180,7 +190,7 @@ impl KeyStores for Postgres {
         tx.execute("DELETE FROM custom_key_stores WHERE id = $1", &[&id])
             .await
             .map_err(internal)?;
-        tx.commit().await.map_err(internal)
+        self.commit(tx).await
     }
 
     async fn set_pending_password(&self, id: &str, sealed: Option<&[u8]>) -> MetaResult<()> {
@@ -205,8 +215,7 @@ impl KeyStores for Postgres {
     }
 
     async fn promote_pending_password(&self, id: &str) -> MetaResult<()> {
-        let c = self.client().await?;
-        c.execute(
+        self.execute(
             "UPDATE custom_key_stores SET sealed_password = pending_password,
                  pending_password = NULL
              WHERE id = $1 AND pending_password IS NOT NULL",
@@ -214,7 +223,6 @@ impl KeyStores for Postgres {
         )
         .await
         .map(drop)
-        .map_err(internal)
     }
 
     async fn sealing_check(&self, candidate: &[u8]) -> MetaResult<Vec<u8>> {
@@ -282,6 +290,12 @@ impl KeyStores for Postgres {
         )
         .await
         .map(drop)
+    }
+
+    fn cache_bypassed(&self) -> Option<&'static str> {
+        (!self.listening()).then_some(
+            "the metadata change listener (LISTEN hsm_kms) is down; every request reads the database",
+        )
     }
 
     async fn audit_heads(&self) -> MetaResult<Vec<AuditHead>> {

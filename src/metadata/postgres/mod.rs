@@ -17,6 +17,7 @@
 //! replicas starting together apply each one exactly once.
 
 mod aliases;
+mod cache;
 mod grants;
 mod keys;
 mod keystores;
@@ -115,10 +116,31 @@ CREATE TABLE audit_heads (
     recorded_ms BIGINT NOT NULL
 );
 ",
+    // Replicas cache key, store and grant rows (cache.rs): every change to one is announced
+    // in the transaction that makes it.
+    "
+CREATE FUNCTION hsm_kms_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+BEGIN
+    IF TG_OP = 'DELETE' THEN r := OLD; ELSE r := NEW; END IF;
+    PERFORM pg_notify('hsm_kms', TG_ARGV[0] || ':' || (to_jsonb(r) ->> TG_ARGV[1]));
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER keys_changed AFTER INSERT OR UPDATE OR DELETE ON keys
+    FOR EACH ROW EXECUTE FUNCTION hsm_kms_notify('k', 'id');
+CREATE TRIGGER keystores_changed AFTER INSERT OR UPDATE OR DELETE ON custom_key_stores
+    FOR EACH ROW EXECUTE FUNCTION hsm_kms_notify('s', 'id');
+CREATE TRIGGER grants_changed AFTER INSERT OR UPDATE OR DELETE ON grants
+    FOR EACH ROW EXECUTE FUNCTION hsm_kms_notify('g', 'key_id');
+",
 ];
 
 pub struct Postgres {
     pool: Pool,
+    /// Key, store and grant rows, kept true by LISTEN/NOTIFY (cache.rs).
+    cache: std::sync::Arc<cache::Cache>,
 }
 
 /// Where the database is and how much of it a replica may hold.
@@ -151,6 +173,7 @@ impl Postgres {
                 .keepalives_interval(Duration::from_secs(10))
                 .keepalives_retries(3);
         }
+        let listener_config = config.clone();
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -164,10 +187,14 @@ impl Postgres {
             .wait_timeout(Some(Duration::from_secs(5)))
             .create_timeout(Some(Duration::from_secs(5)))
             .build()?;
-        let db = Postgres { pool };
+        let db = Postgres {
+            pool,
+            cache: Default::default(),
+        };
         db.migrate()
             .await
             .map_err(|e| anyhow::anyhow!("migrating the metadata schema: {e}"))?;
+        cache::spawn_listener(listener_config, &db.cache);
         Ok(db)
     }
 
@@ -246,7 +273,22 @@ impl Postgres {
     ) -> MetaResult<u64> {
         let c = self.client().await?;
         let stmt = c.prepare_cached(sql).await.map_err(internal)?;
-        c.execute(&stmt, params).await.map_err(internal)
+        let changed = c.execute(&stmt, params).await.map_err(internal);
+        self.cache.forget_all();
+        changed
+    }
+
+    /// Commits a transaction that changed rows; this replica's cache forgets at once
+    /// (the others hear of it through their listeners).
+    async fn commit(&self, tx: deadpool_postgres::Transaction<'_>) -> MetaResult<()> {
+        let done = tx.commit().await.map_err(internal);
+        self.cache.forget_all();
+        done
+    }
+
+    /// Whether the change listener works (else the cache is bypassed); for readiness.
+    pub fn listening(&self) -> bool {
+        self.cache.listening()
     }
 }
 
@@ -389,6 +431,101 @@ mod tests {
             Arc::new(open(server).await) as Arc<dyn crate::metadata::Metadata>
         })
         .await;
+    }
+
+    /// Until `check` holds (polled every millisecond, for at most 5 s); how long it took.
+    async fn within<F: Fn() -> Fut, Fut: std::future::Future<Output = bool>>(
+        what: &str,
+        check: F,
+    ) -> Duration {
+        let start = std::time::Instant::now();
+        while !check().await {
+            assert!(start.elapsed() < Duration::from_secs(5), "never: {what}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        start.elapsed()
+    }
+
+    /// The listening connections' server processes.
+    async fn listener_pids(db: &Postgres) -> Vec<i32> {
+        let c = db.client().await.unwrap();
+        c.query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'hsm-kms-listener'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    }
+
+    /// Two replicas' metadata on one database: a key state changed through one reaches the
+    /// other's cache within milliseconds (the bound asserted: 250 ms). With the listener
+    /// killed, or silenced (its server process stopped), the cache is bypassed: a change
+    /// made meanwhile is read at once, not after the cache's TTL.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn changes_reach_other_replicas_caches_and_a_lost_listener_fails_closed() {
+        use crate::kms::states::{KeyState::*, StateSet};
+        use crate::metadata::Keys as _;
+        let Some(server) = server() else { return };
+        let url = server.fresh_database().await.unwrap();
+        let open = || async {
+            Postgres::open(Connect {
+                url: &url,
+                password: None,
+                pool_size: 2,
+            })
+            .await
+            .unwrap()
+        };
+        let (a, b) = (open().await, open().await);
+        within("A listening", || async { a.listening() }).await;
+        let id = crate::metadata::contract::with_key(&b, Enabled).await;
+        let any = StateSet::of(&[Enabled, Disabled]);
+        let state = |want| {
+            let (a, id) = (&a, id);
+            move || async move { a.key(&id).await.unwrap().unwrap().key_state == want }
+        };
+        // A caches the key; B disables it, then enables it again.
+        assert!(state(Enabled)().await);
+        b.set_key_state(&id, any, Disabled).await.unwrap();
+        let took = within("A sees Disabled", state(Disabled)).await;
+        eprintln!("a change reached the other replica's cache in {took:?}");
+        assert!(took < Duration::from_millis(250), "{took:?}");
+        b.set_key_state(&id, any, Enabled).await.unwrap();
+        within("A sees Enabled", state(Enabled)).await;
+
+        // The listeners killed: A stops trusting its cache before it can miss a change.
+        let c = b.client().await.unwrap();
+        for pid in listener_pids(&a).await {
+            c.execute("SELECT pg_terminate_backend($1)", &[&pid])
+                .await
+                .unwrap();
+        }
+        within("A not listening", || async { !a.listening() }).await;
+        b.set_key_state(&id, any, Disabled).await.unwrap();
+        assert!(
+            state(Disabled)().await,
+            "A served its cache without a listener"
+        );
+        within("A listening again", || async { a.listening() }).await;
+        b.set_key_state(&id, any, Enabled).await.unwrap();
+        within("A sees Enabled", state(Enabled)).await;
+
+        // Silenced (SIGSTOP): no error, only silence; A stops trusting within 2 s.
+        let pids = listener_pids(&a).await;
+        for &pid in &pids {
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        }
+        within("A notices the silence", || async { !a.listening() }).await;
+        b.set_key_state(&id, any, Disabled).await.unwrap();
+        let fresh = state(Disabled)().await;
+        for &pid in &pids {
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+        assert!(fresh, "A served its cache while its listener was silent");
+        within("A listening after the thaw", || async { a.listening() }).await;
     }
 
     /// Replicas starting together migrate the schema once.

@@ -1,0 +1,287 @@
+//! A replica's cache of the rows every cryptographic request reads (its key, the key's
+//! store, the key's grants), kept true by PostgreSQL's LISTEN/NOTIFY.
+//!
+//! Triggers on the three tables send `NOTIFY hsm_kms, '<k|s|g>:<id>'` in the transaction
+//! that changes a row, so a committed change is announced once and a rolled-back one never.
+//! Each replica holds one extra connection that LISTENs and drops the entries named.
+//!
+//! Fail closed: the cache is used only while the listener is known to work. It pings itself
+//! through its own channel every `PING`, and counts as listening only when it heard
+//! something within `SILENCE`; a lost or silent connection makes every read go to the
+//! database (and empties the cache) until the listener is back. A change this replica makes
+//! itself empties the cache at once, without waiting for its notification. Entries also
+//! expire after `TTL`, a backstop for what nothing above catches.
+//!
+//! A fill races a change: the row is read, then a notification drops an entry that is not
+//! there yet, then the stale row is put in. So a fill is kept only if no invalidation came
+//! between its start (`generation`) and its end.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use crate::metadata::{GrantRecord, KeyRecord, KeyStoreRecord};
+
+/// The channel the triggers notify.
+pub(super) const CHANNEL: &str = "hsm_kms";
+/// How often the listener pings itself.
+const PING: Duration = Duration::from_millis(500);
+/// A listener that heard nothing for this long is not trusted.
+const SILENCE: Duration = Duration::from_secs(2);
+/// A listener silent for this long is dropped and connected again.
+const RECONNECT_AFTER: Duration = Duration::from_secs(10);
+/// An entry older than this is read again, whatever the listener says.
+const TTL: Duration = Duration::from_secs(5);
+
+type Map<K, V> = RwLock<HashMap<K, (Instant, V)>>;
+
+#[derive(Default)]
+pub(super) struct Cache {
+    keys: Map<Uuid, KeyRecord>,
+    keystores: Map<String, KeyStoreRecord>,
+    grants: Map<Uuid, Arc<Vec<GrantRecord>>>,
+    /// Bumped by every invalidation.
+    generation: AtomicU64,
+    /// When the listener last heard its channel; none while it is not listening.
+    heard: Mutex<Option<Instant>>,
+}
+
+fn get<K: Eq + Hash, V: Clone>(map: &Map<K, V>, k: &K) -> Option<V> {
+    let m = map.read().unwrap_or_else(|p| p.into_inner());
+    m.get(k)
+        .filter(|(at, _)| at.elapsed() < TTL)
+        .map(|(_, v)| v.clone())
+}
+
+impl Cache {
+    /// Whether entries may be used (and filled): the listener heard its channel lately.
+    pub fn listening(&self) -> bool {
+        self.heard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| at.elapsed() < SILENCE)
+    }
+
+    fn heard_now(&self) {
+        *self.heard.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// Take before reading a row to fill with; hand back to `put_*`.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn key(&self, id: &Uuid) -> Option<KeyRecord> {
+        self.listening().then(|| get(&self.keys, id)).flatten()
+    }
+
+    pub fn keystore(&self, id: &str) -> Option<KeyStoreRecord> {
+        self.listening()
+            .then(|| get(&self.keystores, &id.to_string()))
+            .flatten()
+    }
+
+    pub fn grants(&self, key: &Uuid) -> Option<Arc<Vec<GrantRecord>>> {
+        self.listening().then(|| get(&self.grants, key)).flatten()
+    }
+
+    fn put<K: Eq + Hash, V>(&self, map: &Map<K, V>, since: u64, k: K, v: V) {
+        let mut m = map.write().unwrap_or_else(|p| p.into_inner());
+        // Checked under the lock that invalidations also take.
+        if self.listening() && self.generation() == since {
+            m.insert(k, (Instant::now(), v));
+        }
+    }
+
+    pub fn put_key(&self, since: u64, rec: &KeyRecord) {
+        self.put(&self.keys, since, rec.id, rec.clone());
+    }
+
+    pub fn put_keystore(&self, since: u64, rec: &KeyStoreRecord) {
+        self.put(&self.keystores, since, rec.id.clone(), rec.clone());
+    }
+
+    pub fn put_grants(&self, since: u64, key: Uuid, grants: &Arc<Vec<GrantRecord>>) {
+        self.put(&self.grants, since, key, Arc::clone(grants));
+    }
+
+    /// Drops everything (a change made here; the listener lost).
+    pub fn forget_all(&self) {
+        let mut k = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.keystores.write().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.grants.write().unwrap_or_else(|p| p.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        k.clear();
+        s.clear();
+        g.clear();
+    }
+
+    /// Applies one notification's payload.
+    fn notified(&self, payload: &str) {
+        self.heard_now();
+        let Some((table, id)) = payload.split_once(':') else {
+            return; // a ping
+        };
+        fn drop_one<K: Eq + Hash, V>(c: &Cache, map: &Map<K, V>, k: Option<K>) {
+            let mut m = map.write().unwrap_or_else(|p| p.into_inner());
+            c.generation.fetch_add(1, Ordering::AcqRel);
+            match k {
+                Some(k) => {
+                    m.remove(&k);
+                }
+                None => m.clear(),
+            }
+        }
+        match table {
+            "k" => drop_one(self, &self.keys, Uuid::parse_str(id).ok()),
+            "s" => drop_one(self, &self.keystores, Some(id.to_string())),
+            "g" => drop_one(self, &self.grants, Uuid::parse_str(id).ok()),
+            _ => self.forget_all(),
+        }
+    }
+
+    fn stopped_listening(&self) {
+        *self.heard.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.forget_all();
+    }
+}
+
+/// Keeps one connection LISTENing on `CHANNEL` for as long as `cache` is held elsewhere,
+/// connecting again (with back-off) whenever it is lost or falls silent.
+pub(super) fn spawn_listener(config: tokio_postgres::Config, cache: &Arc<Cache>) {
+    let cache = Arc::downgrade(cache);
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let outcome = listen(&config, &cache).await;
+            let Some(c) = cache.upgrade() else { return };
+            c.stopped_listening();
+            drop(c);
+            match outcome {
+                Ok(()) => return,
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "the metadata change listener is down; reading the database on every request until it is back"
+                ),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    });
+}
+
+/// One listening connection, until it fails (Err) or the cache is gone (Ok).
+async fn listen(
+    config: &tokio_postgres::Config,
+    cache: &std::sync::Weak<Cache>,
+) -> anyhow::Result<()> {
+    let mut config = config.clone();
+    config.application_name("hsm-kms-listener");
+    let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+    // The connection delivers notifications only while it is polled.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    if tx.send(n.payload().to_string()).is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "the listener's connection failed");
+                    return;
+                }
+                None => return,
+            }
+        }
+    });
+    let client = Arc::new(client);
+    let result = async {
+        client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+        // Whatever changed before LISTEN took effect was not heard: start empty.
+        match cache.upgrade() {
+            Some(c) => {
+                c.forget_all();
+                c.heard_now();
+            }
+            None => return Ok(()),
+        }
+        tracing::info!("metadata change listener up; caching key, store and grant rows");
+        let mut ping = tokio::time::interval(PING);
+        let mut last = Instant::now();
+        loop {
+            tokio::select! {
+                n = rx.recv() => {
+                    let Some(payload) = n else {
+                        anyhow::bail!("the listener's connection closed");
+                    };
+                    let Some(c) = cache.upgrade() else { return Ok(()) };
+                    c.notified(&payload);
+                    last = Instant::now();
+                }
+                _ = ping.tick() => {
+                    if last.elapsed() > RECONNECT_AFTER {
+                        anyhow::bail!("the listener heard nothing for {RECONNECT_AFTER:?}");
+                    }
+                    let client = Arc::clone(&client);
+                    // Not awaited here: a stalled server must not stall the receiving.
+                    tokio::spawn(async move {
+                        let _ = client.batch_execute(&format!("NOTIFY {CHANNEL}, 'ping'")).await;
+                    });
+                }
+            }
+        }
+    }
+    .await;
+    driver.abort();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(state: crate::kms::states::KeyState) -> KeyRecord {
+        KeyRecord {
+            id: Uuid::nil(),
+            custom_key_store_id: "cks-1".into(),
+            creation_date_ms: 0,
+            description: String::new(),
+            key_state: state,
+            deletion_date_ms: None,
+            pending_window_days: None,
+            policy: None,
+        }
+    }
+
+    /// Not listening: nothing is kept or served. A fill that raced a notification is
+    /// dropped, and a notification drops its row.
+    #[test]
+    fn entries_live_only_while_the_listener_hears() {
+        use crate::kms::states::KeyState::*;
+        let c = Cache::default();
+        c.put_key(c.generation(), &key(Enabled));
+        assert!(c.key(&Uuid::nil()).is_none(), "filled while not listening");
+        c.heard_now();
+        let since = c.generation();
+        c.notified(&format!("k:{}", Uuid::nil()));
+        c.put_key(since, &key(Enabled));
+        assert!(
+            c.key(&Uuid::nil()).is_none(),
+            "a fill that raced a change was kept"
+        );
+        c.put_key(c.generation(), &key(Enabled));
+        assert_eq!(c.key(&Uuid::nil()).map(|k| k.key_state), Some(Enabled));
+        c.notified(&format!("k:{}", Uuid::nil()));
+        assert!(c.key(&Uuid::nil()).is_none(), "a notified row stayed");
+        c.put_key(c.generation(), &key(Disabled));
+        c.stopped_listening();
+        assert!(c.key(&Uuid::nil()).is_none(), "served while not listening");
+    }
+}
