@@ -614,6 +614,10 @@ fn example_config_parses_and_matches_defaults() {
             continue;
         };
         for (key, value) in keys {
+            // The host name: the example shows it commented out, with a sample.
+            if (section.as_str(), key.as_str()) == ("audit", "replica") {
+                continue;
+            }
             assert_eq!(
                 file.get(section).and_then(|t| t.get(key)),
                 Some(value),

@@ -310,6 +310,112 @@ async fn three_sweepers_one_frozen_past_its_lease_destroy_each_key_once() {
     }
 }
 
+/// A replica killed (SIGKILL) while its CreateKey waits on the HSM: once before the token
+/// made the key, once after it made it but before the answer came. Neither CreateKey was
+/// acknowledged, neither key is ever visible, and once any CreateKey could still be working
+/// on them (twice the HSM call deadline) the surviving replica's sweep removes both rows and
+/// destroys the material made: the token and the database end with the acknowledged keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_during_create_key_leaves_no_key_and_no_material() {
+    let database = postgres_database().await;
+    let url = database.url.clone();
+    let h = Harness::start_with(&[ClusterSpec::faulty("cluster-replicakilled")], |s| {
+        use_database(s, database);
+        s.hsm.call_timeout_ms = 1_000;
+        s.lifecycle.deletion_check_interval_seconds = 1;
+    })
+    .await;
+    let mut c = h.client().await;
+    let store = h.connected_store(&mut c, 0, "killed").await;
+    for _ in 0..3 {
+        create_key(&mut c, &store).await;
+    }
+    for (name, after) in [("before", false), ("after", true)] {
+        let ctl = h.dir.path().join(format!("{name}-faults.ctl"));
+        let counts = h.dir.path().join(format!("{name}-pkcs11-counts"));
+        std::fs::write(&ctl, format!("counts_file = {}\n", counts.display())).unwrap();
+        let b = h.replica_with(name, |_| {}, &[("FAULTY_PKCS11_CONTROL", &ctl)]);
+        let mut bc = b.client().await;
+        // B logs in by itself on its first request.
+        assert_eq!(
+            describe_store(&mut bc, &store).await.connection_state,
+            "CONNECTED"
+        );
+        std::fs::write(
+            &ctl,
+            format!(
+                "counts_file = {}\ndelay_ms = 30000\ndelay_functions = C_GenerateKey\ndelay_after = {after}\n",
+                counts.display()
+            ),
+        )
+        .unwrap();
+        let creating = {
+            let (mut bc, store) = (bc.clone(), store.clone());
+            tokio::spawn(async move { try_create_key(&mut bc, &store).await })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&counts)
+            .unwrap_or_default()
+            .contains("C_GenerateKey")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "B never called C_GenerateKey"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Let the real call finish when the stall comes after it.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            unsafe { libc::kill(b.pid() as libc::pid_t, libc::SIGKILL) },
+            0
+        );
+        assert!(
+            creating.await.unwrap().is_err(),
+            "a CreateKey was acknowledged"
+        );
+        drop(b);
+    }
+    let (db, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let rows = || async {
+        db.query_one("SELECT COUNT(*) FROM keys", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    // The killed CreateKeys' rows wait, invisible, for the sweep; the second one's
+    // material was made.
+    assert!(
+        rows().await > 3,
+        "the half-made rows are gone before the sweep"
+    );
+    assert_eq!(
+        h.token_secret_keys(0),
+        4,
+        "the material made before the kill"
+    );
+    let listed = c
+        .list_keys(ListKeysRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert_eq!(listed.len(), 3, "a half-made key is visible");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while rows().await != 3 || h.token_secret_keys(0) != 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rows {}, token keys {}",
+            rows().await,
+            h.token_secret_keys(0)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// The sealing key is the service's, not a replica's: a replica with another key refuses to
 /// start and says why, and with a database no replica makes up a key of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -442,6 +548,114 @@ async fn sigterm_turns_unready_and_keeps_serving_while_draining() {
     );
     encrypt(&mut c, &key.key_id, b"during the drain").await;
     assert!(h.stop(), "hsm-kms did not exit cleanly after draining");
+}
+
+/// A rolling restart of two replicas under load from clients that retry a failed request
+/// once on the other replica, as a client behind a load balancer does: every request
+/// succeeds. Each replica is stopped with SIGTERM (drain, then close) and started again on
+/// the same address, with its audit chain continuing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_fails_no_retried_request() {
+    let database = postgres_database().await;
+    let h = Harness::start_with(&[ClusterSpec::good("cluster-replicarolling")], |s| {
+        use_database(s, database);
+    })
+    .await;
+    let mut c = h.client().await;
+    let store = h.connected_store(&mut c, 0, "rolling").await;
+    let key = create_key(&mut c, &store).await.key_id;
+    let ports: Vec<String> = (0..2)
+        .map(|_| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        })
+        .collect();
+    let start = |i: usize| {
+        let listen = ports[i].parse().unwrap();
+        h.replica_with(
+            ["b", "c"][i],
+            |s| {
+                s.server.listen = listen;
+                s.server.drain_seconds = 1;
+            },
+            &[],
+        )
+    };
+    let mut replicas = vec![start(0), start(1)];
+    for r in &replicas {
+        usable(&mut r.client().await, &key).await;
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for w in 0..4 {
+        let (ports, key, stop) = (ports.clone(), key.clone(), stop.clone());
+        load.spawn(async move {
+            let clients: Vec<Client> = ports
+                .iter()
+                .map(|p| {
+                    let ch = tonic::transport::Endpoint::from_shared(format!("http://{p}"))
+                        .unwrap()
+                        .connect_lazy();
+                    Client::new(ch)
+                })
+                .collect();
+            let (mut ok, mut failed, mut retried) = (0u64, Vec::new(), 0u64);
+            let mut i = w % 2;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let first = try_encrypt(&mut clients[i].clone(), &key, b"rolling").await;
+                let outcome = match first {
+                    Ok(_) => Ok(()),
+                    Err(_) => {
+                        retried += 1;
+                        let other = &mut clients[1 - i].clone();
+                        try_encrypt(other, &key, b"rolling").await.map(drop)
+                    }
+                };
+                match outcome {
+                    Ok(()) => ok += 1,
+                    Err(e) => failed.push(format!("{:?}: {}", e.code(), e.message())),
+                }
+                i = 1 - i;
+            }
+            (ok, failed, retried)
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..2 {
+        let old = replicas.remove(0);
+        assert!(old.stop(), "a replica did not stop cleanly");
+        replicas.push(start(i));
+        usable(&mut replicas[1].client().await, &key).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed, mut retried) = (0, Vec::new(), 0);
+    while let Some(r) = load.join_next().await {
+        let (o, f, t) = r.unwrap();
+        ok += o;
+        failed.extend(f);
+        retried += t;
+    }
+    eprintln!(
+        "rolling restart: {ok} requests served, {retried} retried once, {} failed",
+        failed.len()
+    );
+    assert!(ok > 100, "too little load to tell: {ok}");
+    assert!(failed.is_empty(), "{failed:?}");
+    for r in replicas {
+        let audit = r.audit.clone();
+        assert!(r.stop());
+        let config = h.dir.path().join(format!(
+            "{}.toml",
+            audit
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .trim_end_matches("-audit.jsonl")
+        ));
+        let (ok, said) = audit_verify(Some(&config), &[]);
+        assert!(ok, "{said}");
+    }
 }
 
 fn nix_sigterm(pid: u32) {

@@ -11,6 +11,7 @@
 //! count = 1                             # fail only this many calls, counted since the file last changed
 //! delay_ms = 3000                       # stall the wrapped calls this long
 //! delay_functions = C_Encrypt           # which ones stall (default: all of them)
+//! delay_after = true                    # stall after the real call (it acted; the answer is late)
 //! gcm_iv = hsm                          # CloudHSM: refuse caller GCM IVs, write the IV back
 //! pin_format = user:password            # CloudHSM: the PIN is `<user>:<password>`
 //! after_call = true                     # C_SetPIN: fail only after the real call ran
@@ -107,6 +108,8 @@ struct Control {
     count: Option<u64>,
     delay_ms: u64,
     delay_functions: Option<Vec<String>>,
+    /// Stall after the real call instead of before it (the wrappers of `plain!` only).
+    delay_after: bool,
     hsm_iv: bool,
     user_pin: bool,
     /// Inject the fault after the real call ran, so its effect stays (a crash after the
@@ -148,6 +151,7 @@ impl Control {
                 "count" => c.count = v.parse().ok(),
                 "delay_ms" => c.delay_ms = v.parse().unwrap_or(0),
                 "delay_functions" => c.delay_functions = Some(names(v)),
+                "delay_after" => c.delay_after = v == "true",
                 "gcm_iv" => c.hsm_iv = v == "hsm",
                 "pin_format" => c.user_pin = v == "user:password",
                 "after_call" => c.after_call = v == "true",
@@ -225,6 +229,13 @@ fn count(function: &'static str, file: Option<&str>) {
     }
 }
 
+/// The stall `delay_ms` of `function`, if it is one of `delay_functions`.
+fn delay(c: &Control, function: &str) {
+    if c.delay_ms > 0 && applies(&c.delay_functions, function) {
+        std::thread::sleep(Duration::from_millis(c.delay_ms));
+    }
+}
+
 /// Applies the delay and decides the fault for one call of `function`.
 fn before(function: &'static str) -> (Control, Option<CK_RV>) {
     if let Some((d, functions)) = latency() {
@@ -234,8 +245,8 @@ fn before(function: &'static str) -> (Control, Option<CK_RV>) {
     }
     let (c, text) = control();
     count(function, c.counts_file.as_deref());
-    if c.delay_ms > 0 && applies(&c.delay_functions, function) {
-        std::thread::sleep(Duration::from_millis(c.delay_ms));
+    if !c.delay_after {
+        delay(&c, function);
     }
     let Some(rv) = c.fault.filter(|_| applies(&c.functions, function)) else {
         return (c, None);
@@ -264,10 +275,15 @@ macro_rules! call {
 macro_rules! plain {
     ($( $name:ident ( $($arg:ident : $ty:ty),* ); )*) => {$(
         unsafe extern "C" fn $name($($arg: $ty),*) -> CK_RV {
-            if let (_, Some(rv)) = before(stringify!($name)) {
+            let (c, fault) = before(stringify!($name));
+            if let Some(rv) = fault {
                 return rv;
             }
-            call!($name($($arg),*))
+            let rv = call!($name($($arg),*));
+            if c.delay_after {
+                delay(&c, stringify!($name));
+            }
+            rv
         }
     )*};
 }
