@@ -1147,6 +1147,7 @@ async fn replica_scaling(opts: Options) -> anyhow::Result<Report> {
             password_file: None,
             password_env: None,
             pool_size: 8,
+            tls_ca_file: None,
         };
         let mut servers = Vec::new();
         for i in 0..n.max(1) {

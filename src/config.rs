@@ -429,6 +429,11 @@ pub struct DatabaseSettings {
     /// Connections this replica holds at most.
     #[serde(default = "default_database_pool")]
     pub pool_size: usize,
+    /// Connect over TLS only, verifying the server's certificate against the CA
+    /// certificates in this PEM file and the host name of `url` (a TCP host, not a Unix
+    /// socket). Unset: no TLS; keep the database on a private network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 fn default_database_pool() -> usize {
@@ -444,6 +449,7 @@ impl std::fmt::Debug for DatabaseSettings {
             .field("password_file", &self.password_file)
             .field("password_env", &self.password_env)
             .field("pool_size", &self.pool_size)
+            .field("tls_ca_file", &self.tls_ca_file)
             .finish()
     }
 }

@@ -492,11 +492,11 @@ impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// (CA certificate PEM, server certificate PEM, server key PEM).
-    fn pki() -> (String, String, String) {
+    /// (CA certificate PEM, server certificate PEM for `localhost`, server key PEM).
+    pub(crate) fn pki() -> (String, String, String) {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);

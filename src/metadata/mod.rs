@@ -251,6 +251,7 @@ pub async fn open(settings: &crate::config::Settings) -> anyhow::Result<Arc<dyn 
                     url: &db.url,
                     password: password.as_ref().map(|p| p.as_str()),
                     pool_size: db.pool_size,
+                    tls_ca_file: db.tls_ca_file.as_deref(),
                 })
                 .await
                 .context("opening the PostgreSQL metadata database (database.url)")?,

@@ -734,6 +734,7 @@ pub async fn postgres_database() -> hsm_kms::config::DatabaseSettings {
         password_file: None,
         password_env: None,
         pool_size: 8,
+        tls_ca_file: None,
     }
 }
 

@@ -152,12 +152,15 @@ impl Cache {
 
 /// Keeps one connection LISTENing on `CHANNEL` for as long as `cache` is held elsewhere,
 /// connecting again (with back-off) whenever it is lost or falls silent.
-pub(super) fn spawn_listener(config: tokio_postgres::Config, cache: &Arc<Cache>) {
+pub(super) fn spawn_listener(config: tokio_postgres::Config, tls: super::Tls, cache: &Arc<Cache>) {
     let cache = Arc::downgrade(cache);
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         loop {
-            let outcome = listen(&config, &cache).await;
+            let outcome = match &tls {
+                super::Tls::Off => listen(&config, tokio_postgres::NoTls, &cache).await,
+                super::Tls::Verified(t) => listen(&config, t.clone(), &cache).await,
+            };
             let Some(c) = cache.upgrade() else { return };
             c.stopped_listening();
             drop(c);
@@ -175,13 +178,18 @@ pub(super) fn spawn_listener(config: tokio_postgres::Config, cache: &Arc<Cache>)
 }
 
 /// One listening connection, until it fails (Err) or the cache is gone (Ok).
-async fn listen(
+async fn listen<T>(
     config: &tokio_postgres::Config,
+    tls: T,
     cache: &std::sync::Weak<Cache>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<()>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
     let mut config = config.clone();
     config.application_name("hsm-kms-listener");
-    let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+    let (client, mut connection) = config.connect(tls).await?;
     // The connection delivers notifications only while it is polled.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {

@@ -25,6 +25,7 @@ pub mod throwaway;
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
@@ -149,6 +150,47 @@ pub struct Connect<'a> {
     pub url: &'a str,
     pub password: Option<&'a str>,
     pub pool_size: usize,
+    /// TLS only, verifying the server against these CA certificates (PEM).
+    pub tls_ca_file: Option<&'a std::path::Path>,
+}
+
+/// How connections are made: in the clear, or TLS verified against the configured CAs.
+#[derive(Clone)]
+pub(super) enum Tls {
+    Off,
+    Verified(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+impl Tls {
+    fn load(ca_file: Option<&std::path::Path>) -> anyhow::Result<Tls> {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer};
+        let Some(path) = ca_file else {
+            return Ok(Tls::Off);
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(path)
+            .with_context(|| format!("reading database.tls_ca_file {}", path.display()))?
+        {
+            roots
+                .add(cert.with_context(|| format!("a certificate in {}", path.display()))?)
+                .with_context(|| format!("a CA certificate in {}", path.display()))?;
+        }
+        anyhow::ensure!(
+            !roots.is_empty(),
+            "database.tls_ca_file {} holds no certificate",
+            path.display()
+        );
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Ok(Tls::Verified(
+            tokio_postgres_rustls::MakeRustlsConnect::new(config),
+        ))
+    }
 }
 
 impl Postgres {
@@ -163,6 +205,11 @@ impl Postgres {
             config.password(p);
         }
         config.application_name("hsm-kms");
+        let tls = Tls::load(c.tls_ca_file)?;
+        if matches!(tls, Tls::Verified(_)) {
+            // Never fall back to the clear.
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+        }
         config.connect_timeout(Duration::from_secs(5));
         // A dead database host (or a failover that moved its address) is noticed within
         // about a minute, not at the kernel's two hours; a URL's own settings win.
@@ -174,13 +221,13 @@ impl Postgres {
                 .keepalives_retries(3);
         }
         let listener_config = config.clone();
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match tls.clone() {
+            Tls::Off => Manager::from_config(config, NoTls, manager_config),
+            Tls::Verified(t) => Manager::from_config(config, t, manager_config),
+        };
         let pool = Pool::builder(manager)
             .max_size(c.pool_size.max(1))
             .runtime(Runtime::Tokio1)
@@ -194,7 +241,7 @@ impl Postgres {
         db.migrate()
             .await
             .map_err(|e| anyhow::anyhow!("migrating the metadata schema: {e}"))?;
-        cache::spawn_listener(listener_config, &db.cache);
+        cache::spawn_listener(listener_config, tls, &db.cache);
         Ok(db)
     }
 
@@ -419,6 +466,7 @@ mod tests {
             url: &url,
             password: None,
             pool_size: 16,
+            tls_ca_file: None,
         })
         .await
         .unwrap()
@@ -475,6 +523,7 @@ mod tests {
                 url: &url,
                 password: None,
                 pool_size: 2,
+                tls_ca_file: None,
             })
             .await
             .unwrap()
@@ -528,6 +577,74 @@ mod tests {
         within("A listening after the thaw", || async { a.listening() }).await;
     }
 
+    /// A fresh database on `s`, over loopback TCP.
+    async fn tcp_url(s: &throwaway::Server) -> String {
+        let name = s.fresh_database().await.unwrap();
+        let db = name.rsplit("dbname=").next().unwrap().to_string();
+        s.tcp_url(&db).unwrap()
+    }
+
+    /// With database.tls_ca_file, the metadata runs over TLS to a server whose certificate
+    /// that CA signed (the contract suite, over TLS); a server signed by another CA is
+    /// refused, and so is one that does not offer TLS: no fall back to the clear.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_to_the_database_is_verified_and_never_falls_back() {
+        if server().is_none() {
+            return;
+        }
+        let (ca, cert, key) = crate::transport::tests::pki();
+        let tls_server = throwaway::Server::start_tcp(Some((&cert, &key))).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &ca).unwrap();
+        let open = |url: String, ca: std::path::PathBuf| async move {
+            Postgres::open(Connect {
+                url: &url,
+                password: None,
+                pool_size: 4,
+                tls_ca_file: Some(&ca),
+            })
+            .await
+        };
+        let u = tcp_url(&tls_server).await;
+        let db = open(u.clone(), ca_file.clone()).await.unwrap();
+        let c = db.client().await.unwrap();
+        let ssl: bool = c
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(ssl, "the connection is not TLS");
+        drop(c);
+        crate::metadata::contract::run(|| {
+            let (tls_server, ca_file) = (&tls_server, ca_file.clone());
+            async move {
+                Arc::new(open(tcp_url(tls_server).await, ca_file).await.unwrap())
+                    as Arc<dyn crate::metadata::Metadata>
+            }
+        })
+        .await;
+        // Another CA: refused.
+        let (other_ca, _, _) = crate::transport::tests::pki();
+        let other = dir.path().join("other.pem");
+        std::fs::write(&other, other_ca).unwrap();
+        let e = open(u, other)
+            .await
+            .err()
+            .expect("a server of another CA was accepted");
+        assert!(format!("{e:#}").contains("TLS handshake"), "{e:#}");
+        // A server without TLS: refused, not used in the clear.
+        let plain = throwaway::Server::start_tcp(None).unwrap();
+        let e = open(tcp_url(&plain).await, ca_file)
+            .await
+            .err()
+            .expect("a server without TLS was used in the clear");
+        assert!(format!("{e:#}").to_lowercase().contains("tls"), "{e:#}");
+    }
+
     /// Replicas starting together migrate the schema once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_starts_migrate_once() {
@@ -541,6 +658,7 @@ mod tests {
                         url: &url,
                         password: None,
                         pool_size: 2,
+                        tls_ca_file: None,
                     })
                     .await
                 })
@@ -553,6 +671,7 @@ mod tests {
             url: &url,
             password: None,
             pool_size: 1,
+            tls_ca_file: None,
         })
         .await
         .unwrap();

@@ -20,6 +20,10 @@ const USER: &str = "hsm_kms";
 /// A running server.
 pub struct Server {
     dir: tempfile::TempDir,
+    /// The port (of the Unix socket, and with `start_tcp` of loopback TCP too).
+    port: u16,
+    /// Whether the server listens on loopback TCP (`start_tcp`).
+    tcp: bool,
 }
 
 /// PostgreSQL's programs: `$PG_BIN`, else the newest /usr/lib/postgresql/<version>/bin.
@@ -67,6 +71,27 @@ impl Server {
     }
 
     fn start() -> anyhow::Result<Server> {
+        Self::start_with(None)
+    }
+
+    /// A server of the caller's own that also listens on a loopback TCP port, offering TLS
+    /// there with `tls` (certificate and key PEM; the certificate should name `localhost`),
+    /// or not at all. `tcp_url` gives a connection string to it.
+    pub fn start_tcp(tls: Option<(&str, &str)>) -> anyhow::Result<Server> {
+        Self::start_with(Some(tls))
+    }
+
+    /// A connection string for `database` over loopback TCP (`start_tcp` servers).
+    pub fn tcp_url(&self, database: &str) -> Option<String> {
+        self.tcp.then(|| {
+            format!(
+                "host=localhost port={} user={USER} dbname={database}",
+                self.port
+            )
+        })
+    }
+
+    fn start_with(tcp: Option<Option<(&str, &str)>>) -> anyhow::Result<Server> {
         let bin = bin_dir().context(
             "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb; set PG_BIN or \
              run scripts/setup.sh)",
@@ -83,6 +108,41 @@ impl Server {
                 bail!("cannot hand {} to the postgres user", dir.path().display());
             }
         }
+        // TLS: the files in the server's directory, owner-only as PostgreSQL demands.
+        let mut options = Vec::new();
+        let port = match tcp {
+            Some(tls) => {
+                use std::os::unix::fs::PermissionsExt as _;
+                let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .port();
+                options = vec!["-c".to_string(), "listen_addresses=127.0.0.1".to_string()];
+                for (name, pem) in tls
+                    .map(|(c, k)| [("server.crt", c), ("server.key", k)])
+                    .into_iter()
+                    .flatten()
+                {
+                    let path = dir.path().join(name);
+                    std::fs::write(&path, pem)?;
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+                    if is_root() {
+                        Command::new("chown").arg("postgres:").arg(&path).status()?;
+                    }
+                }
+                if tls.is_some() {
+                    options.extend([
+                        "-c".to_string(),
+                        "ssl=on".to_string(),
+                        "-c".to_string(),
+                        format!("ssl_cert_file={}", dir.path().join("server.crt").display()),
+                        "-c".to_string(),
+                        format!("ssl_key_file={}", dir.path().join("server.key").display()),
+                    ]);
+                }
+                port
+            }
+            None => PORT,
+        };
         let out = command(&bin.join("initdb"))
             .arg("-D")
             .arg(&data)
@@ -93,25 +153,32 @@ impl Server {
         }
         // The server, and a watchdog that stops it once this process has gone.
         let script = r#"
-"$1/postgres" -D "$2" -p "$3" -k "$4" -c listen_addresses= -c fsync=off \
-    -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 \
-    >"$4/server.log" 2>&1 &
+bin=$1 data=$2 port=$3 dir=$4 parent=$5
+shift 5
+"$bin/postgres" -D "$data" -p "$port" -k "$dir" -c listen_addresses= -c fsync=off \
+    -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 "$@" \
+    >"$dir/server.log" 2>&1 &
 pg=$!
-while [ -d "/proc/$5" ] && kill -0 "$pg" 2>/dev/null; do sleep 1; done
+while [ -d "/proc/$parent" ] && kill -0 "$pg" 2>/dev/null; do sleep 1; done
 kill -INT "$pg" 2>/dev/null
 wait "$pg"
-rm -rf "$4"
+rm -rf "$dir"
 "#;
         command(Path::new("sh"))
             .args(["-c", script, "sh"])
             .arg(&bin)
             .arg(&data)
-            .arg(PORT.to_string())
+            .arg(port.to_string())
             .arg(dir.path())
             .arg(std::process::id().to_string())
+            .args(&options)
             .spawn()?;
-        let server = Server { dir };
-        let socket = server.dir.path().join(format!(".s.PGSQL.{PORT}"));
+        let server = Server {
+            dir,
+            port,
+            tcp: tcp.is_some(),
+        };
+        let socket = server.dir.path().join(format!(".s.PGSQL.{port}"));
         let deadline = Instant::now() + Duration::from_secs(30);
         while !socket.exists() {
             if Instant::now() > deadline {
@@ -126,8 +193,9 @@ rm -rf "$4"
     /// A connection string for `database` on this server.
     pub fn url(&self, database: &str) -> String {
         format!(
-            "host={} port={PORT} user={USER} dbname={database}",
-            self.dir.path().display()
+            "host={} port={} user={USER} dbname={database}",
+            self.dir.path().display(),
+            self.port
         )
     }
 
