@@ -46,8 +46,10 @@ impl Postgres {
                 &all,
             )
             .await
-            .map_err(internal)?;
-        if n == 1 {
+            .map_err(internal);
+        // This replica reads its own change next (the others hear of it by NOTIFY).
+        self.cache.forget_all();
+        if n? == 1 {
             Ok(())
         } else {
             Err(key_refusal(&c, id).await?)

@@ -150,8 +150,9 @@ impl KeyStores for Postgres {
                 ],
             )
             .await
-            .map_err(|e| taken(e, UNIQUE))?;
-        one(n)
+            .map_err(|e| taken(e, UNIQUE));
+        self.cache.forget_all();
+        one(n?)
     }
 
     async fn delete_keystore(&self, id: &str, only_in: ConnectionState) -> MetaResult<()> {
