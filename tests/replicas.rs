@@ -416,6 +416,56 @@ async fn a_replica_killed_during_create_key_leaves_no_key_and_no_material() {
     }
 }
 
+/// A replica killed in the middle of ConnectCustomKeyStore leaves the store CONNECTING. The
+/// surviving replica leaves that alone while it could still be a live connect (twice the
+/// login and call deadlines), then finishes it: the store ends CONNECTED, served by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_left_by_a_dead_replica_is_finished_by_another() {
+    let database = postgres_database().await;
+    let h = Harness::start_with(&[ClusterSpec::faulty("cluster-replicaorphan")], |s| {
+        use_database(s, database);
+        s.hsm.login_timeout_ms = 1_000;
+        s.hsm.call_timeout_ms = 1_000;
+    })
+    .await;
+    let mut a = h.client().await;
+    let store = h.create_store(&mut a, 0, "orphaned", PASSWORD).await;
+    let ctl = h.dir.path().join("b-faults.ctl");
+    std::fs::write(&ctl, "delay_ms = 30000\ndelay_functions = C_Login\n").unwrap();
+    let b = h.replica_with("b", |_| {}, &[("FAULTY_PKCS11_CONTROL", &ctl)]);
+    let mut bc = b.client().await;
+    bc.connect_custom_key_store(ConnectCustomKeyStoreRequest {
+        custom_key_store_id: store.clone(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        unsafe { libc::kill(b.pid() as libc::pid_t, libc::SIGKILL) },
+        0
+    );
+    drop(b);
+    let killed = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        describe_store(&mut a, &store).await.connection_state,
+        "CONNECTING",
+        "a connect that could still be live was taken over"
+    );
+    let (state, _) = wait_settled(&mut a, &store).await;
+    let mut waited = killed.elapsed();
+    while describe_store(&mut a, &store).await.connection_state != "CONNECTED" {
+        assert!(
+            waited < Duration::from_secs(30),
+            "still {state} after {waited:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        waited = killed.elapsed();
+    }
+    eprintln!("the abandoned connect was finished {waited:?} after the kill");
+    let key = create_key(&mut a, &store).await;
+    encrypt(&mut a, &key.key_id, b"after the takeover").await;
+}
+
 /// The sealing key is the service's, not a replica's: a replica with another key refuses to
 /// start and says why, and with a database no replica makes up a key of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

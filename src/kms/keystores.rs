@@ -684,18 +684,13 @@ impl Kms {
                         let kms = Arc::clone(self);
                         tokio::spawn(async move { kms.attach_until_done(&rec.id).await });
                     }
-                    // A connect that a crash interrupted: made again.
-                    Connecting => {
-                        self.meta
-                            .transition_keystore(&rec.id, &[Connecting], Disconnected, None)
-                            .await?;
-                        self.connect_custom_key_store(&self.service_caller(), &rec.id)
-                            .await?;
-                    }
-                    Disconnecting => {
-                        self.meta
-                            .transition_keystore(&rec.id, &[Disconnecting], Disconnected, None)
-                            .await?;
+                    // Perhaps another replica's transition in progress; if it is abandoned,
+                    // finished here (else the state follower looks again later).
+                    Connecting | Disconnecting => {
+                        // Alone with the database, nothing else can be driving it.
+                        let after = if self.meta.shared() { None } else { Some(0) };
+                        self.finish_abandoned_transition(&rec.id, rec.connection_state, after)
+                            .await
                     }
                     _ => {}
                 }
@@ -805,9 +800,48 @@ impl Kms {
             }
         }
         for rec in stores {
-            if rec.connection_state == Connected && self.connection(&rec.id).is_none() {
-                let kms = Arc::clone(self);
-                tokio::spawn(async move { kms.attach(&rec.id).await });
+            match rec.connection_state {
+                Connected if self.connection(&rec.id).is_none() => {
+                    let kms = Arc::clone(self);
+                    tokio::spawn(async move { kms.attach(&rec.id).await });
+                }
+                Connecting | Disconnecting if self.meta.shared() => {
+                    self.finish_abandoned_transition(&rec.id, rec.connection_state, None)
+                        .await
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A CONNECTING or DISCONNECTING state older than any live connect or disconnect can
+    /// last (or than `after` ms) was left by a replica that died: the store turns
+    /// DISCONNECTED (one replica wins that change), and an interrupted connect is made
+    /// again, by the winner.
+    async fn finish_abandoned_transition(
+        self: &Arc<Self>,
+        id: &str,
+        state: ConnectionState,
+        after: Option<i64>,
+    ) {
+        let hsm = self.connections.settings();
+        let abandoned_after =
+            after.unwrap_or(2 * (hsm.login_timeout_ms + hsm.call_timeout_ms) as i64);
+        if self
+            .meta
+            .abandon_transition(id, state, abandoned_after)
+            .await
+            .is_err()
+        {
+            return; // live, or finished meanwhile
+        }
+        tracing::warn!(custom_key_store_id = %id, state = %state.as_str(), "finishing a transition a replica left unfinished");
+        if state == Connecting {
+            if let Err(e) = self
+                .connect_custom_key_store(&self.service_caller(), id)
+                .await
+            {
+                tracing::error!(custom_key_store_id = %id, error = %e, "connecting a store again after an interrupted connect failed");
             }
         }
     }

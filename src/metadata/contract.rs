@@ -197,6 +197,25 @@ async fn keystore_transitions_are_conditional(m: Arc<dyn Metadata>) {
             .await,
         Err(Failure::NotFound)
     );
+    // A transition is abandoned only once it is old enough, and only once.
+    m.transition_keystore("cks-1", &[Failed], Connecting, None)
+        .await
+        .unwrap();
+    assert!(m
+        .abandon_transition("cks-1", Connecting, 60_000)
+        .await
+        .is_err());
+    assert!(m
+        .abandon_transition("cks-1", Disconnecting, 0)
+        .await
+        .is_err());
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    m.abandon_transition("cks-1", Connecting, 5).await.unwrap();
+    assert_eq!(
+        m.keystore("cks-1").await.unwrap().unwrap().connection_state,
+        Disconnected
+    );
+    assert!(m.abandon_transition("cks-1", Connecting, 5).await.is_err());
 }
 
 async fn keystore_updates_and_deletion(m: Arc<dyn Metadata>) {

@@ -207,6 +207,16 @@ pub trait KeyStores: Send + Sync {
         to: ConnectionState,
         error_code: Option<ConnectionErrorCode>,
     ) -> MetaResult<()>;
+    /// Ends a `from` state (CONNECTING or DISCONNECTING) that began more than
+    /// `older_than_ms` ago by the database's clock: the replica driving it is gone. The
+    /// store turns DISCONNECTED. A younger or other state fails (`Precondition`): a live
+    /// transition on another replica is left alone.
+    async fn abandon_transition(
+        &self,
+        id: &str,
+        from: ConnectionState,
+        older_than_ms: i64,
+    ) -> MetaResult<()>;
     /// Fails with `Taken` if a new name or cluster is another store's.
     async fn update_keystore(&self, id: &str, update: &KeyStoreUpdate) -> MetaResult<()>;
     /// Deletes the store if it is in state `only_in` and holds no keys.
@@ -236,6 +246,11 @@ pub trait KeyStores: Send + Sync {
     /// listener is down), if it does; for readiness. A single node has nothing to hear.
     fn cache_bypassed(&self) -> Option<&'static str> {
         None
+    }
+    /// Whether other replicas may share this database (PostgreSQL) or this process is
+    /// alone with it (SQLite).
+    fn shared(&self) -> bool {
+        false
     }
 }
 

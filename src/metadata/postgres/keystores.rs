@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use tokio_postgres::Row;
 
-use super::{bad, internal, one, taken, Postgres};
+use super::{bad, internal, one, taken, Postgres, NOW_MS};
 use crate::kms::states::{ConnectionErrorCode, ConnectionState};
 use crate::metadata::{
     AuditHead, Failure, KeyStoreRecord, KeyStoreUpdate, KeyStores, MetaResult, Precondition, Unique,
@@ -119,8 +119,11 @@ impl KeyStores for Postgres {
         let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
         let n = self
             .execute(
-                "UPDATE custom_key_stores SET connection_state = $3, connection_error_code = $4
-                 WHERE id = $1 AND connection_state = ANY($2)",
+                &format!(
+                    "UPDATE custom_key_stores SET connection_state = $3, connection_error_code = $4,
+                         state_since_ms = {NOW_MS}
+                     WHERE id = $1 AND connection_state = ANY($2)"
+                ),
                 &[&id, &from, &to.as_str(), &error_code.map(|c| c.as_str())],
             )
             .await?;
@@ -128,6 +131,29 @@ impl KeyStores for Postgres {
             Ok(())
         } else {
             Err(self.connection_refusal(id).await?)
+        }
+    }
+
+    async fn abandon_transition(
+        &self,
+        id: &str,
+        from: ConnectionState,
+        older_than_ms: i64,
+    ) -> MetaResult<()> {
+        let n = self
+            .execute(
+                &format!(
+                    "UPDATE custom_key_stores SET connection_state = 'DISCONNECTED',
+                         connection_error_code = NULL, state_since_ms = {NOW_MS}
+                     WHERE id = $1 AND connection_state = $2 AND state_since_ms < {NOW_MS} - $3"
+                ),
+                &[&id, &from.as_str(), &older_than_ms],
+            )
+            .await?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(Failure::Precondition(Precondition::ConnectionState(from)))
         }
     }
 
@@ -291,6 +317,10 @@ impl KeyStores for Postgres {
         )
         .await
         .map(drop)
+    }
+
+    fn shared(&self) -> bool {
+        true
     }
 
     fn cache_bypassed(&self) -> Option<&'static str> {

@@ -136,7 +136,15 @@ CREATE TRIGGER keystores_changed AFTER INSERT OR UPDATE OR DELETE ON custom_key_
 CREATE TRIGGER grants_changed AFTER INSERT OR UPDATE OR DELETE ON grants
     FOR EACH ROW EXECUTE FUNCTION hsm_kms_notify('g', 'key_id');
 ",
+    // When each store entered its connection state: a CONNECTING or DISCONNECTING left by
+    // a replica that died is finished by another once it is clearly abandoned.
+    "
+ALTER TABLE custom_key_stores ADD COLUMN state_since_ms BIGINT NOT NULL DEFAULT 0;
+",
 ];
+
+/// Now, in Unix milliseconds, by the database's clock.
+const NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
 
 pub struct Postgres {
     pool: Pool,

@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{bad_column, read, taken, write, Forget, Sqlite};
+use super::{bad_column, read, taken, write, Forget, Sqlite, NOW_MS};
 use crate::kms::states::{ConnectionErrorCode, ConnectionState};
 use crate::metadata::{
     AuditHead, Failure, KeyStoreRecord, KeyStoreUpdate, KeyStores, MetaResult, Precondition, Unique,
@@ -125,9 +125,11 @@ impl KeyStores for Sqlite {
                 }
                 Some(_) => {
                     tx.execute(
-                        "UPDATE custom_key_stores SET connection_state = ?2,
-                             connection_error_code = ?3
-                         WHERE id = ?1",
+                        &format!(
+                            "UPDATE custom_key_stores SET connection_state = ?2,
+                                 connection_error_code = ?3, state_since_ms = {NOW_MS}
+                             WHERE id = ?1"
+                        ),
                         params![id, to.as_str(), error_code.map(|c| c.as_str())],
                     )?;
                     Ok(())
@@ -136,6 +138,30 @@ impl KeyStores for Sqlite {
             tx.commit()?;
             Ok(outcome)
         })?
+    }
+
+    async fn abandon_transition(
+        &self,
+        id: &str,
+        from: ConnectionState,
+        older_than_ms: i64,
+    ) -> MetaResult<()> {
+        let _forget = Forget::KeyStore(self, id);
+        let n = self.with(|c| {
+            c.execute(
+                &format!(
+                    "UPDATE custom_key_stores SET connection_state = 'DISCONNECTED',
+                         connection_error_code = NULL, state_since_ms = {NOW_MS}
+                     WHERE id = ?1 AND connection_state = ?2 AND state_since_ms < {NOW_MS} - ?3"
+                ),
+                params![id, from.as_str(), older_than_ms],
+            )
+        })?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(Failure::Precondition(Precondition::ConnectionState(from)))
+        }
     }
 
     async fn update_keystore(&self, id: &str, update: &KeyStoreUpdate) -> MetaResult<()> {

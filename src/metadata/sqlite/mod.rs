@@ -23,7 +23,7 @@ use crate::kms::states::{KeyState, StateSet};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
-    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7,
+    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8,
 ];
 
 const SCHEMA_V1: &str = "
@@ -119,6 +119,14 @@ CREATE TABLE IF NOT EXISTS audit_heads (
     recorded_ms INTEGER NOT NULL
 );
 ";
+
+/// When each store entered its connection state (abandoned transitions).
+const SCHEMA_V8: &str = "
+ALTER TABLE custom_key_stores ADD COLUMN state_since_ms INTEGER NOT NULL DEFAULT 0;
+";
+
+/// Now, in Unix milliseconds, in SQLite's SQL.
+const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
 
 pub struct Sqlite {
     conn: Mutex<Connection>,
