@@ -466,6 +466,127 @@ async fn a_connect_left_by_a_dead_replica_is_finished_by_another() {
     encrypt(&mut a, &key.key_id, b"after the takeover").await;
 }
 
+/// Enable, Disable, ScheduleKeyDeletion and CancelKeyDeletion race on a few keys through
+/// three replicas. A trigger of the test's own records every key state change the database
+/// makes; each must be one the AWS state machine allows (the issue measured 494 forbidden
+/// ones, e.g. PendingDeletion -> Enabled, with read-then-write changes). Afterwards every
+/// replica describes every key as the database holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_state_changes_through_three_replicas_make_no_forbidden_transition() {
+    let database = postgres_database().await;
+    let url = database.url.clone();
+    let h = Harness::start_with(&[ClusterSpec::good("cluster-replicaraces")], |s| {
+        use_database(s, database);
+    })
+    .await;
+    let (db, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    db.batch_execute(
+        "CREATE TABLE test_transitions (old TEXT, new TEXT);
+         CREATE FUNCTION test_record() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO test_transitions VALUES (OLD.key_state, NEW.key_state);
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER test_record AFTER UPDATE OF key_state ON keys FOR EACH ROW
+             WHEN (OLD.key_state IS DISTINCT FROM NEW.key_state)
+             EXECUTE FUNCTION test_record();",
+    )
+    .await
+    .unwrap();
+    let mut a = h.client().await;
+    let store = h.connected_store(&mut a, 0, "races").await;
+    let mut keys = Vec::new();
+    for _ in 0..6 {
+        keys.push(create_key(&mut a, &store).await.key_id);
+    }
+    let (b, c) = (h.replica("b"), h.replica("c"));
+    let clients = vec![a.clone(), b.client().await, c.client().await];
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..9u64 {
+        let (mut client, keys) = (clients[(w % 3) as usize].clone(), keys.clone());
+        tasks.spawn(async move {
+            let mut x = w.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut acked = 0;
+            for _ in 0..120 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let key_id = keys[(x % keys.len() as u64) as usize].clone();
+                let ok = match (x >> 8) % 4 {
+                    0 => client.enable_key(EnableKeyRequest { key_id }).await.is_ok(),
+                    1 => client
+                        .disable_key(DisableKeyRequest { key_id })
+                        .await
+                        .is_ok(),
+                    2 => client
+                        .schedule_key_deletion(ScheduleKeyDeletionRequest {
+                            key_id,
+                            pending_window_in_days: Some(7),
+                        })
+                        .await
+                        .is_ok(),
+                    _ => client
+                        .cancel_key_deletion(CancelKeyDeletionRequest { key_id })
+                        .await
+                        .is_ok(),
+                };
+                acked += ok as u32;
+            }
+            acked
+        });
+    }
+    let mut acked = 0;
+    while let Some(n) = tasks.join_next().await {
+        acked += n.unwrap();
+    }
+    let seen: Vec<(String, String, i64)> = db
+        .query(
+            "SELECT old, new, COUNT(*) FROM test_transitions GROUP BY old, new ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    eprintln!("{acked} of 1080 changes acknowledged; transitions: {seen:?}");
+    let allowed = [
+        ("Creating", "Enabled"),
+        ("Enabled", "Disabled"),
+        ("Disabled", "Enabled"),
+        ("Enabled", "PendingDeletion"),
+        ("Disabled", "PendingDeletion"),
+        ("PendingDeletion", "Disabled"),
+    ];
+    for (old, new, n) in &seen {
+        assert!(
+            allowed.contains(&(old.as_str(), new.as_str())),
+            "{n} forbidden transitions {old} -> {new}"
+        );
+    }
+    assert!(
+        seen.iter().filter(|(o, _, _)| o != "Creating").count() >= 4,
+        "too few kinds of change to tell: {seen:?}"
+    );
+    // Every replica agrees with the database, within the propagation bound.
+    tokio::time::sleep(PROPAGATION_BOUND).await;
+    for key in &keys {
+        let state: String = db
+            .query_one("SELECT key_state FROM keys WHERE id = $1", &[key])
+            .await
+            .unwrap()
+            .get(0);
+        for client in &clients {
+            let described = describe_key(&mut client.clone(), key).await.key_state;
+            assert_eq!(described, state, "{key}");
+        }
+    }
+    drop((b, c));
+}
+
 /// The sealing key is the service's, not a replica's: a replica with another key refuses to
 /// start and says why, and with a database no replica makes up a key of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
