@@ -119,11 +119,8 @@ impl KeyStores for Postgres {
         let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
         let n = self
             .execute(
-                &format!(
-                    "UPDATE custom_key_stores SET connection_state = $3, connection_error_code = $4,
-                         state_since_ms = {NOW_MS}
-                     WHERE id = $1 AND connection_state = ANY($2)"
-                ),
+                "UPDATE custom_key_stores SET connection_state = $3, connection_error_code = $4
+                 WHERE id = $1 AND connection_state = ANY($2)",
                 &[&id, &from, &to.as_str(), &error_code.map(|c| c.as_str())],
             )
             .await?;
@@ -144,7 +141,7 @@ impl KeyStores for Postgres {
             .execute(
                 &format!(
                     "UPDATE custom_key_stores SET connection_state = 'DISCONNECTED',
-                         connection_error_code = NULL, state_since_ms = {NOW_MS}
+                         connection_error_code = NULL
                      WHERE id = $1 AND connection_state = $2 AND state_since_ms < {NOW_MS} - $3"
                 ),
                 &[&id, &from.as_str(), &older_than_ms],

@@ -137,9 +137,21 @@ CREATE TRIGGER grants_changed AFTER INSERT OR UPDATE OR DELETE ON grants
     FOR EACH ROW EXECUTE FUNCTION hsm_kms_notify('g', 'key_id');
 ",
     // When each store entered its connection state: a CONNECTING or DISCONNECTING left by
-    // a replica that died is finished by another once it is clearly abandoned.
+    // a replica that died is finished by another once it is clearly abandoned. Kept by the
+    // database itself, so that replicas of an older version, which do not know the column,
+    // keep it true during a rolling upgrade.
     "
 ALTER TABLE custom_key_stores ADD COLUMN state_since_ms BIGINT NOT NULL DEFAULT 0;
+CREATE FUNCTION hsm_kms_state_since() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' OR NEW.connection_state IS DISTINCT FROM OLD.connection_state THEN
+        NEW.state_since_ms := (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER keystores_state_since BEFORE INSERT OR UPDATE ON custom_key_stores
+    FOR EACH ROW EXECUTE FUNCTION hsm_kms_state_since();
 ",
 ];
 
