@@ -587,6 +587,51 @@ async fn racing_state_changes_through_three_replicas_make_no_forbidden_transitio
     drop((b, c));
 }
 
+/// A rolling upgrade: replicas of the build under test (`HSM_KMS_TEST_BINARY` names an
+/// older one; unset, the same build) and of this build serve side by side. The newer one
+/// migrates the schema while the older runs; each sees the other's changes, the older one's
+/// writes reaching the newer one's cache through the database's triggers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_and_a_newer_replica_serve_side_by_side() {
+    let database = postgres_database().await;
+    let h = Harness::start_with(&[ClusterSpec::good("cluster-replicaupgrade")], |s| {
+        use_database(s, database);
+    })
+    .await;
+    let mut old = h.client().await;
+    let store = h.connected_store(&mut old, 0, "upgrade").await;
+    let key = create_key(&mut old, &store).await.key_id;
+    let this_build = std::path::PathBuf::from(env!("CARGO_BIN_EXE_hsm-kms"));
+    let new = h.replica_of(&this_build, "new");
+    let mut nc = new.client().await;
+    usable(&mut nc, &key).await;
+    let made_by_new = create_key(&mut nc, &store).await.key_id;
+    usable(&mut old, &made_by_new).await;
+    let ct = encrypt(&mut old, &key, b"old to new").await;
+    let out = nc
+        .decrypt(DecryptRequest {
+            ciphertext_blob: ct,
+            ..Default::default()
+        })
+        .await
+        .expect("the newer replica decrypts what the older encrypted")
+        .into_inner();
+    assert_eq!(out.plaintext, b"old to new");
+    old.disable_key(DisableKeyRequest {
+        key_id: key.clone(),
+    })
+    .await
+    .unwrap();
+    refused_within(&mut nc, &key, "DisabledException").await;
+    nc.enable_key(EnableKeyRequest {
+        key_id: key.clone(),
+    })
+    .await
+    .unwrap();
+    encrypt(&mut old, &key, b"enabled by the new one").await;
+    assert!(new.stop(), "the newer replica did not stop cleanly");
+}
+
 /// The sealing key is the service's, not a replica's: a replica with another key refuses to
 /// start and says why, and with a database no replica makes up a key of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

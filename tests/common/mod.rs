@@ -634,6 +634,16 @@ impl Harness {
     ) -> Replica {
         let (mut command, audit) = self.replica_command(name, change);
         command.envs(env.iter().copied());
+        Self::spawn_replica(command, audit)
+    }
+
+    /// Starts replica `name` from `binary` (another build than the one under test).
+    pub fn replica_of(&self, binary: &Path, name: &str) -> Replica {
+        let (command, audit) = self.replica_command_of(binary, name, |_| {});
+        Self::spawn_replica(command, audit)
+    }
+
+    fn spawn_replica(mut command: Command, audit: PathBuf) -> Replica {
         let mut child = command
             .stderr(Stdio::inherit())
             .spawn()
@@ -649,6 +659,15 @@ impl Harness {
         name: &str,
         change: impl FnOnce(&mut Settings),
     ) -> (Command, PathBuf) {
+        self.replica_command_of(&server_binary(), name, change)
+    }
+
+    fn replica_command_of(
+        &self,
+        binary: &Path,
+        name: &str,
+        change: impl FnOnce(&mut Settings),
+    ) -> (Command, PathBuf) {
         assert!(
             self.settings.database.is_some(),
             "replicas share a database"
@@ -661,8 +680,13 @@ impl Harness {
         s.audit.replica = name.into();
         change(&mut s);
         let config = self.dir.path().join(format!("{name}.toml"));
-        std::fs::write(&config, config_text(&s)).unwrap();
-        let mut command = Command::new(server_binary());
+        let text = if binary == server_binary() {
+            config_text(&s)
+        } else {
+            toml::to_string_pretty(&s).unwrap()
+        };
+        std::fs::write(&config, text).unwrap();
+        let mut command = Command::new(binary);
         command
             .args(["serve", "--config"])
             .arg(&config)
