@@ -434,6 +434,11 @@ impl Kms {
             .await
         {
             Ok(()) => {}
+            // Another replica's connect won the same transition: the store is connecting,
+            // as this caller asked (a connect of a CONNECTING store succeeds).
+            Err(Failure::Precondition(Precondition::ConnectionState(Connecting | Connected))) => {
+                return Ok(())
+            }
             Err(Failure::Precondition(_) | Failure::NotFound) => {
                 return Err(KmsError::new(
                     ErrorKind::CustomKeyStoreInvalidState,
