@@ -149,13 +149,33 @@ impl Audit {
     /// Opens (or creates, mode 0600) the file and continues its chain, cutting off a torn
     /// last line first; key ARNs are written in `scope`, and every line names `replica`.
     /// With `fsync`, each batch is also flushed to disk before its requests are answered.
-    pub fn open(path: &Path, scope: ArnScope, fsync: bool, replica: &str) -> anyhow::Result<Audit> {
+    ///
+    /// A file with no line yet continues the chain from `recorded` (line number and hash,
+    /// the head recorded in the metadata database), as a rotated file does: the file before
+    /// it was moved away (rotated without SIGHUP, then restarted). `verify OLD NEW` checks
+    /// both; this file alone verifies as one that starts mid-chain.
+    pub fn open(
+        path: &Path,
+        scope: ArnScope,
+        fsync: bool,
+        replica: &str,
+        recorded: Option<(u64, String)>,
+    ) -> anyhow::Result<Audit> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating the audit directory {}", dir.display()))?;
         }
         let file = open_append(path)?;
-        let (seq, prev) = recover(path, &file)?;
+        let (mut seq, mut prev) = recover(path, &file)?;
+        if let Some((n, head)) = recorded.filter(|(n, _)| seq == 0 && *n > 0) {
+            tracing::warn!(
+                file = %path.display(),
+                continues_from = n,
+                "the audit file is new; its chain continues from the head recorded in the \
+                 database (the file before it was moved away): verify it after that file"
+            );
+            (seq, prev) = (n, head);
+        }
         let (tx, rx) = mpsc::channel::<Pending>();
         let shared = Arc::new(Shared {
             available: AtomicBool::new(true),
@@ -718,7 +738,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         for ops in [["Encrypt", "Decrypt"], ["CreateKey", "ListKeys"]] {
-            let a = Audit::open(&path, scope(), false, "r1").unwrap();
+            let a = Audit::open(&path, scope(), false, "r1", None).unwrap();
             assert_eq!(record_all(&a, &ops), [true, true]);
             a.close();
         }
@@ -746,7 +766,7 @@ mod tests {
     fn a_torn_tail_is_reported_then_cut_at_start_and_the_chain_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let a = Audit::open(&path, scope(), false, "r1").unwrap();
+        let a = Audit::open(&path, scope(), false, "r1", None).unwrap();
         record_all(&a, &["Encrypt", "Decrypt", "ListKeys"]);
         a.close();
         let whole = std::fs::read(&path).unwrap();
@@ -756,7 +776,7 @@ mod tests {
         let v = verify(std::slice::from_ref(&path), None, &[]).unwrap();
         assert_eq!((v.lines, v.torn_tail > 0), (2, true));
         // The service starts, cuts the tail off (keeping it aside) and continues the chain.
-        let a = Audit::open(&path, scope(), false, "r1").unwrap();
+        let a = Audit::open(&path, scope(), false, "r1", None).unwrap();
         record_all(&a, &["CreateKey"]);
         a.close();
         let v = verify(std::slice::from_ref(&path), None, &[]).unwrap();
@@ -779,7 +799,7 @@ mod tests {
     fn recorded_heads_show_a_cut_end() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let a = Audit::open(&path, scope(), false, "r1").unwrap();
+        let a = Audit::open(&path, scope(), false, "r1", None).unwrap();
         record_all(&a, &["Encrypt", "Decrypt", "ListKeys", "CreateKey"]);
         let (seq, head) = a.head();
         a.close();
@@ -823,7 +843,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let old = dir.path().join("audit.jsonl.1");
-        let a = Audit::open(&path, scope(), false, "r1").unwrap();
+        let a = Audit::open(&path, scope(), false, "r1", None).unwrap();
         record_all(&a, &["Encrypt", "Decrypt"]);
         std::fs::rename(&path, &old).unwrap();
         a.reopen();
@@ -846,7 +866,7 @@ mod tests {
     fn a_deleted_file_fails_closed_until_reopened() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let a = Audit::open(&path, scope(), false, "r1").unwrap();
+        let a = Audit::open(&path, scope(), false, "r1", None).unwrap();
         assert_eq!(record_all(&a, &["Encrypt"]), [true]);
         std::fs::remove_file(&path).unwrap();
         assert_eq!(record_all(&a, &["Decrypt", "Decrypt"]), [false, false]);

@@ -116,13 +116,20 @@ pub async fn start(
 
     // The trail first: a start on a cut file is refused before anything else happens.
     let replica = settings.audit.replica.clone();
+    let recorded = kms
+        .audit_heads()
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the recorded audit heads: {e}"))?
+        .into_iter()
+        .find(|r| r.replica == replica);
     let audit = Arc::new(crate::audit::Audit::open(
         &settings.audit.file,
         kms.scope.clone(),
         settings.audit.fsync,
         &replica,
+        recorded.as_ref().map(|r| (r.seq, r.head.clone())),
     )?);
-    if let Err(e) = refuse_a_short_audit_file(&kms, &audit, &settings.audit).await {
+    if let Err(e) = refuse_a_short_audit_file(&audit, &settings.audit, recorded.as_ref()) {
         audit.close();
         return Err(e);
     }
@@ -442,21 +449,15 @@ impl axum::serve::Listener for AdminListener {
 const AUDIT_HEAD_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A start on an audit file that ends before the head recorded for this replica would hide
-/// that lines were cut off it (and chain new lines onto the shortened file): refused.
-async fn refuse_a_short_audit_file(
-    kms: &Kms,
+/// that lines were cut off it (and chain new lines onto the shortened file): refused. (A
+/// file with no line continues the chain from the recorded head: see `Audit::open`.)
+fn refuse_a_short_audit_file(
     audit: &crate::audit::Audit,
     settings: &crate::config::AuditSettings,
+    recorded: Option<&crate::metadata::AuditHead>,
 ) -> anyhow::Result<()> {
-    let recorded = kms
-        .audit_heads()
-        .await
-        .map_err(|e| anyhow::anyhow!("reading the recorded audit heads: {e}"))?;
     let (seq, _) = audit.head();
-    if let Some(r) = recorded
-        .iter()
-        .find(|r| r.replica == settings.replica && r.seq > seq)
-    {
+    if let Some(r) = recorded.filter(|r| r.seq > seq) {
         anyhow::bail!(
             "the audit file {} ends at line {seq}, but the metadata database recorded line {} \
              of replica {}'s chain at {}: lines were cut off it. Restore the file (then \

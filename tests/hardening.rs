@@ -443,6 +443,7 @@ async fn lines_cut_off_the_end_of_the_trail_show() {
     let config = h.config_path();
     let (ok, said) = audit_verify(Some(&config), &[]);
     assert!(ok && said.contains("the head recorded at"), "{said}");
+    let whole = std::fs::read_to_string(&file).unwrap();
     let lines = audit_lines(&file);
     assert!(lines.iter().all(|l| l["replica"] == "main"), "{lines:?}");
     // The attacker removes their last two requests' lines.
@@ -462,6 +463,20 @@ async fn lines_cut_off_the_end_of_the_trail_show() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "started on a cut trail");
     assert!(log.contains("lines were cut off"), "{log}");
+    // Rotated without SIGHUP (the whole file moved away, then a restart): the new file
+    // continues the chain from the recorded head, and both verify together.
+    std::fs::write(&file, &whole).unwrap();
+    let rotated = file.with_extension("jsonl.1");
+    std::fs::rename(&file, &rotated).unwrap();
+    h.relaunch().await;
+    let mut c = h.client().await;
+    encrypt(&mut c, &key, b"after the rotation").await;
+    assert!(h.stop());
+    let both = [rotated, file.clone()];
+    let (ok, said) = audit_verify(Some(&config), &both);
+    assert!(ok && said.contains("the head recorded at"), "{said}");
+    let (ok, said) = verify(std::slice::from_ref(&file));
+    assert!(!ok && said.contains("starts at sequence number"), "{said}");
 }
 
 /// A torn last line (a crash mid-write) is told apart from tampering by `audit verify`, and

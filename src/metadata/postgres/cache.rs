@@ -155,8 +155,10 @@ impl Cache {
 pub(super) fn spawn_listener(config: tokio_postgres::Config, tls: super::Tls, cache: &Arc<Cache>) {
     let cache = Arc::downgrade(cache);
     tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(100);
+        let first = Duration::from_millis(100);
+        let mut backoff = first;
         loop {
+            let began = Instant::now();
             let outcome = match &tls {
                 super::Tls::Off => listen(&config, tokio_postgres::NoTls, &cache).await,
                 super::Tls::Verified(t) => listen(&config, t.clone(), &cache).await,
@@ -170,6 +172,10 @@ pub(super) fn spawn_listener(config: tokio_postgres::Config, tls: super::Tls, ca
                     error = %e,
                     "the metadata change listener is down; reading the database on every request until it is back"
                 ),
+            }
+            // A listener that had been up a while starts its back-off afresh.
+            if began.elapsed() > RECONNECT_AFTER {
+                backoff = first;
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
