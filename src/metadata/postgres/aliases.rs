@@ -42,7 +42,7 @@ impl Aliases for Postgres {
         now_ms: i64,
         max: usize,
     ) -> MetaResult<()> {
-        let mut c = self.client().await?;
+        let mut c = self.writer().await?;
         let tx = c.transaction().await.map_err(internal)?;
         // Aliases are counted per key: every change to a key's aliases locks the key first.
         lock_key(&tx, key, accepted).await??;
@@ -56,7 +56,7 @@ impl Aliases for Postgres {
         )
         .await
         .map_err(|e| taken(e, &[("alias_name_taken", Unique::AliasName)]))?;
-        self.commit(tx).await
+        tx.commit().await.map_err(internal)
     }
 
     async fn update_alias(
@@ -67,7 +67,7 @@ impl Aliases for Postgres {
         now_ms: i64,
         max: usize,
     ) -> MetaResult<()> {
-        let mut c = self.client().await?;
+        let mut c = self.writer().await?;
         let tx = c.transaction().await.map_err(internal)?;
         let current = tx
             .query_opt(
@@ -90,7 +90,7 @@ impl Aliases for Postgres {
         )
         .await
         .map_err(internal)?;
-        self.commit(tx).await
+        tx.commit().await.map_err(internal)
     }
 
     async fn delete_alias(&self, name: &str) -> MetaResult<()> {

@@ -44,7 +44,7 @@ impl Grants for Postgres {
         per_key: usize,
         per_grantee: usize,
     ) -> MetaResult<GrantRecord> {
-        let mut c = self.client().await?;
+        let mut c = self.writer().await?;
         let tx = c.transaction().await.map_err(internal)?;
         // A key's grants are counted under its row's lock, so concurrent grants take turns.
         lock_key(&tx, &g.key_id, accepted).await??;
@@ -106,7 +106,7 @@ impl Grants for Postgres {
         )
         .await
         .map_err(internal)?;
-        self.commit(tx).await?;
+        tx.commit().await.map_err(internal)?;
         Ok(g.clone())
     }
 

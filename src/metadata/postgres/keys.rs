@@ -39,17 +39,15 @@ impl Postgres {
         let states = names(accepted);
         let mut all: Vec<&(dyn ToSql + Sync)> = vec![&key, &states];
         all.extend_from_slice(args);
-        let c = self.client().await?;
+        let c = self.writer().await?;
         let n = c
             .execute(
                 &format!("{set} WHERE id = $1 AND key_state = ANY($2)"),
                 &all,
             )
             .await
-            .map_err(internal);
-        // This replica reads its own change next (the others hear of it by NOTIFY).
-        self.cache.forget_all();
-        if n? == 1 {
+            .map_err(internal)?;
+        if n == 1 {
             Ok(())
         } else {
             Err(key_refusal(&c, id).await?)
@@ -60,7 +58,7 @@ impl Postgres {
 #[async_trait]
 impl Keys for Postgres {
     async fn insert_key(&self, rec: &KeyRecord, tags: &[(String, String)]) -> MetaResult<()> {
-        let mut c = self.client().await?;
+        let mut c = self.writer().await?;
         let tx = c.transaction().await.map_err(internal)?;
         tx.execute(
             "INSERT INTO keys (id, custom_key_store_id, creation_date_ms, description, key_state,
@@ -85,7 +83,7 @@ impl Keys for Postgres {
             .await
             .map_err(internal)?;
         }
-        self.commit(tx).await
+        tx.commit().await.map_err(internal)
     }
 
     async fn key(&self, id: &Uuid) -> MetaResult<Option<KeyRecord>> {
@@ -227,7 +225,7 @@ impl Keys for Postgres {
         tags: &[(String, String)],
         max: usize,
     ) -> MetaResult<()> {
-        let mut c = self.client().await?;
+        let mut c = self.writer().await?;
         let tx = c.transaction().await.map_err(internal)?;
         // The key's row locked: concurrent taggers of the key take turns, so the count below
         // is the count the commit leaves.
@@ -253,11 +251,11 @@ impl Keys for Postgres {
             // Dropping `tx` rolls the tags back.
             return Err(Failure::Precondition(Precondition::Limit(max)));
         }
-        self.commit(tx).await
+        tx.commit().await.map_err(internal)
     }
 
     async fn untag_key(&self, id: &Uuid, accepted: StateSet, keys: &[String]) -> MetaResult<()> {
-        let mut c = self.client().await?;
+        let mut c = self.writer().await?;
         let tx = c.transaction().await.map_err(internal)?;
         lock_key(&tx, id, accepted).await??;
         tx.execute(
@@ -266,7 +264,7 @@ impl Keys for Postgres {
         )
         .await
         .map_err(internal)?;
-        self.commit(tx).await
+        tx.commit().await.map_err(internal)
     }
 
     async fn list_tags(

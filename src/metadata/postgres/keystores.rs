@@ -55,7 +55,7 @@ impl Postgres {
 #[async_trait]
 impl KeyStores for Postgres {
     async fn insert_keystore(&self, rec: &KeyStoreRecord) -> MetaResult<()> {
-        let c = self.client().await?;
+        let c = self.writer().await?;
         c.execute(
             "INSERT INTO custom_key_stores (id, name, cluster_id, trust_anchor, sealed_password,
                  connection_state, connection_error_code, creation_date_ms)
@@ -74,7 +74,6 @@ impl KeyStores for Postgres {
         .await
         .map(drop)
         .map_err(|e| taken(e, UNIQUE))
-        .inspect(|()| self.cache.forget_all())
     }
 
     async fn keystore(&self, id: &str) -> MetaResult<Option<KeyStoreRecord>> {
@@ -155,7 +154,7 @@ impl KeyStores for Postgres {
     }
 
     async fn update_keystore(&self, id: &str, update: &KeyStoreUpdate) -> MetaResult<()> {
-        let c = self.client().await?;
+        let c = self.writer().await?;
         // The password the caller gives is the token's now: a pending one from an unfinished
         // rotation is stale.
         let n = c
@@ -173,13 +172,12 @@ impl KeyStores for Postgres {
                 ],
             )
             .await
-            .map_err(|e| taken(e, UNIQUE));
-        self.cache.forget_all();
-        one(n?)
+            .map_err(|e| taken(e, UNIQUE))?;
+        one(n)
     }
 
     async fn delete_keystore(&self, id: &str, only_in: ConnectionState) -> MetaResult<()> {
-        let mut c = self.client().await?;
+        let mut c = self.writer().await?;
         let tx = c.transaction().await.map_err(internal)?;
         // The store's row locked: a key being inserted into it waits (its foreign key
         // check takes a share lock on this row), and so cannot slip past the count.
@@ -214,7 +212,7 @@ impl KeyStores for Postgres {
         tx.execute("DELETE FROM custom_key_stores WHERE id = $1", &[&id])
             .await
             .map_err(internal)?;
-        self.commit(tx).await
+        tx.commit().await.map_err(internal)
     }
 
     async fn set_pending_password(&self, id: &str, sealed: Option<&[u8]>) -> MetaResult<()> {

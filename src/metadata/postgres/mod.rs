@@ -338,24 +338,50 @@ impl Postgres {
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> MetaResult<u64> {
-        let c = self.client().await?;
+        let c = self.writer().await?;
         let stmt = c.prepare_cached(sql).await.map_err(internal)?;
-        let changed = c.execute(&stmt, params).await.map_err(internal);
-        self.cache.forget_all();
-        changed
+        c.execute(&stmt, params).await.map_err(internal)
     }
 
-    /// Commits a transaction that changed rows; this replica's cache forgets at once
-    /// (the others hear of it through their listeners).
-    async fn commit(&self, tx: deadpool_postgres::Transaction<'_>) -> MetaResult<()> {
-        let done = tx.commit().await.map_err(internal);
-        self.cache.forget_all();
-        done
+    /// A pooled connection to change rows with (see `Writer`).
+    async fn writer(&self) -> MetaResult<Writer<'_>> {
+        Ok(Writer {
+            conn: self.client().await?,
+            cache: &self.cache,
+        })
     }
 
     /// Whether the change listener works (else the cache is bypassed); for readiness.
     pub fn listening(&self) -> bool {
         self.cache.listening()
+    }
+}
+
+/// A pooled connection that changes rows. Given back (dropped, after its transaction
+/// committed or not), it empties this replica's cache, so that this replica's next request
+/// reads its own change; the other replicas hear of it through their listeners. Every write
+/// takes its connection here, so no write path can leave the cache behind.
+struct Writer<'a> {
+    conn: Object,
+    cache: &'a cache::Cache,
+}
+
+impl std::ops::Deref for Writer<'_> {
+    type Target = Object;
+    fn deref(&self) -> &Object {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Writer<'_> {
+    fn deref_mut(&mut self) -> &mut Object {
+        &mut self.conn
+    }
+}
+
+impl Drop for Writer<'_> {
+    fn drop(&mut self) {
+        self.cache.forget_all();
     }
 }
 
