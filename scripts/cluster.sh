@@ -23,10 +23,14 @@ if [ "${1:-}" = "--check" ]; then check=1; shift; fi
 scripts/setup.sh
 sudo=""
 [ "$(id -u)" = 0 ] || sudo="sudo"
-if ! command -v haproxy >/dev/null 2>&1; then
-  echo "cluster: installing haproxy" >&2
+# HAProxy, and openssl for the stand-in cluster's trust anchor.
+missing=()
+command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "cluster: installing ${missing[*]}" >&2
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends haproxy >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)"
 
@@ -106,7 +110,9 @@ fi
   -out "$dir/trust-anchor.pem" 2>/dev/null
 [ -f "$dir/sealing.key" ] || (umask 077; head -c 32 /dev/urandom >"$dir/sealing.key")
 [ -f "$dir/cluster-id" ] || echo "cluster-$(random 11 a-z2-7)" >"$dir/cluster-id"
+[ -f "$dir/hsm-ids" ] || echo "hsm-$(random 11 a-z2-7) hsm-$(random 11 a-z2-7)" >"$dir/hsm-ids"
 cluster_id=$(cat "$dir/cluster-id")
+read -r hsm_a hsm_b <"$dir/hsm-ids"
 
 for i in 1 2 3; do
   r=r$i
@@ -158,11 +164,11 @@ pin_format = "password"
 crypto_user = "kmsuser"
 
 [[clusters.hsms]]
-id = "hsm-$(echo "$cluster_id" | cut -c9-19)"
+id = "$hsm_a"
 availability_zone = "us-east-1a"
 
 [[clusters.hsms]]
-id = "hsm-$(echo "$cluster_id" | cut -c9-19 | rev)"
+id = "$hsm_b"
 availability_zone = "us-east-1b"
 EOF
 done
