@@ -316,11 +316,20 @@ impl Kms {
             .set_key_state(&id, creating, KeyState::Enabled)
             .await
         {
-            // Roll back: destroy the token key so no material exists without a usable row.
-            if let Err(h) = conn.destroy_key(id).await {
-                tracing::error!(key_arn = %arn, error = ?h, "rollback left orphaned key material");
+            if let Failure::Internal(_) = f {
+                // The database failed under the change: it may have been made (and only
+                // its answer lost, as when the server restarts at that moment), so the
+                // material may belong to an Enabled key and must stay. A row still
+                // `Creating` is left, with its material, for the sweep.
+                tracing::warn!(key_arn = %arn, "finishing a key creation failed; a half-made key is left for the sweep");
+            } else {
+                // The row is gone or was changed meanwhile (a reconciliation): the key
+                // does not exist, so no material may stay.
+                if let Err(h) = conn.destroy_key(id).await {
+                    tracing::error!(key_arn = %arn, error = ?h, "rollback left orphaned key material");
+                }
+                let _ = self.meta.delete_key(&id).await;
             }
-            let _ = self.meta.delete_key(&id).await;
             return Err(KmsError::internal(format!(
                 "finishing the creation of {arn}: {f}"
             )));
