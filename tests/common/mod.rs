@@ -454,6 +454,12 @@ impl Harness {
     /// How many secret-key objects the token of cluster `i` holds (through pkcs11-tool,
     /// beside the server, as an operator would look).
     pub fn token_secret_keys(&self, i: usize) -> usize {
+        self.token_key_labels(i).len()
+    }
+
+    /// The labels (key ARNs) of the secret-key objects on the token of cluster `i`, one per
+    /// object, through pkcs11-tool.
+    pub fn token_key_labels(&self, i: usize) -> Vec<String> {
         let out = Command::new("pkcs11-tool")
             .env("SOFTHSM2_CONF", self.softhsm2_conf())
             .args(["--module"])
@@ -474,10 +480,23 @@ impl Harness {
             "pkcs11-tool: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.starts_with("Secret Key Object"))
-            .count()
+        // Each object is a "Secret Key Object" line followed by indented attribute lines.
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut labels = Vec::new();
+        let mut in_key = false;
+        for line in text.lines() {
+            if !line.starts_with(' ') {
+                in_key = line.starts_with("Secret Key Object");
+                if in_key {
+                    labels.push(String::new());
+                }
+            } else if let Some(label) = line.trim().strip_prefix("label:") {
+                if in_key {
+                    *labels.last_mut().unwrap() = label.trim().to_string();
+                }
+            }
+        }
+        labels
     }
 
     /// The admin listener's /metrics text.
@@ -753,6 +772,13 @@ pub fn use_database(s: &mut Settings, database: hsm_kms::config::DatabaseSetting
 pub async fn postgres_database() -> hsm_kms::config::DatabaseSettings {
     let server = hsm_kms::metadata::postgres::throwaway::Server::shared()
         .expect("PostgreSQL for the replica tests (scripts/setup.sh installs it)");
+    database_on(server).await
+}
+
+/// A fresh database on `server`.
+pub async fn database_on(
+    server: &hsm_kms::metadata::postgres::throwaway::Server,
+) -> hsm_kms::config::DatabaseSettings {
     hsm_kms::config::DatabaseSettings {
         url: server.fresh_database().await.unwrap(),
         password_file: None,

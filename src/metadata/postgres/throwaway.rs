@@ -1,7 +1,8 @@
 //! A throwaway PostgreSQL server for tests and the bench: `initdb` in a temporary
 //! directory, one server per process on a Unix socket in that directory (no TCP port to
 //! collide on), fsync off, and a fresh database per caller. The server stops when the
-//! process that started it is gone.
+//! process that started it is gone. A test may restart a server of its own with
+//! `pg_ctl restart` (`restart`).
 //!
 //! PostgreSQL refuses to run as root; when this process is root, the server runs as the
 //! `postgres` user (which Debian's package creates), through `runuser`.
@@ -60,6 +61,19 @@ fn command(program: &Path) -> Command {
     }
 }
 
+impl Drop for Server {
+    /// A server of the caller's own stops with it (the process's shared server lives in a
+    /// static and is stopped by its watchdog when the process is gone).
+    fn drop(&mut self) {
+        if let Some(bin) = bin_dir() {
+            let _ = command(&bin.join("pg_ctl"))
+                .args(["stop", "-m", "immediate", "-D"])
+                .arg(self.dir.path().join("data"))
+                .output();
+        }
+    }
+}
+
 impl Server {
     /// The process's server, started on first use.
     pub fn shared() -> anyhow::Result<&'static Server> {
@@ -71,14 +85,43 @@ impl Server {
     }
 
     fn start() -> anyhow::Result<Server> {
-        Self::start_with(None)
+        Self::start_with(None, &[])
+    }
+
+    /// A server of the caller's own (to restart, say), on a Unix socket only, whose commits
+    /// are acknowledged only once their WAL is written (`synchronous_commit` on): what the
+    /// server acknowledged survives `pg_ctl restart -m immediate`. (fsync stays off: the
+    /// machine does not crash in a test, only the server.)
+    pub fn start_own() -> anyhow::Result<Server> {
+        Self::start_with(None, &["synchronous_commit=on"])
+    }
+
+    /// `pg_ctl restart -m <mode>` (`fast`, `immediate`...): the server stops, every
+    /// connection to it breaks, and it starts again with the same settings and data.
+    /// Returns once it accepts connections again.
+    pub fn restart(&self, mode: &str) -> anyhow::Result<()> {
+        let bin = bin_dir().context("PostgreSQL is not installed")?;
+        let out = command(&bin.join("pg_ctl"))
+            .args(["restart", "-w", "-t", "60", "-m", mode, "-D"])
+            .arg(self.dir.path().join("data"))
+            .arg("-l")
+            .arg(self.dir.path().join("server.log"))
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "pg_ctl restart -m {mode} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
     }
 
     /// A server of the caller's own that also listens on a loopback TCP port, offering TLS
     /// there with `tls` (certificate and key PEM; the certificate should name `localhost`),
     /// or not at all. `tcp_url` gives a connection string to it.
     pub fn start_tcp(tls: Option<(&str, &str)>) -> anyhow::Result<Server> {
-        Self::start_with(Some(tls))
+        Self::start_with(Some(tls), &[])
     }
 
     /// A connection string for `database` over loopback TCP (`start_tcp` servers).
@@ -91,7 +134,9 @@ impl Server {
         })
     }
 
-    fn start_with(tcp: Option<Option<(&str, &str)>>) -> anyhow::Result<Server> {
+    /// Starts a server; `settings` (`name=value`) come after, and so override, the
+    /// defaults.
+    fn start_with(tcp: Option<Option<(&str, &str)>>, settings: &[&str]) -> anyhow::Result<Server> {
         let bin = bin_dir().context(
             "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb; set PG_BIN or \
              run scripts/setup.sh)",
@@ -143,6 +188,9 @@ impl Server {
             }
             None => PORT,
         };
+        for setting in settings {
+            options.extend(["-c".to_string(), setting.to_string()]);
+        }
         let out = command(&bin.join("initdb"))
             .arg("-D")
             .arg(&data)
@@ -151,17 +199,18 @@ impl Server {
         if !out.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         }
-        // The server, and a watchdog that stops it once this process has gone.
+        // The server, and a watchdog that stops it once this process has gone. The
+        // watchdog asks pg_ctl, which finds the postmaster through its pid file: after
+        // `restart` it is another process than the one started here.
         let script = r#"
 bin=$1 data=$2 port=$3 dir=$4 parent=$5
 shift 5
 "$bin/postgres" -D "$data" -p "$port" -k "$dir" -c listen_addresses= -c fsync=off \
     -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 "$@" \
     >"$dir/server.log" 2>&1 &
-pg=$!
-while [ -d "/proc/$parent" ] && kill -0 "$pg" 2>/dev/null; do sleep 1; done
-kill -INT "$pg" 2>/dev/null
-wait "$pg"
+while [ -d "/proc/$parent" ]; do sleep 1; done
+"$bin/pg_ctl" stop -D "$data" -m fast -w >/dev/null 2>&1 || kill -INT $! 2>/dev/null
+wait
 rm -rf "$dir"
 "#;
         command(Path::new("sh"))
