@@ -6,6 +6,8 @@
 //! passwords or PINs.
 
 use std::fmt;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// The AWS KMS exceptions this service can answer with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,9 +152,23 @@ impl KmsError {
         Self::new(ErrorKind::KmsInvalidState, message)
     }
 
-    /// An internal failure. The detail goes to the log; the caller sees a generic message.
+    /// An internal failure. The detail goes to the log (within `LOGGED_PER_SECOND`); the
+    /// caller sees a generic message.
     pub fn internal(detail: impl fmt::Display) -> Self {
-        tracing::error!(error = %detail, "internal error");
+        static BUDGET: Mutex<LogBudget> = Mutex::new(LogBudget::new());
+        let verdict = BUDGET
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .spend(Instant::now());
+        match verdict {
+            Some(0) => tracing::error!(error = %detail, "internal error"),
+            Some(unlogged) => tracing::error!(
+                error = %detail,
+                unlogged,
+                "internal error; `unlogged` before it went over the limit of {LOGGED_PER_SECOND} logged a second"
+            ),
+            None => {}
+        }
         Self::new(
             ErrorKind::KmsInternal,
             "An internal error occurred; see the service log",
@@ -178,9 +194,66 @@ impl From<crate::metadata::Failure> for KmsError {
 
 pub type KmsResult<T> = Result<T, KmsError>;
 
+/// Internal errors logged per second at most. When the metadata database is down every
+/// request fails with one; unbounded, that is an ERROR line per request (thousands a second
+/// here), enough to fill a disk or drown a log pipeline. The rest are counted, and the count
+/// goes out with the next line logged.
+const LOGGED_PER_SECOND: u32 = 20;
+
+/// Which internal errors of a one-second window are logged.
+struct LogBudget {
+    window: Option<Instant>,
+    logged: u32,
+    unlogged: u64,
+}
+
+impl LogBudget {
+    const fn new() -> LogBudget {
+        LogBudget {
+            window: None,
+            logged: 0,
+            unlogged: 0,
+        }
+    }
+
+    /// One error at `now`: `Some(n)` to log it, with `n` errors left unlogged before it;
+    /// `None` to count it instead.
+    fn spend(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .window
+            .is_none_or(|w| now.saturating_duration_since(w) >= Duration::from_secs(1))
+        {
+            self.window = Some(now);
+            self.logged = 0;
+        }
+        if self.logged < LOGGED_PER_SECOND {
+            self.logged += 1;
+            Some(std::mem::take(&mut self.unlogged))
+        } else {
+            self.unlogged += 1;
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A flood of internal errors (a database outage) logs at most LOGGED_PER_SECOND a
+    /// second, and the next line logged says how many were not.
+    #[test]
+    fn internal_errors_are_logged_within_a_budget() {
+        let mut budget = LogBudget::new();
+        let start = Instant::now();
+        let logged = (0..5_000)
+            .filter(|i| budget.spend(start + Duration::from_micros(*i)).is_some())
+            .count();
+        assert_eq!(logged, LOGGED_PER_SECOND as usize);
+        let next = budget.spend(start + Duration::from_secs(1));
+        assert_eq!(next, Some(5_000 - LOGGED_PER_SECOND as u64));
+        assert_eq!(budget.spend(start + Duration::from_secs(1)), Some(0));
+    }
 
     #[test]
     fn messages_and_quotes_are_bounded() {
