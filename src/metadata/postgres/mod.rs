@@ -561,7 +561,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn changes_reach_other_replicas_caches_and_a_lost_listener_fails_closed() {
         use crate::kms::states::{KeyState::*, StateSet};
-        use crate::metadata::Keys as _;
+        use crate::metadata::{Grants as _, Keys as _};
         let Some(server) = server() else { return };
         let url = server.fresh_database().await.unwrap();
         let open = || async {
@@ -590,6 +590,33 @@ mod tests {
         assert!(took < Duration::from_millis(250), "{took:?}");
         b.set_key_state(&id, any, Enabled).await.unwrap();
         within("A sees Enabled", state(Enabled)).await;
+
+        // A grant made, then revoked, through B: A's cached grants follow within the bound.
+        let grants = |n: usize| {
+            let (a, id) = (&a, id);
+            move || async move { a.key_grants(&id).await.unwrap().len() == n }
+        };
+        assert!(grants(0)().await);
+        let grant = crate::metadata::GrantRecord {
+            grant_id: "0".repeat(64),
+            key_id: id,
+            name: None,
+            grantee_principal: "arn:aws:iam::111122223333:role/app".into(),
+            retiring_principal: None,
+            issuing_account: "arn:aws:iam::111122223333:root".into(),
+            operations: vec!["Encrypt".into()],
+            context_subset: None,
+            context_equals: None,
+            creation_date_ms: 0,
+            token: "t".into(),
+        };
+        b.insert_grant(&grant, any, 50_000, 500).await.unwrap();
+        let took = within("A sees the grant", grants(1)).await;
+        assert!(took < Duration::from_millis(250), "{took:?}");
+        b.delete_grant(&id, &grant.grant_id).await.unwrap();
+        let took = within("A sees the grant revoked", grants(0)).await;
+        eprintln!("a revoked grant reached the other replica's cache in {took:?}");
+        assert!(took < Duration::from_millis(250), "{took:?}");
 
         // The listeners killed: A stops trusting its cache before it can miss a change.
         let c = b.client().await.unwrap();
