@@ -35,7 +35,7 @@ git archive "$old" | tar -x -C "$work/tree"
 cp target/debug/hsm-kms "$work/hsm-kms-old"
 # Building the test links this checkout's binary to target/debug/hsm-kms again (the test's
 # newer replica); make sure of it.
-cargo test --locked --quiet --test replicas --no-run 2>/dev/null
+cargo test --locked --quiet --test replicas --no-run
 if cmp -s "$work/hsm-kms-old" target/debug/hsm-kms; then
   echo "mixed-versions: target/debug/hsm-kms is still the build of $old" >&2
   exit 1
