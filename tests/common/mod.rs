@@ -451,10 +451,42 @@ impl Harness {
             .success()
     }
 
-    /// How many secret-key objects the token of cluster `i` holds (through pkcs11-tool,
-    /// beside the server, as an operator would look).
+    /// How many objects the token of cluster `i` holds (every one is a key: hsm-kms makes
+    /// nothing else), counted from the token's object files. Without a login, on purpose:
+    /// SoftHSM2 2.6.1 rewrites the token's own file on every C_Login and releases its lock
+    /// before the data is flushed (fixed upstream after 2.6.1), so a server reading that
+    /// file at the same moment can see it empty. A check made while servers run must not
+    /// write to their token.
     pub fn token_secret_keys(&self, i: usize) -> usize {
-        self.token_key_labels(i).len()
+        std::fs::read_dir(self.token_dir(i))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".object") && name != "token.object")
+            .count()
+    }
+
+    /// The directory of the token of cluster `i`: the one whose token file names its label.
+    /// A server's C_Login rewrites that file (see `token_secret_keys`), so a read can find it
+    /// empty for a moment: it is read again.
+    fn token_dir(&self, i: usize) -> PathBuf {
+        let label = self.settings.clusters[i].token_label.as_bytes();
+        let tokens = self.dir.path().join("tokens");
+        for _ in 0..100 {
+            let found: Vec<PathBuf> = std::fs::read_dir(&tokens)
+                .unwrap()
+                .filter_map(|e| {
+                    let dir = e.unwrap().path();
+                    let file = std::fs::read(dir.join("token.object")).ok()?;
+                    file.windows(label.len()).any(|w| w == label).then_some(dir)
+                })
+                .collect();
+            match found.as_slice() {
+                [dir] => return dir.clone(),
+                [] => std::thread::sleep(Duration::from_millis(10)),
+                _ => panic!("two token directories name the label"),
+            }
+        }
+        panic!("no token directory names the label")
     }
 
     /// The labels (key ARNs) of the secret-key objects on the token of cluster `i`, one per

@@ -11,7 +11,8 @@
 //! count = 1                             # fail only this many calls, counted since the file last changed
 //! delay_ms = 3000                       # stall the wrapped calls this long
 //! delay_functions = C_Encrypt           # which ones stall (default: all of them)
-//! delay_after = true                    # stall after the real call (it acted; the answer is late)
+//! delay_after = true                    # stall after the real call (it acted; the answer is late);
+//!                                       # counts then also get "<function> returned"
 //! gcm_iv = hsm                          # CloudHSM: refuse caller GCM IVs, write the IV back
 //! pin_format = user:password            # CloudHSM: the PIN is `<user>:<password>`
 //! after_call = true                     # C_SetPIN: fail only after the real call ran
@@ -281,6 +282,8 @@ macro_rules! plain {
             }
             let rv = call!($name($($arg),*));
             if c.delay_after {
+                // The real call is over (its effects complete) before the stall begins.
+                count(concat!(stringify!($name), " returned"), c.counts_file.as_deref());
                 delay(&c, stringify!($name));
             }
             rv
