@@ -14,26 +14,32 @@ use super::states::ConnectionState::*;
 /// The shortest claim a sweeper takes on a key it deletes.
 const DELETION_LEASE_MS: i64 = 30_000;
 use super::Kms;
-use crate::metadata::Failure;
+use crate::metadata::{Failure, Removal};
 
 impl Kms {
-    /// Claims (or renews the claim on) a due key for this replica's sweep. Returns the
-    /// instant until which this replica may start destroying the key's material (half the
-    /// lease, measured from before the claim: the other half is margin for the replicas'
-    /// clocks); none when the key is not due any more (cancelled) or another replica holds it.
-    async fn claim_deletion(&self, id: &uuid::Uuid, arn: &str) -> Option<Instant> {
+    /// Claims (or renews the claim on) a key for this replica's sweep: one due for deletion,
+    /// or one whose creation was abandoned. Returns the instant until which this replica may
+    /// start destroying the key's material (half the lease, measured from before the claim:
+    /// the other half is margin for the replicas' clocks); none when the key no longer
+    /// qualifies (a deletion cancelled, a creation finished) or another replica holds it.
+    pub(super) async fn claim_removal(
+        &self,
+        id: &uuid::Uuid,
+        arn: &str,
+        removal: Removal,
+    ) -> Option<Instant> {
         let lease_ms =
             (4 * self.connections.settings().call_timeout_ms as i64).max(DELETION_LEASE_MS);
         let asked = Instant::now();
         match self
             .meta
-            .claim_deletion(id, self.now(), &self.replica, lease_ms)
+            .claim_removal(id, removal, self.now(), &self.replica, lease_ms)
             .await
         {
             Ok(()) => Some(asked + Duration::from_millis(lease_ms as u64 / 2)),
             Err(Failure::NotFound) => None,
             Err(e) => {
-                tracing::error!(key_arn = %arn, error = %e, "claiming a key for deletion failed");
+                tracing::error!(key_arn = %arn, error = %e, "claiming a key for removal failed");
                 None
             }
         }
@@ -67,7 +73,11 @@ impl Kms {
                 (Disconnected | Failed, _) => false,
                 _ => continue,
             };
-            if self.claim_deletion(&key.id, &arn).await.is_none() {
+            if self
+                .claim_removal(&key.id, &arn, Removal::Due)
+                .await
+                .is_none()
+            {
                 continue;
             }
             match conn.filter(|_| reachable) {
@@ -75,7 +85,7 @@ impl Kms {
                     // Renewed right before the material goes: a sweeper frozen past its
                     // lease finds that another replica has taken the key over, and one
                     // frozen after the renewal does not destroy once its claim ran out.
-                    let Some(until) = self.claim_deletion(&key.id, &arn).await else {
+                    let Some(until) = self.claim_removal(&key.id, &arn, Removal::Due).await else {
                         continue;
                     };
                     if let Err(e) = conn.destroy_key_before(key.id, Some(until)).await {

@@ -16,7 +16,7 @@ use super::states::{ConnectionState, KeyState, StateSet};
 use super::{decode_marker, page_limit, Kms};
 use crate::config::GcmIvMode;
 use crate::hsm::{Connection, HsmError};
-use crate::metadata::{Failure, KeyRecord, KeyStoreRecord, Precondition};
+use crate::metadata::{Failure, KeyRecord, KeyStoreRecord, Precondition, Removal};
 
 pub struct CreateKey {
     pub description: Option<String>,
@@ -308,8 +308,9 @@ impl Kms {
                 e,
             ));
         }
-        // Only a row still `Creating` becomes Enabled: one removed meanwhile (by a
-        // reconciliation) means the key does not exist, whatever the HSM made.
+        // Only a row still `Creating` becomes Enabled: one claimed or removed meanwhile by
+        // a sweep (this CreateKey outlasted the creation cutoff) means the key does not
+        // exist, whatever the HSM made.
         let creating = StateSet::of(&[KeyState::Creating]);
         if let Err(f) = self
             .meta
@@ -323,8 +324,10 @@ impl Kms {
                 // `Creating` is left, with its material, for the sweep.
                 tracing::warn!(key_arn = %arn, "finishing a key creation failed; a half-made key is left for the sweep");
             } else {
-                // The row is gone or was changed meanwhile (a reconciliation): the key
-                // does not exist, so no material may stay.
+                // The row is gone or claimed by a sweep: the key does not exist, so no
+                // material may stay. The sweep may have looked for it before the HSM made
+                // it, so this destroys too; only a sweep that looks at the same moment can
+                // also find it (both then call C_DestroyObject, and one fails).
                 if let Err(h) = conn.destroy_key(id).await {
                     tracing::error!(key_arn = %arn, error = ?h, "rollback left orphaned key material");
                 }
@@ -363,35 +366,46 @@ impl Kms {
         }
     }
 
-    /// Rows left in `Creating` by a crash: destroy any token object they got, drop the row.
-    /// Removes keys whose creation never finished (rows still `Creating`, made before
-    /// `created_before_ms`) and any token object they got. Runs on connect, with every
-    /// creation of the store finished, and from the periodic sweep for old rows.
+    /// Removes keys whose creation never finished: rows still `Creating` made before
+    /// `created_before_ms` (so that no CreateKey can still be working on them) with any token
+    /// object they got, and such removals that another sweeper claimed and did not finish.
+    /// Runs on connect and from the periodic sweep. Every key is claimed first, with a lease,
+    /// as due deletions are: with several replicas sweeping, one destroys its material, and
+    /// one frozen past its lease does not destroy it after another took it over.
     pub(super) async fn reconcile_creating_keys(
         &self,
         store_id: &str,
         conn: &Arc<Connection>,
         created_before_ms: i64,
     ) {
-        let ids = match self.meta.creating_keys(store_id, created_before_ms).await {
+        let ids = match self
+            .meta
+            .abandoned_creations(store_id, created_before_ms)
+            .await
+        {
             Ok(ids) => ids,
             Err(e) => {
                 tracing::error!(custom_key_store_id = %store_id, error = %e, "listing half-made keys failed");
                 return;
             }
         };
+        let removal = Removal::Abandoned { created_before_ms };
         for id in ids {
             let arn = self.scope.key_arn(&id);
-            match conn.destroy_key(id).await {
+            let Some(until) = self.claim_removal(&id, &arn, removal).await else {
+                continue;
+            };
+            if let Err(e) = conn.destroy_key_before(id, Some(until)).await {
+                // The row stays claimed (`Deleting`); the next pass takes it again.
+                tracing::error!(key_arn = %arn, error = ?e, "could not clean up a half-made key");
+                continue;
+            }
+            match self.meta.delete_key(&id).await {
                 Ok(()) => {
-                    if let Err(e) = self.meta.delete_key(&id).await {
-                        tracing::error!(key_arn = %arn, error = %e, "removing a half-made key row failed");
-                    } else {
-                        tracing::warn!(key_arn = %arn, "removed a key whose creation was interrupted");
-                    }
+                    tracing::warn!(key_arn = %arn, "removed a key whose creation was interrupted")
                 }
                 Err(e) => {
-                    tracing::error!(key_arn = %arn, error = ?e, "could not clean up a half-made key")
+                    tracing::error!(key_arn = %arn, error = %e, "removing a half-made key row failed")
                 }
             }
         }

@@ -623,8 +623,10 @@ impl Kms {
             }
             match self.open_connection(&rec).await {
                 Ok(conn) => {
-                    self.reconcile_creating_keys(&store_id, &conn, i64::MAX)
-                        .await;
+                    // This replica's creations in the store are over (they failed with
+                    // the old connection), but other replicas' may not be.
+                    let cutoff = self.creation_cutoff();
+                    self.reconcile_creating_keys(&store_id, &conn, cutoff).await;
                     self.connections.insert(&store_id, conn);
                     crate::metrics::get().reconnect(&store_id, "ok");
                     tracing::info!(custom_key_store_id = %store_id, "reconnected to the HSM");

@@ -28,6 +28,7 @@ where
     key_changes_obey_the_accepted_states(fresh().await).await;
     invisible_keys_are_absent(fresh().await).await;
     scheduled_deletion_and_its_claim(fresh().await).await;
+    abandoned_creations_are_claimed(fresh().await).await;
     tags_are_bounded_and_a_refused_change_leaves_none(fresh().await).await;
     aliases_are_unique_and_bounded(fresh().await).await;
     grants_are_bounded_and_named_grants_are_idempotent(fresh().await).await;
@@ -355,8 +356,11 @@ async fn invisible_keys_are_absent(m: Arc<dyn Metadata>) {
         .map(|k| k.id)
         .collect();
     assert_eq!(listed, [enabled]);
-    assert_eq!(m.creating_keys("cks-1", 11).await.unwrap(), [creating]);
-    assert!(m.creating_keys("cks-1", 10).await.unwrap().is_empty());
+    assert_eq!(
+        m.abandoned_creations("cks-1", 11).await.unwrap(),
+        [creating]
+    );
+    assert!(m.abandoned_creations("cks-1", 10).await.unwrap().is_empty());
     // Finishing a creation names the state it expects.
     m.set_key_state(&creating, StateSet::of(&[KeyState::Creating]), E)
         .await
@@ -389,10 +393,12 @@ async fn scheduled_deletion_and_its_claim(m: Arc<dyn Metadata>) {
     assert_eq!((k.key_state, k.deletion_date_ms), (D, None));
     m.schedule_deletion(&id, LIVE, 1_000, 7).await.unwrap();
     assert_eq!(
-        m.claim_deletion(&id, 999, "a", 100).await,
+        m.claim_removal(&id, Removal::Due, 999, "a", 100).await,
         Err(Failure::NotFound)
     );
-    m.claim_deletion(&id, 1_000, "a", 100).await.unwrap();
+    m.claim_removal(&id, Removal::Due, 1_000, "a", 100)
+        .await
+        .unwrap();
     assert_eq!(
         m.key(&id).await.unwrap().unwrap().key_state,
         KeyState::Deleting
@@ -406,21 +412,94 @@ async fn scheduled_deletion_and_its_claim(m: Arc<dyn Metadata>) {
     // The claim is a's until 1,100: b cannot take it, a renews it; once it has lapsed, b
     // takes it, and a, back from a freeze, finds it gone when it renews.
     assert_eq!(
-        m.claim_deletion(&id, 1_050, "b", 100).await,
+        m.claim_removal(&id, Removal::Due, 1_050, "b", 100).await,
         Err(Failure::NotFound)
     );
-    m.claim_deletion(&id, 1_060, "a", 100).await.unwrap();
+    m.claim_removal(&id, Removal::Due, 1_060, "a", 100)
+        .await
+        .unwrap();
     assert_eq!(
-        m.claim_deletion(&id, 1_159, "b", 100).await,
+        m.claim_removal(&id, Removal::Due, 1_159, "b", 100).await,
         Err(Failure::NotFound)
     );
-    m.claim_deletion(&id, 1_160, "b", 100).await.unwrap();
+    m.claim_removal(&id, Removal::Due, 1_160, "b", 100)
+        .await
+        .unwrap();
     assert_eq!(
-        m.claim_deletion(&id, 1_161, "a", 100).await,
+        m.claim_removal(&id, Removal::Due, 1_161, "a", 100).await,
         Err(Failure::NotFound)
     );
     m.delete_key(&id).await.unwrap();
     assert_eq!(m.key(&id).await.unwrap(), None);
+}
+
+async fn abandoned_creations_are_claimed(m: Arc<dyn Metadata>) {
+    let id = with_key(&*m, KeyState::Creating).await; // created at 10
+    let enabled = with_key(&*m, E).await;
+    let due = with_key(&*m, E).await;
+    m.schedule_deletion(&due, LIVE, 1_000, 7).await.unwrap();
+    let old = |cutoff| Removal::Abandoned {
+        created_before_ms: cutoff,
+    };
+    // A creation younger than the cutoff may still be in flight: not listed, not claimed.
+    assert!(m.abandoned_creations("cks-1", 10).await.unwrap().is_empty());
+    assert_eq!(
+        m.claim_removal(&id, old(10), 1_000, "a", 100).await,
+        Err(Failure::NotFound)
+    );
+    // Nor are keys that were not being created, whatever the cutoff.
+    for other in [&enabled, &due] {
+        assert_eq!(
+            m.claim_removal(other, old(i64::MAX), 1_000, "a", 100).await,
+            Err(Failure::NotFound)
+        );
+    }
+    m.claim_removal(&id, old(11), 1_000, "a", 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        m.key(&id).await.unwrap().unwrap().key_state,
+        KeyState::Deleting
+    );
+    // Claimed, the creation can no longer be finished, and it is still listed (so that
+    // another sweeper can take it over), but not as a due deletion.
+    assert_eq!(
+        m.set_key_state(&id, StateSet::of(&[KeyState::Creating]), E)
+            .await,
+        Err(Failure::NotFound)
+    );
+    assert_eq!(m.abandoned_creations("cks-1", 11).await.unwrap(), [id]);
+    assert_eq!(
+        m.claim_removal(&id, Removal::Due, i64::MAX / 2, "b", 100)
+            .await,
+        Err(Failure::NotFound)
+    );
+    // The claim is a's until 1,100; b takes it only once it has lapsed.
+    assert_eq!(
+        m.claim_removal(&id, old(11), 1_099, "b", 100).await,
+        Err(Failure::NotFound)
+    );
+    m.claim_removal(&id, old(11), 1_050, "a", 100)
+        .await
+        .unwrap();
+    m.claim_removal(&id, old(11), 1_150, "b", 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        m.claim_removal(&id, old(11), 1_151, "a", 100).await,
+        Err(Failure::NotFound)
+    );
+    // A due deletion's claim is not an abandoned creation's.
+    m.claim_removal(&due, Removal::Due, 1_000, "a", 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        m.claim_removal(&due, old(i64::MAX), 5_000, "b", 100).await,
+        Err(Failure::NotFound)
+    );
+    assert_eq!(m.abandoned_creations("cks-1", 11).await.unwrap(), [id]);
+    m.delete_key(&id).await.unwrap();
+    assert!(m.abandoned_creations("cks-1", 11).await.unwrap().is_empty());
 }
 
 async fn tags_are_bounded_and_a_refused_change_leaves_none(m: Arc<dyn Metadata>) {

@@ -292,6 +292,43 @@ pub struct AuditHead {
     pub recorded_ms: i64,
 }
 
+/// Which keys a sweeper may claim for removal (`Keys::claim_removal`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Removal {
+    /// A scheduled deletion whose date is at or before the claim's `now_ms`.
+    Due,
+    /// A creation abandoned before `created_before_ms`: the row is still `Creating`, so no
+    /// CreateKey made since then can be working on it.
+    Abandoned { created_before_ms: i64 },
+}
+
+impl Removal {
+    /// The claim's one UPDATE, for either backend (`mark` is its placeholder sign), and the
+    /// cutoff that is its fifth parameter, if any. Parameters: 1 key id, 2 now (ms), 3 owner,
+    /// 4 lease (ms), 5 the cutoff. A key qualifies, then its claim must be free: unclaimed,
+    /// this owner's, or lapsed.
+    pub(crate) fn claim_sql(self, mark: char) -> (String, Option<i64>) {
+        let (qualifies, cutoff) = match self {
+            Removal::Due => (
+                "deletion_date_ms <= ?2 AND key_state IN ('PendingDeletion', 'Deleting')",
+                None,
+            ),
+            Removal::Abandoned { created_before_ms } => (
+                "deletion_date_ms IS NULL AND (key_state = 'Deleting'
+                     OR (key_state = 'Creating' AND creation_date_ms < ?5))",
+                Some(created_before_ms),
+            ),
+        };
+        let sql = format!(
+            "UPDATE keys SET key_state = 'Deleting', deletion_owner = ?3,
+                 deletion_lease_until = ?2 + ?4
+             WHERE id = ?1 AND {qualifies} AND (key_state <> 'Deleting'
+                 OR deletion_owner IS NULL OR deletion_owner = ?3 OR deletion_lease_until <= ?2)"
+        );
+        (sql.replace('?', &mark.to_string()), cutoff)
+    }
+}
+
 /// Key rows and their tags. A change given `accepted` applies only to a key in one of those
 /// states; otherwise it fails with `Precondition(KeyState)`, or `NotFound` for a key that
 /// is absent or invisible (`Creating`, `Deleting`) and not accepted.
@@ -302,8 +339,11 @@ pub trait Keys: Send + Sync {
     async fn key(&self, id: &Uuid) -> MetaResult<Option<KeyRecord>>;
     /// Visible keys ordered by id, after `after`.
     async fn list_keys(&self, after: Option<&Uuid>, limit: usize) -> MetaResult<Vec<KeyRecord>>;
-    /// Keys of a store still `Creating` that were created before `before_ms`.
-    async fn creating_keys(&self, keystore_id: &str, before_ms: i64) -> MetaResult<Vec<Uuid>>;
+    /// Keys of a store whose creation was abandoned: rows still `Creating` that were
+    /// created before `before_ms`, and rows a sweeper claimed for removal as such (`Deleting`
+    /// without a deletion date) whatever their claim; `claim_removal` decides which are free.
+    async fn abandoned_creations(&self, keystore_id: &str, before_ms: i64)
+        -> MetaResult<Vec<Uuid>>;
     async fn set_key_state(&self, id: &Uuid, accepted: StateSet, to: KeyState) -> MetaResult<()>;
     async fn delete_key(&self, id: &Uuid) -> MetaResult<()>;
     async fn set_description(
@@ -325,14 +365,16 @@ pub trait Keys: Send + Sync {
     async fn cancel_deletion(&self, id: &Uuid, accepted: StateSet, to: KeyState) -> MetaResult<()>;
     /// Keys pending deletion (or being deleted) whose date is at or before `now_ms`.
     async fn keys_due(&self, now_ms: i64, limit: usize) -> MetaResult<Vec<KeyRecord>>;
-    /// Claims a due key for deletion by `owner` until `now_ms + lease_ms`, marking it
-    /// `Deleting`: only if it is still due and no other owner holds an unexpired claim
-    /// (`NotFound` otherwise). The owner claiming again renews its claim. With several
-    /// replicas sweeping, one destroys the key's material; a replica frozen past its lease
-    /// loses the key to another, and finds so when it renews before destroying.
-    async fn claim_deletion(
+    /// Claims a key for removal (`removal` says which keys qualify) by `owner` until
+    /// `now_ms + lease_ms`, marking it `Deleting`: only if it still qualifies and no other
+    /// owner holds an unexpired claim (`NotFound` otherwise). The owner claiming again renews
+    /// its claim. With several replicas sweeping, one destroys the key's material; a replica
+    /// frozen past its lease loses the key to another, and finds so when it renews before
+    /// destroying.
+    async fn claim_removal(
         &self,
         id: &Uuid,
+        removal: Removal,
         now_ms: i64,
         owner: &str,
         lease_ms: i64,

@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::{internal, key_refusal, lock_key, names, one, parse_id, parse_state, Postgres};
 use crate::kms::states::{KeyState, StateSet};
-use crate::metadata::{Failure, KeyRecord, Keys, MetaResult, Precondition};
+use crate::metadata::{Failure, KeyRecord, Keys, MetaResult, Precondition, Removal};
 
 const COLUMNS: &str = "SELECT id, custom_key_store_id, creation_date_ms, description,
     key_state, deletion_date_ms, pending_window_days, policy FROM keys";
@@ -113,10 +113,15 @@ impl Keys for Postgres {
         .await
     }
 
-    async fn creating_keys(&self, keystore_id: &str, before_ms: i64) -> MetaResult<Vec<Uuid>> {
+    async fn abandoned_creations(
+        &self,
+        keystore_id: &str,
+        before_ms: i64,
+    ) -> MetaResult<Vec<Uuid>> {
         self.rows(
-            "SELECT id FROM keys WHERE custom_key_store_id = $1 AND key_state = 'Creating'
-                 AND creation_date_ms < $2",
+            "SELECT id FROM keys WHERE custom_key_store_id = $1
+                 AND ((key_state = 'Creating' AND creation_date_ms < $2)
+                     OR (key_state = 'Deleting' AND deletion_date_ms IS NULL))",
             &[&keystore_id, &before_ms],
             |r| parse_id(r.get(0)),
         )
@@ -199,23 +204,21 @@ impl Keys for Postgres {
         .await
     }
 
-    async fn claim_deletion(
+    async fn claim_removal(
         &self,
         id: &Uuid,
+        removal: Removal,
         now_ms: i64,
         owner: &str,
         lease_ms: i64,
     ) -> MetaResult<()> {
-        one(self
-            .execute(
-                "UPDATE keys SET key_state = 'Deleting', deletion_owner = $3,
-                     deletion_lease_until = $2 + $4
-                 WHERE id = $1 AND deletion_date_ms <= $2 AND (key_state = 'PendingDeletion'
-                     OR (key_state = 'Deleting' AND (deletion_owner IS NULL
-                         OR deletion_owner = $3 OR deletion_lease_until <= $2)))",
-                &[&id.to_string(), &now_ms, &owner, &lease_ms],
-            )
-            .await?)
+        let (sql, cutoff) = removal.claim_sql('$');
+        let id = id.to_string();
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&id, &now_ms, &owner, &lease_ms];
+        if let Some(cutoff) = &cutoff {
+            params.push(cutoff);
+        }
+        one(self.execute(&sql, &params).await?)
     }
 
     async fn tag_key(

@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use super::{bad_column, parse_id, read, require_state, write, Forget, Sqlite};
 use crate::kms::states::{KeyState, StateSet};
-use crate::metadata::{Failure, KeyRecord, Keys, MetaResult, Precondition};
+use crate::metadata::{Failure, KeyRecord, Keys, MetaResult, Precondition, Removal};
 
 const COLUMNS: &str = "SELECT id, custom_key_store_id, creation_date_ms, description,
     key_state, deletion_date_ms, pending_window_days, policy FROM keys";
@@ -108,11 +108,16 @@ impl Keys for Sqlite {
         })
     }
 
-    async fn creating_keys(&self, keystore_id: &str, before_ms: i64) -> MetaResult<Vec<Uuid>> {
+    async fn abandoned_creations(
+        &self,
+        keystore_id: &str,
+        before_ms: i64,
+    ) -> MetaResult<Vec<Uuid>> {
         self.with(|c| {
             let mut stmt = c.prepare(
-                "SELECT id FROM keys WHERE custom_key_store_id = ?1 AND key_state = 'Creating'
-                     AND creation_date_ms < ?2",
+                "SELECT id FROM keys WHERE custom_key_store_id = ?1
+                     AND ((key_state = 'Creating' AND creation_date_ms < ?2)
+                         OR (key_state = 'Deleting' AND deletion_date_ms IS NULL))",
             )?;
             let rows =
                 stmt.query_map(params![keystore_id, before_ms], |r| parse_id(r.get(0)?, 0))?;
@@ -203,23 +208,20 @@ impl Keys for Sqlite {
         })
     }
 
-    async fn claim_deletion(
+    async fn claim_removal(
         &self,
         id: &Uuid,
+        removal: Removal,
         now_ms: i64,
         owner: &str,
         lease_ms: i64,
     ) -> MetaResult<()> {
         let _forget = Forget::Key(self, *id);
-        self.with(|c| {
-            c.execute(
-                "UPDATE keys SET key_state = 'Deleting', deletion_owner = ?3,
-                     deletion_lease_until = ?2 + ?4
-                 WHERE id = ?1 AND deletion_date_ms <= ?2 AND (key_state = 'PendingDeletion'
-                     OR (key_state = 'Deleting' AND (deletion_owner IS NULL
-                         OR deletion_owner = ?3 OR deletion_lease_until <= ?2)))",
-                params![id.to_string(), now_ms, owner, lease_ms],
-            )
+        let (sql, cutoff) = removal.claim_sql('?');
+        let id = id.to_string();
+        self.with(|c| match cutoff {
+            None => c.execute(&sql, params![id, now_ms, owner, lease_ms]),
+            Some(cutoff) => c.execute(&sql, params![id, now_ms, owner, lease_ms, cutoff]),
         })
         .and_then(|n| {
             if n == 1 {
