@@ -1149,14 +1149,13 @@ async fn replica_scaling(opts: Options) -> anyhow::Result<Report> {
             pool_size: 8,
             tls_ca_file: None,
         };
-        let mut servers = Vec::new();
-        for i in 0..n.max(1) {
+        let start = |i: usize| {
             let name = format!("r{}", i + 1);
             let replica = ReplicaOf {
                 name: &name,
                 database: &database,
             };
-            servers.push(tokio::task::block_in_place(|| {
+            tokio::task::block_in_place(|| {
                 start_server(
                     dir.path(),
                     &module,
@@ -1166,12 +1165,16 @@ async fn replica_scaling(opts: Options) -> anyhow::Result<Report> {
                     workers,
                     Some(replica),
                 )
-            })?);
-        }
+            })
+        };
+        let mut servers = vec![start(0)?];
         let mut c = connect(&servers[0].addr).await?;
         let (_, key, blob) = prepare(&mut c, Some(dir.path()), &opts).await?;
-        // Each replica logs in by itself (on its first request or within 2 s).
-        for s in &servers[1..] {
+        // The others start one at a time, each logged in (it serves the key) before the
+        // next starts: a SoftHSM2 2.6.1 process reading the token's file while another
+        // logs in can stop seeing new objects for good (see the README).
+        for i in 1..n.max(1) {
+            let s = start(i)?;
             let mut c = connect(&s.addr).await?;
             let mut tries = 0;
             while c
@@ -1187,6 +1190,7 @@ async fn replica_scaling(opts: Options) -> anyhow::Result<Report> {
                 anyhow::ensure!(tries < 200, "replica at {} never served the key", s.addr);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            servers.push(s);
         }
         let addrs: Vec<String> = servers.iter().map(|s| s.addr.clone()).collect();
         let (keys, blobs) = (Arc::new(vec![key]), Arc::new(vec![blob]));
