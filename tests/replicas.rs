@@ -474,6 +474,73 @@ async fn a_replica_killed_during_create_key_leaves_no_key_and_no_material() {
     assert!(sweeper.stop(), "the sweeper did not exit cleanly");
 }
 
+/// A replica that recovers from an HSM device error sweeps only half-made keys older than
+/// the creation cutoff: another replica's CreateKey, waiting on the HSM at that moment,
+/// finishes, and its key works everywhere. (Recovery used to remove every `Creating` row of
+/// the store, other replicas' creations in flight included.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_recovering_from_a_device_error_leaves_another_replicas_create_key_alone() {
+    let database = postgres_database().await;
+    let h = Harness::start_with(&[ClusterSpec::faulty("cluster-replicarecover")], |s| {
+        use_database(s, database);
+        s.hsm.call_timeout_ms = 5_000;
+    })
+    .await;
+    let mut a = h.client().await;
+    let store = h.connected_store(&mut a, 0, "recover").await;
+    let key = create_key(&mut a, &store).await.key_id;
+    let ctl = h.dir.path().join("b-faults.ctl");
+    let counts = h.dir.path().join("b-pkcs11-counts");
+    std::fs::write(&ctl, format!("counts_file = {}\n", counts.display())).unwrap();
+    let b = h.replica_with("b", |_| {}, &[("FAULTY_PKCS11_CONTROL", &ctl)]);
+    let mut bc = b.client().await;
+    // B's C_GenerateKey stalls 3 s, well within its 5 s deadline.
+    std::fs::write(
+        &ctl,
+        format!(
+            "counts_file = {}\ndelay_ms = 3000\ndelay_functions = C_GenerateKey\n",
+            counts.display()
+        ),
+    )
+    .unwrap();
+    let creating = {
+        let (mut bc, store) = (bc.clone(), store.clone());
+        tokio::spawn(async move { try_create_key(&mut bc, &store).await })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pkcs11_calls(&counts, "C_GenerateKey") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never called C_GenerateKey"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A meets a device error, and logs in again while B's CreateKey waits on the HSM.
+    h.set_faults("fault = device_error\nfunctions = C_Encrypt\ncount = 1\n");
+    assert!(try_encrypt(&mut a, &key, b"x").await.is_err());
+    h.set_faults("");
+    assert!(
+        eventually(|| {
+            let mut a = a.clone();
+            let key = key.clone();
+            async move { try_encrypt(&mut a, &key, b"x").await.is_ok() }
+        })
+        .await,
+        "A did not recover"
+    );
+    let made = creating
+        .await
+        .unwrap()
+        .expect("B's CreateKey failed: A's recovery removed it")
+        .into_inner()
+        .key_metadata
+        .unwrap()
+        .key_id;
+    for c in [&mut a, &mut bc] {
+        encrypt(c, &made, b"made while A recovered").await;
+    }
+}
+
 /// A replica killed in the middle of ConnectCustomKeyStore leaves the store CONNECTING. The
 /// surviving replica leaves that alone while it could still be a live connect (twice the
 /// login and call deadlines), then finishes it: the store ends CONNECTED, served by it.
