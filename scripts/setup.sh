@@ -20,6 +20,8 @@ command -v cc >/dev/null 2>&1 || missing+=(gcc)
 # PostgreSQL's server programs: the replica tests start throwaway clusters with them.
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
+# h2load, the low-overhead HTTP/2 load generator of `hsm-kms bench --h2load` (tests/bench.rs).
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2

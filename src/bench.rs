@@ -151,6 +151,26 @@ pub struct Report {
     /// The modelled network HSM (`--hsm-latency-ms`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hsm_latency: Vec<LatencyResult>,
+    /// CPU per request (`--h2load`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu: Vec<CpuResult>,
+}
+
+/// CPU time per request of one `--h2load` drive, from the kernel's accounting of the service
+/// process and of h2load.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CpuResult {
+    pub operation: String,
+    pub concurrency: usize,
+    /// The service process, all its threads (PKCS#11 sessions and audit writer included).
+    pub service_us: Option<f64>,
+    pub load_generator_us: f64,
+    /// Encrypt only: the most Encrypt/s these CPUs could serve if a request cost no more CPU
+    /// than a health check (load generator included) plus one operation of the raw
+    /// single-session loop, whose thread keeps one CPU busy. No service whose handler does
+    /// anything at all can exceed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound_ops_per_sec: Option<f64>,
 }
 
 /// One operation at one concurrency against a modelled network HSM.
@@ -957,7 +977,6 @@ fn cpus() -> usize {
 
 /// `--h2load`: Encrypt driven by h2load, between two raw single-session measurements.
 async fn with_h2load(opts: Options) -> anyhow::Result<Report> {
-    use prost::Message;
     let cpus = cpus();
     let pool = opts.session_pool_size.unwrap_or(cpus).max(1);
     let workers = opts.server_worker_threads.unwrap_or(1);
@@ -980,75 +999,140 @@ async fn with_h2load(opts: Options) -> anyhow::Result<Report> {
     })?;
     let mut c = connect(&server.addr).await?;
     let (_, key, _) = prepare(&mut c, Some(dir.path()), &opts).await?;
-    // One gRPC message: a zero compression flag, the length, the protobuf.
-    let body = EncryptRequest {
+    let channel = Channel::from_shared(format!("http://{}", server.addr))?
+        .connect()
+        .await?;
+    let health = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await?
+        .into_inner();
+    anyhow::ensure!(
+        health.status == 1,
+        "the health check is not SERVING: {health:?}"
+    );
+    let encrypt = EncryptRequest {
         key_id: key,
         plaintext: vec![0x42; opts.payload],
         ..Default::default()
-    }
-    .encode_to_vec();
-    let mut framed = vec![0u8];
-    framed.extend_from_slice(&u32::try_from(body.len())?.to_be_bytes());
-    framed.extend_from_slice(&body);
-    let request = dir.path().join("encrypt.grpc");
-    std::fs::write(&request, framed)?;
+    };
+    let dry_run = EncryptRequest {
+        dry_run: Some(true),
+        ..encrypt.clone()
+    };
+    const ENCRYPT: &str = "/kms.v1.KeyManagementService/Encrypt";
+    let drives = [
+        H2Drive::new(
+            dir.path(),
+            "Encrypt (h2load)",
+            ENCRYPT,
+            &encrypt,
+            Some(None),
+        )?,
+        H2Drive::new(
+            dir.path(),
+            "Encrypt DryRun",
+            ENCRYPT,
+            &dry_run,
+            Some(Some("DryRunOperationException")),
+        )?,
+        H2Drive::new(
+            dir.path(),
+            "Health/Check",
+            "/grpc.health.v1.Health/Check",
+            &tonic_health::pb::HealthCheckRequest::default(),
+            None,
+        )?,
+    ];
     let audit = dir.path().join("audit.jsonl");
     let mut service = Vec::new();
-    let mut measured = Vec::new();
+    let mut cpu = Vec::new();
     for &n in &opts.levels {
         let connections = opts.connections.clamp(1, n.max(1));
         let streams = n.div_ceil(connections);
-        let lines_before = audit_outcomes(&audit)?;
-        let out = tokio::task::block_in_place(|| {
-            Command::new("h2load")
-                .args(["-t", "1", "-c", &connections.to_string()])
-                .args(["-m", &streams.to_string()])
-                .args(["-D", &format!("{}", opts.seconds.ceil() as u64)])
-                .args(["--warm-up-time", "1"])
-                .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
-                .arg("-d")
-                .arg(&request)
-                .arg(format!(
-                    "http://{}/kms.v1.KeyManagementService/Encrypt",
-                    server.addr
-                ))
-                .output()
-        })
-        .context("running h2load (apt-get install nghttp2-client)")?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        anyhow::ensure!(out.status.success(), "h2load failed: {text}");
-        let (ok, failed, errors) = audit_outcomes(&audit)?;
-        let (ok, failed) = (ok - lines_before.0, failed - lines_before.1);
-        for e in &errors[lines_before.2.len()..] {
-            eprintln!("  failed: {e}");
+        for drive in &drives {
+            let lines_before = audit_outcomes(&audit)?;
+            let server_cpu = process_cpu_seconds(server.child.id());
+            let load_cpu = children_cpu_seconds();
+            let text = tokio::task::block_in_place(|| {
+                drive.run(&server.addr, connections, streams, opts.seconds)
+            })?;
+            let load_cpu = children_cpu_seconds() - load_cpu;
+            let server_cpu = process_cpu_seconds(server.child.id())
+                .zip(server_cpu)
+                .map(|(after, before)| after - before);
+            let rate = h2load_rate(&text).context("no req/s in h2load's output")?;
+            let done = h2load_succeeded(&text).context("no request count in h2load's output")?;
+            // h2load takes every HTTP 200 as a success; the audit trail says what the service
+            // answered. The health check leaves no audit line: its answers are counted as h2load
+            // saw them, after the SERVING check above.
+            let (ok, failed) = match drive.audited {
+                Some(expected) => {
+                    let (allowed, _, errors) = audit_outcomes(&audit)?;
+                    let new = &errors[lines_before.2.len()..];
+                    let ok = match expected {
+                        None => allowed - lines_before.0,
+                        Some(e) => new.iter().filter(|x| x.as_str() == e).count() as u64,
+                    };
+                    for e in new.iter().filter(|x| Some(x.as_str()) != expected) {
+                        eprintln!("  failed: {e}");
+                    }
+                    let failed = (allowed - lines_before.0) + new.len() as u64 - ok;
+                    (ok, failed)
+                }
+                None => (done, 0),
+            };
+            let ops = rate * ok as f64 / (ok + failed).max(1) as f64;
+            // The CPU counters cover h2load's warm-up second too; its rate does not.
+            let sent = rate * (opts.seconds.ceil() + 1.0);
+            let per_request = |cpu: f64| cpu * 1e6 / sent.max(1.0);
+            eprintln!(
+                "{:<24} streams={n:<4} {ops:>9.0} ops/s  errors {failed}  CPU per request: \
+                 service {} µs, h2load {:.0} µs",
+                drive.name,
+                server_cpu.map_or("?".into(), |c| format!("{:.0}", per_request(c))),
+                per_request(load_cpu),
+            );
+            service.push(LevelResult {
+                operation: drive.name.into(),
+                concurrency: n,
+                keys: 1,
+                store_keys: 1,
+                requests: (ok + failed) as usize,
+                ops_per_sec: ops,
+                p50_ms: 0.0,
+                p99_ms: 0.0,
+                max_ms: 0.0,
+                errors: failed as usize,
+                server_rss_mib: rss_mib(Some(server.child.id())),
+                ratio_to_raw_1_session: None,
+            });
+            cpu.push(CpuResult {
+                operation: drive.name.into(),
+                concurrency: n,
+                service_us: server_cpu.map(per_request),
+                load_generator_us: per_request(load_cpu),
+                bound_ops_per_sec: None,
+            });
         }
-        let rate = h2load_rate(&text).context("no req/s in h2load's output")?;
-        // The service's own count: h2load takes every HTTP 200 as a success.
-        let ops = rate * ok as f64 / (ok + failed).max(1) as f64;
-        eprintln!(
-            "Encrypt (h2load)  streams={n:<4} {ops:>9.0} ops/s  errors {failed} (audit trail)"
-        );
-        measured.push(ops);
-        service.push(LevelResult {
-            operation: "Encrypt (h2load)".into(),
-            concurrency: n,
-            keys: 1,
-            store_keys: 1,
-            requests: (ok + failed) as usize,
-            ops_per_sec: ops,
-            p50_ms: 0.0,
-            p99_ms: 0.0,
-            max_ms: 0.0,
-            errors: failed as usize,
-            server_rss_mib: rss_mib(Some(server.child.id())),
-            ratio_to_raw_1_session: None,
-        });
     }
     drop(server);
     let after = tokio::task::block_in_place(|| raw_encrypt_1(&opts))?;
     let raw_mean = (before + after) / 2.0;
     for r in &mut service {
         r.ratio_to_raw_1_session = Some(r.ops_per_sec / raw_mean);
+    }
+    let token_us = 1e6 / raw_mean.max(1.0);
+    for &n in &opts.levels {
+        let at = |name: &str| {
+            cpu.iter()
+                .position(|c| c.concurrency == n && c.operation == name)
+        };
+        if let (Some(floor), Some(enc)) = (at("Health/Check"), at("Encrypt (h2load)")) {
+            let floor = &cpu[floor];
+            cpu[enc].bound_ops_per_sec = floor
+                .service_us
+                .map(|s| cpus as f64 * 1e6 / (s + floor.load_generator_us + token_us));
+        }
     }
     eprintln!("raw Encrypt sessions=1: {before:.0} before, {after:.0} after");
     Ok(Report {
@@ -1071,7 +1155,91 @@ async fn with_h2load(opts: Options) -> anyhow::Result<Report> {
         ],
         service,
         hsm_latency: Vec::new(),
+        cpu,
     })
+}
+
+/// One request `--h2load` sends over and over, and how its answers are counted.
+struct H2Drive {
+    name: &'static str,
+    path: &'static str,
+    /// The gRPC-framed request.
+    file: PathBuf,
+    /// `Some(expected)`: counted from the audit trail's Encrypt lines, a success being
+    /// `allowed` (`None`) or the exception named; `None`: as h2load saw them.
+    audited: Option<Option<&'static str>>,
+}
+
+impl H2Drive {
+    fn new(
+        dir: &Path,
+        name: &'static str,
+        path: &'static str,
+        request: &impl prost::Message,
+        audited: Option<Option<&'static str>>,
+    ) -> anyhow::Result<H2Drive> {
+        // One gRPC message: a zero compression flag, the length, the protobuf.
+        let body = request.encode_to_vec();
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&u32::try_from(body.len())?.to_be_bytes());
+        framed.extend_from_slice(&body);
+        let file = dir.join(format!("{}.grpc", name.replace(['/', ' ', '(', ')'], "_")));
+        std::fs::write(&file, framed)?;
+        Ok(H2Drive {
+            name,
+            path,
+            file,
+            audited,
+        })
+    }
+
+    /// Runs h2load for `seconds` after a second of warm-up; its standard output.
+    fn run(
+        &self,
+        addr: &str,
+        connections: usize,
+        streams: usize,
+        seconds: f64,
+    ) -> anyhow::Result<String> {
+        let out = Command::new("h2load")
+            .args(["-t", "1", "-c", &connections.to_string()])
+            .args(["-m", &streams.to_string()])
+            .args(["-D", &format!("{}", seconds.ceil() as u64)])
+            .args(["--warm-up-time", "1"])
+            .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+            .arg("-d")
+            .arg(&self.file)
+            .arg(format!("http://{addr}{}", self.path))
+            .output()
+            .context("running h2load (apt-get install nghttp2-client)")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        anyhow::ensure!(out.status.success(), "h2load failed: {text}");
+        Ok(text)
+    }
+}
+
+/// The user and system CPU time of process `pid` so far, in seconds.
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command's closing parenthesis; utime and stime are the 14th and 15th
+    // of the whole line, in clock ticks.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf reads a constant of the system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks / hz as f64)
+}
+
+/// The user and system CPU time of this process's waited-for children so far, in seconds.
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 /// (allowed, refused or failed, their exceptions) of the Encrypt lines in the audit trail.
@@ -1093,6 +1261,15 @@ fn audit_outcomes(path: &Path) -> anyhow::Result<(u64, u64, Vec<String>)> {
         }
     }
     Ok((ok, failed, errors))
+}
+
+/// The succeeded count of h2load's `requests: 10 total, 10 started, 10 done, 10 succeeded,
+/// ...` line.
+fn h2load_succeeded(out: &str) -> Option<u64> {
+    let line = out.lines().find(|l| l.starts_with("requests:"))?;
+    line.split(", ")
+        .find_map(|part| part.strip_suffix(" succeeded"))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 /// The request rate of h2load's `finished in 5.00s, 12345.67 req/s, ...` line.
@@ -1230,6 +1407,7 @@ async fn replica_scaling(opts: Options) -> anyhow::Result<Report> {
         raw: Vec::new(),
         service: Vec::new(),
         hsm_latency: out,
+        cpu: Vec::new(),
     })
 }
 
@@ -1303,6 +1481,7 @@ async fn latency_model(opts: Options) -> anyhow::Result<Report> {
         raw: Vec::new(),
         service: Vec::new(),
         hsm_latency: out,
+        cpu: Vec::new(),
     })
 }
 
@@ -1464,6 +1643,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         raw,
         service,
         hsm_latency: Vec::new(),
+        cpu: Vec::new(),
     })
 }
 
@@ -1508,6 +1688,32 @@ pub fn table(r: &Report) -> String {
                 .map(|m| format!("{m:.2}"))
                 .unwrap_or_else(|| "-".into()),
         ));
+    }
+    if !r.cpu.is_empty() {
+        let raw = r
+            .raw
+            .iter()
+            .filter(|x| x.operation.starts_with("Encrypt"))
+            .map(|x| x.ops_per_sec)
+            .sum::<f64>()
+            / r.raw.len().max(1) as f64;
+        s.push_str("\nCPU per request (h2load; µs of CPU time, all threads of each process)\n");
+        s.push_str("operation                conc   service    h2load      bound  bound/raw(1)\n");
+        for x in &r.cpu {
+            let bound = x.bound_ops_per_sec;
+            s.push_str(&format!(
+                "{:24} {:>4} {:>9} {:>9.1} {:>10} {:>13}\n",
+                x.operation,
+                x.concurrency,
+                x.service_us.map_or("-".into(), |u| format!("{u:.1}")),
+                x.load_generator_us,
+                bound.map_or("-".into(), |b| format!("{b:.0}")),
+                bound.map_or("-".into(), |b| format!("{:.2}", b / raw.max(1.0))),
+            ));
+        }
+        s.push_str(
+            "bound: CPUs / (a Health/Check's CPU, service and h2load, + 1 / the raw session's rate)\n",
+        );
     }
     if !r.hsm_latency.is_empty() {
         s.push_str(
