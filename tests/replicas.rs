@@ -31,6 +31,47 @@ fn pkcs11_calls(counts_file: &std::path::Path, function: &str) -> u64 {
         .map_or(0, |(_, n)| n.trim().parse().unwrap())
 }
 
+/// A replica whose PKCS#11 calls go through the faulty module with a control file of its
+/// own, which also counts its calls.
+struct Controlled {
+    replica: Replica,
+    ctl: std::path::PathBuf,
+    counts: std::path::PathBuf,
+}
+
+impl Controlled {
+    /// Starts replica `name` of `h`, with no faults.
+    fn start(h: &Harness, name: &str) -> Controlled {
+        let ctl = h.dir.path().join(format!("{name}-faults.ctl"));
+        let counts = h.dir.path().join(format!("{name}-pkcs11-counts"));
+        std::fs::write(&ctl, format!("counts_file = {}\n", counts.display())).unwrap();
+        let replica = h.replica_with(name, |_| {}, &[("FAULTY_PKCS11_CONTROL", &ctl)]);
+        Controlled {
+            replica,
+            ctl,
+            counts,
+        }
+    }
+
+    /// Replaces its faults with `faults` (the module's control syntax), still counting.
+    fn set_faults(&self, faults: &str) {
+        let counts = format!("counts_file = {}\n", self.counts.display());
+        std::fs::write(&self.ctl, counts + faults).unwrap();
+    }
+
+    /// Waits up to 10 s for its module to count `function` (a name, or "<name> returned").
+    async fn wait_for(&self, function: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while pkcs11_calls(&self.counts, function) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {function} counted"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
 /// Whether `check` holds within 10 seconds (polled every 100 ms).
 async fn eventually<F, Fut>(check: F) -> bool
 where
@@ -375,52 +416,28 @@ async fn a_replica_killed_during_create_key_leaves_no_key_and_no_material() {
         create_key(&mut c, &store).await;
     }
     for (name, after) in [("before", false), ("after", true)] {
-        let ctl = h.dir.path().join(format!("{name}-faults.ctl"));
-        let counts = h.dir.path().join(format!("{name}-pkcs11-counts"));
-        std::fs::write(&ctl, format!("counts_file = {}\n", counts.display())).unwrap();
-        let b = h.replica_with(name, |_| {}, &[("FAULTY_PKCS11_CONTROL", &ctl)]);
-        let mut bc = b.client().await;
+        let b = Controlled::start(&h, name);
+        let mut bc = b.replica.client().await;
         // B logs in by itself on its first request.
         assert_eq!(
             describe_store(&mut bc, &store).await.connection_state,
             "CONNECTED"
         );
-        std::fs::write(
-            &ctl,
-            format!(
-                "counts_file = {}\ndelay_ms = 30000\ndelay_functions = C_GenerateKey\ndelay_after = {after}\n",
-                counts.display()
-            ),
-        )
-        .unwrap();
+        b.set_faults(&format!(
+            "delay_ms = 30000\ndelay_functions = C_GenerateKey\ndelay_after = {after}\n"
+        ));
         let creating = {
             let (mut bc, store) = (bc.clone(), store.clone());
             tokio::spawn(async move { try_create_key(&mut bc, &store).await })
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !std::fs::read_to_string(&counts)
-            .unwrap_or_default()
-            .contains("C_GenerateKey")
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "B never called C_GenerateKey"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        b.wait_for("C_GenerateKey").await;
         // When the stall comes after the real call, kill only once that call has returned
         // (a fixed pause was too short on a loaded machine, and the key's object file
         // appears before the token has written the key into it).
         if after {
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while pkcs11_calls(&counts, "C_GenerateKey returned") == 0 {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "C_GenerateKey never returned"
-                );
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            b.wait_for("C_GenerateKey returned").await;
         }
+        let b = b.replica;
         assert_eq!(
             unsafe { libc::kill(b.pid() as libc::pid_t, libc::SIGKILL) },
             0
@@ -489,32 +506,15 @@ async fn a_replica_recovering_from_a_device_error_leaves_another_replicas_create
     let mut a = h.client().await;
     let store = h.connected_store(&mut a, 0, "recover").await;
     let key = create_key(&mut a, &store).await.key_id;
-    let ctl = h.dir.path().join("b-faults.ctl");
-    let counts = h.dir.path().join("b-pkcs11-counts");
-    std::fs::write(&ctl, format!("counts_file = {}\n", counts.display())).unwrap();
-    let b = h.replica_with("b", |_| {}, &[("FAULTY_PKCS11_CONTROL", &ctl)]);
-    let mut bc = b.client().await;
+    let b = Controlled::start(&h, "b");
+    let mut bc = b.replica.client().await;
     // B's C_GenerateKey stalls 3 s, well within its 5 s deadline.
-    std::fs::write(
-        &ctl,
-        format!(
-            "counts_file = {}\ndelay_ms = 3000\ndelay_functions = C_GenerateKey\n",
-            counts.display()
-        ),
-    )
-    .unwrap();
+    b.set_faults("delay_ms = 3000\ndelay_functions = C_GenerateKey\n");
     let creating = {
         let (mut bc, store) = (bc.clone(), store.clone());
         tokio::spawn(async move { try_create_key(&mut bc, &store).await })
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while pkcs11_calls(&counts, "C_GenerateKey") == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "B never called C_GenerateKey"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    b.wait_for("C_GenerateKey").await;
     // A meets a device error, and logs in again while B's CreateKey waits on the HSM.
     h.set_faults("fault = device_error\nfunctions = C_Encrypt\ncount = 1\n");
     assert!(try_encrypt(&mut a, &key, b"x").await.is_err());
