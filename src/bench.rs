@@ -1007,7 +1007,7 @@ async fn with_h2load(opts: Options) -> anyhow::Result<Report> {
         .await?
         .into_inner();
     anyhow::ensure!(
-        health.status == 1,
+        health.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
         "the health check is not SERVING: {health:?}"
     );
     let encrypt = EncryptRequest {
@@ -1023,34 +1023,34 @@ async fn with_h2load(opts: Options) -> anyhow::Result<Report> {
     let drives = [
         H2Drive::new(
             dir.path(),
-            "Encrypt (h2load)",
+            ENCRYPT_ROW,
             ENCRYPT,
             &encrypt,
-            Some(None),
+            Counted::Audited(None),
         )?,
         H2Drive::new(
             dir.path(),
             "Encrypt DryRun",
             ENCRYPT,
             &dry_run,
-            Some(Some("DryRunOperationException")),
+            Counted::Audited(Some("DryRunOperationException")),
         )?,
         H2Drive::new(
             dir.path(),
-            "Health/Check",
+            FLOOR_ROW,
             "/grpc.health.v1.Health/Check",
             &tonic_health::pb::HealthCheckRequest::default(),
-            None,
+            Counted::ByH2load,
         )?,
     ];
-    let audit = dir.path().join("audit.jsonl");
+    let mut audit = AuditTail::new(dir.path().join("audit.jsonl"));
     let mut service = Vec::new();
     let mut cpu = Vec::new();
     for &n in &opts.levels {
         let connections = opts.connections.clamp(1, n.max(1));
         let streams = n.div_ceil(connections);
         for drive in &drives {
-            let lines_before = audit_outcomes(&audit)?;
+            audit.skip()?;
             let server_cpu = process_cpu_seconds(server.child.id());
             let load_cpu = children_cpu_seconds();
             let text = tokio::task::block_in_place(|| {
@@ -1063,23 +1063,18 @@ async fn with_h2load(opts: Options) -> anyhow::Result<Report> {
             let rate = h2load_rate(&text).context("no req/s in h2load's output")?;
             let done = h2load_succeeded(&text).context("no request count in h2load's output")?;
             // h2load takes every HTTP 200 as a success; the audit trail says what the service
-            // answered. The health check leaves no audit line: its answers are counted as h2load
-            // saw them, after the SERVING check above.
-            let (ok, failed) = match drive.audited {
-                Some(expected) => {
-                    let (allowed, _, errors) = audit_outcomes(&audit)?;
-                    let new = &errors[lines_before.2.len()..];
-                    let ok = match expected {
-                        None => allowed - lines_before.0,
-                        Some(e) => new.iter().filter(|x| x.as_str() == e).count() as u64,
-                    };
-                    for e in new.iter().filter(|x| Some(x.as_str()) != expected) {
-                        eprintln!("  failed: {e}");
+            // answered.
+            let (ok, failed) = match drive.counted {
+                Counted::Audited(wanted) => {
+                    let outcomes = audit.encrypt_outcomes()?;
+                    let (ok, other): (Vec<_>, Vec<_>) =
+                        outcomes.iter().partition(|o| o.as_deref() == wanted);
+                    for o in &other {
+                        eprintln!("  unexpected: {}", o.as_deref().unwrap_or("allowed"));
                     }
-                    let failed = (allowed - lines_before.0) + new.len() as u64 - ok;
-                    (ok, failed)
+                    (ok.len() as u64, other.len() as u64)
                 }
-                None => (done, 0),
+                Counted::ByH2load => (done, 0),
             };
             let ops = rate * ok as f64 / (ok + failed).max(1) as f64;
             // The CPU counters cover h2load's warm-up second too; its rate does not.
@@ -1127,7 +1122,7 @@ async fn with_h2load(opts: Options) -> anyhow::Result<Report> {
             cpu.iter()
                 .position(|c| c.concurrency == n && c.operation == name)
         };
-        if let (Some(floor), Some(enc)) = (at("Health/Check"), at("Encrypt (h2load)")) {
+        if let (Some(floor), Some(enc)) = (at(FLOOR_ROW), at(ENCRYPT_ROW)) {
             let floor = &cpu[floor];
             cpu[enc].bound_ops_per_sec = floor
                 .service_us
@@ -1159,15 +1154,28 @@ async fn with_h2load(opts: Options) -> anyhow::Result<Report> {
     })
 }
 
+/// The `--h2load` rows of Encrypt and of the floor (the health check) its bound comes from.
+const ENCRYPT_ROW: &str = "Encrypt (h2load)";
+const FLOOR_ROW: &str = "Health/Check";
+
 /// One request `--h2load` sends over and over, and how its answers are counted.
 struct H2Drive {
     name: &'static str,
     path: &'static str,
     /// The gRPC-framed request.
     file: PathBuf,
-    /// `Some(expected)`: counted from the audit trail's Encrypt lines, a success being
-    /// `allowed` (`None`) or the exception named; `None`: as h2load saw them.
-    audited: Option<Option<&'static str>>,
+    counted: Counted,
+}
+
+/// How the answers of a drive are counted.
+#[derive(Clone, Copy)]
+enum Counted {
+    /// From the audit trail's Encrypt lines: a success is the outcome named (`None`:
+    /// allowed; `Some`: that exception).
+    Audited(Option<&'static str>),
+    /// As h2load saw them: the health check leaves no audit line (its SERVING answer is
+    /// checked once before the drives).
+    ByH2load,
 }
 
 impl H2Drive {
@@ -1176,7 +1184,7 @@ impl H2Drive {
         name: &'static str,
         path: &'static str,
         request: &impl prost::Message,
-        audited: Option<Option<&'static str>>,
+        counted: Counted,
     ) -> anyhow::Result<H2Drive> {
         // One gRPC message: a zero compression flag, the length, the protobuf.
         let body = request.encode_to_vec();
@@ -1189,7 +1197,7 @@ impl H2Drive {
             name,
             path,
             file,
-            audited,
+            counted,
         })
     }
 
@@ -1242,25 +1250,48 @@ fn children_cpu_seconds() -> f64 {
     secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
-/// (allowed, refused or failed, their exceptions) of the Encrypt lines in the audit trail.
-fn audit_outcomes(path: &Path) -> anyhow::Result<(u64, u64, Vec<String>)> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let (mut ok, mut failed, mut errors) = (0, 0, Vec::new());
-    for line in text.lines() {
-        let v: serde_json::Value = match serde_json::from_str(line) {
-            Ok(v) => v,
-            Err(_) => continue,
-        };
-        if v["operation"] == "Encrypt" {
-            if v["outcome"] == "allowed" {
-                ok += 1;
-            } else {
-                failed += 1;
-                errors.push(v["error"].as_str().unwrap_or("?").to_string());
+/// The audit trail as the bench reads it: only the lines written since its last look.
+struct AuditTail {
+    path: PathBuf,
+    /// Where the unread lines start.
+    offset: u64,
+}
+
+impl AuditTail {
+    fn new(path: PathBuf) -> AuditTail {
+        AuditTail { path, offset: 0 }
+    }
+
+    /// Marks every line written so far as read.
+    fn skip(&mut self) -> anyhow::Result<()> {
+        self.encrypt_outcomes().map(drop)
+    }
+
+    /// The outcomes of the Encrypt lines written since the last look: `None` for allowed,
+    /// else the exception. A line still being written is left for the next look.
+    fn encrypt_outcomes(&mut self) -> anyhow::Result<Vec<Option<String>>> {
+        use std::io::{Read, Seek};
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.path) {
+            f.seek(std::io::SeekFrom::Start(self.offset))?;
+            f.read_to_string(&mut text)?;
+        }
+        let complete = text.rfind('\n').map_or(0, |i| i + 1);
+        self.offset += complete as u64;
+        let mut out = Vec::new();
+        for line in text[..complete].lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if v["operation"] == "Encrypt" {
+                out.push(
+                    (v["outcome"] != "allowed")
+                        .then(|| v["error"].as_str().unwrap_or("?").to_string()),
+                );
             }
         }
+        Ok(out)
     }
-    Ok((ok, failed, errors))
 }
 
 /// The succeeded count of h2load's `requests: 10 total, 10 started, 10 done, 10 succeeded,
@@ -1690,13 +1721,13 @@ pub fn table(r: &Report) -> String {
         ));
     }
     if !r.cpu.is_empty() {
-        let raw = r
+        let encrypt: Vec<f64> = r
             .raw
             .iter()
             .filter(|x| x.operation.starts_with("Encrypt"))
             .map(|x| x.ops_per_sec)
-            .sum::<f64>()
-            / r.raw.len().max(1) as f64;
+            .collect();
+        let raw = encrypt.iter().sum::<f64>() / encrypt.len().max(1) as f64;
         s.push_str("\nCPU per request (h2load; µs of CPU time, all threads of each process)\n");
         s.push_str("operation                conc   service    h2load      bound  bound/raw(1)\n");
         for x in &r.cpu {

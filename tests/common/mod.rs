@@ -859,8 +859,6 @@ pub fn sigterm(child: &Child) {
     assert!(ok, "kill -TERM failed");
 }
 
-/// Reads the child's stdout until a line starting with `prefix`; returns the rest of it.
-/// The rest of stdout keeps being drained so the child never blocks on a full pipe.
 /// GET `path` from the HTTP listener at `addr`: the status and the body.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).expect("connect admin listener");
@@ -877,6 +875,8 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
+/// Reads the child's stdout until a line starting with `prefix`; returns the rest of it.
+/// The rest of stdout keeps being drained so the child never blocks on a full pipe.
 pub fn wait_for_line(child: &mut Child, prefix: &str, timeout: Duration) -> String {
     wait_for_lines(child, &[prefix], timeout).remove(0)
 }
