@@ -69,6 +69,9 @@ pub struct Entry {
     /// `allowed` (and succeeded), `denied` (AccessDeniedException) or `failed`.
     pub outcome: &'static str,
     pub error: Option<&'static str>,
+    /// On a refusal before authentication: how many more such refusals from the same
+    /// source were not recorded one by one since its last recorded one (`path::Refusals`).
+    pub unrecorded_refusals: Option<u64>,
 }
 
 /// The line as written and hashed (field order is the line's order).
@@ -90,6 +93,9 @@ struct Line<'a> {
     /// could not be written.
     #[serde(skip_serializing_if = "Option::is_none")]
     refused_unrecorded: Option<u64>,
+    /// On a refusal before authentication: the same source's refusals left out since.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unrecorded_refusals: Option<u64>,
     prev: &'a str,
 }
 
@@ -444,6 +450,7 @@ impl Writer {
                 outcome: "recorded",
                 error: None,
                 refused_unrecorded: Some(refused),
+                unrecorded_refusals: None,
                 prev: &prev,
             };
             prev = append_line(&mut text, &line)?;
@@ -470,6 +477,7 @@ impl Writer {
                 outcome: e.outcome,
                 error: e.error,
                 refused_unrecorded: None,
+                unrecorded_refusals: e.unrecorded_refusals,
                 prev: &prev,
             };
             prev = append_line(&mut text, &line)?;
@@ -706,6 +714,7 @@ mod tests {
             encryption_context: None,
             outcome: "allowed",
             error: None,
+            unrecorded_refusals: None,
         }
     }
 

@@ -21,6 +21,11 @@ struct Request {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Stage {
+    stage: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HsmCall {
     function: &'static str,
 }
@@ -67,12 +72,27 @@ pub struct Metrics {
     orphaned: Counter,
     session_waits: Family<Store, Histogram, fn() -> Histogram>,
     sessions_needed: Family<Store, Gauge>,
+    aws_requests: Family<Stage, Gauge>,
+    refusals_unrecorded: Counter,
+    connections_evicted: Counter,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 pub fn get() -> &'static Metrics {
     &METRICS
+}
+
+/// The stages of an AWS protocol request (`Metrics::aws_stage`).
+pub const AWS_STAGES: [&str; 3] = ["reading", "waiting", "serving"];
+
+/// One request counted in a stage while this lives.
+pub struct StageGuard(Gauge);
+
+impl Drop for StageGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// A store's state as the `hsm_kms_store_state` gauge shows it: the AWS connection state, or
@@ -100,7 +120,14 @@ impl Metrics {
             orphaned: Counter::default(),
             session_waits: Family::new_with_constructor(latency),
             sessions_needed: Family::default(),
+            aws_requests: Family::default(),
+            refusals_unrecorded: Counter::default(),
+            connections_evicted: Counter::default(),
         };
+        // Every stage shows from the start, at zero.
+        for stage in AWS_STAGES {
+            let _ = m.aws_requests.get_or_create(&Stage { stage });
+        }
         let mut r = m.registry;
         r.register(
             "request_duration_seconds",
@@ -163,6 +190,23 @@ impl Metrics {
              (throughput x (wait + HSM time)); compare with session_pool_size",
             m.sessions_needed.clone(),
         );
+        r.register(
+            "aws_requests",
+            "AWS protocol requests by stage: reading (body arriving, caller not yet known), \
+             waiting (signed, for a request slot) and serving",
+            m.aws_requests.clone(),
+        );
+        r.register(
+            "unauthenticated_refusals_unrecorded",
+            "Requests refused before authentication and left out of the audit trail by its \
+             per-source and overall limits (counted in the next recorded line of the source)",
+            m.refusals_unrecorded.clone(),
+        );
+        r.register(
+            "connections_evicted",
+            "Connections closed to make room because they had made no authenticated request",
+            m.connections_evicted.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 
@@ -176,6 +220,21 @@ impl Metrics {
             self.session_waits.get_or_create(&label).clone(),
             self.sessions_needed.get_or_create(&label).clone(),
         )
+    }
+
+    /// Counts one AWS protocol request in `stage` until the guard is dropped.
+    pub fn aws_stage(&self, stage: &'static str) -> StageGuard {
+        let gauge = self.aws_requests.get_or_create(&Stage { stage }).clone();
+        gauge.inc();
+        StageGuard(gauge)
+    }
+
+    pub fn connection_evicted(&self) {
+        self.connections_evicted.inc();
+    }
+
+    pub fn refusal_unrecorded(&self) {
+        self.refusals_unrecorded.inc();
     }
 
     pub fn request(&self, operation: &'static str, outcome: &'static str, took: Duration) {

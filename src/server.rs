@@ -167,6 +167,8 @@ pub async fn start(
     // connections. A request waiting for the in-flight limit is not read, so the memory of
     // request bodies is at most max_inflight_requests x MAX_REQUEST_BYTES.
     let server = &settings.server;
+    // The gRPC connections no request has proven yet (plaintext only; see `limits` below).
+    let unproven: crate::transport::Unproven = Default::default();
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(server.max_concurrent_streams)
         .initial_stream_window_size(STREAM_WINDOW)
@@ -178,6 +180,7 @@ pub async fn start(
         .layer(crate::api::protocol::ProtocolErrorsLayer::new(
             Arc::clone(&audit),
             Arc::clone(&auth),
+            Arc::clone(&unproven),
         ))
         .layer(crate::transport::body_deadline(Duration::from_secs(
             server.header_timeout_seconds.max(1),
@@ -207,8 +210,16 @@ pub async fn start(
         let _ = stop_aws.send(true);
         let _ = stopping_tx.send(());
     };
+    // A connection is pending (and gives way to new ones) until it is proven: over TLS by
+    // its client certificate, in plaintext by its first KMS request.
     let limits = crate::transport::Limits {
         max_connections: connection_cap(settings.server.max_connections),
+        proof: if tls.is_some() {
+            crate::transport::Proof::Handshake
+        } else {
+            crate::transport::Proof::Request
+        },
+        unproven: tls.is_none().then(|| Arc::clone(&unproven)),
         ..crate::transport::Limits::of(&settings.server)
     };
     let task = tokio::spawn(async move {
@@ -395,6 +406,8 @@ async fn spawn_admin(
         max_pending: 32,
         header_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(10),
+        proof: crate::transport::Proof::Handshake,
+        unproven: None,
     };
     let incoming =
         crate::transport::incoming(listener, limits, |tcp: tokio::net::TcpStream| async move {

@@ -15,8 +15,10 @@
 //! rules as before: a client certificate is required and must chain to `tls.client_ca_file`
 //! within its validity period, or no request is read.
 
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -125,6 +127,65 @@ pub fn server_config(
 /// How long a pending connection is left alone before it may be closed to make room.
 const MIN_PENDING: Duration = Duration::from_millis(250);
 
+/// What makes a connection one that is kept (no longer pending).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proof {
+    /// Its set-up: a TLS handshake whose client certificate names a principal.
+    Handshake,
+    /// An authenticated request on it (`Standing::prove`).
+    Request,
+}
+
+/// Where a connection stands: pending until it is proven (see `Proof`), then kept. A
+/// pending connection is what an unauthenticated client can hold, so it gives way: the
+/// listener closes the oldest pending ones to make room for new clients.
+#[derive(Debug, Default)]
+pub struct Standing {
+    proven: AtomicBool,
+    /// Closed by its client or by the server, or its set-up failed.
+    gone: AtomicBool,
+    /// Tells the connection's reads to fail: it is closed to make room.
+    evict: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl Standing {
+    /// The connection carried an authenticated request: it is kept from now on.
+    pub fn prove(&self) {
+        self.proven.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_proven(&self) -> bool {
+        self.proven.load(Ordering::Relaxed)
+    }
+
+    fn pending(&self) -> bool {
+        !self.is_proven() && !self.gone.load(Ordering::Relaxed)
+    }
+
+    fn evict(&self) {
+        self.gone.store(true, Ordering::Relaxed);
+        let tx = self.evict.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(tx) = tx {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The connections not yet proven by a request, by peer address, for a listener whose
+/// requests are authenticated above the transport (plaintext gRPC: `prove_peer`).
+pub type Unproven = Arc<std::sync::Mutex<HashMap<std::net::SocketAddr, Arc<Standing>>>>;
+
+/// Marks the connection of `peer` proven, if it is in `unproven`.
+pub fn prove_peer(unproven: &Unproven, peer: std::net::SocketAddr) {
+    let mut map = unproven.lock().unwrap_or_else(|p| p.into_inner());
+    if map.is_empty() {
+        return;
+    }
+    if let Some(s) = map.remove(&peer) {
+        s.prove();
+    }
+}
+
 /// What a listener lets clients hold before anyone is authenticated.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -136,6 +197,11 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// How long an open connection may go without a byte read or written.
     pub idle_timeout: Duration,
+    /// What proves a connection (it is pending, and gives way, until then).
+    pub proof: Proof,
+    /// Where unproven connections are found by peer address, if the listener proves them
+    /// that way.
+    pub unproven: Option<Unproven>,
 }
 
 impl Limits {
@@ -146,6 +212,8 @@ impl Limits {
             max_pending: server.max_pending_connections.max(1),
             header_timeout: Duration::from_secs(server.header_timeout_seconds.max(1)),
             idle_timeout: Duration::from_secs(server.idle_timeout_seconds.max(1)),
+            proof: Proof::Request,
+            unproven: None,
         }
     }
 }
@@ -179,34 +247,37 @@ where
     let (ready, incoming) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         let mut failures = 0u32;
-        // Set-up tasks and when they started, oldest first; finished ones are dropped as
-        // the loop goes.
+        // Pending connections (being set up, or open and not yet proven) with when they
+        // were accepted, oldest first; proven and closed ones are dropped as the loop goes.
         let mut pending: std::collections::VecDeque<(
             tokio::time::Instant,
             tokio::task::AbortHandle,
+            Arc<Standing>,
         )> = std::collections::VecDeque::new();
         let mut evicted = 0u64;
         loop {
-            pending.retain(|(_, t)| !t.is_finished());
+            pending.retain(|(_, _, s)| s.pending());
             while pending.len() >= limits.max_pending
                 || (open.available_permits() == 0 && !pending.is_empty())
             {
-                let Some((since, oldest)) = pending.pop_front() else {
+                let Some((since, set_up, oldest)) = pending.pop_front() else {
                     break;
                 };
-                // A pending connection gets a moment to send before it can be pushed out: a
-                // real client needs far less, and a flood is slowed to max_pending
+                // A pending connection gets a moment to prove itself before it can be pushed
+                // out: a real client needs far less, and a flood is slowed to max_pending
                 // connections per moment.
                 tokio::time::sleep_until(since + MIN_PENDING).await;
-                if oldest.is_finished() {
-                    continue; // it became a connection meanwhile
+                if !oldest.pending() {
+                    continue; // proven or closed meanwhile
                 }
-                oldest.abort();
+                set_up.abort();
+                oldest.evict();
                 evicted += 1;
+                crate::metrics::get().connection_evicted();
                 if evicted.is_power_of_two() {
                     tracing::warn!(
                         evicted,
-                        "closing connections that sent nothing, to make room (a flood of idle connections?)"
+                        "closing connections that made no authenticated request, to make room (a flood of idle connections?)"
                     );
                 }
                 break;
@@ -244,16 +315,39 @@ where
             }
             let (handshake, ready) = (Arc::clone(&handshake), ready.clone());
             let (header_timeout, idle) = (limits.header_timeout, limits.idle_timeout);
-            let task = tokio::spawn(async move {
-                match tokio::time::timeout(header_timeout, handshake(tcp)).await {
-                    Ok(Ok(io)) => {
-                        let _ = ready.send(Ok(Guarded::new(io, peer, conn, idle))).await;
+            let standing = Arc::new(Standing::default());
+            let (evict, evicted_rx) = tokio::sync::oneshot::channel();
+            *standing.evict.lock().unwrap_or_else(|p| p.into_inner()) = Some(evict);
+            let (proof, unproven) = (limits.proof, limits.unproven.clone());
+            let task = tokio::spawn({
+                let standing = Arc::clone(&standing);
+                async move {
+                    match tokio::time::timeout(header_timeout, handshake(tcp)).await {
+                        Ok(Ok(io)) => {
+                            if proof == Proof::Handshake {
+                                standing.prove();
+                            }
+                            let watch = Watch {
+                                standing,
+                                evicted: Some(evicted_rx),
+                                unproven,
+                            };
+                            watch.register(peer);
+                            let guarded = Guarded::new(io, peer, conn, idle, watch);
+                            let _ = ready.send(Ok(guarded)).await;
+                        }
+                        Ok(Err(e)) => {
+                            standing.gone.store(true, Ordering::Relaxed);
+                            tracing::debug!(%peer, error = %e, "connection set-up failed")
+                        }
+                        Err(_) => {
+                            standing.gone.store(true, Ordering::Relaxed);
+                            tracing::debug!(%peer, "connection sent nothing in time; closed")
+                        }
                     }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "connection set-up failed"),
-                    Err(_) => tracing::debug!(%peer, "connection sent nothing in time; closed"),
                 }
             });
-            pending.push_back((tokio::time::Instant::now(), task.abort_handle()));
+            pending.push_back((tokio::time::Instant::now(), task.abort_handle(), standing));
         }
     });
     ReceiverStream::new(incoming)
@@ -371,6 +465,7 @@ where
 pub struct Guarded<T> {
     inner: T,
     peer: std::net::SocketAddr,
+    watch: Watch,
     _open: tokio::sync::OwnedSemaphorePermit,
     idle: Duration,
     /// When the connection was last active; the timer is moved to match only when it fires,
@@ -385,11 +480,13 @@ impl<T> Guarded<T> {
         peer: std::net::SocketAddr,
         open: tokio::sync::OwnedSemaphorePermit,
         idle: Duration,
+        watch: Watch,
     ) -> Guarded<T> {
         let now = tokio::time::Instant::now();
         Guarded {
             inner,
             peer,
+            watch,
             _open: open,
             idle,
             last: now,
@@ -403,6 +500,11 @@ impl<T> Guarded<T> {
 
     pub fn get_ref(&self) -> &T {
         &self.inner
+    }
+
+    /// Where the connection stands: a front proves it once a request on it is authenticated.
+    pub fn standing(&self) -> Arc<Standing> {
+        Arc::clone(&self.watch.standing)
     }
 
     /// Whether the connection has been idle too long (registers for a wake-up otherwise).
@@ -422,12 +524,65 @@ impl<T> Guarded<T> {
 
 use std::future::Future as _;
 
+/// A connection's side of its `Standing`: told when it is evicted, and saying when it closes.
+struct Watch {
+    standing: Arc<Standing>,
+    /// Until the connection is proven: fires when it is closed to make room.
+    evicted: Option<tokio::sync::oneshot::Receiver<()>>,
+    unproven: Option<Unproven>,
+}
+
+impl Watch {
+    /// Lists the connection among the unproven of its listener, if it has such a list.
+    fn register(&self, peer: std::net::SocketAddr) {
+        if let (Some(map), false) = (&self.unproven, self.standing.is_proven()) {
+            let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+            map.insert(peer, Arc::clone(&self.standing));
+        }
+    }
+
+    /// Whether the connection has been evicted (registers for a wake-up otherwise).
+    fn evicted(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(rx) = self.evicted.as_mut() else {
+            return false;
+        };
+        if self.standing.is_proven() {
+            self.evicted = None;
+            return false;
+        }
+        match Pin::new(rx).poll(cx) {
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(_)) => {
+                self.evicted = None; // the listener is gone: no one evicts any more
+                false
+            }
+            Poll::Pending => false,
+        }
+    }
+}
+
+impl<T> Drop for Guarded<T> {
+    fn drop(&mut self) {
+        self.watch.standing.gone.store(true, Ordering::Relaxed);
+        if let Some(map) = &self.watch.unproven {
+            let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+            map.remove(&self.peer);
+        }
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.watch.evicted(cx) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closed to make room: no authenticated request yet",
+            )));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(r) => {
@@ -526,6 +681,8 @@ pub(crate) mod tests {
             max_pending: 8,
             header_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_millis(500),
+            proof: Proof::Handshake,
+            unproven: None,
         };
         let mut incoming = incoming(listener, limits, first_bytes);
         let mut idle = Vec::new();

@@ -6,79 +6,10 @@ mod common;
 
 use std::time::{Duration, SystemTime};
 
-use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
-use aws_sdk_kms::error::ProvideErrorMetadata;
 use aws_sdk_kms::operation::RequestId;
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{GrantOperation, Tag};
 use common::*;
-
-const ROOT_KEY: (&str, &str) = (
-    "AKIAROOTROOTROOT0001",
-    "root-secret-0123456789abcdefghijklmnopqr",
-);
-const BOB_KEY: (&str, &str) = (
-    "AKIABOBBOBBOBBOB0002",
-    "bob-secret-0123456789abcdefghijklmnopqrst",
-);
-const ROOT: &str = "arn:aws:iam::111122223333:root";
-const BOB: &str = "arn:aws:iam::111122223333:user/bob";
-const STORE: &str = "aws-store";
-const REGION: &str = "us-east-1";
-
-/// A server with the AWS protocol on a free port, two access keys (the root's and bob's,
-/// their secrets from the environment), and `kms.default_custom_key_store` naming STORE.
-async fn aws_server(clusters: &[ClusterSpec]) -> Harness {
-    let options = Options {
-        env: vec![
-            ("TEST_ROOT_SECRET", ROOT_KEY.1.to_string()),
-            ("TEST_BOB_SECRET", BOB_KEY.1.to_string()),
-        ],
-        ..Default::default()
-    };
-    Harness::start_opts(clusters, options, |s| {
-        s.server.aws_listen = Some("127.0.0.1:0".parse().unwrap());
-        s.kms.default_custom_key_store = Some(STORE.into());
-        for (id, var, principal) in [
-            (ROOT_KEY.0, "TEST_ROOT_SECRET", ROOT),
-            (BOB_KEY.0, "TEST_BOB_SECRET", BOB),
-        ] {
-            s.auth.access_keys.push(hsm_kms::config::AccessKeySettings {
-                access_key_id: id.into(),
-                secret_file: None,
-                secret_env: Some(var.into()),
-                principal: principal.into(),
-            });
-        }
-    })
-    .await
-}
-
-fn sdk_in(h: &Harness, key: (&str, &str), region: &str) -> aws_sdk_kms::Client {
-    let config = aws_sdk_kms::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new(region.to_string()))
-        .endpoint_url(format!("http://{}", h.aws))
-        .credentials_provider(Credentials::new(key.0, key.1, None, None, "test"))
-        .http_client(aws_smithy_http_client::Builder::new().build_http())
-        .build();
-    aws_sdk_kms::Client::from_conf(config)
-}
-
-fn sdk(h: &Harness, key: (&str, &str)) -> aws_sdk_kms::Client {
-    sdk_in(h, key, REGION)
-}
-
-/// The exception name and message of a failed call.
-fn refusal<E: ProvideErrorMetadata, R>(r: Result<R, E>) -> (String, String) {
-    match r {
-        Ok(_) => panic!("the call succeeded"),
-        Err(e) => (
-            e.code().unwrap_or("<no code>").to_string(),
-            e.message().unwrap_or("").to_string(),
-        ),
-    }
-}
 
 /// How an Encrypt under `key` is refused.
 async fn encrypt_refused(c: &aws_sdk_kms::Client, key: &str) -> (String, String) {
@@ -91,67 +22,6 @@ async fn encrypt_refused(c: &aws_sdk_kms::Client, key: &str) -> (String, String)
     )
 }
 
-/// The STORE on cluster 0, created and connected through the AWS protocol.
-async fn connected_store(h: &Harness, c: &aws_sdk_kms::Client) -> String {
-    let id = c
-        .create_custom_key_store()
-        .custom_key_store_name(STORE)
-        .cloud_hsm_cluster_id(&h.cluster(0).id)
-        .trust_anchor_certificate(&h.anchors[0])
-        .key_store_password(PASSWORD)
-        .send()
-        .await
-        .unwrap()
-        .custom_key_store_id
-        .unwrap();
-    c.connect_custom_key_store()
-        .custom_key_store_id(&id)
-        .send()
-        .await
-        .unwrap();
-    for _ in 0..300 {
-        let stores = c
-            .describe_custom_key_stores()
-            .custom_key_store_id(&id)
-            .send()
-            .await
-            .unwrap();
-        let state = stores.custom_key_stores()[0]
-            .connection_state()
-            .unwrap()
-            .as_str()
-            .to_string();
-        if state == "CONNECTED" {
-            return id;
-        }
-        assert!(state == "CONNECTING", "store state {state}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the store did not connect");
-}
-
-fn audit_lines(h: &Harness) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(&h.settings.audit.file)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-/// The audit line of a request id, waiting for the writer to get there.
-async fn audit_line(h: &Harness, request_id: &str) -> serde_json::Value {
-    for _ in 0..100 {
-        if let Some(l) = audit_lines(h)
-            .into_iter()
-            .find(|l| l["request_id"] == request_id)
-        {
-            return l;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("no audit line for request {request_id}");
-}
-
 #[tokio::test]
 async fn every_operation_through_the_aws_sdk() {
     let h = aws_server(&[
@@ -160,7 +30,7 @@ async fn every_operation_through_the_aws_sdk() {
     ])
     .await;
     let c = sdk(&h, ROOT_KEY);
-    let store = connected_store(&h, &c).await;
+    let store = aws_connected_store(&h, &c).await;
 
     // CreateKey without a store: the default store, Origin AWS_CLOUDHSM.
     let created = c

@@ -399,6 +399,26 @@ async fn dry_run() {
         })
         .await;
     assert_err(r, "DryRunOperationException");
+    // A DryRun of Decrypt and ReEncrypt checks the ciphertext as the real call does: a wrong
+    // encryption context or a changed byte is InvalidCiphertextException, not "would succeed".
+    let wrong_context = HashMap::from([("purpose".to_string(), "other".to_string())]);
+    let mut tampered = ct.clone();
+    *tampered.last_mut().unwrap() ^= 1;
+    for (blob, ctx) in [(&ct, wrong_context), (&tampered, HashMap::new())] {
+        let mut d = dec(blob, ctx.clone());
+        d.dry_run = Some(true);
+        assert_err(c.decrypt(d).await, "InvalidCiphertextException");
+        let r = c
+            .re_encrypt(ReEncryptRequest {
+                ciphertext_blob: blob.clone(),
+                source_encryption_context: ctx,
+                destination_key_id: key.key_id.clone(),
+                dry_run: Some(true),
+                ..Default::default()
+            })
+            .await;
+        assert_err(r, "InvalidCiphertextException");
+    }
     // DryRun answers the real error when the call would fail.
     c.disable_key(DisableKeyRequest {
         key_id: key.key_id.clone(),

@@ -27,16 +27,6 @@ async fn server_with_key(
     (h, c, key)
 }
 
-/// A raw HTTP/2 connection, as a hostile client drives it.
-async fn h2_connection(addr: &str) -> h2::client::SendRequest<Bytes> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    send
-}
-
 fn grpc_request(addr: &str, method: &str) -> http::Request<()> {
     http::Request::post(format!(
         "http://{addr}/kms.v1.KeyManagementService/{method}"

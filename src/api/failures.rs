@@ -22,7 +22,13 @@ static WINDOWS: LazyLock<Mutex<HashMap<(&'static str, &'static str), Window>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 
 /// Logs a failed request, or counts it when one like it was logged within `INTERVAL`.
-pub fn note(op: &'static str, error: &'static str, message: &str, request_id: &uuid::Uuid) {
+pub fn note(
+    op: &'static str,
+    error: &'static str,
+    message: &str,
+    request_id: &uuid::Uuid,
+    source: Option<std::net::SocketAddr>,
+) {
     let now = Instant::now();
     let suppressed = {
         let mut windows = WINDOWS.lock().unwrap_or_else(|p| p.into_inner());
@@ -55,7 +61,8 @@ pub fn note(op: &'static str, error: &'static str, message: &str, request_id: &u
             "more requests failed like this one (not logged one by one)"
         );
     }
-    tracing::info!(op, error, detail = %message, %request_id, "request failed");
+    let source = source.map(|s| s.to_string());
+    tracing::info!(op, error, detail = %message, %request_id, source = source.as_deref().unwrap_or("-"), "request failed");
 }
 
 /// Reports the counts of intervals that are over (called every `INTERVAL`).

@@ -68,7 +68,8 @@ impl Service {
         let principal = self
             .auth
             .principal(leaf.as_ref().and_then(|c| c.first()).map(|c| c.as_ref()));
-        let call = Call::new(op, principal.map(|p| Caller::new(p, req.remote_addr())));
+        let source = req.remote_addr();
+        let call = Call::new(op, principal.map(|p| Caller::new(p, source)), source);
         let r = req.into_inner();
         let ctx = match op.recorded() {
             Recorded::EncryptionContext => r.encryption_context().and_then(audited),

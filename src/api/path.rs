@@ -3,8 +3,10 @@
 //! log around the domain call. A transport names the caller, maps its wire request to a
 //! domain call and back, and turns a refusal into its own error form; nothing else.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tracing::Instrument;
 
@@ -24,15 +26,18 @@ pub struct Call {
     pub request_id: uuid::Uuid,
     /// Who is calling, or why the transport could not tell (answered as the refusal).
     pub caller: KmsResult<Caller>,
+    /// Where the request came from, known even when the caller is not.
+    pub source: Option<SocketAddr>,
 }
 
 impl Call {
-    pub fn new(op: Op, caller: KmsResult<Caller>) -> Call {
+    pub fn new(op: Op, caller: KmsResult<Caller>, source: Option<SocketAddr>) -> Call {
         Call {
             op,
             started: std::time::Instant::now(),
             request_id: request_id(),
             caller,
+            source,
         }
     }
 }
@@ -41,11 +46,16 @@ impl Call {
 pub struct RequestPath {
     kms: Arc<Kms>,
     audit: Arc<Audit>,
+    refusals: Refusals,
 }
 
 impl RequestPath {
     pub fn new(kms: Arc<Kms>, audit: Arc<Audit>) -> RequestPath {
-        RequestPath { kms, audit }
+        RequestPath {
+            kms,
+            audit,
+            refusals: Refusals::default(),
+        }
     }
 
     pub fn kms(&self) -> &Arc<Kms> {
@@ -76,20 +86,31 @@ impl RequestPath {
         .instrument(tracing::debug_span!("kms", op))
         .await;
         let caller = call.caller.as_ref().ok();
+        // A request refused before anyone is known to be calling: its content is the
+        // attacker's to choose, so none is recorded, and its lines are limited per source
+        // (`Refusals`), so that no one without credentials can fill the audit disk.
+        let unrecorded_refusals = match caller {
+            Some(_) => None,
+            None => match self.refusals.admit(call.source) {
+                Some(left_out) => Some(left_out),
+                None => return Err(self.refused(call, outcome.err().unwrap_or_else(unaudited))),
+            },
+        };
         let receipt = self.audit.record(crate::audit::Entry {
             time_ms: crate::kms::now_ms(),
             request_id: call.request_id,
             principal: caller.map(|c| Arc::clone(&c.principal)),
-            source: caller.and_then(|c| c.source),
+            source: call.source,
             operation: op,
             resources: caller.map(|c| c.take_resources()).unwrap_or_default(),
-            encryption_context: encryption_context.filter(|c| !c.is_empty()),
+            encryption_context: encryption_context.filter(|c| caller.is_some() && !c.is_empty()),
             outcome: match &outcome {
                 Ok(_) => "allowed",
                 Err(e) if e.kind == ErrorKind::AccessDenied => "denied",
                 Err(_) => "failed",
             },
             error: outcome.as_ref().err().map(|e| e.kind.aws_name()),
+            unrecorded_refusals: unrecorded_refusals.filter(|n| *n > 0),
         });
         // No answer before the request's line has reached the operating system.
         let outcome = if receipt.written().await {
@@ -110,8 +131,103 @@ impl RequestPath {
     fn refused(&self, call: &Call, e: KmsError) -> KmsError {
         let op = call.op.name();
         crate::metrics::get().request(op, e.kind.aws_name(), call.started.elapsed());
-        failures::note(op, e.kind.aws_name(), &e.message, &call.request_id);
+        failures::note(
+            op,
+            e.kind.aws_name(),
+            &e.message,
+            &call.request_id,
+            call.source,
+        );
         e
+    }
+}
+
+/// How many refusals before authentication are recorded one by one: per source address,
+/// `PER_SOURCE_BURST` at once and `PER_SOURCE_RATE` a second after that; over all sources,
+/// `ALL_BURST` and `ALL_RATE` (addresses are cheap on loopback and in IPv6). The rest are
+/// counted, in the metrics and in the next recorded line of the same source. So refusals
+/// cost the audit file at most ALL_RATE lines a second (about 400 bytes each) after a burst.
+const PER_SOURCE_RATE: f64 = 5.0;
+const PER_SOURCE_BURST: f64 = 20.0;
+const ALL_RATE: f64 = 50.0;
+const ALL_BURST: f64 = 200.0;
+/// Sources remembered at most; past it, the quietest are forgotten.
+const SOURCES: usize = 4096;
+
+/// A token bucket: `tokens` at `at`.
+#[derive(Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(burst: f64, now: Instant) -> Bucket {
+        Bucket {
+            tokens: burst,
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, rate: f64, burst: f64, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        self.at = now;
+    }
+}
+
+/// The per-source and overall budgets of recorded refusals before authentication.
+#[derive(Default)]
+struct Refusals {
+    state: Mutex<RefusalState>,
+}
+
+#[derive(Default)]
+struct RefusalState {
+    all: Option<Bucket>,
+    /// Each source's bucket and the refusals left out since its last recorded one.
+    sources: HashMap<Option<IpAddr>, (Bucket, u64)>,
+}
+
+impl Refusals {
+    /// Whether a refusal from `source` is recorded: Some(refusals of that source left out
+    /// since its last recorded one), or None (left out, and counted).
+    fn admit(&self, source: Option<SocketAddr>) -> Option<u64> {
+        let now = Instant::now();
+        let ip = source.map(|s| s.ip());
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.sources.len() >= SOURCES && !state.sources.contains_key(&ip) {
+            // Forget the sources that have been quiet long enough to have a full bucket (what
+            // they had left out stays counted in the metrics).
+            state.sources.retain(|_, (b, _)| {
+                b.refill(PER_SOURCE_RATE, PER_SOURCE_BURST, now);
+                b.tokens < PER_SOURCE_BURST
+            });
+            if state.sources.len() >= SOURCES {
+                crate::metrics::get().refusal_unrecorded();
+                return None;
+            }
+        }
+        let all = state.all.get_or_insert(Bucket::full(ALL_BURST, now));
+        all.refill(ALL_RATE, ALL_BURST, now);
+        let all_ok = all.tokens >= 1.0;
+        let (bucket, left) = state
+            .sources
+            .entry(ip)
+            .or_insert((Bucket::full(PER_SOURCE_BURST, now), 0));
+        bucket.refill(PER_SOURCE_RATE, PER_SOURCE_BURST, now);
+        if bucket.tokens >= 1.0 && all_ok {
+            bucket.tokens -= 1.0;
+            let left = std::mem::take(left);
+            if let Some(all) = state.all.as_mut() {
+                all.tokens -= 1.0;
+            }
+            Some(left)
+        } else {
+            *left += 1;
+            crate::metrics::get().refusal_unrecorded();
+            None
+        }
     }
 }
 
@@ -142,4 +258,38 @@ pub(crate) fn request_id() -> uuid::Uuid {
     bytes[8..].copy_from_slice(&n.to_be_bytes());
     // Sets the version and variant bits: the counter's top bits, untouched for 2^62 ids.
     uuid::Builder::from_random_bytes(bytes).into_uuid()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flood of refusals from one source, then from many: each source gets its burst, and
+    /// all sources together no more than theirs; what is left out is counted in the next
+    /// recorded line of the source.
+    #[test]
+    fn refusals_are_recorded_within_their_budgets() {
+        let r = Refusals::default();
+        let one: SocketAddr = "127.0.0.2:1000".parse().unwrap();
+        let recorded = (0..1000).filter(|_| r.admit(Some(one)).is_some()).count();
+        assert_eq!(recorded, PER_SOURCE_BURST as usize);
+        let mut recorded = 0;
+        for i in 0..10_000u32 {
+            let ip = std::net::Ipv4Addr::from(0x7f00_0000 + 16 + i);
+            if r.admit(Some(SocketAddr::from((ip, 1)))).is_some() {
+                recorded += 1;
+            }
+        }
+        // The overall burst, less what the first source took (and a little refill).
+        assert!(recorded <= ALL_BURST as usize, "{recorded}");
+        assert!(
+            recorded >= ALL_BURST as usize - PER_SOURCE_BURST as usize - 5,
+            "{recorded}"
+        );
+        // After a second's refill, the first source's next line says how many were left out.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let left_out = r.admit(Some(one)).expect("recorded after the refill");
+        assert_eq!(left_out, 1000 - PER_SOURCE_BURST as u64);
+        assert_eq!(r.admit(Some(one)), Some(0));
+    }
 }

@@ -18,6 +18,7 @@ use super::auth::Authenticator;
 use super::status::to_status;
 use crate::audit::Audit;
 use crate::kms::error::{ErrorKind, KmsError};
+use crate::transport::Unproven;
 
 const PREFIX: &str = "/kms.v1.KeyManagementService/";
 
@@ -44,11 +45,22 @@ fn operation(path: &str) -> Option<&'static str> {
 pub struct ProtocolErrorsLayer {
     audit: Arc<Audit>,
     auth: Arc<Authenticator>,
+    unproven: Unproven,
 }
 
 impl ProtocolErrorsLayer {
-    pub fn new(audit: Arc<Audit>, auth: Arc<Authenticator>) -> ProtocolErrorsLayer {
-        ProtocolErrorsLayer { audit, auth }
+    /// `unproven`: the listener's connections that no request has proven yet; a KMS
+    /// request whose caller is known proves its connection.
+    pub fn new(
+        audit: Arc<Audit>,
+        auth: Arc<Authenticator>,
+        unproven: Unproven,
+    ) -> ProtocolErrorsLayer {
+        ProtocolErrorsLayer {
+            audit,
+            auth,
+            unproven,
+        }
     }
 }
 
@@ -60,6 +72,7 @@ impl<S> tower::Layer<S> for ProtocolErrorsLayer {
             inner,
             audit: Arc::clone(&self.audit),
             auth: Arc::clone(&self.auth),
+            unproven: Arc::clone(&self.unproven),
         }
     }
 }
@@ -69,6 +82,7 @@ pub struct ProtocolErrors<S> {
     inner: S,
     audit: Arc<Audit>,
     auth: Arc<Authenticator>,
+    unproven: Unproven,
 }
 
 type BoxFuture<T, E> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, E>> + Send>>;
@@ -93,6 +107,11 @@ where
         };
         let started = std::time::Instant::now();
         let (source, certs) = peer(&req);
+        if let (Some(addr), None) = (source, &certs) {
+            if self.auth.principal(None).is_ok() {
+                crate::transport::prove_peer(&self.unproven, addr);
+            }
+        }
         let (audit, auth) = (Arc::clone(&self.audit), Arc::clone(&self.auth));
         let answer = self.inner.call(req);
         Box::pin(async move {
@@ -127,10 +146,11 @@ where
                 encryption_context: None,
                 outcome: "failed",
                 error: Some(e.kind.aws_name()),
+                unrecorded_refusals: None,
             });
             let _ = receipt.written().await;
             crate::metrics::get().request(op, e.kind.aws_name(), started.elapsed());
-            super::failures::note(op, e.kind.aws_name(), &e.message, &request_id);
+            super::failures::note(op, e.kind.aws_name(), &e.message, &request_id, source);
             let mut status = to_status(e);
             if let Ok(id) = tonic::metadata::MetadataValue::try_from(request_id.to_string()) {
                 status.metadata_mut().insert("x-request-id", id);

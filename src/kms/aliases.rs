@@ -53,7 +53,12 @@ pub fn check_alias_name(name: &str) -> KmsResult<()> {
              https://docs.aws.amazon.com/kms/latest/developerguide/kms-alias.html",
         )),
         Some("") => invalid("it needs a name after alias/"),
-        Some(_) if name.starts_with("alias/aws/") => {
+        // AWS reserves the prefix whatever its case: alias/AWS/x is refused as alias/aws/x.
+        Some(rest)
+            if rest
+                .get(..4)
+                .is_some_and(|p| p.eq_ignore_ascii_case("aws/")) =>
+        {
             invalid("the prefix alias/aws/ is reserved for AWS managed keys")
         }
         Some(_) => Ok(()),
@@ -231,10 +236,14 @@ mod tests {
             check_alias_name("alias/").unwrap_err().kind,
             ErrorKind::InvalidAliasName
         );
-        assert_eq!(
-            check_alias_name("alias/aws/s3").unwrap_err().kind,
-            ErrorKind::InvalidAliasName
-        );
+        for reserved in ["alias/aws/s3", "alias/AWS/s3", "alias/Aws/x"] {
+            assert_eq!(
+                check_alias_name(reserved).unwrap_err().kind,
+                ErrorKind::InvalidAliasName,
+                "{reserved}"
+            );
+        }
+        assert!(check_alias_name("alias/awsome").is_ok());
         assert_eq!(
             check_alias_name("alias/a b").unwrap_err().kind,
             ErrorKind::Validation

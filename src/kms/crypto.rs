@@ -299,11 +299,13 @@ impl Kms {
                 },
             )
             .await?;
+        self.admit(&key.store_id)?;
+        let plaintext = self.decrypt_with(&key, &blob, ctx).await?;
+        // A DryRun checks the ciphertext as the real call does (in the token, against its
+        // encryption context), so that it never says a call would succeed that would fail.
         if dry {
             return Err(dry_run());
         }
-        self.admit(&key.store_id)?;
-        let plaintext = self.decrypt_with(&key, &blob, ctx).await?;
         Ok(Decrypted {
             plaintext: Secret(plaintext),
             key_arn: key.arn,
@@ -350,15 +352,16 @@ impl Kms {
                 },
             )
             .await?;
-        if dry {
-            return Err(dry_run());
-        }
         // As in AWS, ReEncrypt counts against the quota of each store it uses.
         self.admit(&source.store_id)?;
         if destination.store_id != source.store_id {
             self.admit(&destination.store_id)?;
         }
         let plaintext = self.decrypt_with(&source, &blob, source_ctx).await?;
+        // A DryRun checks the source ciphertext as the real call does (see `decrypt`).
+        if dry {
+            return Err(dry_run());
+        }
         let blob = self
             .encrypt_with(&destination, plaintext, destination_ctx)
             .await?;

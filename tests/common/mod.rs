@@ -1191,3 +1191,154 @@ pub fn http1_post(
         serde_json::from_str(body).unwrap_or_default(),
     )
 }
+
+// The AWS protocol front: a server with two access keys, the AWS SDK for Rust against it,
+// and its audit trail.
+
+use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_kms::error::ProvideErrorMetadata;
+
+pub const ROOT_KEY: (&str, &str) = (
+    "AKIAROOTROOTROOT0001",
+    "root-secret-0123456789abcdefghijklmnopqr",
+);
+pub const BOB_KEY: (&str, &str) = (
+    "AKIABOBBOBBOBBOB0002",
+    "bob-secret-0123456789abcdefghijklmnopqrst",
+);
+pub const ROOT: &str = "arn:aws:iam::111122223333:root";
+pub const BOB: &str = "arn:aws:iam::111122223333:user/bob";
+pub const STORE: &str = "aws-store";
+pub const REGION: &str = "us-east-1";
+
+/// A server with the AWS protocol on a free port, two access keys (the root's and bob's,
+/// their secrets from the environment), and `kms.default_custom_key_store` naming STORE.
+pub async fn aws_server(clusters: &[ClusterSpec]) -> Harness {
+    let options = Options {
+        env: vec![
+            ("TEST_ROOT_SECRET", ROOT_KEY.1.to_string()),
+            ("TEST_BOB_SECRET", BOB_KEY.1.to_string()),
+        ],
+        ..Default::default()
+    };
+    Harness::start_opts(clusters, options, |s| {
+        s.server.aws_listen = Some("127.0.0.1:0".parse().unwrap());
+        s.kms.default_custom_key_store = Some(STORE.into());
+        for (id, var, principal) in [
+            (ROOT_KEY.0, "TEST_ROOT_SECRET", ROOT),
+            (BOB_KEY.0, "TEST_BOB_SECRET", BOB),
+        ] {
+            s.auth.access_keys.push(hsm_kms::config::AccessKeySettings {
+                access_key_id: id.into(),
+                secret_file: None,
+                secret_env: Some(var.into()),
+                principal: principal.into(),
+            });
+        }
+    })
+    .await
+}
+
+pub fn sdk_in(h: &Harness, key: (&str, &str), region: &str) -> aws_sdk_kms::Client {
+    let config = aws_sdk_kms::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(region.to_string()))
+        .endpoint_url(format!("http://{}", h.aws))
+        .credentials_provider(Credentials::new(key.0, key.1, None, None, "test"))
+        .http_client(aws_smithy_http_client::Builder::new().build_http())
+        .build();
+    aws_sdk_kms::Client::from_conf(config)
+}
+
+pub fn sdk(h: &Harness, key: (&str, &str)) -> aws_sdk_kms::Client {
+    sdk_in(h, key, REGION)
+}
+
+/// The exception name and message of a failed call.
+pub fn refusal<E: ProvideErrorMetadata, R>(r: Result<R, E>) -> (String, String) {
+    match r {
+        Ok(_) => panic!("the call succeeded"),
+        Err(e) => (
+            e.code().unwrap_or("<no code>").to_string(),
+            e.message().unwrap_or("").to_string(),
+        ),
+    }
+}
+
+pub fn audit_lines(h: &Harness) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(&h.settings.audit.file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The audit line of a request id, waiting for the writer to get there.
+pub async fn audit_line(h: &Harness, request_id: &str) -> serde_json::Value {
+    for _ in 0..100 {
+        if let Some(l) = audit_lines(h)
+            .into_iter()
+            .find(|l| l["request_id"] == request_id)
+        {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no audit line for request {request_id}");
+}
+
+/// The STORE on cluster 0, created and connected through the AWS protocol.
+pub async fn aws_connected_store(h: &Harness, c: &aws_sdk_kms::Client) -> String {
+    let id = c
+        .create_custom_key_store()
+        .custom_key_store_name(STORE)
+        .cloud_hsm_cluster_id(&h.cluster(0).id)
+        .trust_anchor_certificate(&h.anchors[0])
+        .key_store_password(PASSWORD)
+        .send()
+        .await
+        .unwrap()
+        .custom_key_store_id
+        .unwrap();
+    c.connect_custom_key_store()
+        .custom_key_store_id(&id)
+        .send()
+        .await
+        .unwrap();
+    for _ in 0..300 {
+        let stores = c
+            .describe_custom_key_stores()
+            .custom_key_store_id(&id)
+            .send()
+            .await
+            .unwrap();
+        let state = stores.custom_key_stores()[0]
+            .connection_state()
+            .unwrap()
+            .as_str()
+            .to_string();
+        if state == "CONNECTED" {
+            return id;
+        }
+        assert!(state == "CONNECTING", "store state {state}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the store did not connect");
+}
+
+/// A key in the STORE on cluster 0, made through the AWS protocol.
+pub async fn aws_connected_key(h: &Harness, c: &aws_sdk_kms::Client) -> String {
+    aws_connected_store(h, c).await;
+    let made = c.create_key().send().await.unwrap();
+    made.key_metadata.unwrap().key_id
+}
+
+/// A raw HTTP/2 connection (prior knowledge, plaintext), as a hostile client drives it.
+pub async fn h2_connection(addr: &str) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send
+}

@@ -184,7 +184,41 @@ pub fn parse<R: DeserializeOwned>(op: Op, body: &[u8]) -> KmsResult<R> {
             ));
         }
     }
-    serde_json::from_value(value).map_err(|e| unreadable(op, e))
+    // A null member means absent, whatever its type: a list or a map as much as a scalar.
+    let mut members = members.clone();
+    members.retain(|_, v| !v.is_null());
+    serde_json::from_value(Value::Object(members.clone()))
+        .map_err(|e| unreadable(op, wrong_member::<R>(&members, &e)))
+}
+
+/// Why a body of known members did not read: the member at fault and what its type wants,
+/// never its value (a number sent where a blob belongs may be a card number, and serde's
+/// own message would quote it).
+fn wrong_member<R: DeserializeOwned>(
+    members: &Map<String, Value>,
+    e: &serde_json::Error,
+) -> String {
+    // serde does not say which member it was: it is the one without which the rest reads.
+    let culprit = members.keys().find(|name| {
+        let mut rest = members.clone();
+        rest.remove(name.as_str());
+        serde_json::from_value::<R>(Value::Object(rest)).is_ok()
+    });
+    // serde writes "invalid type: <what was sent>, expected <what the type wants>": only the
+    // words after the last "expected " are the type's own, and only when they quote nothing.
+    let text = e.to_string();
+    let expected = text
+        .rsplit_once("expected ")
+        .map(|(_, t)| t.split(" at line ").next().unwrap_or(t))
+        .filter(|t| t.len() <= 120 && !t.contains(['"', '\'', '\\']));
+    let what = match culprit {
+        Some(name) => format!("the member '{name}' has the wrong type or form"),
+        None => "a member has the wrong type or form".to_string(),
+    };
+    match expected {
+        Some(t) => format!("{what} (expected {t})"),
+        None => what,
+    }
 }
 
 /// The JSON body of a response: absent optional members left out, never `null`.
@@ -283,6 +317,68 @@ mod tests {
         assert_eq!(r.limit, None);
         let r: ListKeysRequest = parse(Op::ListKeys, br#"{"Limit":null}"#).unwrap();
         assert_eq!(r.limit, None);
+    }
+
+    /// A value of the wrong type is named by its member and the type it must have, for
+    /// every member, never quoted: a number where a blob belongs may be a card number.
+    #[test]
+    fn wrong_types_name_the_member_never_the_value() {
+        let cases: [(Op, &[u8], &str); 5] = [
+            (
+                Op::Encrypt,
+                br#"{"KeyId":"k","Plaintext":4111111111119999}"#,
+                "Plaintext",
+            ),
+            (
+                Op::CreateCustomKeyStore,
+                br#"{"CustomKeyStoreName":"s","KeyStorePassword":98765432123}"#,
+                "KeyStorePassword",
+            ),
+            (Op::ListKeys, br#"{"Limit":"9988776655"}"#, "Limit"),
+            (
+                Op::Encrypt,
+                br#"{"KeyId":"k","Plaintext":"AA==","EncryptionContext":{"a":55667788}}"#,
+                "EncryptionContext",
+            ),
+            (
+                Op::Encrypt,
+                br#"{"KeyId":"k","Plaintext":"AA==","GrantTokens":"4111222233334444"}"#,
+                "GrantTokens",
+            ),
+        ];
+        for (op, body, member) in cases {
+            let e = match op {
+                Op::Encrypt => parse::<EncryptRequest>(op, body).unwrap_err(),
+                Op::CreateCustomKeyStore => {
+                    parse::<CreateCustomKeyStoreRequest>(op, body).unwrap_err()
+                }
+                _ => parse::<ListKeysRequest>(op, body).unwrap_err(),
+            };
+            assert_eq!(e.kind, ErrorKind::Serialization, "{e}");
+            assert!(e.message.contains(&format!("'{member}'")), "{e}");
+            for secret in [
+                "4111111111119999",
+                "98765432123",
+                "9988776655",
+                "55667788",
+                "4111222233334444",
+            ] {
+                assert!(!e.message.contains(secret), "{e}");
+            }
+        }
+    }
+
+    /// null stands for absent for every member: lists and maps as much as scalars.
+    #[test]
+    fn null_lists_and_maps_are_absent() {
+        let r: EncryptRequest = parse(
+            Op::Encrypt,
+            br#"{"KeyId":"k","Plaintext":"AA==","EncryptionContext":null,"GrantTokens":null}"#,
+        )
+        .unwrap();
+        assert!(r.encryption_context.is_empty() && r.grant_tokens.is_empty());
+        let r: CreateKeyRequest = parse(Op::CreateKey, br#"{"Tags":null}"#).unwrap();
+        assert!(r.tags.is_empty());
     }
 
     /// The model (../shared/reference, where present): every member a request or response

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
@@ -43,8 +43,13 @@ pub struct Front {
     auth: Arc<Authenticator>,
     /// How long a request body may take to arrive whole.
     body_deadline: Duration,
-    /// Requests being read or served at once on this listener; more wait, unread.
+    /// Bytes of request bodies read before their signature is checked, over all
+    /// connections: what unauthenticated clients can make this listener hold.
+    unauthenticated_bytes: tokio::sync::Semaphore,
+    /// Authenticated requests served at once on this listener; more wait, at most
+    /// `slot_wait`, then are answered ThrottlingException.
     inflight: tokio::sync::Semaphore,
+    slot_wait: Duration,
 }
 
 /// The far end of a connection: its address and, over TLS, its certificate (DER), if any.
@@ -52,6 +57,8 @@ pub struct Front {
 pub struct Peer {
     pub addr: SocketAddr,
     pub certificate: Option<Arc<[u8]>>,
+    /// Proven by the first request on the connection whose signature holds.
+    pub standing: Arc<crate::transport::Standing>,
 }
 
 impl Front {
@@ -66,34 +73,133 @@ impl Front {
             verifier,
             auth,
             body_deadline: Duration::from_secs(server.header_timeout_seconds.max(1)),
+            unauthenticated_bytes: tokio::sync::Semaphore::new(
+                server.max_inflight_requests.max(1) * super::MAX_REQUEST_BYTES,
+            ),
             inflight: tokio::sync::Semaphore::new(server.max_inflight_requests.max(1)),
+            slot_wait: Duration::from_secs(server.header_timeout_seconds.max(1)),
         }
     }
 
-    /// Answers one HTTP request.
+    /// Answers one HTTP request, in an order that lets no one hold what is scarce before
+    /// they are known: the headers are checked first (an unsigned request is refused before
+    /// its body is read); the body is read under its deadline, its bytes counted against the
+    /// listener's budget for requests not yet authenticated; then the signature is checked;
+    /// only then does the request wait, for a bounded time, for one of the request slots.
     pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Full<Bytes>> {
         let op = match operation(&req) {
             Ok(op) => op,
             Err(e) => return error(&e, &super::path::request_id()),
         };
-        let Ok(_permit) = self.inflight.acquire().await else {
-            return error(&unavailable(), &super::path::request_id());
-        };
         let (parts, body) = req.into_parts();
-        let read = Limited::new(body, super::MAX_REQUEST_BYTES).collect();
-        let body = match tokio::time::timeout(self.body_deadline, read).await {
-            Ok(Ok(body)) => Ok(body.to_bytes()),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                Err(KmsError::validation(format!(
-                    "The {} request is larger than the {} bytes allowed",
-                    op.name(),
-                    super::MAX_REQUEST_BYTES
-                )))
+        let headers = header_list(&parts);
+        if let Err(e) = self.verifier.precheck(&headers, SystemTime::now()) {
+            return self.refuse(op, e, peer).await;
+        }
+        let read = {
+            let _reading = crate::metrics::get().aws_stage("reading");
+            self.read_body(op, body).await
+        };
+        let (body, budget) = match read {
+            Ok(read) => read,
+            Err(e) => return self.refuse(op, e, peer).await,
+        };
+        let caller = match self.caller(&parts, &headers, &body, peer) {
+            Ok(caller) => caller,
+            Err(e) => return self.refuse(op, e, peer).await,
+        };
+        peer.standing.prove();
+        let slot = {
+            let _waiting = crate::metrics::get().aws_stage("waiting");
+            tokio::time::timeout(self.slot_wait, self.inflight.acquire()).await
+        };
+        drop(budget);
+        let _permit = match slot {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => return error(&unavailable(), &super::path::request_id()),
+            Err(_) => {
+                let busy = KmsError::new(
+                    ErrorKind::Throttling,
+                    format!(
+                        "The service is busy: no request slot became free within {:?}",
+                        self.slot_wait
+                    ),
+                );
+                let call = Call::new(op, Err(busy), Some(peer.addr));
+                return self.answer(&call, &body).await;
             }
-            Ok(Err(_)) => Err(KmsError::new(
-                ErrorKind::Serialization,
-                format!("The {} request body could not be read", op.name()),
-            )),
+        };
+        let _serving = crate::metrics::get().aws_stage("serving");
+        let call = Call::new(op, Ok(caller), Some(peer.addr));
+        self.answer(&call, &body).await
+    }
+
+    /// Runs `call` on the request path and writes its answer.
+    async fn answer(&self, call: &Call, body: &[u8]) -> Response<Full<Bytes>> {
+        match super::aws_dispatch(&self.path, call, body).await {
+            Ok(json) => answer(StatusCode::OK, json, &call.request_id),
+            Err(e) => error(&e, &call.request_id),
+        }
+    }
+
+    /// A request refused before its caller is known: recorded without its content (the
+    /// request path limits such lines per source).
+    async fn refuse(&self, op: Op, e: KmsError, peer: &Peer) -> Response<Full<Bytes>> {
+        let call = Call::new(op, Err(e), Some(peer.addr));
+        self.answer(&call, &[]).await
+    }
+
+    /// The body, whole, within the body deadline and `MAX_REQUEST_BYTES`; its bytes are
+    /// held against the budget of unauthenticated requests until the permit is dropped.
+    async fn read_body(
+        &self,
+        op: Op,
+        mut body: Incoming,
+    ) -> KmsResult<(Bytes, tokio::sync::SemaphorePermit<'_>)> {
+        let read = async {
+            let mut held: Option<tokio::sync::SemaphorePermit<'_>> = None;
+            let mut bytes = bytes::BytesMut::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|_| {
+                    KmsError::new(
+                        ErrorKind::Serialization,
+                        format!("The {} request body could not be read", op.name()),
+                    )
+                })?;
+                let Ok(data) = frame.into_data() else {
+                    continue; // trailers
+                };
+                if bytes.len() + data.len() > super::MAX_REQUEST_BYTES {
+                    return Err(KmsError::validation(format!(
+                        "The {} request is larger than the {} bytes allowed",
+                        op.name(),
+                        super::MAX_REQUEST_BYTES
+                    )));
+                }
+                let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
+                let permit = self
+                    .unauthenticated_bytes
+                    .acquire_many(n)
+                    .await
+                    .map_err(|_| unavailable())?;
+                match held.as_mut() {
+                    Some(h) => h.merge(permit),
+                    None => held = Some(permit),
+                }
+                bytes.extend_from_slice(&data);
+            }
+            let held = match held {
+                Some(h) => h,
+                None => self
+                    .unauthenticated_bytes
+                    .acquire_many(0)
+                    .await
+                    .map_err(|_| unavailable())?,
+            };
+            Ok((bytes.freeze(), held))
+        };
+        match tokio::time::timeout(self.body_deadline, read).await {
+            Ok(r) => r,
             Err(_) => Err(KmsError::new(
                 ErrorKind::Serialization,
                 format!(
@@ -102,16 +208,6 @@ impl Front {
                     self.body_deadline
                 ),
             )),
-        };
-        let caller = match &body {
-            Ok(body) => self.caller(&parts, body, peer),
-            Err(e) => Err(e.clone()),
-        };
-        let call = Call::new(op, caller);
-        let body = body.unwrap_or_default();
-        match super::aws_dispatch(&self.path, &call, &body).await {
-            Ok(json) => answer(StatusCode::OK, json, &call.request_id),
-            Err(e) => error(&e, &call.request_id),
         }
     }
 
@@ -120,26 +216,16 @@ impl Front {
     fn caller(
         &self,
         parts: &hyper::http::request::Parts,
+        headers: &[(&str, &str)],
         body: &[u8],
         peer: &Peer,
     ) -> KmsResult<Caller> {
-        let mut headers: Vec<(&str, &str)> = parts
-            .headers
-            .iter()
-            .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str(), v)))
-            .collect();
-        // HTTP/2 carries the host as the request's authority.
-        if !parts.headers.contains_key(hyper::header::HOST) {
-            if let Some(authority) = parts.uri.authority() {
-                headers.push(("host", authority.as_str()));
-            }
-        }
         let uri = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let principal = self.verifier.verify(
             &sigv4::Request {
                 method: parts.method.as_str(),
                 uri,
-                headers: &headers,
+                headers,
                 body,
             },
             SystemTime::now(),
@@ -161,11 +247,39 @@ impl Front {
     }
 }
 
+/// A request's headers as text (names in lower case); HTTP/2 carries the host as the
+/// request's authority, which stands in for a Host header.
+fn header_list(parts: &hyper::http::request::Parts) -> Vec<(&str, &str)> {
+    let mut headers: Vec<(&str, &str)> = parts
+        .headers
+        .iter()
+        .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str(), v)))
+        .collect();
+    if !parts.headers.contains_key(hyper::header::HOST) {
+        if let Some(authority) = parts.uri.authority() {
+            headers.push(("host", authority.as_str()));
+        }
+    }
+    headers
+}
+
 /// The operation a request names, or UnknownOperationException (no audit line: there is
 /// no operation to record, as AWS records none).
 fn operation<B>(req: &Request<B>) -> KmsResult<Op> {
     let unknown = || KmsError::new(ErrorKind::UnknownOperation, "");
     if req.method() != hyper::Method::POST || req.uri().path() != "/" {
+        return Err(unknown());
+    }
+    // A body of another content type is no AWS JSON 1.1 request: AWS answers it as an
+    // operation it does not know (Kinesis, sent `application/octet-stream`, answered
+    // `<UnknownOperationException/>`: disneystreaming/smithy4s issue 167).
+    let json = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|t| t.to_str().ok())
+        .and_then(|t| t.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case(CONTENT_TYPE));
+    if !json {
         return Err(unknown());
     }
     req.headers()
@@ -316,6 +430,7 @@ pub async fn serve<S>(
         let peer = Peer {
             addr: io.peer(),
             certificate: io.get_ref().certificate(),
+            standing: io.standing(),
         };
         let front = Arc::clone(&front);
         let service = hyper::service::service_fn(move |req| {

@@ -63,6 +63,23 @@ pub struct Verifier {
     keys: HashMap<String, AccessKey>,
 }
 
+/// A request whose headers passed every check but the signature itself.
+struct Checked<'s, 'h> {
+    auth: Authorization<'h>,
+    key: &'s AccessKey,
+    /// The signed headers exactly, with their values as sent.
+    signed: Vec<(&'h str, &'h str)>,
+    signed_at: SystemTime,
+}
+
+/// The value of the first header named `name` (in any case).
+fn header_of<'h>(headers: &[(&'h str, &'h str)], name: &str) -> Option<&'h str> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| *v)
+}
+
 /// What an Authorization header says.
 struct Authorization<'a> {
     access_key: &'a str,
@@ -80,6 +97,15 @@ fn incomplete(what: &str) -> KmsError {
     )
 }
 
+/// AWS's answer to a signature that is not the one it computes.
+fn mismatch() -> KmsError {
+    invalid(
+        "The request signature we calculated does not match the signature you provided. \
+         Check your AWS Secret Access Key and signing method. Consult the service \
+         documentation for details.",
+    )
+}
+
 fn invalid(message: impl Into<String>) -> KmsError {
     KmsError::new(ErrorKind::InvalidSignature, message)
 }
@@ -94,18 +120,57 @@ impl Verifier {
 
     /// The principal that signed `req`, or the AWS exception that refuses it.
     pub fn verify(&self, req: &Request<'_>, now: SystemTime) -> KmsResult<Arc<Principal>> {
-        let header = |name: &str| {
-            req.headers
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| *v)
-        };
+        let checked = self.checked(req.headers, now)?;
+        // The payload's hash is in the canonical request; a header that claims another one is
+        // refused rather than ignored (S3's words for the same refusal).
+        if let Some(claimed) = header_of(req.headers, "x-amz-content-sha256") {
+            let actual = hex::encode(ring::digest::digest(&ring::digest::SHA256, req.body));
+            if !claimed.eq_ignore_ascii_case(&actual) {
+                return Err(invalid(
+                    "The provided 'x-amz-content-sha256' header does not match what was computed.",
+                ));
+            }
+        }
+        let Checked {
+            auth,
+            key,
+            signed,
+            signed_at,
+        } = checked;
+        let expected = self.signature(key, auth.access_key, req, &signed, signed_at)?;
+        if constant_time_eq(expected.as_bytes(), auth.signature.as_bytes()) {
+            Ok(Arc::clone(&key.principal))
+        } else {
+            Err(mismatch())
+        }
+    }
+
+    /// Everything `verify` checks that does not need the body: a request that fails here is
+    /// refused before its body is read, so an unsigned request holds nothing.
+    pub fn precheck(&self, headers: &[(&str, &str)], now: SystemTime) -> KmsResult<()> {
+        self.checked(headers, now).map(drop)
+    }
+
+    fn checked<'s, 'h>(
+        &'s self,
+        headers: &'h [(&'h str, &'h str)],
+        now: SystemTime,
+    ) -> KmsResult<Checked<'s, 'h>> {
+        let header = |name: &str| header_of(headers, name);
         let Some(authorization) = header("authorization") else {
             return Err(KmsError::new(
                 ErrorKind::MissingAuthenticationToken,
                 "Missing Authentication Token",
             ));
         };
+        // Two Authorization headers: which one a proxy on the way read is anyone's guess.
+        let authorizations = headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("authorization"))
+            .count();
+        if authorizations > 1 {
+            return Err(incomplete("exactly one Authorization header"));
+        }
         let auth = parse(authorization)?;
         if auth.service != SERVICE {
             return Err(invalid(format!(
@@ -145,10 +210,23 @@ impl Verifier {
                 amz_date(now)
             )));
         }
-        if !auth.signed_headers.contains(&"host") {
-            return Err(invalid(
-                "'Host' must be a 'SignedHeader' in the AWS Authorization.",
-            ));
+        // What the request is (its target, where it goes, when it was made) is signed, or an
+        // on-path attacker can replay a DescribeKey as a ScheduleKeyDeletion.
+        for (name, spelled) in [
+            ("host", "Host"),
+            ("x-amz-date", "X-Amz-Date"),
+            ("x-amz-target", "X-Amz-Target"),
+        ] {
+            if !auth.signed_headers.contains(&name) {
+                return Err(invalid(format!(
+                    "'{spelled}' must be a 'SignedHeader' in the AWS Authorization."
+                )));
+            }
+        }
+        // The canonical request lists its headers sorted, each once; a signature over any
+        // other list is not over the canonical request.
+        if !auth.signed_headers.windows(2).all(|w| w[0] < w[1]) {
+            return Err(mismatch());
         }
         if header("x-amz-security-token").is_some() {
             return Err(KmsError::new(
@@ -165,8 +243,7 @@ impl Verifier {
         // The signed headers exactly, with their values as sent.
         let mut signed = Vec::with_capacity(auth.signed_headers.len());
         for name in &auth.signed_headers {
-            let values: Vec<&str> = req
-                .headers
+            let values: Vec<&str> = headers
                 .iter()
                 .filter(|(n, _)| n.eq_ignore_ascii_case(name))
                 .map(|(_, v)| *v)
@@ -182,16 +259,12 @@ impl Verifier {
                 signed.push((*name, v));
             }
         }
-        let expected = self.signature(key, auth.access_key, req, &signed, signed_at)?;
-        if constant_time_eq(expected.as_bytes(), auth.signature.as_bytes()) {
-            Ok(Arc::clone(&key.principal))
-        } else {
-            Err(invalid(
-                "The request signature we calculated does not match the signature you provided. \
-                 Check your AWS Secret Access Key and signing method. Consult the service \
-                 documentation for details.",
-            ))
-        }
+        Ok(Checked {
+            auth,
+            key,
+            signed,
+            signed_at,
+        })
     }
 
     /// The signature of `req` with `key`, over exactly the `signed` headers.
@@ -294,14 +367,22 @@ fn parse(header: &str) -> KmsResult<Authorization<'_>> {
     let mut signature = None;
     for part in rest.split(',') {
         let part = part.trim();
-        if let Some(v) = part.strip_prefix("Credential=") {
-            credential = Some(v);
+        let slot = if let Some(v) = part.strip_prefix("Credential=") {
+            (&mut credential, v)
         } else if let Some(v) = part.strip_prefix("SignedHeaders=") {
-            signed_headers = Some(v);
+            (&mut signed_headers, v)
         } else if let Some(v) = part.strip_prefix("Signature=") {
-            signature = Some(v);
-        } else if !part.is_empty() {
+            (&mut signature, v)
+        } else if part.is_empty() {
+            continue;
+        } else {
             return Err(incomplete("Credential, SignedHeaders and Signature only"));
+        };
+        // A parameter given twice: the signer and a proxy could each read another one.
+        if slot.0.replace(slot.1).is_some() {
+            return Err(incomplete(
+                "each of Credential, SignedHeaders and Signature once",
+            ));
         }
     }
     let credential = credential.ok_or_else(|| incomplete("parameter 'Credential'"))?;
@@ -574,6 +655,102 @@ mod tests {
             kind(check(&v, &with_auth(no_host), &body, now)),
             "InvalidSignatureException"
         );
+    }
+
+    /// The lenient readings a proxy and the verifier could disagree on, each refused.
+    #[test]
+    fn what_must_be_signed_is_signed_and_said_once() {
+        let v = verifier();
+        let now = SystemTime::now();
+        let body = b"{\"KeyId\":\"k\"}";
+        // A DescribeKey signed over host and x-amz-date only, replayed as a DisableKey: the
+        // target is not covered, so the request is refused before its signature is checked.
+        let bare = sign_post(
+            &[("host", "kms.example.test:8443")],
+            body,
+            KEY_ID,
+            SECRET,
+            "us-east-1",
+            now,
+        )
+        .unwrap();
+        let auth = bare.iter().find(|(n, _)| n == "authorization").unwrap();
+        assert!(
+            auth.1.contains("SignedHeaders=host;x-amz-date,"),
+            "{}",
+            auth.1
+        );
+        assert_eq!(
+            kind(check(&v, &bare, body, now)),
+            "InvalidSignatureException"
+        );
+        let mut replayed = bare.clone();
+        replayed.push(("x-amz-target".into(), "TrentService.DisableKey".into()));
+        let e = check(&v, &replayed, body, now).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidSignature);
+        assert_eq!(
+            e.message,
+            "'X-Amz-Target' must be a 'SignedHeader' in the AWS Authorization."
+        );
+
+        let (good, body) = signed(SECRET, "us-east-1", now, b"{}");
+        assert_eq!(kind(check(&v, &good, &body, now)), "ok");
+        let auth = good
+            .iter()
+            .find(|(n, _)| n == "authorization")
+            .unwrap()
+            .1
+            .clone();
+        let with_auth = |auth: &str| -> Vec<(String, String)> {
+            good.iter()
+                .map(|(n, val)| {
+                    let val = if n == "authorization" { auth } else { val };
+                    (n.clone(), val.to_string())
+                })
+                .collect()
+        };
+        // Two Authorization headers, the good one first or last.
+        let forged = auth.replace(KEY_ID, "AKIDOTHER");
+        for pair in [[&auth, &forged], [&forged, &auth]] {
+            let mut two = with_auth(pair[0]);
+            two.push(("authorization".into(), pair[1].clone()));
+            assert_eq!(
+                kind(check(&v, &two, &body, now)),
+                "IncompleteSignatureException"
+            );
+        }
+        // A parameter given twice.
+        let twice = format!("{auth}, Signature={}", "0".repeat(64));
+        assert_eq!(
+            kind(check(&v, &with_auth(&twice), &body, now)),
+            "IncompleteSignatureException"
+        );
+        // SignedHeaders out of order: not the canonical request's list.
+        let listed = auth
+            .split("SignedHeaders=")
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap()
+            .to_string();
+        let mut names: Vec<&str> = listed.split(';').collect();
+        names.reverse();
+        let unsorted = auth.replace(&listed, &names.join(";"));
+        assert_eq!(
+            kind(check(&v, &with_auth(&unsorted), &body, now)),
+            "InvalidSignatureException"
+        );
+        // A payload hash header that is not the body's.
+        let mut claimed = good.clone();
+        claimed.push(("x-amz-content-sha256".into(), "ab".repeat(32)));
+        let e = check(&v, &claimed, &body, now).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidSignature);
+        assert!(e.message.contains("x-amz-content-sha256"), "{e}");
+        let mut honest = good.clone();
+        let sha = hex::encode(ring::digest::digest(&ring::digest::SHA256, &body));
+        honest.push(("x-amz-content-sha256".into(), sha));
+        assert_eq!(kind(check(&v, &honest, &body, now)), "ok");
     }
 
     #[test]
