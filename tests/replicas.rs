@@ -1558,3 +1558,151 @@ async fn no_acknowledged_change_is_lost_across_database_restarts() {
     let (ok, said) = audit_verify(Some(&h.config_path()), &[h.settings.audit.file.clone()]);
     assert!(ok, "a: {said}");
 }
+
+/// The tester's SIGKILL storm, through the shipped balancer configuration
+/// (deploy/haproxy-replicas.cfg): 16 clients, each moving its own key between
+/// PendingDeletion and Disabled (ScheduleKeyDeletion, CancelKeyDeletion) through HAProxy,
+/// while a replica is killed every 1.5 s and started again. No answer may contradict the
+/// key's history. A balancer that re-sent a request after the replica that made the change
+/// died would answer a scheduled deletion "is pending deletion", and the client would be
+/// told the opposite of what happened: it must re-send only what never reached a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_storm_through_the_balancer_contradicts_no_answer() {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    use std::sync::Arc;
+    const WORKERS: usize = 16;
+    const KILLS: usize = 9;
+    let server = hsm_kms::metadata::postgres::throwaway::Server::start_own()
+        .expect("PostgreSQL for the replica tests (scripts/setup.sh installs it)");
+    let database = database_on(&server).await;
+    let url = database.url.clone();
+    let h = Harness::start_with(&[ClusterSpec::good("cluster-replicastorm")], |s| {
+        use_database(s, database);
+    })
+    .await;
+    let mut a = h.client().await;
+    let store = h.connected_store(&mut a, 0, "storm").await;
+    let mut ledgers: Vec<Ledger> = Vec::new();
+    for _ in 0..WORKERS {
+        let id = create_key(&mut a, &store).await.key_id;
+        ledgers.push(Arc::new(std::sync::Mutex::new(vec![Owned {
+            id,
+            possible: ENABLED,
+            tags_made: Vec::new(),
+            tags_unknown: Vec::new(),
+            sealed: Vec::new(),
+        }])));
+    }
+    // Three replicas at fixed addresses, so that a killed one comes back where HAProxy looks.
+    let names = ["b", "c", "d"];
+    let addrs: Vec<(std::net::SocketAddr, std::net::SocketAddr)> = names
+        .iter()
+        .map(|_| {
+            let port = |p: u16| std::net::SocketAddr::from(([127, 0, 0, 1], p));
+            (port(free_port()), port(free_port()))
+        })
+        .collect();
+    let start = |i: usize| {
+        h.replica_with(
+            names[i],
+            |s| {
+                s.server.listen = addrs[i].0;
+                s.admin.listen = addrs[i].1;
+            },
+            &[],
+        )
+    };
+    let mut replicas: Vec<Option<Replica>> = (0..3).map(|i| Some(start(i))).collect();
+    let backends: Vec<Backend> = addrs
+        .iter()
+        .map(|(grpc, admin)| Backend {
+            grpc: grpc.to_string(),
+            aws: None,
+            admin: admin.to_string(),
+        })
+        .collect();
+    let balancer = Balancer::start(h.dir.path(), &backends);
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", balancer.grpc))
+        .unwrap()
+        .connect_lazy();
+    // Every replica in rotation (two good checks a second apart) before the storm.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let first = ledgers[0].lock().unwrap()[0].id.clone();
+    usable(&mut Client::new(channel.clone()), &first).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (w, ledger) in ledgers.iter().enumerate() {
+        let (mut client, stop, ledger) =
+            (Client::new(channel.clone()), stop.clone(), ledger.clone());
+        tasks.spawn(async move {
+            // Answers: made, refused, unknown (the connection failed under the call).
+            let mut tally = [0u64; 3];
+            let mut x = (w as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            while !stop.load(Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let (id, possible) = {
+                    let owned = ledger.lock().unwrap();
+                    (owned[0].id.clone(), owned[0].possible)
+                };
+                // What the history says is possible decides; where it cannot, chance does.
+                let cancel = possible == PENDING || (possible & PENDING != 0 && x % 2 == 0);
+                let answer = if cancel {
+                    let r = client
+                        .cancel_key_deletion(CancelKeyDeletionRequest { key_id: id })
+                        .await;
+                    let answer = outcome(&r);
+                    let mut owned = ledger.lock().unwrap();
+                    owned[0].follow(PENDING, DISABLED, answer, "CancelKeyDeletion");
+                    answer
+                } else {
+                    let r = client
+                        .schedule_key_deletion(ScheduleKeyDeletionRequest {
+                            key_id: id,
+                            pending_window_in_days: Some(7),
+                        })
+                        .await;
+                    let answer = outcome(&r);
+                    let mut owned = ledger.lock().unwrap();
+                    owned[0].follow(ENABLED | DISABLED, PENDING, answer, "ScheduleKeyDeletion");
+                    answer
+                };
+                tally[match answer {
+                    Outcome::Made => 0,
+                    Outcome::Refused => 1,
+                    Outcome::Unknown => 2,
+                }] += 1;
+            }
+            tally
+        });
+    }
+    for k in 0..KILLS {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let i = k % replicas.len();
+        // Dropping a replica SIGKILLs it.
+        drop(replicas[i].take());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        replicas[i] = Some(tokio::task::block_in_place(|| start(i)));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Relaxed);
+    let mut tally = [0u64; 3];
+    while let Some(t) = tasks.join_next().await {
+        let t = t.expect("a client's history was contradicted by an answer");
+        for (sum, n) in tally.iter_mut().zip(t) {
+            *sum += n;
+        }
+    }
+    eprintln!(
+        "kill storm: {KILLS} kills; {} changes acknowledged, {} refused, {} with no answer",
+        tally[0], tally[1], tally[2]
+    );
+    // The storm happened: changes were made throughout, and kills cut some calls short.
+    assert!(tally[0] >= 200, "too little load to tell: {tally:?}");
+    assert!(tally[2] >= 1, "no kill cut a call short: {tally:?}");
+    let db = database_client(&url).await;
+    check_history(&db, &ledgers, "after the kill storm").await;
+    drop(balancer);
+}

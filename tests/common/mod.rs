@@ -1342,3 +1342,88 @@ pub async fn h2_connection(addr: &str) -> h2::client::SendRequest<bytes::Bytes> 
     });
     send
 }
+
+/// A free TCP port on loopback (bound and released: the caller binds it again at once).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// HAProxy running deploy/haproxy-replicas.cfg, the configuration scripts/cluster.sh ships,
+/// in front of replicas; stopped when dropped.
+pub struct Balancer {
+    child: Child,
+    /// The gRPC front (plaintext HTTP/2) and the AWS front.
+    pub grpc: String,
+    pub aws: String,
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One replica as the balancer sees it: its gRPC address, its AWS address if it has one,
+/// and its admin address (for /readyz).
+pub struct Backend {
+    pub grpc: String,
+    pub aws: Option<String>,
+    pub admin: String,
+}
+
+impl Balancer {
+    /// Starts HAProxy in `dir` with the shipped configuration for `backends`, and waits
+    /// until its gRPC front accepts connections.
+    pub fn start(dir: &Path, backends: &[Backend]) -> Balancer {
+        let (grpc, aws) = (free_port(), free_port());
+        let lines = |addr: &dyn Fn(&Backend) -> Option<String>, suffix: &str| -> String {
+            backends
+                .iter()
+                .enumerate()
+                .filter_map(|(i, b)| {
+                    let admin_port = b.admin.rsplit(':').next().unwrap();
+                    addr(b).map(|a| format!("    server r{i} {a} check port {admin_port}{suffix}"))
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let template = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/haproxy-replicas.cfg"
+        ))
+        .unwrap();
+        let config = template
+            .replace("@BIND@", "127.0.0.1")
+            .replace("@GRPC_PORT@", &grpc.to_string())
+            .replace("@AWS_PORT@", &aws.to_string())
+            .replace(
+                "@GRPC_SERVERS@",
+                &lines(&|b| Some(b.grpc.clone()), " proto h2"),
+            )
+            .replace("@AWS_SERVERS@", &lines(&|b| b.aws.clone(), ""));
+        let path = dir.join("haproxy.cfg");
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("haproxy (scripts/setup.sh installs it)");
+        let balancer = Balancer {
+            child,
+            grpc: format!("127.0.0.1:{grpc}"),
+            aws: format!("127.0.0.1:{aws}"),
+        };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(&balancer.grpc).is_ok() {
+                return balancer;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("haproxy did not listen on {}", balancer.grpc);
+    }
+}
