@@ -780,8 +780,15 @@ async fn policies_identities_and_grants_decide_who_may_do_what() {
     assert!(lines.len() > 40, "{} audit lines", lines.len());
     let denied_alice = lines
         .iter()
-        .find(|l| l["operation"] == "ScheduleKeyDeletion")
+        .find(|l| l["operation"] == "ScheduleKeyDeletion" && l["outcome"] != "intent")
         .expect("the denied ScheduleKeyDeletion is audited");
+    // Its intent line came first, naming the key as the request named it.
+    let intent = lines
+        .iter()
+        .find(|l| l["request_id"] == denied_id.as_str())
+        .unwrap();
+    assert_eq!(intent["outcome"], "intent", "{intent}");
+    assert_eq!(intent["principal"], ALICE);
     assert_eq!(denied_alice["principal"], ALICE);
     assert_eq!(denied_alice["request_id"], denied_id.as_str());
     assert_eq!(denied_alice["outcome"], "denied");

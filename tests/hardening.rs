@@ -419,6 +419,88 @@ async fn acknowledged_requests_are_in_the_trail_after_a_crash() {
     );
 }
 
+/// On SQLite too: after kill -9 under a storm of state changes, every change the database
+/// made is in the trail, as its `allowed` line or, where the process died before writing
+/// that, as the `intent` line written before the change ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_change_made_is_in_the_trail_after_a_crash() {
+    let (mut h, mut c, first) = server_with_key(Options::default(), |_| {}).await;
+    let store = describe_key(&mut c, &first).await.custom_key_store_id;
+    let mut keys = Vec::new();
+    for _ in 0..8 {
+        keys.push(create_key(&mut c, &store).await.key_id);
+    }
+    // Every key state change, recorded by a trigger of the test's own in the same database.
+    let db = rusqlite::Connection::open(&h.settings.storage.sqlite_path).unwrap();
+    db.busy_timeout(Duration::from_secs(10)).unwrap();
+    db.execute_batch(
+        "CREATE TABLE test_transitions (key_id TEXT, new TEXT);
+         CREATE TRIGGER test_record AFTER UPDATE OF key_state ON keys FOR EACH ROW
+             WHEN OLD.key_state IS NOT NEW.key_state
+         BEGIN INSERT INTO test_transitions VALUES (NEW.id, NEW.key_state); END;",
+    )
+    .unwrap();
+    let mut load = tokio::task::JoinSet::new();
+    for key in keys.clone() {
+        let mut c = c.clone();
+        load.spawn(async move {
+            let mut pending = false;
+            let mut answered = 0u64;
+            loop {
+                let r = if pending {
+                    c.cancel_key_deletion(CancelKeyDeletionRequest {
+                        key_id: key.clone(),
+                    })
+                    .await
+                    .map(drop)
+                } else {
+                    c.schedule_key_deletion(ScheduleKeyDeletionRequest {
+                        key_id: key.clone(),
+                        pending_window_in_days: Some(7),
+                    })
+                    .await
+                    .map(drop)
+                };
+                match r {
+                    Ok(()) => {
+                        pending = !pending;
+                        answered += 1;
+                    }
+                    Err(_) => return answered,
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    h.kill();
+    let mut answered = 0;
+    while let Some(n) = load.join_next().await {
+        answered += n.unwrap();
+    }
+    let lines = audit_lines(&h.settings.audit.file);
+    let mut unfinished = 0;
+    for key in &keys {
+        for (op, to) in [
+            ("ScheduleKeyDeletion", "PendingDeletion"),
+            ("CancelKeyDeletion", "Disabled"),
+        ] {
+            let made: i64 = db
+                .query_row(
+                    "SELECT count(*) FROM test_transitions WHERE key_id = ?1 AND new = ?2",
+                    (key, to),
+                    |r| r.get(0),
+                )
+                .unwrap();
+            unfinished += assert_changes_in_trail(&lines, key, op, made);
+        }
+    }
+    eprintln!(
+        "{answered} changes acknowledged before kill -9; {unfinished} begun and not finished"
+    );
+    // The storm happened: changes were made and acknowledged until the kill.
+    assert!(answered > 100, "too little load to tell: {answered}");
+}
+
 /// Lines cut off the end of the trail leave a chain that verifies on its own; the head the
 /// service recorded in its database at shutdown shows the cut, and the service refuses to
 /// start on the shortened file (it would chain new lines onto it).

@@ -71,13 +71,16 @@ impl Service {
         let source = req.remote_addr();
         let call = Call::new(op, principal.map(|p| Caller::new(p, source)), source);
         let r = req.into_inner();
+        let target = intent_target(op, &r);
         let ctx = match op.recorded() {
             Recorded::EncryptionContext => r.encryption_context().and_then(audited),
             Recorded::Resources => None,
         };
         match self
             .path
-            .run(&call, ctx, async |kms, caller| handle(kms, caller, r).await)
+            .run(&call, ctx, target, async |kms, caller| {
+                handle(kms, caller, r).await
+            })
             .await
         {
             Ok(v) => Ok(Response::new(v)),
@@ -98,10 +101,39 @@ fn refusal(call: &Call, e: crate::kms::error::KmsError) -> Status {
     status
 }
 
-/// The encryption context a request carries for its audit line (ReEncrypt: the
-/// destination's). Only operations whose `Op::recorded` says so are asked.
+/// What a request's audit lines record of it. The encryption context it carries (ReEncrypt:
+/// the destination's): only operations whose `Op::recorded` says so are asked. What it
+/// names as the thing it changes (a key, a store, an alias), as the caller wrote it: the
+/// `intent` line of an operation that `Op::changes_state` has it.
 trait Audited {
     fn encryption_context(&self) -> Option<&HashMap<String, String>>;
+    fn target(&self) -> Option<&str>;
+}
+
+/// A request member that names what the request changes.
+trait Target {
+    fn target(&self) -> Option<&str>;
+}
+
+impl Target for String {
+    fn target(&self) -> Option<&str> {
+        Some(self.as_str()).filter(|t| !t.is_empty())
+    }
+}
+
+impl Target for Option<String> {
+    fn target(&self) -> Option<&str> {
+        self.as_deref().filter(|t| !t.is_empty())
+    }
+}
+
+/// The target of a request that changes state, for its intent line, quoted as errors quote
+/// caller input (cut to 128 characters).
+fn intent_target<R: Audited>(op: Op, request: &R) -> Option<String> {
+    op.changes_state()
+        .then(|| request.target())
+        .flatten()
+        .map(|t| crate::kms::error::quoted(t).into_owned())
 }
 
 /// Declares every operation: its gRPC method, its `Op`, its request (and the field its audit
@@ -109,7 +141,7 @@ trait Audited {
 /// to the AWS protocol front's dispatch (the same mapping, on the same messages in AWS's
 /// JSON), and to each request's `Audited`.
 macro_rules! operations {
-    ($($method:ident: $op:ident($req:ident $([$ctx:ident])?) -> $resp:ident = $family:ident::$handler:ident;)+) => {
+    ($($method:ident: $op:ident($req:ident $([$ctx:ident])? $({$target:ident})?) -> $resp:ident = $family:ident::$handler:ident;)+) => {
         #[tonic::async_trait]
         impl KeyManagementService for Service {
             $(
@@ -123,6 +155,10 @@ macro_rules! operations {
             impl Audited for $req {
                 fn encryption_context(&self) -> Option<&HashMap<String, String>> {
                     operations!(@context self $($ctx)?)
+                }
+
+                fn target(&self) -> Option<&str> {
+                    operations!(@target self $($target)?)
                 }
             }
         )+
@@ -155,38 +191,40 @@ macro_rules! operations {
     };
     (@context $self:ident $ctx:ident) => { Some(&$self.$ctx) };
     (@context $self:ident) => { None };
+    (@target $self:ident $target:ident) => { Target::target(&$self.$target) };
+    (@target $self:ident) => { None };
     (@has $ctx:ident) => { true };
     (@has) => { false };
 }
 
 operations! {
-    create_custom_key_store: CreateCustomKeyStore(CreateCustomKeyStoreRequest) -> CreateCustomKeyStoreResponse = keystores::create_custom_key_store;
+    create_custom_key_store: CreateCustomKeyStore(CreateCustomKeyStoreRequest {custom_key_store_name}) -> CreateCustomKeyStoreResponse = keystores::create_custom_key_store;
     describe_custom_key_stores: DescribeCustomKeyStores(DescribeCustomKeyStoresRequest) -> DescribeCustomKeyStoresResponse = keystores::describe_custom_key_stores;
-    update_custom_key_store: UpdateCustomKeyStore(UpdateCustomKeyStoreRequest) -> UpdateCustomKeyStoreResponse = keystores::update_custom_key_store;
-    delete_custom_key_store: DeleteCustomKeyStore(DeleteCustomKeyStoreRequest) -> DeleteCustomKeyStoreResponse = keystores::delete_custom_key_store;
-    connect_custom_key_store: ConnectCustomKeyStore(ConnectCustomKeyStoreRequest) -> ConnectCustomKeyStoreResponse = keystores::connect_custom_key_store;
-    disconnect_custom_key_store: DisconnectCustomKeyStore(DisconnectCustomKeyStoreRequest) -> DisconnectCustomKeyStoreResponse = keystores::disconnect_custom_key_store;
-    create_key: CreateKey(CreateKeyRequest) -> CreateKeyResponse = keys::create_key;
+    update_custom_key_store: UpdateCustomKeyStore(UpdateCustomKeyStoreRequest {custom_key_store_id}) -> UpdateCustomKeyStoreResponse = keystores::update_custom_key_store;
+    delete_custom_key_store: DeleteCustomKeyStore(DeleteCustomKeyStoreRequest {custom_key_store_id}) -> DeleteCustomKeyStoreResponse = keystores::delete_custom_key_store;
+    connect_custom_key_store: ConnectCustomKeyStore(ConnectCustomKeyStoreRequest {custom_key_store_id}) -> ConnectCustomKeyStoreResponse = keystores::connect_custom_key_store;
+    disconnect_custom_key_store: DisconnectCustomKeyStore(DisconnectCustomKeyStoreRequest {custom_key_store_id}) -> DisconnectCustomKeyStoreResponse = keystores::disconnect_custom_key_store;
+    create_key: CreateKey(CreateKeyRequest {custom_key_store_id}) -> CreateKeyResponse = keys::create_key;
     describe_key: DescribeKey(DescribeKeyRequest) -> DescribeKeyResponse = keys::describe_key;
     list_keys: ListKeys(ListKeysRequest) -> ListKeysResponse = keys::list_keys;
     list_resource_tags: ListResourceTags(ListResourceTagsRequest) -> ListResourceTagsResponse = keys::list_resource_tags;
-    enable_key: EnableKey(EnableKeyRequest) -> EnableKeyResponse = keys::enable_key;
-    disable_key: DisableKey(DisableKeyRequest) -> DisableKeyResponse = keys::disable_key;
-    update_key_description: UpdateKeyDescription(UpdateKeyDescriptionRequest) -> UpdateKeyDescriptionResponse = keys::update_key_description;
-    schedule_key_deletion: ScheduleKeyDeletion(ScheduleKeyDeletionRequest) -> ScheduleKeyDeletionResponse = keys::schedule_key_deletion;
-    cancel_key_deletion: CancelKeyDeletion(CancelKeyDeletionRequest) -> CancelKeyDeletionResponse = keys::cancel_key_deletion;
-    tag_resource: TagResource(TagResourceRequest) -> TagResourceResponse = keys::tag_resource;
-    untag_resource: UntagResource(UntagResourceRequest) -> UntagResourceResponse = keys::untag_resource;
-    create_alias: CreateAlias(CreateAliasRequest) -> CreateAliasResponse = aliases::create_alias;
-    update_alias: UpdateAlias(UpdateAliasRequest) -> UpdateAliasResponse = aliases::update_alias;
-    delete_alias: DeleteAlias(DeleteAliasRequest) -> DeleteAliasResponse = aliases::delete_alias;
+    enable_key: EnableKey(EnableKeyRequest {key_id}) -> EnableKeyResponse = keys::enable_key;
+    disable_key: DisableKey(DisableKeyRequest {key_id}) -> DisableKeyResponse = keys::disable_key;
+    update_key_description: UpdateKeyDescription(UpdateKeyDescriptionRequest {key_id}) -> UpdateKeyDescriptionResponse = keys::update_key_description;
+    schedule_key_deletion: ScheduleKeyDeletion(ScheduleKeyDeletionRequest {key_id}) -> ScheduleKeyDeletionResponse = keys::schedule_key_deletion;
+    cancel_key_deletion: CancelKeyDeletion(CancelKeyDeletionRequest {key_id}) -> CancelKeyDeletionResponse = keys::cancel_key_deletion;
+    tag_resource: TagResource(TagResourceRequest {key_id}) -> TagResourceResponse = keys::tag_resource;
+    untag_resource: UntagResource(UntagResourceRequest {key_id}) -> UntagResourceResponse = keys::untag_resource;
+    create_alias: CreateAlias(CreateAliasRequest {alias_name}) -> CreateAliasResponse = aliases::create_alias;
+    update_alias: UpdateAlias(UpdateAliasRequest {alias_name}) -> UpdateAliasResponse = aliases::update_alias;
+    delete_alias: DeleteAlias(DeleteAliasRequest {alias_name}) -> DeleteAliasResponse = aliases::delete_alias;
     list_aliases: ListAliases(ListAliasesRequest) -> ListAliasesResponse = aliases::list_aliases;
-    create_grant: CreateGrant(CreateGrantRequest) -> CreateGrantResponse = grants::create_grant;
+    create_grant: CreateGrant(CreateGrantRequest {key_id}) -> CreateGrantResponse = grants::create_grant;
     list_grants: ListGrants(ListGrantsRequest) -> ListGrantsResponse = grants::list_grants;
     list_retirable_grants: ListRetirableGrants(ListRetirableGrantsRequest) -> ListGrantsResponse = grants::list_retirable_grants;
-    retire_grant: RetireGrant(RetireGrantRequest) -> RetireGrantResponse = grants::retire_grant;
-    revoke_grant: RevokeGrant(RevokeGrantRequest) -> RevokeGrantResponse = grants::revoke_grant;
-    put_key_policy: PutKeyPolicy(PutKeyPolicyRequest) -> PutKeyPolicyResponse = keys::put_key_policy;
+    retire_grant: RetireGrant(RetireGrantRequest {key_id}) -> RetireGrantResponse = grants::retire_grant;
+    revoke_grant: RevokeGrant(RevokeGrantRequest {key_id}) -> RevokeGrantResponse = grants::revoke_grant;
+    put_key_policy: PutKeyPolicy(PutKeyPolicyRequest {key_id}) -> PutKeyPolicyResponse = keys::put_key_policy;
     get_key_policy: GetKeyPolicy(GetKeyPolicyRequest) -> GetKeyPolicyResponse = keys::get_key_policy;
     list_key_policies: ListKeyPolicies(ListKeyPoliciesRequest) -> ListKeyPoliciesResponse = keys::list_key_policies;
     encrypt: Encrypt(EncryptRequest [encryption_context]) -> EncryptResponse = crypto::encrypt;

@@ -64,13 +64,17 @@ impl RequestPath {
 
     /// Runs `call` through `handle`: refuses it unless the audit trail can record it,
     /// records it (with `encryption_context` if the operation records one), answers only
-    /// once its line is written, and counts and logs the outcome. The span is debug-level:
+    /// once its line is written, and counts and logs the outcome. An operation that changes
+    /// state first has an `intent` line written (naming `target`, what the request names),
+    /// and runs only once that line has reached the operating system: a replica that dies
+    /// between making the change and writing its outcome leaves the change in the trail. The span is debug-level:
     /// an enabled span per request costs measurable throughput (bench), so failures name
     /// the operation in their own event instead.
     pub async fn run<T>(
         &self,
         call: &Call,
         encryption_context: Option<BTreeMap<String, String>>,
+        target: Option<String>,
         handle: impl AsyncFnOnce(&Arc<Kms>, &Caller) -> KmsResult<T>,
     ) -> KmsResult<T> {
         let op = call.op.name();
@@ -78,6 +82,26 @@ impl RequestPath {
         if !self.audit.available() {
             self.audit.refused();
             return Err(self.refused(call, unaudited()));
+        }
+        if let (Ok(caller), true) = (&call.caller, call.op.changes_state()) {
+            let intent = self.audit.record(crate::audit::Entry {
+                time_ms: crate::kms::now_ms(),
+                request_id: call.request_id,
+                principal: Some(Arc::clone(&caller.principal)),
+                source: call.source,
+                operation: op,
+                resources: target
+                    .map(crate::kms::access::Resource::Named)
+                    .into_iter()
+                    .collect(),
+                encryption_context: None,
+                outcome: INTENT,
+                error: None,
+                unrecorded_refusals: None,
+            });
+            if !intent.written().await {
+                return Err(self.refused(call, unaudited()));
+            }
         }
         let outcome = async {
             let caller = call.caller.as_ref().map_err(Clone::clone)?;
@@ -141,6 +165,10 @@ impl RequestPath {
         e
     }
 }
+
+/// The outcome of the line written before a state change runs; its outcome line (same
+/// `request_id`) follows, unless the replica died in between.
+pub const INTENT: &str = "intent";
 
 /// How many refusals before authentication are recorded one by one: per source address,
 /// `PER_SOURCE_BURST` at once and `PER_SOURCE_RATE` a second after that; over all sources,

@@ -272,6 +272,50 @@ impl Op {
         }
     }
 
+    /// Whether it changes what the service holds (a store, a key, its state, tags, aliases,
+    /// grants or policy). Such a request has an `intent` audit line written before it runs,
+    /// so that a change made by a replica that dies before its outcome line is still in the
+    /// trail.
+    pub fn changes_state(self) -> bool {
+        match self {
+            Op::CreateCustomKeyStore
+            | Op::UpdateCustomKeyStore
+            | Op::DeleteCustomKeyStore
+            | Op::ConnectCustomKeyStore
+            | Op::DisconnectCustomKeyStore
+            | Op::CreateKey
+            | Op::EnableKey
+            | Op::DisableKey
+            | Op::UpdateKeyDescription
+            | Op::ScheduleKeyDeletion
+            | Op::CancelKeyDeletion
+            | Op::TagResource
+            | Op::UntagResource
+            | Op::CreateAlias
+            | Op::UpdateAlias
+            | Op::DeleteAlias
+            | Op::CreateGrant
+            | Op::RetireGrant
+            | Op::RevokeGrant
+            | Op::PutKeyPolicy => true,
+            Op::DescribeCustomKeyStores
+            | Op::DescribeKey
+            | Op::ListKeys
+            | Op::ListResourceTags
+            | Op::ListAliases
+            | Op::ListGrants
+            | Op::ListRetirableGrants
+            | Op::GetKeyPolicy
+            | Op::ListKeyPolicies
+            | Op::Encrypt
+            | Op::Decrypt
+            | Op::ReEncrypt
+            | Op::GenerateDataKey
+            | Op::GenerateDataKeyWithoutPlaintext
+            | Op::GenerateRandom => false,
+        }
+    }
+
     /// What its audit line records besides who, what and the outcome.
     pub fn recorded(self) -> Recorded {
         if self.cryptographic() {

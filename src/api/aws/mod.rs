@@ -311,8 +311,12 @@ where
         (Ok(r), Recorded::EncryptionContext) => r.encryption_context().and_then(audited),
         _ => None,
     };
+    let target = request
+        .as_ref()
+        .ok()
+        .and_then(|r| super::intent_target(call.op, r));
     let response = path
-        .run(call, context, async |kms, caller| {
+        .run(call, context, target, async |kms, caller| {
             handle(kms, caller, request?).await
         })
         .await?;
