@@ -75,6 +75,12 @@ pub struct Metrics {
     aws_requests: Family<Stage, Gauge>,
     refusals_unrecorded: Counter,
     connections_evicted: Counter,
+    key_lookup_failures: Family<Reason, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -123,7 +129,11 @@ impl Metrics {
             aws_requests: Family::default(),
             refusals_unrecorded: Counter::default(),
             connections_evicted: Counter::default(),
+            key_lookup_failures: Family::default(),
         };
+        for reason in ["missing", "ambiguous"] {
+            let _ = m.key_lookup_failures.get_or_create(&Reason { reason });
+        }
         // Every stage shows from the start, at zero.
         for stage in AWS_STAGES {
             let _ = m.aws_requests.get_or_create(&Stage { stage });
@@ -207,6 +217,11 @@ impl Metrics {
             "Connections closed to make room because they had made no authenticated request",
             m.connections_evicted.clone(),
         );
+        r.register(
+            "key_lookup_failures",
+            "Key token objects still missing or found more than once after every lookup",
+            m.key_lookup_failures.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 
@@ -227,6 +242,12 @@ impl Metrics {
         let gauge = self.aws_requests.get_or_create(&Stage { stage }).clone();
         gauge.inc();
         StageGuard(gauge)
+    }
+
+    pub fn key_lookup_failed(&self, reason: &'static str) {
+        self.key_lookup_failures
+            .get_or_create(&Reason { reason })
+            .inc();
     }
 
     pub fn connection_evicted(&self) {

@@ -710,3 +710,50 @@ async fn queueing_for_sessions_is_reported_with_the_pool_it_needs() {
     let sample = format!(r#"hsm_kms_session_pool_needed{{custom_key_store_id="{store}"}}"#);
     assert_eq!(metric(&h.metrics(), &sample), Some(needed as f64));
 }
+
+/// A key's token object found twice (SoftHSM2 2.6.1 did so after a reconnect): looked up
+/// again, a little later, before the key is given up; what stays ambiguous is counted and
+/// makes the replica unready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_object_found_twice_is_looked_up_again_and_shows() {
+    let mut h = Harness::start(&[ClusterSpec::faulty(A)]).await;
+    let mut c = h.client().await;
+    let store = h.connected_store(&mut c, 0, "lookups").await;
+    let first = create_key(&mut c, &store).await.key_id;
+    let second = create_key(&mut c, &store).await.key_id;
+    // A new process has no handle cached: each key's first use searches the token.
+    h.relaunch().await;
+    let mut c = h.client().await;
+    wait_for(
+        "the store to be served again",
+        Duration::from_secs(30),
+        || {
+            let h = &h;
+            let store = store.clone();
+            async move { h.health(&store).await == SERVING }
+        },
+    )
+    .await;
+    // Two searches in a row see the object twice; the third sees it once.
+    h.set_faults("duplicate_objects = 2\n");
+    encrypt(&mut c, &first, b"third time").await;
+    let lookups = |reason: &str| {
+        metric(
+            &h.metrics(),
+            &format!("hsm_kms_key_lookup_failures_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(lookups("ambiguous"), Some(0.0));
+    assert_eq!(h.admin_get("/readyz").0, 200);
+    // Every search sees it twice: given up (retryable), counted, and the replica unready.
+    h.set_faults("duplicate_objects = 1000\n");
+    let r = try_encrypt(&mut c, &second, b"never").await;
+    assert_err(r, "KMSInternalException");
+    assert_eq!(lookups("ambiguous"), Some(1.0));
+    let (status, why) = h.admin_get("/readyz");
+    assert_eq!(status, 503, "{why}");
+    assert!(why.contains("more than once"), "{why}");
+    // Once the token answers sensibly, the key works again.
+    h.set_faults("");
+    encrypt(&mut c, &second, b"again").await;
+}

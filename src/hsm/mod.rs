@@ -36,6 +36,13 @@ use error::{is_stale_handle, short, tier, Tier};
 pub use error::{HsmError, LoginFailure};
 use single::OneCall;
 
+/// How many times a key's token object is looked up before it is given up for this request,
+/// and the pause before the second (the third waits twice as long).
+const LOOKUPS: u32 = 3;
+const LOOKUP_PAUSE: Duration = Duration::from_millis(20);
+/// How long an object found twice keeps the replica unready.
+const AMBIGUITY_SHOWS: Duration = Duration::from_secs(30);
+
 /// GCM tag length in bits.
 const GCM_TAG_BITS: u64 = 128;
 const GCM_TAG_LEN: usize = 16;
@@ -218,6 +225,9 @@ pub struct Connection {
     objects: Mutex<()>,
     call_timeout: Duration,
     degraded: AtomicBool,
+    /// When a key's token object was last still ambiguous (found more than once) after every
+    /// lookup: the token, as this process sees it, is inconsistent (`lookup_trouble`).
+    ambiguous_at: Mutex<Option<Instant>>,
     on_device_failure: Box<dyn Fn(&str) + Send + Sync>,
     /// Set when a newer connection to the same token replaced this one: its close must then
     /// not log out, which would log the newer connection out too (the login is per token).
@@ -286,6 +296,7 @@ impl Connection {
             objects: Mutex::new(()),
             call_timeout: options.call_timeout,
             degraded: AtomicBool::new(false),
+            ambiguous_at: Mutex::new(None),
             on_device_failure: options.on_device_failure,
             superseded: AtomicBool::new(false),
             capacity,
@@ -330,6 +341,19 @@ impl Connection {
     /// Whether a device-tier failure has put this connection out of service.
     pub fn is_degraded(&self) -> bool {
         self.degraded.load(Ordering::Acquire)
+    }
+
+    /// Why this connection should not be trusted with requests now, if a key's token object
+    /// was found more than once, after every lookup, within `AMBIGUITY_SHOWS`.
+    pub fn lookup_trouble(&self) -> Option<String> {
+        let at = (*self.ambiguous_at.lock().unwrap_or_else(|p| p.into_inner()))?;
+        let ago = at.elapsed();
+        (ago < AMBIGUITY_SHOWS).then(|| {
+            format!(
+                "a key's token object was found more than once, after {LOOKUPS} lookups, {}s ago",
+                ago.as_secs()
+            )
+        })
     }
 
     /// (sessions, sessions busy with an operation).
@@ -450,23 +474,37 @@ impl Connection {
         }
     }
 
-    /// The token object of `key_id`: from the cache, else one `C_FindObjects` search.
+    /// The token object of `key_id`: from the cache, else a `C_FindObjects` search that
+    /// must find exactly one. A search that finds none or several is made again, at most
+    /// `LOOKUPS` times in all, a little later each time: a token can show a new key's
+    /// label before its value, or (SoftHSM2 2.6.1, after a reconnect) an object twice. What
+    /// stays wrong is counted (`hsm_kms_key_lookup_failures`), and an object still found
+    /// twice makes the replica unready for a while (`lookup_trouble`).
     fn handle(&self, session: &Session, key_id: &Uuid) -> Result<ObjectHandle, OpError> {
         if let Some(h) = self.cached(key_id) {
             return Ok(h);
         }
-        let found = session.find_objects(&key_search(key_id))?;
-        match found.as_slice() {
-            [] => Err(OpError::Hsm(HsmError::KeyMaterialMissing)),
-            [h] => {
-                self.remember(*key_id, *h);
-                Ok(*h)
+        let mut found = Vec::new();
+        for attempt in 0..LOOKUPS {
+            if attempt > 0 {
+                std::thread::sleep(LOOKUP_PAUSE * attempt);
             }
-            many => Err(OpError::Hsm(HsmError::Internal(format!(
-                "{} token objects carry key id {key_id}",
-                many.len()
-            )))),
+            found = session.find_objects(&key_search(key_id))?;
+            if let [h] = found.as_slice() {
+                self.remember(*key_id, *h);
+                return Ok(*h);
+            }
         }
+        if found.is_empty() {
+            crate::metrics::get().key_lookup_failed("missing");
+            return Err(OpError::Hsm(HsmError::KeyMaterialMissing));
+        }
+        crate::metrics::get().key_lookup_failed("ambiguous");
+        *self.ambiguous_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        Err(OpError::Hsm(HsmError::Internal(format!(
+            "{} token objects carry key id {key_id}, after {LOOKUPS} lookups",
+            found.len()
+        ))))
     }
 
     fn cached(&self, key_id: &Uuid) -> Option<ObjectHandle> {

@@ -219,7 +219,11 @@ impl Kms {
             };
             after = Some(last.id.clone());
             for rec in page {
-                let working = self.connection(&rec.id).is_some_and(|c| !c.is_degraded());
+                let conn = self.connection(&rec.id);
+                if let Some(why) = conn.as_ref().and_then(|c| c.lookup_trouble()) {
+                    return Err(format!("custom key store {}: {why}", rec.id));
+                }
+                let working = conn.is_some_and(|c| !c.is_degraded());
                 if rec.connection_state == ConnectionState::Connected && !working {
                     return Err(format!(
                         "custom key store {} is CONNECTED, and this replica has no working HSM \

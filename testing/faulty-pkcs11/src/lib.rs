@@ -17,6 +17,8 @@
 //! pin_format = user:password            # CloudHSM: the PIN is `<user>:<password>`
 //! after_call = true                     # C_SetPIN: fail only after the real call ran
 //! counts_file = /path/counts            # write each wrapped function's call count there
+//! duplicate_objects = 2                 # the next 2 C_FindObjects calls that find one object
+//!                                       # report it twice (SoftHSM2 2.6.1 did, after a reconnect)
 //! ```
 //!
 //! For benchmarks, a network HSM's latency comes from the environment, read once, so that
@@ -88,6 +90,7 @@ pub unsafe extern "C" fn C_GetFunctionList(out: *mut *mut CK_FUNCTION_LIST) -> C
         C_Login: Some(C_Login),
         C_SetPIN: Some(C_SetPIN),
         C_FindObjectsInit: Some(C_FindObjectsInit),
+        C_FindObjects: Some(C_FindObjects),
         C_GenerateKey: Some(C_GenerateKey),
         C_DestroyObject: Some(C_DestroyObject),
         C_EncryptInit: Some(C_EncryptInit),
@@ -117,6 +120,8 @@ struct Control {
     /// HSM acted but before the caller heard of it). Only C_SetPIN honours it.
     after_call: bool,
     counts_file: Option<String>,
+    /// How many C_FindObjects calls that find one object report it twice.
+    duplicate_objects: u64,
 }
 
 fn names(v: &str) -> Vec<String> {
@@ -157,6 +162,7 @@ impl Control {
                 "pin_format" => c.user_pin = v == "user:password",
                 "after_call" => c.after_call = v == "true",
                 "counts_file" => c.counts_file = Some(v.to_string()),
+                "duplicate_objects" => c.duplicate_objects = v.parse().unwrap_or(0),
                 _ => {}
             }
         }
@@ -301,6 +307,37 @@ plain! {
     C_DecryptInit(s: CK_SESSION_HANDLE, m: *mut CK_MECHANISM, k: CK_OBJECT_HANDLE);
     C_Decrypt(s: CK_SESSION_HANDLE, d: *mut CK_BYTE, n: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
     C_GenerateRandom(s: CK_SESSION_HANDLE, out: *mut CK_BYTE, n: CK_ULONG);
+}
+
+/// The last control text seen and how many finds were doubled since it changed.
+static DOUBLED: Mutex<(String, u64)> = Mutex::new((String::new(), 0));
+
+/// With `duplicate_objects`, a find that returns one object returns it twice.
+unsafe extern "C" fn C_FindObjects(
+    s: CK_SESSION_HANDLE,
+    out: *mut CK_OBJECT_HANDLE,
+    max: CK_ULONG,
+    found: *mut CK_ULONG,
+) -> CK_RV {
+    let (c, text) = control();
+    count("C_FindObjects", c.counts_file.as_deref());
+    let rv = call!(C_FindObjects(s, out, max, found));
+    if rv != CKR_OK || c.duplicate_objects == 0 || found.is_null() || out.is_null() {
+        return rv;
+    }
+    if *found != 1 || max < 2 {
+        return rv;
+    }
+    let mut doubled = DOUBLED.lock().unwrap_or_else(|p| p.into_inner());
+    if doubled.0 != text {
+        *doubled = (text, 0);
+    }
+    if doubled.1 < c.duplicate_objects {
+        doubled.1 += 1;
+        *out.add(1) = *out;
+        *found = 2;
+    }
+    rv
 }
 
 /// Slots stay; with `token_not_present` their tokens disappear from the tokens-only list.
