@@ -1741,3 +1741,124 @@ async fn a_kill_storm_through_the_balancer_contradicts_no_answer() {
     }
     eprintln!("kill storm: {orphans} changes begun and not finished in the audit trails");
 }
+
+/// A change that takes access away, once acknowledged through one replica, is in force on
+/// every other live replica: 8 keys at a time, served from B's and C's caches a moment
+/// before, are disabled (or scheduled for deletion) through A, and an Encrypt sent to B and
+/// to C the moment each answer arrives is refused, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_revocation_is_in_force_on_every_replica() {
+    const ROUNDS: usize = 24;
+    let database = postgres_database().await;
+    let h = Harness::start_with(&[ClusterSpec::good("cluster-replicarevok")], |s| {
+        use_database(s, database);
+    })
+    .await;
+    let mut a = h.client().await;
+    let store = h.connected_store(&mut a, 0, "revoke").await;
+    let mut keys = Vec::new();
+    for _ in 0..8 {
+        keys.push(create_key(&mut a, &store).await.key_id);
+    }
+    let (b, c) = (h.replica("b"), h.replica("c"));
+    let others = [b.client().await, c.client().await];
+    // Load on B and C meanwhile (a key of its own), as a busy service has.
+    let busy = create_key(&mut a, &store).await.key_id;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for w in 0..4 {
+        let (mut o, busy, stop) = (others[w % 2].clone(), busy.clone(), stop.clone());
+        usable(&mut o, &busy).await;
+        load.spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                try_encrypt(&mut o, &busy, b"load").await.unwrap();
+                n += 1;
+            }
+            n
+        });
+    }
+    let mut raced = 0;
+    let mut served = Vec::new();
+    let mut took = Vec::new();
+    for round in 0..ROUNDS {
+        let schedule = round % 2 == 1;
+        // Every key enabled again, and served by B and C: their caches hold it Enabled.
+        for k in &keys {
+            let _ = a
+                .cancel_key_deletion(CancelKeyDeletionRequest { key_id: k.clone() })
+                .await;
+            a.enable_key(EnableKeyRequest { key_id: k.clone() })
+                .await
+                .unwrap();
+            for o in &others {
+                usable(&mut o.clone(), k).await;
+            }
+        }
+        let mut races = tokio::task::JoinSet::new();
+        for k in keys.clone() {
+            let (mut a, others) = (a.clone(), others.clone());
+            races.spawn(async move {
+                let started = std::time::Instant::now();
+                if schedule {
+                    a.schedule_key_deletion(ScheduleKeyDeletionRequest {
+                        key_id: k.clone(),
+                        pending_window_in_days: Some(7),
+                    })
+                    .await
+                    .map(drop)
+                } else {
+                    a.disable_key(DisableKeyRequest { key_id: k.clone() })
+                        .await
+                        .map(drop)
+                }
+                .unwrap();
+                let took = started.elapsed();
+                // The answer is in: both other replicas, at once.
+                let (mut b, mut c) = (others[0].clone(), others[1].clone());
+                let (rb, rc) = tokio::join!(
+                    try_encrypt(&mut b, &k, b"after"),
+                    try_encrypt(&mut c, &k, b"after")
+                );
+                let mut out = Vec::new();
+                for (name, r) in [("B", rb), ("C", rc)] {
+                    match r {
+                        Ok(_) => out.push(Some(format!("{name} served {k}"))),
+                        Err(e) => {
+                            let want = if schedule {
+                                "KMSInvalidStateException"
+                            } else {
+                                "DisabledException"
+                            };
+                            assert_eq!(aws_error(&e), want, "{e:?}");
+                            out.push(None);
+                        }
+                    }
+                }
+                (out, took)
+            });
+        }
+        while let Some(r) = races.join_next().await {
+            let (out, t) = r.unwrap();
+            raced += out.len();
+            served.extend(out.into_iter().flatten());
+            took.push(t);
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut loaded = 0;
+    while let Some(n) = load.join_next().await {
+        loaded += n.unwrap();
+    }
+    took.sort();
+    eprintln!(
+        "{raced} requests raced an acknowledged revocation ({loaded} Encrypts of load \
+         meanwhile), {} served; the revocation's answer took {:?} (median), {:?} (max)",
+        served.len(),
+        took[took.len() / 2],
+        took[took.len() - 1]
+    );
+    // The race happened as often as planned, on warm caches (`usable` above).
+    assert_eq!(raced, ROUNDS * 8 * 2);
+    assert!(served.is_empty(), "{served:?}");
+}

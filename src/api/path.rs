@@ -105,7 +105,13 @@ impl RequestPath {
         }
         let outcome = async {
             let caller = call.caller.as_ref().map_err(Clone::clone)?;
-            handle(&self.kms, caller).await
+            let done = handle(&self.kms, caller).await?;
+            // Access taken away is in force on every live replica before the caller hears
+            // that it is (see metadata::postgres::cache).
+            if call.op.revokes_access() {
+                tokio::time::sleep(self.kms.revocation_fence()).await;
+            }
+            Ok(done)
         }
         .instrument(tracing::debug_span!("kms", op))
         .await;

@@ -203,6 +203,12 @@ impl Kms {
     /// Whether this replica can serve: the metadata database answers, its change listener
     /// works (with PostgreSQL), and every store that is CONNECTED for the service has a
     /// working HSM login here. The reason when not.
+    /// How long a change that takes access away waits before it is answered, so that every
+    /// live replica has it in force (`Metadata::revocation_fence`).
+    pub fn revocation_fence(&self) -> std::time::Duration {
+        self.meta.revocation_fence()
+    }
+
     pub async fn readiness(&self) -> Result<(), String> {
         if let Some(why) = self.meta.cache_bypassed() {
             return Err(why.to_string());

@@ -316,6 +316,50 @@ impl Op {
         }
     }
 
+    /// Whether a successful call can take access away (a key disabled or scheduled for
+    /// deletion, a grant gone, a policy replaced, a store disconnected or deleted): its
+    /// answer waits until every live replica has it in force (`Metadata::revocation_fence`).
+    /// Changes that give access may be seen by other replicas a moment later.
+    pub fn revokes_access(self) -> bool {
+        match self {
+            Op::DisableKey
+            | Op::ScheduleKeyDeletion
+            | Op::RevokeGrant
+            | Op::RetireGrant
+            | Op::PutKeyPolicy
+            | Op::DisconnectCustomKeyStore
+            | Op::DeleteCustomKeyStore => true,
+            Op::CreateCustomKeyStore
+            | Op::DescribeCustomKeyStores
+            | Op::UpdateCustomKeyStore
+            | Op::ConnectCustomKeyStore
+            | Op::CreateKey
+            | Op::DescribeKey
+            | Op::ListKeys
+            | Op::ListResourceTags
+            | Op::EnableKey
+            | Op::UpdateKeyDescription
+            | Op::CancelKeyDeletion
+            | Op::TagResource
+            | Op::UntagResource
+            | Op::CreateAlias
+            | Op::UpdateAlias
+            | Op::DeleteAlias
+            | Op::ListAliases
+            | Op::CreateGrant
+            | Op::ListGrants
+            | Op::ListRetirableGrants
+            | Op::GetKeyPolicy
+            | Op::ListKeyPolicies
+            | Op::Encrypt
+            | Op::Decrypt
+            | Op::ReEncrypt
+            | Op::GenerateDataKey
+            | Op::GenerateDataKeyWithoutPlaintext
+            | Op::GenerateRandom => false,
+        }
+    }
+
     /// What its audit line records besides who, what and the outcome.
     pub fn recorded(self) -> Recorded {
         if self.cryptographic() {

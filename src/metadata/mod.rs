@@ -252,6 +252,12 @@ pub trait KeyStores: Send + Sync {
     fn shared(&self) -> bool {
         false
     }
+    /// How long after a change commits every other live replica has it in force (or has
+    /// stopped serving from its cache): the request path waits this long before it answers
+    /// a change that takes access away. None to wait for a single node.
+    fn revocation_fence(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 /// The metadata database a configuration names: PostgreSQL (`[database]`, migrated), else

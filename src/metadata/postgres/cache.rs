@@ -5,12 +5,18 @@
 //! that changes a row, so a committed change is announced once and a rolled-back one never.
 //! Each replica holds one extra connection that LISTENs and drops the entries named.
 //!
-//! Fail closed: the cache is used only while the listener is known to work. It pings itself
-//! through its own channel every `PING`, and counts as listening only when it heard
-//! something within `SILENCE`; a lost or silent connection makes every read go to the
-//! database (and empties the cache) until the listener is back. A change this replica makes
-//! itself empties the cache at once, without waiting for its notification. Entries also
-//! expire after `TTL`, a backstop for what nothing above catches.
+//! Fail closed: the cache is used only while the listener is known to be up to date. It
+//! pings itself through its own channel every `PING`, and serves (and fills) entries only
+//! while it has heard one of its own pings that it sent less than `FENCE` ago. PostgreSQL
+//! delivers notifications in commit order, so such a replica has applied every change
+//! committed before that ping was sent: a change acknowledged `FENCE` after its commit
+//! (`Metadata::revocation_fence`; the request path waits that long before answering a
+//! change that takes access away) is in force on every replica that still serves from its
+//! cache, and a replica that cannot confirm so reads the database instead. A listener that
+//! heard nothing at all for `SILENCE` counts as down (readiness; it empties the cache), and
+//! is connected again after `RECONNECT_AFTER`. A change this replica makes itself empties
+//! the cache at once, without waiting for its notification. Entries also expire after
+//! `TTL`, a backstop for what nothing above catches.
 //!
 //! A fill races a change: the row is read, then a notification drops an entry that is not
 //! there yet, then the stale row is put in. So a fill is kept only if no invalidation came
@@ -29,7 +35,11 @@ use crate::metadata::{GrantRecord, KeyRecord, KeyStoreRecord};
 /// The channel the triggers notify.
 pub(super) const CHANNEL: &str = "hsm_kms";
 /// How often the listener pings itself.
-const PING: Duration = Duration::from_millis(500);
+const PING: Duration = Duration::from_millis(50);
+/// Entries are served only while the listener has heard a ping of its own sent less than
+/// this long ago; a change that takes access away is acknowledged this long after its
+/// commit.
+pub(super) const FENCE: Duration = Duration::from_millis(200);
 /// A listener that heard nothing for this long is not trusted.
 const SILENCE: Duration = Duration::from_secs(2);
 /// A listener silent for this long is dropped and connected again.
@@ -48,6 +58,17 @@ pub(super) struct Cache {
     generation: AtomicU64,
     /// When the listener last heard its channel; none while it is not listening.
     heard: Mutex<Option<Instant>>,
+    /// Its own pings: what tells them from other replicas' (`ping/<nonce>/<n>`), those sent
+    /// and not yet heard (number, when sent), and when the last one heard was sent.
+    nonce: std::sync::OnceLock<u64>,
+    pings: Mutex<Pings>,
+}
+
+#[derive(Default)]
+struct Pings {
+    next: u64,
+    sent: std::collections::VecDeque<(u64, Instant)>,
+    fresh: Option<Instant>,
 }
 
 fn get<K: Eq + Hash, V: Clone>(map: &Map<K, V>, k: &K) -> Option<V> {
@@ -58,7 +79,66 @@ fn get<K: Eq + Hash, V: Clone>(map: &Map<K, V>, k: &K) -> Option<V> {
 }
 
 impl Cache {
-    /// Whether entries may be used (and filled): the listener heard its channel lately.
+    /// Whether entries may be used (and filled): the listener has heard a ping of its own
+    /// sent less than `FENCE` ago, so every change committed before then is applied.
+    fn fresh(&self) -> bool {
+        self.pings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .fresh
+            .is_some_and(|sent| sent.elapsed() < FENCE)
+    }
+
+    fn nonce(&self) -> u64 {
+        *self.nonce.get_or_init(|| {
+            let mut b = [0u8; 8];
+            let _ = getrandom::fill(&mut b);
+            u64::from_le_bytes(b)
+        })
+    }
+
+    /// The payload of the next ping, noted as sent now.
+    fn ping(&self) -> String {
+        let mut p = self.pings.lock().unwrap_or_else(|p| p.into_inner());
+        let n = p.next;
+        p.next += 1;
+        let now = Instant::now();
+        // Pings lost with a connection are not waited for past the reconnect limit.
+        while p
+            .sent
+            .front()
+            .is_some_and(|(_, at)| now - *at > RECONNECT_AFTER)
+        {
+            p.sent.pop_front();
+        }
+        p.sent.push_back((n, now));
+        format!("ping/{:x}/{n}", self.nonce())
+    }
+
+    /// A ping heard: if it is one of ours, everything committed before it was sent is
+    /// applied.
+    fn pinged(&self, payload: &str) {
+        let mut parts = payload.split('/').skip(1);
+        let (Some(nonce), Some(n)) = (parts.next(), parts.next()) else {
+            return;
+        };
+        if u64::from_str_radix(nonce, 16).ok() != Some(self.nonce()) {
+            return; // another replica's
+        }
+        let Ok(n) = n.parse::<u64>() else { return };
+        let mut p = self.pings.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(&(m, at)) = p.sent.front() {
+            if m > n {
+                break;
+            }
+            p.sent.pop_front();
+            if m == n {
+                p.fresh = Some(p.fresh.map_or(at, |f| f.max(at)));
+            }
+        }
+    }
+
+    /// Whether the listener is up: it heard its channel within `SILENCE` (readiness).
     pub fn listening(&self) -> bool {
         self.heard
             .lock()
@@ -76,23 +156,23 @@ impl Cache {
     }
 
     pub fn key(&self, id: &Uuid) -> Option<KeyRecord> {
-        self.listening().then(|| get(&self.keys, id)).flatten()
+        self.fresh().then(|| get(&self.keys, id)).flatten()
     }
 
     pub fn keystore(&self, id: &str) -> Option<KeyStoreRecord> {
-        self.listening()
+        self.fresh()
             .then(|| get(&self.keystores, &id.to_string()))
             .flatten()
     }
 
     pub fn grants(&self, key: &Uuid) -> Option<Arc<Vec<GrantRecord>>> {
-        self.listening().then(|| get(&self.grants, key)).flatten()
+        self.fresh().then(|| get(&self.grants, key)).flatten()
     }
 
     fn put<K: Eq + Hash, V>(&self, map: &Map<K, V>, since: u64, k: K, v: V) {
         let mut m = map.write().unwrap_or_else(|p| p.into_inner());
         // Checked under the lock that invalidations also take.
-        if self.listening() && self.generation() == since {
+        if self.fresh() && self.generation() == since {
             m.insert(k, (Instant::now(), v));
         }
     }
@@ -123,8 +203,12 @@ impl Cache {
     /// Applies one notification's payload.
     fn notified(&self, payload: &str) {
         self.heard_now();
+        if payload.starts_with("ping") {
+            self.pinged(payload);
+            return;
+        }
         let Some((table, id)) = payload.split_once(':') else {
-            return; // a ping
+            return;
         };
         fn drop_one<K: Eq + Hash, V>(c: &Cache, map: &Map<K, V>, k: Option<K>) {
             let mut m = map.write().unwrap_or_else(|p| p.into_inner());
@@ -146,6 +230,7 @@ impl Cache {
 
     fn stopped_listening(&self) {
         *self.heard.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.pings.lock().unwrap_or_else(|p| p.into_inner()).fresh = None;
         self.forget_all();
     }
 }
@@ -243,10 +328,14 @@ where
                     if last.elapsed() > RECONNECT_AFTER {
                         anyhow::bail!("the listener heard nothing for {RECONNECT_AFTER:?}");
                     }
+                    let Some(c) = cache.upgrade() else { return Ok(()) };
+                    let payload = c.ping();
                     let client = Arc::clone(&client);
                     // Not awaited here: a stalled server must not stall the receiving.
                     tokio::spawn(async move {
-                        let _ = client.batch_execute(&format!("NOTIFY {CHANNEL}, 'ping'")).await;
+                        let _ = client
+                            .batch_execute(&format!("NOTIFY {CHANNEL}, '{payload}'"))
+                            .await;
                     });
                 }
             }
@@ -283,6 +372,8 @@ mod tests {
         c.put_key(c.generation(), &key(Enabled));
         assert!(c.key(&Uuid::nil()).is_none(), "filled while not listening");
         c.heard_now();
+        let ping = c.ping();
+        c.notified(&ping);
         let since = c.generation();
         c.notified(&format!("k:{}", Uuid::nil()));
         c.put_key(since, &key(Enabled));
@@ -297,5 +388,42 @@ mod tests {
         c.put_key(c.generation(), &key(Disabled));
         c.stopped_listening();
         assert!(c.key(&Uuid::nil()).is_none(), "served while not listening");
+    }
+}
+
+#[cfg(test)]
+mod fence_tests {
+    use super::*;
+
+    /// Entries are served only while a ping of this cache's own, sent less than FENCE ago,
+    /// has come back: other replicas' pings, and old ones, do not count.
+    #[test]
+    fn the_cache_serves_only_within_the_fence_of_its_own_pings() {
+        let c = Cache::default();
+        c.heard_now();
+        assert!(!c.fresh(), "fresh before any ping came back");
+        let first = c.ping();
+        c.notified("ping/0/0"); // another replica's
+        c.notified("ping"); // an older replica's
+        assert!(!c.fresh(), "fresh on another replica's ping");
+        let second = c.ping();
+        c.notified(&second);
+        assert!(c.fresh(), "not fresh on its own ping");
+        // The first ping, heard late, does not move the fence back.
+        c.notified(&first);
+        std::thread::sleep(FENCE);
+        assert!(!c.fresh(), "fresh on a ping sent more than FENCE ago");
+        let late = c.ping();
+        std::thread::sleep(FENCE);
+        c.notified(&late);
+        assert!(
+            !c.fresh(),
+            "fresh on a ping that took longer than FENCE to come back"
+        );
+        let third = c.ping();
+        c.notified(&third);
+        assert!(c.fresh());
+        c.stopped_listening();
+        assert!(!c.fresh());
     }
 }

@@ -318,6 +318,10 @@ impl KeyStores for Postgres {
         true
     }
 
+    fn revocation_fence(&self) -> std::time::Duration {
+        super::cache::FENCE
+    }
+
     fn cache_bypassed(&self) -> Option<&'static str> {
         (!self.listening()).then_some(
             "the metadata change listener (LISTEN hsm_kms) is down; every request reads the database",
