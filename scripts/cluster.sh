@@ -241,6 +241,7 @@ servers() { # the replicas' first port (offset from $port) and what ends each li
 }
 config=$(cat deploy/haproxy-replicas.cfg)
 config=${config//@BIND@/127.0.0.1}
+config=${config//@ERRORS@/$repo/deploy/haproxy-errors}
 config=${config//@GRPC_PORT@/$port}
 config=${config//@AWS_PORT@/$aws_port}
 config=${config//@GRPC_SERVERS@/$(servers 1 " proto h2")}

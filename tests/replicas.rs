@@ -1862,3 +1862,142 @@ async fn an_acknowledged_revocation_is_in_force_on_every_replica() {
     assert_eq!(raced, ROUNDS * 8 * 2);
     assert!(served.is_empty(), "{served:?}");
 }
+
+/// A stalled database (PostgreSQL stopped with SIGSTOP, as a frozen host is): a request
+/// costs the metadata call's deadline and is answered DependencyTimeoutException, which
+/// SDKs retry, instead of waiting out the stall; /readyz says 503 meanwhile; and requests
+/// are served again soon after the database answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_database_answers_retryable_errors_and_service_returns() {
+    let server = hsm_kms::metadata::postgres::throwaway::Server::start_own()
+        .expect("PostgreSQL for the replica tests (scripts/setup.sh installs it)");
+    let database = database_on(&server).await;
+    let options = Options {
+        env: vec![("TEST_ROOT_SECRET", ROOT_KEY.1.to_string())],
+        ..Default::default()
+    };
+    let h = Harness::start_opts(&[ClusterSpec::good("cluster-replicastall")], options, |s| {
+        use_database(s, database);
+        s.server.aws_listen = Some("127.0.0.1:0".parse().unwrap());
+        s.auth.access_keys.push(hsm_kms::config::AccessKeySettings {
+            access_key_id: ROOT_KEY.0.into(),
+            secret_file: None,
+            secret_env: Some("TEST_ROOT_SECRET".into()),
+            principal: ROOT.into(),
+        });
+    })
+    .await;
+    // The shipped balancer in front of it, both fronts.
+    let balancer = Balancer::start(
+        h.dir.path(),
+        &[Backend {
+            grpc: h.addr.clone(),
+            aws: Some(h.aws.clone()),
+            admin: h.admin.clone(),
+        }],
+    );
+    let mut c = h.client().await;
+    let store = h.connected_store(&mut c, 0, "stall").await;
+    let key = create_key(&mut c, &store).await.key_id;
+    encrypt(&mut c, &key, b"before").await;
+    let pids = server.processes();
+    assert!(pids.len() >= 4, "PostgreSQL's processes: {pids:?}");
+    /// Continues the stopped processes however the test ends.
+    struct Stopped(Vec<i32>);
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            for &pid in &self.0 {
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+            }
+        }
+    }
+    for &pid in &pids {
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    }
+    let stopped = Stopped(pids);
+    // A replica's cache serves for at most its fence (200 ms) after its last answered ping;
+    // past that, every request needs the database.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    for op in ["Encrypt", "ListKeys"] {
+        let answer = async {
+            match op {
+                "Encrypt" => try_encrypt(&mut c, &key, b"stalled").await.map(drop),
+                _ => c.list_keys(ListKeysRequest::default()).await.map(drop),
+            }
+        };
+        // A generous limit that only catches a request hanging for the whole stall.
+        let r = tokio::time::timeout(Duration::from_secs(30), answer)
+            .await
+            .unwrap_or_else(|_| panic!("{op} hung while the database was stalled"));
+        let e = r.expect_err("served while the database was stalled");
+        assert_eq!(aws_error(&e), "DependencyTimeoutException", "{op}: {e:?}");
+    }
+    let answered = started.elapsed();
+    let (status, why) = tokio::task::block_in_place(|| h.admin_get("/readyz"));
+    assert_eq!(status, 503, "{why}");
+    eprintln!("stalled database: two requests answered DependencyTimeoutException in {answered:?}; /readyz: {why}");
+    // Once the balancer has taken the unready replica out, it answers itself, with the same
+    // retryable AWS exception on both fronts rather than a bare 503.
+    let mut through = Client::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{}", balancer.grpc))
+            .unwrap()
+            .connect_lazy(),
+    );
+    let mut by_balancer = None;
+    for _ in 0..60 {
+        let e = try_encrypt(&mut through, &key, b"via the balancer")
+            .await
+            .expect_err("served through the balancer while the database was stalled");
+        assert_eq!(aws_error(&e), "DependencyTimeoutException", "{e:?}");
+        if e.message().starts_with("No hsm-kms replica can serve now") {
+            by_balancer = Some(e);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let e = by_balancer.expect("the balancer never answered for the unready replica");
+    assert_eq!(e.code(), tonic::Code::Unavailable);
+    let headers = aws_headers(
+        &balancer.aws,
+        "ListKeys",
+        b"{}",
+        None,
+        "us-east-1",
+        std::time::SystemTime::now(),
+    );
+    let stream = std::net::TcpStream::connect(&balancer.aws).unwrap();
+    let (status, _, body) = http1_post(stream, &headers, b"{}");
+    assert_eq!(
+        (status, body["__type"].as_str()),
+        (503, Some("DependencyTimeoutException")),
+        "{body}"
+    );
+    drop(stopped);
+    let resumed = std::time::Instant::now();
+    loop {
+        if try_encrypt(&mut c, &key, b"after").await.is_ok() {
+            break;
+        }
+        assert!(
+            resumed.elapsed() < Duration::from_secs(30),
+            "not served 30 s after the database answered again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let served = resumed.elapsed();
+    loop {
+        if tokio::task::block_in_place(|| h.admin_get("/readyz")).0 == 200 {
+            break;
+        }
+        assert!(
+            resumed.elapsed() < Duration::from_secs(30),
+            "not ready 30 s after"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "after the stall: served again in {served:?}, ready in {:?}",
+        resumed.elapsed()
+    );
+}

@@ -188,7 +188,17 @@ impl std::error::Error for KmsError {}
 /// caller can cause (not found, a name taken, a state refused) are matched where they arise.
 impl From<crate::metadata::Failure> for KmsError {
     fn from(f: crate::metadata::Failure) -> Self {
-        KmsError::internal(f)
+        match f {
+            // Retryable, as AWS's DependencyTimeoutException is; the detail goes to the log.
+            crate::metadata::Failure::Unavailable(_) => {
+                let _logged = KmsError::internal(&f);
+                KmsError::new(
+                    ErrorKind::DependencyTimeout,
+                    "The metadata database did not answer in time; retry the request",
+                )
+            }
+            f => KmsError::internal(f),
+        }
     }
 }
 

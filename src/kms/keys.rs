@@ -317,7 +317,7 @@ impl Kms {
             .set_key_state(&id, creating, KeyState::Enabled)
             .await
         {
-            if let Failure::Internal(_) = f {
+            if let Failure::Internal(_) | Failure::Unavailable(_) = f {
                 // The database failed under the change: it may have been made (and only
                 // its answer lost, as when the server restarts at that moment), so the
                 // material may belong to an Enabled key and must stay. A row still

@@ -171,6 +171,9 @@ pub enum Failure {
     Precondition(Precondition),
     /// The database failed; the text is for the log only.
     Internal(String),
+    /// The database did not answer in time, or could not be reached: the call may or may
+    /// not have taken effect, and the caller may retry. The text is for the log only.
+    Unavailable(String),
 }
 
 pub type MetaResult<T> = Result<T, Failure>;
@@ -182,6 +185,7 @@ impl std::fmt::Display for Failure {
             Failure::Taken(u) => write!(f, "{u:?} taken"),
             Failure::Precondition(p) => write!(f, "precondition failed: {p:?}"),
             Failure::Internal(e) => write!(f, "metadata database: {e}"),
+            Failure::Unavailable(e) => write!(f, "metadata database unavailable: {e}"),
         }
     }
 }

@@ -1397,6 +1397,10 @@ impl Balancer {
         .unwrap();
         let config = template
             .replace("@BIND@", "127.0.0.1")
+            .replace(
+                "@ERRORS@",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy-errors"),
+            )
             .replace("@GRPC_PORT@", &grpc.to_string())
             .replace("@AWS_PORT@", &aws.to_string())
             .replace(

@@ -42,21 +42,24 @@ impl Aliases for Postgres {
         now_ms: i64,
         max: usize,
     ) -> MetaResult<()> {
-        let mut c = self.writer().await?;
-        let tx = c.transaction().await.map_err(internal)?;
-        // Aliases are counted per key: every change to a key's aliases locks the key first.
-        lock_key(&tx, key, accepted).await??;
-        if aliases_of(&tx, key).await? >= max {
-            return Err(Failure::Precondition(Precondition::Limit(max)));
-        }
-        tx.execute(
-            "INSERT INTO aliases (name, key_id, creation_date_ms, last_updated_ms)
+        self.timed(async {
+            let mut c = self.writer().await?;
+            let tx = c.transaction().await.map_err(internal)?;
+            // Aliases are counted per key: every change to a key's aliases locks the key first.
+            lock_key(&tx, key, accepted).await??;
+            if aliases_of(&tx, key).await? >= max {
+                return Err(Failure::Precondition(Precondition::Limit(max)));
+            }
+            tx.execute(
+                "INSERT INTO aliases (name, key_id, creation_date_ms, last_updated_ms)
              VALUES ($1, $2, $3, $3)",
-            &[&name, &key.to_string(), &now_ms],
-        )
+                &[&name, &key.to_string(), &now_ms],
+            )
+            .await
+            .map_err(|e| taken(e, &[("alias_name_taken", Unique::AliasName)]))?;
+            tx.commit().await.map_err(internal)
+        })
         .await
-        .map_err(|e| taken(e, &[("alias_name_taken", Unique::AliasName)]))?;
-        tx.commit().await.map_err(internal)
     }
 
     async fn update_alias(
@@ -67,41 +70,50 @@ impl Aliases for Postgres {
         now_ms: i64,
         max: usize,
     ) -> MetaResult<()> {
-        let mut c = self.writer().await?;
-        let tx = c.transaction().await.map_err(internal)?;
-        let current = tx
-            .query_opt(
-                "SELECT key_id FROM aliases WHERE name = $1 FOR UPDATE",
-                &[&name],
+        self.timed(async {
+            let mut c = self.writer().await?;
+            let tx = c.transaction().await.map_err(internal)?;
+            let current = tx
+                .query_opt(
+                    "SELECT key_id FROM aliases WHERE name = $1 FOR UPDATE",
+                    &[&name],
+                )
+                .await
+                .map_err(internal)?;
+            let Some(current) = current else {
+                return Err(Failure::NotFound);
+            };
+            let current: String = current.get(0);
+            lock_key(&tx, key, accepted).await??;
+            if current != key.to_string() && aliases_of(&tx, key).await? >= max {
+                return Err(Failure::Precondition(Precondition::Limit(max)));
+            }
+            tx.execute(
+                "UPDATE aliases SET key_id = $2, last_updated_ms = $3 WHERE name = $1",
+                &[&name, &key.to_string(), &now_ms],
             )
             .await
             .map_err(internal)?;
-        let Some(current) = current else {
-            return Err(Failure::NotFound);
-        };
-        let current: String = current.get(0);
-        lock_key(&tx, key, accepted).await??;
-        if current != key.to_string() && aliases_of(&tx, key).await? >= max {
-            return Err(Failure::Precondition(Precondition::Limit(max)));
-        }
-        tx.execute(
-            "UPDATE aliases SET key_id = $2, last_updated_ms = $3 WHERE name = $1",
-            &[&name, &key.to_string(), &now_ms],
-        )
+            tx.commit().await.map_err(internal)
+        })
         .await
-        .map_err(internal)?;
-        tx.commit().await.map_err(internal)
     }
 
     async fn delete_alias(&self, name: &str) -> MetaResult<()> {
-        one(self
-            .execute("DELETE FROM aliases WHERE name = $1", &[&name])
-            .await?)
+        self.timed(async {
+            one(self
+                .execute("DELETE FROM aliases WHERE name = $1", &[&name])
+                .await?)
+        })
+        .await
     }
 
     async fn alias(&self, name: &str) -> MetaResult<Option<AliasRecord>> {
-        self.row(&format!("{COLUMNS} WHERE name = $1"), &[&name], row)
-            .await
+        self.timed(async {
+            self.row(&format!("{COLUMNS} WHERE name = $1"), &[&name], row)
+                .await
+        })
+        .await
     }
 
     async fn list_aliases(
@@ -110,18 +122,21 @@ impl Aliases for Postgres {
         after: Option<&str>,
         limit: usize,
     ) -> MetaResult<Vec<AliasRecord>> {
-        self.rows(
-            &format!(
-                "{COLUMNS} WHERE name > $1 AND ($2::TEXT IS NULL OR key_id = $2)
+        self.timed(async {
+            self.rows(
+                &format!(
+                    "{COLUMNS} WHERE name > $1 AND ($2::TEXT IS NULL OR key_id = $2)
                      ORDER BY name LIMIT $3"
-            ),
-            &[
-                &after.unwrap_or(""),
-                &key.map(|k| k.to_string()),
-                &(limit as i64),
-            ],
-            row,
-        )
+                ),
+                &[
+                    &after.unwrap_or(""),
+                    &key.map(|k| k.to_string()),
+                    &(limit as i64),
+                ],
+                row,
+            )
+            .await
+        })
         .await
     }
 }

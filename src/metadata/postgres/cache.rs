@@ -89,6 +89,11 @@ impl Cache {
             .is_some_and(|sent| sent.elapsed() < FENCE)
     }
 
+    #[cfg(test)]
+    pub fn is_fresh(&self) -> bool {
+        self.fresh()
+    }
+
     fn nonce(&self) -> u64 {
         *self.nonce.get_or_init(|| {
             let mut b = [0u8; 8];
@@ -263,7 +268,8 @@ pub(super) fn spawn_listener(config: tokio_postgres::Config, tls: super::Tls, ca
                 backoff = first;
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            // At most a second: service (and readiness) come back soon after the database.
+            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     });
 }

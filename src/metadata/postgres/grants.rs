@@ -44,101 +44,113 @@ impl Grants for Postgres {
         per_key: usize,
         per_grantee: usize,
     ) -> MetaResult<GrantRecord> {
-        let mut c = self.writer().await?;
-        let tx = c.transaction().await.map_err(internal)?;
-        // A key's grants are counted under its row's lock, so concurrent grants take turns.
-        lock_key(&tx, &g.key_id, accepted).await??;
-        let key = g.key_id.to_string();
-        if g.name.is_some() {
-            let same = tx
-                .query(
-                    &format!("{COLUMNS} WHERE key_id = $1 AND name = $2"),
-                    &[&key, &g.name],
+        self.timed(async {
+            let mut c = self.writer().await?;
+            let tx = c.transaction().await.map_err(internal)?;
+            // A key's grants are counted under its row's lock, so concurrent grants take turns.
+            lock_key(&tx, &g.key_id, accepted).await??;
+            let key = g.key_id.to_string();
+            if g.name.is_some() {
+                let same = tx
+                    .query(
+                        &format!("{COLUMNS} WHERE key_id = $1 AND name = $2"),
+                        &[&key, &g.name],
+                    )
+                    .await
+                    .map_err(internal)?;
+                for r in &same {
+                    let e = row(r)?;
+                    if e.same_terms(g) {
+                        return Ok(e);
+                    }
+                }
+            }
+            let counts = tx
+                .query_one(
+                    "SELECT COUNT(*), COUNT(*) FILTER (WHERE grantee_principal = $2)
+                 FROM grants WHERE key_id = $1",
+                    &[&key, &g.grantee_principal],
                 )
                 .await
                 .map_err(internal)?;
-            for r in &same {
-                let e = row(r)?;
-                if e.same_terms(g) {
-                    return Ok(e);
-                }
+            let (all, of_grantee): (i64, i64) = (counts.get(0), counts.get(1));
+            let over = |per_grantee, limit| {
+                Err(Failure::Precondition(Precondition::GrantLimit {
+                    per_grantee,
+                    limit,
+                }))
+            };
+            if all as usize >= per_key {
+                return over(false, per_key);
             }
-        }
-        let counts = tx
-            .query_one(
-                "SELECT COUNT(*), COUNT(*) FILTER (WHERE grantee_principal = $2)
-                 FROM grants WHERE key_id = $1",
-                &[&key, &g.grantee_principal],
-            )
-            .await
-            .map_err(internal)?;
-        let (all, of_grantee): (i64, i64) = (counts.get(0), counts.get(1));
-        let over = |per_grantee, limit| {
-            Err(Failure::Precondition(Precondition::GrantLimit {
-                per_grantee,
-                limit,
-            }))
-        };
-        if all as usize >= per_key {
-            return over(false, per_key);
-        }
-        if of_grantee as usize >= per_grantee {
-            return over(true, per_grantee);
-        }
-        tx.execute(
-            "INSERT INTO grants (grant_id, key_id, name, grantee_principal, retiring_principal,
+            if of_grantee as usize >= per_grantee {
+                return over(true, per_grantee);
+            }
+            tx.execute(
+                "INSERT INTO grants (grant_id, key_id, name, grantee_principal, retiring_principal,
                  issuing_account, operations, context_subset, context_equals,
                  creation_date_ms, token)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            &[
-                &g.grant_id,
-                &key,
-                &g.name,
-                &g.grantee_principal,
-                &g.retiring_principal,
-                &g.issuing_account,
-                &grant_columns::operations(&g.operations),
-                &grant_columns::context(&g.context_subset),
-                &grant_columns::context(&g.context_equals),
-                &g.creation_date_ms,
-                &g.token,
-            ],
-        )
+                &[
+                    &g.grant_id,
+                    &key,
+                    &g.name,
+                    &g.grantee_principal,
+                    &g.retiring_principal,
+                    &g.issuing_account,
+                    &grant_columns::operations(&g.operations),
+                    &grant_columns::context(&g.context_subset),
+                    &grant_columns::context(&g.context_equals),
+                    &g.creation_date_ms,
+                    &g.token,
+                ],
+            )
+            .await
+            .map_err(internal)?;
+            tx.commit().await.map_err(internal)?;
+            Ok(g.clone())
+        })
         .await
-        .map_err(internal)?;
-        tx.commit().await.map_err(internal)?;
-        Ok(g.clone())
     }
 
     async fn key_grants(&self, key: &Uuid) -> MetaResult<Arc<Vec<GrantRecord>>> {
-        if let Some(hit) = self.cache.grants(key) {
-            return Ok(hit);
-        }
-        let since = self.cache.generation();
-        let grants = Arc::new(
-            self.rows(
-                &format!("{COLUMNS} WHERE key_id = $1 ORDER BY grant_id"),
-                &[&key.to_string()],
-                row,
-            )
-            .await?,
-        );
-        self.cache.put_grants(since, *key, &grants);
-        Ok(grants)
+        self.timed(async {
+            if let Some(hit) = self.cache.grants(key) {
+                return Ok(hit);
+            }
+            let since = self.cache.generation();
+            let grants = Arc::new(
+                self.rows(
+                    &format!("{COLUMNS} WHERE key_id = $1 ORDER BY grant_id"),
+                    &[&key.to_string()],
+                    row,
+                )
+                .await?,
+            );
+            self.cache.put_grants(since, *key, &grants);
+            Ok(grants)
+        })
+        .await
     }
 
     async fn grant_by_token(&self, token: &str) -> MetaResult<Option<GrantRecord>> {
-        self.row(&format!("{COLUMNS} WHERE token = $1"), &[&token], row)
-            .await
+        self.timed(async {
+            self.row(&format!("{COLUMNS} WHERE token = $1"), &[&token], row)
+                .await
+        })
+        .await
     }
 
     async fn delete_grant(&self, key: &Uuid, grant_id: &str) -> MetaResult<()> {
-        one(self
-            .execute(
-                "DELETE FROM grants WHERE key_id = $1 AND grant_id = $2",
-                &[&key.to_string(), &grant_id],
-            )
-            .await?)
+        self.timed(async {
+            one(self
+                .execute(
+                    "DELETE FROM grants WHERE key_id = $1 AND grant_id = $2",
+                    &[&key.to_string(), &grant_id],
+                )
+                .await?)
+        })
+        .await
     }
 
     async fn retirable_grants(
@@ -147,14 +159,17 @@ impl Grants for Postgres {
         after: Option<&str>,
         limit: usize,
     ) -> MetaResult<Vec<GrantRecord>> {
-        self.rows(
-            &format!(
-                "{COLUMNS} WHERE retiring_principal = $1 AND grant_id > $2
+        self.timed(async {
+            self.rows(
+                &format!(
+                    "{COLUMNS} WHERE retiring_principal = $1 AND grant_id > $2
                  ORDER BY grant_id LIMIT $3"
-            ),
-            &[&principal, &after.unwrap_or(""), &(limit as i64)],
-            row,
-        )
+                ),
+                &[&principal, &after.unwrap_or(""), &(limit as i64)],
+                row,
+            )
+            .await
+        })
         .await
     }
 }

@@ -58,9 +58,10 @@ impl Postgres {
 #[async_trait]
 impl Keys for Postgres {
     async fn insert_key(&self, rec: &KeyRecord, tags: &[(String, String)]) -> MetaResult<()> {
-        let mut c = self.writer().await?;
-        let tx = c.transaction().await.map_err(internal)?;
-        tx.execute(
+        self.timed(async {
+            let mut c = self.writer().await?;
+            let tx = c.transaction().await.map_err(internal)?;
+            tx.execute(
             "INSERT INTO keys (id, custom_key_store_id, creation_date_ms, description, key_state,
                                policy)
              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -75,41 +76,49 @@ impl Keys for Postgres {
         )
         .await
         .map_err(internal)?;
-        for (k, v) in tags {
-            tx.execute(
-                "INSERT INTO key_tags (key_id, tag_key, tag_value) VALUES ($1, $2, $3)",
-                &[&rec.id.to_string(), k, v],
-            )
-            .await
-            .map_err(internal)?;
-        }
-        tx.commit().await.map_err(internal)
+            for (k, v) in tags {
+                tx.execute(
+                    "INSERT INTO key_tags (key_id, tag_key, tag_value) VALUES ($1, $2, $3)",
+                    &[&rec.id.to_string(), k, v],
+                )
+                .await
+                .map_err(internal)?;
+            }
+            tx.commit().await.map_err(internal)
+        })
+        .await
     }
 
     async fn key(&self, id: &Uuid) -> MetaResult<Option<KeyRecord>> {
-        if let Some(hit) = self.cache.key(id) {
-            return Ok(Some(hit));
-        }
-        let since = self.cache.generation();
-        let found = self
-            .row(&format!("{COLUMNS} WHERE id = $1"), &[&id.to_string()], row)
-            .await?;
-        if let Some(rec) = &found {
-            self.cache.put_key(since, rec);
-        }
-        Ok(found)
+        self.timed(async {
+            if let Some(hit) = self.cache.key(id) {
+                return Ok(Some(hit));
+            }
+            let since = self.cache.generation();
+            let found = self
+                .row(&format!("{COLUMNS} WHERE id = $1"), &[&id.to_string()], row)
+                .await?;
+            if let Some(rec) = &found {
+                self.cache.put_key(since, rec);
+            }
+            Ok(found)
+        })
+        .await
     }
 
     async fn list_keys(&self, after: Option<&Uuid>, limit: usize) -> MetaResult<Vec<KeyRecord>> {
-        let after = after.map(|u| u.to_string()).unwrap_or_default();
-        self.rows(
-            &format!(
-                "{COLUMNS} WHERE id > $1 AND key_state NOT IN ('Creating', 'Deleting')
+        self.timed(async {
+            let after = after.map(|u| u.to_string()).unwrap_or_default();
+            self.rows(
+                &format!(
+                    "{COLUMNS} WHERE id > $1 AND key_state NOT IN ('Creating', 'Deleting')
                      ORDER BY id LIMIT $2"
-            ),
-            &[&after, &(limit as i64)],
-            row,
-        )
+                ),
+                &[&after, &(limit as i64)],
+                row,
+            )
+            .await
+        })
         .await
     }
 
@@ -118,30 +127,39 @@ impl Keys for Postgres {
         keystore_id: &str,
         before_ms: i64,
     ) -> MetaResult<Vec<Uuid>> {
-        self.rows(
-            "SELECT id FROM keys WHERE custom_key_store_id = $1
+        self.timed(async {
+            self.rows(
+                "SELECT id FROM keys WHERE custom_key_store_id = $1
                  AND ((key_state = 'Creating' AND creation_date_ms < $2)
                      OR (key_state = 'Deleting' AND deletion_date_ms IS NULL))",
-            &[&keystore_id, &before_ms],
-            |r| parse_id(r.get(0)),
-        )
+                &[&keystore_id, &before_ms],
+                |r| parse_id(r.get(0)),
+            )
+            .await
+        })
         .await
     }
 
     async fn set_key_state(&self, id: &Uuid, accepted: StateSet, to: KeyState) -> MetaResult<()> {
-        self.update_key_if(
-            id,
-            accepted,
-            "UPDATE keys SET key_state = $3",
-            &[&to.as_str()],
-        )
+        self.timed(async {
+            self.update_key_if(
+                id,
+                accepted,
+                "UPDATE keys SET key_state = $3",
+                &[&to.as_str()],
+            )
+            .await
+        })
         .await
     }
 
     async fn delete_key(&self, id: &Uuid) -> MetaResult<()> {
-        one(self
-            .execute("DELETE FROM keys WHERE id = $1", &[&id.to_string()])
-            .await?)
+        self.timed(async {
+            one(self
+                .execute("DELETE FROM keys WHERE id = $1", &[&id.to_string()])
+                .await?)
+        })
+        .await
     }
 
     async fn set_description(
@@ -150,18 +168,24 @@ impl Keys for Postgres {
         accepted: StateSet,
         description: &str,
     ) -> MetaResult<()> {
-        self.update_key_if(
-            id,
-            accepted,
-            "UPDATE keys SET description = $3",
-            &[&description],
-        )
+        self.timed(async {
+            self.update_key_if(
+                id,
+                accepted,
+                "UPDATE keys SET description = $3",
+                &[&description],
+            )
+            .await
+        })
         .await
     }
 
     async fn set_policy(&self, id: &Uuid, accepted: StateSet, policy: &str) -> MetaResult<()> {
-        self.update_key_if(id, accepted, "UPDATE keys SET policy = $3", &[&policy])
-            .await
+        self.timed(async {
+            self.update_key_if(id, accepted, "UPDATE keys SET policy = $3", &[&policy])
+                .await
+        })
+        .await
     }
 
     async fn schedule_deletion(
@@ -171,36 +195,45 @@ impl Keys for Postgres {
         date_ms: i64,
         window_days: i32,
     ) -> MetaResult<()> {
-        self.update_key_if(
-            id,
-            accepted,
-            "UPDATE keys SET key_state = 'PendingDeletion', deletion_date_ms = $3,
+        self.timed(async {
+            self.update_key_if(
+                id,
+                accepted,
+                "UPDATE keys SET key_state = 'PendingDeletion', deletion_date_ms = $3,
                  pending_window_days = $4",
-            &[&date_ms, &window_days],
-        )
+                &[&date_ms, &window_days],
+            )
+            .await
+        })
         .await
     }
 
     async fn cancel_deletion(&self, id: &Uuid, accepted: StateSet, to: KeyState) -> MetaResult<()> {
-        self.update_key_if(
+        self.timed(async {
+            self.update_key_if(
             id,
             accepted,
             "UPDATE keys SET key_state = $3, deletion_date_ms = NULL, pending_window_days = NULL",
             &[&to.as_str()],
         )
         .await
+        })
+        .await
     }
 
     async fn keys_due(&self, now_ms: i64, limit: usize) -> MetaResult<Vec<KeyRecord>> {
-        self.rows(
-            &format!(
-                "{COLUMNS} WHERE key_state IN ('PendingDeletion', 'Deleting')
+        self.timed(async {
+            self.rows(
+                &format!(
+                    "{COLUMNS} WHERE key_state IN ('PendingDeletion', 'Deleting')
                      AND deletion_date_ms <= $1
                  ORDER BY deletion_date_ms LIMIT $2"
-            ),
-            &[&now_ms, &(limit as i64)],
-            row,
-        )
+                ),
+                &[&now_ms, &(limit as i64)],
+                row,
+            )
+            .await
+        })
         .await
     }
 
@@ -212,13 +245,16 @@ impl Keys for Postgres {
         owner: &str,
         lease_ms: i64,
     ) -> MetaResult<()> {
-        let (sql, cutoff) = removal.claim_sql('$');
-        let id = id.to_string();
-        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&id, &now_ms, &owner, &lease_ms];
-        if let Some(cutoff) = &cutoff {
-            params.push(cutoff);
-        }
-        one(self.execute(&sql, &params).await?)
+        self.timed(async {
+            let (sql, cutoff) = removal.claim_sql('$');
+            let id = id.to_string();
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&id, &now_ms, &owner, &lease_ms];
+            if let Some(cutoff) = &cutoff {
+                params.push(cutoff);
+            }
+            one(self.execute(&sql, &params).await?)
+        })
+        .await
     }
 
     async fn tag_key(
@@ -228,46 +264,52 @@ impl Keys for Postgres {
         tags: &[(String, String)],
         max: usize,
     ) -> MetaResult<()> {
-        let mut c = self.writer().await?;
-        let tx = c.transaction().await.map_err(internal)?;
-        // The key's row locked: concurrent taggers of the key take turns, so the count below
-        // is the count the commit leaves.
-        lock_key(&tx, id, accepted).await??;
-        for (k, v) in tags {
-            tx.execute(
-                "INSERT INTO key_tags (key_id, tag_key, tag_value) VALUES ($1, $2, $3)
+        self.timed(async {
+            let mut c = self.writer().await?;
+            let tx = c.transaction().await.map_err(internal)?;
+            // The key's row locked: concurrent taggers of the key take turns, so the count below
+            // is the count the commit leaves.
+            lock_key(&tx, id, accepted).await??;
+            for (k, v) in tags {
+                tx.execute(
+                    "INSERT INTO key_tags (key_id, tag_key, tag_value) VALUES ($1, $2, $3)
                  ON CONFLICT (key_id, tag_key) DO UPDATE SET tag_value = excluded.tag_value",
-                &[&id.to_string(), k, v],
-            )
-            .await
-            .map_err(internal)?;
-        }
-        let n: i64 = tx
-            .query_one(
-                "SELECT COUNT(*) FROM key_tags WHERE key_id = $1",
-                &[&id.to_string()],
-            )
-            .await
-            .map_err(internal)?
-            .get(0);
-        if n as usize > max {
-            // Dropping `tx` rolls the tags back.
-            return Err(Failure::Precondition(Precondition::Limit(max)));
-        }
-        tx.commit().await.map_err(internal)
+                    &[&id.to_string(), k, v],
+                )
+                .await
+                .map_err(internal)?;
+            }
+            let n: i64 = tx
+                .query_one(
+                    "SELECT COUNT(*) FROM key_tags WHERE key_id = $1",
+                    &[&id.to_string()],
+                )
+                .await
+                .map_err(internal)?
+                .get(0);
+            if n as usize > max {
+                // Dropping `tx` rolls the tags back.
+                return Err(Failure::Precondition(Precondition::Limit(max)));
+            }
+            tx.commit().await.map_err(internal)
+        })
+        .await
     }
 
     async fn untag_key(&self, id: &Uuid, accepted: StateSet, keys: &[String]) -> MetaResult<()> {
-        let mut c = self.writer().await?;
-        let tx = c.transaction().await.map_err(internal)?;
-        lock_key(&tx, id, accepted).await??;
-        tx.execute(
-            "DELETE FROM key_tags WHERE key_id = $1 AND tag_key = ANY($2)",
-            &[&id.to_string(), &keys],
-        )
+        self.timed(async {
+            let mut c = self.writer().await?;
+            let tx = c.transaction().await.map_err(internal)?;
+            lock_key(&tx, id, accepted).await??;
+            tx.execute(
+                "DELETE FROM key_tags WHERE key_id = $1 AND tag_key = ANY($2)",
+                &[&id.to_string(), &keys],
+            )
+            .await
+            .map_err(internal)?;
+            tx.commit().await.map_err(internal)
+        })
         .await
-        .map_err(internal)?;
-        tx.commit().await.map_err(internal)
     }
 
     async fn list_tags(
@@ -276,15 +318,18 @@ impl Keys for Postgres {
         after: Option<&str>,
         limit: usize,
     ) -> MetaResult<Vec<(String, String)>> {
-        let c = self.client().await?;
-        let rows = c
-            .query(
-                "SELECT tag_key, tag_value FROM key_tags WHERE key_id = $1 AND tag_key > $2
+        self.timed(async {
+            let c = self.client().await?;
+            let rows = c
+                .query(
+                    "SELECT tag_key, tag_value FROM key_tags WHERE key_id = $1 AND tag_key > $2
                  ORDER BY tag_key LIMIT $3",
-                &[&id.to_string(), &after.unwrap_or(""), &(limit as i64)],
-            )
-            .await
-            .map_err(internal)?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+                    &[&id.to_string(), &after.unwrap_or(""), &(limit as i64)],
+                )
+                .await
+                .map_err(internal)?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+        .await
     }
 }

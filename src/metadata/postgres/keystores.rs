@@ -55,8 +55,9 @@ impl Postgres {
 #[async_trait]
 impl KeyStores for Postgres {
     async fn insert_keystore(&self, rec: &KeyStoreRecord) -> MetaResult<()> {
-        let c = self.writer().await?;
-        c.execute(
+        self.timed(async {
+            let c = self.writer().await?;
+            c.execute(
             "INSERT INTO custom_key_stores (id, name, cluster_id, trust_anchor, sealed_password,
                  connection_state, connection_error_code, creation_date_ms)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -74,25 +75,33 @@ impl KeyStores for Postgres {
         .await
         .map(drop)
         .map_err(|e| taken(e, UNIQUE))
+        })
+        .await
     }
 
     async fn keystore(&self, id: &str) -> MetaResult<Option<KeyStoreRecord>> {
-        if let Some(hit) = self.cache.keystore(id) {
-            return Ok(Some(hit));
-        }
-        let since = self.cache.generation();
-        let found = self
-            .row(&format!("{COLUMNS} WHERE id = $1"), &[&id], row)
-            .await?;
-        if let Some(rec) = &found {
-            self.cache.put_keystore(since, rec);
-        }
-        Ok(found)
+        self.timed(async {
+            if let Some(hit) = self.cache.keystore(id) {
+                return Ok(Some(hit));
+            }
+            let since = self.cache.generation();
+            let found = self
+                .row(&format!("{COLUMNS} WHERE id = $1"), &[&id], row)
+                .await?;
+            if let Some(rec) = &found {
+                self.cache.put_keystore(since, rec);
+            }
+            Ok(found)
+        })
+        .await
     }
 
     async fn keystore_by_name(&self, name: &str) -> MetaResult<Option<KeyStoreRecord>> {
-        self.row(&format!("{COLUMNS} WHERE name = $1"), &[&name], row)
-            .await
+        self.timed(async {
+            self.row(&format!("{COLUMNS} WHERE name = $1"), &[&name], row)
+                .await
+        })
+        .await
     }
 
     async fn list_keystores(
@@ -100,11 +109,14 @@ impl KeyStores for Postgres {
         after: Option<&str>,
         limit: usize,
     ) -> MetaResult<Vec<KeyStoreRecord>> {
-        self.rows(
-            &format!("{COLUMNS} WHERE id > $1 ORDER BY id LIMIT $2"),
-            &[&after.unwrap_or(""), &(limit as i64)],
-            row,
-        )
+        self.timed(async {
+            self.rows(
+                &format!("{COLUMNS} WHERE id > $1 ORDER BY id LIMIT $2"),
+                &[&after.unwrap_or(""), &(limit as i64)],
+                row,
+            )
+            .await
+        })
         .await
     }
 
@@ -115,19 +127,22 @@ impl KeyStores for Postgres {
         to: ConnectionState,
         error_code: Option<ConnectionErrorCode>,
     ) -> MetaResult<()> {
-        let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
-        let n = self
-            .execute(
-                "UPDATE custom_key_stores SET connection_state = $3, connection_error_code = $4
+        self.timed(async {
+            let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+            let n = self
+                .execute(
+                    "UPDATE custom_key_stores SET connection_state = $3, connection_error_code = $4
                  WHERE id = $1 AND connection_state = ANY($2)",
-                &[&id, &from, &to.as_str(), &error_code.map(|c| c.as_str())],
-            )
-            .await?;
-        if n == 1 {
-            Ok(())
-        } else {
-            Err(self.connection_refusal(id).await?)
-        }
+                    &[&id, &from, &to.as_str(), &error_code.map(|c| c.as_str())],
+                )
+                .await?;
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(self.connection_refusal(id).await?)
+            }
+        })
+        .await
     }
 
     async fn abandon_transition(
@@ -136,182 +151,215 @@ impl KeyStores for Postgres {
         from: ConnectionState,
         older_than_ms: i64,
     ) -> MetaResult<()> {
-        let n = self
-            .execute(
-                &format!(
-                    "UPDATE custom_key_stores SET connection_state = 'DISCONNECTED',
+        self.timed(async {
+            let n = self
+                .execute(
+                    &format!(
+                        "UPDATE custom_key_stores SET connection_state = 'DISCONNECTED',
                          connection_error_code = NULL
                      WHERE id = $1 AND connection_state = $2 AND state_since_ms < {NOW_MS} - $3"
-                ),
-                &[&id, &from.as_str(), &older_than_ms],
-            )
-            .await?;
-        if n == 1 {
-            Ok(())
-        } else {
-            Err(Failure::Precondition(Precondition::ConnectionState(from)))
-        }
+                    ),
+                    &[&id, &from.as_str(), &older_than_ms],
+                )
+                .await?;
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(Failure::Precondition(Precondition::ConnectionState(from)))
+            }
+        })
+        .await
     }
 
     async fn update_keystore(&self, id: &str, update: &KeyStoreUpdate) -> MetaResult<()> {
-        let c = self.writer().await?;
-        // The password the caller gives is the token's now: a pending one from an unfinished
-        // rotation is stale.
-        let n = c
-            .execute(
-                "UPDATE custom_key_stores SET name = COALESCE($2, name),
+        self.timed(async {
+            let c = self.writer().await?;
+            // The password the caller gives is the token's now: a pending one from an unfinished
+            // rotation is stale.
+            let n = c
+                .execute(
+                    "UPDATE custom_key_stores SET name = COALESCE($2, name),
                      cluster_id = COALESCE($3, cluster_id),
                      sealed_password = COALESCE($4, sealed_password),
                      pending_password = CASE WHEN $4::BYTEA IS NULL THEN pending_password END
                  WHERE id = $1",
-                &[
-                    &id,
-                    &update.name,
-                    &update.cluster_id,
-                    &update.sealed_password,
-                ],
-            )
-            .await
-            .map_err(|e| taken(e, UNIQUE))?;
-        one(n)
+                    &[
+                        &id,
+                        &update.name,
+                        &update.cluster_id,
+                        &update.sealed_password,
+                    ],
+                )
+                .await
+                .map_err(|e| taken(e, UNIQUE))?;
+            one(n)
+        })
+        .await
     }
 
     async fn delete_keystore(&self, id: &str, only_in: ConnectionState) -> MetaResult<()> {
-        let mut c = self.writer().await?;
-        let tx = c.transaction().await.map_err(internal)?;
-        // The store's row locked: a key being inserted into it waits (its foreign key
-        // check takes a share lock on this row), and so cannot slip past the count.
-        let state = tx
-            .query_opt(
-                "SELECT connection_state FROM custom_key_stores WHERE id = $1 FOR UPDATE",
-                &[&id],
-            )
-            .await
-            .map_err(internal)?;
-        let Some(state) = state else {
-            return Err(Failure::NotFound);
-        };
-        let state =
-            ConnectionState::parse(state.get(0)).ok_or_else(|| bad("a connection state"))?;
-        if state != only_in {
-            return Err(Failure::Precondition(Precondition::ConnectionState(state)));
-        }
-        let keys: i64 = tx
-            .query_one(
-                "SELECT COUNT(*) FROM keys WHERE custom_key_store_id = $1",
-                &[&id],
-            )
-            .await
-            .map_err(internal)?
-            .get(0);
-        if keys > 0 {
-            return Err(Failure::Precondition(Precondition::KeyStoreHasKeys(
-                keys as u64,
-            )));
-        }
-        tx.execute("DELETE FROM custom_key_stores WHERE id = $1", &[&id])
-            .await
-            .map_err(internal)?;
-        tx.commit().await.map_err(internal)
+        self.timed(async {
+            let mut c = self.writer().await?;
+            let tx = c.transaction().await.map_err(internal)?;
+            // The store's row locked: a key being inserted into it waits (its foreign key
+            // check takes a share lock on this row), and so cannot slip past the count.
+            let state = tx
+                .query_opt(
+                    "SELECT connection_state FROM custom_key_stores WHERE id = $1 FOR UPDATE",
+                    &[&id],
+                )
+                .await
+                .map_err(internal)?;
+            let Some(state) = state else {
+                return Err(Failure::NotFound);
+            };
+            let state =
+                ConnectionState::parse(state.get(0)).ok_or_else(|| bad("a connection state"))?;
+            if state != only_in {
+                return Err(Failure::Precondition(Precondition::ConnectionState(state)));
+            }
+            let keys: i64 = tx
+                .query_one(
+                    "SELECT COUNT(*) FROM keys WHERE custom_key_store_id = $1",
+                    &[&id],
+                )
+                .await
+                .map_err(internal)?
+                .get(0);
+            if keys > 0 {
+                return Err(Failure::Precondition(Precondition::KeyStoreHasKeys(
+                    keys as u64,
+                )));
+            }
+            tx.execute("DELETE FROM custom_key_stores WHERE id = $1", &[&id])
+                .await
+                .map_err(internal)?;
+            tx.commit().await.map_err(internal)
+        })
+        .await
     }
 
     async fn set_pending_password(&self, id: &str, sealed: Option<&[u8]>) -> MetaResult<()> {
-        one(self
-            .execute(
-                "UPDATE custom_key_stores SET pending_password = $2 WHERE id = $1",
-                &[&id, &sealed],
-            )
-            .await?)
+        self.timed(async {
+            one(self
+                .execute(
+                    "UPDATE custom_key_stores SET pending_password = $2 WHERE id = $1",
+                    &[&id, &sealed],
+                )
+                .await?)
+        })
+        .await
     }
 
     async fn pending_password(&self, id: &str) -> MetaResult<Option<Vec<u8>>> {
-        let c = self.client().await?;
-        let r = c
-            .query_opt(
-                "SELECT pending_password FROM custom_key_stores WHERE id = $1",
-                &[&id],
-            )
-            .await
-            .map_err(internal)?;
-        Ok(r.and_then(|r| r.get(0)))
+        self.timed(async {
+            let c = self.client().await?;
+            let r = c
+                .query_opt(
+                    "SELECT pending_password FROM custom_key_stores WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .map_err(internal)?;
+            Ok(r.and_then(|r| r.get(0)))
+        })
+        .await
     }
 
     async fn promote_pending_password(&self, id: &str) -> MetaResult<()> {
-        self.execute(
-            "UPDATE custom_key_stores SET sealed_password = pending_password,
+        self.timed(async {
+            self.execute(
+                "UPDATE custom_key_stores SET sealed_password = pending_password,
                  pending_password = NULL
              WHERE id = $1 AND pending_password IS NOT NULL",
-            &[&id],
-        )
+                &[&id],
+            )
+            .await
+            .map(drop)
+        })
         .await
-        .map(drop)
     }
 
     async fn sealing_check(&self, candidate: &[u8]) -> MetaResult<Vec<u8>> {
-        self.execute(
-            "INSERT INTO service_checks (name, value) VALUES ('sealing', $1)
+        self.timed(async {
+            self.execute(
+                "INSERT INTO service_checks (name, value) VALUES ('sealing', $1)
              ON CONFLICT (name) DO NOTHING",
-            &[&candidate],
-        )
-        .await?;
-        self.row(
-            "SELECT value FROM service_checks WHERE name = 'sealing'",
-            &[],
-            |r| Ok(r.get(0)),
-        )
-        .await?
-        .ok_or_else(|| Failure::Internal("the sealing check value vanished".into()))
+                &[&candidate],
+            )
+            .await?;
+            self.row(
+                "SELECT value FROM service_checks WHERE name = 'sealing'",
+                &[],
+                |r| Ok(r.get(0)),
+            )
+            .await?
+            .ok_or_else(|| Failure::Internal("the sealing check value vanished".into()))
+        })
+        .await
     }
 
     async fn heartbeat(&self, replica: &str, now_ms: i64, live_ms: i64) -> MetaResult<u32> {
-        self.execute(
-            "INSERT INTO replicas (id, last_seen_ms) VALUES ($1, $2)
+        self.timed(async {
+            self.execute(
+                "INSERT INTO replicas (id, last_seen_ms) VALUES ($1, $2)
              ON CONFLICT (id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms",
-            &[&replica, &now_ms],
-        )
-        .await?;
-        self.execute(
-            "DELETE FROM replicas WHERE last_seen_ms < $1",
-            &[&(now_ms - 10 * live_ms)],
-        )
-        .await?;
-        let n = self
-            .row(
-                "SELECT COUNT(*) FROM replicas WHERE last_seen_ms >= $1",
-                &[&(now_ms - live_ms)],
-                |r| Ok(r.get::<_, i64>(0)),
+                &[&replica, &now_ms],
             )
-            .await?
-            .unwrap_or(1);
-        Ok(n.clamp(1, i64::from(u32::MAX)) as u32)
+            .await?;
+            self.execute(
+                "DELETE FROM replicas WHERE last_seen_ms < $1",
+                &[&(now_ms - 10 * live_ms)],
+            )
+            .await?;
+            let n = self
+                .row(
+                    "SELECT COUNT(*) FROM replicas WHERE last_seen_ms >= $1",
+                    &[&(now_ms - live_ms)],
+                    |r| Ok(r.get::<_, i64>(0)),
+                )
+                .await?
+                .unwrap_or(1);
+            Ok(n.clamp(1, i64::from(u32::MAX)) as u32)
+        })
+        .await
     }
 
     async fn leave(&self, replica: &str) -> MetaResult<()> {
-        self.execute("DELETE FROM replicas WHERE id = $1", &[&replica])
-            .await
-            .map(drop)
+        self.timed(async {
+            self.execute("DELETE FROM replicas WHERE id = $1", &[&replica])
+                .await
+                .map(drop)
+        })
+        .await
     }
 
     async fn clock_ms(&self) -> MetaResult<i64> {
-        self.row(
-            "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT",
-            &[],
-            |r| Ok(r.get::<_, i64>(0)),
-        )
-        .await?
-        .ok_or_else(|| Failure::Internal("the database did not tell the time".into()))
+        self.timed(async {
+            self.row(
+                "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT",
+                &[],
+                |r| Ok(r.get::<_, i64>(0)),
+            )
+            .await?
+            .ok_or_else(|| Failure::Internal("the database did not tell the time".into()))
+        })
+        .await
     }
 
     async fn record_audit_head(&self, h: &AuditHead) -> MetaResult<()> {
-        self.execute(
-            "INSERT INTO audit_heads (replica, seq, head, recorded_ms) VALUES ($1, $2, $3, $4)
+        self.timed(async {
+            self.execute(
+                "INSERT INTO audit_heads (replica, seq, head, recorded_ms) VALUES ($1, $2, $3, $4)
              ON CONFLICT (replica) DO UPDATE SET seq = excluded.seq, head = excluded.head,
                  recorded_ms = excluded.recorded_ms
              WHERE audit_heads.seq <= excluded.seq",
-            &[&h.replica, &(h.seq as i64), &h.head, &h.recorded_ms],
-        )
+                &[&h.replica, &(h.seq as i64), &h.head, &h.recorded_ms],
+            )
+            .await
+            .map(drop)
+        })
         .await
-        .map(drop)
     }
 
     fn shared(&self) -> bool {
@@ -329,18 +377,21 @@ impl KeyStores for Postgres {
     }
 
     async fn audit_heads(&self) -> MetaResult<Vec<AuditHead>> {
-        self.rows(
-            "SELECT replica, seq, head, recorded_ms FROM audit_heads ORDER BY replica",
-            &[],
-            |r| {
-                Ok(AuditHead {
-                    replica: r.get(0),
-                    seq: r.get::<_, i64>(1).max(0) as u64,
-                    head: r.get(2),
-                    recorded_ms: r.get(3),
-                })
-            },
-        )
+        self.timed(async {
+            self.rows(
+                "SELECT replica, seq, head, recorded_ms FROM audit_heads ORDER BY replica",
+                &[],
+                |r| {
+                    Ok(AuditHead {
+                        replica: r.get(0),
+                        seq: r.get::<_, i64>(1).max(0) as u64,
+                        head: r.get(2),
+                        recorded_ms: r.get(3),
+                    })
+                },
+            )
+            .await
+        })
         .await
     }
 }

@@ -25,6 +25,9 @@ pub mod throwaway;
 
 use std::time::Duration;
 
+/// The most one metadata call may take, waiting for a connection included.
+const CALL_DEADLINE: Duration = Duration::from_secs(2);
+
 use anyhow::Context as _;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
@@ -251,8 +254,8 @@ impl Postgres {
         let pool = Pool::builder(manager)
             .max_size(c.pool_size.max(1))
             .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(Duration::from_secs(5)))
-            .create_timeout(Some(Duration::from_secs(5)))
+            .wait_timeout(Some(CALL_DEADLINE))
+            .create_timeout(Some(CALL_DEADLINE))
             .build()?;
         let db = Postgres {
             pool,
@@ -299,7 +302,24 @@ impl Postgres {
         self.pool
             .get()
             .await
-            .map_err(|e| Failure::Internal(format!("no database connection: {e}")))
+            .map_err(|e| Failure::Unavailable(format!("no database connection: {e}")))
+    }
+
+    /// `call` (one metadata call: its connection, statements and commit) within
+    /// `CALL_DEADLINE`; past it, `Unavailable`. A database that stops answering (a stalled
+    /// server, a partition that no TCP error reports) then costs a request this long, not
+    /// the time until the server comes back. Dropping the call drops its connection and any
+    /// open transaction with it (rolled back, or never committed).
+    async fn timed<T>(
+        &self,
+        call: impl std::future::Future<Output = MetaResult<T>>,
+    ) -> MetaResult<T> {
+        match tokio::time::timeout(CALL_DEADLINE, call).await {
+            Ok(r) => r,
+            Err(_) => Err(Failure::Unavailable(format!(
+                "no answer within {CALL_DEADLINE:?}"
+            ))),
+        }
     }
 
     // Statements are prepared once per pooled connection (`prepare_cached`): an unprepared
@@ -355,6 +375,12 @@ impl Postgres {
     pub fn listening(&self) -> bool {
         self.cache.listening()
     }
+
+    /// Whether cached rows may be served now (the listener is up to date: see `cache`).
+    #[cfg(test)]
+    fn key_is_fresh(&self) -> bool {
+        self.cache.is_fresh()
+    }
 }
 
 /// A pooled connection that changes rows. Given back (dropped, after its transaction
@@ -385,10 +411,18 @@ impl Drop for Writer<'_> {
     }
 }
 
+/// A database error is internal; an error of the connection (closed, reset, timed out) is
+/// `Unavailable`, which callers may retry.
 fn internal(e: tokio_postgres::Error) -> Failure {
-    match e.as_db_error() {
-        Some(db) => Failure::Internal(format!("{} ({})", db.message(), db.code().code())),
-        None => Failure::Internal(e.to_string()),
+    use std::error::Error as _;
+    if let Some(db) = e.as_db_error() {
+        return Failure::Internal(format!("{} ({})", db.message(), db.code().code()));
+    }
+    let io = e.source().is_some_and(|s| s.is::<std::io::Error>());
+    if e.is_closed() || io {
+        Failure::Unavailable(e.to_string())
+    } else {
+        Failure::Internal(e.to_string())
     }
 }
 
@@ -543,8 +577,10 @@ mod tests {
     /// The listening connections' server processes.
     async fn listener_pids(db: &Postgres) -> Vec<i32> {
         let c = db.client().await.unwrap();
+        // This database's listeners only: another test's are not this test's to stop.
         c.query(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = 'hsm-kms-listener'",
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'hsm-kms-listener' \
+             AND datname = current_database()",
             &[],
         )
         .await
@@ -562,8 +598,13 @@ mod tests {
     async fn changes_reach_other_replicas_caches_and_a_lost_listener_fails_closed() {
         use crate::kms::states::{KeyState::*, StateSet};
         use crate::metadata::{Grants as _, Keys as _};
-        let Some(server) = server() else { return };
-        let url = server.fresh_database().await.unwrap();
+        if server().is_none() {
+            return;
+        }
+        // A server of its own: a backend stopped with SIGSTOP can hold the server-wide
+        // notification queue's lock, and every NOTIFY of every database then waits.
+        let own = throwaway::Server::start_own().unwrap();
+        let url = own.fresh_database().await.unwrap();
         let open = || async {
             Postgres::open(Connect {
                 url: &url,
@@ -635,19 +676,49 @@ mod tests {
         b.set_key_state(&id, any, Enabled).await.unwrap();
         within("A sees Enabled", state(Enabled)).await;
 
-        // Silenced (SIGSTOP): no error, only silence; A stops trusting within 2 s.
-        let pids = listener_pids(&a).await;
-        for &pid in &pids {
-            assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        // Silenced (SIGSTOP): no error, only silence; A stops trusting its cache. A change
+        // made meanwhile is read at once. A backend stopped while it held the notification
+        // queue's lock holds up B's change too (it times out): then thaw and try again.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let stopped = Stopped::new(listener_pids(&a).await);
+            within("A notices the silence", || async { !a.key_is_fresh() }).await;
+            match b.set_key_state(&id, any, Disabled).await {
+                Ok(()) => {}
+                Err(Failure::Unavailable(_)) if tries < 5 => {
+                    drop(stopped);
+                    within("A listening after the thaw", || async { a.listening() }).await;
+                    continue;
+                }
+                Err(e) => panic!("{e}"),
+            }
+            let fresh = state(Disabled)().await;
+            drop(stopped);
+            assert!(fresh, "A served its cache while its listener was silent");
+            break;
         }
-        within("A notices the silence", || async { !a.listening() }).await;
-        b.set_key_state(&id, any, Disabled).await.unwrap();
-        let fresh = state(Disabled)().await;
-        for &pid in &pids {
-            unsafe { libc::kill(pid, libc::SIGCONT) };
-        }
-        assert!(fresh, "A served its cache while its listener was silent");
         within("A listening after the thaw", || async { a.listening() }).await;
+    }
+
+    /// Backends stopped with SIGSTOP, continued when this is dropped (a failing test too).
+    struct Stopped(Vec<i32>);
+
+    impl Stopped {
+        fn new(pids: Vec<i32>) -> Stopped {
+            for &pid in &pids {
+                assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+            }
+            Stopped(pids)
+        }
+    }
+
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            for &pid in &self.0 {
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+            }
+        }
     }
 
     /// A fresh database on `s`, over loopback TCP.

@@ -240,6 +240,36 @@ rm -rf "$dir"
     }
 
     /// A connection string for `database` on this server.
+    /// The server's processes: the postmaster and its children, for tests that stop the
+    /// server in its tracks (SIGSTOP) as a stalled database host would be.
+    pub fn processes(&self) -> Vec<i32> {
+        let pid_file = self.dir.path().join("data").join("postmaster.pid");
+        let Some(main) = std::fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()))
+        else {
+            return Vec::new();
+        };
+        let mut pids = vec![main];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // "pid (command) state ppid ...": the command may hold spaces and parentheses.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<i32>().ok());
+            if ppid == Some(main) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
     pub fn url(&self, database: &str) -> String {
         format!(
             "host={} port={} user={USER} dbname={database}",
