@@ -1397,3 +1397,96 @@ async fn aws_protocol_over_tls_names_the_signer_and_checks_a_presented_certifica
         String::from_utf8_lossy(&answer)
     );
 }
+
+/// An HTTP/2 connection over TLS to `addr`, trusting `ca_pem`, with no client certificate
+/// (the AWS listener does not require one).
+async fn tls_h2_connection(addr: &str, ca_pem: &str) -> h2::client::SendRequest<bytes::Bytes> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send
+}
+
+/// Over TLS without a client certificate, as the tester went at it: 40 connections, each
+/// with as many header-only unsigned HTTP/2 streams as the server allows. They hold no
+/// request slot: a signed request (HTTP/1.1 over TLS, on a new connection) is answered
+/// within 2 s while all are open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_over_tls_header_only_streams_hold_no_request_slot() {
+    let pki = Pki::new("aws flood CA");
+    let h = tls_server_with(&pki, vec![], vec![], &[], |s| {
+        let dir = s.storage.sqlite_path.parent().unwrap().to_path_buf();
+        let secret = dir.join("root.secret");
+        std::fs::write(&secret, format!("{}\n", ROOT_KEY.1)).unwrap();
+        s.server.aws_listen = Some("127.0.0.1:0".parse().unwrap());
+        s.auth.access_keys = vec![hsm_kms::config::AccessKeySettings {
+            access_key_id: ROOT_KEY.0.into(),
+            secret_file: Some(secret),
+            secret_env: None,
+            principal: ROOT.into(),
+        }];
+    })
+    .await;
+    let signed_list_keys = || {
+        let (addr, ca) = (h.aws.clone(), pki.ca_pem.clone());
+        async move {
+            let call = tokio::task::spawn_blocking(move || {
+                let headers = aws_headers(
+                    &addr,
+                    "ListKeys",
+                    b"{}",
+                    Some(ROOT_KEY),
+                    "us-east-1",
+                    std::time::SystemTime::now(),
+                );
+                http1_post(tls_stream(&addr, &ca, None), &headers, b"{}").0
+            });
+            tokio::time::timeout(std::time::Duration::from_secs(2), call).await
+        }
+    };
+    assert_eq!(signed_list_keys().await.unwrap().unwrap(), 200);
+    let unsigned = aws_headers(
+        &h.aws,
+        "ListKeys",
+        b"{}",
+        None,
+        "us-east-1",
+        std::time::SystemTime::now(),
+    );
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let send = tls_h2_connection(&h.aws, &pki.ca_pem).await;
+        held.push(headers_only_streams(send, &h.aws, &unsigned, 128).await);
+    }
+    let opened: usize = held.iter().map(Vec::len).sum();
+    // The attack happened: 40 connections opened their streams, far more than the 512
+    // request slots.
+    assert!(opened >= 40 * 100, "{opened} streams opened");
+    for i in 0..5 {
+        let answered = signed_list_keys().await;
+        assert!(
+            matches!(answered, Ok(Ok(200))),
+            "good client {i} during the attack ({opened} streams held): {answered:?}"
+        );
+    }
+    drop(held);
+}

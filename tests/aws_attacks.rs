@@ -9,7 +9,6 @@ mod common;
 use std::time::{Duration, Instant, SystemTime};
 
 use aws_sdk_kms::primitives::Blob;
-use bytes::Bytes;
 use common::*;
 use tokio::io::AsyncWriteExt as _;
 
@@ -31,34 +30,6 @@ fn raise_open_files() -> u64 {
         assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
     }
     lim.rlim_cur
-}
-
-/// A stream the attacker keeps open: the request half and the answer it may get.
-type Held = (h2::client::ResponseFuture, h2::SendStream<Bytes>);
-
-/// Opens up to `streams` streams on a new connection to the AWS listener, each sending the
-/// headers of a ListKeys with `headers` (and no Host: HTTP/2 names it in :authority) and
-/// then nothing: no body, never the end of the request.
-async fn headers_only_streams(
-    addr: &str,
-    headers: &[(String, String)],
-    streams: usize,
-) -> Vec<Held> {
-    let send = h2_connection(addr).await;
-    let mut held = Vec::new();
-    for _ in 0..streams {
-        let ready = tokio::time::timeout(Duration::from_millis(500), send.clone().ready()).await;
-        let Ok(Ok(mut ready)) = ready else { break };
-        let mut req = http::Request::post(format!("http://{addr}/"));
-        for (n, v) in headers.iter().filter(|(n, _)| n != "host") {
-            req = req.header(n.as_str(), v.as_str());
-        }
-        let Ok(sent) = ready.send_request(req.body(()).unwrap(), false) else {
-            break;
-        };
-        held.push(sent);
-    }
-    held
 }
 
 /// ListKeys through the SDK, on a new connection, within SERVED_WITHIN.
@@ -102,7 +73,8 @@ async fn headers_only_streams_hold_no_request_slot() {
     let mut opened = [0usize; 2];
     for i in 0..100 {
         let headers = if i % 2 == 0 { &unsigned } else { &with_key_id };
-        let streams = headers_only_streams(&h.aws, headers, streams_per_connection).await;
+        let send = h2_connection(&h.aws).await;
+        let streams = headers_only_streams(send, &h.aws, headers, streams_per_connection).await;
         opened[i % 2] += streams.len();
         held.push(streams);
     }
@@ -224,6 +196,43 @@ async fn preface_only_connections_give_way() {
     let evicted = metric(&h.metrics(), "hsm_kms_connections_evicted_total").unwrap_or(0.0);
     // At the least, the connections over each listener's cap of 1,024 had to give way.
     assert!(evicted >= 2.0 * 76.0, "{evicted} connections evicted");
+    drop(flood);
+}
+
+/// 1,100 HTTP/1.1 connections to the AWS listener that send the start of a request (the
+/// request line and one header) and then nothing, slowloris-style: they made no
+/// authenticated request, so they give way, and a good client is served within
+/// SERVED_WITHIN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_http1_requests_give_way() {
+    let limit = raise_open_files();
+    assert!(
+        limit >= 3000,
+        "open-files hard limit {limit}: the flood needs 2,200 sockets"
+    );
+    let h = aws_server(&[ClusterSpec::good("cluster-awsslowloris")]).await;
+    served(&h).await.expect("before the flood");
+    let start = format!("POST / HTTP/1.1\r\nhost: {}\r\n", h.aws);
+    let mut flood = Vec::new();
+    let mut sent = 0usize;
+    for _ in 0..1100 {
+        let Ok(mut s) = tokio::net::TcpStream::connect(h.aws.as_str()).await else {
+            continue;
+        };
+        if s.write_all(start.as_bytes()).await.is_ok() {
+            sent += 1;
+        }
+        flood.push(s);
+    }
+    // The attack happened: every connection sent its partial request.
+    assert_eq!(sent, 1100, "partial requests sent");
+    for i in 0..3 {
+        served(&h)
+            .await
+            .unwrap_or_else(|e| panic!("good client {i} during the flood: {e}"));
+    }
+    let evicted = metric(&h.metrics(), "hsm_kms_connections_evicted_total").unwrap_or(0.0);
+    assert!(evicted >= 76.0, "{evicted} connections evicted");
     drop(flood);
 }
 

@@ -1468,3 +1468,31 @@ pub fn assert_changes_in_trail(lines: &[serde_json::Value], key: &str, op: &str,
     );
     unfinished
 }
+
+/// A stream the attacker keeps open: the request half and the answer it may get.
+pub type Held = (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>);
+
+/// Opens up to `streams` streams on `send`, an HTTP/2 connection to the AWS listener at
+/// `addr`, each sending the headers of a request with `headers` (and no Host: HTTP/2 names
+/// it in :authority) and then nothing: no body, never the end of the request.
+pub async fn headers_only_streams(
+    send: h2::client::SendRequest<bytes::Bytes>,
+    addr: &str,
+    headers: &[(String, String)],
+    streams: usize,
+) -> Vec<Held> {
+    let mut held = Vec::new();
+    for _ in 0..streams {
+        let ready = tokio::time::timeout(Duration::from_millis(500), send.clone().ready()).await;
+        let Ok(Ok(mut ready)) = ready else { break };
+        let mut req = http::Request::post(format!("http://{addr}/"));
+        for (n, v) in headers.iter().filter(|(n, _)| n != "host") {
+            req = req.header(n.as_str(), v.as_str());
+        }
+        let Ok(sent) = ready.send_request(req.body(()).unwrap(), false) else {
+            break;
+        };
+        held.push(sent);
+    }
+    held
+}
