@@ -2001,3 +2001,157 @@ async fn a_stalled_database_answers_retryable_errors_and_service_returns() {
         resumed.elapsed()
     );
 }
+
+/// A revoked grant, once RevokeGrant is acknowledged through one replica, allows nothing on
+/// the others: for 8 keys at a time, bob, whose only access to them is a grant, encrypts
+/// through B and C (so their caches hold the grants), the grants are revoked through A,
+/// and bob's Encrypts sent to B and C the moment each answer arrives are refused, every
+/// time, with B and C under load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_grant_revocation_is_in_force_on_every_replica() {
+    use aws_sdk_kms::primitives::Blob;
+    const ROUNDS: usize = 16;
+    const KEYS: usize = 8;
+    let database = postgres_database().await;
+    let options = Options {
+        env: vec![
+            ("TEST_ROOT_SECRET", ROOT_KEY.1.to_string()),
+            ("TEST_BOB_SECRET", BOB_KEY.1.to_string()),
+        ],
+        ..Default::default()
+    };
+    let h = Harness::start_opts(&[ClusterSpec::good("cluster-replicagrant")], options, |s| {
+        use_database(s, database);
+        for (id, var, principal) in [
+            (ROOT_KEY.0, "TEST_ROOT_SECRET", ROOT),
+            (BOB_KEY.0, "TEST_BOB_SECRET", BOB),
+        ] {
+            s.auth.access_keys.push(hsm_kms::config::AccessKeySettings {
+                access_key_id: id.into(),
+                secret_file: None,
+                secret_env: Some(var.into()),
+                principal: principal.into(),
+            });
+        }
+    })
+    .await;
+    let mut a = h.client().await;
+    let store = h.connected_store(&mut a, 0, "grants").await;
+    let mut keys = Vec::new();
+    for _ in 0..KEYS {
+        keys.push(create_key(&mut a, &store).await.key_id);
+    }
+    let aws: Vec<std::net::SocketAddr> = (0..2)
+        .map(|_| std::net::SocketAddr::from(([127, 0, 0, 1], free_port())))
+        .collect();
+    let replicas: Vec<Replica> = ["b", "c"]
+        .iter()
+        .zip(&aws)
+        .map(|(name, addr)| h.replica_with(name, |s| s.server.aws_listen = Some(*addr), &[]))
+        .collect();
+    let bob: Vec<aws_sdk_kms::Client> = aws
+        .iter()
+        .map(|addr| sdk_at(&addr.to_string(), BOB_KEY, REGION))
+        .collect();
+    // Load on B and C meanwhile, as a busy service has.
+    let busy = create_key(&mut a, &store).await.key_id;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for w in 0..4 {
+        let mut o = replicas[w % 2].client().await;
+        let (busy, stop) = (busy.clone(), stop.clone());
+        usable(&mut o, &busy).await;
+        load.spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                try_encrypt(&mut o, &busy, b"load").await.unwrap();
+            }
+        });
+    }
+    let mut served = Vec::new();
+    let mut raced = 0;
+    for round in 0..ROUNDS {
+        let mut grants = Vec::new();
+        for k in &keys {
+            let made = a
+                .create_grant(CreateGrantRequest {
+                    key_id: k.clone(),
+                    grantee_principal: BOB.into(),
+                    operations: vec!["Encrypt".into()],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            grants.push(made.into_inner().grant_id);
+        }
+        // A grant given may reach other replicas a moment later; then bob's Encrypt works
+        // through both, and their caches hold the grant.
+        for k in &keys {
+            for (i, c) in bob.iter().enumerate() {
+                let mut tries = 0;
+                while c
+                    .encrypt()
+                    .key_id(k)
+                    .plaintext(Blob::new(b"warm".to_vec()))
+                    .send()
+                    .await
+                    .is_err()
+                {
+                    tries += 1;
+                    assert!(
+                        tries < 200,
+                        "round {round}: the grant never reached replica {i}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        let mut races = tokio::task::JoinSet::new();
+        for (k, grant) in keys.iter().cloned().zip(grants) {
+            let (mut a, bob) = (a.clone(), bob.clone());
+            races.spawn(async move {
+                a.revoke_grant(RevokeGrantRequest {
+                    key_id: k.clone(),
+                    grant_id: grant,
+                    dry_run: None,
+                })
+                .await
+                .unwrap();
+                let send = |c: &aws_sdk_kms::Client| {
+                    c.encrypt()
+                        .key_id(&k)
+                        .plaintext(Blob::new(b"bob".to_vec()))
+                        .send()
+                };
+                let (rb, rc) = tokio::join!(send(&bob[0]), send(&bob[1]));
+                let mut out = Vec::new();
+                for (name, r) in [("B", rb), ("C", rc)] {
+                    match r {
+                        Ok(_) => out.push(Some(format!("{name} served bob under {k}"))),
+                        Err(e) => {
+                            use aws_sdk_kms::error::ProvideErrorMetadata as _;
+                            assert_eq!(e.code(), Some("AccessDeniedException"), "{e:?}");
+                            out.push(None);
+                        }
+                    }
+                }
+                out
+            });
+        }
+        while let Some(out) = races.join_next().await {
+            let out = out.unwrap();
+            raced += out.len();
+            served.extend(out.into_iter().flatten());
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    while let Some(r) = load.join_next().await {
+        r.unwrap();
+    }
+    eprintln!(
+        "{raced} requests raced an acknowledged RevokeGrant, {} served",
+        served.len()
+    );
+    assert_eq!(raced, ROUNDS * KEYS * 2);
+    assert!(served.is_empty(), "{served:?}");
+    drop(replicas);
+}

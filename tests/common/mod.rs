@@ -1240,10 +1240,15 @@ pub async fn aws_server(clusters: &[ClusterSpec]) -> Harness {
 }
 
 pub fn sdk_in(h: &Harness, key: (&str, &str), region: &str) -> aws_sdk_kms::Client {
+    sdk_at(&h.aws, key, region)
+}
+
+/// The AWS SDK for the AWS protocol listener at `addr` (plaintext), signing with `key`.
+pub fn sdk_at(addr: &str, key: (&str, &str), region: &str) -> aws_sdk_kms::Client {
     let config = aws_sdk_kms::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new(region.to_string()))
-        .endpoint_url(format!("http://{}", h.aws))
+        .endpoint_url(format!("http://{addr}"))
         .credentials_provider(Credentials::new(key.0, key.1, None, None, "test"))
         .http_client(aws_smithy_http_client::Builder::new().build_http())
         .build();
