@@ -236,6 +236,74 @@ async fn partial_http1_requests_give_way() {
     drop(flood);
 }
 
+/// Signed requests wait for a request slot at most header_timeout_seconds, then are
+/// answered ThrottlingException: with 2 slots held by Encrypts that the HSM takes 3 s to
+/// answer, a third signed request is refused after the 1 s wait, and the two are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_a_request_slot_has_a_deadline() {
+    let options = Options {
+        env: vec![("TEST_ROOT_SECRET", ROOT_KEY.1.to_string())],
+        ..Default::default()
+    };
+    let h = Harness::start_opts(
+        &[ClusterSpec::faulty("cluster-awsslotwait")],
+        options,
+        |s| {
+            s.server.aws_listen = Some("127.0.0.1:0".parse().unwrap());
+            s.server.max_inflight_requests = 2;
+            s.server.header_timeout_seconds = 1;
+            // The HSM's 3 s stall below is an answer, not a timeout.
+            s.hsm.call_timeout_ms = 10_000;
+            s.kms.default_custom_key_store = Some(STORE.into());
+            s.auth.access_keys.push(hsm_kms::config::AccessKeySettings {
+                access_key_id: ROOT_KEY.0.into(),
+                secret_file: None,
+                secret_env: Some("TEST_ROOT_SECRET".into()),
+                principal: ROOT.into(),
+            });
+        },
+    )
+    .await;
+    let c = sdk(&h, ROOT_KEY);
+    let key = aws_connected_key(&h, &c).await;
+    h.set_faults("delay_ms = 3000\ndelay_functions = C_Encrypt\n");
+    let slow = |c: aws_sdk_kms::Client, key: String| async move {
+        c.encrypt()
+            .key_id(key)
+            .plaintext(Blob::new(b"slow".to_vec()))
+            .send()
+            .await
+    };
+    let held: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(slow(c.clone(), key.clone())))
+        .collect();
+    // Both slots taken: the metrics say so before the third request is sent.
+    let mut serving = 0.0;
+    for _ in 0..100 {
+        serving = metric(&h.metrics(), "hsm_kms_aws_requests{stage=\"serving\"}").unwrap_or(0.0);
+        if serving >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(serving, 2.0, "the two slow requests hold both slots");
+    // The SDK retries throttling on its own; one attempt shows the answer.
+    let once = aws_sdk_kms::Client::from_conf(
+        c.config()
+            .to_builder()
+            .retry_config(aws_sdk_kms::config::retry::RetryConfig::disabled())
+            .build(),
+    );
+    let (code, message) = refusal(once.list_keys().send().await);
+    assert_eq!(code, "ThrottlingException", "{message}");
+    assert!(message.contains("no request slot"), "{message}");
+    for r in held {
+        r.await.unwrap().expect("a slow Encrypt that held a slot");
+    }
+    h.set_faults("");
+    c.list_keys().send().await.unwrap();
+}
+
 /// The audit lines of refusals, from the server's own file.
 fn refusal_lines(h: &Harness) -> Vec<serde_json::Value> {
     audit_lines(h)
