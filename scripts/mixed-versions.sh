@@ -15,9 +15,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 old=${1:-3fd1954}
+# A shallow clone lacks the older commit: fetch the history rather than pass unchecked.
 if ! git cat-file -e "$old^{commit}" 2>/dev/null; then
-  echo "mixed-versions: SKIPPED: commit $old is not in this clone (a shallow clone?)" >&2
-  exit 0
+  echo "mixed-versions: $old is not in this clone; fetching the history" >&2
+  git fetch --quiet --unshallow 2>/dev/null || git fetch --quiet origin 2>/dev/null || true
+fi
+if ! git cat-file -e "$old^{commit}" 2>/dev/null; then
+  echo "mixed-versions: FAILED: commit $old is not in this clone and could not be fetched" >&2
+  exit 1
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -141,7 +141,12 @@ PY
 # Stop the service (the audit writer flushes and closes), then check the audit chain.
 audit=$(sed -n 's/.*audit trail: *\([^ ]*\).*/\1/p' "$work/out" | head -n1)
 [ -n "$audit" ] || fail "the banner names no audit trail"
-kill -TERM "$pid"; wait "$pid" || true; pid=""
+kill -TERM "$pid"
+# SIGTERM is a clean stop: the server must exit 0.
+status=0
+wait "$pid" || status=$?
+pid=""
+[ "$status" = 0 ] || fail "hsm-kms exited with status $status on SIGTERM"
 "$bin" audit verify "$audit" | grep -q "chain intact" || fail "audit chain"
 grep -q '"operation":"CreateGrant"' "$audit" || fail "the audit trail lacks CreateGrant"
 

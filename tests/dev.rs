@@ -340,6 +340,7 @@ async fn a_busy_default_port_falls_back_to_a_free_one() {
     write!(
         s,
         "POST / HTTP/1.1\r\nHost: {aws}\r\nX-Amz-Target: TrentService.ListKeys\r\n\
+         Content-Type: application/x-amz-json-1.1\r\n\
          Content-Length: 2\r\nConnection: close\r\n\r\n{{}}"
     )
     .unwrap();
