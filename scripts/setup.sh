@@ -47,6 +47,8 @@ fi
 python_missing=()
 command -v aws >/dev/null 2>&1 || python_missing+=(awscli)
 python3 -c 'import aws_encryption_sdk' >/dev/null 2>&1 || python_missing+=(aws-encryption-sdk)
+# Prometheus's Python client: its strict OpenMetrics parser reads /metrics in the smoke test.
+python3 -c 'import prometheus_client' >/dev/null 2>&1 || python_missing+=(prometheus-client)
 if [ ${#python_missing[@]} -gt 0 ]; then
   echo "setup: installing ${python_missing[*]} from PyPI" >&2
   python3 -m pip install --quiet --disable-pip-version-check "${python_missing[@]}"

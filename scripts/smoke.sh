@@ -97,6 +97,27 @@ grep -q '^hsm_kms_request_duration_seconds_count{operation="Encrypt",outcome="ok
   || fail "metrics do not count the Encrypt calls"
 grep -q "^hsm_kms_store_state{custom_key_store_id=\"$store_id\",state=\"CONNECTED\"} 1" <<<"$metrics" \
   || fail "metrics do not show the store CONNECTED"
+# The format is OpenMetrics, and says so; a strict OpenMetrics parser (Prometheus's Python
+# client) reads all of it; the series operators alert on exist at zero before any event.
+curl -fsS -o /dev/null -w '%{content_type}\n' "$metrics_url" |
+  grep -q '^application/openmetrics-text; version=1.0.0' || fail "metrics content type"
+printf '%s\n' "$metrics" >"$work/metrics"
+python3 - "$store_id" "$work/metrics" <<'PY' || fail "metrics do not parse as OpenMetrics"
+import sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+store, path = sys.argv[1], sys.argv[2]
+samples = {}
+for family in text_string_to_metric_families(open(path).read()):
+    for s in family.samples:
+        samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+def zero(name, **labels):
+    key = (name, tuple(sorted(labels.items())))
+    assert samples.get(key) == 0, f"{name}{labels}: {samples.get(key)}"
+zero("hsm_kms_throttled_requests_total", custom_key_store_id=store)
+zero("hsm_kms_reconnects_total", custom_key_store_id=store, outcome="failed")
+zero("hsm_kms_hsm_call_errors_total", function="C_Encrypt", error="DeviceError")
+print(f"metrics: {len(samples)} samples parse as OpenMetrics")
+PY
 
 # A grant for another principal, listed and revoked.
 grant_id=$(call CreateGrant "{\"key_id\":\"$key_id\",\"grantee_principal\":\"arn:aws:iam::111122223333:role/app\",\"operations\":[\"Decrypt\"]}" | jq -r .grantId)
@@ -147,7 +168,9 @@ status=0
 wait "$pid" || status=$?
 pid=""
 [ "$status" = 0 ] || fail "hsm-kms exited with status $status on SIGTERM"
-"$bin" audit verify "$audit" | grep -q "chain intact" || fail "audit chain"
+# Read all it says before looking (grep -q would close the pipe under it).
+verified=$("$bin" audit verify "$audit") || fail "audit verify: $verified"
+grep -q "chain intact" <<<"$verified" || fail "audit chain: $verified"
 grep -q '"operation":"CreateGrant"' "$audit" || fail "the audit trail lacks CreateGrant"
 
 echo "smoke: OK ($addr, store $store_id, key $key_id)"

@@ -131,6 +131,22 @@ impl Metrics {
             connections_evicted: Counter::default(),
             key_lookup_failures: Family::default(),
         };
+        // The HSM errors an operator alerts on, at zero from the start (other return values
+        // appear with their first occurrence).
+        for function in [
+            "C_Encrypt",
+            "C_Decrypt",
+            "C_GenerateKey",
+            "C_DestroyObject",
+            "C_GenerateRandom",
+        ] {
+            for error in ["Timeout", "DeviceError", "DeviceRemoved", "TokenNotPresent"] {
+                let _ = m.hsm_errors.get_or_create(&HsmError {
+                    function,
+                    error: error.to_string(),
+                });
+            }
+        }
         for reason in ["missing", "ambiguous"] {
             let _ = m.key_lookup_failures.get_or_create(&Reason { reason });
         }
@@ -308,6 +324,17 @@ impl Metrics {
         self.pool_in_use.clear();
         for s in stores {
             let id = || s.id.clone();
+            // The series operators alert on exist from the start, at zero, rather than
+            // appearing with their first event.
+            let _ = self.throttled.get_or_create(&Store {
+                custom_key_store_id: id(),
+            });
+            for outcome in ["ok", "failed"] {
+                let _ = self.reconnects.get_or_create(&Reconnect {
+                    custom_key_store_id: id(),
+                    outcome,
+                });
+            }
             self.store_state
                 .get_or_create(&StoreState {
                     custom_key_store_id: id(),

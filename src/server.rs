@@ -372,9 +372,11 @@ async fn spawn_admin(
         async move {
             let body = crate::metrics::get().render(&kms.keystore_snapshots().await);
             (
+                // prometheus-client writes the OpenMetrics text format (`# EOF`, counters
+                // as `<name>_total`): say so, as Prometheus expects.
                 [(
                     axum::http::header::CONTENT_TYPE,
-                    "text/plain; version=0.0.4; charset=utf-8",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 )],
                 body,
             )

@@ -334,6 +334,12 @@ async fn a_busy_default_port_falls_back_to_a_free_one() {
         env.contains(&format!("AWS_ENDPOINT_URL_KMS=http://{aws}")),
         "{env}"
     );
+    // The generated config names the ports this instance bound, so that `serve --config`
+    // runs it as is, where aws.env points.
+    let config = hsm_kms::config::Settings::read(&tmp.path().join("data/hsm-kms.toml")).unwrap();
+    assert_eq!(config.server.aws_listen, Some(aws));
+    assert_ne!(config.server.listen.port(), 0);
+    assert_ne!(config.admin.listen.port(), 0);
     // It answers there: an unsigned request gets AWS's refusal.
     let mut s = std::net::TcpStream::connect(aws).unwrap();
     use std::io::{Read, Write};

@@ -690,6 +690,12 @@ async fn malformed_requests_get_aws_exceptions_metrics_and_audit_lines() {
             status.metadata().contains_key("x-request-id"),
             "{what}: no request id"
         );
+        // The message reads as words: percent-encoded once on the wire, never twice.
+        assert!(
+            !status.message().contains('%'),
+            "{what}: {}",
+            status.message()
+        );
     }
     let metrics = h.metrics();
     let counted = metric(
@@ -809,7 +815,7 @@ async fn the_sealing_key_leaves_the_environment() {
 /// response whose metadata overflows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_inputs_are_quoted_short_in_errors() {
-    let (_h, mut c, _key) = server_with_key(Options::default(), |_| {}).await;
+    let (_h, mut c, key) = server_with_key(Options::default(), |_| {}).await;
     let emoji = "\u{1F600}".repeat(2048);
     let e = try_encrypt(&mut c, &emoji, b"x").await.unwrap_err();
     assert_eq!(aws_error(&e), "NotFoundException", "{e:?}");
@@ -821,6 +827,33 @@ async fn huge_inputs_are_quoted_short_in_errors() {
     let e = try_encrypt(&mut c, &arn, b"x").await.unwrap_err();
     assert_eq!(aws_error(&e), "InvalidArnException", "{e:?}");
     assert!(e.message().len() <= 1024, "{}", e.message().len());
+    // What the README promises: caller input is quoted cut to 128 characters, alias names
+    // (as key references and in alias operations) included.
+    let longest_run = |m: &str, c: char| {
+        m.split(|x| x != c)
+            .map(|run| run.chars().count())
+            .max()
+            .unwrap_or(0)
+    };
+    assert!(longest_run(e.message(), 'a') <= 128, "{}", e.message());
+    let e = try_encrypt(&mut c, &emoji, b"x").await.unwrap_err();
+    assert!(
+        longest_run(e.message(), '\u{1F600}') <= 128,
+        "{}",
+        e.message()
+    );
+    let alias = format!("alias/{}", "b".repeat(1000));
+    let e = try_encrypt(&mut c, &alias, b"x").await.unwrap_err();
+    assert_eq!(aws_error(&e), "NotFoundException", "{e:?}");
+    assert!(longest_run(e.message(), 'b') <= 128, "{}", e.message());
+    let e = c
+        .create_alias(CreateAliasRequest {
+            alias_name: format!("alias/{}", "c".repeat(200)) + "!",
+            target_key_id: key.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert!(longest_run(e.message(), 'c') <= 128, "{}", e.message());
 }
 
 /// A moved (rotated) audit file is reported in the log; lines go on into it until SIGHUP,

@@ -486,8 +486,11 @@ async fn deleted_soon(c: &mut Client, key_id: &str) -> bool {
                 ..Default::default()
             })
             .await;
-        if r.is_err() {
-            return true;
+        match r {
+            // Deleted: the key is not found. Any other error is no sign of deletion.
+            Err(e) if aws_error(&e) == "NotFoundException" => return true,
+            Err(e) => panic!("DescribeKey while waiting for the deletion: {e:?}"),
+            Ok(_) => {}
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }

@@ -679,47 +679,61 @@ async fn racing_state_changes_through_three_replicas_make_no_forbidden_transitio
         let (mut client, keys) = (clients[(w % 3) as usize].clone(), keys.clone());
         tasks.spawn(async move {
             let mut x = w.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-            let mut acked = 0;
+            let (mut acked, mut refused, mut other) = (0u32, 0u32, Vec::new());
             for _ in 0..120 {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
                 let key_id = keys[(x % keys.len() as u64) as usize].clone();
-                let ok = match (x >> 8) % 4 {
-                    0 => client.enable_key(EnableKeyRequest { key_id }).await.is_ok(),
+                let answer = match (x >> 8) % 4 {
+                    0 => client
+                        .enable_key(EnableKeyRequest { key_id })
+                        .await
+                        .map(drop),
                     1 => client
                         .disable_key(DisableKeyRequest { key_id })
                         .await
-                        .is_ok(),
+                        .map(drop),
                     2 => client
                         .schedule_key_deletion(ScheduleKeyDeletionRequest {
                             key_id,
                             pending_window_in_days: Some(7),
                         })
                         .await
-                        .is_ok(),
+                        .map(drop),
                     _ => client
                         .cancel_key_deletion(CancelKeyDeletionRequest { key_id })
                         .await
-                        .is_ok(),
+                        .map(drop),
                 };
-                acked += ok as u32;
+                match answer {
+                    Ok(()) => acked += 1,
+                    // The key was in a state the change does not start from: the only
+                    // refusal a race between allowed changes may give.
+                    Err(e) if aws_error(&e) == "KMSInvalidStateException" => refused += 1,
+                    Err(e) => other.push(format!("{}: {}", aws_error(&e), e.message())),
+                }
             }
-            acked
+            (acked, refused, other)
         });
     }
-    let mut acked = 0;
-    while let Some(n) = tasks.join_next().await {
-        acked += n.unwrap();
+    let (mut acked, mut refused, mut other) = (0, 0, Vec::new());
+    while let Some(r) = tasks.join_next().await {
+        let (a, r, o) = r.unwrap();
+        acked += a;
+        refused += r;
+        other.extend(o);
     }
+    assert!(other.is_empty(), "answers no race explains: {other:?}");
+    assert_eq!(acked + refused, 1080);
     let seen = only_allowed_transitions(&db).await;
     eprintln!("{acked} of 1080 changes acknowledged; transitions: {seen:?}");
     assert!(
         seen.iter().filter(|(o, _, _)| o != "Creating").count() >= 4,
         "too few kinds of change to tell: {seen:?}"
     );
-    // Every replica agrees with the database, within the propagation bound.
-    tokio::time::sleep(PROPAGATION_BOUND).await;
+    // Every replica comes to agree with the database (the deadline only catches a replica
+    // that never does).
     for key in &keys {
         let state: String = db
             .query_one("SELECT key_state FROM keys WHERE id = $1", &[key])
@@ -727,7 +741,14 @@ async fn racing_state_changes_through_three_replicas_make_no_forbidden_transitio
             .unwrap()
             .get(0);
         for client in &clients {
-            let described = describe_key(&mut client.clone(), key).await.key_state;
+            let mut described = String::new();
+            for _ in 0..100 {
+                described = describe_key(&mut client.clone(), key).await.key_state;
+                if described == state {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             assert_eq!(described, state, "{key}");
         }
     }

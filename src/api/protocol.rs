@@ -128,6 +128,10 @@ where
                     ),
                 )
             } else {
+                // tonic's grpc-message is percent-encoded; the status made from it is encoded
+                // again on the way out, so it is decoded here (else the caller reads
+                // "failed%20to%20decode").
+                let message = percent_encoding::percent_decode_str(&message).decode_utf8_lossy();
                 KmsError::new(
                     ErrorKind::Serialization,
                     format!("The {op} request could not be read: {message}"),

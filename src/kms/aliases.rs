@@ -5,7 +5,7 @@ use uuid::Uuid;
 
 use super::access::{Caller, Facts};
 use super::crypto::NO_CONTEXT;
-use super::error::{ErrorKind, KmsError, KmsResult};
+use super::error::{quoted, ErrorKind, KmsError, KmsResult};
 use super::keystores::Page;
 use super::op::Op;
 use super::states::KeyState;
@@ -37,13 +37,14 @@ pub fn check_alias_name(name: &str) -> KmsResult<()> {
         .all(|b| b.is_ascii_alphanumeric() || b":/_-".contains(&b))
     {
         return Err(KmsError::validation(format!(
-            "AliasName {name} may contain only letters, digits, and : / _ -"
+            "AliasName {} may contain only letters, digits, and : / _ -",
+            quoted(name)
         )));
     }
     let invalid = |why: &str| {
         Err(KmsError::new(
             ErrorKind::InvalidAliasName,
-            format!("Alias name {name} is not valid: {why}"),
+            format!("Alias name {} is not valid: {why}", quoted(name)),
         ))
     };
     match name.strip_prefix("alias/") {
@@ -88,7 +89,10 @@ impl Kms {
     fn alias_not_found(&self, name: &str) -> KmsError {
         KmsError::new(
             ErrorKind::NotFound,
-            format!("Alias {} is not found.", self.scope.alias_arn(name)),
+            format!(
+                "Alias {} is not found.",
+                self.scope.alias_arn(&quoted(name))
+            ),
         )
     }
 
@@ -99,7 +103,7 @@ impl Kms {
                 ErrorKind::AlreadyExists,
                 format!(
                     "An alias with the name {} already exists",
-                    self.scope.alias_arn(name)
+                    self.scope.alias_arn(&quoted(name))
                 ),
             ),
             // The key was looked up just before; what is missing now is the alias.

@@ -81,35 +81,37 @@ impl ArnScope {
     /// of the caller's own account only.
     pub fn parse_key_ref(&self, key_ref: &str, caller_account: &str) -> KmsResult<Uuid> {
         if let Some(rest) = key_ref.strip_prefix("arn:") {
+            // Messages quote the caller's input cut short, as every message does.
+            let quoted = super::error::quoted(key_ref);
             let parts: Vec<&str> = rest.splitn(5, ':').collect();
             let [partition, service, region, account, resource] = parts[..] else {
                 return Err(KmsError::new(
                     ErrorKind::InvalidArn,
-                    format!("{key_ref} is not a valid ARN"),
+                    format!("{quoted} is not a valid ARN"),
                 ));
             };
             if service != "kms" || partition.is_empty() || region.is_empty() || account.is_empty() {
                 return Err(KmsError::new(
                     ErrorKind::InvalidArn,
-                    format!("{key_ref} is not a valid KMS ARN"),
+                    format!("{quoted} is not a valid KMS ARN"),
                 ));
             }
             let Some(id) = resource.strip_prefix("key/") else {
                 return Err(KmsError::new(
                     ErrorKind::NotFound,
-                    format!("Invalid keyId '{key_ref}': this operation takes a key id or key ARN"),
+                    format!("Invalid keyId '{quoted}': this operation takes a key id or key ARN"),
                 ));
             };
             let id = parse_uuid(id).ok_or_else(|| {
                 KmsError::new(
                     ErrorKind::InvalidArn,
-                    format!("{key_ref} does not contain a valid key id"),
+                    format!("{quoted} does not contain a valid key id"),
                 )
             })?;
             if partition != self.partition || region != self.region || account != self.account_id {
                 return Err(KmsError::new(
                     ErrorKind::NotFound,
-                    format!("Key '{key_ref}' does not exist"),
+                    format!("Key '{quoted}' does not exist"),
                 ));
             }
             return Ok(id);

@@ -442,7 +442,18 @@ impl Kms {
             Failure::NotFound => self.key_not_found(key),
             Failure::Precondition(Precondition::KeyState(state)) => match state.check(op) {
                 Err(refusal) => refusal.error(&arn),
-                Ok(()) => KmsError::internal(format!("{op:?} refused on {arn}, {state}")),
+                // A race: the conditional change found the key in a state that refuses it,
+                // and another change moved it on before the state was read back. The
+                // refusal stands (it is what happened at the change's moment); it is not an
+                // internal error.
+                Ok(()) => KmsError::new(
+                    ErrorKind::KmsInvalidState,
+                    format!(
+                        "{arn} was in a state that does not allow {} when the request ran (it \
+                         has changed since: {state}); retry the request",
+                        op.name()
+                    ),
+                ),
             },
             Failure::Precondition(Precondition::Limit(n)) => KmsError::new(
                 ErrorKind::Tag,
