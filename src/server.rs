@@ -402,13 +402,23 @@ async fn spawn_admin(
         .route("/metrics", metrics)
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
         .route("/readyz", readyz);
-    // A scrape is one short request: a few connections, each with seconds to send it.
+    // A scrape is one short request: a few connections, each with seconds to send it. A
+    // connection is pending until a whole request has arrived on it (`AdminPeer`), so
+    // half-sent requests give way to new scrapes.
+    let app = app.layer(axum::middleware::from_fn(
+        |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<AdminPeer>,
+         req: axum::extract::Request,
+         next: axum::middleware::Next| async move {
+            peer.0.prove();
+            next.run(req).await
+        },
+    ));
     let limits = crate::transport::Limits {
         max_connections: 64,
         max_pending: 32,
         header_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(10),
-        proof: crate::transport::Proof::Handshake,
+        proof: crate::transport::Proof::Request,
         unproven: None,
     };
     let incoming =
@@ -420,6 +430,7 @@ async fn spawn_admin(
         });
     let listener = AdminListener { incoming, addr };
     let task = tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<AdminPeer>();
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "admin listener failed");
         }
@@ -429,6 +440,18 @@ async fn spawn_admin(
 }
 
 /// The admin listener's connections, as axum takes them.
+/// An admin connection's standing, for the request that proves it.
+#[derive(Clone)]
+struct AdminPeer(Arc<crate::transport::Standing>);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, AdminListener>>
+    for AdminPeer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, AdminListener>) -> Self {
+        AdminPeer(stream.io().standing())
+    }
+}
+
 struct AdminListener {
     incoming: tokio_stream::wrappers::ReceiverStream<
         std::io::Result<crate::transport::Guarded<tokio::net::TcpStream>>,
