@@ -922,8 +922,12 @@ async fn a_moved_audit_file_is_reported_and_sighup_rotates() {
     let rotated = file.with_extension("jsonl.1");
     std::fs::rename(&file, &rotated).unwrap();
     encrypt(&mut c, &key, b"into the moved file").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(h.log().contains("moved or replaced"), "{}", h.log());
+    // The log line, waited for (the deadline only catches one never written).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !h.log().contains("moved or replaced") {
+        assert!(Instant::now() < deadline, "{}", h.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     h.sighup();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !file.exists() {

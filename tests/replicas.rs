@@ -87,22 +87,29 @@ where
     false
 }
 
-/// The bound on how long a change through one replica takes to reach another's requests.
-const PROPAGATION_BOUND: Duration = Duration::from_millis(250);
+/// The next Encrypt through `c` is refused with `error`: a change that takes access away is
+/// in force on every replica of this build once it is acknowledged.
+async fn refused_at_once(c: &mut Client, key: &str, error: &str) {
+    match try_encrypt(c, key, b"x").await {
+        Err(e) => assert_eq!(aws_error(&e), error, "{e:?}"),
+        Ok(_) => panic!("served right after the change that forbids it was acknowledged"),
+    }
+}
 
-/// Encrypts through `c` until it is refused with `error`; fails if that takes longer than
-/// `PROPAGATION_BOUND`. How long it took.
-async fn refused_within(c: &mut Client, key: &str, error: &str) -> Duration {
-    let start = std::time::Instant::now();
+/// Encrypts through `c` until it is refused with `error` (an older replica acknowledges
+/// without waiting for the others); the deadline only catches a change never seen.
+async fn refused_eventually(c: &mut Client, key: &str, error: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         match try_encrypt(c, key, b"x").await {
-            Err(e) if aws_error(&e) == error => return start.elapsed(),
+            Err(e) if aws_error(&e) == error => return,
             Err(e) => panic!("{e:?}"),
             Ok(_) => assert!(
-                start.elapsed() < PROPAGATION_BOUND,
-                "still served after {PROPAGATION_BOUND:?}"
+                std::time::Instant::now() < deadline,
+                "still served 10 s after the change"
             ),
         }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -139,15 +146,14 @@ async fn a_change_through_one_replica_is_seen_by_the_next_request_to_another() {
         .into_inner();
     assert_eq!(out.plaintext, b"made by a");
 
-    // Disabled through B: A refuses within the bound (its cache hears of the change
-    // through LISTEN/NOTIFY; measured well under a millisecond on this machine).
+    // Disabled through B: A refuses the next request (the answer waits until every live
+    // replica has the change in force).
     bc.disable_key(DisableKeyRequest {
         key_id: key.key_id.clone(),
     })
     .await
     .unwrap();
-    let took = refused_within(&mut a, &key.key_id, "DisabledException").await;
-    eprintln!("DisableKey through B reached A in {took:?}");
+    refused_at_once(&mut a, &key.key_id, "DisabledException").await;
 
     // Aliases, tags and names are one namespace: taken through A, refused through B.
     a.create_alias(CreateAliasRequest {
@@ -169,7 +175,7 @@ async fn a_change_through_one_replica_is_seen_by_the_next_request_to_another() {
     // connected again through B, A logs in again without a request of its own.
     let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
     disconnect(&mut bc, &store).await;
-    refused_within(&mut a, &key.key_id, "KMSInvalidStateException").await;
+    refused_at_once(&mut a, &key.key_id, "KMSInvalidStateException").await;
     assert_eq!(
         describe_store(&mut a, &store).await.connection_state,
         "DISCONNECTED"
@@ -790,7 +796,7 @@ async fn an_older_and_a_newer_replica_serve_side_by_side() {
     })
     .await
     .unwrap();
-    refused_within(&mut nc, &key, "DisabledException").await;
+    refused_eventually(&mut nc, &key, "DisabledException").await;
     nc.enable_key(EnableKeyRequest {
         key_id: key.clone(),
     })
@@ -910,8 +916,9 @@ async fn the_store_quota_holds_for_the_whole_service() {
 /// while load balancers notice, then the process stops cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_turns_unready_and_keeps_serving_while_draining() {
+    // A drain long enough that the checks below always fall within it.
     let mut h = Harness::start_with(&[ClusterSpec::good("cluster-replicadrain")], |s| {
-        s.server.drain_seconds = 3;
+        s.server.drain_seconds = 10;
     })
     .await;
     let mut c = h.client().await;
@@ -925,12 +932,9 @@ async fn sigterm_turns_unready_and_keeps_serving_while_draining() {
         "/readyz stayed 200 after SIGTERM"
     );
     assert_eq!(h.admin_get("/readyz").1, "shutting down\n");
-    // Still within the drain: the same connection is served.
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "too slow to check the drain"
-    );
+    // Still within the drain (10 s): the same connection is served.
     encrypt(&mut c, &key.key_id, b"during the drain").await;
+    eprintln!("served {:?} after SIGTERM", started.elapsed());
     assert!(h.stop(), "hsm-kms did not exit cleanly after draining");
 }
 
@@ -1517,16 +1521,23 @@ async fn no_acknowledged_change_is_lost_across_database_restarts() {
     );
     only_allowed_transitions(&db).await;
 
-    // Every replica describes every key as the database holds it, and every acknowledged
-    // ciphertext still decrypts, through every replica.
-    tokio::time::sleep(PROPAGATION_BOUND).await;
+    // Every replica comes to describe every key as the database holds it (the deadline
+    // only catches one that never does), and every acknowledged ciphertext still decrypts,
+    // through every replica.
     for key in ledgers
         .iter()
         .flat_map(|l| std::mem::take(&mut *l.lock().unwrap()))
     {
         let state = &final_rows[&key.id];
         for client in &clients {
-            let described = describe_key(&mut client.clone(), &key.id).await.key_state;
+            let mut described = String::new();
+            for _ in 0..100 {
+                described = describe_key(&mut client.clone(), &key.id).await.key_state;
+                if &described == state {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             assert_eq!(&described, state, "{}", key.id);
         }
         if state == "PendingDeletion" {
@@ -1553,10 +1564,11 @@ async fn no_acknowledged_change_is_lost_across_database_restarts() {
                     .await
                 {
                     Ok(r) => break r.into_inner().plaintext,
-                    // The enabling reaches the other replicas within the bound.
-                    Err(e) if aws_error(&e) == "DisabledException" && tries < 10 => {
+                    // An enabling reaches the other replicas a moment later (the deadline
+                    // only catches one that never does).
+                    Err(e) if aws_error(&e) == "DisabledException" && tries < 400 => {
                         tries += 1;
-                        tokio::time::sleep(PROPAGATION_BOUND / 10).await;
+                        tokio::time::sleep(Duration::from_millis(25)).await;
                     }
                     Err(e) => panic!("an acknowledged ciphertext under {}: {e:?}", key.id),
                 }

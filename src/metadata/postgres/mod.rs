@@ -591,7 +591,7 @@ mod tests {
     }
 
     /// Two replicas' metadata on one database: a key state changed through one reaches the
-    /// other's cache within milliseconds (the bound asserted: 250 ms). With the listener
+    /// other's cache (within milliseconds; printed, not asserted: speed is the bench's). With the listener
     /// killed, or silenced (its server process stopped), the cache is bypassed: a change
     /// made meanwhile is read at once, not after the cache's TTL.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -628,7 +628,6 @@ mod tests {
         b.set_key_state(&id, any, Disabled).await.unwrap();
         let took = within("A sees Disabled", state(Disabled)).await;
         eprintln!("a change reached the other replica's cache in {took:?}");
-        assert!(took < Duration::from_millis(250), "{took:?}");
         b.set_key_state(&id, any, Enabled).await.unwrap();
         within("A sees Enabled", state(Enabled)).await;
 
@@ -652,12 +651,10 @@ mod tests {
             token: "t".into(),
         };
         b.insert_grant(&grant, any, 50_000, 500).await.unwrap();
-        let took = within("A sees the grant", grants(1)).await;
-        assert!(took < Duration::from_millis(250), "{took:?}");
+        within("A sees the grant", grants(1)).await;
         b.delete_grant(&id, &grant.grant_id).await.unwrap();
         let took = within("A sees the grant revoked", grants(0)).await;
         eprintln!("a revoked grant reached the other replica's cache in {took:?}");
-        assert!(took < Duration::from_millis(250), "{took:?}");
 
         // The listeners killed: A stops trusting its cache before it can miss a change.
         let c = b.client().await.unwrap();
