@@ -242,7 +242,7 @@ async fn partial_http1_requests_give_way() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_for_a_request_slot_has_a_deadline() {
     let options = Options {
-        env: vec![("TEST_ROOT_SECRET", ROOT_KEY.1.to_string())],
+        env: access_key_env(),
         ..Default::default()
     };
     let h = Harness::start_opts(
@@ -255,12 +255,7 @@ async fn waiting_for_a_request_slot_has_a_deadline() {
             // The HSM's 3 s stall below is an answer, not a timeout.
             s.hsm.call_timeout_ms = 10_000;
             s.kms.default_custom_key_store = Some(STORE.into());
-            s.auth.access_keys.push(hsm_kms::config::AccessKeySettings {
-                access_key_id: ROOT_KEY.0.into(),
-                secret_file: None,
-                secret_env: Some("TEST_ROOT_SECRET".into()),
-                principal: ROOT.into(),
-            });
+            add_access_keys(s);
         },
     )
     .await;

@@ -1906,18 +1906,13 @@ async fn a_stalled_database_answers_retryable_errors_and_service_returns() {
         .expect("PostgreSQL for the replica tests (scripts/setup.sh installs it)");
     let database = database_on(&server).await;
     let options = Options {
-        env: vec![("TEST_ROOT_SECRET", ROOT_KEY.1.to_string())],
+        env: access_key_env(),
         ..Default::default()
     };
     let h = Harness::start_opts(&[ClusterSpec::good("cluster-replicastall")], options, |s| {
         use_database(s, database);
         s.server.aws_listen = Some("127.0.0.1:0".parse().unwrap());
-        s.auth.access_keys.push(hsm_kms::config::AccessKeySettings {
-            access_key_id: ROOT_KEY.0.into(),
-            secret_file: None,
-            secret_env: Some("TEST_ROOT_SECRET".into()),
-            principal: ROOT.into(),
-        });
+        add_access_keys(s);
     })
     .await;
     // The shipped balancer in front of it, both fronts.
@@ -2047,25 +2042,12 @@ async fn an_acknowledged_grant_revocation_is_in_force_on_every_replica() {
     const KEYS: usize = 8;
     let database = postgres_database().await;
     let options = Options {
-        env: vec![
-            ("TEST_ROOT_SECRET", ROOT_KEY.1.to_string()),
-            ("TEST_BOB_SECRET", BOB_KEY.1.to_string()),
-        ],
+        env: access_key_env(),
         ..Default::default()
     };
     let h = Harness::start_opts(&[ClusterSpec::good("cluster-replicagrant")], options, |s| {
         use_database(s, database);
-        for (id, var, principal) in [
-            (ROOT_KEY.0, "TEST_ROOT_SECRET", ROOT),
-            (BOB_KEY.0, "TEST_BOB_SECRET", BOB),
-        ] {
-            s.auth.access_keys.push(hsm_kms::config::AccessKeySettings {
-                access_key_id: id.into(),
-                secret_file: None,
-                secret_env: Some(var.into()),
-                principal: principal.into(),
-            });
-        }
+        add_access_keys(s);
     })
     .await;
     let mut a = h.client().await;

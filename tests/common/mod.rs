@@ -1211,30 +1211,40 @@ pub const BOB: &str = "arn:aws:iam::111122223333:user/bob";
 pub const STORE: &str = "aws-store";
 pub const REGION: &str = "us-east-1";
 
+/// The environment that carries the test access keys' secrets (`add_access_keys`).
+pub fn access_key_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("TEST_ROOT_SECRET", ROOT_KEY.1.to_string()),
+        ("TEST_BOB_SECRET", BOB_KEY.1.to_string()),
+    ]
+}
+
+/// The root's and bob's access keys in `s`, their secrets from `access_key_env`.
+pub fn add_access_keys(s: &mut Settings) {
+    for (id, var, principal) in [
+        (ROOT_KEY.0, "TEST_ROOT_SECRET", ROOT),
+        (BOB_KEY.0, "TEST_BOB_SECRET", BOB),
+    ] {
+        s.auth.access_keys.push(hsm_kms::config::AccessKeySettings {
+            access_key_id: id.into(),
+            secret_file: None,
+            secret_env: Some(var.into()),
+            principal: principal.into(),
+        });
+    }
+}
+
 /// A server with the AWS protocol on a free port, two access keys (the root's and bob's,
 /// their secrets from the environment), and `kms.default_custom_key_store` naming STORE.
 pub async fn aws_server(clusters: &[ClusterSpec]) -> Harness {
     let options = Options {
-        env: vec![
-            ("TEST_ROOT_SECRET", ROOT_KEY.1.to_string()),
-            ("TEST_BOB_SECRET", BOB_KEY.1.to_string()),
-        ],
+        env: access_key_env(),
         ..Default::default()
     };
     Harness::start_opts(clusters, options, |s| {
         s.server.aws_listen = Some("127.0.0.1:0".parse().unwrap());
         s.kms.default_custom_key_store = Some(STORE.into());
-        for (id, var, principal) in [
-            (ROOT_KEY.0, "TEST_ROOT_SECRET", ROOT),
-            (BOB_KEY.0, "TEST_BOB_SECRET", BOB),
-        ] {
-            s.auth.access_keys.push(hsm_kms::config::AccessKeySettings {
-                access_key_id: id.into(),
-                secret_file: None,
-                secret_env: Some(var.into()),
-                principal: principal.into(),
-            });
-        }
+        add_access_keys(s);
     })
     .await
 }
