@@ -172,17 +172,49 @@ impl Standing {
 }
 
 /// The connections not yet proven by a request, by peer address, for a listener whose
-/// requests are authenticated above the transport (plaintext gRPC: `prove_peer`).
-pub type Unproven = Arc<std::sync::Mutex<HashMap<std::net::SocketAddr, Arc<Standing>>>>;
+/// requests are authenticated above the transport (plaintext gRPC). Every request asks it
+/// (`prove`), so an empty list costs an atomic load, not a lock.
+#[derive(Debug, Default)]
+pub struct UnprovenPeers {
+    len: std::sync::atomic::AtomicUsize,
+    map: std::sync::Mutex<HashMap<std::net::SocketAddr, Arc<Standing>>>,
+}
 
-/// Marks the connection of `peer` proven, if it is in `unproven`.
-pub fn prove_peer(unproven: &Unproven, peer: std::net::SocketAddr) {
-    let mut map = unproven.lock().unwrap_or_else(|p| p.into_inner());
-    if map.is_empty() {
-        return;
+pub type Unproven = Arc<UnprovenPeers>;
+
+impl UnprovenPeers {
+    /// Whether no connection waits to be proven.
+    pub fn is_empty(&self) -> bool {
+        self.len.load(Ordering::Relaxed) == 0
     }
-    if let Some(s) = map.remove(&peer) {
-        s.prove();
+
+    /// Marks the connection of `peer` proven, if it is listed.
+    pub fn prove(&self, peer: std::net::SocketAddr) {
+        if self.is_empty() {
+            return;
+        }
+        if let Some(s) = self.with_map(|m| m.remove(&peer)) {
+            s.prove();
+        }
+    }
+
+    fn insert(&self, peer: std::net::SocketAddr, standing: Arc<Standing>) {
+        self.with_map(|m| m.insert(peer, standing));
+    }
+
+    fn remove(&self, peer: &std::net::SocketAddr) {
+        self.with_map(|m| m.remove(peer));
+    }
+
+    /// `f` on the list, with its length kept for `is_empty`.
+    fn with_map<T>(
+        &self,
+        f: impl FnOnce(&mut HashMap<std::net::SocketAddr, Arc<Standing>>) -> T,
+    ) -> T {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let out = f(&mut map);
+        self.len.store(map.len(), Ordering::Relaxed);
+        out
     }
 }
 
@@ -535,9 +567,8 @@ struct Watch {
 impl Watch {
     /// Lists the connection among the unproven of its listener, if it has such a list.
     fn register(&self, peer: std::net::SocketAddr) {
-        if let (Some(map), false) = (&self.unproven, self.standing.is_proven()) {
-            let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
-            map.insert(peer, Arc::clone(&self.standing));
+        if let (Some(list), false) = (&self.unproven, self.standing.is_proven()) {
+            list.insert(peer, Arc::clone(&self.standing));
         }
     }
 
@@ -564,9 +595,8 @@ impl Watch {
 impl<T> Drop for Guarded<T> {
     fn drop(&mut self) {
         self.watch.standing.gone.store(true, Ordering::Relaxed);
-        if let Some(map) = &self.watch.unproven {
-            let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
-            map.remove(&self.peer);
+        if let Some(list) = &self.watch.unproven {
+            list.remove(&self.peer);
         }
     }
 }

@@ -107,9 +107,10 @@ where
         };
         let started = std::time::Instant::now();
         let (source, certs) = peer(&req);
-        if let (Some(addr), None) = (source, &certs) {
+        // A plaintext connection is proven by its first KMS request (no lock when none waits).
+        if let (Some(addr), None, false) = (source, &certs, self.unproven.is_empty()) {
             if self.auth.principal(None).is_ok() {
-                crate::transport::prove_peer(&self.unproven, addr);
+                self.unproven.prove(addr);
             }
         }
         let (audit, auth) = (Arc::clone(&self.audit), Arc::clone(&self.auth));
