@@ -11,7 +11,7 @@ PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))
 export PATH
 # The PostgreSQL tests start their own throwaway server; here they may not skip.
 export HSM_KMS_REQUIRE_POSTGRES=1
-cargo test --locked --all-targets -- --test-threads "${TEST_THREADS:-4}"
+cargo test --locked --workspace --all-targets -- --test-threads "${TEST_THREADS:-4}"
 scripts/smoke.sh
 # Three replicas on PostgreSQL behind HAProxy, with the debug binary the tests built.
 HSM_KMS_BIN=target/debug/hsm-kms scripts/cluster.sh --check

@@ -48,9 +48,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::Serialize;
 
-use crate::kms::access::{Principal, Resource};
-use crate::kms::ids::ArnScope;
 use crate::metadata::AuditHead;
+use model::ids::ArnScope;
+use model::principal::{Principal, Resource};
 
 const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -285,7 +285,7 @@ fn recover(path: &Path, file: &File) -> anyhow::Result<(u64, String)> {
         let keep = path.with_extension(format!(
             "{}.torn-{}",
             path.extension().and_then(|e| e.to_str()).unwrap_or("audit"),
-            crate::kms::now_ms()
+            model::now_ms()
         ));
         std::fs::write(&keep, torn)
             .with_context(|| format!("saving the torn tail of {}", path.display()))?;
@@ -397,7 +397,7 @@ impl Writer {
             Err(e) => {
                 self.shared.available.store(false, Ordering::Release);
                 if self.failing_since.is_none() {
-                    self.failing_since = Some(crate::kms::now_ms());
+                    self.failing_since = Some(model::now_ms());
                     tracing::error!(
                         file = %self.path.display(),
                         error = format!("{e:#}"),
@@ -440,7 +440,7 @@ impl Writer {
             let line = Line {
                 seq: seq + 1,
                 replica: &self.replica,
-                time: rfc3339(crate::kms::now_ms()),
+                time: rfc3339(model::now_ms()),
                 request_id: uuid::Uuid::new_v4().to_string(),
                 principal: None,
                 source: None,

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
-use crate::kms::ids::is_cluster_id;
-use crate::kms::states::{ClusterState, HsmState};
+use model::ids::is_cluster_id;
+use model::states::{ClusterState, HsmState};
 
 pub const ENV_PREFIX: &str = "HSM_KMS";
 
@@ -744,7 +744,7 @@ impl Settings {
             )
             .chain(self.auth.access_keys.iter().map(|k| &k.principal));
         for p in principals {
-            if crate::kms::access::Principal::parse(p).is_none() {
+            if model::principal::Principal::parse(p).is_none() {
                 bail!(
                     "{p} is not an IAM principal ARN such as arn:aws:iam::111122223333:user/alice"
                 );

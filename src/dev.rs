@@ -31,9 +31,9 @@ use zeroize::Zeroizing;
 use crate::config::{ClusterSettings, HsmEntry, PinFormat, Settings};
 use crate::hsm::{self, Modules};
 use crate::kms::keystores::{CreateStore, Password, UpdateStore};
-use crate::kms::states::ConnectionState::{Connected, Disconnected, Failed};
 use crate::kms::{Kms, Parts};
 use crate::server;
+use model::states::ConnectionState::{Connected, Disconnected, Failed};
 
 pub const STORE_NAME: &str = "dev";
 pub const TOKEN_LABEL: &str = "hsm-kms-dev";
@@ -445,7 +445,7 @@ async fn ensure_store(
     settings: &Settings,
     password: &str,
 ) -> anyhow::Result<String> {
-    let err = |e: crate::kms::error::KmsError| anyhow::anyhow!("{e}");
+    let err = |e: model::error::KmsError| anyhow::anyhow!("{e}");
     let cluster = &settings.clusters[0];
     let me = kms.service_caller();
     let existing = kms

@@ -16,3 +16,6 @@ pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod transport;
+
+/// The shared vocabulary (operations, states, ids, principals, errors), a crate of its own.
+pub use model;

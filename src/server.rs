@@ -301,7 +301,7 @@ fn spawn_aws(
     use crate::api::aws::{serve, sigv4, Front};
     let mut keys = std::collections::HashMap::new();
     for k in &settings.auth.access_keys {
-        let principal = crate::kms::access::Principal::parse(&k.principal)
+        let principal = model::principal::Principal::parse(&k.principal)
             .with_context(|| format!("{} is not an IAM principal ARN", k.principal))?;
         keys.insert(
             k.access_key_id.clone(),

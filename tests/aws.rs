@@ -404,7 +404,7 @@ async fn every_operation_through_the_aws_sdk() {
 
     // Every operation went over the AWS protocol and is in the audit trail.
     let lines = audit_lines(&h);
-    for op in hsm_kms::kms::op::Op::ALL {
+    for op in hsm_kms::model::op::Op::ALL {
         assert!(
             lines.iter().any(|l| l["operation"] == op.name()),
             "no audit line for {}",

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use super::timestamp;
 use crate::kms::access::Caller;
 use crate::kms::aliases::AliasView;
-use crate::kms::error::KmsResult;
 use crate::kms::fields::{KeyId, Marker};
 use crate::kms::Kms;
 use crate::proto::*;
+use model::error::KmsResult;
 
 pub(super) async fn create_alias(
     kms: &Arc<Kms>,

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::config::Settings;
-use crate::kms::access::Principal;
-use crate::kms::error::{ErrorKind, KmsError, KmsResult};
+use model::error::{ErrorKind, KmsError, KmsResult};
+use model::principal::Principal;
 
 /// Distinct client certificates remembered; past it, the cache starts over.
 const CACHE_LIMIT: usize = 10_000;
@@ -102,7 +102,7 @@ impl Authenticator {
                 return Principal::parse(arn).map(Arc::new).ok_or_else(|| {
                     format!(
                         "The client certificate names {}, which is not an IAM principal ARN",
-                        crate::kms::error::quoted(arn)
+                        model::error::quoted(arn)
                     )
                 })
             }
@@ -119,7 +119,7 @@ impl Authenticator {
             format!(
                 "The client certificate (CN={}) names no principal: give it an arn: URI \
                  subject alternative name, or map its common name in auth.certificate_principals",
-                crate::kms::error::quoted(cn)
+                model::error::quoted(cn)
             )
         })
     }

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use super::context;
 use crate::kms::access::Caller;
 use crate::kms::crypto::{data_key_len, SYMMETRIC_DEFAULT};
-use crate::kms::error::KmsResult;
 use crate::kms::fields::{CiphertextBlob, KeyId, KeyStoreId, Plaintext};
 use crate::kms::grants::check_grant_tokens;
-use crate::kms::op::Op;
 use crate::kms::Kms;
 use crate::proto::*;
+use model::error::KmsResult;
+use model::op::Op;
 
 pub(super) async fn encrypt(
     kms: &Arc<Kms>,

@@ -6,12 +6,12 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::timestamp;
 use crate::kms::access::Caller;
-use crate::kms::error::KmsResult;
 use crate::kms::fields::{KeyId, Marker};
 use crate::kms::grants::{check_grant_tokens, CreateGrant, GrantView};
-use crate::kms::keystores::Page;
 use crate::kms::Kms;
+use crate::kms::Page;
 use crate::proto::*;
+use model::error::KmsResult;
 
 pub(super) async fn create_grant(
     kms: &Arc<Kms>,

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use super::timestamp;
 use crate::kms::access::Caller;
 use crate::kms::crypto::SYMMETRIC_DEFAULT;
-use crate::kms::error::KmsResult;
 use crate::kms::fields::{KeyId, KeyStoreId, Marker};
 use crate::kms::grants::check_grant_tokens;
 use crate::kms::keys::{CreateKey, KeyView};
 use crate::kms::Kms;
 use crate::proto::*;
+use model::error::KmsResult;
 
 pub(super) async fn create_key(
     kms: &Arc<Kms>,

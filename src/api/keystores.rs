@@ -4,11 +4,11 @@ use std::sync::Arc;
 
 use super::timestamp;
 use crate::kms::access::Caller;
-use crate::kms::error::KmsResult;
 use crate::kms::fields::{KeyStoreId, Marker};
 use crate::kms::keystores::{CreateStore, Password, StoreView, UpdateStore};
 use crate::kms::Kms;
 use crate::proto::*;
+use model::error::KmsResult;
 
 pub(super) async fn create_custom_key_store(
     kms: &Arc<Kms>,

@@ -26,12 +26,12 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::Audit;
 use crate::kms::access::Caller;
-use crate::kms::crypto::check_context;
-use crate::kms::error::KmsResult;
-use crate::kms::op::{Op, Recorded};
+use crate::kms::context::check_context;
 use crate::kms::Kms;
 use crate::proto::key_management_service_server::KeyManagementService;
 use crate::proto::*;
+use model::error::KmsResult;
+use model::op::{Op, Recorded};
 use path::{Call, RequestPath};
 use status::to_status;
 
@@ -91,7 +91,7 @@ impl Service {
 
 /// The status of a refused or failed request, with the request id to find it in the audit
 /// trail. Not on successes: a unique header per response costs measurable throughput.
-fn refusal(call: &Call, e: crate::kms::error::KmsError) -> Status {
+fn refusal(call: &Call, e: model::error::KmsError) -> Status {
     let mut status = to_status(e);
     let mut id_text = uuid::Uuid::encode_buffer();
     let id_text = call.request_id.hyphenated().encode_lower(&mut id_text);
@@ -133,7 +133,7 @@ fn intent_target<R: Audited>(op: Op, request: &R) -> Option<String> {
     op.changes_state()
         .then(|| request.target())
         .flatten()
-        .map(|t| crate::kms::error::quoted(t).into_owned())
+        .map(|t| model::error::quoted(t).into_owned())
 }
 
 /// Declares every operation: its gRPC method, its `Op`, its request (and the field its audit
@@ -249,7 +249,7 @@ fn timestamp(ms: i64) -> Option<Timestamp> {
     })
 }
 
-/// An encryption context, within the service's bound (`crypto::check_context`).
+/// An encryption context, within the service's bound (`kms::context::check_context`).
 fn context(field: &str, map: HashMap<String, String>) -> KmsResult<BTreeMap<String, String>> {
     let ctx = map.into_iter().collect();
     check_context(field, &ctx)?;

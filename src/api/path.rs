@@ -12,9 +12,9 @@ use tracing::Instrument;
 
 use crate::audit::Audit;
 use crate::kms::access::Caller;
-use crate::kms::error::{ErrorKind, KmsError, KmsResult};
-use crate::kms::op::Op;
 use crate::kms::Kms;
+use model::error::{ErrorKind, KmsError, KmsResult};
+use model::op::Op;
 
 use super::failures;
 
@@ -85,13 +85,13 @@ impl RequestPath {
         }
         if let (Ok(caller), true) = (&call.caller, call.op.changes_state()) {
             let intent = self.audit.record(crate::audit::Entry {
-                time_ms: crate::kms::now_ms(),
+                time_ms: model::now_ms(),
                 request_id: call.request_id,
                 principal: Some(Arc::clone(&caller.principal)),
                 source: call.source,
                 operation: op,
                 resources: target
-                    .map(crate::kms::access::Resource::Named)
+                    .map(model::principal::Resource::Named)
                     .into_iter()
                     .collect(),
                 encryption_context: None,
@@ -127,7 +127,7 @@ impl RequestPath {
             },
         };
         let receipt = self.audit.record(crate::audit::Entry {
-            time_ms: crate::kms::now_ms(),
+            time_ms: model::now_ms(),
             request_id: call.request_id,
             principal: caller.map(|c| Arc::clone(&c.principal)),
             source: call.source,

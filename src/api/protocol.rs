@@ -17,8 +17,8 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use super::auth::Authenticator;
 use super::status::to_status;
 use crate::audit::Audit;
-use crate::kms::error::{ErrorKind, KmsError};
 use crate::transport::Unproven;
+use model::error::{ErrorKind, KmsError};
 
 const PREFIX: &str = "/kms.v1.KeyManagementService/";
 
@@ -142,7 +142,7 @@ where
             let leaf = certs.as_ref().and_then(|c| c.first()).map(|d| d.as_ref());
             let principal = auth.principal(leaf).ok();
             let receipt = audit.record(crate::audit::Entry {
-                time_ms: crate::kms::now_ms(),
+                time_ms: model::now_ms(),
                 request_id,
                 principal,
                 source,

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::kms::error::{ErrorKind, KmsError};
+use model::error::{ErrorKind, KmsError};
 
 pub const ERROR_DOMAIN: &str = "kms";
 

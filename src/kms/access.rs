@@ -16,94 +16,9 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
-use super::crypto::Context;
-use super::error::{ErrorKind, KmsError, KmsResult};
-
-/// An authenticated caller: an IAM-style ARN such as `arn:aws:iam::111122223333:user/alice`
-/// or `...:role/app` or `...:root`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Principal {
-    pub arn: String,
-    pub account: String,
-    root: bool,
-}
-
-impl Principal {
-    /// Parses an IAM principal ARN by IAM's grammar:
-    /// `arn:<partition>:iam::<12 digits>:root`, `...:user<path><name>`,
-    /// `...:role<path><name>` or `...:assumed-role/<role name>/<session name>`, where a path is
-    /// `/` or `/<printable ASCII>/` (at most 512 characters) and names are 1 to 64 of
-    /// `[A-Za-z0-9+=,.@_-]` (sessions 2 to 64). Anything else, such as a user whose "name"
-    /// ends in `:root`, names no principal.
-    pub fn parse(arn: &str) -> Option<Principal> {
-        let parts: Vec<&str> = arn.splitn(6, ':').collect();
-        let ["arn", partition, "iam", "", account, resource] = parts[..] else {
-            return None;
-        };
-        let partition_ok = partition.starts_with(|c: char| c.is_ascii_lowercase())
-            && partition
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !partition_ok || account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        let root = resource == "root";
-        let resource_ok = root
-            || resource.strip_prefix("user").is_some_and(path_and_name)
-            || resource.strip_prefix("role").is_some_and(path_and_name)
-            || resource
-                .strip_prefix("assumed-role/")
-                .and_then(|r| r.split_once('/'))
-                .is_some_and(|(role, session)| iam_name(role, 1) && iam_name(session, 2));
-        resource_ok.then(|| Principal {
-            arn: arn.to_string(),
-            account: account.to_string(),
-            root,
-        })
-    }
-
-    /// The account root of `account` in `partition`.
-    pub fn root(partition: &str, account: &str) -> Principal {
-        Principal {
-            arn: format!("arn:{partition}:iam::{account}:root"),
-            account: account.to_string(),
-            root: true,
-        }
-    }
-
-    /// Whether this is exactly `arn:<partition>:iam::<account>:root`.
-    pub fn is_root(&self) -> bool {
-        self.root
-    }
-}
-
-/// `/<path/>name` of a user or role: the path is `/` or `/.../` in printable ASCII.
-fn path_and_name(rest: &str) -> bool {
-    let Some(slash) = rest.rfind('/') else {
-        return false;
-    };
-    let (path, name) = (&rest[..=slash], &rest[slash + 1..]);
-    path.starts_with('/')
-        && path.len() <= 512
-        && path.bytes().all(|b| (0x21..=0x7e).contains(&b))
-        && iam_name(name, 1)
-}
-
-/// An IAM user, role or session name: `min` to 64 of `[A-Za-z0-9+=,.@_-]`.
-fn iam_name(name: &str, min: usize) -> bool {
-    (min..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b))
-}
-
-/// What a request acted on, for the audit trail: a key (its ARN is written out there, off
-/// the request path) or a store id or alias ARN.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Resource {
-    Key(uuid::Uuid),
-    Named(String),
-}
+use super::context::Context;
+use model::error::{ErrorKind, KmsError, KmsResult};
+use model::principal::{Principal, Resource};
 
 /// The calling side of one request: who, and from where. The domain notes here which
 /// resources the request touched, for the audit trail.
@@ -399,10 +314,6 @@ impl Statement {
             && resource_hit != self.not_resource
             && self.conditions.iter().all(|c| c.holds(facts))
     }
-}
-
-fn account_of(arn: &str) -> Option<&str> {
-    arn.split(':').nth(4)
 }
 
 /// A compiled policy document.
@@ -743,8 +654,8 @@ pub fn decide_key(
     if kp.deny {
         return Decision::ExplicitDeny("a resource-based policy");
     }
-    let delegated = kp.account_allow && caller.account_is_local(key_arn);
-    let (id_deny, id_allow) = if caller.account_is_local(key_arn) {
+    let delegated = kp.account_allow && caller.owns(key_arn);
+    let (id_deny, id_allow) = if caller.owns(key_arn) {
         identities.evaluate(caller, action, key_arn, facts)
     } else {
         (false, false)
@@ -778,13 +689,6 @@ pub fn decide_account(
         (true, _) => Decision::ExplicitDeny("an identity-based policy"),
         (false, true) => Decision::Allow,
         (false, false) => Decision::NoAllow("an identity-based policy"),
-    }
-}
-
-impl Principal {
-    /// Whether the caller belongs to the account that owns `arn`.
-    fn account_is_local(&self, arn: &str) -> bool {
-        account_of(arn) == Some(self.account.as_str())
     }
 }
 
@@ -863,7 +767,7 @@ pub struct Access {
 }
 
 impl Access {
-    pub fn new(scope: &super::ids::ArnScope, identities: Identities) -> KmsResult<Access> {
+    pub fn new(scope: &model::ids::ArnScope, identities: Identities) -> KmsResult<Access> {
         let default_policy = Policy::compile(&super::policy::default_policy(
             &scope.partition,
             &scope.account_id,
@@ -926,7 +830,7 @@ impl super::Kms {
     ) -> KmsResult<()> {
         // A grant for CreateGrant has rules of its own (see grants.rs).
         self.authorize_key_or(caller, action, key, facts, async || {
-            action != super::op::Op::CreateGrant.action()
+            action != model::op::Op::CreateGrant.action()
                 && self.granted(caller, key, action, ctx).await
         })
         .await
@@ -1015,7 +919,7 @@ impl super::Kms {
             &policy,
             &self.access.identities(),
             &caller.principal,
-            super::op::Op::PutKeyPolicy.action(),
+            model::op::Op::PutKeyPolicy.action(),
             &arn,
             &facts,
             || false,

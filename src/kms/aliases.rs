@@ -4,13 +4,12 @@
 use uuid::Uuid;
 
 use super::access::{Caller, Facts};
-use super::crypto::NO_CONTEXT;
-use super::error::{quoted, ErrorKind, KmsError, KmsResult};
-use super::keystores::Page;
-use super::op::Op;
-use super::states::KeyState;
-use super::{decode_marker, page_limit, Kms};
+use super::context::NO_CONTEXT;
+use super::{decode_marker, page_limit, Kms, Page};
 use crate::metadata::{AliasRecord, Failure, Precondition, Unique};
+use model::error::{quoted, ErrorKind, KmsError, KmsResult};
+use model::op::Op;
+use model::states::KeyState;
 
 pub const MAX_ALIASES_PER_KEY: usize = 50;
 

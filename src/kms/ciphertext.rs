@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 
 use uuid::Uuid;
 
-use super::error::{ErrorKind, KmsError, KmsResult};
+use model::error::{ErrorKind, KmsError, KmsResult};
 
 /// The version new blobs carry.
 pub const VERSION: u8 = 2;

@@ -6,8 +6,8 @@ use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
 
-use super::states::{ClusterState, HsmState};
 use crate::config::ClusterSettings;
+use model::states::{ClusterState, HsmState};
 
 /// A configured cluster: its settings and its trust anchor.
 pub struct Cluster {

@@ -9,9 +9,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::clusters::Cluster;
-use super::states::ConnectionErrorCode;
 use crate::config::HsmSettings;
 use crate::hsm::{Connection, LoginFailure, Modules, Options, Pin};
+use model::states::ConnectionErrorCode;
 
 /// Whether each custom key store serves (CONNECTED and its HSM answering), by store id.
 pub type Health = BTreeMap<String, bool>;

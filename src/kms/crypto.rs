@@ -2,43 +2,18 @@
 //! and GenerateRandom. AES-256-GCM runs inside the token; the encryption context is bound as
 //! additional data (see `ciphertext`).
 
-use std::collections::BTreeMap;
-
 use zeroize::Zeroizing;
 
 use super::access::{Caller, Facts};
 use super::ciphertext;
-use super::error::{ErrorKind, KmsError, KmsResult};
-use super::keys::{Auth, UsableKey};
-use super::op::Op;
-use super::states::ConnectionState;
+use super::context::Context;
+use super::keys::{store_hsm_error, timed_out, Auth, UsableKey};
 use super::Kms;
 use crate::config::GcmIvMode;
 use crate::hsm::{HsmError, IV_LEN};
-
-pub type Context = BTreeMap<String, String>;
-
-/// The empty encryption context, for operations without one.
-pub static NO_CONTEXT: Context = Context::new();
-
-/// The largest encryption context accepted: pairs, and bytes of keys and values (UTF-8).
-/// AWS publishes no bound; this one keeps every request's policy evaluation, additional
-/// data and audit line small, and is far above what envelope encryption uses.
-pub const CONTEXT_MAX_PAIRS: usize = 64;
-pub const CONTEXT_MAX_BYTES: usize = 8192;
-
-/// ValidationException when `ctx` is over the bound.
-pub fn check_context(field: &str, ctx: &Context) -> KmsResult<()> {
-    let bytes: usize = ctx.iter().map(|(k, v)| k.len() + v.len()).sum();
-    if ctx.len() > CONTEXT_MAX_PAIRS || bytes > CONTEXT_MAX_BYTES {
-        return Err(KmsError::validation(format!(
-            "{field} must have at most {CONTEXT_MAX_PAIRS} pairs and {CONTEXT_MAX_BYTES} bytes \
-             of keys and values; it has {} pairs and {bytes} bytes",
-            ctx.len()
-        )));
-    }
-    Ok(())
-}
+use model::error::{ErrorKind, KmsError, KmsResult};
+use model::op::Op;
+use model::states::ConnectionState;
 
 pub const SYMMETRIC_DEFAULT: &str = "SYMMETRIC_DEFAULT";
 const ALGORITHMS: &[&str] = &[
@@ -151,26 +126,6 @@ fn hsm_error(key: &UsableKey, e: HsmError) -> KmsError {
         HsmError::Internal(detail) => {
             KmsError::internal(format!("HSM operation on {}: {detail}", key.arn))
         }
-    }
-}
-
-fn timed_out(store_id: &str, limit: std::time::Duration) -> KmsError {
-    KmsError::new(
-        ErrorKind::DependencyTimeout,
-        format!("The HSM of custom key store {store_id} did not answer within {limit:?}"),
-    )
-}
-
-/// Maps an HSM failure of a store-level operation (`what`: CreateKey's key generation,
-/// GenerateRandom) to the AWS exception the caller gets.
-pub(super) fn store_hsm_error(store_id: &str, what: &str, e: HsmError) -> KmsError {
-    match e {
-        HsmError::Unavailable(d) => KmsError::new(
-            ErrorKind::CustomKeyStoreInvalidState,
-            format!("Custom key store {store_id} cannot reach its cluster: {d}"),
-        ),
-        HsmError::Timeout(limit) => timed_out(store_id, limit),
-        other => KmsError::internal(format!("{what} in {store_id}: {other:?}")),
     }
 }
 

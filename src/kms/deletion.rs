@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::states::ConnectionState::*;
+use model::states::ConnectionState::*;
 
 /// The shortest claim a sweeper takes on a key it deletes.
 const DELETION_LEASE_MS: i64 = 30_000;

@@ -6,7 +6,7 @@ use std::ops::RangeInclusive;
 
 use zeroize::Zeroizing;
 
-use super::error::{KmsError, KmsResult};
+use model::error::{KmsError, KmsResult};
 
 /// KeyId, TargetKeyId, SourceKeyId, DestinationKeyId: a key id, key ARN, alias name or
 /// alias ARN, 1 to 2048 characters.

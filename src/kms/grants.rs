@@ -9,15 +9,15 @@ use std::collections::BTreeMap;
 
 use uuid::Uuid;
 
-use super::access::{Caller, Facts, Principal};
-use super::crypto::{Context, NO_CONTEXT};
-use super::error::{ErrorKind, KmsError, KmsResult};
+use super::access::{Caller, Facts};
+use super::context::{Context, NO_CONTEXT};
 use super::fields;
-use super::keystores::Page;
-use super::op::Op;
-use super::states::KeyState;
-use super::{decode_marker, page_limit, Kms};
+use super::{decode_marker, page_limit, Kms, Page};
 use crate::metadata::{Failure, GrantRecord};
+use model::error::{ErrorKind, KmsError, KmsResult};
+use model::op::Op;
+use model::principal::Principal;
+use model::states::KeyState;
 
 /// The other grant operations AWS defines (asymmetric and HMAC keys): ValidationException
 /// for a symmetric key, as AWS answers.
@@ -224,10 +224,10 @@ impl Kms {
                     "Operation {o} is not valid for a symmetric encryption KMS key"
                 )));
             }
-            if !super::op::grant_operations().any(|g| g == o) {
+            if !model::op::grant_operations().any(|g| g == o) {
                 return Err(KmsError::validation(format!(
                     "Operation '{o}' is not one of {}, {}",
-                    super::op::grant_operations().collect::<Vec<_>>().join(", "),
+                    model::op::grant_operations().collect::<Vec<_>>().join(", "),
                     OTHER_OPERATIONS.join(", ")
                 )));
             }
@@ -408,7 +408,7 @@ impl Kms {
             }
         };
         let key_arn = self.scope.key_arn(&grant.key_id);
-        caller.note(super::access::Resource::Key(grant.key_id));
+        caller.note(model::principal::Resource::Key(grant.key_id));
         let me = &caller.principal;
         let facts = Facts::of(me);
         let (id_deny, id_allow) =

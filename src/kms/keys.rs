@@ -5,18 +5,17 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::access::{Caller, Facts};
-use super::crypto::{Context, NO_CONTEXT};
-use super::error::{ErrorKind, KmsError, KmsResult};
+use super::context::{Context, NO_CONTEXT};
 use super::fields::{self, check_description};
-use super::ids::KeyRef;
-use super::keystores::Page;
-use super::op::Op;
 use super::policy;
-use super::states::{ConnectionState, KeyState, StateSet};
-use super::{decode_marker, page_limit, Kms};
+use super::{decode_marker, page_limit, Kms, Page};
 use crate::config::GcmIvMode;
 use crate::hsm::{Connection, HsmError};
 use crate::metadata::{Failure, KeyRecord, KeyStoreRecord, Precondition, Removal};
+use model::error::{ErrorKind, KmsError, KmsResult};
+use model::ids::KeyRef;
+use model::op::Op;
+use model::states::{ConnectionState, KeyState, StateSet};
 
 pub struct CreateKey {
     pub description: Option<String>,
@@ -163,6 +162,26 @@ pub fn check_tags(tags: &[(String, String)]) -> KmsResult<()> {
     Ok(())
 }
 
+pub(super) fn timed_out(store_id: &str, limit: std::time::Duration) -> KmsError {
+    KmsError::new(
+        ErrorKind::DependencyTimeout,
+        format!("The HSM of custom key store {store_id} did not answer within {limit:?}"),
+    )
+}
+
+/// Maps an HSM failure of a store-level operation (`what`: CreateKey's key generation,
+/// GenerateRandom) to the AWS exception the caller gets.
+pub(super) fn store_hsm_error(store_id: &str, what: &str, e: HsmError) -> KmsError {
+    match e {
+        HsmError::Unavailable(d) => KmsError::new(
+            ErrorKind::CustomKeyStoreInvalidState,
+            format!("Custom key store {store_id} cannot reach its cluster: {d}"),
+        ),
+        HsmError::Timeout(limit) => timed_out(store_id, limit),
+        other => KmsError::internal(format!("{what} in {store_id}: {other:?}")),
+    }
+}
+
 impl Kms {
     pub async fn create_key(&self, caller: &Caller, req: CreateKey) -> KmsResult<KeyView> {
         let bypass = req.bypass_policy_lockout_safety_check;
@@ -302,7 +321,7 @@ impl Kms {
             } else if let Err(db) = self.meta.delete_key(&id).await {
                 tracing::error!(key_arn = %arn, error = %db, "removing a half-made key row failed; reconnect reconciles it");
             }
-            return Err(super::crypto::store_hsm_error(
+            return Err(store_hsm_error(
                 &store_id,
                 &format!("generating key material for {arn}"),
                 e,
@@ -338,7 +357,7 @@ impl Kms {
             )));
         }
         tracing::info!(key_arn = %arn, custom_key_store_id = %store_id, "created key");
-        caller.note(super::access::Resource::Key(id));
+        caller.note(model::principal::Resource::Key(id));
         Ok(self.view(
             KeyRecord {
                 key_state: KeyState::Enabled,
@@ -351,7 +370,7 @@ impl Kms {
     /// The id of the configured default custom key store (given by name or id).
     async fn default_keystore_id(&self) -> KmsResult<String> {
         let wanted = self.default_keystore.as_deref().unwrap_or_default();
-        if super::ids::is_store_id(wanted) {
+        if model::ids::is_store_id(wanted) {
             return Ok(wanted.to_string());
         }
         match self.meta.keystore_by_name(wanted).await? {
@@ -360,7 +379,7 @@ impl Kms {
                 ErrorKind::CustomKeyStoreNotFound,
                 format!(
                     "The default custom key store {} (kms.default_custom_key_store) does not exist",
-                    super::error::quoted(wanted)
+                    model::error::quoted(wanted)
                 ),
             )),
         }
@@ -798,7 +817,7 @@ impl Kms {
             .filter(|c| !c.is_degraded());
         let Some(conn) = conn else {
             tracing::debug!(key_arn = %arn, custom_key_store_id = %store.id, "no usable HSM connection");
-            return Err(super::states::Refusal::Unavailable.error(&arn));
+            return Err(model::states::Refusal::Unavailable.error(&arn));
         };
         Ok(UsableKey {
             id: key.id,

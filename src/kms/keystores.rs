@@ -10,14 +10,14 @@ use zeroize::Zeroizing;
 
 use super::access::Caller;
 use super::clusters::{pem_der, Cluster};
-use super::error::{ErrorKind, KmsError, KmsResult};
 use super::fields::check_keystore_name;
-use super::ids::{is_cluster_id, is_store_id, new_store_id};
-use super::op::Op;
-use super::states::{ConnectionErrorCode, ConnectionState};
-use super::{decode_marker, page_limit, Kms};
+use super::{decode_marker, page_limit, Kms, Page};
 use crate::hsm::{Connection, Pin};
 use crate::metadata::{Failure, KeyStoreRecord, KeyStoreUpdate, Precondition, Unique};
+use model::error::{ErrorKind, KmsError, KmsResult};
+use model::ids::{is_cluster_id, is_store_id, new_store_id};
+use model::op::Op;
+use model::states::{ConnectionErrorCode, ConnectionState};
 
 use ConnectionState::*;
 
@@ -68,11 +68,6 @@ pub struct StoreView {
     pub connection_state: ConnectionState,
     pub connection_error_code: Option<ConnectionErrorCode>,
     pub creation_date_ms: i64,
-}
-
-pub struct Page<T> {
-    pub items: Vec<T>,
-    pub next_marker: Option<String>,
 }
 
 impl<T> Page<T> {

@@ -10,22 +10,18 @@ pub mod aliases;
 pub mod ciphertext;
 pub mod clusters;
 pub mod connections;
+pub mod context;
 pub mod crypto;
 pub mod deletion;
-pub mod error;
 pub mod fields;
 pub mod grants;
-pub mod ids;
 pub mod keys;
 pub mod keystores;
-pub mod op;
 pub mod policy;
 pub mod sealing;
-pub mod states;
 pub mod throttle;
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::Settings;
 use crate::hsm::Modules;
@@ -33,10 +29,11 @@ use crate::metadata::{KeyStoreRecord, Metadata};
 use access::Access;
 use clusters::Clusters;
 use connections::Connections;
-use error::{KmsError, KmsResult};
-use ids::ArnScope;
+use model::error::{KmsError, KmsResult};
+use model::ids::ArnScope;
+use model::now_ms;
+use model::states::ConnectionState;
 use sealing::Sealer;
-use states::ConnectionState;
 use throttle::Quotas;
 
 /// What a `Kms` is made of.
@@ -178,7 +175,7 @@ impl Kms {
             let active = c
                 .hsms
                 .iter()
-                .filter(|h| h.state == states::HsmState::Active)
+                .filter(|h| h.state == model::states::HsmState::Active)
                 .count();
             tracing::info!(cluster = %c.id, state = ?c.state, active_hsms = active, hsms = c.hsms.len(), "cluster inventory loaded");
         }
@@ -378,11 +375,10 @@ impl Kms {
     }
 }
 
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+/// One page of a list operation, and the marker of the next.
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_marker: Option<String>,
 }
 
 /// Pagination markers are opaque to callers: the hex of the last item's sort key.
@@ -396,7 +392,7 @@ pub fn decode_marker(marker: &str) -> KmsResult<String> {
         .and_then(|b| String::from_utf8(b).ok())
         .ok_or_else(|| {
             KmsError::new(
-                error::ErrorKind::InvalidMarker,
+                model::error::ErrorKind::InvalidMarker,
                 "The marker is not one this service issued",
             )
         })

@@ -4,7 +4,7 @@
 
 use serde_json::{Map, Value};
 
-use super::error::{ErrorKind, KmsError, KmsResult};
+use model::error::{ErrorKind, KmsError, KmsResult};
 
 /// AWS's limit on a key policy document.
 pub const MAX_POLICY_BYTES: usize = 32 * 1024;

@@ -15,7 +15,7 @@ use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use zeroize::Zeroizing;
 
-use super::error::{KmsError, KmsResult};
+use model::error::{KmsError, KmsResult};
 
 pub const SEALING_KEY_ENV: &str = "HSM_KMS_SEALING_KEY";
 

@@ -9,15 +9,15 @@ use uuid::Uuid;
 use super::access::{Access, Identities};
 use super::clusters::Clusters;
 use super::connections::Connections;
-use super::error::ErrorKind;
 use super::grants::CreateGrant;
-use super::ids::ArnScope;
 use super::sealing::Sealer;
-use super::states::{ConnectionState, KeyState};
 use super::throttle::Quotas;
 use super::{Kms, Parts};
 use crate::metadata::sqlite::Sqlite;
 use crate::metadata::{KeyRecord, KeyStoreRecord, Metadata};
+use model::error::ErrorKind;
+use model::ids::ArnScope;
+use model::states::{ConnectionState, KeyState};
 
 const STORE: &str = "cks-1234567890abcdef0";
 
@@ -251,7 +251,7 @@ async fn due_keys_of_a_disconnected_store_are_deleted_and_their_material_reporte
     meta.create_alias(
         "alias/gone",
         &id,
-        KeyState::accepted_by(super::op::Op::CreateAlias),
+        KeyState::accepted_by(model::op::Op::CreateAlias),
         0,
         50,
     )
@@ -259,7 +259,7 @@ async fn due_keys_of_a_disconnected_store_are_deleted_and_their_material_reporte
     .unwrap();
     meta.schedule_deletion(
         &id,
-        KeyState::accepted_by(super::op::Op::ScheduleKeyDeletion),
+        KeyState::accepted_by(model::op::Op::ScheduleKeyDeletion),
         kms.now() - 1,
         7,
     )

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use super::error::{ErrorKind, KmsError, KmsResult};
+use model::error::{ErrorKind, KmsError, KmsResult};
 
 /// The cryptographic request quota of every custom key store.
 pub struct Quotas {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::*;
-use crate::kms::states::{ConnectionErrorCode, ConnectionState, KeyState, StateSet};
+use model::states::{ConnectionErrorCode, ConnectionState, KeyState, StateSet};
 
 const E: KeyState = KeyState::Enabled;
 const D: KeyState = KeyState::Disabled;
@@ -63,7 +63,7 @@ async fn audit_heads_never_move_back(m: Arc<dyn Metadata>) {
 /// The database's clock is a wall clock (here, on the same host: within seconds of it).
 async fn the_database_tells_the_time(m: Arc<dyn Metadata>) {
     let db = m.clock_ms().await.unwrap();
-    let here = crate::kms::now_ms();
+    let here = model::now_ms();
     assert!((db - here).abs() < 5_000, "database {db}, host {here}");
 }
 

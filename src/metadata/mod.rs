@@ -21,7 +21,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use uuid::Uuid;
 
-use crate::kms::states::{ConnectionErrorCode, ConnectionState, KeyState, StateSet};
+use model::states::{ConnectionErrorCode, ConnectionState, KeyState, StateSet};
 
 /// A custom key store row.
 #[derive(Clone, PartialEq, Eq)]
@@ -186,6 +186,24 @@ impl std::fmt::Display for Failure {
             Failure::Precondition(p) => write!(f, "precondition failed: {p:?}"),
             Failure::Internal(e) => write!(f, "metadata database: {e}"),
             Failure::Unavailable(e) => write!(f, "metadata database unavailable: {e}"),
+        }
+    }
+}
+
+/// A metadata outcome the calling code did not expect is an internal error; the outcomes a
+/// caller can cause (not found, a name taken, a state refused) are matched where they arise.
+impl From<Failure> for model::error::KmsError {
+    fn from(f: Failure) -> Self {
+        match f {
+            // Retryable, as AWS's DependencyTimeoutException is; the detail goes to the log.
+            Failure::Unavailable(_) => {
+                let _logged = model::error::KmsError::internal(&f);
+                model::error::KmsError::new(
+                    model::error::ErrorKind::DependencyTimeout,
+                    "The metadata database did not answer in time; retry the request",
+                )
+            }
+            f => model::error::KmsError::internal(f),
         }
     }
 }

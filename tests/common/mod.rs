@@ -13,7 +13,7 @@ use hsm_kms::config::{
     LifecycleSettings, PinFormat, SecuritySettings, ServerSettings, Settings, StorageSettings,
     ThrottlingSettings,
 };
-pub use hsm_kms::kms::states::{ClusterState, HsmState};
+pub use hsm_kms::model::states::{ClusterState, HsmState};
 use hsm_kms::proto::key_management_service_client::KeyManagementServiceClient;
 use hsm_kms::proto::*;
 use tonic::transport::Channel;

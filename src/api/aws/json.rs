@@ -15,8 +15,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::kms::error::{ErrorKind, KmsError, KmsResult};
-use crate::kms::op::Op;
+use model::error::{ErrorKind, KmsError, KmsResult};
+use model::op::Op;
 
 /// `Vec<u8>` as standard base64 with padding, as AWS writes blobs.
 pub mod blob {
@@ -178,7 +178,7 @@ pub fn parse<R: DeserializeOwned>(op: Op, body: &[u8]) -> KmsResult<R> {
                 ErrorKind::UnsupportedOperation,
                 format!(
                     "hsm-kms does not support the {} member of {} requests",
-                    crate::kms::error::quoted(other.0),
+                    model::error::quoted(other.0),
                     op.name()
                 ),
             ));

@@ -28,9 +28,9 @@ use super::auth::Authenticator;
 use super::path::{Call, RequestPath};
 use super::{audited, Audited};
 use crate::kms::access::Caller;
-use crate::kms::error::{ErrorKind, KmsError, KmsResult};
-use crate::kms::op::{Op, Recorded};
 use crate::kms::Kms;
+use model::error::{ErrorKind, KmsError, KmsResult};
+use model::op::{Op, Recorded};
 
 const TARGET_PREFIX: &str = "TrentService.";
 const CONTENT_TYPE: &str = "application/x-amz-json-1.1";

@@ -17,8 +17,8 @@ use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettin
 use aws_sigv4::sign::v4;
 use zeroize::Zeroizing;
 
-use crate::kms::access::Principal;
-use crate::kms::error::{ErrorKind, KmsError, KmsResult};
+use model::error::{ErrorKind, KmsError, KmsResult};
+use model::principal::Principal;
 
 /// The most a request's signing time may be from the service's clock, as AWS allows.
 pub const MAX_SKEW: Duration = Duration::from_secs(5 * 60);
@@ -180,7 +180,7 @@ impl Verifier {
         if auth.region != self.region {
             return Err(invalid(format!(
                 "Credential should be scoped to a valid region, not '{}'.",
-                crate::kms::error::quoted(auth.region)
+                model::error::quoted(auth.region)
             )));
         }
         let stamp = header("x-amz-date").ok_or_else(|| {
@@ -252,7 +252,7 @@ impl Verifier {
                 return Err(invalid(format!(
                     "The request signature we calculated does not match the signature you \
                      provided: signed header '{}' is missing.",
-                    crate::kms::error::quoted(name)
+                    model::error::quoted(name)
                 )));
             }
             for v in values {

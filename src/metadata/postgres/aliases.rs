@@ -5,8 +5,8 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::{internal, lock_key, one, parse_id, taken, Postgres};
-use crate::kms::states::StateSet;
 use crate::metadata::{AliasRecord, Aliases, Failure, MetaResult, Precondition, Unique};
+use model::states::StateSet;
 
 const COLUMNS: &str = "SELECT name, key_id, creation_date_ms, last_updated_ms FROM aliases";
 

@@ -356,7 +356,7 @@ where
 mod tests {
     use super::*;
 
-    fn key(state: crate::kms::states::KeyState) -> KeyRecord {
+    fn key(state: model::states::KeyState) -> KeyRecord {
         KeyRecord {
             id: Uuid::nil(),
             custom_key_store_id: "cks-1".into(),
@@ -373,7 +373,7 @@ mod tests {
     /// dropped, and a notification drops its row.
     #[test]
     fn entries_live_only_while_the_listener_hears() {
-        use crate::kms::states::KeyState::*;
+        use model::states::KeyState::*;
         let c = Cache::default();
         c.put_key(c.generation(), &key(Enabled));
         assert!(c.key(&Uuid::nil()).is_none(), "filled while not listening");

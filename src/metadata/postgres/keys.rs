@@ -6,8 +6,8 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::{internal, key_refusal, lock_key, names, one, parse_id, parse_state, Postgres};
-use crate::kms::states::{KeyState, StateSet};
 use crate::metadata::{Failure, KeyRecord, Keys, MetaResult, Precondition, Removal};
+use model::states::{KeyState, StateSet};
 
 const COLUMNS: &str = "SELECT id, custom_key_store_id, creation_date_ms, description,
     key_state, deletion_date_ms, pending_window_days, policy FROM keys";

@@ -4,10 +4,10 @@ use async_trait::async_trait;
 use tokio_postgres::Row;
 
 use super::{bad, internal, one, taken, Postgres, NOW_MS};
-use crate::kms::states::{ConnectionErrorCode, ConnectionState};
 use crate::metadata::{
     AuditHead, Failure, KeyStoreRecord, KeyStoreUpdate, KeyStores, MetaResult, Precondition, Unique,
 };
+use model::states::{ConnectionErrorCode, ConnectionState};
 
 const COLUMNS: &str = "SELECT id, name, cluster_id, trust_anchor, sealed_password,
     connection_state, connection_error_code, creation_date_ms FROM custom_key_stores";

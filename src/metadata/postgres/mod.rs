@@ -35,7 +35,7 @@ use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 use super::{Failure, MetaResult, Precondition, Unique};
-use crate::kms::states::{KeyState, StateSet};
+use model::states::{KeyState, StateSet};
 
 /// The advisory lock migrations run under (an arbitrary constant: "hsm-kms" in ASCII).
 const MIGRATION_LOCK: i64 = 0x68_73_6d_2d_6b_6d_73;
@@ -596,8 +596,8 @@ mod tests {
     /// made meanwhile is read at once, not after the cache's TTL.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn changes_reach_other_replicas_caches_and_a_lost_listener_fails_closed() {
-        use crate::kms::states::{KeyState::*, StateSet};
         use crate::metadata::{Grants as _, Keys as _};
+        use model::states::{KeyState::*, StateSet};
         if server().is_none() {
             return;
         }

@@ -5,8 +5,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use uuid::Uuid;
 
 use super::{parse_id, require_state, Sqlite};
-use crate::kms::states::StateSet;
 use crate::metadata::{AliasRecord, Aliases, Failure, MetaResult, Precondition, Unique};
+use model::states::StateSet;
 
 const COLUMNS: &str = "SELECT name, key_id, creation_date_ms, last_updated_ms FROM aliases";
 

@@ -8,8 +8,8 @@ use rusqlite::{params, OptionalExtension};
 use uuid::Uuid;
 
 use super::{parse_id, read, require_state, write, Sqlite};
-use crate::kms::states::StateSet;
 use crate::metadata::{grant_columns, Failure, GrantRecord, Grants, MetaResult, Precondition};
+use model::states::StateSet;
 
 const COLUMNS: &str = "SELECT grant_id, key_id, name, grantee_principal, retiring_principal,
     issuing_account, operations, context_subset, context_equals, creation_date_ms, token

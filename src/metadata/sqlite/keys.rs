@@ -5,8 +5,8 @@ use rusqlite::{params, OptionalExtension, ToSql};
 use uuid::Uuid;
 
 use super::{bad_column, parse_id, read, require_state, write, Forget, Sqlite};
-use crate::kms::states::{KeyState, StateSet};
 use crate::metadata::{Failure, KeyRecord, Keys, MetaResult, Precondition, Removal};
+use model::states::{KeyState, StateSet};
 
 const COLUMNS: &str = "SELECT id, custom_key_store_id, creation_date_ms, description,
     key_state, deletion_date_ms, pending_window_days, policy FROM keys";

@@ -4,10 +4,10 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{bad_column, read, taken, write, Forget, Sqlite, NOW_MS};
-use crate::kms::states::{ConnectionErrorCode, ConnectionState};
 use crate::metadata::{
     AuditHead, Failure, KeyStoreRecord, KeyStoreUpdate, KeyStores, MetaResult, Precondition, Unique,
 };
+use model::states::{ConnectionErrorCode, ConnectionState};
 
 const COLUMNS: &str = "SELECT id, name, cluster_id, trust_anchor, sealed_password,
     connection_state, connection_error_code, creation_date_ms FROM custom_key_stores";
@@ -318,7 +318,7 @@ impl KeyStores for Sqlite {
 
     async fn clock_ms(&self) -> MetaResult<i64> {
         // One node: its own clock is the database's.
-        Ok(crate::kms::now_ms())
+        Ok(model::now_ms())
     }
 
     async fn record_audit_head(&self, h: &AuditHead) -> MetaResult<()> {

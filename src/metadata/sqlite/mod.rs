@@ -19,7 +19,7 @@ use rusqlite::{Connection, OptionalExtension};
 use uuid::Uuid;
 
 use super::{Failure, GrantRecord, KeyRecord, KeyStoreRecord, MetaResult, Precondition};
-use crate::kms::states::{KeyState, StateSet};
+use model::states::{KeyState, StateSet};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[

@@ -184,24 +184,6 @@ impl fmt::Display for KmsError {
 
 impl std::error::Error for KmsError {}
 
-/// A metadata outcome the calling code did not expect is an internal error; the outcomes a
-/// caller can cause (not found, a name taken, a state refused) are matched where they arise.
-impl From<crate::metadata::Failure> for KmsError {
-    fn from(f: crate::metadata::Failure) -> Self {
-        match f {
-            // Retryable, as AWS's DependencyTimeoutException is; the detail goes to the log.
-            crate::metadata::Failure::Unavailable(_) => {
-                let _logged = KmsError::internal(&f);
-                KmsError::new(
-                    ErrorKind::DependencyTimeout,
-                    "The metadata database did not answer in time; retry the request",
-                )
-            }
-            f => KmsError::internal(f),
-        }
-    }
-}
-
 pub type KmsResult<T> = Result<T, KmsError>;
 
 /// Internal errors logged per second at most. When the metadata database is down every

@@ -2,7 +2,7 @@
 
 use uuid::Uuid;
 
-use super::error::{ErrorKind, KmsError, KmsResult};
+use crate::error::{ErrorKind, KmsError, KmsResult};
 
 /// Where this service's ARNs live: `arn:<partition>:kms:<region>:<account>:...`.
 #[derive(Clone, Debug)]
@@ -41,7 +41,7 @@ impl ArnScope {
                         "Alias arn:{}:kms:{}:{caller_account}:{} is not found.",
                         self.partition,
                         self.region,
-                        super::error::quoted(key_ref)
+                        crate::error::quoted(key_ref)
                     ),
                 ));
             }
@@ -57,7 +57,7 @@ impl ArnScope {
                     {
                         return Err(KmsError::new(
                             ErrorKind::NotFound,
-                            format!("Alias {} is not found.", super::error::quoted(key_ref)),
+                            format!("Alias {} is not found.", crate::error::quoted(key_ref)),
                         ));
                     }
                     return Ok(KeyRef::Alias(resource.to_string()));
@@ -82,7 +82,7 @@ impl ArnScope {
     pub fn parse_key_ref(&self, key_ref: &str, caller_account: &str) -> KmsResult<Uuid> {
         if let Some(rest) = key_ref.strip_prefix("arn:") {
             // Messages quote the caller's input cut short, as every message does.
-            let quoted = super::error::quoted(key_ref);
+            let quoted = crate::error::quoted(key_ref);
             let parts: Vec<&str> = rest.splitn(5, ':').collect();
             let [partition, service, region, account, resource] = parts[..] else {
                 return Err(KmsError::new(
@@ -124,7 +124,7 @@ impl ArnScope {
             };
             KmsError::new(
                 ErrorKind::NotFound,
-                format!("Invalid keyId '{}'{hint}", super::error::quoted(key_ref)),
+                format!("Invalid keyId '{}'{hint}", crate::error::quoted(key_ref)),
             )
         })?;
         if caller_account != self.account_id {

@@ -8,8 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::error::{ErrorKind, KmsError};
-use super::op::Op;
+use crate::error::{ErrorKind, KmsError};
+use crate::op::Op;
 
 /// Declares a string-spelled enum: `as_str` gives the spelling, `parse` reads it back.
 macro_rules! spelled {
@@ -416,7 +416,7 @@ mod tests {
     #[test]
     fn the_transcription_matches_the_guide_page() {
         let page = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/reference/aws-kms-guide/key-state.md");
+            .join("../../../shared/reference/aws-kms-guide/key-state.md");
         let Ok(text) = std::fs::read_to_string(&page) else {
             eprintln!("{} is not here; skipped", page.display());
             return;

@@ -401,7 +401,7 @@ mod tests {
 
     #[test]
     fn the_proto_has_exactly_these_operations() {
-        let proto = include_str!("../../proto/kms/v1/kms.proto");
+        let proto = include_str!("../../../proto/kms/v1/kms.proto");
         let mut rpcs: Vec<&str> = proto
             .lines()
             .filter_map(|l| l.trim().strip_prefix("rpc "))
