@@ -59,7 +59,7 @@ enum Command {
     /// Measure the raw PKCS#11 ceiling and the service's throughput in one run.
     Bench {
         #[command(flatten)]
-        opts: hsm_kms::bench::Options,
+        opts: bench::Options,
         /// Write the JSON report here (it is also printed after the table).
         #[arg(long)]
         json: Option<PathBuf>,
@@ -133,16 +133,16 @@ fn main() -> anyhow::Result<()> {
         } => {
             let report = match from_json {
                 Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)?,
-                None => runtime()?.block_on(hsm_kms::bench::run(opts))?,
+                None => runtime()?.block_on(bench::run(opts))?,
             };
             let doc = serde_json::to_string_pretty(&report)?;
-            println!("{}", hsm_kms::bench::table(&report));
+            println!("{}", bench::table(&report));
             println!("{doc}");
             if let Some(p) = json {
                 std::fs::write(p, &doc)?;
             }
             if let Some(p) = svg {
-                std::fs::write(p, hsm_kms::bench::svg(&report))?;
+                std::fs::write(p, bench::svg(&report))?;
             }
             Ok(())
         }

@@ -1256,7 +1256,7 @@ async fn no_acknowledged_change_is_lost_across_database_restarts() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
     use std::sync::Arc;
     const WORKERS: usize = 6;
-    let server = hsm_kms::metadata::postgres::throwaway::Server::start_own()
+    let server = testing::postgres::Server::start_own()
         .expect("PostgreSQL for the replica tests (scripts/setup.sh installs it)");
     let database = database_on(&server).await;
     let url = database.url.clone();
@@ -1605,7 +1605,7 @@ async fn a_kill_storm_through_the_balancer_contradicts_no_answer() {
     use std::sync::Arc;
     const WORKERS: usize = 16;
     const KILLS: usize = 9;
-    let server = hsm_kms::metadata::postgres::throwaway::Server::start_own()
+    let server = testing::postgres::Server::start_own()
         .expect("PostgreSQL for the replica tests (scripts/setup.sh installs it)");
     let database = database_on(&server).await;
     let url = database.url.clone();
@@ -1902,7 +1902,7 @@ async fn an_acknowledged_revocation_is_in_force_on_every_replica() {
 /// are served again soon after the database answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_database_answers_retryable_errors_and_service_returns() {
-    let server = hsm_kms::metadata::postgres::throwaway::Server::start_own()
+    let server = testing::postgres::Server::start_own()
         .expect("PostgreSQL for the replica tests (scripts/setup.sh installs it)");
     let database = database_on(&server).await;
     let options = Options {

@@ -823,15 +823,13 @@ pub fn use_database(s: &mut Settings, database: hsm_kms::config::DatabaseSetting
 
 /// A fresh database on this test process's throwaway PostgreSQL server.
 pub async fn postgres_database() -> hsm_kms::config::DatabaseSettings {
-    let server = hsm_kms::metadata::postgres::throwaway::Server::shared()
+    let server = testing::postgres::Server::shared()
         .expect("PostgreSQL for the replica tests (scripts/setup.sh installs it)");
     database_on(server).await
 }
 
 /// A fresh database on `server`.
-pub async fn database_on(
-    server: &hsm_kms::metadata::postgres::throwaway::Server,
-) -> hsm_kms::config::DatabaseSettings {
+pub async fn database_on(server: &testing::postgres::Server) -> hsm_kms::config::DatabaseSettings {
     hsm_kms::config::DatabaseSettings {
         url: server.fresh_database().await.unwrap(),
         password_file: None,

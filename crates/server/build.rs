@@ -35,6 +35,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .field_attribute("deletion_date", DATE)
         .field_attribute("last_updated_date", DATE)
         .file_descriptor_set_path(out.join("kms_descriptor.bin"))
-        .compile_protos(&["proto/kms/v1/kms.proto"], &["proto"])?;
+        .compile_protos(&["../../proto/kms/v1/kms.proto"], &["../../proto"])?;
     Ok(())
 }

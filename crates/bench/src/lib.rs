@@ -33,14 +33,14 @@ use cryptoki::types::AuthPin;
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
-use crate::config::{
+use hsm_kms::config::{
     AdminSettings, ClusterSettings, GcmIvMode, HsmEntry, HsmSettings, LifecycleSettings, PinFormat,
     SecuritySettings, ServerSettings, Settings, StorageSettings, ThrottlingSettings,
 };
-use crate::hsm::single::OneCall;
-use crate::hsm::{self, Modules};
-use crate::proto::key_management_service_client::KeyManagementServiceClient;
-use crate::proto::*;
+use hsm_kms::hsm::single::OneCall;
+use hsm_kms::hsm::{self, Modules};
+use hsm_kms::proto::key_management_service_client::KeyManagementServiceClient;
+use hsm_kms::proto::*;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct Options {
@@ -206,7 +206,7 @@ fn make_token(dir: &Path) -> anyhow::Result<PathBuf> {
         ),
     )?;
     std::env::set_var("SOFTHSM2_CONF", &conf);
-    let module = crate::dev::softhsm2_module()?;
+    let module = hsm_kms::dev::softhsm2_module()?;
     Ok(module)
 }
 
@@ -381,7 +381,7 @@ impl Drop for Server {
 /// A replica among several sharing a PostgreSQL database (`start_server`).
 struct ReplicaOf<'a> {
     name: &'a str,
-    database: &'a crate::config::DatabaseSettings,
+    database: &'a hsm_kms::config::DatabaseSettings,
 }
 
 /// Starts `hsm-kms serve` on a fresh token of `module`; the service reaches the token
@@ -459,9 +459,9 @@ fn start_server(
         },
         tls: Default::default(),
         // The load generator is on loopback; the audit trail is written as in production.
-        auth: crate::config::AuthSettings {
+        auth: hsm_kms::config::AuthSettings {
             allow_plaintext_loopback: true,
-            access_keys: vec![crate::config::AccessKeySettings {
+            access_keys: vec![hsm_kms::config::AccessKeySettings {
                 access_key_id: AWS_KEY.0.into(),
                 secret_file: None,
                 secret_env: Some(AWS_SECRET_ENV.into()),
@@ -469,7 +469,7 @@ fn start_server(
             }],
             ..Default::default()
         },
-        audit: crate::config::AuditSettings {
+        audit: hsm_kms::config::AuditSettings {
             file: match &replica {
                 Some(r) => dir.join(format!("{}-audit.jsonl", r.name)),
                 None => dir.join("audit.jsonl"),
@@ -556,7 +556,9 @@ async fn connect(addr: &str) -> anyhow::Result<Client> {
         async move {
             let s = tokio::net::TcpStream::connect(target.as_str()).await?;
             s.set_nodelay(true)?;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(crate::transport::Coalesced(s)))
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(hsm_kms::transport::Coalesced(
+                s,
+            )))
         }
     });
     let ch = Channel::from_shared(format!("http://{addr}"))?
@@ -747,7 +749,7 @@ async fn aws_caller(
         ("x-amz-target", "TrentService.Encrypt"),
     ];
     let (mut lat, mut errors) = (Vec::with_capacity(4096), 0);
-    let signed = match crate::api::aws::sigv4::sign_post(
+    let signed = match hsm_kms::api::aws::sigv4::sign_post(
         &headers,
         body.as_bytes(),
         AWS_KEY.0,
@@ -1344,13 +1346,13 @@ async fn replica_scaling(opts: Options) -> anyhow::Result<Report> {
     let pool = opts.session_pool_size.unwrap_or(4).max(1);
     let workers = opts.server_worker_threads.unwrap_or(1);
     let faulty = faulty_module(&opts)?;
-    let pg = crate::metadata::postgres::throwaway::Server::shared()?;
+    let pg = testing::postgres::Server::shared()?;
     let mut out = Vec::new();
     for &n in &opts.replicas {
         let dir = tempfile::tempdir()?;
         let module = make_token(dir.path())?;
         let env = latency_env(&module, ms);
-        let database = crate::config::DatabaseSettings {
+        let database = hsm_kms::config::DatabaseSettings {
             url: pg.fresh_database().await?,
             password_file: None,
             password_env: None,

@@ -387,7 +387,7 @@ mod tests {
     fn members_and_required_lists_match_the_aws_model() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/reference/aws-kms-api-model.json"
+            "/../../../shared/reference/aws-kms-api-model.json"
         );
         let Ok(text) = std::fs::read_to_string(path) else {
             eprintln!("skipped: {path} is not here");

@@ -21,7 +21,6 @@ mod cache;
 mod grants;
 mod keys;
 mod keystores;
-pub mod throwaway;
 
 use std::time::Duration;
 
@@ -529,8 +528,8 @@ mod tests {
 
     /// The throwaway server, or None where PostgreSQL is not installed and the run does not
     /// require it (HSM_KMS_REQUIRE_POSTGRES, which scripts/test.sh sets, makes it an error).
-    fn server() -> Option<&'static throwaway::Server> {
-        match throwaway::Server::shared() {
+    fn server() -> Option<&'static testing::postgres::Server> {
+        match testing::postgres::Server::shared() {
             Ok(s) => Some(s),
             Err(e) if std::env::var_os("HSM_KMS_REQUIRE_POSTGRES").is_none() => {
                 eprintln!("skipped: {e}");
@@ -540,7 +539,7 @@ mod tests {
         }
     }
 
-    async fn open(server: &throwaway::Server) -> Postgres {
+    async fn open(server: &testing::postgres::Server) -> Postgres {
         let url = server.fresh_database().await.unwrap();
         Postgres::open(Connect {
             url: &url,
@@ -603,7 +602,7 @@ mod tests {
         }
         // A server of its own: a backend stopped with SIGSTOP can hold the server-wide
         // notification queue's lock, and every NOTIFY of every database then waits.
-        let own = throwaway::Server::start_own().unwrap();
+        let own = testing::postgres::Server::start_own().unwrap();
         let url = own.fresh_database().await.unwrap();
         let open = || async {
             Postgres::open(Connect {
@@ -719,7 +718,7 @@ mod tests {
     }
 
     /// A fresh database on `s`, over loopback TCP.
-    async fn tcp_url(s: &throwaway::Server) -> String {
+    async fn tcp_url(s: &testing::postgres::Server) -> String {
         let name = s.fresh_database().await.unwrap();
         let db = name.rsplit("dbname=").next().unwrap().to_string();
         s.tcp_url(&db).unwrap()
@@ -734,7 +733,7 @@ mod tests {
             return;
         }
         let (ca, cert, key) = crate::transport::tests::pki();
-        let tls_server = throwaway::Server::start_tcp(Some((&cert, &key))).unwrap();
+        let tls_server = testing::postgres::Server::start_tcp(Some((&cert, &key))).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, &ca).unwrap();
@@ -778,7 +777,7 @@ mod tests {
             .expect("a server of another CA was accepted");
         assert!(format!("{e:#}").contains("TLS handshake"), "{e:#}");
         // A server without TLS: refused, not used in the clear.
-        let plain = throwaway::Server::start_tcp(None).unwrap();
+        let plain = testing::postgres::Server::start_tcp(None).unwrap();
         let e = open(tcp_url(&plain).await, ca_file)
             .await
             .err()
