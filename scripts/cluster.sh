@@ -227,7 +227,7 @@ for _ in $(seq 1 300); do
 done
 [ "$(state)" = CONNECTED ] || { echo "cluster: the key store did not connect: $(state)" >&2; exit 1; }
 # One at a time: a SoftHSM2 2.6.1 process that reads the token's file while another
-# process's C_Login rewrites it can stop seeing new keys for good (see the README).
+# process's C_Login rewrites it can stop seeing new keys for good (see docs/REPLICAS.md).
 start_replica r2
 wait_ready 2
 start_replica r3

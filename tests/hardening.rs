@@ -289,7 +289,7 @@ async fn half_sent_admin_requests_do_not_hold_the_admin_listener() {
         served,
         "/metrics never answered while half-sent requests were open"
     );
-    // And the half-sent requests were closed by the server, as the README says: all but
+    // And the half-sent requests were closed by the server, as docs/SECURITY.md says: all but
     // the 32 pending ones it keeps at once give way, and those go after 10 s idle.
     let closed_now = |half: &mut Vec<std::net::TcpStream>| {
         half.iter_mut()
@@ -884,7 +884,7 @@ async fn huge_inputs_are_quoted_short_in_errors() {
     let e = try_encrypt(&mut c, &arn, b"x").await.unwrap_err();
     assert_eq!(aws_error(&e), "InvalidArnException", "{e:?}");
     assert!(e.message().len() <= 1024, "{}", e.message().len());
-    // What the README promises: caller input is quoted cut to 128 characters, alias names
+    // What docs/SECURITY.md promises: caller input is quoted cut to 128 characters, alias names
     // (as key references and in alias operations) included.
     let longest_run = |m: &str, c: char| {
         m.split(|x| x != c)

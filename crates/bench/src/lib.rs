@@ -1382,7 +1382,7 @@ async fn replica_scaling(opts: Options) -> anyhow::Result<Report> {
         let (_, key, blob) = prepare(&mut c, Some(dir.path()), &opts).await?;
         // The others start one at a time, each logged in (it serves the key) before the
         // next starts: a SoftHSM2 2.6.1 process reading the token's file while another
-        // logs in can stop seeing new objects for good (see the README).
+        // logs in can stop seeing new objects for good (see docs/REPLICAS.md).
         for i in 1..n.max(1) {
             let s = start(i)?;
             let mut c = connect(&s.addr).await?;
