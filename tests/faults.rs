@@ -739,6 +739,7 @@ async fn an_object_found_twice_is_looked_up_again_and_shows() {
     let first = create_key(&mut c, &store).await.key_id;
     let second = create_key(&mut c, &store).await.key_id;
     // A new process has no handle cached: each key's first use searches the token.
+    assert!(h.stop());
     h.relaunch().await;
     let mut c = h.client().await;
     wait_for(

@@ -404,8 +404,13 @@ impl Harness {
         }
     }
 
-    /// Starts the server again after `kill` or `stop`, on the same config and data.
+    /// Starts the server again after `kill` or `stop`, on the same config and data. With
+    /// the old process still running, a client could reach either; that is a test's bug.
     pub async fn relaunch(&mut self) {
+        assert!(
+            !self.running(),
+            "relaunch while the server runs: kill or stop it first"
+        );
         self.launch().await;
     }
 
