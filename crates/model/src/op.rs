@@ -44,6 +44,26 @@ pub enum Op {
     GenerateRandom,
 }
 
+/// What an operation is authorized against, as AWS KMS authorizes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// The account: the caller's identity policies alone, on resource `*`.
+    Account,
+    /// A custom key store (or, for GenerateRandom, the store it names): identity policies
+    /// alone; the store id is recorded.
+    KeyStore,
+    /// The key the request names, or the key of its ciphertext: the key policy, the
+    /// caller's identity policies where the key policy delegates to its account, and the
+    /// caller's grants if `grant_operations` names any.
+    Key,
+    /// An alias: its alias ARN by identity policies, and each key involved by the key's
+    /// policy.
+    Alias,
+    /// A grant's own principals: RetireGrant is for the grant's retiring principal, its
+    /// grantee when the grant includes RetireGrant, and the key's account.
+    Grant,
+}
+
 /// What the audit line of an operation records besides who, what and the outcome.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Recorded {
@@ -178,6 +198,46 @@ impl Op {
             Op::GenerateDataKey => &["kms:GenerateDataKey"],
             Op::GenerateDataKeyWithoutPlaintext => &["kms:GenerateDataKeyWithoutPlaintext"],
             Op::GenerateRandom => &["kms:GenerateRandom"],
+        }
+    }
+
+    /// What the operation is authorized against. Every operation declares one, and the
+    /// test of every operation against a caller without permission (tests/authorization.rs)
+    /// drives each.
+    pub fn scope(self) -> Scope {
+        match self {
+            Op::CreateKey | Op::ListKeys | Op::ListAliases | Op::ListRetirableGrants => {
+                Scope::Account
+            }
+            Op::CreateCustomKeyStore
+            | Op::DescribeCustomKeyStores
+            | Op::UpdateCustomKeyStore
+            | Op::DeleteCustomKeyStore
+            | Op::ConnectCustomKeyStore
+            | Op::DisconnectCustomKeyStore
+            | Op::GenerateRandom => Scope::KeyStore,
+            Op::DescribeKey
+            | Op::ListResourceTags
+            | Op::EnableKey
+            | Op::DisableKey
+            | Op::UpdateKeyDescription
+            | Op::ScheduleKeyDeletion
+            | Op::CancelKeyDeletion
+            | Op::TagResource
+            | Op::UntagResource
+            | Op::CreateGrant
+            | Op::ListGrants
+            | Op::RevokeGrant
+            | Op::PutKeyPolicy
+            | Op::GetKeyPolicy
+            | Op::ListKeyPolicies
+            | Op::Encrypt
+            | Op::Decrypt
+            | Op::ReEncrypt
+            | Op::GenerateDataKey
+            | Op::GenerateDataKeyWithoutPlaintext => Scope::Key,
+            Op::CreateAlias | Op::UpdateAlias | Op::DeleteAlias => Scope::Alias,
+            Op::RetireGrant => Scope::Grant,
         }
     }
 

@@ -106,6 +106,14 @@ impl RequestPath {
         let outcome = async {
             let caller = call.caller.as_ref().map_err(Clone::clone)?;
             let done = handle(&self.kms, caller).await?;
+            // Each operation declares what it is authorized against (`Op::scope`); one that
+            // succeeded without that decision is a defect, and is not answered as a success.
+            if !caller.authorized_for(call.op.scope()) {
+                return Err(KmsError::internal(format!(
+                    "{op} succeeded without the authorization its scope ({:?}) needs",
+                    call.op.scope()
+                )));
+            }
             // Access taken away is in force on every live replica before the caller hears
             // that it is (see metadata::postgres::cache).
             if call.op.revokes_access() {

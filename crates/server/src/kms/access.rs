@@ -12,12 +12,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
 use super::context::Context;
 use model::error::{ErrorKind, KmsError, KmsResult};
+use model::op::Scope;
 use model::principal::{Principal, Resource};
 
 /// The calling side of one request: who, and from where. The domain notes here which
@@ -27,6 +29,18 @@ pub struct Caller {
     pub principal: Arc<Principal>,
     pub source: Option<SocketAddr>,
     resources: Mutex<Vec<Resource>>,
+    /// The kinds of decision that allowed this request so far (`Allowed`).
+    allowed: AtomicU8,
+}
+
+/// A kind of decision that allowed a request: by identity policies (the account, a store,
+/// an alias ARN), by a key's policy or grants, or by a grant's own principals (RetireGrant).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Allowed {
+    Identity = 1,
+    Key = 2,
+    GrantPrincipal = 4,
 }
 
 impl Caller {
@@ -35,7 +49,26 @@ impl Caller {
             principal,
             source,
             resources: Mutex::new(Vec::new()),
+            allowed: AtomicU8::new(0),
         }
+    }
+
+    /// Records that a decision of `kind` allowed the request.
+    pub fn allowed(&self, kind: Allowed) {
+        self.allowed.fetch_or(kind as u8, Ordering::Relaxed);
+    }
+
+    /// Whether the decisions an operation of `scope` needs have all allowed this request.
+    /// The request path checks it after every operation that succeeded, so an operation
+    /// whose code forgot to authorize never answers success.
+    pub fn authorized_for(&self, scope: Scope) -> bool {
+        let needed = match scope {
+            Scope::Account | Scope::KeyStore => Allowed::Identity as u8,
+            Scope::Key => Allowed::Key as u8,
+            Scope::Alias => Allowed::Identity as u8 | Allowed::Key as u8,
+            Scope::Grant => Allowed::GrantPrincipal as u8,
+        };
+        self.allowed.load(Ordering::Relaxed) & needed == needed
     }
 
     /// Records a resource the request acted on.
@@ -859,10 +892,12 @@ impl super::Kms {
             || false,
         );
         match decision {
-            Decision::Allow => Ok(()),
-            Decision::NoAllow(_) if granted().await => Ok(()),
-            d => Err(denied(&caller.principal, action, &arn, d)),
+            Decision::Allow => {}
+            Decision::NoAllow(_) if granted().await => {}
+            d => return Err(denied(&caller.principal, action, &arn, d)),
         }
+        caller.allowed(Allowed::Key);
+        Ok(())
     }
 
     /// (explicit deny, allow) of the caller's identity policies alone.
@@ -899,7 +934,10 @@ impl super::Kms {
             resource,
             facts,
         ) {
-            Decision::Allow => Ok(()),
+            Decision::Allow => {
+                caller.allowed(Allowed::Identity);
+                Ok(())
+            }
             d => Err(denied(&caller.principal, action, resource, d)),
         }
     }

@@ -431,6 +431,7 @@ impl Kms {
                 },
             ));
         }
+        caller.allowed(super::access::Allowed::GrantPrincipal);
         if dry_run {
             return Err(super::crypto::dry_run());
         }
