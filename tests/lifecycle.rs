@@ -810,7 +810,7 @@ async fn run_op(c: &mut Client, op: &str, s: &Subject, other_alias: &str) -> Res
             .await
             .map(drop),
         "PutKeyPolicy" => {
-            let policy = hsm_kms::kms::policy::default_policy("aws", "111122223333");
+            let policy = hsm_kms::iam::document::default_policy("aws", "111122223333");
             c.put_key_policy(PutKeyPolicyRequest {
                 key_id: id,
                 policy,

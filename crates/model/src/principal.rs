@@ -91,3 +91,50 @@ pub enum Resource {
     Key(uuid::Uuid),
     Named(String),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALICE: &str = "arn:aws:iam::111122223333:user/alice";
+
+    #[test]
+    fn principals_parse() {
+        assert!(Principal::parse(ALICE).is_some());
+        assert!(Principal::parse("arn:aws:iam::111122223333:root")
+            .unwrap()
+            .is_root());
+        assert!(Principal::parse("arn:aws:iam::111122223333:role/app").is_some());
+        assert!(Principal::parse("arn:aws:iam::111122223333:role/team/app-1").is_some());
+        assert!(Principal::parse("arn:aws:iam::111122223333:user/a+b=c,d.e@f_g-h").is_some());
+        assert!(Principal::parse("arn:aws:iam::111122223333:assumed-role/app/session-1").is_some());
+        assert!(!Principal::parse(ALICE).unwrap().is_root());
+        assert!(Principal::root("aws", "111122223333").is_root());
+        for bad in [
+            "alice",
+            "arn:aws:iam::1111:user/alice",
+            "arn:aws:kms::111122223333:user/alice",
+            "arn:aws:iam::111122223333:user/",
+            "arn:aws:iam::111122223333:group/x",
+            // Names that end in `:root` are not the root, and not names at all.
+            "arn:aws:iam::111122223333:user/mallory:root",
+            "arn:aws:iam::111122223333:role/app/x:root",
+            "arn:aws:iam::111122223333:assumed-role/app/s:root",
+            "arn:aws:iam::111122223333:root:root",
+            "arn:aws:iam::111122223333:rooted",
+            "arn:aws:iam::111122223333:useralice",
+            "arn:aws:iam::111122223333:user/al ice",
+            "arn:aws:iam::111122223333:user/al\nice",
+            "arn:aws:iam::111122223333:assumed-role/app",
+            "arn:aws:iam::111122223333:assumed-role/app/s",
+            "arn:AWS:iam::111122223333:root",
+            "arn::iam::111122223333:root",
+            "arn:aws:iam:us-east-1:111122223333:root",
+            "arn:aws:iam::11112222333x:root",
+        ] {
+            assert!(Principal::parse(bad).is_none(), "{bad}");
+        }
+        let long_name = format!("arn:aws:iam::111122223333:user/{}", "a".repeat(65));
+        assert!(Principal::parse(&long_name).is_none());
+    }
+}

@@ -26,10 +26,10 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::Audit;
 use crate::kms::access::Caller;
-use crate::kms::context::check_context;
 use crate::kms::Kms;
 use crate::proto::key_management_service_server::KeyManagementService;
 use crate::proto::*;
+use model::context::check_context;
 use model::error::KmsResult;
 use model::op::{Op, Recorded};
 use path::{Call, RequestPath};
@@ -249,7 +249,7 @@ fn timestamp(ms: i64) -> Option<Timestamp> {
     })
 }
 
-/// An encryption context, within the service's bound (`kms::context::check_context`).
+/// An encryption context, within the service's bound (`model::context::check_context`).
 fn context(field: &str, map: HashMap<String, String>) -> KmsResult<BTreeMap<String, String>> {
     let ctx = map.into_iter().collect();
     check_context(field, &ctx)?;

@@ -3,10 +3,11 @@
 
 use uuid::Uuid;
 
-use super::access::{Caller, Facts};
-use super::context::NO_CONTEXT;
+use super::access::Caller;
 use super::{decode_marker, page_limit, Kms, Page};
+use crate::iam::Facts;
 use crate::metadata::{AliasRecord, Failure, Precondition, Unique};
+use model::context::NO_CONTEXT;
 use model::error::{quoted, ErrorKind, KmsError, KmsResult};
 use model::op::Op;
 use model::states::KeyState;

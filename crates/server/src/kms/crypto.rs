@@ -4,13 +4,14 @@
 
 use zeroize::Zeroizing;
 
-use super::access::{Caller, Facts};
+use super::access::Caller;
 use super::ciphertext;
-use super::context::Context;
 use super::keys::{store_hsm_error, timed_out, Auth, UsableKey};
 use super::Kms;
 use crate::config::GcmIvMode;
 use crate::hsm::{HsmError, IV_LEN};
+use crate::iam::Facts;
+use model::context::Context;
 use model::error::{ErrorKind, KmsError, KmsResult};
 use model::op::Op;
 use model::states::ConnectionState;

@@ -9,11 +9,12 @@ use std::collections::BTreeMap;
 
 use uuid::Uuid;
 
-use super::access::{Caller, Facts};
-use super::context::{Context, NO_CONTEXT};
+use super::access::Caller;
 use super::fields;
 use super::{decode_marker, page_limit, Kms, Page};
+use crate::iam::Facts;
 use crate::metadata::{Failure, GrantRecord};
+use model::context::{Context, NO_CONTEXT};
 use model::error::{ErrorKind, KmsError, KmsResult};
 use model::op::Op;
 use model::principal::Principal;
@@ -420,14 +421,14 @@ impl Kms {
             .is_some_and(|acct| acct.account == me.account)
             && id_allow;
         if id_deny || !(named || issuer) {
-            return Err(super::access::denied(
+            return Err(crate::iam::denied(
                 me,
                 Op::RetireGrant.action(),
                 &key_arn,
                 if id_deny {
-                    super::access::Decision::ExplicitDeny("an identity-based policy")
+                    crate::iam::Decision::ExplicitDeny("an identity-based policy")
                 } else {
-                    super::access::Decision::NoAllow("grant")
+                    crate::iam::Decision::NoAllow("grant")
                 },
             ));
         }

@@ -4,14 +4,16 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::access::{Caller, Facts};
-use super::context::{Context, NO_CONTEXT};
+use super::access::Caller;
 use super::fields::{self, check_description};
-use super::policy;
 use super::{decode_marker, page_limit, Kms, Page};
 use crate::config::GcmIvMode;
 use crate::hsm::{Connection, HsmError};
+use crate::iam::document as policy;
+use crate::iam::{Kind, Policy};
+use crate::iam::Facts;
 use crate::metadata::{Failure, KeyRecord, KeyStoreRecord, Precondition, Removal};
+use model::context::{Context, NO_CONTEXT};
 use model::error::{ErrorKind, KmsError, KmsResult};
 use model::ids::KeyRef;
 use model::op::Op;
@@ -260,9 +262,9 @@ impl Kms {
         // No policy given: the key has the default key policy, kept as `None` (GetKeyPolicy
         // writes it out), so 10,000 default keys do not carry 10,000 copies of its text.
         if let Some(p) = &req.policy {
-            policy::validate(p)?;
+            let parsed = Policy::parse(p, Kind::Key)?;
             if !bypass {
-                self.check_lockout(caller, &id, p)?;
+                self.check_lockout(caller, &id, &parsed)?;
             }
         }
 
@@ -729,7 +731,7 @@ impl Kms {
     ) -> KmsResult<()> {
         let op = Op::PutKeyPolicy;
         policy::check_policy_name(name)?;
-        policy::validate(doc)?;
+        let parsed = Policy::parse(doc, Kind::Key)?;
         let key = self.key_record(caller, key_ref).await?;
         let facts = self
             .facts(caller, &NO_CONTEXT, None)
@@ -737,7 +739,7 @@ impl Kms {
         self.authorize_key(caller, op.action(), &key, &NO_CONTEXT, &facts)
             .await?;
         if !bypass_lockout_check {
-            self.check_lockout(caller, &key.id, doc)?;
+            self.check_lockout(caller, &key.id, &parsed)?;
         }
         self.meta
             .set_policy(&key.id, KeyState::accepted_by(op), doc)

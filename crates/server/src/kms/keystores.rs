@@ -158,7 +158,7 @@ impl Kms {
             caller,
             Op::CreateCustomKeyStore.action(),
             None,
-            &super::access::Facts::of(&caller.principal),
+            &crate::iam::Facts::of(&caller.principal),
         )?;
         check_keystore_name(&req.name, "CustomKeyStoreName")?;
         match req.store_type.as_deref() {
@@ -239,7 +239,7 @@ impl Kms {
             caller,
             Op::DescribeCustomKeyStores.action(),
             id,
-            &super::access::Facts::of(&caller.principal),
+            &crate::iam::Facts::of(&caller.principal),
         )?;
         let limit = page_limit(limit, 1000, 1000)?;
         match (id, name) {
@@ -283,7 +283,7 @@ impl Kms {
             caller,
             Op::UpdateCustomKeyStore.action(),
             Some(&req.id),
-            &super::access::Facts::of(&caller.principal),
+            &crate::iam::Facts::of(&caller.principal),
         )?;
         if req.new_name.is_none() && req.password.is_none() && req.cluster_id.is_none() {
             return Err(KmsError::validation(
@@ -355,7 +355,7 @@ impl Kms {
             caller,
             Op::DeleteCustomKeyStore.action(),
             Some(id),
-            &super::access::Facts::of(&caller.principal),
+            &crate::iam::Facts::of(&caller.principal),
         )?;
         if !is_store_id(id) {
             return Err(keystore_not_found(id));
@@ -395,7 +395,7 @@ impl Kms {
             caller,
             Op::ConnectCustomKeyStore.action(),
             Some(id),
-            &super::access::Facts::of(&caller.principal),
+            &crate::iam::Facts::of(&caller.principal),
         )?;
         let lock = self.lifecycle_lock(id);
         let guard = lock.clone().write_owned().await;
@@ -643,7 +643,7 @@ impl Kms {
             caller,
             Op::DisconnectCustomKeyStore.action(),
             Some(id),
-            &super::access::Facts::of(&caller.principal),
+            &crate::iam::Facts::of(&caller.principal),
         )?;
         let lock = self.lifecycle_lock(id);
         let _guard = lock.write().await;

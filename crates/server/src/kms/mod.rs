@@ -10,14 +10,12 @@ pub mod aliases;
 pub mod ciphertext;
 pub mod clusters;
 pub mod connections;
-pub mod context;
 pub mod crypto;
 pub mod deletion;
 pub mod fields;
 pub mod grants;
 pub mod keys;
 pub mod keystores;
-pub mod policy;
 pub mod sealing;
 pub mod throttle;
 
@@ -70,7 +68,7 @@ impl Parts {
             account_id: settings.account.account_id.clone(),
         };
         let metadata = crate::metadata::open(settings).await?;
-        let identities = access::Identities::load(&settings.auth.identity_policies)?;
+        let identities = crate::iam::Identities::load(&settings.auth.identity_policies)?;
         let access = Access::new(&scope, identities)
             .map_err(|e| anyhow::anyhow!("the default key policy: {}", e.message))?;
         // Replicas share the passwords sealed with the key: never make one up there.
@@ -167,7 +165,7 @@ impl Kms {
     /// Applies a reloaded configuration: clusters and identity policies, both or neither.
     /// Live connections stay; module, token and PIN changes apply at the next connection.
     pub fn reload(&self, settings: &Settings) -> anyhow::Result<()> {
-        let identities = access::Identities::load(&settings.auth.identity_policies)?;
+        let identities = crate::iam::Identities::load(&settings.auth.identity_policies)?;
         self.clusters
             .replace_with(Clusters::load(&settings.clusters)?);
         self.access.set_identities(identities);

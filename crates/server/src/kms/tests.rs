@@ -6,13 +6,14 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::access::{Access, Identities};
+use super::access::Access;
 use super::clusters::Clusters;
 use super::connections::Connections;
 use super::grants::CreateGrant;
 use super::sealing::Sealer;
 use super::throttle::Quotas;
 use super::{Kms, Parts};
+use crate::iam::Identities;
 use crate::metadata::sqlite::Sqlite;
 use crate::metadata::{KeyRecord, KeyStoreRecord, Metadata};
 use model::error::ErrorKind;
@@ -113,7 +114,7 @@ async fn state_changes_follow_the_key_state_table() {
         );
     }
     // PutKeyPolicy works in every state.
-    let policy = super::policy::default_policy("aws", "111122223333");
+    let policy = crate::iam::document::default_policy("aws", "111122223333");
     kms.put_key_policy(&me, &key, None, &policy, false)
         .await
         .unwrap();

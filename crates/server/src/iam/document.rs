@@ -1,6 +1,6 @@
-//! Key policies: the AWS default key policy, and a check of documents against the IAM policy
-//! grammar (key policies name principals; identity policies do not). Evaluation is in
-//! `access`.
+//! Policy documents: the IAM policy grammar a document is checked against before it is
+//! compiled (`Policy::parse`; key policies name principals, identity policies do not), the
+//! AWS default key policy, and key policy names.
 
 use serde_json::{Map, Value};
 
@@ -84,12 +84,12 @@ const CONDITION_OPERATORS: &[&str] = &[
 /// Checks a key policy document: size, characters, JSON, and the IAM grammar (Version,
 /// Id, Statement with Sid, Effect, Principal/NotPrincipal, Action/NotAction,
 /// Resource/NotResource, Condition). Errors say what is wrong and where.
-pub fn validate(doc: &str) -> KmsResult<()> {
+pub(super) fn validate(doc: &str) -> KmsResult<()> {
     validate_doc(doc, true)
 }
 
 /// Checks an identity (IAM) policy: the same grammar, without Principal elements.
-pub fn validate_identity(doc: &str) -> KmsResult<()> {
+pub(super) fn validate_identity(doc: &str) -> KmsResult<()> {
     validate_doc(doc, false)
 }
 

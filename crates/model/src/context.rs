@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use model::error::{KmsError, KmsResult};
+use crate::error::{KmsError, KmsResult};
 
 /// An encryption context, ordered by name (the order its additional data is written in).
 pub type Context = BTreeMap<String, String>;
