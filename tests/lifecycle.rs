@@ -7,6 +7,8 @@ mod common;
 use std::collections::HashMap;
 
 use common::*;
+use hsm_kms::model::op::Op;
+use hsm_kms::model::states::KeyState;
 use hsm_kms::proto::*;
 use tonic::{Response, Status};
 
@@ -714,62 +716,39 @@ async fn scheduled_deletion() {
     assert_err(r, "InvalidCiphertextException");
 }
 
-/// Expected outcome of an operation on a key in a state: None = success, else the exception.
-type Cell = Option<&'static str>;
-
-const OPS: &[&str] = &[
-    "DescribeKey",
-    "ListResourceTags",
-    "GetKeyPolicy",
-    "ListKeyPolicies",
-    "PutKeyPolicy",
-    "ListAliases",
-    "CreateAlias",
-    "UpdateAlias",
-    "DeleteAlias",
-    "EnableKey",
-    "DisableKey",
-    "ScheduleKeyDeletion",
-    "CancelKeyDeletion",
-    "TagResource",
-    "UntagResource",
-    "UpdateKeyDescription",
-    "Encrypt",
-    "Decrypt",
-    "ReEncrypt",
-    "GenerateDataKey",
-    "GenerateDataKeyWithoutPlaintext",
+/// The operations of the key-state table's rows that act on one key, as the server is
+/// driven through them here.
+const OPS: &[Op] = &[
+    Op::DescribeKey,
+    Op::ListResourceTags,
+    Op::GetKeyPolicy,
+    Op::ListKeyPolicies,
+    Op::PutKeyPolicy,
+    Op::ListAliases,
+    Op::CreateAlias,
+    Op::UpdateAlias,
+    Op::DeleteAlias,
+    Op::EnableKey,
+    Op::DisableKey,
+    Op::ScheduleKeyDeletion,
+    Op::CancelKeyDeletion,
+    Op::TagResource,
+    Op::UntagResource,
+    Op::UpdateKeyDescription,
+    Op::Encrypt,
+    Op::Decrypt,
+    Op::ReEncrypt,
+    Op::GenerateDataKey,
+    Op::GenerateDataKeyWithoutPlaintext,
 ];
 
-/// The AWS key-state table (aws-kms-guide/key-state.md) for Enabled, Disabled,
-/// PendingDeletion and Unavailable.
-fn expected(op: &str, state: &str) -> Cell {
-    const ISE: Cell = Some("KMSInvalidStateException");
-    let crypto = matches!(
-        op,
-        "Encrypt" | "Decrypt" | "ReEncrypt" | "GenerateDataKey" | "GenerateDataKeyWithoutPlaintext"
-    );
-    match state {
-        "Enabled" => (op == "CancelKeyDeletion").then_some("KMSInvalidStateException"),
-        "Disabled" if crypto => Some("DisabledException"),
-        "Disabled" => (op == "CancelKeyDeletion").then_some("KMSInvalidStateException"),
-        "PendingDeletion" => match op {
-            _ if crypto => ISE,
-            "CreateAlias"
-            | "UpdateAlias"
-            | "EnableKey"
-            | "DisableKey"
-            | "ScheduleKeyDeletion"
-            | "TagResource"
-            | "UntagResource"
-            | "UpdateKeyDescription" => ISE,
-            _ => None,
-        },
-        "Unavailable" => {
-            (crypto || op == "CancelKeyDeletion").then_some("KMSInvalidStateException")
-        }
-        _ => unreachable!(),
-    }
+/// The expected outcome of `op` on a key in `state`: the key-state table itself
+/// (`KeyState::check`, which crates/model checks against AWS's page), for the key `arn`.
+fn expected(op: Op, state: KeyState, arn: &str) -> Option<(&'static str, String)> {
+    state.check(op).err().map(|refusal| {
+        let e = refusal.error(arn);
+        (e.kind.aws_name(), e.message)
+    })
 }
 
 struct Subject {
@@ -778,38 +757,38 @@ struct Subject {
     alias: String,
 }
 
-async fn run_op(c: &mut Client, op: &str, s: &Subject, other_alias: &str) -> Result<(), Status> {
+async fn run_op(c: &mut Client, op: Op, s: &Subject, other_alias: &str) -> Result<(), Status> {
     let id = s.key.key_id.clone();
     match op {
-        "DescribeKey" => c
+        Op::DescribeKey => c
             .describe_key(DescribeKeyRequest {
                 key_id: id,
                 ..Default::default()
             })
             .await
             .map(drop),
-        "ListResourceTags" => c
+        Op::ListResourceTags => c
             .list_resource_tags(ListResourceTagsRequest {
                 key_id: id,
                 ..Default::default()
             })
             .await
             .map(drop),
-        "GetKeyPolicy" => c
+        Op::GetKeyPolicy => c
             .get_key_policy(GetKeyPolicyRequest {
                 key_id: id,
                 policy_name: None,
             })
             .await
             .map(drop),
-        "ListKeyPolicies" => c
+        Op::ListKeyPolicies => c
             .list_key_policies(ListKeyPoliciesRequest {
                 key_id: id,
                 ..Default::default()
             })
             .await
             .map(drop),
-        "PutKeyPolicy" => {
+        Op::PutKeyPolicy => {
             let policy = hsm_kms::iam::document::default_policy("aws", "111122223333");
             c.put_key_policy(PutKeyPolicyRequest {
                 key_id: id,
@@ -819,68 +798,68 @@ async fn run_op(c: &mut Client, op: &str, s: &Subject, other_alias: &str) -> Res
             .await
             .map(drop)
         }
-        "ListAliases" => c
+        Op::ListAliases => c
             .list_aliases(ListAliasesRequest {
                 key_id: Some(id),
                 ..Default::default()
             })
             .await
             .map(drop),
-        "CreateAlias" => alias(c, &format!("{}-new", s.alias), &id).await.map(drop),
-        "UpdateAlias" => c
+        Op::CreateAlias => alias(c, &format!("{}-new", s.alias), &id).await.map(drop),
+        Op::UpdateAlias => c
             .update_alias(UpdateAliasRequest {
                 alias_name: other_alias.into(),
                 target_key_id: id,
             })
             .await
             .map(drop),
-        "DeleteAlias" => c
+        Op::DeleteAlias => c
             .delete_alias(DeleteAliasRequest {
                 alias_name: s.alias.clone(),
             })
             .await
             .map(drop),
-        "EnableKey" => c
+        Op::EnableKey => c
             .enable_key(EnableKeyRequest { key_id: id })
             .await
             .map(drop),
-        "DisableKey" => c
+        Op::DisableKey => c
             .disable_key(DisableKeyRequest { key_id: id })
             .await
             .map(drop),
-        "ScheduleKeyDeletion" => c
+        Op::ScheduleKeyDeletion => c
             .schedule_key_deletion(ScheduleKeyDeletionRequest {
                 key_id: id,
                 pending_window_in_days: Some(7),
             })
             .await
             .map(drop),
-        "CancelKeyDeletion" => c
+        Op::CancelKeyDeletion => c
             .cancel_key_deletion(CancelKeyDeletionRequest { key_id: id })
             .await
             .map(drop),
-        "TagResource" => c
+        Op::TagResource => c
             .tag_resource(TagResourceRequest {
                 key_id: id,
                 tags: vec![tag("t", "v")],
             })
             .await
             .map(drop),
-        "UntagResource" => c
+        Op::UntagResource => c
             .untag_resource(UntagResourceRequest {
                 key_id: id,
                 tag_keys: vec!["t".into()],
             })
             .await
             .map(drop),
-        "UpdateKeyDescription" => c
+        Op::UpdateKeyDescription => c
             .update_key_description(UpdateKeyDescriptionRequest {
                 key_id: id,
                 description: "d".into(),
             })
             .await
             .map(drop),
-        "Encrypt" => c
+        Op::Encrypt => c
             .encrypt(EncryptRequest {
                 key_id: id,
                 plaintext: b"x".to_vec(),
@@ -888,14 +867,14 @@ async fn run_op(c: &mut Client, op: &str, s: &Subject, other_alias: &str) -> Res
             })
             .await
             .map(drop),
-        "Decrypt" => c
+        Op::Decrypt => c
             .decrypt(DecryptRequest {
                 ciphertext_blob: s.ciphertext.clone(),
                 ..Default::default()
             })
             .await
             .map(drop),
-        "ReEncrypt" => c
+        Op::ReEncrypt => c
             .re_encrypt(ReEncryptRequest {
                 ciphertext_blob: s.ciphertext.clone(),
                 destination_key_id: id,
@@ -903,7 +882,7 @@ async fn run_op(c: &mut Client, op: &str, s: &Subject, other_alias: &str) -> Res
             })
             .await
             .map(drop),
-        "GenerateDataKey" => c
+        Op::GenerateDataKey => c
             .generate_data_key(GenerateDataKeyRequest {
                 key_id: id,
                 number_of_bytes: Some(8),
@@ -911,7 +890,7 @@ async fn run_op(c: &mut Client, op: &str, s: &Subject, other_alias: &str) -> Res
             })
             .await
             .map(drop),
-        "GenerateDataKeyWithoutPlaintext" => c
+        Op::GenerateDataKeyWithoutPlaintext => c
             .generate_data_key_without_plaintext(GenerateDataKeyWithoutPlaintextRequest {
                 key_id: id,
                 number_of_bytes: Some(8),
@@ -919,7 +898,7 @@ async fn run_op(c: &mut Client, op: &str, s: &Subject, other_alias: &str) -> Res
             })
             .await
             .map(drop),
-        _ => unreachable!("{op}"),
+        _ => unreachable!("{op:?}"),
     }
 }
 
@@ -929,7 +908,12 @@ async fn key_state_table_every_cell() {
     let mut c = h.client().await;
     let live = h.connected_store(&mut c, 0, "live").await;
     let away = h.connected_store(&mut c, 1, "away").await;
-    let states = ["Enabled", "Disabled", "PendingDeletion", "Unavailable"];
+    let states = [
+        KeyState::Enabled,
+        KeyState::Disabled,
+        KeyState::PendingDeletion,
+        KeyState::Unavailable,
+    ];
 
     // A fresh key for every cell, put in the cell's state.
     let mut subjects: HashMap<(usize, usize), Subject> = HashMap::new();
@@ -937,7 +921,7 @@ async fn key_state_table_every_cell() {
         // The target of each cell's second alias (UpdateAlias moves it onto the cell's key).
         let helper = create_key(&mut c, &live).await;
         for (oi, _) in OPS.iter().enumerate() {
-            let store = if *state == "Unavailable" {
+            let store = if *state == KeyState::Unavailable {
                 &away
             } else {
                 &live
@@ -950,14 +934,14 @@ async fn key_state_table_every_cell() {
                 .await
                 .unwrap();
             match *state {
-                "Disabled" => {
+                KeyState::Disabled => {
                     c.disable_key(DisableKeyRequest {
                         key_id: key.key_id.clone(),
                     })
                     .await
                     .unwrap();
                 }
-                "PendingDeletion" => {
+                KeyState::PendingDeletion => {
                     c.schedule_key_deletion(ScheduleKeyDeletionRequest {
                         key_id: key.key_id.clone(),
                         pending_window_in_days: Some(30),
@@ -983,19 +967,23 @@ async fn key_state_table_every_cell() {
     for (si, state) in states.iter().enumerate() {
         for (oi, op) in OPS.iter().enumerate() {
             let s = &subjects[&(si, oi)];
-            assert_eq!(describe_key(&mut c, &s.key.key_id).await.key_state, *state);
-            let got = run_op(&mut c, op, s, &format!("{}-other", s.alias)).await;
-            let got_name = got.as_ref().err().map(|st| {
+            assert_eq!(
+                describe_key(&mut c, &s.key.key_id).await.key_state,
+                state.as_str()
+            );
+            let got = run_op(&mut c, *op, s, &format!("{}-other", s.alias)).await;
+            let got = got.as_ref().err().map(|st| {
                 use tonic_types::StatusExt;
-                st.get_details_error_info()
+                let name = st
+                    .get_details_error_info()
                     .map(|i| i.reason)
-                    .unwrap_or_else(|| format!("{st:?}"))
+                    .unwrap_or_else(|| format!("{st:?}"));
+                (name, st.message().to_string())
             });
-            let want = expected(op, state);
-            if got_name.as_deref() != want {
-                failures.push(format!(
-                    "{op} on {state}: expected {want:?}, got {got_name:?}"
-                ));
+            let want = expected(*op, *state, &s.key.arn);
+            let want = want.map(|(name, message)| (name.to_string(), message));
+            if got != want {
+                failures.push(format!("{op:?} on {state}: expected {want:?}, got {got:?}"));
             }
         }
     }
@@ -1006,11 +994,11 @@ async fn key_state_table_every_cell() {
     );
 
     // Enable/Disable on an Unavailable key take effect once the store reconnects.
-    let en = &subjects[&(3, OPS.iter().position(|o| *o == "DisableKey").unwrap())];
+    let en = &subjects[&(3, OPS.iter().position(|o| *o == Op::DisableKey).unwrap())];
     let sched = &subjects[&(
         3,
         OPS.iter()
-            .position(|o| *o == "ScheduleKeyDeletion")
+            .position(|o| *o == Op::ScheduleKeyDeletion)
             .unwrap(),
     )];
     assert_eq!(connect(&mut c, &away).await, ("CONNECTED".into(), None));
