@@ -231,8 +231,25 @@ const K3_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[
   {"Sid":"CarolOnlyElsewhere","Effect":"Deny","Principal":{"AWS":"arn:aws:iam::111122223333:user/carol"},
    "Action":"kms:Encrypt","NotResource":"arn:aws:kms:*:*:key/00000000-0000-0000-0000-000000000000"}]}"#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn policies_identities_and_grants_decide_who_may_do_what() {
+/// The principals and keys the policy tests share: a TLS server with alice's and carol's
+/// identity policies (carol named by her certificate's common name), a connected store,
+/// k1 (default policy), k2 (K2_POLICY, alias/payroll) and k3 (K3_POLICY), and a client
+/// for each principal.
+struct World {
+    pki: Pki,
+    h: Harness,
+    root: Client,
+    alice: Client,
+    bob: Client,
+    eve: Client,
+    carol: Client,
+    store: String,
+    k1: String,
+    k2: String,
+    k3: String,
+}
+
+async fn world() -> World {
     let pki = Pki::new("hsm-kms test CA");
     let h = tls_server(
         &pki,
@@ -242,11 +259,11 @@ async fn policies_identities_and_grants_decide_who_may_do_what() {
     )
     .await;
     let mut root = as_principal(&h, &pki, ROOT).await;
-    let mut alice = as_principal(&h, &pki, ALICE).await;
-    let mut bob = as_principal(&h, &pki, BOB).await;
-    let mut eve = as_principal(&h, &pki, EVE).await;
+    let alice = as_principal(&h, &pki, ALICE).await;
+    let bob = as_principal(&h, &pki, BOB).await;
+    let eve = as_principal(&h, &pki, EVE).await;
     // Carol's certificate has no URI SAN: her principal comes from the CN mapping.
-    let mut carol = tls_client(&h, &pki.ca_pem, Some(pki.client(None, "carol")))
+    let carol = tls_client(&h, &pki.ca_pem, Some(pki.client(None, "carol")))
         .await
         .unwrap();
 
@@ -288,8 +305,42 @@ async fn policies_identities_and_grants_decide_who_may_do_what() {
         .unwrap()
         .arn;
 
-    // Principal x operation x policy: the expected outcome of each.
+    World {
+        pki,
+        h,
+        root,
+        alice,
+        bob,
+        eve,
+        carol,
+        store,
+        k1,
+        k2,
+        k3,
+    }
+}
+
+/// Key policies and identity policies, principal by operation: allows, explicit denies,
+/// conditions, delegation to the account, account-level operations; and the audit trail
+/// of it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_and_identity_policies_decide_who_may_do_what() {
+    // Every field is bound: the server and its PKI live until the test ends.
+    let World {
+        pki: _pki,
+        h,
+        mut root,
+        mut alice,
+        mut bob,
+        mut eve,
+        mut carol,
+        store,
+        k1,
+        k2,
+        k3,
+    } = world().await;
     let d = "AccessDeniedException";
+    // Principal x operation x policy: the expected outcome of each.
     let table: Vec<Case> = vec![
         ("root, default policy", &root, &k1, &[], "ok"),
         (
@@ -486,6 +537,77 @@ async fn policies_identities_and_grants_decide_who_may_do_what() {
         .to_string();
     assert_eq!(describe_key(&mut root, &k1).await.key_state, "Enabled");
 
+    // The audit trail: every request above, allowed or denied, in an intact chain.
+    drop((root, alice, bob, eve, carol));
+    let mut h = h;
+    assert!(h.stop(), "hsm-kms did not exit cleanly");
+    let audit = h.dir.path().join("audit.jsonl");
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.len() > 40, "{} audit lines", lines.len());
+    let denied_alice = lines
+        .iter()
+        .find(|l| l["operation"] == "ScheduleKeyDeletion" && l["outcome"] != "intent")
+        .expect("the denied ScheduleKeyDeletion is audited");
+    // Its intent line came first, naming the key as the request named it.
+    let intent = lines
+        .iter()
+        .find(|l| l["request_id"] == denied_id.as_str())
+        .unwrap();
+    assert_eq!(intent["outcome"], "intent", "{intent}");
+    assert_eq!(intent["principal"], ALICE);
+    assert_eq!(denied_alice["principal"], ALICE);
+    assert_eq!(denied_alice["request_id"], denied_id.as_str());
+    assert_eq!(denied_alice["outcome"], "denied");
+    assert_eq!(denied_alice["error"], "AccessDeniedException");
+    assert_eq!(denied_alice["resources"][0], k1.as_str());
+    assert!(denied_alice["source"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    let carol_ok = lines
+        .iter()
+        .find(|l| {
+            l["principal"] == CAROL && l["operation"] == "Encrypt" && l["outcome"] == "allowed"
+        })
+        .unwrap();
+    assert_eq!(carol_ok["encryption_context"]["tenant"], "carol");
+    // Never plaintext or data keys.
+    for secret in [
+        "table secret",
+        "salaries",
+        "dGFibGUgc2VjcmV0",
+        "c2FsYXJpZXM=",
+    ] {
+        assert!(!text.contains(secret), "audit holds {secret}");
+    }
+    assert!(!text.contains("Plaintext") && !text.contains("plaintext"));
+    assert_chain(&audit, true);
+    tamper_and_check(&audit);
+}
+
+/// Grants: used at once, bounded by their constraints, passed on only as strictly, retired
+/// by their principals, revoked by the key's, and refused on a key that cannot take one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_allow_within_their_constraints_and_go_by_retirement_or_revocation() {
+    // Every field is bound: the server and its PKI live until the test ends.
+    let World {
+        pki: _pki,
+        h: _h,
+        mut root,
+        mut alice,
+        mut bob,
+        mut eve,
+        mut carol,
+        store,
+        k1,
+        k2: _,
+        k3: _,
+    } = world().await;
+    let d = "AccessDeniedException";
     // Grants: bob may Encrypt and Decrypt k1 when the context holds dept=IT.
     let bob_grant = |ops: [&str; 3]| CreateGrantRequest {
         key_id: k1.clone(),
@@ -719,7 +841,26 @@ async fn policies_identities_and_grants_decide_who_may_do_what() {
         outcome(root.create_grant(to_eve(&k3)).await),
         "KMSInvalidStateException"
     );
+}
 
+/// The policy lockout safety check, on PutKeyPolicy and CreateKey.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lockout_check_keeps_a_key_policy_changeable() {
+    // Every field is bound: the server and its PKI live until the test ends.
+    let World {
+        pki: _pki,
+        h: _h,
+        mut root,
+        mut alice,
+        mut bob,
+        eve: _eve,
+        carol: _carol,
+        store,
+        k1,
+        k2: _,
+        k3: _,
+    } = world().await;
+    let d = "AccessDeniedException";
     // The policy lockout safety check.
     let only_bob = r#"{"Statement":[{"Effect":"Allow","Principal":{"AWS":"arn:aws:iam::111122223333:role/app"},"Action":"kms:*","Resource":"*"}]}"#;
     let put = |bypass: Option<bool>, policy: &str| PutKeyPolicyRequest {
@@ -766,57 +907,6 @@ async fn policies_identities_and_grants_decide_who_may_do_what() {
         ),
         "MalformedPolicyDocumentException"
     );
-
-    // The audit trail: every request above, allowed or denied, in an intact chain.
-    drop((root, alice, bob, eve, carol));
-    let mut h = h;
-    assert!(h.stop(), "hsm-kms did not exit cleanly");
-    let audit = h.dir.path().join("audit.jsonl");
-    let text = std::fs::read_to_string(&audit).unwrap();
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert!(lines.len() > 40, "{} audit lines", lines.len());
-    let denied_alice = lines
-        .iter()
-        .find(|l| l["operation"] == "ScheduleKeyDeletion" && l["outcome"] != "intent")
-        .expect("the denied ScheduleKeyDeletion is audited");
-    // Its intent line came first, naming the key as the request named it.
-    let intent = lines
-        .iter()
-        .find(|l| l["request_id"] == denied_id.as_str())
-        .unwrap();
-    assert_eq!(intent["outcome"], "intent", "{intent}");
-    assert_eq!(intent["principal"], ALICE);
-    assert_eq!(denied_alice["principal"], ALICE);
-    assert_eq!(denied_alice["request_id"], denied_id.as_str());
-    assert_eq!(denied_alice["outcome"], "denied");
-    assert_eq!(denied_alice["error"], "AccessDeniedException");
-    assert_eq!(denied_alice["resources"][0], k1.as_str());
-    assert!(denied_alice["source"]
-        .as_str()
-        .unwrap()
-        .starts_with("127.0.0.1:"));
-    let carol_ok = lines
-        .iter()
-        .find(|l| {
-            l["principal"] == CAROL && l["operation"] == "Encrypt" && l["outcome"] == "allowed"
-        })
-        .unwrap();
-    assert_eq!(carol_ok["encryption_context"]["tenant"], "carol");
-    // Never plaintext or data keys.
-    for secret in [
-        "table secret",
-        "salaries",
-        "dGFibGUgc2VjcmV0",
-        "c2FsYXJpZXM=",
-    ] {
-        assert!(!text.contains(secret), "audit holds {secret}");
-    }
-    assert!(!text.contains("Plaintext") && !text.contains("plaintext"));
-    assert_chain(&audit, true);
-    tamper_and_check(&audit);
 }
 
 fn default_policy() -> String {
