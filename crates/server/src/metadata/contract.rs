@@ -15,34 +15,75 @@ const D: KeyState = KeyState::Disabled;
 const PD: KeyState = KeyState::PendingDeletion;
 const LIVE: StateSet = StateSet::of(&[E, D]);
 
-/// Runs every check, each on a database of its own.
-pub async fn run<F, Fut>(fresh: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = Arc<dyn Metadata>>,
-{
-    keystores_are_unique_by_name_and_cluster(fresh().await).await;
-    keystore_transitions_are_conditional(fresh().await).await;
-    keystore_updates_and_deletion(fresh().await).await;
-    pending_passwords_are_promoted_once(fresh().await).await;
-    key_changes_obey_the_accepted_states(fresh().await).await;
-    invisible_keys_are_absent(fresh().await).await;
-    scheduled_deletion_and_its_claim(fresh().await).await;
-    abandoned_creations_are_claimed(fresh().await).await;
-    tags_are_bounded_and_a_refused_change_leaves_none(fresh().await).await;
-    aliases_are_unique_and_bounded(fresh().await).await;
-    grants_are_bounded_and_named_grants_are_idempotent(fresh().await).await;
-    reads_after_writes_see_the_writes(fresh().await).await;
-    racing_writers_cannot_pass_a_limit(fresh().await).await;
-    the_first_sealing_check_value_stays(fresh().await).await;
-    replicas_are_counted_from_recent_heartbeats(fresh().await).await;
-    the_database_tells_the_time(fresh().await).await;
-    audit_heads_never_move_back(fresh().await).await;
+/// Names every check of the contract once, for `callback!` to make something of each:
+/// `run` calls them in turn, and each database's tests make each its own test
+/// (`contract_tests!`), so that the first failure hides none of the others.
+macro_rules! contract_checks {
+    ($callback:ident ($($args:tt)*)) => {
+        $callback! {
+            ($($args)*)
+            keystores_are_unique_by_name_and_cluster,
+            keystore_transitions_are_conditional,
+            keystore_updates_and_deletion,
+            pending_passwords_are_promoted_once,
+            key_changes_obey_the_accepted_states,
+            invisible_keys_are_absent,
+            scheduled_deletion_and_its_claim,
+            abandoned_creations_are_claimed,
+            tags_are_bounded_and_a_refused_change_leaves_none,
+            aliases_are_unique_and_bounded,
+            grants_are_bounded_and_named_grants_are_idempotent,
+            reads_after_writes_see_the_writes,
+            racing_writers_cannot_pass_a_limit,
+            the_first_sealing_check_value_stays,
+            replicas_are_counted_from_recent_heartbeats,
+            the_database_tells_the_time,
+            audit_heads_never_move_back,
+        }
+    };
 }
+pub(crate) use contract_checks;
+
+/// The tests of `contract_tests!`: one per check, on a database `$fresh` opens.
+macro_rules! contract_test_each {
+    (($fresh:expr) $($check:ident,)+) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                $crate::metadata::contract::$check($fresh).await;
+            }
+        )+
+    };
+}
+pub(crate) use contract_test_each;
+
+/// One test per check of the contract, each on a database `$fresh` (an async expression
+/// that opens an empty database) opens.
+macro_rules! contract_tests {
+    ($fresh:expr) => {
+        use $crate::metadata::contract::{contract_checks, contract_test_each};
+        contract_checks!(contract_test_each($fresh));
+    };
+}
+pub(crate) use contract_tests;
+
+macro_rules! run_each {
+    (() $($check:ident,)+) => {
+        /// Runs every check, each on a database of its own.
+        pub async fn run<F, Fut>(fresh: F)
+        where
+            F: Fn() -> Fut,
+            Fut: Future<Output = Arc<dyn Metadata>>,
+        {
+            $($check(fresh().await).await;)+
+        }
+    };
+}
+contract_checks!(run_each());
 
 /// A replica's recorded audit head only moves forward, so a trail cut at its end and a
 /// replica restarted on it cannot make the record shorter too.
-async fn audit_heads_never_move_back(m: Arc<dyn Metadata>) {
+pub(crate) async fn audit_heads_never_move_back(m: Arc<dyn Metadata>) {
     let head = |replica: &str, seq: u64, ms: i64| crate::metadata::AuditHead {
         replica: replica.into(),
         seq,
@@ -61,14 +102,14 @@ async fn audit_heads_never_move_back(m: Arc<dyn Metadata>) {
 }
 
 /// The database's clock is a wall clock (here, on the same host: within seconds of it).
-async fn the_database_tells_the_time(m: Arc<dyn Metadata>) {
+pub(crate) async fn the_database_tells_the_time(m: Arc<dyn Metadata>) {
     let db = m.clock_ms().await.unwrap();
     let here = model::now_ms();
     assert!((db - here).abs() < 5_000, "database {db}, host {here}");
 }
 
 /// Live replicas are those whose heartbeat is recent; one that left is not counted.
-async fn replicas_are_counted_from_recent_heartbeats(m: Arc<dyn Metadata>) {
+pub(crate) async fn replicas_are_counted_from_recent_heartbeats(m: Arc<dyn Metadata>) {
     assert_eq!(m.heartbeat("a", 1_000, 100).await.unwrap(), 1);
     assert_eq!(m.heartbeat("b", 1_050, 100).await.unwrap(), 2);
     assert_eq!(m.heartbeat("a", 1_100, 100).await.unwrap(), 2);
@@ -80,7 +121,7 @@ async fn replicas_are_counted_from_recent_heartbeats(m: Arc<dyn Metadata>) {
 }
 
 /// The sealing-key check value: the first recorded stays, whatever later starts offer.
-async fn the_first_sealing_check_value_stays(m: Arc<dyn Metadata>) {
+pub(crate) async fn the_first_sealing_check_value_stays(m: Arc<dyn Metadata>) {
     assert_eq!(m.sealing_check(b"first").await.unwrap(), b"first");
     assert_eq!(m.sealing_check(b"second").await.unwrap(), b"first");
 }
@@ -130,7 +171,7 @@ fn precondition<T: std::fmt::Debug>(r: MetaResult<T>) -> Precondition {
     }
 }
 
-async fn keystores_are_unique_by_name_and_cluster(m: Arc<dyn Metadata>) {
+pub(crate) async fn keystores_are_unique_by_name_and_cluster(m: Arc<dyn Metadata>) {
     m.insert_keystore(&keystore("cks-1", "one", "cluster-1"))
         .await
         .unwrap();
@@ -169,7 +210,7 @@ async fn keystores_are_unique_by_name_and_cluster(m: Arc<dyn Metadata>) {
     );
 }
 
-async fn keystore_transitions_are_conditional(m: Arc<dyn Metadata>) {
+pub(crate) async fn keystore_transitions_are_conditional(m: Arc<dyn Metadata>) {
     use ConnectionState::*;
     m.insert_keystore(&keystore("cks-1", "one", "cluster-1"))
         .await
@@ -219,7 +260,7 @@ async fn keystore_transitions_are_conditional(m: Arc<dyn Metadata>) {
     assert!(m.abandon_transition("cks-1", Connecting, 5).await.is_err());
 }
 
-async fn keystore_updates_and_deletion(m: Arc<dyn Metadata>) {
+pub(crate) async fn keystore_updates_and_deletion(m: Arc<dyn Metadata>) {
     use ConnectionState::*;
     m.insert_keystore(&keystore("cks-1", "one", "cluster-1"))
         .await
@@ -278,7 +319,7 @@ async fn keystore_updates_and_deletion(m: Arc<dyn Metadata>) {
     );
 }
 
-async fn pending_passwords_are_promoted_once(m: Arc<dyn Metadata>) {
+pub(crate) async fn pending_passwords_are_promoted_once(m: Arc<dyn Metadata>) {
     m.insert_keystore(&keystore("cks-1", "one", "cluster-1"))
         .await
         .unwrap();
@@ -313,7 +354,7 @@ async fn pending_passwords_are_promoted_once(m: Arc<dyn Metadata>) {
     );
 }
 
-async fn key_changes_obey_the_accepted_states(m: Arc<dyn Metadata>) {
+pub(crate) async fn key_changes_obey_the_accepted_states(m: Arc<dyn Metadata>) {
     let id = with_key(&*m, D).await;
     assert_eq!(
         precondition(m.set_key_state(&id, StateSet::of(&[E]), PD).await),
@@ -340,7 +381,7 @@ async fn key_changes_obey_the_accepted_states(m: Arc<dyn Metadata>) {
     assert_eq!(m.delete_key(&absent).await, Err(Failure::NotFound));
 }
 
-async fn invisible_keys_are_absent(m: Arc<dyn Metadata>) {
+pub(crate) async fn invisible_keys_are_absent(m: Arc<dyn Metadata>) {
     let creating = with_key(&*m, KeyState::Creating).await;
     let enabled = with_key(&*m, E).await;
     // A change that does not accept Creating does not see the key.
@@ -372,7 +413,7 @@ async fn invisible_keys_are_absent(m: Arc<dyn Metadata>) {
     );
 }
 
-async fn scheduled_deletion_and_its_claim(m: Arc<dyn Metadata>) {
+pub(crate) async fn scheduled_deletion_and_its_claim(m: Arc<dyn Metadata>) {
     let id = with_key(&*m, E).await;
     m.schedule_deletion(&id, LIVE, 1_000, 7).await.unwrap();
     let k = m.key(&id).await.unwrap().unwrap();
@@ -433,7 +474,7 @@ async fn scheduled_deletion_and_its_claim(m: Arc<dyn Metadata>) {
     assert_eq!(m.key(&id).await.unwrap(), None);
 }
 
-async fn abandoned_creations_are_claimed(m: Arc<dyn Metadata>) {
+pub(crate) async fn abandoned_creations_are_claimed(m: Arc<dyn Metadata>) {
     let id = with_key(&*m, KeyState::Creating).await; // created at 10
     let enabled = with_key(&*m, E).await;
     let due = with_key(&*m, E).await;
@@ -502,7 +543,7 @@ async fn abandoned_creations_are_claimed(m: Arc<dyn Metadata>) {
     assert!(m.abandoned_creations("cks-1", 11).await.unwrap().is_empty());
 }
 
-async fn tags_are_bounded_and_a_refused_change_leaves_none(m: Arc<dyn Metadata>) {
+pub(crate) async fn tags_are_bounded_and_a_refused_change_leaves_none(m: Arc<dyn Metadata>) {
     let id = with_key(&*m, E).await;
     let tags = |n: usize| -> Vec<(String, String)> {
         (0..n).map(|i| (format!("k{i:02}"), "v".into())).collect()
@@ -530,7 +571,7 @@ async fn tags_are_bounded_and_a_refused_change_leaves_none(m: Arc<dyn Metadata>)
     );
 }
 
-async fn aliases_are_unique_and_bounded(m: Arc<dyn Metadata>) {
+pub(crate) async fn aliases_are_unique_and_bounded(m: Arc<dyn Metadata>) {
     let a = with_key(&*m, E).await;
     let b = with_key(&*m, D).await;
     m.create_alias("alias/one", &a, LIVE, 5, 2).await.unwrap();
@@ -580,7 +621,7 @@ async fn aliases_are_unique_and_bounded(m: Arc<dyn Metadata>) {
     assert_eq!(m.alias("alias/one").await.unwrap(), None);
 }
 
-async fn grants_are_bounded_and_named_grants_are_idempotent(m: Arc<dyn Metadata>) {
+pub(crate) async fn grants_are_bounded_and_named_grants_are_idempotent(m: Arc<dyn Metadata>) {
     let key = with_key(&*m, E).await;
     let grant = |n: usize, grantee: &str| GrantRecord {
         grant_id: format!("{n:064x}"),
@@ -666,7 +707,7 @@ async fn grants_are_bounded_and_named_grants_are_idempotent(m: Arc<dyn Metadata>
 }
 
 /// Implementations may cache; a read after a write through the same handle sees the write.
-async fn reads_after_writes_see_the_writes(m: Arc<dyn Metadata>) {
+pub(crate) async fn reads_after_writes_see_the_writes(m: Arc<dyn Metadata>) {
     let id = with_key(&*m, E).await;
     m.key(&id).await.unwrap();
     m.keystore("cks-1").await.unwrap();
@@ -707,7 +748,7 @@ async fn reads_after_writes_see_the_writes(m: Arc<dyn Metadata>) {
 
 /// Writers racing on one key (several connections, for a database that has them) cannot
 /// take a count past its limit: tags, aliases and grants.
-async fn racing_writers_cannot_pass_a_limit(m: Arc<dyn Metadata>) {
+pub(crate) async fn racing_writers_cannot_pass_a_limit(m: Arc<dyn Metadata>) {
     let id = with_key(&*m, E).await;
     let mut racers = Vec::new();
     for w in 0..8 {

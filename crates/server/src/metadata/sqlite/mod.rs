@@ -297,12 +297,14 @@ mod tests {
     use super::*;
     use crate::metadata::{Aliases, Keys};
 
-    #[tokio::test]
-    async fn the_contract_holds() {
-        crate::metadata::contract::run(|| async {
-            Arc::new(Sqlite::in_memory().unwrap()) as Arc<dyn crate::metadata::Metadata>
-        })
-        .await;
+    /// The metadata contract, each check a test of its own.
+    mod contract {
+        use super::*;
+
+        crate::metadata::contract::contract_tests!(
+            async { Arc::new(Sqlite::in_memory().unwrap()) as Arc<dyn crate::metadata::Metadata> }
+                .await
+        );
     }
 
     /// A database made by the first schema opens, migrates, and keeps its rows.
