@@ -10,6 +10,7 @@ pub mod audit;
 pub mod config;
 pub mod dev;
 pub mod hsm;
+pub mod http;
 pub mod iam;
 pub mod kms;
 pub mod limits;

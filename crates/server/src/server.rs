@@ -298,7 +298,8 @@ fn spawn_aws(
     auth: Arc<crate::api::auth::Authenticator>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    use crate::api::aws::{serve, sigv4, Front};
+    use crate::api::aws::{signed::Signed, sigv4, Front};
+    use crate::api::MAX_REQUEST_BYTES;
     let mut keys = std::collections::HashMap::new();
     for k in &settings.auth.access_keys {
         let principal = model::principal::Principal::parse(&k.principal)
@@ -308,13 +309,18 @@ fn spawn_aws(
             sigv4::AccessKey::new(k.secret()?, Arc::new(principal)),
         );
     }
-    let verifier = sigv4::Verifier::new(settings.account.region.clone(), keys);
-    let front = Arc::new(Front::new(path, verifier, auth, &settings.server));
+    let verifier = sigv4::Verifier::new(sigv4::SERVICE, settings.account.region.clone(), keys);
+    let signed = Signed::new(verifier, auth, &settings.server, MAX_REQUEST_BYTES);
+    let router = crate::api::aws::router(Arc::new(Front::new(path, signed)));
+    let bounds = crate::http::Bounds {
+        header_timeout: Duration::from_secs(settings.server.header_timeout_seconds.max(1)),
+        max_concurrent_streams: settings.server.max_concurrent_streams,
+        http2: true,
+    };
     let limits = crate::transport::Limits {
         max_connections: connection_cap(settings.server.max_connections),
         ..crate::transport::Limits::of(&settings.server)
     };
-    let streams = settings.server.max_concurrent_streams;
     let addr = listener.local_addr()?;
     let task = if settings.tls.enabled() {
         let tls = tls_config(&settings.tls, Clients::MayCertify).context("configuring TLS")?;
@@ -323,11 +329,11 @@ fn spawn_aws(
             let accept = acceptor.accept(tcp);
             async move { Ok(crate::transport::Coalesced(accept.await?)) }
         });
-        tokio::spawn(serve(front, incoming, streams, stop))
+        tokio::spawn(crate::http::serve(router, incoming, bounds, stop))
     } else {
         tracing::warn!(%addr, "plaintext AWS protocol listener (auth.allow_plaintext_loopback)");
         let incoming = crate::transport::incoming(listener, limits, crate::transport::first_bytes);
-        tokio::spawn(serve(front, incoming, streams, stop))
+        tokio::spawn(crate::http::serve(router, incoming, bounds, stop))
     };
     tracing::info!(%addr, "AWS KMS protocol listening");
     Ok(task)
@@ -403,13 +409,13 @@ async fn spawn_admin(
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
         .route("/readyz", readyz);
     // A scrape is one short request: a few connections, each with seconds to send it. A
-    // connection is pending until a whole request has arrived on it (`AdminPeer`), so
-    // half-sent requests give way to new scrapes.
+    // connection is pending until a whole request has arrived on it, so half-sent requests
+    // give way to new scrapes.
     let app = app.layer(axum::middleware::from_fn(
-        |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<AdminPeer>,
+        |axum::Extension(peer): axum::Extension<crate::http::Peer>,
          req: axum::extract::Request,
          next: axum::middleware::Next| async move {
-            peer.0.prove();
+            peer.standing.prove();
             next.run(req).await
         },
     ));
@@ -428,58 +434,18 @@ async fn spawn_admin(
             }
             Ok(tcp)
         });
-    let listener = AdminListener { incoming, addr };
+    let bounds = crate::http::Bounds {
+        header_timeout: Duration::from_secs(5),
+        max_concurrent_streams: 16,
+        http2: false,
+    };
     let task = tokio::spawn(async move {
-        let app = app.into_make_service_with_connect_info::<AdminPeer>();
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "admin listener failed");
-        }
+        // The listener runs until the process ends (the task is aborted at shutdown).
+        let (_never, stop) = tokio::sync::watch::channel(false);
+        crate::http::serve(app, incoming, bounds, stop).await;
     });
     tracing::info!(%addr, "admin listener (metrics) up");
     Ok((addr, task))
-}
-
-/// The admin listener's connections, as axum takes them.
-/// An admin connection's standing, for the request that proves it.
-#[derive(Clone)]
-struct AdminPeer(Arc<crate::transport::Standing>);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, AdminListener>>
-    for AdminPeer
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, AdminListener>) -> Self {
-        AdminPeer(stream.io().standing())
-    }
-}
-
-struct AdminListener {
-    incoming: tokio_stream::wrappers::ReceiverStream<
-        std::io::Result<crate::transport::Guarded<tokio::net::TcpStream>>,
-    >,
-    addr: SocketAddr,
-}
-
-impl axum::serve::Listener for AdminListener {
-    type Io = crate::transport::Guarded<tokio::net::TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        use tokio_stream::StreamExt as _;
-        loop {
-            match self.incoming.next().await {
-                Some(Ok(io)) => {
-                    let peer = io.peer();
-                    return (io, peer);
-                }
-                Some(Err(_)) => continue,
-                None => std::future::pending::<()>().await,
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.addr)
-    }
 }
 
 /// How often a replica records its audit chain head in the metadata database (and at

@@ -24,7 +24,8 @@ use model::principal::Principal;
 pub const MAX_SKEW: Duration = Duration::from_secs(5 * 60);
 
 const ALGORITHM: &str = "AWS4-HMAC-SHA256";
-const SERVICE: &str = "kms";
+/// The service name of the AWS KMS protocol.
+pub const SERVICE: &str = "kms";
 
 /// An access key: its secret and the principal it stands for. The secret is never printed.
 pub struct AccessKey {
@@ -59,6 +60,8 @@ pub struct Request<'a> {
 
 /// Checks SigV4 signatures for one region against the configured access keys.
 pub struct Verifier {
+    /// The service name requests are signed for: `kms` for the AWS KMS protocol.
+    service: String,
     region: String,
     keys: HashMap<String, AccessKey>,
 }
@@ -111,8 +114,13 @@ fn invalid(message: impl Into<String>) -> KmsError {
 }
 
 impl Verifier {
-    pub fn new(region: impl Into<String>, keys: HashMap<String, AccessKey>) -> Verifier {
+    pub fn new(
+        service: impl Into<String>,
+        region: impl Into<String>,
+        keys: HashMap<String, AccessKey>,
+    ) -> Verifier {
         Verifier {
+            service: service.into(),
             region: region.into(),
             keys,
         }
@@ -172,9 +180,10 @@ impl Verifier {
             return Err(incomplete("exactly one Authorization header"));
         }
         let auth = parse(authorization)?;
-        if auth.service != SERVICE {
+        if auth.service != self.service {
             return Err(invalid(format!(
-                "Credential should be scoped to correct service: '{SERVICE}'."
+                "Credential should be scoped to correct service: '{}'.",
+                self.service
             )));
         }
         if auth.region != self.region {
@@ -290,7 +299,7 @@ impl Verifier {
         let params = v4::SigningParams::builder()
             .identity(&identity)
             .region(&self.region)
-            .name(SERVICE)
+            .name(&self.service)
             .time(at)
             .settings(settings)
             .build()
@@ -474,7 +483,7 @@ mod tests {
             KEY_ID.to_string(),
             AccessKey::new(Zeroizing::new(SECRET.into()), principal),
         )]);
-        Verifier::new("us-east-1", keys)
+        Verifier::new(SERVICE, "us-east-1", keys)
     }
 
     /// A request signed as an AWS SDK would sign it (with aws-sigv4's client side).
