@@ -6,7 +6,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::{internal, key_refusal, lock_key, names, one, parse_id, parse_state, Postgres};
-use crate::metadata::{Failure, KeyRecord, Keys, MetaResult, Precondition, Removal};
+use crate::metadata::{lit, Failure, KeyRecord, Keys, MetaResult, Precondition, Removal};
 use model::states::{KeyState, StateSet};
 
 const COLUMNS: &str = "SELECT id, custom_key_store_id, creation_date_ms, description,
@@ -111,8 +111,10 @@ impl Keys for Postgres {
             let after = after.map(|u| u.to_string()).unwrap_or_default();
             self.rows(
                 &format!(
-                    "{COLUMNS} WHERE id > $1 AND key_state NOT IN ('Creating', 'Deleting')
-                     ORDER BY id LIMIT $2"
+                    "{COLUMNS} WHERE id > $1 AND key_state NOT IN ({}, {})
+                     ORDER BY id LIMIT $2",
+                    lit(KeyState::Creating.as_str()),
+                    lit(KeyState::Deleting.as_str()),
                 ),
                 &[&after, &(limit as i64)],
                 row,
@@ -129,9 +131,13 @@ impl Keys for Postgres {
     ) -> MetaResult<Vec<Uuid>> {
         self.timed(async {
             self.rows(
-                "SELECT id FROM keys WHERE custom_key_store_id = $1
-                 AND ((key_state = 'Creating' AND creation_date_ms < $2)
-                     OR (key_state = 'Deleting' AND deletion_date_ms IS NULL))",
+                &format!(
+                    "SELECT id FROM keys WHERE custom_key_store_id = $1
+                     AND ((key_state = {} AND creation_date_ms < $2)
+                         OR (key_state = {} AND deletion_date_ms IS NULL))",
+                    lit(KeyState::Creating.as_str()),
+                    lit(KeyState::Deleting.as_str()),
+                ),
                 &[&keystore_id, &before_ms],
                 |r| parse_id(r.get(0)),
             )
@@ -199,8 +205,11 @@ impl Keys for Postgres {
             self.update_key_if(
                 id,
                 accepted,
-                "UPDATE keys SET key_state = 'PendingDeletion', deletion_date_ms = $3,
-                 pending_window_days = $4",
+                &format!(
+                    "UPDATE keys SET key_state = {}, deletion_date_ms = $3,
+                     pending_window_days = $4",
+                    lit(KeyState::PendingDeletion.as_str())
+                ),
                 &[&date_ms, &window_days],
             )
             .await
@@ -225,9 +234,11 @@ impl Keys for Postgres {
         self.timed(async {
             self.rows(
                 &format!(
-                    "{COLUMNS} WHERE key_state IN ('PendingDeletion', 'Deleting')
+                    "{COLUMNS} WHERE key_state IN ({pending}, {deleting})
                      AND deletion_date_ms <= $1
-                 ORDER BY deletion_date_ms LIMIT $2"
+                 ORDER BY deletion_date_ms LIMIT $2",
+                    pending = lit(KeyState::PendingDeletion.as_str()),
+                    deleting = lit(KeyState::Deleting.as_str()),
                 ),
                 &[&now_ms, &(limit as i64)],
                 row,

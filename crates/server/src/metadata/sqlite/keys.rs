@@ -5,7 +5,7 @@ use rusqlite::{params, OptionalExtension, ToSql};
 use uuid::Uuid;
 
 use super::{bad_column, parse_id, read, require_state, write, Forget, Sqlite};
-use crate::metadata::{Failure, KeyRecord, Keys, MetaResult, Precondition, Removal};
+use crate::metadata::{lit, Failure, KeyRecord, Keys, MetaResult, Precondition, Removal};
 use model::states::{KeyState, StateSet};
 
 const COLUMNS: &str = "SELECT id, custom_key_store_id, creation_date_ms, description,
@@ -100,8 +100,10 @@ impl Keys for Sqlite {
         let after = after.map(|u| u.to_string()).unwrap_or_default();
         self.with(|c| {
             let mut stmt = c.prepare(&format!(
-                "{COLUMNS} WHERE id > ?1 AND key_state NOT IN ('Creating', 'Deleting')
-                 ORDER BY id LIMIT ?2"
+                "{COLUMNS} WHERE id > ?1 AND key_state NOT IN ({}, {})
+                 ORDER BY id LIMIT ?2",
+                lit(KeyState::Creating.as_str()),
+                lit(KeyState::Deleting.as_str()),
             ))?;
             let rows = stmt.query_map(params![after, limit as i64], row)?;
             rows.collect()
@@ -114,11 +116,13 @@ impl Keys for Sqlite {
         before_ms: i64,
     ) -> MetaResult<Vec<Uuid>> {
         self.with(|c| {
-            let mut stmt = c.prepare(
+            let mut stmt = c.prepare(&format!(
                 "SELECT id FROM keys WHERE custom_key_store_id = ?1
-                     AND ((key_state = 'Creating' AND creation_date_ms < ?2)
-                         OR (key_state = 'Deleting' AND deletion_date_ms IS NULL))",
-            )?;
+                     AND ((key_state = {} AND creation_date_ms < ?2)
+                         OR (key_state = {} AND deletion_date_ms IS NULL))",
+                lit(KeyState::Creating.as_str()),
+                lit(KeyState::Deleting.as_str()),
+            ))?;
             let rows =
                 stmt.query_map(params![keystore_id, before_ms], |r| parse_id(r.get(0)?, 0))?;
             rows.collect()
@@ -180,8 +184,11 @@ impl Keys for Sqlite {
         self.update_key_if(
             id,
             accepted,
-            "UPDATE keys SET key_state = 'PendingDeletion', deletion_date_ms = ?2,
+            &format!(
+                "UPDATE keys SET key_state = {}, deletion_date_ms = ?2,
                  pending_window_days = ?3 WHERE id = ?1",
+                lit(KeyState::PendingDeletion.as_str())
+            ),
             &[&date_ms, &window_days],
         )
     }
@@ -199,9 +206,11 @@ impl Keys for Sqlite {
     async fn keys_due(&self, now_ms: i64, limit: usize) -> MetaResult<Vec<KeyRecord>> {
         self.with(|c| {
             let mut stmt = c.prepare(&format!(
-                "{COLUMNS} WHERE key_state IN ('PendingDeletion', 'Deleting')
+                "{COLUMNS} WHERE key_state IN ({}, {})
                      AND deletion_date_ms <= ?1
-                 ORDER BY deletion_date_ms LIMIT ?2"
+                 ORDER BY deletion_date_ms LIMIT ?2",
+                lit(KeyState::PendingDeletion.as_str()),
+                lit(KeyState::Deleting.as_str()),
             ))?;
             let rows = stmt.query_map(params![now_ms, limit as i64], row)?;
             rows.collect()

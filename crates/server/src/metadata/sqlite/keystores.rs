@@ -5,7 +5,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{bad_column, read, taken, write, Forget, Sqlite, NOW_MS};
 use crate::metadata::{
-    AuditHead, Failure, KeyStoreRecord, KeyStoreUpdate, KeyStores, MetaResult, Precondition, Unique,
+    lit, AuditHead, Failure, KeyStoreRecord, KeyStoreUpdate, KeyStores, MetaResult, Precondition,
+    Unique,
 };
 use model::states::{ConnectionErrorCode, ConnectionState};
 
@@ -150,9 +151,10 @@ impl KeyStores for Sqlite {
         let n = self.with(|c| {
             c.execute(
                 &format!(
-                    "UPDATE custom_key_stores SET connection_state = 'DISCONNECTED',
+                    "UPDATE custom_key_stores SET connection_state = {disconnected},
                          connection_error_code = NULL, state_since_ms = {NOW_MS}
-                     WHERE id = ?1 AND connection_state = ?2 AND state_since_ms < {NOW_MS} - ?3"
+                     WHERE id = ?1 AND connection_state = ?2 AND state_since_ms < {NOW_MS} - ?3",
+                    disconnected = lit(ConnectionState::Disconnected.as_str()),
                 ),
                 params![id, from.as_str(), older_than_ms],
             )

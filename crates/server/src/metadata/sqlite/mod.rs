@@ -1,7 +1,8 @@
 //! The embedded metadata database: SQLite, one file, one writer.
 //!
 //! Every call is one transaction, so each is atomic with respect to the others, and a
-//! condition a change depends on is checked inside the transaction that makes it. Rows read
+//! condition a change depends on is checked inside the transaction that makes it; calls run
+//! off the async workers (`Sqlite::raw`). Rows read
 //! on the hot path (every cryptographic request reads its key and key store, and the key's
 //! grants when a policy does not allow it) are cached, and invalidated after every write to
 //! them. The files hold one table family each: key stores, keys (with tags), aliases, grants.
@@ -190,12 +191,24 @@ impl Sqlite {
     }
 
     /// Runs `f` on the connection, for callers that translate SQLite errors themselves.
+    ///
+    /// SQLite blocks: a write waits for its fsync (synchronous=FULL), and every call waits
+    /// for the one connection. On a multi-threaded runtime (the server's) the call runs in
+    /// `block_in_place`, which first hands this worker's other tasks to another thread, so
+    /// that requests that need no database (and the timers of the request path) are not
+    /// held up behind a disk flush. A current-thread runtime (unit tests) runs it inline.
     fn raw<T>(
         &self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
     ) -> rusqlite::Result<T> {
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut conn)
+        let run = || {
+            let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut conn)
+        };
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(run),
+            _ => run(),
+        }
     }
 
     fn forget_key(&self, id: &Uuid) {
