@@ -10,6 +10,7 @@
 //! implementation must pass.
 
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 
 #[cfg(test)]
@@ -331,11 +332,11 @@ pub enum Removal {
 }
 
 impl Removal {
-    /// The claim's one UPDATE, for either backend (`mark` is its placeholder sign), and the
+    /// The claim's one UPDATE (in `metadata::sql`'s `$N` style), and the
     /// cutoff that is its fifth parameter, if any. Parameters: 1 key id, 2 now (ms), 3 owner,
     /// 4 lease (ms), 5 the cutoff. A key qualifies, then its claim must be free: unclaimed,
     /// this owner's, or lapsed.
-    pub(crate) fn claim_sql(self, mark: char) -> (String, Option<i64>) {
+    pub(crate) fn claim_sql(self) -> (String, Option<i64>) {
         let (creating, deleting, pending) = (
             lit(KeyState::Creating.as_str()),
             lit(KeyState::Deleting.as_str()),
@@ -343,24 +344,24 @@ impl Removal {
         );
         let (qualifies, cutoff) = match self {
             Removal::Due => (
-                format!("deletion_date_ms <= ?2 AND key_state IN ({pending}, {deleting})"),
+                format!("deletion_date_ms <= $2 AND key_state IN ({pending}, {deleting})"),
                 None,
             ),
             Removal::Abandoned { created_before_ms } => (
                 format!(
                     "deletion_date_ms IS NULL AND (key_state = {deleting}
-                     OR (key_state = {creating} AND creation_date_ms < ?5))"
+                     OR (key_state = {creating} AND creation_date_ms < $5))"
                 ),
                 Some(created_before_ms),
             ),
         };
         let sql = format!(
-            "UPDATE keys SET key_state = {deleting}, deletion_owner = ?3,
-                 deletion_lease_until = ?2 + ?4
-             WHERE id = ?1 AND {qualifies} AND (key_state <> {deleting}
-                 OR deletion_owner IS NULL OR deletion_owner = ?3 OR deletion_lease_until <= ?2)"
+            "UPDATE keys SET key_state = {deleting}, deletion_owner = $3,
+                 deletion_lease_until = $2 + $4
+             WHERE id = $1 AND {qualifies} AND (key_state <> {deleting}
+                 OR deletion_owner IS NULL OR deletion_owner = $3 OR deletion_lease_until <= $2)"
         );
-        (sql.replace('?', &mark.to_string()), cutoff)
+        (sql, cutoff)
     }
 }
 

@@ -8,7 +8,8 @@ use super::{internal, lock_key, one, parse_id, taken, Postgres};
 use crate::metadata::{AliasRecord, Aliases, Failure, MetaResult, Precondition, Unique};
 use model::states::StateSet;
 
-const COLUMNS: &str = "SELECT name, key_id, creation_date_ms, last_updated_ms FROM aliases";
+use crate::metadata::sql;
+use crate::metadata::sql::ALIAS_COLUMNS as COLUMNS;
 
 fn row(r: &Row) -> MetaResult<AliasRecord> {
     Ok(AliasRecord {
@@ -22,10 +23,7 @@ fn row(r: &Row) -> MetaResult<AliasRecord> {
 /// How many aliases the key has, inside a transaction that holds the key's row.
 async fn aliases_of(tx: &deadpool_postgres::Transaction<'_>, key: &Uuid) -> MetaResult<usize> {
     let n: i64 = tx
-        .query_one(
-            "SELECT COUNT(*) FROM aliases WHERE key_id = $1",
-            &[&key.to_string()],
-        )
+        .query_one(sql::COUNT_ALIASES_OF_KEY, &[&key.to_string()])
         .await
         .map_err(internal)?
         .get(0);
@@ -50,13 +48,9 @@ impl Aliases for Postgres {
             if aliases_of(&tx, key).await? >= max {
                 return Err(Failure::Precondition(Precondition::Limit(max)));
             }
-            tx.execute(
-                "INSERT INTO aliases (name, key_id, creation_date_ms, last_updated_ms)
-             VALUES ($1, $2, $3, $3)",
-                &[&name, &key.to_string(), &now_ms],
-            )
-            .await
-            .map_err(|e| taken(e, &[("alias_name_taken", Unique::AliasName)]))?;
+            tx.execute(sql::INSERT_ALIAS, &[&name, &key.to_string(), &now_ms])
+                .await
+                .map_err(|e| taken(e, &[("alias_name_taken", Unique::AliasName)]))?;
             tx.commit().await.map_err(internal)
         })
         .await
@@ -89,7 +83,7 @@ impl Aliases for Postgres {
                 return Err(Failure::Precondition(Precondition::Limit(max)));
             }
             tx.execute(
-                "UPDATE aliases SET key_id = $2, last_updated_ms = $3 WHERE name = $1",
+                sql::UPDATE_ALIAS_TARGET,
                 &[&name, &key.to_string(), &now_ms],
             )
             .await
@@ -100,20 +94,13 @@ impl Aliases for Postgres {
     }
 
     async fn delete_alias(&self, name: &str) -> MetaResult<()> {
-        self.timed(async {
-            one(self
-                .execute("DELETE FROM aliases WHERE name = $1", &[&name])
-                .await?)
-        })
-        .await
+        self.timed(async { one(self.execute(sql::DELETE_ALIAS, &[&name]).await?) })
+            .await
     }
 
     async fn alias(&self, name: &str) -> MetaResult<Option<AliasRecord>> {
-        self.timed(async {
-            self.row(&format!("{COLUMNS} WHERE name = $1"), &[&name], row)
-                .await
-        })
-        .await
+        self.timed(async { self.row(sql::ALIAS_BY_NAME, &[&name], row).await })
+            .await
     }
 
     async fn list_aliases(

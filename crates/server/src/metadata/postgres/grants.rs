@@ -11,9 +11,7 @@ use super::{bad, internal, lock_key, one, parse_id, Postgres};
 use crate::metadata::{grant_columns, Failure, GrantRecord, Grants, MetaResult, Precondition};
 use model::states::StateSet;
 
-const COLUMNS: &str = "SELECT grant_id, key_id, name, grantee_principal, retiring_principal,
-    issuing_account, operations, context_subset, context_equals, creation_date_ms, token
-    FROM grants";
+use crate::metadata::sql;
 
 fn row(r: &Row) -> MetaResult<GrantRecord> {
     let ctx = |i: usize| -> MetaResult<Option<BTreeMap<String, String>>> {
@@ -52,10 +50,7 @@ impl Grants for Postgres {
             let key = g.key_id.to_string();
             if g.name.is_some() {
                 let same = tx
-                    .query(
-                        &format!("{COLUMNS} WHERE key_id = $1 AND name = $2"),
-                        &[&key, &g.name],
-                    )
+                    .query(sql::GRANT_BY_NAME, &[&key, &g.name])
                     .await
                     .map_err(internal)?;
                 for r in &same {
@@ -87,10 +82,7 @@ impl Grants for Postgres {
                 return over(true, per_grantee);
             }
             tx.execute(
-                "INSERT INTO grants (grant_id, key_id, name, grantee_principal, retiring_principal,
-                 issuing_account, operations, context_subset, context_equals,
-                 creation_date_ms, token)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                sql::INSERT_GRANT,
                 &[
                     &g.grant_id,
                     &key,
@@ -120,12 +112,8 @@ impl Grants for Postgres {
             }
             let since = self.cache.generation();
             let grants = Arc::new(
-                self.rows(
-                    &format!("{COLUMNS} WHERE key_id = $1 ORDER BY grant_id"),
-                    &[&key.to_string()],
-                    row,
-                )
-                .await?,
+                self.rows(sql::GRANTS_OF_KEY, &[&key.to_string()], row)
+                    .await?,
             );
             self.cache.put_grants(since, *key, &grants);
             Ok(grants)
@@ -134,20 +122,14 @@ impl Grants for Postgres {
     }
 
     async fn grant_by_token(&self, token: &str) -> MetaResult<Option<GrantRecord>> {
-        self.timed(async {
-            self.row(&format!("{COLUMNS} WHERE token = $1"), &[&token], row)
-                .await
-        })
-        .await
+        self.timed(async { self.row(sql::GRANT_BY_TOKEN, &[&token], row).await })
+            .await
     }
 
     async fn delete_grant(&self, key: &Uuid, grant_id: &str) -> MetaResult<()> {
         self.timed(async {
             one(self
-                .execute(
-                    "DELETE FROM grants WHERE key_id = $1 AND grant_id = $2",
-                    &[&key.to_string(), &grant_id],
-                )
+                .execute(sql::DELETE_GRANT, &[&key.to_string(), &grant_id])
                 .await?)
         })
         .await
@@ -161,10 +143,7 @@ impl Grants for Postgres {
     ) -> MetaResult<Vec<GrantRecord>> {
         self.timed(async {
             self.rows(
-                &format!(
-                    "{COLUMNS} WHERE retiring_principal = $1 AND grant_id > $2
-                 ORDER BY grant_id LIMIT $3"
-                ),
+                sql::RETIRABLE_GRANTS,
                 &[&principal, &after.unwrap_or(""), &(limit as i64)],
                 row,
             )

@@ -9,8 +9,7 @@ use super::{internal, key_refusal, lock_key, names, one, parse_id, parse_state, 
 use crate::metadata::{lit, Failure, KeyRecord, Keys, MetaResult, Precondition, Removal};
 use model::states::{KeyState, StateSet};
 
-const COLUMNS: &str = "SELECT id, custom_key_store_id, creation_date_ms, description,
-    key_state, deletion_date_ms, pending_window_days, policy FROM keys";
+use crate::metadata::sql;
 
 fn row(r: &Row) -> MetaResult<KeyRecord> {
     Ok(KeyRecord {
@@ -62,27 +61,22 @@ impl Keys for Postgres {
             let mut c = self.writer().await?;
             let tx = c.transaction().await.map_err(internal)?;
             tx.execute(
-            "INSERT INTO keys (id, custom_key_store_id, creation_date_ms, description, key_state,
-                               policy)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-            &[
-                &rec.id.to_string(),
-                &rec.custom_key_store_id,
-                &rec.creation_date_ms,
-                &rec.description,
-                &rec.key_state.as_str(),
-                &rec.policy,
-            ],
-        )
-        .await
-        .map_err(internal)?;
+                sql::INSERT_KEY,
+                &[
+                    &rec.id.to_string(),
+                    &rec.custom_key_store_id,
+                    &rec.creation_date_ms,
+                    &rec.description,
+                    &rec.key_state.as_str(),
+                    &rec.policy,
+                ],
+            )
+            .await
+            .map_err(internal)?;
             for (k, v) in tags {
-                tx.execute(
-                    "INSERT INTO key_tags (key_id, tag_key, tag_value) VALUES ($1, $2, $3)",
-                    &[&rec.id.to_string(), k, v],
-                )
-                .await
-                .map_err(internal)?;
+                tx.execute(sql::INSERT_TAG, &[&rec.id.to_string(), k, v])
+                    .await
+                    .map_err(internal)?;
             }
             tx.commit().await.map_err(internal)
         })
@@ -95,9 +89,7 @@ impl Keys for Postgres {
                 return Ok(Some(hit));
             }
             let since = self.cache.generation();
-            let found = self
-                .row(&format!("{COLUMNS} WHERE id = $1"), &[&id.to_string()], row)
-                .await?;
+            let found = self.row(sql::KEY_BY_ID, &[&id.to_string()], row).await?;
             if let Some(rec) = &found {
                 self.cache.put_key(since, rec);
             }
@@ -109,17 +101,8 @@ impl Keys for Postgres {
     async fn list_keys(&self, after: Option<&Uuid>, limit: usize) -> MetaResult<Vec<KeyRecord>> {
         self.timed(async {
             let after = after.map(|u| u.to_string()).unwrap_or_default();
-            self.rows(
-                &format!(
-                    "{COLUMNS} WHERE id > $1 AND key_state NOT IN ({}, {})
-                     ORDER BY id LIMIT $2",
-                    lit(KeyState::Creating.as_str()),
-                    lit(KeyState::Deleting.as_str()),
-                ),
-                &[&after, &(limit as i64)],
-                row,
-            )
-            .await
+            self.rows(&sql::keys_page(), &[&after, &(limit as i64)], row)
+                .await
         })
         .await
     }
@@ -131,13 +114,7 @@ impl Keys for Postgres {
     ) -> MetaResult<Vec<Uuid>> {
         self.timed(async {
             self.rows(
-                &format!(
-                    "SELECT id FROM keys WHERE custom_key_store_id = $1
-                     AND ((key_state = {} AND creation_date_ms < $2)
-                         OR (key_state = {} AND deletion_date_ms IS NULL))",
-                    lit(KeyState::Creating.as_str()),
-                    lit(KeyState::Deleting.as_str()),
-                ),
+                &sql::abandoned_creations(),
                 &[&keystore_id, &before_ms],
                 |r| parse_id(r.get(0)),
             )
@@ -160,12 +137,8 @@ impl Keys for Postgres {
     }
 
     async fn delete_key(&self, id: &Uuid) -> MetaResult<()> {
-        self.timed(async {
-            one(self
-                .execute("DELETE FROM keys WHERE id = $1", &[&id.to_string()])
-                .await?)
-        })
-        .await
+        self.timed(async { one(self.execute(sql::DELETE_KEY, &[&id.to_string()]).await?) })
+            .await
     }
 
     async fn set_description(
@@ -232,18 +205,8 @@ impl Keys for Postgres {
 
     async fn keys_due(&self, now_ms: i64, limit: usize) -> MetaResult<Vec<KeyRecord>> {
         self.timed(async {
-            self.rows(
-                &format!(
-                    "{COLUMNS} WHERE key_state IN ({pending}, {deleting})
-                     AND deletion_date_ms <= $1
-                 ORDER BY deletion_date_ms LIMIT $2",
-                    pending = lit(KeyState::PendingDeletion.as_str()),
-                    deleting = lit(KeyState::Deleting.as_str()),
-                ),
-                &[&now_ms, &(limit as i64)],
-                row,
-            )
-            .await
+            self.rows(&sql::keys_due(), &[&now_ms, &(limit as i64)], row)
+                .await
         })
         .await
     }
@@ -257,7 +220,7 @@ impl Keys for Postgres {
         lease_ms: i64,
     ) -> MetaResult<()> {
         self.timed(async {
-            let (sql, cutoff) = removal.claim_sql('$');
+            let (sql, cutoff) = removal.claim_sql();
             let id = id.to_string();
             let mut params: Vec<&(dyn ToSql + Sync)> = vec![&id, &now_ms, &owner, &lease_ms];
             if let Some(cutoff) = &cutoff {
@@ -282,19 +245,12 @@ impl Keys for Postgres {
             // is the count the commit leaves.
             lock_key(&tx, id, accepted).await??;
             for (k, v) in tags {
-                tx.execute(
-                    "INSERT INTO key_tags (key_id, tag_key, tag_value) VALUES ($1, $2, $3)
-                 ON CONFLICT (key_id, tag_key) DO UPDATE SET tag_value = excluded.tag_value",
-                    &[&id.to_string(), k, v],
-                )
-                .await
-                .map_err(internal)?;
+                tx.execute(sql::UPSERT_TAG, &[&id.to_string(), k, v])
+                    .await
+                    .map_err(internal)?;
             }
             let n: i64 = tx
-                .query_one(
-                    "SELECT COUNT(*) FROM key_tags WHERE key_id = $1",
-                    &[&id.to_string()],
-                )
+                .query_one(sql::COUNT_TAGS, &[&id.to_string()])
                 .await
                 .map_err(internal)?
                 .get(0);
@@ -333,8 +289,7 @@ impl Keys for Postgres {
             let c = self.client().await?;
             let rows = c
                 .query(
-                    "SELECT tag_key, tag_value FROM key_tags WHERE key_id = $1 AND tag_key > $2
-                 ORDER BY tag_key LIMIT $3",
+                    sql::TAGS_PAGE,
                     &[&id.to_string(), &after.unwrap_or(""), &(limit as i64)],
                 )
                 .await

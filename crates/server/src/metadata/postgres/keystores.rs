@@ -10,8 +10,7 @@ use crate::metadata::{
 };
 use model::states::{ConnectionErrorCode, ConnectionState};
 
-const COLUMNS: &str = "SELECT id, name, cluster_id, trust_anchor, sealed_password,
-    connection_state, connection_error_code, creation_date_ms FROM custom_key_stores";
+use crate::metadata::sql;
 
 /// The unique constraints of the table, and what each one means.
 const UNIQUE: &[(&str, Unique)] = &[
@@ -40,11 +39,9 @@ impl Postgres {
     /// The store's connection state, for a change that touched no row; `NotFound` if absent.
     async fn connection_refusal(&self, id: &str) -> MetaResult<Failure> {
         let state = self
-            .row(
-                "SELECT connection_state FROM custom_key_stores WHERE id = $1",
-                &[&id],
-                |r| ConnectionState::parse(r.get(0)).ok_or_else(|| bad("a connection state")),
-            )
+            .row(sql::KEYSTORE_STATE, &[&id], |r| {
+                ConnectionState::parse(r.get(0)).ok_or_else(|| bad("a connection state"))
+            })
             .await?;
         Ok(match state {
             Some(s) => Failure::Precondition(Precondition::ConnectionState(s)),
@@ -59,23 +56,21 @@ impl KeyStores for Postgres {
         self.timed(async {
             let c = self.writer().await?;
             c.execute(
-            "INSERT INTO custom_key_stores (id, name, cluster_id, trust_anchor, sealed_password,
-                 connection_state, connection_error_code, creation_date_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            &[
-                &rec.id,
-                &rec.name,
-                &rec.cluster_id,
-                &rec.trust_anchor,
-                &rec.sealed_password,
-                &rec.connection_state.as_str(),
-                &rec.connection_error_code.map(|c| c.as_str()),
-                &rec.creation_date_ms,
-            ],
-        )
-        .await
-        .map(drop)
-        .map_err(|e| taken(e, UNIQUE))
+                sql::INSERT_KEYSTORE,
+                &[
+                    &rec.id,
+                    &rec.name,
+                    &rec.cluster_id,
+                    &rec.trust_anchor,
+                    &rec.sealed_password,
+                    &rec.connection_state.as_str(),
+                    &rec.connection_error_code.map(|c| c.as_str()),
+                    &rec.creation_date_ms,
+                ],
+            )
+            .await
+            .map(drop)
+            .map_err(|e| taken(e, UNIQUE))
         })
         .await
     }
@@ -86,9 +81,7 @@ impl KeyStores for Postgres {
                 return Ok(Some(hit));
             }
             let since = self.cache.generation();
-            let found = self
-                .row(&format!("{COLUMNS} WHERE id = $1"), &[&id], row)
-                .await?;
+            let found = self.row(sql::KEYSTORE_BY_ID, &[&id], row).await?;
             if let Some(rec) = &found {
                 self.cache.put_keystore(since, rec);
             }
@@ -98,11 +91,8 @@ impl KeyStores for Postgres {
     }
 
     async fn keystore_by_name(&self, name: &str) -> MetaResult<Option<KeyStoreRecord>> {
-        self.timed(async {
-            self.row(&format!("{COLUMNS} WHERE name = $1"), &[&name], row)
-                .await
-        })
-        .await
+        self.timed(async { self.row(sql::KEYSTORE_BY_NAME, &[&name], row).await })
+            .await
     }
 
     async fn list_keystores(
@@ -112,7 +102,7 @@ impl KeyStores for Postgres {
     ) -> MetaResult<Vec<KeyStoreRecord>> {
         self.timed(async {
             self.rows(
-                &format!("{COLUMNS} WHERE id > $1 ORDER BY id LIMIT $2"),
+                sql::KEYSTORES_PAGE,
                 &[&after.unwrap_or(""), &(limit as i64)],
                 row,
             )
@@ -221,10 +211,7 @@ impl KeyStores for Postgres {
                 return Err(Failure::Precondition(Precondition::ConnectionState(state)));
             }
             let keys: i64 = tx
-                .query_one(
-                    "SELECT COUNT(*) FROM keys WHERE custom_key_store_id = $1",
-                    &[&id],
-                )
+                .query_one(sql::COUNT_KEYS_OF_KEYSTORE, &[&id])
                 .await
                 .map_err(internal)?
                 .get(0);
@@ -233,7 +220,7 @@ impl KeyStores for Postgres {
                     keys as u64,
                 )));
             }
-            tx.execute("DELETE FROM custom_key_stores WHERE id = $1", &[&id])
+            tx.execute(sql::DELETE_KEYSTORE, &[&id])
                 .await
                 .map_err(internal)?;
             tx.commit().await.map_err(internal)
@@ -244,10 +231,7 @@ impl KeyStores for Postgres {
     async fn set_pending_password(&self, id: &str, sealed: Option<&[u8]>) -> MetaResult<()> {
         self.timed(async {
             one(self
-                .execute(
-                    "UPDATE custom_key_stores SET pending_password = $2 WHERE id = $1",
-                    &[&id, &sealed],
-                )
+                .execute(sql::SET_PENDING_PASSWORD, &[&id, &sealed])
                 .await?)
         })
         .await
@@ -257,10 +241,7 @@ impl KeyStores for Postgres {
         self.timed(async {
             let c = self.client().await?;
             let r = c
-                .query_opt(
-                    "SELECT pending_password FROM custom_key_stores WHERE id = $1",
-                    &[&id],
-                )
+                .query_opt(sql::PENDING_PASSWORD, &[&id])
                 .await
                 .map_err(internal)?;
             Ok(r.and_then(|r| r.get(0)))
@@ -270,56 +251,34 @@ impl KeyStores for Postgres {
 
     async fn promote_pending_password(&self, id: &str) -> MetaResult<()> {
         self.timed(async {
-            self.execute(
-                "UPDATE custom_key_stores SET sealed_password = pending_password,
-                 pending_password = NULL
-             WHERE id = $1 AND pending_password IS NOT NULL",
-                &[&id],
-            )
-            .await
-            .map(drop)
+            self.execute(sql::PROMOTE_PENDING_PASSWORD, &[&id])
+                .await
+                .map(drop)
         })
         .await
     }
 
     async fn sealing_check(&self, candidate: &[u8]) -> MetaResult<Vec<u8>> {
         self.timed(async {
-            self.execute(
-                "INSERT INTO service_checks (name, value) VALUES ('sealing', $1)
-             ON CONFLICT (name) DO NOTHING",
-                &[&candidate],
-            )
-            .await?;
-            self.row(
-                "SELECT value FROM service_checks WHERE name = 'sealing'",
-                &[],
-                |r| Ok(r.get(0)),
-            )
-            .await?
-            .ok_or_else(|| Failure::Internal("the sealing check value vanished".into()))
+            self.execute(sql::INSERT_SEALING_CHECK, &[&candidate])
+                .await?;
+            self.row(sql::SEALING_CHECK, &[], |r| Ok(r.get(0)))
+                .await?
+                .ok_or_else(|| Failure::Internal("the sealing check value vanished".into()))
         })
         .await
     }
 
     async fn heartbeat(&self, replica: &str, now_ms: i64, live_ms: i64) -> MetaResult<u32> {
         self.timed(async {
-            self.execute(
-                "INSERT INTO replicas (id, last_seen_ms) VALUES ($1, $2)
-             ON CONFLICT (id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms",
-                &[&replica, &now_ms],
-            )
-            .await?;
-            self.execute(
-                "DELETE FROM replicas WHERE last_seen_ms < $1",
-                &[&(now_ms - 10 * live_ms)],
-            )
-            .await?;
+            self.execute(sql::UPSERT_REPLICA, &[&replica, &now_ms])
+                .await?;
+            self.execute(sql::DELETE_STALE_REPLICAS, &[&(now_ms - 10 * live_ms)])
+                .await?;
             let n = self
-                .row(
-                    "SELECT COUNT(*) FROM replicas WHERE last_seen_ms >= $1",
-                    &[&(now_ms - live_ms)],
-                    |r| Ok(r.get::<_, i64>(0)),
-                )
+                .row(sql::COUNT_LIVE_REPLICAS, &[&(now_ms - live_ms)], |r| {
+                    Ok(r.get::<_, i64>(0))
+                })
                 .await?
                 .unwrap_or(1);
             Ok(n.clamp(1, i64::from(u32::MAX)) as u32)
@@ -329,7 +288,7 @@ impl KeyStores for Postgres {
 
     async fn leave(&self, replica: &str) -> MetaResult<()> {
         self.timed(async {
-            self.execute("DELETE FROM replicas WHERE id = $1", &[&replica])
+            self.execute(sql::DELETE_REPLICA, &[&replica])
                 .await
                 .map(drop)
         })
@@ -352,10 +311,7 @@ impl KeyStores for Postgres {
     async fn record_audit_head(&self, h: &AuditHead) -> MetaResult<()> {
         self.timed(async {
             self.execute(
-                "INSERT INTO audit_heads (replica, seq, head, recorded_ms) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (replica) DO UPDATE SET seq = excluded.seq, head = excluded.head,
-                 recorded_ms = excluded.recorded_ms
-             WHERE audit_heads.seq <= excluded.seq",
+                sql::UPSERT_AUDIT_HEAD,
                 &[&h.replica, &(h.seq as i64), &h.head, &h.recorded_ms],
             )
             .await
@@ -380,18 +336,14 @@ impl KeyStores for Postgres {
 
     async fn audit_heads(&self) -> MetaResult<Vec<AuditHead>> {
         self.timed(async {
-            self.rows(
-                "SELECT replica, seq, head, recorded_ms FROM audit_heads ORDER BY replica",
-                &[],
-                |r| {
-                    Ok(AuditHead {
-                        replica: r.get(0),
-                        seq: r.get::<_, i64>(1).max(0) as u64,
-                        head: r.get(2),
-                        recorded_ms: r.get(3),
-                    })
-                },
-            )
+            self.rows(sql::AUDIT_HEADS, &[], |r| {
+                Ok(AuditHead {
+                    replica: r.get(0),
+                    seq: r.get::<_, i64>(1).max(0) as u64,
+                    head: r.get(2),
+                    recorded_ms: r.get(3),
+                })
+            })
             .await
         })
         .await

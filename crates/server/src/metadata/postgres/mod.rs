@@ -34,6 +34,7 @@ use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 use super::{Failure, MetaResult, Precondition, Unique};
+use crate::metadata::sql;
 use model::states::{KeyState, StateSet};
 
 /// The advisory lock migrations run under (an arbitrary constant: "hsm-kms" in ASCII).
@@ -462,10 +463,7 @@ fn names(set: StateSet) -> Vec<&'static str> {
 /// invisible), or in a visible state the change does not accept.
 async fn key_refusal(c: &tokio_postgres::Client, id: &Uuid) -> MetaResult<Failure> {
     let row = c
-        .query_opt(
-            "SELECT key_state FROM keys WHERE id = $1",
-            &[&id.to_string()],
-        )
+        .query_opt(sql::KEY_STATE, &[&id.to_string()])
         .await
         .map_err(internal)?;
     Ok(match row {

@@ -8,7 +8,9 @@ use super::{parse_id, require_state, Sqlite};
 use crate::metadata::{AliasRecord, Aliases, Failure, MetaResult, Precondition, Unique};
 use model::states::StateSet;
 
-const COLUMNS: &str = "SELECT name, key_id, creation_date_ms, last_updated_ms FROM aliases";
+use super::q;
+use crate::metadata::sql;
+use crate::metadata::sql::ALIAS_COLUMNS as COLUMNS;
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AliasRecord> {
     Ok(AliasRecord {
@@ -20,11 +22,9 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AliasRecord> {
 }
 
 fn aliases_of(c: &Connection, id: &Uuid) -> rusqlite::Result<usize> {
-    c.query_row(
-        "SELECT COUNT(*) FROM aliases WHERE key_id = ?1",
-        [id.to_string()],
-        |r| r.get::<_, i64>(0),
-    )
+    c.query_row(&q(sql::COUNT_ALIASES_OF_KEY), [id.to_string()], |r| {
+        r.get::<_, i64>(0)
+    })
     .map(|n| n as usize)
 }
 
@@ -55,8 +55,7 @@ impl Aliases for Sqlite {
                 return Ok(Err(Failure::Precondition(Precondition::Limit(max))));
             }
             tx.execute(
-                "INSERT INTO aliases (name, key_id, creation_date_ms, last_updated_ms)
-                 VALUES (?1, ?2, ?3, ?3)",
+                &q(sql::INSERT_ALIAS),
                 params![name, key.to_string(), now_ms],
             )?;
             tx.commit()?;
@@ -89,7 +88,7 @@ impl Aliases for Sqlite {
                 return Ok(Err(Failure::Precondition(Precondition::Limit(max))));
             }
             tx.execute(
-                "UPDATE aliases SET key_id = ?2, last_updated_ms = ?3 WHERE name = ?1",
+                &q(sql::UPDATE_ALIAS_TARGET),
                 params![name, key.to_string(), now_ms],
             )?;
             tx.commit()?;
@@ -98,7 +97,7 @@ impl Aliases for Sqlite {
     }
 
     async fn delete_alias(&self, name: &str) -> MetaResult<()> {
-        self.with(|c| c.execute("DELETE FROM aliases WHERE name = ?1", [name]))
+        self.with(|c| c.execute(&q(sql::DELETE_ALIAS), [name]))
             .and_then(|n| {
                 if n == 1 {
                     Ok(())
@@ -109,10 +108,7 @@ impl Aliases for Sqlite {
     }
 
     async fn alias(&self, name: &str) -> MetaResult<Option<AliasRecord>> {
-        self.with(|c| {
-            c.query_row(&format!("{COLUMNS} WHERE name = ?1"), [name], row)
-                .optional()
-        })
+        self.with(|c| c.query_row(&q(sql::ALIAS_BY_NAME), [name], row).optional())
     }
 
     async fn list_aliases(

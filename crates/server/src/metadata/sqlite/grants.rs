@@ -11,9 +11,8 @@ use super::{parse_id, read, require_state, write, Sqlite};
 use crate::metadata::{grant_columns, Failure, GrantRecord, Grants, MetaResult, Precondition};
 use model::states::StateSet;
 
-const COLUMNS: &str = "SELECT grant_id, key_id, name, grantee_principal, retiring_principal,
-    issuing_account, operations, context_subset, context_equals, creation_date_ms, token
-    FROM grants";
+use super::q;
+use crate::metadata::sql;
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GrantRecord> {
     let ctx = |i: usize| -> rusqlite::Result<Option<BTreeMap<String, String>>> {
@@ -54,7 +53,7 @@ impl Grants for Sqlite {
             }
             if g.name.is_some() {
                 let same = tx
-                    .prepare_cached(&format!("{COLUMNS} WHERE key_id = ?1 AND name = ?2"))?
+                    .prepare_cached(&q(sql::GRANT_BY_NAME))?
                     .query_map(params![g.key_id.to_string(), g.name], row)?
                     .collect::<rusqlite::Result<Vec<_>>>()?
                     .into_iter()
@@ -84,10 +83,7 @@ impl Grants for Sqlite {
                 return over(true, per_grantee);
             }
             tx.execute(
-                "INSERT INTO grants (grant_id, key_id, name, grantee_principal, retiring_principal,
-                     issuing_account, operations, context_subset, context_equals,
-                     creation_date_ms, token)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                &q(sql::INSERT_GRANT),
                 params![
                     g.grant_id,
                     g.key_id.to_string(),
@@ -115,7 +111,7 @@ impl Grants for Sqlite {
         }
         self.with(|c| {
             let rows = c
-                .prepare_cached(&format!("{COLUMNS} WHERE key_id = ?1 ORDER BY grant_id"))?
+                .prepare_cached(&q(sql::GRANTS_OF_KEY))?
                 .query_map([key.to_string()], row)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let rows = Arc::new(rows);
@@ -126,18 +122,14 @@ impl Grants for Sqlite {
 
     async fn grant_by_token(&self, token: &str) -> MetaResult<Option<GrantRecord>> {
         self.with(|c| {
-            c.query_row(&format!("{COLUMNS} WHERE token = ?1"), [token], row)
+            c.query_row(&q(sql::GRANT_BY_TOKEN), [token], row)
                 .optional()
         })
     }
 
     async fn delete_grant(&self, key: &Uuid, grant_id: &str) -> MetaResult<()> {
-        let out = self.with(|c| {
-            c.execute(
-                "DELETE FROM grants WHERE key_id = ?1 AND grant_id = ?2",
-                params![key.to_string(), grant_id],
-            )
-        });
+        let out =
+            self.with(|c| c.execute(&q(sql::DELETE_GRANT), params![key.to_string(), grant_id]));
         self.forget_grants(key);
         out.and_then(|n| {
             if n == 1 {
@@ -155,12 +147,9 @@ impl Grants for Sqlite {
         limit: usize,
     ) -> MetaResult<Vec<GrantRecord>> {
         self.with(|c| {
-            c.prepare_cached(&format!(
-                "{COLUMNS} WHERE retiring_principal = ?1 AND grant_id > ?2
-                 ORDER BY grant_id LIMIT ?3"
-            ))?
-            .query_map(params![principal, after.unwrap_or(""), limit as i64], row)?
-            .collect()
+            c.prepare_cached(&q(sql::RETIRABLE_GRANTS))?
+                .query_map(params![principal, after.unwrap_or(""), limit as i64], row)?
+                .collect()
         })
     }
 }

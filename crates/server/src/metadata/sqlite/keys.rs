@@ -8,8 +8,8 @@ use super::{bad_column, parse_id, read, require_state, write, Forget, Sqlite};
 use crate::metadata::{lit, Failure, KeyRecord, Keys, MetaResult, Precondition, Removal};
 use model::states::{KeyState, StateSet};
 
-const COLUMNS: &str = "SELECT id, custom_key_store_id, creation_date_ms, description,
-    key_state, deletion_date_ms, pending_window_days, policy FROM keys";
+use super::q;
+use crate::metadata::sql;
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
     let state: String = r.get(4)?;
@@ -58,9 +58,7 @@ impl Keys for Sqlite {
         self.with(|c| {
             let tx = c.transaction()?;
             tx.execute(
-                "INSERT INTO keys (id, custom_key_store_id, creation_date_ms, description, key_state,
-                                   policy)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                &q(sql::INSERT_KEY),
                 params![
                     rec.id.to_string(),
                     rec.custom_key_store_id,
@@ -71,10 +69,7 @@ impl Keys for Sqlite {
                 ],
             )?;
             for (k, v) in tags {
-                tx.execute(
-                    "INSERT INTO key_tags (key_id, tag_key, tag_value) VALUES (?1, ?2, ?3)",
-                    params![rec.id.to_string(), k, v],
-                )?;
+                tx.execute(&q(sql::INSERT_TAG), params![rec.id.to_string(), k, v])?;
             }
             tx.commit()
         })
@@ -86,7 +81,7 @@ impl Keys for Sqlite {
         }
         self.with(|c| {
             let k = c
-                .prepare_cached(&format!("{COLUMNS} WHERE id = ?1"))?
+                .prepare_cached(&q(sql::KEY_BY_ID))?
                 .query_row([id.to_string()], row)
                 .optional()?;
             if let Some(k) = &k {
@@ -99,12 +94,7 @@ impl Keys for Sqlite {
     async fn list_keys(&self, after: Option<&Uuid>, limit: usize) -> MetaResult<Vec<KeyRecord>> {
         let after = after.map(|u| u.to_string()).unwrap_or_default();
         self.with(|c| {
-            let mut stmt = c.prepare(&format!(
-                "{COLUMNS} WHERE id > ?1 AND key_state NOT IN ({}, {})
-                 ORDER BY id LIMIT ?2",
-                lit(KeyState::Creating.as_str()),
-                lit(KeyState::Deleting.as_str()),
-            ))?;
+            let mut stmt = c.prepare(&q(&sql::keys_page()))?;
             let rows = stmt.query_map(params![after, limit as i64], row)?;
             rows.collect()
         })
@@ -116,13 +106,7 @@ impl Keys for Sqlite {
         before_ms: i64,
     ) -> MetaResult<Vec<Uuid>> {
         self.with(|c| {
-            let mut stmt = c.prepare(&format!(
-                "SELECT id FROM keys WHERE custom_key_store_id = ?1
-                     AND ((key_state = {} AND creation_date_ms < ?2)
-                         OR (key_state = {} AND deletion_date_ms IS NULL))",
-                lit(KeyState::Creating.as_str()),
-                lit(KeyState::Deleting.as_str()),
-            ))?;
+            let mut stmt = c.prepare(&q(&sql::abandoned_creations()))?;
             let rows =
                 stmt.query_map(params![keystore_id, before_ms], |r| parse_id(r.get(0)?, 0))?;
             rows.collect()
@@ -141,7 +125,7 @@ impl Keys for Sqlite {
     async fn delete_key(&self, id: &Uuid) -> MetaResult<()> {
         let _forget = Forget::Key(self, *id);
         self.forget_grants(id);
-        self.with(|c| c.execute("DELETE FROM keys WHERE id = ?1", [id.to_string()]))
+        self.with(|c| c.execute(&q(sql::DELETE_KEY), [id.to_string()]))
             .and_then(|n| {
                 if n == 1 {
                     Ok(())
@@ -205,13 +189,7 @@ impl Keys for Sqlite {
 
     async fn keys_due(&self, now_ms: i64, limit: usize) -> MetaResult<Vec<KeyRecord>> {
         self.with(|c| {
-            let mut stmt = c.prepare(&format!(
-                "{COLUMNS} WHERE key_state IN ({}, {})
-                     AND deletion_date_ms <= ?1
-                 ORDER BY deletion_date_ms LIMIT ?2",
-                lit(KeyState::PendingDeletion.as_str()),
-                lit(KeyState::Deleting.as_str()),
-            ))?;
+            let mut stmt = c.prepare(&q(&sql::keys_due()))?;
             let rows = stmt.query_map(params![now_ms, limit as i64], row)?;
             rows.collect()
         })
@@ -226,7 +204,8 @@ impl Keys for Sqlite {
         lease_ms: i64,
     ) -> MetaResult<()> {
         let _forget = Forget::Key(self, *id);
-        let (sql, cutoff) = removal.claim_sql('?');
+        let (sql, cutoff) = removal.claim_sql();
+        let sql = super::q(&sql);
         let id = id.to_string();
         self.with(|c| match cutoff {
             None => c.execute(&sql, params![id, now_ms, owner, lease_ms]),
@@ -254,17 +233,9 @@ impl Keys for Sqlite {
                 return Ok(Err(r));
             }
             for (k, v) in tags {
-                tx.execute(
-                    "INSERT INTO key_tags (key_id, tag_key, tag_value) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (key_id, tag_key) DO UPDATE SET tag_value = excluded.tag_value",
-                    params![id.to_string(), k, v],
-                )?;
+                tx.execute(&q(sql::UPSERT_TAG), params![id.to_string(), k, v])?;
             }
-            let n: i64 = tx.query_row(
-                "SELECT COUNT(*) FROM key_tags WHERE key_id = ?1",
-                [id.to_string()],
-                |r| r.get(0),
-            )?;
+            let n: i64 = tx.query_row(&q(sql::COUNT_TAGS), [id.to_string()], |r| r.get(0))?;
             if n as usize > max {
                 // Dropping `tx` rolls the tags back.
                 return Ok(Err(Failure::Precondition(Precondition::Limit(max))));
@@ -298,10 +269,7 @@ impl Keys for Sqlite {
         limit: usize,
     ) -> MetaResult<Vec<(String, String)>> {
         self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT tag_key, tag_value FROM key_tags WHERE key_id = ?1 AND tag_key > ?2
-                 ORDER BY tag_key LIMIT ?3",
-            )?;
+            let mut stmt = c.prepare(&q(sql::TAGS_PAGE))?;
             let rows = stmt.query_map(
                 params![id.to_string(), after.unwrap_or(""), limit as i64],
                 |r| Ok((r.get(0)?, r.get(1)?)),

@@ -10,8 +10,8 @@ use crate::metadata::{
 };
 use model::states::{ConnectionErrorCode, ConnectionState};
 
-const COLUMNS: &str = "SELECT id, name, cluster_id, trust_anchor, sealed_password,
-    connection_state, connection_error_code, creation_date_ms FROM custom_key_stores";
+use super::q;
+use crate::metadata::sql;
 
 /// The unique columns of the table, and what each one means.
 const UNIQUE: &[(&str, Unique)] = &[
@@ -39,11 +39,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyStoreRecord> {
 
 fn connection_state(c: &Connection, id: &str) -> rusqlite::Result<Option<ConnectionState>> {
     let s: Option<String> = c
-        .query_row(
-            "SELECT connection_state FROM custom_key_stores WHERE id = ?1",
-            [id],
-            |r| r.get(0),
-        )
+        .query_row(&q(sql::KEYSTORE_STATE), [id], |r| r.get(0))
         .optional()?;
     s.map(|s| ConnectionState::parse(&s).ok_or_else(|| bad_column(0, "a connection state")))
         .transpose()
@@ -55,9 +51,7 @@ impl KeyStores for Sqlite {
         let _forget = Forget::KeyStore(self, &rec.id);
         self.raw(|c| {
             c.execute(
-                "INSERT INTO custom_key_stores (id, name, cluster_id, trust_anchor, sealed_password,
-                     connection_state, connection_error_code, creation_date_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                &q(sql::INSERT_KEYSTORE),
                 params![
                     rec.id,
                     rec.name,
@@ -80,7 +74,7 @@ impl KeyStores for Sqlite {
         }
         self.with(|c| {
             let r = c
-                .prepare_cached(&format!("{COLUMNS} WHERE id = ?1"))?
+                .prepare_cached(&q(sql::KEYSTORE_BY_ID))?
                 .query_row([id], row)
                 .optional()?;
             if let Some(r) = &r {
@@ -92,7 +86,7 @@ impl KeyStores for Sqlite {
 
     async fn keystore_by_name(&self, name: &str) -> MetaResult<Option<KeyStoreRecord>> {
         self.with(|c| {
-            c.query_row(&format!("{COLUMNS} WHERE name = ?1"), [name], row)
+            c.query_row(&q(sql::KEYSTORE_BY_NAME), [name], row)
                 .optional()
         })
     }
@@ -103,7 +97,7 @@ impl KeyStores for Sqlite {
         limit: usize,
     ) -> MetaResult<Vec<KeyStoreRecord>> {
         self.with(|c| {
-            let mut stmt = c.prepare(&format!("{COLUMNS} WHERE id > ?1 ORDER BY id LIMIT ?2"))?;
+            let mut stmt = c.prepare(&q(sql::KEYSTORES_PAGE))?;
             let rows = stmt.query_map(params![after.unwrap_or(""), limit as i64], row)?;
             rows.collect()
         })
@@ -218,17 +212,14 @@ impl KeyStores for Sqlite {
                     Err(Failure::Precondition(Precondition::ConnectionState(s)))
                 }
                 Some(_) => {
-                    let keys: i64 = tx.query_row(
-                        "SELECT COUNT(*) FROM keys WHERE custom_key_store_id = ?1",
-                        [id],
-                        |r| r.get(0),
-                    )?;
+                    let keys: i64 =
+                        tx.query_row(&q(sql::COUNT_KEYS_OF_KEYSTORE), [id], |r| r.get(0))?;
                     if keys > 0 {
                         Err(Failure::Precondition(Precondition::KeyStoreHasKeys(
                             keys as u64,
                         )))
                     } else {
-                        tx.execute("DELETE FROM custom_key_stores WHERE id = ?1", [id])?;
+                        tx.execute(&q(sql::DELETE_KEYSTORE), [id])?;
                         Ok(())
                     }
                 }
@@ -239,82 +230,51 @@ impl KeyStores for Sqlite {
     }
 
     async fn set_pending_password(&self, id: &str, sealed: Option<&[u8]>) -> MetaResult<()> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE custom_key_stores SET pending_password = ?2 WHERE id = ?1",
-                params![id, sealed],
-            )
-        })
-        .and_then(|n| {
-            if n == 1 {
-                Ok(())
-            } else {
-                Err(Failure::NotFound)
-            }
-        })
+        self.with(|c| c.execute(&q(sql::SET_PENDING_PASSWORD), params![id, sealed]))
+            .and_then(|n| {
+                if n == 1 {
+                    Ok(())
+                } else {
+                    Err(Failure::NotFound)
+                }
+            })
     }
 
     async fn pending_password(&self, id: &str) -> MetaResult<Option<Vec<u8>>> {
         self.with(|c| {
-            c.query_row(
-                "SELECT pending_password FROM custom_key_stores WHERE id = ?1",
-                [id],
-                |r| r.get(0),
-            )
-            .optional()
-            .map(Option::flatten)
+            c.query_row(&q(sql::PENDING_PASSWORD), [id], |r| r.get(0))
+                .optional()
+                .map(Option::flatten)
         })
     }
 
     async fn promote_pending_password(&self, id: &str) -> MetaResult<()> {
         let _forget = Forget::KeyStore(self, id);
         self.with(|c| {
-            c.execute(
-                "UPDATE custom_key_stores SET sealed_password = pending_password,
-                     pending_password = NULL
-                 WHERE id = ?1 AND pending_password IS NOT NULL",
-                [id],
-            )
-            .map(|_| ())
+            c.execute(&q(sql::PROMOTE_PENDING_PASSWORD), [id])
+                .map(|_| ())
         })
     }
 
     async fn sealing_check(&self, candidate: &[u8]) -> MetaResult<Vec<u8>> {
         self.with(|c| {
-            c.execute(
-                "INSERT INTO service_checks (name, value) VALUES ('sealing', ?1)
-                 ON CONFLICT (name) DO NOTHING",
-                [candidate],
-            )?;
-            c.query_row(
-                "SELECT value FROM service_checks WHERE name = 'sealing'",
-                [],
-                |r| r.get(0),
-            )
+            c.execute(&q(sql::INSERT_SEALING_CHECK), [candidate])?;
+            c.query_row(&q(sql::SEALING_CHECK), [], |r| r.get(0))
         })
     }
 
     async fn heartbeat(&self, replica: &str, now_ms: i64, live_ms: i64) -> MetaResult<u32> {
         self.with(|c| {
-            c.execute(
-                "INSERT INTO replicas (id, last_seen_ms) VALUES (?1, ?2)
-                 ON CONFLICT (id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms",
-                params![replica, now_ms],
-            )?;
-            c.execute(
-                "DELETE FROM replicas WHERE last_seen_ms < ?1",
-                [now_ms - 10 * live_ms],
-            )?;
-            c.query_row(
-                "SELECT COUNT(*) FROM replicas WHERE last_seen_ms >= ?1",
-                [now_ms - live_ms],
-                |r| r.get::<_, u32>(0),
-            )
+            c.execute(&q(sql::UPSERT_REPLICA), params![replica, now_ms])?;
+            c.execute(&q(sql::DELETE_STALE_REPLICAS), [now_ms - 10 * live_ms])?;
+            c.query_row(&q(sql::COUNT_LIVE_REPLICAS), [now_ms - live_ms], |r| {
+                r.get::<_, u32>(0)
+            })
         })
     }
 
     async fn leave(&self, replica: &str) -> MetaResult<()> {
-        self.with(|c| c.execute("DELETE FROM replicas WHERE id = ?1", [replica]))
+        self.with(|c| c.execute(&q(sql::DELETE_REPLICA), [replica]))
             .map(drop)
     }
 
@@ -326,10 +286,7 @@ impl KeyStores for Sqlite {
     async fn record_audit_head(&self, h: &AuditHead) -> MetaResult<()> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO audit_heads (replica, seq, head, recorded_ms) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (replica) DO UPDATE SET seq = excluded.seq, head = excluded.head,
-                     recorded_ms = excluded.recorded_ms
-                 WHERE audit_heads.seq <= excluded.seq",
+                &q(sql::UPSERT_AUDIT_HEAD),
                 params![h.replica, h.seq as i64, h.head, h.recorded_ms],
             )
             .map(drop)
@@ -338,9 +295,7 @@ impl KeyStores for Sqlite {
 
     async fn audit_heads(&self) -> MetaResult<Vec<AuditHead>> {
         self.with(|c| {
-            let mut q = c.prepare(
-                "SELECT replica, seq, head, recorded_ms FROM audit_heads ORDER BY replica",
-            )?;
+            let mut q = c.prepare(&q(sql::AUDIT_HEADS))?;
             let rows = q.query_map([], |r| {
                 Ok(AuditHead {
                     replica: r.get(0)?,

@@ -20,6 +20,7 @@ use rusqlite::{Connection, OptionalExtension};
 use uuid::Uuid;
 
 use super::{Failure, GrantRecord, KeyRecord, KeyStoreRecord, MetaResult, Precondition};
+use crate::metadata::sql;
 use model::states::{KeyState, StateSet};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
@@ -125,6 +126,17 @@ CREATE TABLE IF NOT EXISTS audit_heads (
 const SCHEMA_V8: &str = "
 ALTER TABLE custom_key_stores ADD COLUMN state_since_ms INTEGER NOT NULL DEFAULT 0;
 ";
+
+/// `sql`, written with PostgreSQL's `$N` placeholders (`metadata::sql`), in SQLite's `?N`.
+pub(super) fn q(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        let numbered = c == '$' && chars.peek().is_some_and(char::is_ascii_digit);
+        out.push(if numbered { '?' } else { c });
+    }
+    out
+}
 
 /// Now, in Unix milliseconds, in SQLite's SQL.
 const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
@@ -269,11 +281,7 @@ fn parse_id(s: String, col: usize) -> rusqlite::Result<Uuid> {
 /// A key's stored state, inside a transaction; `None` if there is no such key.
 fn stored_key_state(c: &Connection, id: &Uuid) -> rusqlite::Result<Option<KeyState>> {
     let s: Option<String> = c
-        .query_row(
-            "SELECT key_state FROM keys WHERE id = ?1",
-            [id.to_string()],
-            |r| r.get(0),
-        )
+        .query_row(&q(sql::KEY_STATE), [id.to_string()], |r| r.get(0))
         .optional()?;
     s.map(|s| KeyState::parse(&s).ok_or_else(|| bad_column(0, "a key state")))
         .transpose()
@@ -321,6 +329,14 @@ mod tests {
     }
 
     /// A database made by the first schema opens, migrates, and keeps its rows.
+    #[test]
+    fn placeholders_are_written_as_sqlite_writes_them() {
+        assert_eq!(
+            q("UPDATE t SET a = $2, b = $10 WHERE id = $1 AND c = '$x'"),
+            "UPDATE t SET a = ?2, b = ?10 WHERE id = ?1 AND c = '$x'"
+        );
+    }
+
     #[tokio::test]
     async fn migrates_a_v1_database() {
         let dir = tempfile::tempdir().unwrap();
