@@ -60,6 +60,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// The AWS exception name, exactly as AWS spells it.
+    #[inline]
     pub fn aws_name(self) -> &'static str {
         match self {
             ErrorKind::Validation => "ValidationException",

@@ -14,6 +14,7 @@ pub mod principal;
 pub mod states;
 
 /// Milliseconds since the Unix epoch by this machine's clock (0 if the clock is before it).
+#[inline]
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

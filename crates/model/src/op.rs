@@ -114,6 +114,7 @@ impl Op {
     ];
 
     /// The AWS operation name (also the gRPC method name).
+    #[inline]
     pub fn name(self) -> &'static str {
         match self {
             Op::CreateCustomKeyStore => "CreateCustomKeyStore",
@@ -161,6 +162,7 @@ impl Op {
 
     /// The IAM actions the caller needs: `kms:<Name>`, but ReEncrypt needs ReEncryptFrom on
     /// the source key and ReEncryptTo on the destination key (AWS's rule).
+    #[inline]
     pub fn actions(self) -> &'static [&'static str] {
         match self {
             Op::ReEncrypt => &["kms:ReEncryptFrom", "kms:ReEncryptTo"],
@@ -204,6 +206,7 @@ impl Op {
     /// What the operation is authorized against. Every operation declares one, and the
     /// test of every operation against a caller without permission (tests/authorization.rs)
     /// drives each.
+    #[inline]
     pub fn scope(self) -> Scope {
         match self {
             Op::CreateKey | Op::ListKeys | Op::ListAliases | Op::ListRetirableGrants => {
@@ -242,12 +245,14 @@ impl Op {
     }
 
     /// The IAM action of an operation with one.
+    #[inline]
     pub fn action(self) -> &'static str {
         self.actions()[0]
     }
 
     /// The grant operations that allow it, as CreateGrant's Operations name them (AWS's
     /// grant operations of a symmetric encryption key); empty when no grant can.
+    #[inline]
     pub fn grant_operations(self) -> &'static [&'static str] {
         match self {
             Op::Encrypt => &["Encrypt"],
@@ -291,6 +296,7 @@ impl Op {
     /// Whether it is a cryptographic operation: it uses key material in the HSM, counts
     /// against the store's request quota, and follows the "cryptographic operations" column
     /// of AWS's key-state table.
+    #[inline]
     pub fn cryptographic(self) -> bool {
         match self {
             Op::Encrypt
@@ -336,6 +342,7 @@ impl Op {
     /// grants or policy). Such a request has an `intent` audit line written before it runs,
     /// so that a change made by a replica that dies before its outcome line is still in the
     /// trail.
+    #[inline]
     pub fn changes_state(self) -> bool {
         match self {
             Op::CreateCustomKeyStore
@@ -380,6 +387,7 @@ impl Op {
     /// deletion, a grant gone, a policy replaced, a store disconnected or deleted): its
     /// answer waits until every live replica has it in force (`Metadata::revocation_fence`).
     /// Changes that give access may be seen by other replicas a moment later.
+    #[inline]
     pub fn revokes_access(self) -> bool {
         match self {
             Op::DisableKey
@@ -421,6 +429,7 @@ impl Op {
     }
 
     /// What its audit line records besides who, what and the outcome.
+    #[inline]
     pub fn recorded(self) -> Recorded {
         if self.cryptographic() {
             Recorded::EncryptionContext

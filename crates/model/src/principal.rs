@@ -54,11 +54,13 @@ impl Principal {
     }
 
     /// Whether this is exactly `arn:<partition>:iam::<account>:root`.
+    #[inline]
     pub fn is_root(&self) -> bool {
         self.root
     }
 
     /// Whether the caller belongs to the account named by `arn`'s account field.
+    #[inline]
     pub fn owns(&self, arn: &str) -> bool {
         arn.split(':').nth(4) == Some(self.account.as_str())
     }

@@ -23,6 +23,7 @@ macro_rules! spelled {
         impl $name {
             pub const ALL: &'static [$name] = &[$($name::$variant,)+];
 
+            #[inline]
             pub const fn as_str(self) -> &'static str {
                 match self {
                     $($name::$variant => $text,)+
@@ -188,6 +189,7 @@ impl KeyState {
     /// The key-state table: whether `op` may act on a key in `self` (the state the caller
     /// sees), or which footnote refuses it. Operations that act on no existing key
     /// (CreateKey, ListKeys, the custom key store operations...) have no row and are allowed.
+    #[inline]
     pub fn check(self, op: Op) -> Result<(), Refusal> {
         let column = match self {
             KeyState::Enabled => 0,
@@ -221,6 +223,7 @@ impl KeyState {
     /// The state a caller sees: a key of a store that is not CONNECTED is Unavailable, except
     /// that a key pending deletion stays PendingDeletion so that its deletion can be
     /// cancelled (AWS footnote [13]).
+    #[inline]
     pub fn seen(self, store: ConnectionState) -> KeyState {
         if self == KeyState::PendingDeletion || store == ConnectionState::Connected {
             self
@@ -230,12 +233,14 @@ impl KeyState {
     }
 
     /// Whether callers can see a key in this stored state.
+    #[inline]
     pub fn visible(self) -> bool {
         !matches!(self, KeyState::Creating | KeyState::Deleting)
     }
 }
 
 /// The row of `op`; an operation that acts on no existing key is allowed throughout.
+#[inline]
 fn row(op: Op) -> Row {
     use Refusal::*;
     match op {
@@ -291,6 +296,7 @@ pub struct StateSet(u8);
 impl StateSet {
     pub const EMPTY: StateSet = StateSet(0);
 
+    #[inline]
     fn bit(s: KeyState) -> u8 {
         1 << (s as u8)
     }
@@ -305,10 +311,12 @@ impl StateSet {
         StateSet(bits)
     }
 
+    #[inline]
     pub fn with(self, s: KeyState) -> StateSet {
         StateSet(self.0 | Self::bit(s))
     }
 
+    #[inline]
     pub fn contains(self, s: KeyState) -> bool {
         self.0 & Self::bit(s) != 0
     }
