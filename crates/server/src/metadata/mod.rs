@@ -10,6 +10,7 @@
 //! implementation must pass.
 
 pub mod postgres;
+mod schema;
 mod sql;
 pub mod sqlite;
 

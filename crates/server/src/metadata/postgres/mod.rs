@@ -33,130 +33,12 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
-use super::{Failure, MetaResult, Precondition, Unique};
+use super::{schema, Failure, MetaResult, Precondition, Unique};
 use crate::metadata::sql;
 use model::states::{KeyState, StateSet};
 
 /// The advisory lock migrations run under (an arbitrary constant: "hsm-kms" in ASCII).
 const MIGRATION_LOCK: i64 = 0x68_73_6d_2d_6b_6d_73;
-
-/// Schema migrations, applied in order; `hsm_kms_schema.version` records how many ran.
-/// Text keys compare bytewise (`COLLATE "C"`), as pagination markers expect.
-const MIGRATIONS: &[&str] = &[
-    "
-CREATE TABLE custom_key_stores (
-    id                    TEXT COLLATE \"C\" PRIMARY KEY,
-    name                  TEXT COLLATE \"C\" NOT NULL CONSTRAINT keystore_name_taken UNIQUE,
-    cluster_id            TEXT NOT NULL CONSTRAINT keystore_cluster_taken UNIQUE,
-    trust_anchor          TEXT NOT NULL,
-    sealed_password       BYTEA NOT NULL,
-    pending_password      BYTEA,
-    connection_state      TEXT NOT NULL,
-    connection_error_code TEXT,
-    creation_date_ms      BIGINT NOT NULL
-);
-CREATE TABLE keys (
-    id                  TEXT COLLATE \"C\" PRIMARY KEY,
-    custom_key_store_id TEXT NOT NULL REFERENCES custom_key_stores(id),
-    creation_date_ms    BIGINT NOT NULL,
-    description         TEXT NOT NULL,
-    key_state           TEXT NOT NULL,
-    deletion_date_ms    BIGINT,
-    pending_window_days INTEGER,
-    policy              TEXT
-);
-CREATE INDEX keys_by_store ON keys(custom_key_store_id);
-CREATE INDEX keys_by_deletion ON keys(deletion_date_ms) WHERE deletion_date_ms IS NOT NULL;
-CREATE TABLE key_tags (
-    key_id    TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
-    tag_key   TEXT COLLATE \"C\" NOT NULL,
-    tag_value TEXT NOT NULL,
-    PRIMARY KEY (key_id, tag_key)
-);
-CREATE TABLE aliases (
-    name             TEXT COLLATE \"C\" CONSTRAINT alias_name_taken PRIMARY KEY,
-    key_id           TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
-    creation_date_ms BIGINT NOT NULL,
-    last_updated_ms  BIGINT NOT NULL
-);
-CREATE INDEX aliases_by_key ON aliases(key_id);
-CREATE TABLE grants (
-    grant_id           TEXT COLLATE \"C\" PRIMARY KEY,
-    key_id             TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
-    name               TEXT,
-    grantee_principal  TEXT NOT NULL,
-    retiring_principal TEXT,
-    issuing_account    TEXT NOT NULL,
-    operations         TEXT NOT NULL,
-    context_subset     TEXT,
-    context_equals     TEXT,
-    creation_date_ms   BIGINT NOT NULL,
-    token              TEXT NOT NULL UNIQUE
-);
-CREATE INDEX grants_by_key ON grants(key_id, grant_id);
-CREATE INDEX grants_by_retiring ON grants(retiring_principal, grant_id);
-",
-    "
-ALTER TABLE keys ADD COLUMN deletion_owner TEXT;
-ALTER TABLE keys ADD COLUMN deletion_lease_until BIGINT;
-",
-    "
-CREATE TABLE service_checks (
-    name  TEXT PRIMARY KEY,
-    value BYTEA NOT NULL
-);
-",
-    "
-CREATE TABLE replicas (
-    id           TEXT PRIMARY KEY,
-    last_seen_ms BIGINT NOT NULL
-);
-",
-    "
-CREATE TABLE audit_heads (
-    replica     TEXT PRIMARY KEY,
-    seq         BIGINT NOT NULL,
-    head        TEXT NOT NULL,
-    recorded_ms BIGINT NOT NULL
-);
-",
-    // Replicas cache key, store and grant rows (cache.rs): every change to one is announced
-    // in the transaction that makes it.
-    "
-CREATE FUNCTION hsm_kms_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    r record;
-BEGIN
-    IF TG_OP = 'DELETE' THEN r := OLD; ELSE r := NEW; END IF;
-    PERFORM pg_notify('hsm_kms', TG_ARGV[0] || ':' || (to_jsonb(r) ->> TG_ARGV[1]));
-    RETURN NULL;
-END
-$$;
-CREATE TRIGGER keys_changed AFTER INSERT OR UPDATE OR DELETE ON keys
-    FOR EACH ROW EXECUTE FUNCTION hsm_kms_notify('k', 'id');
-CREATE TRIGGER keystores_changed AFTER INSERT OR UPDATE OR DELETE ON custom_key_stores
-    FOR EACH ROW EXECUTE FUNCTION hsm_kms_notify('s', 'id');
-CREATE TRIGGER grants_changed AFTER INSERT OR UPDATE OR DELETE ON grants
-    FOR EACH ROW EXECUTE FUNCTION hsm_kms_notify('g', 'key_id');
-",
-    // When each store entered its connection state: a CONNECTING or DISCONNECTING left by
-    // a replica that died is finished by another once it is clearly abandoned. Kept by the
-    // database itself, so that replicas of an older version, which do not know the column,
-    // keep it true during a rolling upgrade.
-    "
-ALTER TABLE custom_key_stores ADD COLUMN state_since_ms BIGINT NOT NULL DEFAULT 0;
-CREATE FUNCTION hsm_kms_state_since() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF TG_OP = 'INSERT' OR NEW.connection_state IS DISTINCT FROM OLD.connection_state THEN
-        NEW.state_since_ms := (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT;
-    END IF;
-    RETURN NEW;
-END
-$$;
-CREATE TRIGGER keystores_state_since BEFORE INSERT OR UPDATE ON custom_key_stores
-    FOR EACH ROW EXECUTE FUNCTION hsm_kms_state_since();
-",
-];
 
 /// Now, in Unix milliseconds, by the database's clock.
 const NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
@@ -289,9 +171,9 @@ impl Postgres {
                 0
             }
         };
-        for (i, m) in MIGRATIONS.iter().enumerate().skip(done.max(0) as usize) {
-            tx.batch_execute(m).await?;
-            tx.execute("UPDATE hsm_kms_schema SET version = $1", &[&(i as i32 + 1)])
+        for (n, step) in schema::pending(schema::Dialect::Postgres, done.max(0) as usize) {
+            tx.batch_execute(step).await?;
+            tx.execute("UPDATE hsm_kms_schema SET version = $1", &[&(n as i32)])
                 .await?;
         }
         Ok(tx.commit().await?)
@@ -829,7 +711,10 @@ mod tests {
             .await
             .unwrap()
             .get(0);
-        assert_eq!(v as usize, MIGRATIONS.len());
+        assert_eq!(
+            v as usize,
+            crate::metadata::schema::complete(crate::metadata::schema::Dialect::Postgres)
+        );
         let rows: i64 = c
             .query_one("SELECT COUNT(*) FROM hsm_kms_schema", &[])
             .await

@@ -20,112 +20,8 @@ use rusqlite::{Connection, OptionalExtension};
 use uuid::Uuid;
 
 use super::{Failure, GrantRecord, KeyRecord, KeyStoreRecord, MetaResult, Precondition};
-use crate::metadata::sql;
+use crate::metadata::{schema, sql};
 use model::states::{KeyState, StateSet};
-
-/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[
-    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8,
-];
-
-const SCHEMA_V1: &str = "
-CREATE TABLE IF NOT EXISTS custom_key_stores (
-    id                    TEXT PRIMARY KEY,
-    name                  TEXT NOT NULL UNIQUE,
-    cluster_id            TEXT NOT NULL UNIQUE,
-    trust_anchor          TEXT NOT NULL,
-    sealed_password       BLOB NOT NULL,
-    connection_state      TEXT NOT NULL,
-    connection_error_code TEXT,
-    creation_date_ms      INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS keys (
-    id                    TEXT PRIMARY KEY,
-    custom_key_store_id   TEXT NOT NULL REFERENCES custom_key_stores(id),
-    creation_date_ms      INTEGER NOT NULL,
-    description           TEXT NOT NULL,
-    key_state             TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS keys_by_store ON keys(custom_key_store_id);
-CREATE TABLE IF NOT EXISTS key_tags (
-    key_id    TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
-    tag_key   TEXT NOT NULL,
-    tag_value TEXT NOT NULL,
-    PRIMARY KEY (key_id, tag_key)
-);
-";
-
-/// Scheduled deletion, key policies and aliases.
-const SCHEMA_V2: &str = "
-ALTER TABLE keys ADD COLUMN deletion_date_ms INTEGER;
-ALTER TABLE keys ADD COLUMN pending_window_days INTEGER;
-ALTER TABLE keys ADD COLUMN policy TEXT;
-CREATE INDEX IF NOT EXISTS keys_by_deletion ON keys(deletion_date_ms) WHERE deletion_date_ms IS NOT NULL;
-CREATE TABLE IF NOT EXISTS aliases (
-    name             TEXT PRIMARY KEY,
-    key_id           TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
-    creation_date_ms INTEGER NOT NULL,
-    last_updated_ms  INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS aliases_by_key ON aliases(key_id);
-";
-
-/// Grants, and the kmsuser password that replaces the stored one while it is being rotated.
-const SCHEMA_V3: &str = "
-CREATE TABLE IF NOT EXISTS grants (
-    grant_id           TEXT PRIMARY KEY,
-    key_id             TEXT NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
-    name               TEXT,
-    grantee_principal  TEXT NOT NULL,
-    retiring_principal TEXT,
-    issuing_account    TEXT NOT NULL,
-    operations         TEXT NOT NULL,
-    context_subset     TEXT,
-    context_equals     TEXT,
-    creation_date_ms   INTEGER NOT NULL,
-    token              TEXT NOT NULL UNIQUE
-);
-CREATE INDEX IF NOT EXISTS grants_by_key ON grants(key_id, grant_id);
-CREATE INDEX IF NOT EXISTS grants_by_retiring ON grants(retiring_principal, grant_id);
-ALTER TABLE custom_key_stores ADD COLUMN pending_password BLOB;
-";
-
-/// Who is deleting a key, and until when (deletion claims, for several sweepers).
-const SCHEMA_V4: &str = "
-ALTER TABLE keys ADD COLUMN deletion_owner TEXT;
-ALTER TABLE keys ADD COLUMN deletion_lease_until INTEGER;
-";
-
-/// Values the service checks itself against at start (the sealing key's).
-const SCHEMA_V5: &str = "
-CREATE TABLE IF NOT EXISTS service_checks (
-    name  TEXT PRIMARY KEY,
-    value BLOB NOT NULL
-);
-";
-
-/// Replicas' heartbeats (one replica here, but the seam is the same).
-const SCHEMA_V6: &str = "
-CREATE TABLE IF NOT EXISTS replicas (
-    id           TEXT PRIMARY KEY,
-    last_seen_ms INTEGER NOT NULL
-);
-";
-
-/// Each replica's last recorded audit chain head (`audit verify --config` compares).
-const SCHEMA_V7: &str = "
-CREATE TABLE IF NOT EXISTS audit_heads (
-    replica     TEXT PRIMARY KEY,
-    seq         INTEGER NOT NULL,
-    head        TEXT NOT NULL,
-    recorded_ms INTEGER NOT NULL
-);
-";
-
-/// When each store entered its connection state (abandoned transitions).
-const SCHEMA_V8: &str = "
-ALTER TABLE custom_key_stores ADD COLUMN state_since_ms INTEGER NOT NULL DEFAULT 0;
-";
 
 /// `sql`, written with PostgreSQL's `$N` placeholders (`metadata::sql`), in SQLite's `?N`.
 pub(super) fn q(sql: &str) -> String {
@@ -183,10 +79,10 @@ impl Sqlite {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let done: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        for (i, m) in MIGRATIONS.iter().enumerate().skip(done) {
+        for (n, step) in schema::pending(schema::Dialect::Sqlite, done) {
             let tx = conn.transaction()?;
-            tx.execute_batch(m)?;
-            tx.pragma_update(None, "user_version", i + 1)?;
+            tx.execute_batch(step)?;
+            tx.pragma_update(None, "user_version", n)?;
             tx.commit()?;
         }
         Ok(Sqlite {
@@ -344,7 +240,8 @@ mod tests {
         let id = Uuid::new_v4();
         {
             let c = Connection::open(&path).unwrap();
-            c.execute_batch(SCHEMA_V1).unwrap();
+            c.execute_batch(crate::metadata::schema::SQLITE_FIRST)
+                .unwrap();
             c.execute(
                 "INSERT INTO custom_key_stores VALUES ('cks-0', 'n', 'cluster-x', 'pem', x'00',
                  'DISCONNECTED', NULL, 0)",
