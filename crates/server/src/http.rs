@@ -54,8 +54,6 @@ pub struct Bounds {
     pub header_timeout: Duration,
     /// HTTP/2: streams open at once on one connection.
     pub max_concurrent_streams: u32,
-    /// Whether HTTP/2 is served beside HTTP/1.1 (the admin listener speaks HTTP/1.1 only).
-    pub http2: bool,
 }
 
 /// HTTP/2 windows and header bounds, as on the gRPC listener.
@@ -85,10 +83,9 @@ pub async fn serve<S>(
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use tokio_stream::StreamExt as _;
 
+    // HTTP/1.1 and HTTP/2 (prior knowledge) on every listener: load balancers check the
+    // admin listener in the protocol of the servers they check (HAProxy's `proto h2`).
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    if !bounds.http2 {
-        builder = builder.http1_only();
-    }
     builder
         .http1()
         .timer(TokioTimer::new())

@@ -315,7 +315,6 @@ fn spawn_aws(
     let bounds = crate::http::Bounds {
         header_timeout: Duration::from_secs(settings.server.header_timeout_seconds.max(1)),
         max_concurrent_streams: settings.server.max_concurrent_streams,
-        http2: true,
     };
     let limits = crate::transport::Limits {
         max_connections: connection_cap(settings.server.max_connections),
@@ -437,7 +436,6 @@ async fn spawn_admin(
     let bounds = crate::http::Bounds {
         header_timeout: Duration::from_secs(5),
         max_concurrent_streams: 16,
-        http2: false,
     };
     let task = tokio::spawn(async move {
         // The listener runs until the process ends (the task is aborted at shutdown).
