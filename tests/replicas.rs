@@ -10,15 +10,19 @@ use common::*;
 use hsm_kms::proto::*;
 
 /// Waits until `c` can encrypt under `key`: a replica that just started logs in to the
-/// token by itself, and SoftHSM2 shows a key made by another process a moment late.
+/// token by itself, and SoftHSM2 shows a key made by another process a moment late. The
+/// deadline only catches a hang (on a loaded CI machine, logins and a balancer's health
+/// checks take seconds); the last refusal is in the message.
 async fn usable(c: &mut Client, key: &str) {
-    for _ in 0..100 {
-        if try_encrypt(c, key, b"probe").await.is_ok() {
-            return;
+    let mut last = None;
+    for _ in 0..300 {
+        match try_encrypt(c, key, b"probe").await {
+            Ok(_) => return,
+            Err(e) => last = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("the key never became usable through this replica");
+    panic!("the key never became usable through this replica: last answer {last:?}");
 }
 
 /// How many times the faulty module has seen `function` called, from its counts file.
