@@ -9,7 +9,7 @@
 //! `sqlite/`.
 
 use super::lit;
-use model::states::KeyState;
+use model::states::{KeyState, StateSet};
 
 /// `SELECT <the columns of the table of aliases> FROM ...`, then `$tail`.
 macro_rules! select_aliases {
@@ -153,5 +153,41 @@ pub fn keys_due() -> String {
          ORDER BY deletion_date_ms LIMIT $2",
         lit(KeyState::PendingDeletion.as_str()),
         lit(KeyState::Deleting.as_str()),
+    )
+}
+
+/// A key state or set of them as an SQL list of literals (`'Enabled', 'Disabled'`); `NULL`
+/// for none, which no row's state equals.
+pub fn states(set: StateSet) -> String {
+    let list: Vec<String> = set.iter().map(|s| lit(s.as_str())).collect();
+    if list.is_empty() {
+        "NULL".into()
+    } else {
+        list.join(", ")
+    }
+}
+
+// Changes to one key, made only while it is in the states the change accepts
+// (`if_key_in`): the key id is `$1`, the change's own values follow from `$2`.
+pub const SET_KEY_STATE: &str = "UPDATE keys SET key_state = $2";
+pub const SET_DESCRIPTION: &str = "UPDATE keys SET description = $2";
+pub const SET_POLICY: &str = "UPDATE keys SET policy = $2";
+pub const CANCEL_DELETION: &str =
+    "UPDATE keys SET key_state = $2, deletion_date_ms = NULL, pending_window_days = NULL";
+
+/// Schedules the key's deletion: `$2` the date, `$3` the window in days.
+pub fn schedule_deletion() -> String {
+    format!(
+        "UPDATE keys SET key_state = {}, deletion_date_ms = $2, pending_window_days = $3",
+        lit(KeyState::PendingDeletion.as_str())
+    )
+}
+
+/// `change` (one of the key changes above), as one statement that changes the key `$1`
+/// only if it is in `accepted`.
+pub fn if_key_in(change: &str, accepted: StateSet) -> String {
+    format!(
+        "{change} WHERE id = $1 AND key_state IN ({})",
+        states(accepted)
     )
 }

@@ -5,8 +5,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::{internal, key_refusal, lock_key, names, one, parse_id, parse_state, Postgres};
-use crate::metadata::{lit, Failure, KeyRecord, Keys, MetaResult, Precondition, Removal};
+use super::{internal, key_refusal, lock_key, one, parse_id, parse_state, Postgres};
+use crate::metadata::{Failure, KeyRecord, Keys, MetaResult, Precondition, Removal};
 use model::states::{KeyState, StateSet};
 
 use crate::metadata::sql;
@@ -25,25 +25,21 @@ fn row(r: &Row) -> MetaResult<KeyRecord> {
 }
 
 impl Postgres {
-    /// Runs `set` (an `UPDATE keys SET ...` whose `$1` is the key id and `$2` the accepted
-    /// states, then `args`) as one statement conditioned on the key's state.
+    /// Makes `change` (one of `sql`'s key changes: `$1` the key id, then `args`) as one
+    /// statement conditioned on the key's state; when it changes nothing, a read says why.
     async fn update_key_if(
         &self,
         id: &Uuid,
         accepted: StateSet,
-        set: &str,
+        change: &str,
         args: &[&(dyn ToSql + Sync)],
     ) -> MetaResult<()> {
         let key = id.to_string();
-        let states = names(accepted);
-        let mut all: Vec<&(dyn ToSql + Sync)> = vec![&key, &states];
+        let mut all: Vec<&(dyn ToSql + Sync)> = vec![&key];
         all.extend_from_slice(args);
         let c = self.writer().await?;
         let n = c
-            .execute(
-                &format!("{set} WHERE id = $1 AND key_state = ANY($2)"),
-                &all,
-            )
+            .execute(&sql::if_key_in(change, accepted), &all)
             .await
             .map_err(internal)?;
         if n == 1 {
@@ -125,13 +121,8 @@ impl Keys for Postgres {
 
     async fn set_key_state(&self, id: &Uuid, accepted: StateSet, to: KeyState) -> MetaResult<()> {
         self.timed(async {
-            self.update_key_if(
-                id,
-                accepted,
-                "UPDATE keys SET key_state = $3",
-                &[&to.as_str()],
-            )
-            .await
+            self.update_key_if(id, accepted, sql::SET_KEY_STATE, &[&to.as_str()])
+                .await
         })
         .await
     }
@@ -148,20 +139,15 @@ impl Keys for Postgres {
         description: &str,
     ) -> MetaResult<()> {
         self.timed(async {
-            self.update_key_if(
-                id,
-                accepted,
-                "UPDATE keys SET description = $3",
-                &[&description],
-            )
-            .await
+            self.update_key_if(id, accepted, sql::SET_DESCRIPTION, &[&description])
+                .await
         })
         .await
     }
 
     async fn set_policy(&self, id: &Uuid, accepted: StateSet, policy: &str) -> MetaResult<()> {
         self.timed(async {
-            self.update_key_if(id, accepted, "UPDATE keys SET policy = $3", &[&policy])
+            self.update_key_if(id, accepted, sql::SET_POLICY, &[&policy])
                 .await
         })
         .await
@@ -178,11 +164,7 @@ impl Keys for Postgres {
             self.update_key_if(
                 id,
                 accepted,
-                &format!(
-                    "UPDATE keys SET key_state = {}, deletion_date_ms = $3,
-                     pending_window_days = $4",
-                    lit(KeyState::PendingDeletion.as_str())
-                ),
+                &sql::schedule_deletion(),
                 &[&date_ms, &window_days],
             )
             .await
@@ -192,13 +174,8 @@ impl Keys for Postgres {
 
     async fn cancel_deletion(&self, id: &Uuid, accepted: StateSet, to: KeyState) -> MetaResult<()> {
         self.timed(async {
-            self.update_key_if(
-            id,
-            accepted,
-            "UPDATE keys SET key_state = $3, deletion_date_ms = NULL, pending_window_days = NULL",
-            &[&to.as_str()],
-        )
-        .await
+            self.update_key_if(id, accepted, sql::CANCEL_DELETION, &[&to.as_str()])
+                .await
         })
         .await
     }

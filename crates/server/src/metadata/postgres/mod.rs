@@ -331,16 +331,6 @@ fn parse_state(s: &str) -> MetaResult<KeyState> {
     KeyState::parse(s).ok_or_else(|| bad("a key state"))
 }
 
-/// The names of the states in `set`, for `= ANY($n)`.
-fn names(set: StateSet) -> Vec<&'static str> {
-    KeyState::ALL
-        .iter()
-        .copied()
-        .filter(|s| set.contains(*s))
-        .map(KeyState::as_str)
-        .collect()
-}
-
 /// Why a change conditioned on the key's state touched no row: the key is absent (or
 /// invisible), or in a visible state the change does not accept.
 async fn key_refusal(c: &tokio_postgres::Client, id: &Uuid) -> MetaResult<Failure> {

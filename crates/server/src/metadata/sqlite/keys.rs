@@ -5,7 +5,7 @@ use rusqlite::{params, OptionalExtension, ToSql};
 use uuid::Uuid;
 
 use super::{bad_column, parse_id, read, require_state, write, Forget, Sqlite};
-use crate::metadata::{lit, Failure, KeyRecord, Keys, MetaResult, Precondition, Removal};
+use crate::metadata::{Failure, KeyRecord, Keys, MetaResult, Precondition, Removal};
 use model::states::{KeyState, StateSet};
 
 use super::q;
@@ -26,27 +26,33 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
 }
 
 impl Sqlite {
-    /// Runs `sql` (whose `?1` is the key id, then `args`) if the key is in `accepted`, in
-    /// one transaction with the check; the cached row is dropped afterwards.
+    /// Makes `change` (one of `sql`'s key changes: `$1` the key id, then `args`) as one
+    /// statement conditioned on the key's state; when it changes nothing, a read in the same
+    /// transaction says why. The cached row is dropped afterwards.
     fn update_key_if(
         &self,
         id: &Uuid,
         accepted: StateSet,
-        sql: &str,
+        change: &str,
         args: &[&dyn ToSql],
     ) -> MetaResult<()> {
         let _forget = Forget::Key(self, *id);
         let key = id.to_string();
         let mut all: Vec<&dyn ToSql> = vec![&key];
         all.extend_from_slice(args);
+        let statement = q(&sql::if_key_in(change, accepted));
         self.with(|c| {
             let tx = c.transaction()?;
-            let ok = require_state(&tx, id, accepted)?;
-            if ok.is_ok() {
-                tx.execute(sql, all.as_slice())?;
-            }
+            let outcome = if tx.execute(&statement, all.as_slice())? == 1 {
+                Ok(())
+            } else {
+                // Not changed: absent, invisible or in a state the change does not accept.
+                Err(require_state(&tx, id, accepted)?
+                    .err()
+                    .unwrap_or(Failure::NotFound))
+            };
             tx.commit()?;
-            Ok(ok)
+            Ok(outcome)
         })?
     }
 }
@@ -114,12 +120,7 @@ impl Keys for Sqlite {
     }
 
     async fn set_key_state(&self, id: &Uuid, accepted: StateSet, to: KeyState) -> MetaResult<()> {
-        self.update_key_if(
-            id,
-            accepted,
-            "UPDATE keys SET key_state = ?2 WHERE id = ?1",
-            &[&to.as_str()],
-        )
+        self.update_key_if(id, accepted, sql::SET_KEY_STATE, &[&to.as_str()])
     }
 
     async fn delete_key(&self, id: &Uuid) -> MetaResult<()> {
@@ -141,21 +142,11 @@ impl Keys for Sqlite {
         accepted: StateSet,
         description: &str,
     ) -> MetaResult<()> {
-        self.update_key_if(
-            id,
-            accepted,
-            "UPDATE keys SET description = ?2 WHERE id = ?1",
-            &[&description],
-        )
+        self.update_key_if(id, accepted, sql::SET_DESCRIPTION, &[&description])
     }
 
     async fn set_policy(&self, id: &Uuid, accepted: StateSet, policy: &str) -> MetaResult<()> {
-        self.update_key_if(
-            id,
-            accepted,
-            "UPDATE keys SET policy = ?2 WHERE id = ?1",
-            &[&policy],
-        )
+        self.update_key_if(id, accepted, sql::SET_POLICY, &[&policy])
     }
 
     async fn schedule_deletion(
@@ -168,23 +159,13 @@ impl Keys for Sqlite {
         self.update_key_if(
             id,
             accepted,
-            &format!(
-                "UPDATE keys SET key_state = {}, deletion_date_ms = ?2,
-                 pending_window_days = ?3 WHERE id = ?1",
-                lit(KeyState::PendingDeletion.as_str())
-            ),
+            &sql::schedule_deletion(),
             &[&date_ms, &window_days],
         )
     }
 
     async fn cancel_deletion(&self, id: &Uuid, accepted: StateSet, to: KeyState) -> MetaResult<()> {
-        self.update_key_if(
-            id,
-            accepted,
-            "UPDATE keys SET key_state = ?2, deletion_date_ms = NULL,
-                 pending_window_days = NULL WHERE id = ?1",
-            &[&to.as_str()],
-        )
+        self.update_key_if(id, accepted, sql::CANCEL_DELETION, &[&to.as_str()])
     }
 
     async fn keys_due(&self, now_ms: i64, limit: usize) -> MetaResult<Vec<KeyRecord>> {
