@@ -73,6 +73,10 @@ pub const INSERT_GRANT: &str =
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
 pub const GRANTS_OF_KEY: &str = select_grants!("WHERE key_id = $1 ORDER BY grant_id");
 pub const GRANT_BY_TOKEN: &str = select_grants!("WHERE token = $1");
+/// The key `$1`'s grants, and how many of them are for the grantee `$2`.
+pub const COUNT_GRANTS_OF_KEY: &str =
+    "SELECT COUNT(*), COUNT(CASE WHEN grantee_principal = $2 THEN 1 END)
+    FROM grants WHERE key_id = $1";
 pub const DELETE_GRANT: &str = "DELETE FROM grants WHERE key_id = $1 AND grant_id = $2";
 pub const RETIRABLE_GRANTS: &str =
     select_grants!("WHERE retiring_principal = $1 AND grant_id > $2 ORDER BY grant_id LIMIT $3");

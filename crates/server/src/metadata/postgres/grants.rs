@@ -61,11 +61,7 @@ impl Grants for Postgres {
                 }
             }
             let counts = tx
-                .query_one(
-                    "SELECT COUNT(*), COUNT(*) FILTER (WHERE grantee_principal = $2)
-                 FROM grants WHERE key_id = $1",
-                    &[&key, &g.grantee_principal],
-                )
+                .query_one(sql::COUNT_GRANTS_OF_KEY, &[&key, &g.grantee_principal])
                 .await
                 .map_err(internal)?;
             let (all, of_grantee): (i64, i64) = (counts.get(0), counts.get(1));

@@ -63,10 +63,7 @@ impl Grants for Sqlite {
                 }
             }
             let (all, of_grantee): (i64, i64) = tx
-                .prepare_cached(
-                    "SELECT COUNT(*), COALESCE(SUM(grantee_principal = ?2), 0)
-                     FROM grants WHERE key_id = ?1",
-                )?
+                .prepare_cached(&q(sql::COUNT_GRANTS_OF_KEY))?
                 .query_row(params![g.key_id.to_string(), g.grantee_principal], |r| {
                     Ok((r.get(0)?, r.get(1)?))
                 })?;
