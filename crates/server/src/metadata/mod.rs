@@ -332,46 +332,6 @@ pub enum Removal {
     Abandoned { created_before_ms: i64 },
 }
 
-impl Removal {
-    /// The claim's one UPDATE (in `metadata::sql`'s `$N` style), and the
-    /// cutoff that is its fifth parameter, if any. Parameters: 1 key id, 2 now (ms), 3 owner,
-    /// 4 lease (ms), 5 the cutoff. A key qualifies, then its claim must be free: unclaimed,
-    /// this owner's, or lapsed.
-    pub(crate) fn claim_sql(self) -> (String, Option<i64>) {
-        let (creating, deleting, pending) = (
-            lit(KeyState::Creating.as_str()),
-            lit(KeyState::Deleting.as_str()),
-            lit(KeyState::PendingDeletion.as_str()),
-        );
-        let (qualifies, cutoff) = match self {
-            Removal::Due => (
-                format!("deletion_date_ms <= $2 AND key_state IN ({pending}, {deleting})"),
-                None,
-            ),
-            Removal::Abandoned { created_before_ms } => (
-                format!(
-                    "deletion_date_ms IS NULL AND (key_state = {deleting}
-                     OR (key_state = {creating} AND creation_date_ms < $5))"
-                ),
-                Some(created_before_ms),
-            ),
-        };
-        let sql = format!(
-            "UPDATE keys SET key_state = {deleting}, deletion_owner = $3,
-                 deletion_lease_until = $2 + $4
-             WHERE id = $1 AND {qualifies} AND (key_state <> {deleting}
-                 OR deletion_owner IS NULL OR deletion_owner = $3 OR deletion_lease_until <= $2)"
-        );
-        (sql, cutoff)
-    }
-}
-
-/// A state as an SQL string literal, spelled by its enum (`KeyState::Deleting` is
-/// `'Deleting'`): no state name is written by hand in SQL.
-pub(crate) fn lit(state: &str) -> String {
-    format!("'{state}'")
-}
-
 /// Key rows and their tags. A change given `accepted` applies only to a key in one of those
 /// states; otherwise it fails with `Precondition(KeyState)`, or `NotFound` for a key that
 /// is absent or invisible (`Creating`, `Deleting`) and not accepted.

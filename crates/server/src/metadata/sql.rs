@@ -1,15 +1,21 @@
 //! The SQL both metadata databases run, each statement written once, with PostgreSQL's
 //! `$N` placeholders: PostgreSQL runs them as written, SQLite after `sqlite::q` (`?N`). State
-//! names are never written here by hand (`metadata::lit`).
+//! names are never written by hand (`lit`, `states`). A change conditioned on a key's state
+//! is one statement on both (`if_key_in`); when it changes nothing, the backend reads why.
 //!
-//! What the two databases do differently stays with each: PostgreSQL's conditional changes
-//! are single statements over arrays of accepted states (`= ANY($2)`) and row locks
-//! (`FOR UPDATE`); SQLite, one writer, checks the state and changes the row in one
-//! transaction. Those statements, and the schema histories, are in `postgres/` and
-//! `sqlite/`.
+//! What the two databases do differently on purpose stays with each: PostgreSQL locks rows
+//! (`FOR UPDATE`) where SQLite, one writer, checks inside its transaction; PostgreSQL keeps a
+//! store's `state_since_ms` with a trigger; the clock query. The schema's history is
+//! `schema.rs`.
 
-use super::lit;
+use super::Removal;
 use model::states::{KeyState, StateSet};
+
+/// A state as an SQL string literal, spelled by its enum (`KeyState::Deleting` is
+/// `'Deleting'`): no state name is written by hand in SQL.
+pub fn lit(state: &str) -> String {
+    format!("'{state}'")
+}
 
 /// `SELECT <the columns of the table of aliases> FROM ...`, then `$tail`.
 macro_rules! select_aliases {
@@ -194,4 +200,36 @@ pub fn if_key_in(change: &str, accepted: StateSet) -> String {
         "{change} WHERE id = $1 AND key_state IN ({})",
         states(accepted)
     )
+}
+
+/// The one UPDATE of a deletion claim on a key (`Keys::claim_removal`), and the
+/// cutoff that is its fifth parameter, if any. Parameters: 1 key id, 2 now (ms), 3 owner,
+/// 4 lease (ms), 5 the cutoff. A key qualifies, then its claim must be free: unclaimed,
+/// this owner's, or lapsed.
+pub fn claim(removal: Removal) -> (String, Option<i64>) {
+    let (creating, deleting, pending) = (
+        lit(KeyState::Creating.as_str()),
+        lit(KeyState::Deleting.as_str()),
+        lit(KeyState::PendingDeletion.as_str()),
+    );
+    let (qualifies, cutoff) = match removal {
+        Removal::Due => (
+            format!("deletion_date_ms <= $2 AND key_state IN ({pending}, {deleting})"),
+            None,
+        ),
+        Removal::Abandoned { created_before_ms } => (
+            format!(
+                "deletion_date_ms IS NULL AND (key_state = {deleting}
+                 OR (key_state = {creating} AND creation_date_ms < $5))"
+            ),
+            Some(created_before_ms),
+        ),
+    };
+    let sql = format!(
+        "UPDATE keys SET key_state = {deleting}, deletion_owner = $3,
+             deletion_lease_until = $2 + $4
+         WHERE id = $1 AND {qualifies} AND (key_state <> {deleting}
+             OR deletion_owner IS NULL OR deletion_owner = $3 OR deletion_lease_until <= $2)"
+    );
+    (sql, cutoff)
 }

@@ -197,7 +197,7 @@ impl Keys for Postgres {
         lease_ms: i64,
     ) -> MetaResult<()> {
         self.timed(async {
-            let (sql, cutoff) = removal.claim_sql();
+            let (sql, cutoff) = sql::claim(removal);
             let id = id.to_string();
             let mut params: Vec<&(dyn ToSql + Sync)> = vec![&id, &now_ms, &owner, &lease_ms];
             if let Some(cutoff) = &cutoff {

@@ -5,8 +5,7 @@ use tokio_postgres::Row;
 
 use super::{bad, internal, one, taken, Postgres, NOW_MS};
 use crate::metadata::{
-    lit, AuditHead, Failure, KeyStoreRecord, KeyStoreUpdate, KeyStores, MetaResult, Precondition,
-    Unique,
+    AuditHead, Failure, KeyStoreRecord, KeyStoreUpdate, KeyStores, MetaResult, Precondition, Unique,
 };
 use model::states::{ConnectionErrorCode, ConnectionState};
 
@@ -149,7 +148,7 @@ impl KeyStores for Postgres {
                         "UPDATE custom_key_stores SET connection_state = {disconnected},
                          connection_error_code = NULL
                      WHERE id = $1 AND connection_state = $2 AND state_since_ms < {NOW_MS} - $3",
-                        disconnected = lit(ConnectionState::Disconnected.as_str()),
+                        disconnected = sql::lit(ConnectionState::Disconnected.as_str()),
                     ),
                     &[&id, &from.as_str(), &older_than_ms],
                 )

@@ -185,7 +185,7 @@ impl Keys for Sqlite {
         lease_ms: i64,
     ) -> MetaResult<()> {
         let _forget = Forget::Key(self, *id);
-        let (sql, cutoff) = removal.claim_sql();
+        let (sql, cutoff) = sql::claim(removal);
         let sql = super::q(&sql);
         let id = id.to_string();
         self.with(|c| match cutoff {

@@ -5,8 +5,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{bad_column, read, taken, write, Forget, Sqlite, NOW_MS};
 use crate::metadata::{
-    lit, AuditHead, Failure, KeyStoreRecord, KeyStoreUpdate, KeyStores, MetaResult, Precondition,
-    Unique,
+    AuditHead, Failure, KeyStoreRecord, KeyStoreUpdate, KeyStores, MetaResult, Precondition, Unique,
 };
 use model::states::{ConnectionErrorCode, ConnectionState};
 
@@ -148,7 +147,7 @@ impl KeyStores for Sqlite {
                     "UPDATE custom_key_stores SET connection_state = {disconnected},
                          connection_error_code = NULL, state_since_ms = {NOW_MS}
                      WHERE id = ?1 AND connection_state = ?2 AND state_since_ms < {NOW_MS} - ?3",
-                    disconnected = lit(ConnectionState::Disconnected.as_str()),
+                    disconnected = sql::lit(ConnectionState::Disconnected.as_str()),
                 ),
                 params![id, from.as_str(), older_than_ms],
             )
