@@ -775,3 +775,28 @@ async fn an_object_found_twice_is_looked_up_again_and_shows() {
     h.set_faults("");
     encrypt(&mut c, &second, b"again").await;
 }
+
+/// A supervisor may signal a process the moment it announces its listeners. SIGHUP then
+/// reloads and SIGTERM stops cleanly; neither may fall to the signal's default action
+/// (which kills the process). Before the handlers were installed eagerly, CI saw a restart
+/// right after start exit uncleanly.
+#[tokio::test]
+async fn signals_right_after_start_are_handled() {
+    let mut h = Harness::start(&[ClusterSpec::good(A)]).await;
+    for round in 0..8 {
+        if round > 0 {
+            h.relaunch().await;
+        }
+        // The attack: the signals land as early as a client can know the server is up.
+        h.sighup();
+        assert!(
+            h.stop(),
+            "round {round}: not a clean exit after SIGHUP and SIGTERM"
+        );
+    }
+    assert!(
+        !h.log().contains("panicked"),
+        "a panic in the server log:\n{}",
+        h.log()
+    );
+}
