@@ -30,9 +30,11 @@ use zeroize::Zeroizing;
 
 use crate::config::{ClusterSettings, HsmEntry, PinFormat, Settings};
 use crate::hsm::{self, Modules};
+use crate::kms::gate::{Gate, Subject};
 use crate::kms::keystores::{CreateStore, Password, UpdateStore};
 use crate::kms::{Kms, Parts};
 use crate::server;
+use model::op::Op;
 use model::states::ConnectionState::{Connected, Disconnected, Failed};
 
 pub const STORE_NAME: &str = "dev";
@@ -448,8 +450,14 @@ async fn ensure_store(
     let err = |e: model::error::KmsError| anyhow::anyhow!("{e}");
     let cluster = &settings.clusters[0];
     let me = kms.service_caller();
+    // The service acts as the account root, through the same gate as any request.
+    let gate = |op| Gate::new(&me, op);
+    let auth = gate(Op::DescribeCustomKeyStores)
+        .authorize(kms, Subject::KeyStore(None))
+        .await
+        .map_err(err)?;
     let existing = kms
-        .describe_custom_key_stores(&me, None, Some(STORE_NAME), None, None)
+        .describe_custom_key_stores(&auth, None, Some(STORE_NAME), None, None)
         .await
         .ok()
         .and_then(|p| p.items.into_iter().next());
@@ -457,9 +465,13 @@ async fn ensure_store(
         Some(s) => (s.id, false),
         None => {
             let anchor = fs::read_to_string(&cluster.trust_anchor_file)?;
+            let auth = gate(Op::CreateCustomKeyStore)
+                .authorize(kms, Subject::KeyStore(None))
+                .await
+                .map_err(err)?;
             let id = kms
                 .create_custom_key_store(
-                    &me,
+                    &auth,
                     CreateStore {
                         name: STORE_NAME.into(),
                         cluster_id: Some(cluster.id.clone()),
@@ -479,7 +491,11 @@ async fn ensure_store(
         match state {
             Connected => return Ok(id),
             Failed => {
-                kms.disconnect_custom_key_store(&me, &id)
+                let auth = gate(Op::DisconnectCustomKeyStore)
+                    .authorize(kms, Subject::KeyStore(Some(&id)))
+                    .await
+                    .map_err(err)?;
+                kms.disconnect_custom_key_store(&auth, &id)
                     .await
                     .map_err(err)?;
             }
@@ -488,8 +504,12 @@ async fn ensure_store(
         if kms.keystore_state(&id).await.map_err(err)? == Disconnected {
             if !fresh || attempt > 0 {
                 // The token may have been made anew: the password file is the truth in dev.
+                let auth = gate(Op::UpdateCustomKeyStore)
+                    .authorize(kms, Subject::KeyStore(Some(&id)))
+                    .await
+                    .map_err(err)?;
                 kms.update_custom_key_store(
-                    &me,
+                    &auth,
                     UpdateStore {
                         id: id.clone(),
                         new_name: None,
@@ -500,7 +520,13 @@ async fn ensure_store(
                 .await
                 .map_err(err)?;
             }
-            kms.connect_custom_key_store(&me, &id).await.map_err(err)?;
+            let auth = gate(Op::ConnectCustomKeyStore)
+                .authorize(kms, Subject::KeyStore(Some(&id)))
+                .await
+                .map_err(err)?;
+            kms.connect_custom_key_store(&auth, &id)
+                .await
+                .map_err(err)?;
         }
         tracing::debug!(attempt, "waiting for the dev store to connect");
     }

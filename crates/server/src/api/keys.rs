@@ -3,26 +3,33 @@
 use std::sync::Arc;
 
 use super::timestamp;
-use crate::kms::access::Caller;
 use crate::kms::crypto::SYMMETRIC_DEFAULT;
+use crate::kms::fields::check_description;
 use crate::kms::fields::{KeyId, KeyStoreId, Marker};
+use crate::kms::gate::{Authorized, Gate, KeyNamed, Subject};
 use crate::kms::grants::check_grant_tokens;
+use crate::kms::keys::check_tags;
 use crate::kms::keys::{CreateKey, KeyView};
 use crate::kms::Kms;
 use crate::proto::*;
+use model::context::NO_CONTEXT;
 use model::error::KmsResult;
 
 pub(super) async fn create_key(
     kms: &Arc<Kms>,
-    caller: &Caller,
+    gate: Gate<'_>,
     r: CreateKeyRequest,
 ) -> KmsResult<CreateKeyResponse> {
     if let Some(id) = &r.custom_key_store_id {
         KeyStoreId::new(id)?;
     }
+    let bypass = r.bypass_policy_lockout_safety_check.unwrap_or(false);
+    let auth = gate
+        .authorize(kms, Subject::AccountBypassingLockout(bypass))
+        .await?;
     let key = kms
         .create_key(
-            caller,
+            &auth,
             CreateKey {
                 description: r.description,
                 key_usage: r.key_usage,
@@ -50,13 +57,15 @@ pub(super) async fn create_key(
 
 pub(super) async fn describe_key(
     kms: &Arc<Kms>,
-    caller: &Caller,
+    gate: Gate<'_>,
     r: DescribeKeyRequest,
 ) -> KmsResult<DescribeKeyResponse> {
     check_grant_tokens(&r.grant_tokens)?;
-    let key = kms
-        .describe_key(caller, KeyId::new("KeyId", &r.key_id)?.get())
+    let key_id = KeyId::new("KeyId", &r.key_id)?.get();
+    let auth = gate
+        .authorize(kms, Subject::Key(KeyNamed::any(key_id, &NO_CONTEXT)))
         .await?;
+    let key = kms.describe_key(&auth).await?;
     Ok(DescribeKeyResponse {
         key_metadata: Some(key_metadata(key)),
     })
@@ -64,12 +73,12 @@ pub(super) async fn describe_key(
 
 pub(super) async fn list_keys(
     kms: &Arc<Kms>,
-    caller: &Caller,
+    gate: Gate<'_>,
     r: ListKeysRequest,
 ) -> KmsResult<ListKeysResponse> {
-    let page = kms
-        .list_keys(caller, r.limit, Marker::optional(r.marker.as_deref())?)
-        .await?;
+    let marker = Marker::optional(r.marker.as_deref())?;
+    let auth = gate.authorize(kms, Subject::Account).await?;
+    let page = kms.list_keys(&auth, r.limit, marker).await?;
     Ok(ListKeysResponse {
         keys: page
             .items
@@ -86,17 +95,12 @@ pub(super) async fn list_keys(
 
 pub(super) async fn list_resource_tags(
     kms: &Arc<Kms>,
-    caller: &Caller,
+    gate: Gate<'_>,
     r: ListResourceTagsRequest,
 ) -> KmsResult<ListResourceTagsResponse> {
-    let page = kms
-        .list_resource_tags(
-            caller,
-            KeyId::new("KeyId", &r.key_id)?.get(),
-            r.limit,
-            Marker::optional(r.marker.as_deref())?,
-        )
-        .await?;
+    let marker = Marker::optional(r.marker.as_deref())?;
+    let auth = key_named(kms, gate, &r.key_id).await?;
+    let page = kms.list_resource_tags(&auth, r.limit, marker).await?;
     Ok(ListResourceTagsResponse {
         tags: page
             .items
@@ -110,49 +114,43 @@ pub(super) async fn list_resource_tags(
 
 pub(super) async fn enable_key(
     kms: &Arc<Kms>,
-    caller: &Caller,
+    gate: Gate<'_>,
     r: EnableKeyRequest,
 ) -> KmsResult<EnableKeyResponse> {
-    kms.set_key_enabled(caller, KeyId::new("KeyId", &r.key_id)?.get(), true)
+    kms.set_key_enabled(&key_named(kms, gate, &r.key_id).await?)
         .await?;
     Ok(EnableKeyResponse {})
 }
 
 pub(super) async fn disable_key(
     kms: &Arc<Kms>,
-    caller: &Caller,
+    gate: Gate<'_>,
     r: DisableKeyRequest,
 ) -> KmsResult<DisableKeyResponse> {
-    kms.set_key_enabled(caller, KeyId::new("KeyId", &r.key_id)?.get(), false)
+    kms.set_key_enabled(&key_named(kms, gate, &r.key_id).await?)
         .await?;
     Ok(DisableKeyResponse {})
 }
 
 pub(super) async fn update_key_description(
     kms: &Arc<Kms>,
-    caller: &Caller,
+    gate: Gate<'_>,
     r: UpdateKeyDescriptionRequest,
 ) -> KmsResult<UpdateKeyDescriptionResponse> {
-    kms.update_key_description(
-        caller,
-        KeyId::new("KeyId", &r.key_id)?.get(),
-        &r.description,
-    )
-    .await?;
+    check_description(&r.description)?;
+    let auth = key_named(kms, gate, &r.key_id).await?;
+    kms.update_key_description(&auth, &r.description).await?;
     Ok(UpdateKeyDescriptionResponse {})
 }
 
 pub(super) async fn schedule_key_deletion(
     kms: &Arc<Kms>,
-    caller: &Caller,
+    gate: Gate<'_>,
     r: ScheduleKeyDeletionRequest,
 ) -> KmsResult<ScheduleKeyDeletionResponse> {
+    let auth = key_named(kms, gate, &r.key_id).await?;
     let k = kms
-        .schedule_key_deletion(
-            caller,
-            KeyId::new("KeyId", &r.key_id)?.get(),
-            r.pending_window_in_days,
-        )
+        .schedule_key_deletion(&auth, r.pending_window_in_days)
         .await?;
     Ok(ScheduleKeyDeletionResponse {
         key_id: k.arn,
@@ -164,12 +162,11 @@ pub(super) async fn schedule_key_deletion(
 
 pub(super) async fn cancel_key_deletion(
     kms: &Arc<Kms>,
-    caller: &Caller,
+    gate: Gate<'_>,
     r: CancelKeyDeletionRequest,
 ) -> KmsResult<CancelKeyDeletionResponse> {
-    let id = kms
-        .cancel_key_deletion(caller, KeyId::new("KeyId", &r.key_id)?.get())
-        .await?;
+    let auth = key_named(kms, gate, &r.key_id).await?;
+    let id = kms.cancel_key_deletion(&auth).await?;
     Ok(CancelKeyDeletionResponse {
         key_id: kms.scope.key_arn(&id),
     })
@@ -177,7 +174,7 @@ pub(super) async fn cancel_key_deletion(
 
 pub(super) async fn tag_resource(
     kms: &Arc<Kms>,
-    caller: &Caller,
+    gate: Gate<'_>,
     r: TagResourceRequest,
 ) -> KmsResult<TagResourceResponse> {
     let tags: Vec<(String, String)> = r
@@ -185,49 +182,44 @@ pub(super) async fn tag_resource(
         .into_iter()
         .map(|t| (t.tag_key, t.tag_value))
         .collect();
-    kms.tag_resource(caller, KeyId::new("KeyId", &r.key_id)?.get(), &tags)
-        .await?;
+    check_tags(&tags)?;
+    let auth = key_named(kms, gate, &r.key_id).await?;
+    kms.tag_resource(&auth, &tags).await?;
     Ok(TagResourceResponse {})
 }
 
 pub(super) async fn untag_resource(
     kms: &Arc<Kms>,
-    caller: &Caller,
+    gate: Gate<'_>,
     r: UntagResourceRequest,
 ) -> KmsResult<UntagResourceResponse> {
-    kms.untag_resource(caller, KeyId::new("KeyId", &r.key_id)?.get(), &r.tag_keys)
-        .await?;
+    let auth = key_named(kms, gate, &r.key_id).await?;
+    kms.untag_resource(&auth, &r.tag_keys).await?;
     Ok(UntagResourceResponse {})
 }
 
 pub(super) async fn put_key_policy(
     kms: &Arc<Kms>,
-    caller: &Caller,
+    gate: Gate<'_>,
     r: PutKeyPolicyRequest,
 ) -> KmsResult<PutKeyPolicyResponse> {
-    kms.put_key_policy(
-        caller,
-        KeyId::new("KeyId", &r.key_id)?.get(),
-        r.policy_name.as_deref(),
-        &r.policy,
-        r.bypass_policy_lockout_safety_check.unwrap_or(false),
-    )
-    .await?;
+    let key_id = KeyId::new("KeyId", &r.key_id)?.get();
+    let bypass = r.bypass_policy_lockout_safety_check.unwrap_or(false);
+    let auth = gate
+        .authorize(kms, Subject::KeyPolicy(KeyNamed::id(key_id), bypass))
+        .await?;
+    kms.put_key_policy(&auth, r.policy_name.as_deref(), &r.policy, bypass)
+        .await?;
     Ok(PutKeyPolicyResponse {})
 }
 
 pub(super) async fn get_key_policy(
     kms: &Arc<Kms>,
-    caller: &Caller,
+    gate: Gate<'_>,
     r: GetKeyPolicyRequest,
 ) -> KmsResult<GetKeyPolicyResponse> {
-    let policy = kms
-        .get_key_policy(
-            caller,
-            KeyId::new("KeyId", &r.key_id)?.get(),
-            r.policy_name.as_deref(),
-        )
-        .await?;
+    let auth = key_named(kms, gate, &r.key_id).await?;
+    let policy = kms.get_key_policy(&auth, r.policy_name.as_deref()).await?;
     Ok(GetKeyPolicyResponse {
         policy,
         policy_name: "default".into(),
@@ -236,22 +228,24 @@ pub(super) async fn get_key_policy(
 
 pub(super) async fn list_key_policies(
     kms: &Arc<Kms>,
-    caller: &Caller,
+    gate: Gate<'_>,
     r: ListKeyPoliciesRequest,
 ) -> KmsResult<ListKeyPoliciesResponse> {
-    let page = kms
-        .list_key_policies(
-            caller,
-            KeyId::new("KeyId", &r.key_id)?.get(),
-            r.limit,
-            Marker::optional(r.marker.as_deref())?,
-        )
-        .await?;
+    let marker = Marker::optional(r.marker.as_deref())?;
+    let auth = key_named(kms, gate, &r.key_id).await?;
+    let page = kms.list_key_policies(&auth, r.limit, marker).await?;
     Ok(ListKeyPoliciesResponse {
         policy_names: page.items,
         truncated: false,
         next_marker: None,
     })
+}
+
+/// Authorizes the gate's operation on the key a KeyId member names (key id or key ARN).
+async fn key_named<'c>(kms: &Kms, gate: Gate<'c>, key_id: &str) -> KmsResult<Authorized<'c>> {
+    let key_id = KeyId::new("KeyId", key_id)?.get();
+    gate.authorize(kms, Subject::Key(KeyNamed::id(key_id)))
+        .await
 }
 
 fn key_metadata(k: KeyView) -> KeyMetadata {

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use super::timestamp;
-use crate::kms::access::Caller;
 use crate::kms::fields::{KeyStoreId, Marker};
+use crate::kms::gate::{Gate, Subject};
 use crate::kms::keystores::{CreateStore, Password, StoreView, UpdateStore};
 use crate::kms::Kms;
 use crate::proto::*;
@@ -12,12 +12,13 @@ use model::error::KmsResult;
 
 pub(super) async fn create_custom_key_store(
     kms: &Arc<Kms>,
-    caller: &Caller,
+    gate: Gate<'_>,
     r: CreateCustomKeyStoreRequest,
 ) -> KmsResult<CreateCustomKeyStoreResponse> {
+    let auth = gate.authorize(kms, Subject::KeyStore(None)).await?;
     let id = kms
         .create_custom_key_store(
-            caller,
+            &auth,
             CreateStore {
                 name: r.custom_key_store_name,
                 cluster_id: r.cloud_hsm_cluster_id,
@@ -34,15 +35,18 @@ pub(super) async fn create_custom_key_store(
 
 pub(super) async fn describe_custom_key_stores(
     kms: &Arc<Kms>,
-    caller: &Caller,
+    gate: Gate<'_>,
     r: DescribeCustomKeyStoresRequest,
 ) -> KmsResult<DescribeCustomKeyStoresResponse> {
     if let Some(id) = &r.custom_key_store_id {
         KeyStoreId::new(id)?;
     }
+    let auth = gate
+        .authorize(kms, Subject::KeyStore(r.custom_key_store_id.as_deref()))
+        .await?;
     let page = kms
         .describe_custom_key_stores(
-            caller,
+            &auth,
             r.custom_key_store_id.as_deref(),
             r.custom_key_store_name.as_deref(),
             r.limit,
@@ -58,12 +62,15 @@ pub(super) async fn describe_custom_key_stores(
 
 pub(super) async fn update_custom_key_store(
     kms: &Arc<Kms>,
-    caller: &Caller,
+    gate: Gate<'_>,
     r: UpdateCustomKeyStoreRequest,
 ) -> KmsResult<UpdateCustomKeyStoreResponse> {
     KeyStoreId::new(&r.custom_key_store_id)?;
+    let auth = gate
+        .authorize(kms, Subject::KeyStore(Some(&r.custom_key_store_id)))
+        .await?;
     kms.update_custom_key_store(
-        caller,
+        &auth,
         UpdateStore {
             id: r.custom_key_store_id,
             new_name: r.new_custom_key_store_name,
@@ -77,33 +84,42 @@ pub(super) async fn update_custom_key_store(
 
 pub(super) async fn delete_custom_key_store(
     kms: &Arc<Kms>,
-    caller: &Caller,
+    gate: Gate<'_>,
     r: DeleteCustomKeyStoreRequest,
 ) -> KmsResult<DeleteCustomKeyStoreResponse> {
     KeyStoreId::new(&r.custom_key_store_id)?;
-    kms.delete_custom_key_store(caller, &r.custom_key_store_id)
+    let auth = gate
+        .authorize(kms, Subject::KeyStore(Some(&r.custom_key_store_id)))
+        .await?;
+    kms.delete_custom_key_store(&auth, &r.custom_key_store_id)
         .await?;
     Ok(DeleteCustomKeyStoreResponse {})
 }
 
 pub(super) async fn connect_custom_key_store(
     kms: &Arc<Kms>,
-    caller: &Caller,
+    gate: Gate<'_>,
     r: ConnectCustomKeyStoreRequest,
 ) -> KmsResult<ConnectCustomKeyStoreResponse> {
     KeyStoreId::new(&r.custom_key_store_id)?;
-    kms.connect_custom_key_store(caller, &r.custom_key_store_id)
+    let auth = gate
+        .authorize(kms, Subject::KeyStore(Some(&r.custom_key_store_id)))
+        .await?;
+    kms.connect_custom_key_store(&auth, &r.custom_key_store_id)
         .await?;
     Ok(ConnectCustomKeyStoreResponse {})
 }
 
 pub(super) async fn disconnect_custom_key_store(
     kms: &Arc<Kms>,
-    caller: &Caller,
+    gate: Gate<'_>,
     r: DisconnectCustomKeyStoreRequest,
 ) -> KmsResult<DisconnectCustomKeyStoreResponse> {
     KeyStoreId::new(&r.custom_key_store_id)?;
-    kms.disconnect_custom_key_store(caller, &r.custom_key_store_id)
+    let auth = gate
+        .authorize(kms, Subject::KeyStore(Some(&r.custom_key_store_id)))
+        .await?;
+    kms.disconnect_custom_key_store(&auth, &r.custom_key_store_id)
         .await?;
     Ok(DisconnectCustomKeyStoreResponse {})
 }

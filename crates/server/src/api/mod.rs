@@ -26,6 +26,7 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::Audit;
 use crate::kms::access::Caller;
+use crate::kms::gate::Gate;
 use crate::kms::Kms;
 use crate::proto::key_management_service_server::KeyManagementService;
 use crate::proto::*;
@@ -62,7 +63,7 @@ impl Service {
         &self,
         op: Op,
         req: Request<R>,
-        handle: impl AsyncFnOnce(&Arc<Kms>, &Caller, R) -> KmsResult<T>,
+        handle: impl AsyncFnOnce(&Arc<Kms>, Gate<'_>, R) -> KmsResult<T>,
     ) -> Result<Response<T>, Status> {
         let leaf = req.peer_certs();
         let principal = self
@@ -78,8 +79,8 @@ impl Service {
         };
         match self
             .path
-            .run(&call, ctx, target, async |kms, caller| {
-                handle(kms, caller, r).await
+            .run(&call, ctx, target, async |kms, gate| {
+                handle(kms, gate, r).await
             })
             .await
         {

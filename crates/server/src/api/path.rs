@@ -12,6 +12,7 @@ use tracing::Instrument;
 
 use crate::audit::Audit;
 use crate::kms::access::Caller;
+use crate::kms::gate::Gate;
 use crate::kms::Kms;
 use model::error::{ErrorKind, KmsError, KmsResult};
 use model::op::Op;
@@ -62,7 +63,8 @@ impl RequestPath {
         &self.kms
     }
 
-    /// Runs `call` through `handle`: refuses it unless the audit trail can record it,
+    /// Runs `call` through `handle` with the request's `Gate`: refuses it unless the audit
+    /// trail can record it,
     /// records it (with `encryption_context` if the operation records one), answers only
     /// once its line is written, and counts and logs the outcome. An operation that changes
     /// state first has an `intent` line written (naming `target`, what the request names),
@@ -75,7 +77,7 @@ impl RequestPath {
         call: &Call,
         encryption_context: Option<BTreeMap<String, String>>,
         target: Option<String>,
-        handle: impl AsyncFnOnce(&Arc<Kms>, &Caller) -> KmsResult<T>,
+        handle: impl AsyncFnOnce(&Arc<Kms>, Gate<'_>) -> KmsResult<T>,
     ) -> KmsResult<T> {
         let op = call.op.name();
         // Fail closed: nothing is done that the audit trail could not record.
@@ -105,9 +107,12 @@ impl RequestPath {
         }
         let outcome = async {
             let caller = call.caller.as_ref().map_err(Clone::clone)?;
-            let done = handle(&self.kms, caller).await?;
-            // Each operation declares what it is authorized against (`Op::scope`); one that
-            // succeeded without that decision is a defect, and is not answered as a success.
+            // The request's one gate: the front's mapping names what the request acts on,
+            // and the gate decides by the operation's scope before any domain method runs
+            // (a domain method takes the `Authorized` only the gate makes).
+            let done = handle(&self.kms, Gate::new(caller, call.op)).await?;
+            // A mapping that answered success without passing its gate is a defect, and
+            // is not answered as a success.
             if !caller.authorized_for(call.op.scope()) {
                 return Err(KmsError::internal(format!(
                     "{op} succeeded without the authorization its scope ({:?}) needs",

@@ -3,11 +3,9 @@
 
 use uuid::Uuid;
 
-use super::access::Caller;
+use super::gate::Authorized;
 use super::{decode_marker, page_limit, Kms, Page};
-use crate::iam::Facts;
 use crate::metadata::{AliasRecord, Failure, Precondition, Unique};
-use model::context::NO_CONTEXT;
 use model::error::{quoted, ErrorKind, KmsError, KmsResult};
 use model::op::Op;
 use model::states::KeyState;
@@ -119,31 +117,10 @@ impl Kms {
         }
     }
 
-    /// Alias operations need the permission on the alias (identity policies) and on each
-    /// key involved (key policies), as in AWS.
-    async fn authorize_alias(
-        &self,
-        caller: &Caller,
-        action: &'static str,
-        name: &str,
-        keys: &[Uuid],
-    ) -> KmsResult<()> {
-        let facts = Facts::of(&caller.principal);
-        self.authorize_account(caller, action, Some(&self.scope.alias_arn(name)), &facts)?;
-        for k in keys {
-            let key = self.key_by_id(k).await?;
-            self.authorize_key(caller, action, &key, &NO_CONTEXT, &facts)
-                .await?;
-        }
-        Ok(())
-    }
-
-    pub async fn create_alias(&self, caller: &Caller, name: &str, target: &str) -> KmsResult<()> {
+    /// CreateAlias: `auth.key()` is the target (see `gate::Subject::Alias`).
+    pub async fn create_alias(&self, auth: &Authorized<'_>, name: &str) -> KmsResult<()> {
         let op = Op::CreateAlias;
-        check_alias_name(name)?;
-        let key = self.key_record(caller, target).await?.id;
-        self.authorize_alias(caller, op.action(), name, &[key])
-            .await?;
+        let key = auth.key()?.id;
         self.meta
             .create_alias(
                 name,
@@ -158,13 +135,10 @@ impl Kms {
         Ok(())
     }
 
-    pub async fn update_alias(&self, caller: &Caller, name: &str, target: &str) -> KmsResult<()> {
+    /// UpdateAlias: `auth.key()` is the current target, `auth.other_key()` the new one.
+    pub async fn update_alias(&self, auth: &Authorized<'_>, name: &str) -> KmsResult<()> {
         let op = Op::UpdateAlias;
-        check_alias_name(name)?;
-        let key = self.key_record(caller, target).await?.id;
-        let current = self.alias_target(name).await?;
-        self.authorize_alias(caller, op.action(), name, &[current, key])
-            .await?;
+        let key = auth.other_key()?.id;
         self.meta
             .update_alias(
                 name,
@@ -179,12 +153,10 @@ impl Kms {
         Ok(())
     }
 
-    pub async fn delete_alias(&self, caller: &Caller, name: &str) -> KmsResult<()> {
+    /// DeleteAlias: `auth.key()` is the current target.
+    pub async fn delete_alias(&self, auth: &Authorized<'_>, name: &str) -> KmsResult<()> {
         let op = Op::DeleteAlias;
-        check_alias_name(name)?;
-        let current = self.alias_target(name).await?;
-        self.authorize_alias(caller, op.action(), name, &[current])
-            .await?;
+        let current = auth.key()?.id;
         self.meta
             .delete_alias(name)
             .await
@@ -195,20 +167,14 @@ impl Kms {
 
     pub async fn list_aliases(
         &self,
-        caller: &Caller,
+        auth: &Authorized<'_>,
         key_ref: Option<&str>,
         limit: Option<i32>,
         marker: Option<&str>,
     ) -> KmsResult<Page<AliasView>> {
         let limit = page_limit(limit, 100, 50)?;
-        self.authorize_account(
-            caller,
-            Op::ListAliases.action(),
-            None,
-            &Facts::of(&caller.principal),
-        )?;
         let key = match key_ref {
-            Some(k) => Some(self.key_record(caller, k).await?.id),
+            Some(k) => Some(self.key_record(auth.caller(), k).await?.id),
             None => None,
         };
         let after = marker.map(decode_marker).transpose()?;

@@ -4,13 +4,12 @@
 
 use zeroize::Zeroizing;
 
-use super::access::Caller;
 use super::ciphertext;
-use super::keys::{store_hsm_error, timed_out, Auth, UsableKey};
+use super::gate::Authorized;
+use super::keys::{store_hsm_error, timed_out, UsableKey};
 use super::Kms;
 use crate::config::GcmIvMode;
 use crate::hsm::{HsmError, IV_LEN};
-use crate::iam::Facts;
 use model::context::Context;
 use model::error::{ErrorKind, KmsError, KmsResult};
 use model::op::Op;
@@ -156,35 +155,6 @@ impl Kms {
         Ok(ciphertext::assemble(&prefix, &iv, &body))
     }
 
-    /// Resolves the key of a parsed blob; `auth.key_ref` is the caller's KeyId, if any.
-    async fn open_target(
-        &self,
-        blob: &ciphertext::Blob<'_>,
-        auth: Auth<'_>,
-    ) -> KmsResult<UsableKey> {
-        let expected = auth.key_ref;
-        if let Some(want) = expected {
-            let want = self.resolve(auth.caller, want).await?;
-            if want != blob.key_id {
-                return Err(KmsError::new(
-                    ErrorKind::IncorrectKey,
-                    format!(
-                        "The ciphertext was not encrypted under {}",
-                        self.scope.key_arn(&want)
-                    ),
-                ));
-            }
-        }
-        match self.usable_key_by_id(&blob.key_id, auth).await {
-            // A blob naming no key here is not a ciphertext of this service.
-            Err(e) if e.kind == ErrorKind::NotFound && expected.is_none() => Err(KmsError::new(
-                ErrorKind::InvalidCiphertext,
-                "The ciphertext refers to a KMS key that does not exist",
-            )),
-            other => other,
-        }
-    }
-
     /// Decrypts a parsed blob under the key in its HSM.
     async fn decrypt_with(
         &self,
@@ -201,26 +171,14 @@ impl Kms {
 
     pub async fn encrypt(
         &self,
-        caller: &Caller,
-        key_ref: &str,
+        auth: &Authorized<'_>,
         plaintext: Zeroizing<Vec<u8>>,
         ctx: &Context,
         algorithm: Option<&str>,
         dry: bool,
     ) -> KmsResult<Encrypted> {
         check_algorithm("EncryptionAlgorithm", algorithm)?;
-        let key = self
-            .usable_key(
-                key_ref,
-                Auth {
-                    caller,
-                    op: Op::Encrypt,
-                    action: Op::Encrypt.action(),
-                    ctx,
-                    key_ref: None,
-                },
-            )
-            .await?;
+        let key = self.usable_key(auth.key()?, Op::Encrypt).await?;
         if dry {
             return Err(dry_run());
         }
@@ -232,29 +190,19 @@ impl Kms {
         })
     }
 
+    /// Decrypts `blob`, whose key the authorization found (and checked against the KeyId
+    /// the request named).
     pub async fn decrypt(
         &self,
-        caller: &Caller,
+        auth: &Authorized<'_>,
         blob: &[u8],
         ctx: &Context,
-        key_ref: Option<&str>,
         algorithm: Option<&str>,
         dry: bool,
     ) -> KmsResult<Decrypted> {
         check_algorithm("EncryptionAlgorithm", algorithm)?;
         let blob = ciphertext::parse(blob)?;
-        let key = self
-            .open_target(
-                &blob,
-                Auth {
-                    caller,
-                    op: Op::Decrypt,
-                    action: Op::Decrypt.action(),
-                    ctx,
-                    key_ref,
-                },
-            )
-            .await?;
+        let key = self.usable_key(auth.key()?, Op::Decrypt).await?;
         self.admit(&key.store_id)?;
         let plaintext = self.decrypt_with(&key, &blob, ctx).await?;
         // A DryRun checks the ciphertext as the real call does (in the token, against its
@@ -268,14 +216,14 @@ impl Kms {
         })
     }
 
+    /// Decrypts `blob` under its key (`auth.key`) and encrypts the plaintext under the
+    /// destination (`auth.other_key`).
     #[allow(clippy::too_many_arguments)]
     pub async fn re_encrypt(
         &self,
-        caller: &Caller,
+        auth: &Authorized<'_>,
         blob: &[u8],
         source_ctx: &Context,
-        source_key_ref: Option<&str>,
-        destination_key_ref: &str,
         destination_ctx: &Context,
         source_algorithm: Option<&str>,
         destination_algorithm: Option<&str>,
@@ -284,30 +232,8 @@ impl Kms {
         check_algorithm("SourceEncryptionAlgorithm", source_algorithm)?;
         check_algorithm("DestinationEncryptionAlgorithm", destination_algorithm)?;
         let blob = ciphertext::parse(blob)?;
-        let source = self
-            .open_target(
-                &blob,
-                Auth {
-                    caller,
-                    op: Op::ReEncrypt,
-                    action: Op::ReEncrypt.actions()[0], // kms:ReEncryptFrom, on the source key
-                    ctx: source_ctx,
-                    key_ref: source_key_ref,
-                },
-            )
-            .await?;
-        let destination = self
-            .usable_key(
-                destination_key_ref,
-                Auth {
-                    caller,
-                    op: Op::ReEncrypt,
-                    action: Op::ReEncrypt.actions()[1], // kms:ReEncryptTo, on the destination key
-                    ctx: destination_ctx,
-                    key_ref: None,
-                },
-            )
-            .await?;
+        let source = self.usable_key(auth.key()?, Op::ReEncrypt).await?;
+        let destination = self.usable_key(auth.other_key()?, Op::ReEncrypt).await?;
         // As in AWS, ReEncrypt counts against the quota of each store it uses.
         self.admit(&source.store_id)?;
         if destination.store_id != source.store_id {
@@ -331,25 +257,12 @@ impl Kms {
     /// A data key from the key's own token, and its ciphertext under the key.
     pub async fn generate_data_key(
         &self,
-        caller: &Caller,
-        op: Op,
-        key_ref: &str,
+        auth: &Authorized<'_>,
         ctx: &Context,
         len: usize,
         dry: bool,
     ) -> KmsResult<DataKey> {
-        let key = self
-            .usable_key(
-                key_ref,
-                Auth {
-                    caller,
-                    op,
-                    action: op.action(),
-                    ctx,
-                    key_ref: None,
-                },
-            )
-            .await?;
+        let key = self.usable_key(auth.key()?, auth.op()).await?;
         if dry {
             return Err(dry_run());
         }
@@ -370,15 +283,13 @@ impl Kms {
     /// Random bytes: from the custom key store's token when one is named, else from the OS.
     pub async fn generate_random(
         &self,
-        caller: &Caller,
+        _: &Authorized<'_>,
         number_of_bytes: Option<i32>,
         store_id: Option<&str>,
     ) -> KmsResult<Secret> {
         let n = random_len(
             number_of_bytes.ok_or_else(|| KmsError::validation("NumberOfBytes is required"))?,
         )?;
-        let facts = Facts::of(&caller.principal);
-        self.authorize_account(caller, Op::GenerateRandom.action(), store_id, &facts)?;
         let Some(store_id) = store_id else {
             let mut buf = Zeroizing::new(vec![0u8; n]);
             getrandom::fill(&mut buf).map_err(KmsError::internal)?;

@@ -11,13 +11,12 @@ use uuid::Uuid;
 
 use super::access::Caller;
 use super::fields;
+use super::gate::Authorized;
 use super::{decode_marker, page_limit, Kms, Page};
-use crate::iam::Facts;
 use crate::metadata::{Failure, GrantRecord};
-use model::context::{Context, NO_CONTEXT};
+use model::context::Context;
 use model::error::{ErrorKind, KmsError, KmsResult};
 use model::op::Op;
-use model::principal::Principal;
 use model::states::KeyState;
 
 /// The other grant operations AWS defines (asymmetric and HMAC keys): ValidationException
@@ -41,14 +40,12 @@ pub const GRANTS_PER_GRANTEE: usize = 500;
 const TOKEN_PREFIX: &str = "hsmkms-grant-token-v1.";
 
 pub struct CreateGrant {
-    pub key_id: String,
     pub grantee_principal: String,
     pub retiring_principal: Option<String>,
     pub operations: Vec<String>,
     pub context_subset: Option<Context>,
     pub context_equals: Option<Context>,
     pub name: Option<String>,
-    pub dry_run: bool,
 }
 
 pub struct GrantView {
@@ -173,7 +170,12 @@ impl Kms {
 
     /// A grantee's CreateGrant: only what its own grants allow, with constraints at least
     /// as strict as theirs.
-    async fn grant_allows_child(&self, caller: &Caller, key: &Uuid, child: &GrantRecord) -> bool {
+    pub(super) async fn grant_allows_child(
+        &self,
+        caller: &Caller,
+        key: &Uuid,
+        child: &GrantRecord,
+    ) -> bool {
         let Ok(grants) = self.meta.key_grants(key).await else {
             return false;
         };
@@ -194,11 +196,9 @@ impl Kms {
         })
     }
 
-    pub async fn create_grant(
-        &self,
-        caller: &Caller,
-        req: CreateGrant,
-    ) -> KmsResult<(String, String)> {
+    /// The grant a CreateGrant request describes, checked, before anything is decided or
+    /// read (its key id is set once the key is known: `create_grant`).
+    pub fn new_grant(&self, req: CreateGrant) -> KmsResult<GrantRecord> {
         check_principal_id("GranteePrincipal", &req.grantee_principal)?;
         if let Some(r) = &req.retiring_principal {
             check_principal_id("RetiringPrincipal", r)?;
@@ -245,12 +245,11 @@ impl Kms {
                 check_constraint(field, c)?;
             }
         }
-        let key = self.key_record(caller, &req.key_id).await?;
         let grant_id = random_hex(32)?;
-        let record = GrantRecord {
+        Ok(GrantRecord {
             token: format!("{TOKEN_PREFIX}{grant_id}{}", random_hex(32)?),
             grant_id,
-            key_id: key.id,
+            key_id: Uuid::nil(),
             name: req.name,
             grantee_principal: req.grantee_principal,
             retiring_principal: req.retiring_principal,
@@ -262,30 +261,22 @@ impl Kms {
             context_subset: req.context_subset.map(BTreeMap::from_iter),
             context_equals: req.context_equals.map(BTreeMap::from_iter),
             creation_date_ms: self.now(),
-        };
-        // Condition keys of CreateGrant: the constraint's context, the operations granted,
-        // and whether the grantee is an AWS service (never, here).
-        let constraint = record
-            .context_equals
-            .clone()
-            .or_else(|| record.context_subset.clone())
-            .unwrap_or_default();
-        let facts = self
-            .facts(caller, &constraint, Some(&req.key_id))
-            .value("kms:GrantOperations", record.operations.clone())
-            .flag("kms:GrantIsForAWSResource", false)
-            .value(
-                "kms:GranteePrincipal",
-                vec![record.grantee_principal.clone()],
-            );
-        let op = Op::CreateGrant;
-        self.authorize_key_or(caller, op.action(), &key, &facts, async || {
-            self.grant_allows_child(caller, &key.id, &record).await
         })
-        .await?;
-        if req.dry_run {
+    }
+
+    /// Saves `record` (from `new_grant`, authorized as `Subject::NewGrant`) on the key.
+    pub async fn create_grant(
+        &self,
+        auth: &Authorized<'_>,
+        mut record: GrantRecord,
+        dry_run: bool,
+    ) -> KmsResult<(String, String)> {
+        let key = auth.key()?;
+        record.key_id = key.id;
+        if dry_run {
             return Err(super::crypto::dry_run());
         }
+        let op = Op::CreateGrant;
         let saved = self
             .meta
             .insert_grant(
@@ -302,8 +293,7 @@ impl Kms {
 
     pub async fn list_grants(
         &self,
-        caller: &Caller,
-        key_ref: &str,
+        auth: &Authorized<'_>,
         grant_id: Option<&str>,
         grantee: Option<&str>,
         limit: Option<i32>,
@@ -317,10 +307,7 @@ impl Kms {
             check_principal_id("GranteePrincipal", g)?;
         }
         let after = marker.map(decode_marker).transpose()?;
-        let key = self.key_record(caller, key_ref).await?;
-        let facts = self.facts(caller, &NO_CONTEXT, None);
-        self.authorize_key(caller, Op::ListGrants.action(), &key, &NO_CONTEXT, &facts)
-            .await?;
+        let key = auth.key()?;
         let grants = self.meta.key_grants(&key.id).await?;
         let matching = grants.iter().filter(|g| {
             grant_id.is_none_or(|id| g.grant_id == id)
@@ -344,7 +331,7 @@ impl Kms {
 
     pub async fn list_retirable_grants(
         &self,
-        caller: &Caller,
+        _: &Authorized<'_>,
         retiring_principal: &str,
         limit: Option<i32>,
         marker: Option<&str>,
@@ -352,8 +339,6 @@ impl Kms {
         let limit = page_limit(limit, 1000, 50)?;
         check_principal_id("RetiringPrincipal", retiring_principal)?;
         let after = marker.map(decode_marker).transpose()?;
-        let facts = Facts::of(&caller.principal);
-        self.authorize_account(caller, Op::ListRetirableGrants.action(), None, &facts)?;
         let rows = self
             .meta
             .retirable_grants(retiring_principal, after.as_deref(), limit + 1)
@@ -361,18 +346,15 @@ impl Kms {
         self.grant_page(rows, limit)
     }
 
-    /// RetireGrant: by grant token, or by key and grant id. Allowed for the grant's retiring
-    /// principal, its grantee when the grant includes RetireGrant, and the issuing account
-    /// (its root, or a principal its identity policies allow kms:RetireGrant).
-    pub async fn retire_grant(
+    /// The grant a RetireGrant request names: by grant token, or by key and grant id.
+    pub(super) async fn named_grant(
         &self,
         caller: &Caller,
         token: Option<&str>,
         key_ref: Option<&str>,
         grant_id: Option<&str>,
-        dry_run: bool,
-    ) -> KmsResult<()> {
-        let grant = match (token, key_ref, grant_id) {
+    ) -> KmsResult<GrantRecord> {
+        match (token, key_ref, grant_id) {
             (Some(t), _, _) => {
                 check_grant_tokens(std::slice::from_ref(&t.to_string()))?;
                 let g = self.meta.grant_by_token(t).await?.ok_or_else(|| {
@@ -389,7 +371,7 @@ impl Kms {
                         ));
                     }
                 }
-                g
+                Ok(g)
             }
             (None, Some(k), Some(id)) => {
                 check_grant_id(id)?;
@@ -400,39 +382,18 @@ impl Kms {
                     .iter()
                     .find(|g| g.grant_id == id)
                     .cloned()
-                    .ok_or_else(|| grant_missing(id, &self.scope.key_arn(&key.id)))?
+                    .ok_or_else(|| grant_missing(id, &self.scope.key_arn(&key.id)))
             }
-            _ => {
-                return Err(KmsError::validation(
-                    "Specify GrantToken, or both KeyId and GrantId",
-                ))
-            }
-        };
-        let key_arn = self.scope.key_arn(&grant.key_id);
-        caller.note(model::principal::Resource::Key(grant.key_id));
-        let me = &caller.principal;
-        let facts = Facts::of(me);
-        let (id_deny, id_allow) =
-            self.identities_of(me, Op::RetireGrant.action(), &key_arn, &facts);
-        let named = grant.retiring_principal.as_deref() == Some(me.arn.as_str())
-            || (grant.grantee_principal == me.arn
-                && grant.operations.iter().any(|o| o == "RetireGrant"));
-        let issuer = Principal::parse(&grant.issuing_account)
-            .is_some_and(|acct| acct.account == me.account)
-            && id_allow;
-        if id_deny || !(named || issuer) {
-            return Err(crate::iam::denied(
-                me,
-                Op::RetireGrant.action(),
-                &key_arn,
-                if id_deny {
-                    crate::iam::Decision::ExplicitDeny("an identity-based policy")
-                } else {
-                    crate::iam::Decision::NoAllow("grant")
-                },
-            ));
+            _ => Err(KmsError::validation(
+                "Specify GrantToken, or both KeyId and GrantId",
+            )),
         }
-        caller.allowed(super::access::Allowed::GrantPrincipal);
+    }
+
+    /// RetireGrant of the grant its authorization found (`gate::Subject::Grant`).
+    pub async fn retire_grant(&self, auth: &Authorized<'_>, dry_run: bool) -> KmsResult<()> {
+        let grant = auth.grant()?;
+        let key_arn = self.scope.key_arn(&grant.key_id);
         if dry_run {
             return Err(super::crypto::dry_run());
         }
@@ -449,16 +410,12 @@ impl Kms {
 
     pub async fn revoke_grant(
         &self,
-        caller: &Caller,
-        key_ref: &str,
+        auth: &Authorized<'_>,
         grant_id: &str,
         dry_run: bool,
     ) -> KmsResult<()> {
         check_grant_id(grant_id)?;
-        let key = self.key_record(caller, key_ref).await?;
-        let facts = self.facts(caller, &NO_CONTEXT, None);
-        self.authorize_key(caller, Op::RevokeGrant.action(), &key, &NO_CONTEXT, &facts)
-            .await?;
+        let key = auth.key()?;
         let key_arn = self.scope.key_arn(&key.id);
         if !self
             .meta

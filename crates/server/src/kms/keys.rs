@@ -6,14 +6,13 @@ use uuid::Uuid;
 
 use super::access::Caller;
 use super::fields::{self, check_description};
+use super::gate::Authorized;
 use super::{decode_marker, page_limit, Kms, Page};
 use crate::config::GcmIvMode;
 use crate::hsm::{Connection, HsmError};
 use crate::iam::document as policy;
-use crate::iam::Facts;
 use crate::iam::{Kind, Policy};
 use crate::metadata::{Failure, KeyRecord, KeyStoreRecord, Precondition, Removal};
-use model::context::{Context, NO_CONTEXT};
 use model::error::{ErrorKind, KmsError, KmsResult};
 use model::ids::KeyRef;
 use model::op::Op;
@@ -51,18 +50,6 @@ impl KeyView {
     pub fn enabled(&self) -> bool {
         self.key_state == KeyState::Enabled
     }
-}
-
-/// What a cryptographic operation asks of a key, to authorise it: who, which action, with
-/// which encryption context, and the KeyId as given (kms:RequestAlias).
-#[derive(Clone, Copy)]
-pub struct Auth<'a> {
-    pub caller: &'a Caller,
-    /// The operation (its column of the key-state table) and the IAM action it needs here.
-    pub op: Op,
-    pub action: &'static str,
-    pub ctx: &'a Context,
-    pub key_ref: Option<&'a str>,
 }
 
 /// A key that passed every condition for a cryptographic operation.
@@ -185,10 +172,9 @@ pub(super) fn store_hsm_error(store_id: &str, what: &str, e: HsmError) -> KmsErr
 }
 
 impl Kms {
-    pub async fn create_key(&self, caller: &Caller, req: CreateKey) -> KmsResult<KeyView> {
+    pub async fn create_key(&self, auth: &Authorized<'_>, req: CreateKey) -> KmsResult<KeyView> {
+        let caller = auth.caller();
         let bypass = req.bypass_policy_lockout_safety_check;
-        let facts = Facts::of(&caller.principal).flag("kms:BypassPolicyLockoutSafetyCheck", bypass);
-        self.authorize_account(caller, Op::CreateKey.action(), None, &facts)?;
         if let Some(d) = &req.description {
             check_description(d)?;
         }
@@ -523,44 +509,19 @@ impl Kms {
             .ok_or_else(|| KmsError::internal(format!("key {} has no key store", key.id)))
     }
 
-    pub async fn describe_key(&self, caller: &Caller, key_ref: &str) -> KmsResult<KeyView> {
-        let key = self
-            .key_by_id(&self.resolve(caller, key_ref).await?)
-            .await?;
-        let facts = self.facts(caller, &NO_CONTEXT, Some(key_ref));
-        self.authorize_key(caller, Op::DescribeKey.action(), &key, &NO_CONTEXT, &facts)
-            .await?;
-        let store = self.keystore_of(&key).await?;
-        Ok(self.view(key, &store))
-    }
-
-    /// A key record named by id or ARN (no alias), after authorising `op` on it.
-    async fn authorized_record(
-        &self,
-        caller: &Caller,
-        op: Op,
-        key_ref: &str,
-    ) -> KmsResult<KeyRecord> {
-        let key = self.key_record(caller, key_ref).await?;
-        let facts = self.facts(caller, &NO_CONTEXT, None);
-        self.authorize_key(caller, op.action(), &key, &NO_CONTEXT, &facts)
-            .await?;
-        Ok(key)
+    pub async fn describe_key(&self, auth: &Authorized<'_>) -> KmsResult<KeyView> {
+        let key = auth.key()?;
+        let store = self.keystore_of(key).await?;
+        Ok(self.view(key.clone(), &store))
     }
 
     pub async fn list_keys(
         &self,
-        caller: &Caller,
+        _: &Authorized<'_>,
         limit: Option<i32>,
         marker: Option<&str>,
     ) -> KmsResult<Page<(Uuid, String)>> {
         let limit = page_limit(limit, 1000, 100)?;
-        self.authorize_account(
-            caller,
-            Op::ListKeys.action(),
-            None,
-            &Facts::of(&caller.principal),
-        )?;
         let after = match marker {
             Some(m) => Some(Uuid::try_parse(&decode_marker(m)?).map_err(|_| {
                 KmsError::new(
@@ -581,15 +542,12 @@ impl Kms {
 
     pub async fn list_resource_tags(
         &self,
-        caller: &Caller,
-        key_ref: &str,
+        auth: &Authorized<'_>,
         limit: Option<i32>,
         marker: Option<&str>,
     ) -> KmsResult<Page<(String, String)>> {
         let limit = page_limit(limit, 50, 50)?;
-        let key = self
-            .authorized_record(caller, Op::ListResourceTags, key_ref)
-            .await?;
+        let key = auth.key()?;
         let after = marker.map(decode_marker).transpose()?;
         let rows = self
             .meta
@@ -600,18 +558,19 @@ impl Kms {
 
     /// EnableKey / DisableKey. On a key of a disconnected store the change is recorded and
     /// shows once the store reconnects (the key reads Unavailable meanwhile), as in AWS.
-    pub async fn set_key_enabled(
-        &self,
-        caller: &Caller,
-        key_ref: &str,
-        enabled: bool,
-    ) -> KmsResult<()> {
-        let (op, to) = if enabled {
-            (Op::EnableKey, KeyState::Enabled)
-        } else {
-            (Op::DisableKey, KeyState::Disabled)
+    pub async fn set_key_enabled(&self, auth: &Authorized<'_>) -> KmsResult<()> {
+        let op = auth.op();
+        let to = match op {
+            Op::EnableKey => KeyState::Enabled,
+            Op::DisableKey => KeyState::Disabled,
+            other => {
+                return Err(KmsError::internal(format!(
+                    "{} does not enable or disable keys",
+                    other.name()
+                )))
+            }
         };
-        let key = self.authorized_record(caller, op, key_ref).await?;
+        let key = auth.key()?;
         self.meta
             .set_key_state(&key.id, KeyState::accepted_by(op), to)
             .await
@@ -622,13 +581,12 @@ impl Kms {
 
     pub async fn update_key_description(
         &self,
-        caller: &Caller,
-        key_ref: &str,
+        auth: &Authorized<'_>,
         description: &str,
     ) -> KmsResult<()> {
         let op = Op::UpdateKeyDescription;
         check_description(description)?;
-        let key = self.authorized_record(caller, op, key_ref).await?;
+        let key = auth.key()?;
         self.meta
             .set_description(&key.id, KeyState::accepted_by(op), description)
             .await
@@ -638,8 +596,7 @@ impl Kms {
     /// Schedules deletion after `window_days` (7..30, default 30); returns the key's view.
     pub async fn schedule_key_deletion(
         &self,
-        caller: &Caller,
-        key_ref: &str,
+        auth: &Authorized<'_>,
         window_days: Option<i32>,
     ) -> KmsResult<KeyView> {
         let op = Op::ScheduleKeyDeletion;
@@ -649,7 +606,7 @@ impl Kms {
                 "PendingWindowInDays must be between 7 and 30, got {days}"
             )));
         }
-        let key = self.authorized_record(caller, op, key_ref).await?;
+        let key = auth.key()?;
         let date = self.now() + i64::from(days) * 86_400_000;
         self.meta
             .schedule_deletion(&key.id, KeyState::accepted_by(op), date, days)
@@ -662,9 +619,9 @@ impl Kms {
     }
 
     /// Cancels a scheduled deletion; the key comes back Disabled.
-    pub async fn cancel_key_deletion(&self, caller: &Caller, key_ref: &str) -> KmsResult<Uuid> {
+    pub async fn cancel_key_deletion(&self, auth: &Authorized<'_>) -> KmsResult<Uuid> {
         let op = Op::CancelKeyDeletion;
-        let key = self.authorized_record(caller, op, key_ref).await?;
+        let key = auth.key()?;
         self.meta
             .cancel_deletion(&key.id, KeyState::accepted_by(op), KeyState::Disabled)
             .await
@@ -675,8 +632,7 @@ impl Kms {
 
     pub async fn tag_resource(
         &self,
-        caller: &Caller,
-        key_ref: &str,
+        auth: &Authorized<'_>,
         tags: &[(String, String)],
     ) -> KmsResult<()> {
         let op = Op::TagResource;
@@ -684,7 +640,7 @@ impl Kms {
             return Err(KmsError::validation("Tags must not be empty"));
         }
         check_tags(tags)?;
-        let key = self.authorized_record(caller, op, key_ref).await?;
+        let key = auth.key()?;
         self.meta
             .tag_key(
                 &key.id,
@@ -698,8 +654,7 @@ impl Kms {
 
     pub async fn untag_resource(
         &self,
-        caller: &Caller,
-        key_ref: &str,
+        auth: &Authorized<'_>,
         tag_keys: &[String],
     ) -> KmsResult<()> {
         let op = Op::UntagResource;
@@ -714,7 +669,7 @@ impl Kms {
                 "Tag keys must be 1 to 128 characters long: '{k}'"
             )));
         }
-        let key = self.authorized_record(caller, op, key_ref).await?;
+        let key = auth.key()?;
         self.meta
             .untag_key(&key.id, KeyState::accepted_by(op), tag_keys)
             .await
@@ -723,8 +678,7 @@ impl Kms {
 
     pub async fn put_key_policy(
         &self,
-        caller: &Caller,
-        key_ref: &str,
+        auth: &Authorized<'_>,
         name: Option<&str>,
         doc: &str,
         bypass_lockout_check: bool,
@@ -732,14 +686,9 @@ impl Kms {
         let op = Op::PutKeyPolicy;
         policy::check_policy_name(name)?;
         let parsed = Policy::parse(doc, Kind::Key)?;
-        let key = self.key_record(caller, key_ref).await?;
-        let facts = self
-            .facts(caller, &NO_CONTEXT, None)
-            .flag("kms:BypassPolicyLockoutSafetyCheck", bypass_lockout_check);
-        self.authorize_key(caller, op.action(), &key, &NO_CONTEXT, &facts)
-            .await?;
+        let key = auth.key()?;
         if !bypass_lockout_check {
-            self.check_lockout(caller, &key.id, &parsed)?;
+            self.check_lockout(auth.caller(), &key.id, &parsed)?;
         }
         self.meta
             .set_policy(&key.id, KeyState::accepted_by(op), doc)
@@ -751,23 +700,19 @@ impl Kms {
 
     pub async fn get_key_policy(
         &self,
-        caller: &Caller,
-        key_ref: &str,
+        auth: &Authorized<'_>,
         name: Option<&str>,
     ) -> KmsResult<String> {
         policy::check_policy_name(name)?;
-        let key = self
-            .authorized_record(caller, Op::GetKeyPolicy, key_ref)
-            .await?;
-        Ok(key.policy.unwrap_or_else(|| {
+        let key = auth.key()?;
+        Ok(key.policy.clone().unwrap_or_else(|| {
             policy::default_policy(&self.scope.partition, &self.scope.account_id)
         }))
     }
 
     pub async fn list_key_policies(
         &self,
-        caller: &Caller,
-        key_ref: &str,
+        _: &Authorized<'_>,
         limit: Option<i32>,
         marker: Option<&str>,
     ) -> KmsResult<Page<String>> {
@@ -779,25 +724,19 @@ impl Kms {
                 "The marker is not one this service issued",
             ));
         }
-        self.authorized_record(caller, Op::ListKeyPolicies, key_ref)
-            .await?;
         Ok(Page {
             items: vec![policy::DEFAULT_POLICY_NAME.to_string()],
             next_marker: None,
         })
     }
 
-    /// Checks every condition of a cryptographic operation: the caller's permission, the
-    /// key-state table (with the state the caller sees), an active HSM and a live connection.
-    /// Key material presence is checked by the HSM call itself.
-    pub(super) async fn usable_key_by_id(&self, id: &Uuid, auth: Auth<'_>) -> KmsResult<UsableKey> {
-        let key = self.key_by_id(id).await?;
-        let facts = self.facts(auth.caller, auth.ctx, auth.key_ref);
-        self.authorize_key(auth.caller, auth.action, &key, auth.ctx, &facts)
-            .await?;
-        let store = self.keystore_of(&key).await?;
+    /// Checks every condition of a cryptographic operation on an authorized key: the
+    /// key-state table (with the state the caller sees), an active HSM and a live
+    /// connection. Key material presence is checked by the HSM call itself.
+    pub(super) async fn usable_key(&self, key: &KeyRecord, op: Op) -> KmsResult<UsableKey> {
+        let store = self.keystore_of(key).await?;
         let arn = self.scope.key_arn(&key.id);
-        if let Err(refusal) = key.key_state.seen(store.connection_state).check(auth.op) {
+        if let Err(refusal) = key.key_state.seen(store.connection_state).check(op) {
             tracing::debug!(key_arn = %arn, custom_key_store_id = %store.id, state = %store.connection_state, ?refusal, "refused by the key state");
             return Err(refusal.error(&arn));
         }
@@ -829,18 +768,6 @@ impl Kms {
             conn,
             iv_mode: cluster.map(|c| c.settings.gcm_iv).unwrap_or_default(),
         })
-    }
-
-    pub(super) async fn usable_key(&self, key_ref: &str, auth: Auth<'_>) -> KmsResult<UsableKey> {
-        let id = self.resolve(auth.caller, key_ref).await?;
-        self.usable_key_by_id(
-            &id,
-            Auth {
-                key_ref: Some(key_ref),
-                ..auth
-            },
-        )
-        .await
     }
 }
 

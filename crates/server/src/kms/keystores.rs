@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use zeroize::Zeroizing;
 
-use super::access::Caller;
 use super::clusters::{pem_der, Cluster};
 use super::fields::check_keystore_name;
+use super::gate::{Authorized, Gate, Subject};
 use super::{decode_marker, page_limit, Kms, Page};
 use crate::hsm::{Connection, Pin};
 use crate::metadata::{Failure, KeyStoreRecord, KeyStoreUpdate, Precondition, Unique};
@@ -151,15 +151,9 @@ impl Kms {
 
     pub async fn create_custom_key_store(
         &self,
-        caller: &Caller,
+        _: &Authorized<'_>,
         req: CreateStore,
     ) -> KmsResult<String> {
-        self.authorize_account(
-            caller,
-            Op::CreateCustomKeyStore.action(),
-            None,
-            &crate::iam::Facts::of(&caller.principal),
-        )?;
         check_keystore_name(&req.name, "CustomKeyStoreName")?;
         match req.store_type.as_deref() {
             None | Some("AWS_CLOUDHSM") => {}
@@ -229,18 +223,12 @@ impl Kms {
 
     pub async fn describe_custom_key_stores(
         &self,
-        caller: &Caller,
+        _: &Authorized<'_>,
         id: Option<&str>,
         name: Option<&str>,
         limit: Option<i32>,
         marker: Option<&str>,
     ) -> KmsResult<Page<StoreView>> {
-        self.authorize_account(
-            caller,
-            Op::DescribeCustomKeyStores.action(),
-            id,
-            &crate::iam::Facts::of(&caller.principal),
-        )?;
         let limit = page_limit(limit, 1000, 1000)?;
         match (id, name) {
             (Some(_), Some(_)) => Err(KmsError::validation(
@@ -276,15 +264,9 @@ impl Kms {
 
     pub async fn update_custom_key_store(
         &self,
-        caller: &Caller,
+        _: &Authorized<'_>,
         req: UpdateStore,
     ) -> KmsResult<()> {
-        self.authorize_account(
-            caller,
-            Op::UpdateCustomKeyStore.action(),
-            Some(&req.id),
-            &crate::iam::Facts::of(&caller.principal),
-        )?;
         if req.new_name.is_none() && req.password.is_none() && req.cluster_id.is_none() {
             return Err(KmsError::validation(
                 "Specify at least one of NewCustomKeyStoreName, KeyStorePassword, CloudHsmClusterId",
@@ -350,13 +332,7 @@ impl Kms {
         Ok(())
     }
 
-    pub async fn delete_custom_key_store(&self, caller: &Caller, id: &str) -> KmsResult<()> {
-        self.authorize_account(
-            caller,
-            Op::DeleteCustomKeyStore.action(),
-            Some(id),
-            &crate::iam::Facts::of(&caller.principal),
-        )?;
+    pub async fn delete_custom_key_store(&self, _: &Authorized<'_>, id: &str) -> KmsResult<()> {
         if !is_store_id(id) {
             return Err(keystore_not_found(id));
         }
@@ -388,15 +364,9 @@ impl Kms {
     /// it CONNECTED or FAILED with a connection error code.
     pub async fn connect_custom_key_store(
         self: &Arc<Self>,
-        caller: &Caller,
+        _: &Authorized<'_>,
         id: &str,
     ) -> KmsResult<()> {
-        self.authorize_account(
-            caller,
-            Op::ConnectCustomKeyStore.action(),
-            Some(id),
-            &crate::iam::Facts::of(&caller.principal),
-        )?;
         let lock = self.lifecycle_lock(id);
         let guard = lock.clone().write_owned().await;
         let rec = self.keystore(id).await?;
@@ -638,13 +608,7 @@ impl Kms {
         }
     }
 
-    pub async fn disconnect_custom_key_store(&self, caller: &Caller, id: &str) -> KmsResult<()> {
-        self.authorize_account(
-            caller,
-            Op::DisconnectCustomKeyStore.action(),
-            Some(id),
-            &crate::iam::Facts::of(&caller.principal),
-        )?;
+    pub async fn disconnect_custom_key_store(&self, _: &Authorized<'_>, id: &str) -> KmsResult<()> {
         let lock = self.lifecycle_lock(id);
         let _guard = lock.write().await;
         let rec = self.keystore(id).await?;
@@ -839,10 +803,14 @@ impl Kms {
         }
         tracing::warn!(custom_key_store_id = %id, state = %state.as_str(), "finishing a transition a replica left unfinished");
         if state == Connecting {
-            if let Err(e) = self
-                .connect_custom_key_store(&self.service_caller(), id)
-                .await
-            {
+            let me = self.service_caller();
+            let connected = async {
+                let auth = Gate::new(&me, Op::ConnectCustomKeyStore)
+                    .authorize(self, Subject::KeyStore(Some(id)))
+                    .await?;
+                self.connect_custom_key_store(&auth, id).await
+            };
+            if let Err(e) = connected.await {
                 tracing::error!(custom_key_store_id = %id, error = %e, "connecting a store again after an interrupted connect failed");
             }
         }

@@ -13,6 +13,7 @@ pub mod connections;
 pub mod crypto;
 pub mod deletion;
 pub mod fields;
+pub mod gate;
 pub mod grants;
 pub mod keys;
 pub mod keystores;

@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::access::Access;
+use super::access::{Access, Caller};
 use super::clusters::Clusters;
 use super::connections::Connections;
+use super::gate::{Authorized, Gate, KeyNamed, Subject};
 use super::grants::CreateGrant;
 use super::sealing::Sealer;
 use super::throttle::Quotas;
@@ -16,8 +17,10 @@ use super::{Kms, Parts};
 use crate::iam::Identities;
 use crate::metadata::sqlite::Sqlite;
 use crate::metadata::{KeyRecord, KeyStoreRecord, Metadata};
-use model::error::ErrorKind;
+use model::context::NO_CONTEXT;
+use model::error::{ErrorKind, KmsResult};
 use model::ids::ArnScope;
+use model::op::Op;
 use model::states::{ConnectionState, KeyState};
 
 const STORE: &str = "cks-1234567890abcdef0";
@@ -86,7 +89,7 @@ async fn state_changes_follow_the_key_state_table() {
     let key = id.to_string();
     let arn = kms.scope.key_arn(&id);
 
-    let e = kms.cancel_key_deletion(&me, &key).await.unwrap_err();
+    let e = cancel(&kms, &me, &key).await.unwrap_err();
     assert_eq!(
         (e.kind, e.message),
         (
@@ -94,16 +97,29 @@ async fn state_changes_follow_the_key_state_table() {
             format!("{arn} is not pending deletion.")
         )
     );
-    let view = kms.schedule_key_deletion(&me, &key, Some(7)).await.unwrap();
+    let auth = on_key(&kms, &me, Op::ScheduleKeyDeletion, &key)
+        .await
+        .unwrap();
+    let view = kms.schedule_key_deletion(&auth, Some(7)).await.unwrap();
     assert_eq!(view.key_state, KeyState::PendingDeletion);
     for e in [
-        kms.set_key_enabled(&me, &key, true).await.unwrap_err(),
-        kms.update_key_description(&me, &key, "d")
+        kms.set_key_enabled(&on_key(&kms, &me, Op::EnableKey, &key).await.unwrap())
             .await
             .unwrap_err(),
-        kms.tag_resource(&me, &key, &[("k".into(), "v".into())])
-            .await
-            .unwrap_err(),
+        kms.update_key_description(
+            &on_key(&kms, &me, Op::UpdateKeyDescription, &key)
+                .await
+                .unwrap(),
+            "d",
+        )
+        .await
+        .unwrap_err(),
+        kms.tag_resource(
+            &on_key(&kms, &me, Op::TagResource, &key).await.unwrap(),
+            &[("k".into(), "v".into())],
+        )
+        .await
+        .unwrap_err(),
     ] {
         assert_eq!(
             (e.kind, e.message),
@@ -115,12 +131,13 @@ async fn state_changes_follow_the_key_state_table() {
     }
     // PutKeyPolicy works in every state.
     let policy = crate::iam::document::default_policy("aws", "111122223333");
-    kms.put_key_policy(&me, &key, None, &policy, false)
+    let auth = on_key(&kms, &me, Op::PutKeyPolicy, &key).await.unwrap();
+    kms.put_key_policy(&auth, None, &policy, false)
         .await
         .unwrap();
-    kms.cancel_key_deletion(&me, &key).await.unwrap();
+    cancel(&kms, &me, &key).await.unwrap();
     assert_eq!(
-        kms.describe_key(&me, &key).await.unwrap().key_state,
+        describe(&kms, &me, &key).await.unwrap().key_state,
         KeyState::Disabled
     );
 }
@@ -132,13 +149,13 @@ async fn keys_of_a_disconnected_store_are_unavailable_and_refuse_cryptography() 
     let id = key_in(&*meta, ConnectionState::Disconnected, KeyState::Enabled).await;
     let key = id.to_string();
     assert_eq!(
-        kms.describe_key(&me, &key).await.unwrap().key_state,
+        describe(&kms, &me, &key).await.unwrap().key_state,
         KeyState::Unavailable
     );
+    let auth = on_key(&kms, &me, Op::Encrypt, &key).await.unwrap();
     let Err(e) = kms
         .encrypt(
-            &me,
-            &key,
+            &auth,
             zeroize::Zeroizing::new(b"x".to_vec()),
             &Default::default(),
             None,
@@ -154,28 +171,29 @@ async fn keys_of_a_disconnected_store_are_unavailable_and_refuse_cryptography() 
         format!("{} is unavailable.", kms.scope.key_arn(&id))
     );
     // [12]: the change is recorded and shows once the store is back.
-    kms.set_key_enabled(&me, &key, false).await.unwrap();
+    kms.set_key_enabled(&on_key(&kms, &me, Op::DisableKey, &key).await.unwrap())
+        .await
+        .unwrap();
     assert_eq!(
         meta.key(&id).await.unwrap().unwrap().key_state,
         KeyState::Disabled
     );
     // Grants can be made for it (the table allows CreateGrant on an unavailable key).
-    let e = kms
-        .create_grant(
-            &me,
-            CreateGrant {
-                key_id: key.clone(),
-                grantee_principal: "arn:aws:iam::111122223333:role/app".into(),
-                retiring_principal: None,
-                operations: vec!["Decrypt".into()],
-                context_subset: None,
-                context_equals: None,
-                name: None,
-                dry_run: false,
-            },
-        )
+    let record = kms
+        .new_grant(CreateGrant {
+            grantee_principal: "arn:aws:iam::111122223333:role/app".into(),
+            retiring_principal: None,
+            operations: vec!["Decrypt".into()],
+            context_subset: None,
+            context_equals: None,
+            name: None,
+        })
+        .unwrap();
+    let auth = Gate::new(&me, Op::CreateGrant)
+        .authorize(&kms, Subject::NewGrant(&key, &record))
         .await
-        .unwrap_err();
+        .unwrap();
+    let e = kms.create_grant(&auth, record, false).await.unwrap_err();
     // ... but not for a disabled one, [1].
     assert_eq!(e.kind, ErrorKind::Disabled);
 }
@@ -185,10 +203,14 @@ async fn creating_keys_are_invisible() {
     let (kms, meta) = kms();
     let me = kms.service_caller();
     let id = key_in(&*meta, ConnectionState::Connected, KeyState::Creating).await;
-    let e = kms.describe_key(&me, &id.to_string()).await.unwrap_err();
+    let e = describe(&kms, &me, &id.to_string()).await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound);
+    let auth = Gate::new(&me, Op::ListKeys)
+        .authorize(&kms, Subject::Account)
+        .await
+        .unwrap();
     assert!(kms
-        .list_keys(&me, None, None)
+        .list_keys(&auth, None, None)
         .await
         .unwrap()
         .items
@@ -206,28 +228,34 @@ async fn aliases_are_unique_and_follow_the_table() {
         KeyState::PendingDeletion,
     )
     .await;
-    kms.create_alias(&me, "alias/app", &a.to_string())
+    let (a, b) = (a.to_string(), b.to_string());
+    alias(&kms, &me, Op::CreateAlias, "alias/app", Some(&a))
         .await
         .unwrap();
-    let e = kms
-        .create_alias(&me, "alias/app", &a.to_string())
+    let e = alias(&kms, &me, Op::CreateAlias, "alias/app", Some(&a))
         .await
         .unwrap_err();
     assert_eq!(e.kind, ErrorKind::AlreadyExists);
-    let e = kms
-        .update_alias(&me, "alias/app", &b.to_string())
+    let e = alias(&kms, &me, Op::UpdateAlias, "alias/app", Some(&b))
         .await
         .unwrap_err();
     assert_eq!(
         (e.kind, e.message),
         (
             ErrorKind::KmsInvalidState,
-            format!("{} is pending deletion.", kms.scope.key_arn(&b))
+            format!(
+                "{} is pending deletion.",
+                kms.scope.key_arn(&b.parse().unwrap())
+            )
         )
     );
-    let e = kms.delete_alias(&me, "alias/none").await.unwrap_err();
+    let e = alias(&kms, &me, Op::DeleteAlias, "alias/none", None)
+        .await
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound);
-    kms.delete_alias(&me, "alias/app").await.unwrap();
+    alias(&kms, &me, Op::DeleteAlias, "alias/app", None)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -235,10 +263,14 @@ async fn a_store_with_keys_is_not_deleted() {
     let (kms, meta) = kms();
     let me = kms.service_caller();
     key_in(&*meta, ConnectionState::Disconnected, KeyState::Enabled).await;
-    let e = kms.delete_custom_key_store(&me, STORE).await.unwrap_err();
+    let auth = Gate::new(&me, Op::DeleteCustomKeyStore)
+        .authorize(&kms, Subject::KeyStore(Some(STORE)))
+        .await
+        .unwrap();
+    let e = kms.delete_custom_key_store(&auth, STORE).await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::CustomKeyStoreHasCmks);
     let e = kms
-        .delete_custom_key_store(&me, "cks-0000000000aaaaaaa")
+        .delete_custom_key_store(&auth, "cks-0000000000aaaaaaa")
         .await
         .unwrap_err();
     assert_eq!(e.kind, ErrorKind::CustomKeyStoreNotFound);
@@ -268,10 +300,72 @@ async fn due_keys_of_a_disconnected_store_are_deleted_and_their_material_reporte
     .unwrap();
     assert_eq!(kms.delete_due_keys().await, 1);
     assert_eq!(meta.key(&id).await.unwrap(), None);
+    let auth = Gate::new(&me, Op::ListAliases)
+        .authorize(&kms, Subject::Account)
+        .await
+        .unwrap();
     assert!(kms
-        .list_aliases(&me, None, None, None)
+        .list_aliases(&auth, None, None, None)
         .await
         .unwrap()
         .items
         .is_empty());
+}
+
+/// `op` on the key `key` names, through the gate as the request path runs it.
+async fn on_key<'c>(kms: &Kms, me: &'c Caller, op: Op, key: &str) -> KmsResult<Authorized<'c>> {
+    let named = match op {
+        Op::Encrypt | Op::DescribeKey => KeyNamed::any(key, &NO_CONTEXT),
+        _ => KeyNamed::id(key),
+    };
+    let subject = match op {
+        Op::PutKeyPolicy => Subject::KeyPolicy(named, false),
+        _ => Subject::Key(named),
+    };
+    Gate::new(me, op).authorize(kms, subject).await
+}
+
+async fn describe(kms: &Kms, me: &Caller, key: &str) -> KmsResult<super::keys::KeyView> {
+    kms.describe_key(&on_key(kms, me, Op::DescribeKey, key).await?)
+        .await
+}
+
+async fn cancel(kms: &Kms, me: &Caller, key: &str) -> KmsResult<Uuid> {
+    kms.cancel_key_deletion(&on_key(kms, me, Op::CancelKeyDeletion, key).await?)
+        .await
+}
+
+/// CreateAlias, UpdateAlias or DeleteAlias through the gate.
+async fn alias(kms: &Kms, me: &Caller, op: Op, name: &str, target: Option<&str>) -> KmsResult<()> {
+    let auth = Gate::new(me, op)
+        .authorize(kms, Subject::Alias { name, target })
+        .await?;
+    match op {
+        Op::CreateAlias => kms.create_alias(&auth, name).await,
+        Op::UpdateAlias => kms.update_alias(&auth, name).await,
+        _ => kms.delete_alias(&auth, name).await,
+    }
+}
+
+/// A front that names a subject of another scope than its operation's is refused before
+/// anything is read or decided, even for the account root.
+#[tokio::test]
+async fn a_subject_of_another_scope_is_refused() {
+    let (kms, meta) = kms();
+    let me = kms.service_caller();
+    let id = key_in(&*meta, ConnectionState::Connected, KeyState::Enabled).await;
+    for (op, subject) in [
+        (Op::DisableKey, Subject::Account),
+        (Op::ListKeys, Subject::Key(KeyNamed::id(&id.to_string()))),
+        (Op::ConnectCustomKeyStore, Subject::Account),
+    ] {
+        let Err(e) = Gate::new(&me, op).authorize(&kms, subject).await else {
+            panic!("{op:?} authorized on a subject of another scope");
+        };
+        assert_eq!(e.kind, ErrorKind::KmsInternal, "{op:?}: {}", e.message);
+    }
+    assert_eq!(
+        meta.key(&id).await.unwrap().unwrap().key_state,
+        KeyState::Enabled
+    );
 }

@@ -22,7 +22,7 @@ use serde::Serialize;
 use super::path::{Call, RequestPath};
 use super::{audited, Audited};
 use crate::http::Peer;
-use crate::kms::access::Caller;
+use crate::kms::gate::Gate;
 use crate::kms::Kms;
 use model::error::{ErrorKind, KmsError, KmsResult};
 use model::op::{Op, Recorded};
@@ -117,7 +117,7 @@ pub(super) async fn call<R, T>(
     path: &RequestPath,
     call: &Call,
     body: &[u8],
-    handle: impl AsyncFnOnce(&Arc<Kms>, &Caller, R) -> KmsResult<T>,
+    handle: impl AsyncFnOnce(&Arc<Kms>, Gate<'_>, R) -> KmsResult<T>,
 ) -> KmsResult<Vec<u8>>
 where
     R: DeserializeOwned + Audited,
@@ -133,8 +133,8 @@ where
         .ok()
         .and_then(|r| super::intent_target(call.op, r));
     let response = path
-        .run(call, context, target, async |kms, caller| {
-            handle(kms, caller, request?).await
+        .run(call, context, target, async |kms, gate| {
+            handle(kms, gate, request?).await
         })
         .await?;
     json::write(&response)
