@@ -1,8 +1,11 @@
-//! Policy documents: the IAM policy grammar a document is checked against before it is
-//! compiled (`Policy::parse`; key policies name principals, identity policies do not), the
-//! AWS default key policy, and key policy names.
+//! Policy documents: the IAM policy grammar as serde types (`Document`), read once by
+//! `Policy::parse`, which checks what the types cannot say while it compiles; the AWS
+//! default key policy, and key policy names.
 
-use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
 
 use model::error::{ErrorKind, KmsError, KmsResult};
 
@@ -47,11 +50,11 @@ pub fn check_policy_name(name: Option<&str>) -> KmsResult<()> {
     }
 }
 
-fn malformed(msg: String) -> KmsError {
+pub(super) fn malformed(msg: String) -> KmsError {
     KmsError::new(ErrorKind::MalformedPolicyDocument, msg)
 }
 
-const CONDITION_OPERATORS: &[&str] = &[
+pub(super) const CONDITION_OPERATORS: &[&str] = &[
     "StringEquals",
     "StringNotEquals",
     "StringEqualsIgnoreCase",
@@ -81,19 +84,170 @@ const CONDITION_OPERATORS: &[&str] = &[
     "Null",
 ];
 
-/// Checks a key policy document: size, characters, JSON, and the IAM grammar (Version,
-/// Id, Statement with Sid, Effect, Principal/NotPrincipal, Action/NotAction,
-/// Resource/NotResource, Condition). Errors say what is wrong and where.
-pub(super) fn validate(doc: &str) -> KmsResult<()> {
-    validate_doc(doc, true)
+/// A policy document as IAM's grammar writes it. serde reads it once, refusing unknown
+/// elements and values of the wrong type (with the line and column); `Policy::parse`
+/// checks the rest of the grammar while it compiles the statements.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Document {
+    #[serde(rename = "Version")]
+    pub version: Option<String>,
+    #[serde(rename = "Id")]
+    #[allow(dead_code)] // read for its type only
+    pub id: Option<String>,
+    #[serde(rename = "Statement")]
+    pub statement: OneOrMany<Statement>,
 }
 
-/// Checks an identity (IAM) policy: the same grammar, without Principal elements.
-pub(super) fn validate_identity(doc: &str) -> KmsResult<()> {
-    validate_doc(doc, false)
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Statement {
+    #[serde(rename = "Sid")]
+    pub sid: Option<String>,
+    #[serde(rename = "Effect")]
+    pub effect: Effect,
+    #[serde(rename = "Principal")]
+    pub principal: Option<PrincipalElement>,
+    #[serde(rename = "NotPrincipal")]
+    pub not_principal: Option<PrincipalElement>,
+    #[serde(rename = "Action")]
+    pub action: Option<OneOrMany<String>>,
+    #[serde(rename = "NotAction")]
+    pub not_action: Option<OneOrMany<String>>,
+    #[serde(rename = "Resource")]
+    pub resource: Option<OneOrMany<String>>,
+    #[serde(rename = "NotResource")]
+    pub not_resource: Option<OneOrMany<String>>,
+    /// Operator -> condition key -> values.
+    #[serde(rename = "Condition")]
+    pub condition: Option<BTreeMap<String, BTreeMap<String, OneOrMany<Scalar>>>>,
 }
 
-fn validate_doc(doc: &str, key_policy: bool) -> KmsResult<()> {
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Effect {
+    Allow,
+    Deny,
+}
+
+/// `"*"`, or principals by type: `{"AWS": [...], "Service": ...}`.
+pub(super) enum PrincipalElement {
+    Star,
+    ByType(BTreeMap<String, OneOrMany<String>>),
+}
+
+/// A condition value: a string, number or boolean, kept as its text.
+pub(super) struct Scalar(pub String);
+
+/// An element that is one value or a list of them.
+pub(super) enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    pub fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMany::One(t) => vec![t],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Not `#[serde(untagged)]`: a list is read element by element, so an error inside
+        // one names what is wrong there rather than "no variant matched".
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = OneOrMany<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a value or a list of values")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(x) = seq.next_element()? {
+                    out.push(x);
+                }
+                Ok(OneOrMany::Many(out))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(OneOrMany::One)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                T::deserialize(de::value::StrDeserializer::new(v)).map(OneOrMany::One)
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                T::deserialize(de::value::BoolDeserializer::new(v)).map(OneOrMany::One)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                T::deserialize(de::value::I64Deserializer::new(v)).map(OneOrMany::One)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                T::deserialize(de::value::U64Deserializer::new(v)).map(OneOrMany::One)
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                T::deserialize(de::value::F64Deserializer::new(v)).map(OneOrMany::One)
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string, number or boolean")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for PrincipalElement {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = PrincipalElement;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"*\" or an object such as {\"AWS\": \"<ARN>\"}")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PrincipalElement, E> {
+                if v == "*" {
+                    Ok(PrincipalElement::Star)
+                } else {
+                    Err(E::invalid_value(de::Unexpected::Str(v), &self))
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<PrincipalElement, A::Error> {
+                BTreeMap::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(PrincipalElement::ByType)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Reads a document: the checks on its text (empty, size, characters), then serde's reading
+/// of the grammar's shape. What the shape cannot say is checked by `Policy::parse`.
+pub(super) fn read(doc: &str) -> KmsResult<Document> {
     if doc.is_empty() {
         return Err(KmsError::validation("Policy must not be empty"));
     }
@@ -115,235 +269,7 @@ fn validate_doc(doc: &str, key_policy: bool) -> KmsResult<()> {
             c as u32
         )));
     }
-    let value: Value = serde_json::from_str(doc)
-        .map_err(|e| malformed(format!("The policy is not valid JSON: {e}")))?;
-    let top = value
-        .as_object()
-        .ok_or_else(|| malformed("The policy must be a JSON object".into()))?;
-    for k in top.keys() {
-        if !matches!(k.as_str(), "Version" | "Id" | "Statement") {
-            return Err(malformed(format!("Unknown policy element {k}")));
-        }
-    }
-    match top.get("Version") {
-        None => {}
-        Some(Value::String(v)) if v == "2012-10-17" || v == "2008-10-17" => {}
-        Some(v) => {
-            return Err(malformed(format!(
-                "Version must be 2012-10-17 or 2008-10-17, not {v}"
-            )))
-        }
-    }
-    if let Some(id) = top.get("Id") {
-        if !id.is_string() {
-            return Err(malformed("Id must be a string".into()));
-        }
-    }
-    let statements: Vec<&Value> = match top.get("Statement") {
-        None => return Err(malformed("The policy has no Statement".into())),
-        Some(Value::Array(a)) if a.is_empty() => {
-            return Err(malformed("Statement must not be empty".into()))
-        }
-        Some(Value::Array(a)) => a.iter().collect(),
-        Some(v @ Value::Object(_)) => vec![v],
-        Some(_) => return Err(malformed("Statement must be an object or a list".into())),
-    };
-    let mut sids = std::collections::HashSet::new();
-    for (i, st) in statements.iter().enumerate() {
-        let n = i + 1;
-        let st = st
-            .as_object()
-            .ok_or_else(|| malformed(format!("Statement {n} must be an object")))?;
-        check_statement(n, st, key_policy)?;
-        if let Some(Value::String(sid)) = st.get("Sid") {
-            if !sids.insert(sid.clone()) {
-                return Err(malformed(format!(
-                    "Statement ids must be unique: {sid} repeats"
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn check_statement(n: usize, st: &Map<String, Value>, key_policy: bool) -> KmsResult<()> {
-    for k in st.keys() {
-        if !matches!(
-            k.as_str(),
-            "Sid"
-                | "Effect"
-                | "Principal"
-                | "NotPrincipal"
-                | "Action"
-                | "NotAction"
-                | "Resource"
-                | "NotResource"
-                | "Condition"
-        ) {
-            return Err(malformed(format!("Statement {n}: unknown element {k}")));
-        }
-    }
-    if let Some(sid) = st.get("Sid") {
-        if !sid.is_string() {
-            return Err(malformed(format!("Statement {n}: Sid must be a string")));
-        }
-    }
-    match st.get("Effect") {
-        Some(Value::String(e)) if e == "Allow" || e == "Deny" => {}
-        Some(_) => {
-            return Err(malformed(format!(
-                "Statement {n}: Effect must be Allow or Deny"
-            )))
-        }
-        None => return Err(malformed(format!("Statement {n}: Effect is missing"))),
-    }
-    if key_policy {
-        let principal = exactly_one(n, st, "Principal", "NotPrincipal")?;
-        check_principal(n, principal)?;
-    } else if st.contains_key("Principal") || st.contains_key("NotPrincipal") {
-        return Err(malformed(format!(
-            "Statement {n}: an identity policy has no Principal; it applies to its principal"
-        )));
-    }
-    let action = exactly_one(n, st, "Action", "NotAction")?;
-    for a in strings(n, "Action", action)? {
-        let ok = a == "*"
-            || a.split_once(':').is_some_and(|(svc, op)| {
-                !svc.is_empty()
-                    && svc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                    && !op.is_empty()
-                    && op
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'*' || b == b'?')
-            });
-        if !ok {
-            return Err(malformed(format!(
-                "Statement {n}: action {a} is not of the form service:Action (e.g. kms:Encrypt)"
-            )));
-        }
-    }
-    let resource = exactly_one(n, st, "Resource", "NotResource")?;
-    for r in strings(n, "Resource", resource)? {
-        if r != "*" && !r.starts_with("arn:") {
-            return Err(malformed(format!(
-                "Statement {n}: resource {r} must be * or an ARN"
-            )));
-        }
-    }
-    if let Some(cond) = st.get("Condition") {
-        check_condition(n, cond)?;
-    }
-    Ok(())
-}
-
-fn exactly_one<'a>(n: usize, st: &'a Map<String, Value>, a: &str, b: &str) -> KmsResult<&'a Value> {
-    match (st.get(a), st.get(b)) {
-        (Some(v), None) | (None, Some(v)) => Ok(v),
-        (Some(_), Some(_)) => Err(malformed(format!(
-            "Statement {n}: use {a} or {b}, not both"
-        ))),
-        (None, None) => Err(malformed(format!("Statement {n}: {a} (or {b}) is missing"))),
-    }
-}
-
-/// A string or a non-empty list of strings.
-fn strings<'a>(n: usize, what: &str, v: &'a Value) -> KmsResult<Vec<&'a str>> {
-    match v {
-        Value::String(s) => Ok(vec![s.as_str()]),
-        Value::Array(a) if !a.is_empty() => a
-            .iter()
-            .map(|x| {
-                x.as_str().ok_or_else(|| {
-                    malformed(format!("Statement {n}: every {what} must be a string"))
-                })
-            })
-            .collect(),
-        _ => Err(malformed(format!(
-            "Statement {n}: {what} must be a string or a non-empty list of strings"
-        ))),
-    }
-}
-
-fn check_principal(n: usize, p: &Value) -> KmsResult<()> {
-    match p {
-        Value::String(s) if s == "*" => Ok(()),
-        Value::Object(m) if !m.is_empty() => {
-            for (kind, v) in m {
-                if !matches!(
-                    kind.as_str(),
-                    "AWS" | "Service" | "Federated" | "CanonicalUser"
-                ) {
-                    return Err(malformed(format!(
-                        "Statement {n}: unknown principal type {kind}"
-                    )));
-                }
-                for id in strings(n, "Principal", v)? {
-                    let ok = match kind.as_str() {
-                        "AWS" => {
-                            id == "*"
-                                || (id.len() == 12 && id.bytes().all(|b| b.is_ascii_digit()))
-                                || id.starts_with("arn:")
-                        }
-                        _ => !id.is_empty(),
-                    };
-                    if !ok {
-                        return Err(malformed(format!(
-                            "Statement {n}: {id} is not a valid {kind} principal"
-                        )));
-                    }
-                }
-            }
-            Ok(())
-        }
-        _ => Err(malformed(format!(
-            "Statement {n}: Principal must be \"*\" or an object such as {{\"AWS\": \"<ARN>\"}}"
-        ))),
-    }
-}
-
-fn check_condition(n: usize, cond: &Value) -> KmsResult<()> {
-    let ops = cond
-        .as_object()
-        .ok_or_else(|| malformed(format!("Statement {n}: Condition must be an object")))?;
-    for (op, block) in ops {
-        let base = op
-            .strip_prefix("ForAnyValue:")
-            .or_else(|| op.strip_prefix("ForAllValues:"))
-            .unwrap_or(op);
-        let base = match base.strip_suffix("IfExists") {
-            Some(b) if b != "Null" => b,
-            _ => base,
-        };
-        if !CONDITION_OPERATORS.contains(&base) {
-            return Err(malformed(format!(
-                "Statement {n}: unknown condition operator {op}"
-            )));
-        }
-        let keys = block.as_object().filter(|m| !m.is_empty()).ok_or_else(|| {
-            malformed(format!(
-                "Statement {n}: condition {op} must map condition keys to values"
-            ))
-        })?;
-        for (key, v) in keys {
-            if key.is_empty() {
-                return Err(malformed(format!(
-                    "Statement {n}: empty condition key in {op}"
-                )));
-            }
-            let scalar = |x: &Value| x.is_string() || x.is_number() || x.is_boolean();
-            let ok = match v {
-                Value::Array(a) => !a.is_empty() && a.iter().all(scalar),
-                x => scalar(x),
-            };
-            if !ok {
-                return Err(malformed(format!(
-                    "Statement {n}: the value of {key} in {op} must be a string, number, \
-                     boolean or a non-empty list of them"
-                )));
-            }
-        }
-    }
-    Ok(())
+    serde_json::from_str(doc).map_err(|e| malformed(format!("The policy is not valid: {e}")))
 }
 
 #[cfg(test)]
@@ -351,13 +277,15 @@ mod tests {
     use super::*;
 
     fn kind(doc: &str) -> Option<ErrorKind> {
-        validate(doc).err().map(|e| e.kind)
+        super::super::Policy::parse(doc, super::super::Kind::Key)
+            .err()
+            .map(|e| e.kind)
     }
 
     #[test]
     fn default_policy_is_valid() {
         let p = default_policy("aws", "111122223333");
-        assert!(validate(&p).is_ok(), "{p}");
+        assert_eq!(kind(&p), None, "{p}");
         assert!(p.contains("arn:aws:iam::111122223333:root"));
     }
 
@@ -396,6 +324,27 @@ mod tests {
         ] {
             assert_eq!(kind(bad), m, "{bad}");
         }
+        // serde's reading names the element and where it is.
+        let message = |doc: &str| {
+            super::super::Policy::parse(doc, super::super::Kind::Key)
+                .err()
+                .map(|e| e.message)
+                .unwrap_or_default()
+        };
+        let m = message(
+            r#"{"Statement":[{"Effect":"Allow","Principal":"*","Action":"*","Resource":"*"},
+            {"Effect":"Allow","Principal":"*","Action":"*","Resource":"*","Extra":1}]}"#,
+        );
+        assert!(
+            m.contains("unknown field `Extra`") && m.contains("line 2"),
+            "{m}"
+        );
+        let m = message(
+            r#"{"Statement":{"Effect":"Maybe","Principal":"*","Action":"*","Resource":"*"}}"#,
+        );
+        assert!(m.contains("unknown variant `Maybe`"), "{m}");
+        let m = message(r#"{"Statement":{"Effect":"Allow","Principal":"*","Action":"*"}}"#);
+        assert_eq!(m, "Statement 1: Resource (or NotResource) is missing");
         assert_eq!(
             kind(&" ".repeat(MAX_POLICY_BYTES + 1)),
             Some(ErrorKind::LimitExceeded)

@@ -1,13 +1,11 @@
 //! A policy document compiled for evaluation: its statements, with principals parsed by
 //! IAM's grammar and conditions parsed once, so that evaluating a request does no JSON work.
 
-use serde_json::Value;
-
-use model::error::{ErrorKind, KmsError, KmsResult};
+use model::error::{KmsError, KmsResult};
 use model::principal::Principal;
 
 use super::condition::{Condition, Facts, Operator, Qualifier};
-use super::document;
+use super::document::{self, OneOrMany, PrincipalElement};
 use super::wildcard::glob;
 
 /// Which grammar a document follows: key policies name principals; identity policies do not.
@@ -127,85 +125,36 @@ pub struct Verdict {
 }
 
 impl Policy {
-    /// Reads a document of `kind`: checked against the IAM policy grammar
-    /// (MalformedPolicyDocumentException says what is wrong and where), then compiled. The
-    /// one way to a `Policy`, so no unchecked document is ever evaluated.
+    /// Reads a document of `kind` once (serde, `document::Document`) and compiles it,
+    /// checking the rest of IAM's grammar on the way: MalformedPolicyDocumentException says
+    /// what is wrong and where. The one way to a `Policy`, so no unchecked document is ever
+    /// evaluated.
     pub fn parse(doc: &str, kind: Kind) -> KmsResult<Policy> {
-        match kind {
-            Kind::Key => document::validate(doc)?,
-            Kind::Identity => document::validate_identity(doc)?,
+        let doc = document::read(doc)?;
+        match doc.version.as_deref() {
+            None | Some("2012-10-17") | Some("2008-10-17") => {}
+            Some(v) => {
+                return Err(malformed(format!(
+                    "Version must be 2012-10-17 or 2008-10-17, not {v}"
+                )))
+            }
         }
-        Policy::compile(doc)
-    }
-
-    /// Compiles a document the grammar accepted.
-    fn compile(doc: &str) -> KmsResult<Policy> {
-        let bad = |m: &str| KmsError::new(ErrorKind::MalformedPolicyDocument, m.to_string());
-        let value: Value = serde_json::from_str(doc).map_err(|e| bad(&e.to_string()))?;
-        let statements = match value.get("Statement") {
-            Some(Value::Array(a)) => a.iter().collect(),
-            Some(v @ Value::Object(_)) => vec![v],
-            _ => return Err(bad("The policy has no Statement")),
-        };
-        let mut out = Vec::new();
-        for st in statements {
-            let field = |a: &str, b: &str| -> (Option<Vec<String>>, bool) {
-                match (st.get(a), st.get(b)) {
-                    (Some(v), _) => (Some(string_list(v)), false),
-                    (None, Some(v)) => (Some(string_list(v)), true),
-                    (None, None) => (None, false),
-                }
-            };
-            let (principals, not_principal) = match (st.get("Principal"), st.get("NotPrincipal")) {
-                (None, None) => (None, false),
-                (p, np) => (
-                    Some(
-                        principal_list(p.or(np).unwrap_or(&Value::Null))
-                            .into_iter()
-                            .map(Named::parse)
-                            .collect(),
-                    ),
-                    np.is_some(),
-                ),
-            };
-            let (actions, not_action) = field("Action", "NotAction");
-            let (resources, not_resource) = field("Resource", "NotResource");
-            let mut conditions = Vec::new();
-            if let Some(Value::Object(ops)) = st.get("Condition") {
-                for (name, block) in ops {
-                    let (set, rest) = if let Some(r) = name.strip_prefix("ForAnyValue:") {
-                        (Some(Qualifier::AnyValue), r)
-                    } else if let Some(r) = name.strip_prefix("ForAllValues:") {
-                        (Some(Qualifier::AllValues), r)
-                    } else {
-                        (None, name.as_str())
-                    };
-                    let (base, if_exists) = match rest.strip_suffix("IfExists") {
-                        Some(b) if rest != "Null" => (b, true),
-                        _ => (rest, false),
-                    };
-                    let op = Operator::parse(base);
-                    for (key, v) in block.as_object().into_iter().flatten() {
-                        conditions.push(Condition {
-                            op,
-                            set,
-                            if_exists,
-                            key: key.to_ascii_lowercase(),
-                            values: string_list(v),
-                        });
-                    }
+        let statements = doc.statement.into_vec();
+        if statements.is_empty() {
+            return Err(malformed("Statement must not be empty".into()));
+        }
+        let mut sids = std::collections::HashSet::new();
+        let mut out = Vec::with_capacity(statements.len());
+        for (i, st) in statements.into_iter().enumerate() {
+            let n = i + 1;
+            if let Some(sid) = &st.sid {
+                if !sids.insert(sid.clone()) {
+                    return Err(malformed(format!(
+                        "Statement ids must be unique: {sid} repeats"
+                    )));
                 }
             }
-            out.push(Statement {
-                allow: st.get("Effect").and_then(Value::as_str) == Some("Allow"),
-                principals,
-                not_principal,
-                actions: actions.unwrap_or_default(),
-                not_action,
-                resources: resources.unwrap_or_else(|| vec!["*".into()]),
-                not_resource,
-                conditions,
-            });
+            out.push(Statement::compile(n, st, kind)?);
         }
         Ok(Policy { statements: out })
     }
@@ -233,26 +182,180 @@ impl Policy {
     }
 }
 
-/// Values of a policy element: a string, number or boolean, or a list of them.
-fn string_list(v: &Value) -> Vec<String> {
-    let one = |x: &Value| match x {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        _ => None,
-    };
-    match v {
-        Value::Array(a) => a.iter().filter_map(one).collect(),
-        x => one(x).into_iter().collect(),
+impl Statement {
+    /// Statement `n` of a document of `kind`, checked against the rest of IAM's grammar.
+    fn compile(n: usize, st: document::Statement, kind: Kind) -> KmsResult<Statement> {
+        let (principals, not_principal) = match (kind, st.principal, st.not_principal) {
+            (Kind::Identity, None, None) => (None, false),
+            (Kind::Identity, _, _) => {
+                return Err(malformed(format!(
+                    "Statement {n}: an identity policy has no Principal; it applies to its \
+                     principal"
+                )))
+            }
+            (Kind::Key, Some(p), None) => (Some(principals(n, p)?), false),
+            (Kind::Key, None, Some(p)) => (Some(principals(n, p)?), true),
+            (Kind::Key, p, _) => return Err(one_of(n, "Principal", "NotPrincipal", p.is_some())),
+        };
+        let (actions, not_action) = exactly_one(n, "Action", st.action, st.not_action)?;
+        for a in &actions {
+            let ok = a == "*"
+                || a.split_once(':').is_some_and(|(svc, op)| {
+                    !svc.is_empty()
+                        && svc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                        && !op.is_empty()
+                        && op
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'*' || b == b'?')
+                });
+            if !ok {
+                return Err(malformed(format!(
+                    "Statement {n}: action {a} is not of the form service:Action (e.g. \
+                     kms:Encrypt)"
+                )));
+            }
+        }
+        let (resources, not_resource) = exactly_one(n, "Resource", st.resource, st.not_resource)?;
+        if let Some(r) = resources
+            .iter()
+            .find(|r| *r != "*" && !r.starts_with("arn:"))
+        {
+            return Err(malformed(format!(
+                "Statement {n}: resource {r} must be * or an ARN"
+            )));
+        }
+        let mut conditions = Vec::new();
+        for (name, block) in st.condition.unwrap_or_default() {
+            let (set, rest) = if let Some(r) = name.strip_prefix("ForAnyValue:") {
+                (Some(Qualifier::AnyValue), r)
+            } else if let Some(r) = name.strip_prefix("ForAllValues:") {
+                (Some(Qualifier::AllValues), r)
+            } else {
+                (None, name.as_str())
+            };
+            let (base, if_exists) = match rest.strip_suffix("IfExists") {
+                Some(b) if rest != "Null" => (b, true),
+                _ => (rest, false),
+            };
+            if !document::CONDITION_OPERATORS.contains(&base) {
+                return Err(malformed(format!(
+                    "Statement {n}: unknown condition operator {name}"
+                )));
+            }
+            if block.is_empty() {
+                return Err(malformed(format!(
+                    "Statement {n}: condition {name} must map condition keys to values"
+                )));
+            }
+            let op = Operator::parse(base);
+            for (key, values) in block {
+                let values: Vec<String> = values.into_vec().into_iter().map(|v| v.0).collect();
+                if key.is_empty() || values.is_empty() {
+                    return Err(malformed(format!(
+                        "Statement {n}: condition {name} needs a condition key and at least \
+                         one value"
+                    )));
+                }
+                conditions.push(Condition {
+                    op,
+                    set,
+                    if_exists,
+                    key: key.to_ascii_lowercase(),
+                    values,
+                });
+            }
+        }
+        Ok(Statement {
+            allow: st.effect == document::Effect::Allow,
+            principals,
+            not_principal,
+            actions,
+            not_action,
+            resources,
+            not_resource,
+            conditions,
+        })
     }
 }
 
-/// `"*"` or `{"AWS": ...}`; other principal types (services, federated) never match a caller
-/// of this service.
-fn principal_list(v: &Value) -> Vec<String> {
-    match v {
-        Value::String(s) => vec![s.clone()],
-        Value::Object(m) => m.get("AWS").map(string_list).unwrap_or_default(),
-        _ => Vec::new(),
+fn malformed(msg: String) -> KmsError {
+    document::malformed(msg)
+}
+
+fn one_of(n: usize, a: &str, b: &str, both: bool) -> KmsError {
+    malformed(if both {
+        format!("Statement {n}: use {a} or {b}, not both")
+    } else {
+        format!("Statement {n}: {a} (or {b}) is missing")
+    })
+}
+
+/// The one of `a` and `Not<a>` a statement has, as a non-empty list; whether it was `Not`.
+fn exactly_one(
+    n: usize,
+    a: &str,
+    plain: Option<OneOrMany<String>>,
+    not: Option<OneOrMany<String>>,
+) -> KmsResult<(Vec<String>, bool)> {
+    let (list, negated) = match (plain, not) {
+        (Some(v), None) => (v.into_vec(), false),
+        (None, Some(v)) => (v.into_vec(), true),
+        (p, _) => return Err(one_of(n, a, &format!("Not{a}"), p.is_some())),
+    };
+    if list.is_empty() {
+        return Err(malformed(format!(
+            "Statement {n}: {a} must be a string or a non-empty list of strings"
+        )));
     }
+    Ok((list, negated))
+}
+
+/// A Principal element: `*`, or principals by type. Only AWS principals can be callers of
+/// this service; the other types are checked for form and never match.
+fn principals(n: usize, p: PrincipalElement) -> KmsResult<Vec<Named>> {
+    let by_type = match p {
+        PrincipalElement::Star => return Ok(vec![Named::Any]),
+        PrincipalElement::ByType(m) if m.is_empty() => {
+            return Err(malformed(format!(
+                "Statement {n}: Principal must be \"*\" or an object such as {{\"AWS\": \"<ARN>\"}}"
+            )))
+        }
+        PrincipalElement::ByType(m) => m,
+    };
+    let mut out = Vec::new();
+    for (kind, ids) in by_type {
+        if !matches!(
+            kind.as_str(),
+            "AWS" | "Service" | "Federated" | "CanonicalUser"
+        ) {
+            return Err(malformed(format!(
+                "Statement {n}: unknown principal type {kind}"
+            )));
+        }
+        let ids = ids.into_vec();
+        if ids.is_empty() {
+            return Err(malformed(format!(
+                "Statement {n}: Principal must be a string or a non-empty list of strings"
+            )));
+        }
+        for id in ids {
+            let ok = match kind.as_str() {
+                "AWS" => {
+                    id == "*"
+                        || (id.len() == 12 && id.bytes().all(|b| b.is_ascii_digit()))
+                        || id.starts_with("arn:")
+                }
+                _ => !id.is_empty(),
+            };
+            if !ok {
+                return Err(malformed(format!(
+                    "Statement {n}: {id} is not a valid {kind} principal"
+                )));
+            }
+            if kind == "AWS" {
+                out.push(Named::parse(id));
+            }
+        }
+    }
+    Ok(out)
 }
