@@ -83,6 +83,41 @@ fn request(op: Op, t: &Targets) -> Value {
         Op::GenerateDataKey => json!({"KeyId": key, "KeySpec": "AES_256"}),
         Op::GenerateDataKeyWithoutPlaintext => json!({"KeyId": key, "KeySpec": "AES_256"}),
         Op::GenerateRandom => json!({"NumberOfBytes": 16, "CustomKeyStoreId": t.store}),
+        // Not served: bob hears AccessDeniedException before the refusal of the operation.
+        Op::EnableKeyRotation
+        | Op::DisableKeyRotation
+        | Op::GetKeyRotationStatus
+        | Op::RotateKeyOnDemand
+        | Op::ListKeyRotations
+        | Op::GetPublicKey
+        | Op::DeleteImportedKeyMaterial => json!({"KeyId": key}),
+        Op::GenerateDataKeyPair | Op::GenerateDataKeyPairWithoutPlaintext => {
+            json!({"KeyId": key, "KeyPairSpec": "RSA_2048"})
+        }
+        Op::Sign => {
+            json!({"KeyId": key, "Message": "aGVsbG8=", "SigningAlgorithm": "RSASSA_PSS_SHA_256"})
+        }
+        Op::Verify => json!({
+            "KeyId": key, "Message": "aGVsbG8=", "Signature": "aGVsbG8=",
+            "SigningAlgorithm": "RSASSA_PSS_SHA_256"
+        }),
+        Op::GenerateMac => {
+            json!({"KeyId": key, "Message": "aGVsbG8=", "MacAlgorithm": "HMAC_SHA_256"})
+        }
+        Op::VerifyMac => json!({
+            "KeyId": key, "Message": "aGVsbG8=", "Mac": "aGVsbG8=", "MacAlgorithm": "HMAC_SHA_256"
+        }),
+        Op::DeriveSharedSecret => json!({
+            "KeyId": key, "KeyAgreementAlgorithm": "ECDH", "PublicKey": "aGVsbG8="
+        }),
+        Op::GetParametersForImport => json!({
+            "KeyId": key, "WrappingAlgorithm": "RSAES_OAEP_SHA_256", "WrappingKeySpec": "RSA_2048"
+        }),
+        Op::ImportKeyMaterial => json!({
+            "KeyId": key, "ImportToken": "aGVsbG8=", "EncryptedKeyMaterial": "aGVsbG8="
+        }),
+        Op::ReplicateKey => json!({"KeyId": key, "ReplicaRegion": "eu-west-1"}),
+        Op::UpdatePrimaryRegion => json!({"KeyId": key, "PrimaryRegion": "eu-west-1"}),
     }
 }
 

@@ -404,11 +404,261 @@ async fn every_operation_through_the_aws_sdk() {
 
     // Every operation went over the AWS protocol and is in the audit trail.
     let lines = audit_lines(&h);
-    for op in hsm_kms::model::op::Op::ALL {
+    for op in hsm_kms::model::op::Op::served() {
         assert!(
             lines.iter().any(|l| l["operation"] == op.name()),
             "no audit line for {}",
             op.name()
+        );
+    }
+}
+
+/// The operations of the AWS API that a key in a CloudHSM key store cannot do are answered
+/// as AWS answers them for such a key, through the SDK as terraform or an application would
+/// call them: after NotFoundException for a key that does not exist and the key-state table,
+/// UnsupportedOperationException or InvalidKeyUsageException in AWS's words (recorded
+/// templates: see `model::op::Unserved`).
+#[tokio::test]
+async fn unserved_operations_answer_as_aws_does_for_a_key_in_a_cloudhsm_key_store() {
+    use aws_sdk_kms::types::{
+        AlgorithmSpec, DataKeyPairSpec, KeyAgreementAlgorithmSpec, MacAlgorithmSpec,
+        SigningAlgorithmSpec, WrappingKeySpec,
+    };
+    let h = aws_server(&[ClusterSpec::good("cluster-awsunservedn")]).await;
+    let c = sdk(&h, ROOT_KEY);
+    let key = aws_connected_key(&h, &c).await;
+    let arn = c
+        .describe_key()
+        .key_id(&key)
+        .send()
+        .await
+        .unwrap()
+        .key_metadata
+        .unwrap()
+        .arn
+        .unwrap();
+    let blob = || Blob::new(b"0123456789abcdef".to_vec());
+    let origin = (
+        "UnsupportedOperationException".to_string(),
+        format!("{arn} origin is AWS_CLOUDHSM which is not valid for this operation."),
+    );
+    let usage = |op: &str| {
+        (
+            "InvalidKeyUsageException".to_string(),
+            format!("{arn} key usage is ENCRYPT_DECRYPT which is not valid for {op}."),
+        )
+    };
+    let region = (
+        "UnsupportedOperationException".to_string(),
+        format!("{arn} is not a multi-region primary key."),
+    );
+    let k = key.as_str();
+    let answers = [
+        (
+            "GetKeyRotationStatus",
+            refusal(c.get_key_rotation_status().key_id(k).send().await),
+            origin.clone(),
+        ),
+        (
+            "EnableKeyRotation",
+            refusal(c.enable_key_rotation().key_id(k).send().await),
+            origin.clone(),
+        ),
+        (
+            "DisableKeyRotation",
+            refusal(c.disable_key_rotation().key_id(k).send().await),
+            origin.clone(),
+        ),
+        (
+            "RotateKeyOnDemand",
+            refusal(c.rotate_key_on_demand().key_id(k).send().await),
+            origin.clone(),
+        ),
+        (
+            "ListKeyRotations",
+            refusal(c.list_key_rotations().key_id(k).send().await),
+            origin.clone(),
+        ),
+        (
+            "GenerateDataKeyPair",
+            refusal(
+                c.generate_data_key_pair()
+                    .key_id(k)
+                    .key_pair_spec(DataKeyPairSpec::Rsa2048)
+                    .send()
+                    .await,
+            ),
+            origin.clone(),
+        ),
+        (
+            "GenerateDataKeyPairWithoutPlaintext",
+            refusal(
+                c.generate_data_key_pair_without_plaintext()
+                    .key_id(k)
+                    .key_pair_spec(DataKeyPairSpec::EccNistP256)
+                    .send()
+                    .await,
+            ),
+            origin.clone(),
+        ),
+        (
+            "GetParametersForImport",
+            refusal(
+                c.get_parameters_for_import()
+                    .key_id(k)
+                    .wrapping_algorithm(AlgorithmSpec::RsaesOaepSha256)
+                    .wrapping_key_spec(WrappingKeySpec::Rsa2048)
+                    .send()
+                    .await,
+            ),
+            origin.clone(),
+        ),
+        (
+            "ImportKeyMaterial",
+            refusal(
+                c.import_key_material()
+                    .key_id(k)
+                    .import_token(blob())
+                    .encrypted_key_material(blob())
+                    .send()
+                    .await,
+            ),
+            origin.clone(),
+        ),
+        (
+            "DeleteImportedKeyMaterial",
+            refusal(c.delete_imported_key_material().key_id(k).send().await),
+            origin.clone(),
+        ),
+        (
+            "Sign",
+            refusal(
+                c.sign()
+                    .key_id(k)
+                    .message(blob())
+                    .signing_algorithm(SigningAlgorithmSpec::RsassaPssSha256)
+                    .send()
+                    .await,
+            ),
+            usage("Sign"),
+        ),
+        (
+            "Verify",
+            refusal(
+                c.verify()
+                    .key_id(k)
+                    .message(blob())
+                    .signature(blob())
+                    .signing_algorithm(SigningAlgorithmSpec::RsassaPssSha256)
+                    .send()
+                    .await,
+            ),
+            usage("Verify"),
+        ),
+        (
+            "GetPublicKey",
+            refusal(c.get_public_key().key_id(k).send().await),
+            usage("GetPublicKey"),
+        ),
+        (
+            "GenerateMac",
+            refusal(
+                c.generate_mac()
+                    .key_id(k)
+                    .message(blob())
+                    .mac_algorithm(MacAlgorithmSpec::HmacSha256)
+                    .send()
+                    .await,
+            ),
+            usage("GenerateMac"),
+        ),
+        (
+            "VerifyMac",
+            refusal(
+                c.verify_mac()
+                    .key_id(k)
+                    .message(blob())
+                    .mac(blob())
+                    .mac_algorithm(MacAlgorithmSpec::HmacSha256)
+                    .send()
+                    .await,
+            ),
+            usage("VerifyMac"),
+        ),
+        (
+            "DeriveSharedSecret",
+            refusal(
+                c.derive_shared_secret()
+                    .key_id(k)
+                    .key_agreement_algorithm(KeyAgreementAlgorithmSpec::Ecdh)
+                    .public_key(blob())
+                    .send()
+                    .await,
+            ),
+            usage("DeriveSharedSecret"),
+        ),
+        (
+            "ReplicateKey",
+            refusal(
+                c.replicate_key()
+                    .key_id(k)
+                    .replica_region("eu-west-1")
+                    .send()
+                    .await,
+            ),
+            region.clone(),
+        ),
+        (
+            "UpdatePrimaryRegion",
+            refusal(
+                c.update_primary_region()
+                    .key_id(k)
+                    .primary_region("eu-west-1")
+                    .send()
+                    .await,
+            ),
+            region.clone(),
+        ),
+    ];
+    for (op, got, want) in &answers {
+        assert_eq!(got, want, "{op}");
+    }
+    // Every unserved operation was sent.
+    assert_eq!(
+        answers.len(),
+        hsm_kms::model::op::Op::ALL.len() - hsm_kms::model::op::Op::served().count()
+    );
+
+    // A key that does not exist: NotFoundException first, as for any operation on a key.
+    let missing = "11111111-2222-3333-4444-555555555555";
+    let (code, _) = refusal(c.get_key_rotation_status().key_id(missing).send().await);
+    assert_eq!(code, "NotFoundException");
+    // The key-state table before the refusal of the operation: a disabled key.
+    c.disable_key().key_id(k).send().await.unwrap();
+    let (code, message) = refusal(
+        c.sign()
+            .key_id(k)
+            .message(blob())
+            .signing_algorithm(SigningAlgorithmSpec::RsassaPssSha256)
+            .send()
+            .await,
+    );
+    assert_eq!(
+        (code.as_str(), message),
+        ("DisabledException", format!("{arn} is disabled."))
+    );
+    // A required member missing: AWS's validation text.
+    let (code, message) = refusal(c.get_key_rotation_status().send().await);
+    assert_eq!(code, "ValidationException", "{message}");
+
+    // Each was recorded, refused, under its own name.
+    let lines = audit_lines(&h);
+    for (op, _, _) in &answers {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["operation"] == *op && l["outcome"] == "failed"),
+            "no audit line for {op}"
         );
     }
 }

@@ -172,6 +172,13 @@ macro_rules! operations {
         async fn aws_dispatch(path: &RequestPath, call: &Call, body: &[u8]) -> KmsResult<Vec<u8>> {
             match call.op {
                 $(Op::$op => aws::call::<$req, $resp>(path, call, body, $family::$handler).await,)+
+                op => match op.unserved() {
+                    Some(how) => aws::unserved(path, call, body, how).await,
+                    None => Err(model::error::KmsError::internal(format!(
+                        "{} is served but has no line in operations!",
+                        op.name()
+                    ))),
+                },
             }
         }
 
@@ -179,6 +186,7 @@ macro_rules! operations {
         fn aws_request_members(op: Op) -> serde_json::Value {
             match op {
                 $(Op::$op => serde_json::to_value($req::default()).unwrap_or_default(),)+
+                _ => serde_json::Value::Null,
             }
         }
 
@@ -187,6 +195,7 @@ macro_rules! operations {
         fn aws_response_members(op: Op) -> serde_json::Value {
             match op {
                 $(Op::$op => serde_json::to_value($resp::default()).unwrap_or_default(),)+
+                _ => serde_json::Value::Null,
             }
         }
     };
@@ -266,7 +275,7 @@ mod tests {
     #[test]
     fn every_operation_has_a_method_and_its_audited_context() {
         let ops: Vec<Op> = AUDITED_CONTEXTS.iter().map(|(op, _)| *op).collect();
-        assert_eq!(ops, Op::ALL);
+        assert_eq!(ops, Op::served().collect::<Vec<_>>());
         for (op, has) in AUDITED_CONTEXTS {
             assert_eq!(*has, op.recorded() == Recorded::EncryptionContext, "{op:?}");
         }

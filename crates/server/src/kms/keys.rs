@@ -15,7 +15,7 @@ use crate::iam::{Kind, Policy};
 use crate::metadata::{Failure, KeyRecord, KeyStoreRecord, Precondition, Removal};
 use model::error::{ErrorKind, KmsError, KmsResult};
 use model::ids::KeyRef;
-use model::op::Op;
+use model::op::{Op, Unserved};
 use model::states::{ConnectionState, KeyState, StateSet};
 
 pub struct CreateKey {
@@ -768,6 +768,21 @@ impl Kms {
             conn,
             iv_mode: cluster.map(|c| c.settings.gcm_iv).unwrap_or_default(),
         })
+    }
+}
+
+impl Kms {
+    /// An operation hsm-kms does not serve, on the key its authorization found: the
+    /// key-state table first (a disabled key is DisabledException for Sign as for Encrypt),
+    /// then the refusal AWS gives for a key in a CloudHSM key store. Never succeeds.
+    pub async fn unserved(&self, auth: &Authorized<'_>, how: Unserved) -> KmsResult<()> {
+        let key = auth.key()?;
+        let store = self.keystore_of(key).await?;
+        let arn = self.scope.key_arn(&key.id);
+        if let Err(refusal) = key.key_state.seen(store.connection_state).check(auth.op()) {
+            return Err(refusal.error(&arn));
+        }
+        Err(how.error(auth.op(), &arn))
     }
 }
 

@@ -22,10 +22,12 @@ use serde::Serialize;
 use super::path::{Call, RequestPath};
 use super::{audited, Audited};
 use crate::http::Peer;
-use crate::kms::gate::Gate;
+use crate::kms::fields::KeyId;
+use crate::kms::gate::{Gate, KeyNamed, Subject};
 use crate::kms::Kms;
+use model::context::NO_CONTEXT;
 use model::error::{ErrorKind, KmsError, KmsResult};
-use model::op::{Op, Recorded};
+use model::op::{Op, Recorded, Unserved};
 use signed::{Refused, Signed};
 
 const TARGET_PREFIX: &str = "TrentService.";
@@ -138,6 +140,56 @@ where
         })
         .await?;
     json::write(&response)
+}
+
+/// An operation of the AWS API that hsm-kms does not serve (`Op::unserved`): its required
+/// members checked, then, like any other, authorized on the key its KeyId names and checked
+/// against the key-state table, and refused as AWS refuses it for a key in a CloudHSM key
+/// store. Its other members are not read.
+pub(super) async fn unserved(
+    path: &RequestPath,
+    call: &Call,
+    body: &[u8],
+    how: Unserved,
+) -> KmsResult<Vec<u8>> {
+    let op = call.op;
+    let request = json::parse::<serde_json::Map<String, serde_json::Value>>(op, body);
+    path.run(call, None, None, async |kms, gate| {
+        let request = request?;
+        let key_ref = match request.get("KeyId") {
+            Some(serde_json::Value::String(k)) => k.as_str(),
+            _ => {
+                return Err(KmsError::new(
+                    ErrorKind::Serialization,
+                    format!(
+                        "The {} request could not be read: KeyId is not a string",
+                        op.name()
+                    ),
+                ))
+            }
+        };
+        let key_ref = KeyId::new("KeyId", key_ref)?.get();
+        // Those that take any KeyIdType (alias names too) in the model; the rotation,
+        // import and multi-Region operations take a key id or key ARN.
+        let named = match how {
+            Unserved::KeyUsage => KeyNamed::any(key_ref, &NO_CONTEXT),
+            _ if matches!(
+                op,
+                Op::GenerateDataKeyPair | Op::GenerateDataKeyPairWithoutPlaintext
+            ) =>
+            {
+                KeyNamed::any(key_ref, &NO_CONTEXT)
+            }
+            _ => KeyNamed::id(key_ref),
+        };
+        let auth = gate.authorize(kms, Subject::Key(named)).await?;
+        kms.unserved(&auth, how).await
+    })
+    .await?;
+    Err(KmsError::internal(format!(
+        "{} answered success",
+        op.name()
+    )))
 }
 
 /// The HTTP status AWS answers an exception with: 5xx for the model's server faults (so
