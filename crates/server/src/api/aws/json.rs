@@ -240,20 +240,23 @@ fn wrong_member<R: DeserializeOwned>(
     }
 }
 
-/// The JSON body of a response: absent optional members left out, never `null`.
+/// The JSON body of a response as AWS writes it: absent optional members left out, never
+/// `null`, and an empty map or structure inside the response left out too (a grant with only
+/// `EncryptionContextSubset` has no `EncryptionContextEquals: {}`; one with no constraint
+/// has no `Constraints`). Lists stay, empty or not (`"Tags": []`), as AWS writes them.
 pub fn write<T: Serialize>(response: &T) -> KmsResult<Vec<u8>> {
     let mut value = serde_json::to_value(response).map_err(KmsError::internal)?;
-    drop_nulls(&mut value);
+    drop_absent(&mut value);
     serde_json::to_vec(&value).map_err(KmsError::internal)
 }
 
-fn drop_nulls(value: &mut Value) {
+fn drop_absent(value: &mut Value) {
     match value {
         Value::Object(m) => {
-            m.retain(|_, v| !v.is_null());
-            m.values_mut().for_each(drop_nulls);
+            m.values_mut().for_each(drop_absent);
+            m.retain(|_, v| !v.is_null() && !matches!(v, Value::Object(o) if o.is_empty()));
         }
-        Value::Array(items) => items.iter_mut().for_each(drop_nulls),
+        Value::Array(items) => items.iter_mut().for_each(drop_absent),
         _ => {}
     }
 }
@@ -262,6 +265,43 @@ fn drop_nulls(value: &mut Value) {
 mod tests {
     use super::*;
     use crate::proto::*;
+
+    /// A grant with one kind of constraint lists only that one; a grant with none has no
+    /// Constraints; empty lists stay.
+    #[test]
+    fn empty_maps_are_left_out_as_aws_leaves_them_out() {
+        let subset = GrantListEntry {
+            grant_id: "g".into(),
+            constraints: Some(GrantConstraints {
+                encryption_context_subset: [("app".to_string(), "x".to_string())].into(),
+                encryption_context_equals: Default::default(),
+            }),
+            ..Default::default()
+        };
+        let none = GrantListEntry {
+            grant_id: "h".into(),
+            constraints: Some(GrantConstraints::default()),
+            ..Default::default()
+        };
+        let out = write(&ListGrantsResponse {
+            grants: vec![subset, none],
+            ..Default::default()
+        })
+        .unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v["Grants"][0]["Constraints"],
+            serde_json::json!({"EncryptionContextSubset": {"app": "x"}})
+        );
+        assert!(v["Grants"][1].get("Constraints").is_none(), "{v}");
+        assert_eq!(v["Grants"][1]["Operations"], serde_json::json!([]));
+        let out = write(&ListResourceTagsResponse::default()).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&out).unwrap()["Tags"],
+            serde_json::json!([])
+        );
+        assert_eq!(write(&EnableKeyResponse {}).unwrap(), b"{}");
+    }
 
     #[test]
     fn members_are_spelled_as_aws_spells_them() {
