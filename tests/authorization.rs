@@ -83,6 +83,7 @@ fn request(op: Op, t: &Targets) -> Value {
         Op::GenerateDataKey => json!({"KeyId": key, "KeySpec": "AES_256"}),
         Op::GenerateDataKeyWithoutPlaintext => json!({"KeyId": key, "KeySpec": "AES_256"}),
         Op::GenerateRandom => json!({"NumberOfBytes": 16, "CustomKeyStoreId": t.store}),
+        Op::GetKeyLastUsage => json!({"KeyId": key}),
         // Not served: bob hears AccessDeniedException before the refusal of the operation.
         Op::EnableKeyRotation
         | Op::DisableKeyRotation

@@ -663,6 +663,77 @@ async fn unserved_operations_answer_as_aws_does_for_a_key_in_a_cloudhsm_key_stor
     }
 }
 
+/// GetKeyLastUsage through the SDK: nothing before the first use, then the last successful
+/// cryptographic operation with the request id the caller was answered with (the audit
+/// line's), never a refused one; kept across a restart.
+#[tokio::test]
+async fn get_key_last_usage_reports_the_last_successful_use() {
+    let mut h = aws_server(&[ClusterSpec::good("cluster-awslastusage")]).await;
+    let c = sdk(&h, ROOT_KEY);
+    let key = aws_connected_key(&h, &c).await;
+    let fresh = c.get_key_last_usage().key_id(&key).send().await.unwrap();
+    assert!(fresh.key_last_usage().is_none(), "{fresh:?}");
+    assert!(fresh.key_id().unwrap().ends_with(&key));
+    // Made after tracking began: tracking starts at the key's creation.
+    assert_eq!(fresh.tracking_start_date(), fresh.key_creation_date());
+
+    let sealed = c
+        .encrypt()
+        .key_id(&key)
+        .plaintext(Blob::new(b"used".to_vec()))
+        .send()
+        .await
+        .unwrap();
+    let used = c.get_key_last_usage().key_id(&key).send().await.unwrap();
+    let last = used.key_last_usage().expect("a use after Encrypt");
+    assert_eq!(last.operation().unwrap().as_str(), "Encrypt");
+    assert_eq!(last.kms_request_id(), sealed.request_id());
+    assert_eq!(last.cloud_trail_event_id(), sealed.request_id());
+    let audit = audit_line(&h, sealed.request_id().unwrap()).await;
+    assert_eq!(audit["operation"], "Encrypt");
+    let at = last.timestamp().unwrap().secs();
+    assert!(at >= fresh.key_creation_date().unwrap().secs(), "{at}");
+
+    let opened = c
+        .decrypt()
+        .ciphertext_blob(sealed.ciphertext_blob().unwrap().clone())
+        .send()
+        .await
+        .unwrap();
+    // A refused use changes nothing: the key disabled, Encrypt fails.
+    c.disable_key().key_id(&key).send().await.unwrap();
+    encrypt_refused(&c, &key).await;
+    let after = |r: aws_sdk_kms::operation::get_key_last_usage::GetKeyLastUsageOutput| {
+        let l = r.key_last_usage().unwrap().clone();
+        (
+            l.operation().unwrap().as_str().to_string(),
+            l.kms_request_id().unwrap().to_string(),
+        )
+    };
+    let last = after(c.get_key_last_usage().key_id(&key).send().await.unwrap());
+    assert_eq!(
+        last,
+        (
+            "Decrypt".to_string(),
+            opened.request_id().unwrap().to_string()
+        )
+    );
+    // Written at shutdown at the latest: a restart keeps it.
+    h.restart_with(|_| {}).await;
+    let c = sdk(&h, ROOT_KEY);
+    assert_eq!(
+        after(c.get_key_last_usage().key_id(&key).send().await.unwrap()),
+        last
+    );
+    let (code, _) = refusal(
+        c.get_key_last_usage()
+            .key_id("11111111-2222-3333-4444-555555555555")
+            .send()
+            .await,
+    );
+    assert_eq!(code, "NotFoundException");
+}
+
 /// Without `kms.default_custom_key_store`, CreateKey that names no store is refused with
 /// UnsupportedOperationException saying what to set.
 #[tokio::test]

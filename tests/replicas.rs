@@ -149,6 +149,23 @@ async fn a_change_through_one_replica_is_seen_by_the_next_request_to_another() {
         .expect("B decrypts what A encrypted")
         .into_inner();
     assert_eq!(out.plaintext, b"made by a");
+    // Key usage is shared: B's Decrypt is the key's last use for A too, once B has written
+    // it (every second).
+    let last_use = |c: &Client| {
+        let (mut c, key_id) = (c.clone(), key.key_id.clone());
+        async move {
+            c.get_key_last_usage(GetKeyLastUsageRequest { key_id })
+                .await
+                .ok()
+                .and_then(|r| r.into_inner().key_last_usage)
+                .and_then(|u| u.operation)
+        }
+    };
+    assert!(
+        eventually(|| async { last_use(&a).await.as_deref() == Some("Decrypt") }).await,
+        "A does not see B's use: {:?}",
+        last_use(&a).await
+    );
 
     // Disabled through B: A refuses the next request (the answer waits until every live
     // replica has the change in force).

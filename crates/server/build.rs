@@ -34,6 +34,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .field_attribute("creation_date", DATE)
         .field_attribute("deletion_date", DATE)
         .field_attribute("last_updated_date", DATE)
+        .field_attribute("tracking_start_date", DATE)
+        .field_attribute("key_creation_date", DATE)
+        .field_attribute("KeyLastUsageData.timestamp", DATE)
         .file_descriptor_set_path(out.join("kms_descriptor.bin"))
         .compile_protos(&["../../proto/kms/v1/kms.proto"], &["../../proto"])?;
     Ok(())

@@ -42,6 +42,7 @@ pub enum Op {
     GenerateDataKey,
     GenerateDataKeyWithoutPlaintext,
     GenerateRandom,
+    GetKeyLastUsage,
     // The operations of the AWS KMS API that a key in a CloudHSM key store cannot do. They
     // are routed, authorized on their key and checked against the key-state table like any
     // other, then answered as AWS answers for such a key (`Op::unserved`).
@@ -96,7 +97,7 @@ pub enum Recorded {
 
 impl Op {
     /// Every operation, in the order of the API.
-    pub const ALL: [Op; 53] = [
+    pub const ALL: [Op; 54] = [
         Op::CreateCustomKeyStore,
         Op::DescribeCustomKeyStores,
         Op::UpdateCustomKeyStore,
@@ -132,6 +133,7 @@ impl Op {
         Op::GenerateDataKey,
         Op::GenerateDataKeyWithoutPlaintext,
         Op::GenerateRandom,
+        Op::GetKeyLastUsage,
         Op::EnableKeyRotation,
         Op::DisableKeyRotation,
         Op::GetKeyRotationStatus,
@@ -197,6 +199,7 @@ impl Op {
             Op::GenerateDataKey => "GenerateDataKey",
             Op::GenerateDataKeyWithoutPlaintext => "GenerateDataKeyWithoutPlaintext",
             Op::GenerateRandom => "GenerateRandom",
+            Op::GetKeyLastUsage => "GetKeyLastUsage",
             Op::EnableKeyRotation => "EnableKeyRotation",
             Op::DisableKeyRotation => "DisableKeyRotation",
             Op::GetKeyRotationStatus => "GetKeyRotationStatus",
@@ -263,6 +266,7 @@ impl Op {
             Op::GenerateDataKey => &["kms:GenerateDataKey"],
             Op::GenerateDataKeyWithoutPlaintext => &["kms:GenerateDataKeyWithoutPlaintext"],
             Op::GenerateRandom => &["kms:GenerateRandom"],
+            Op::GetKeyLastUsage => &["kms:GetKeyLastUsage"],
             Op::EnableKeyRotation => &["kms:EnableKeyRotation"],
             Op::DisableKeyRotation => &["kms:DisableKeyRotation"],
             Op::GetKeyRotationStatus => &["kms:GetKeyRotationStatus"],
@@ -319,7 +323,8 @@ impl Op {
             | Op::Decrypt
             | Op::ReEncrypt
             | Op::GenerateDataKey
-            | Op::GenerateDataKeyWithoutPlaintext => Scope::Key,
+            | Op::GenerateDataKeyWithoutPlaintext
+            | Op::GetKeyLastUsage => Scope::Key,
             Op::EnableKeyRotation
             | Op::DisableKeyRotation
             | Op::GetKeyRotationStatus
@@ -388,7 +393,8 @@ impl Op {
             | Op::PutKeyPolicy
             | Op::GetKeyPolicy
             | Op::ListKeyPolicies
-            | Op::GenerateRandom => &[],
+            | Op::GenerateRandom
+            | Op::GetKeyLastUsage => &[],
             // Grants on a symmetric encryption key cannot include them (grants.rs).
             Op::EnableKeyRotation
             | Op::DisableKeyRotation
@@ -452,7 +458,8 @@ impl Op {
             | Op::RevokeGrant
             | Op::PutKeyPolicy
             | Op::GetKeyPolicy
-            | Op::ListKeyPolicies => false,
+            | Op::ListKeyPolicies
+            | Op::GetKeyLastUsage => false,
             // Refused before any key material is used.
             Op::EnableKeyRotation
             | Op::DisableKeyRotation
@@ -516,7 +523,8 @@ impl Op {
             | Op::ReEncrypt
             | Op::GenerateDataKey
             | Op::GenerateDataKeyWithoutPlaintext
-            | Op::GenerateRandom => false,
+            | Op::GenerateRandom
+            | Op::GetKeyLastUsage => false,
             // Refused: they change nothing.
             Op::EnableKeyRotation
             | Op::DisableKeyRotation
@@ -580,7 +588,8 @@ impl Op {
             | Op::ReEncrypt
             | Op::GenerateDataKey
             | Op::GenerateDataKeyWithoutPlaintext
-            | Op::GenerateRandom => false,
+            | Op::GenerateRandom
+            | Op::GetKeyLastUsage => false,
             Op::EnableKeyRotation
             | Op::DisableKeyRotation
             | Op::GetKeyRotationStatus
@@ -663,7 +672,8 @@ impl Op {
             | Op::ReEncrypt
             | Op::GenerateDataKey
             | Op::GenerateDataKeyWithoutPlaintext
-            | Op::GenerateRandom => None,
+            | Op::GenerateRandom
+            | Op::GetKeyLastUsage => None,
         }
     }
 

@@ -285,7 +285,9 @@ fn row(op: Op) -> Row {
         | Op::CreateKey
         | Op::ListKeys
         | Op::ListRetirableGrants
-        | Op::GenerateRandom => ANY,
+        | Op::GenerateRandom
+        // Not on AWS's page: it reads what was recorded, whatever the key's state.
+        | Op::GetKeyLastUsage => ANY,
         // Refused for a key in a custom key store whatever its state ([7], [9]; the newer
         // rotation operations and DeriveSharedSecret have no row on AWS's page).
         Op::EnableKeyRotation

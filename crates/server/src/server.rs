@@ -139,6 +139,7 @@ pub async fn start(
     ));
     // Other replicas connect and disconnect stores: follow them (log in or out here).
     let follower = kms.spawn_state_follower(STATE_FOLLOW_INTERVAL);
+    let usage = kms.spawn_usage_flusher();
 
     let auth = Arc::new(crate::api::auth::Authenticator::new(settings)?);
     let heads = spawn_audit_head_recorder(&kms, &audit, &replica);
@@ -266,6 +267,7 @@ pub async fn start(
         }
         deletion.abort();
         follower.abort();
+        usage.abort();
         for task in [reload, failures].into_iter().chain(admin) {
             task.abort();
         }

@@ -241,6 +241,26 @@ pub(super) async fn list_key_policies(
     })
 }
 
+pub(super) async fn get_key_last_usage(
+    kms: &Arc<Kms>,
+    gate: Gate<'_>,
+    r: GetKeyLastUsageRequest,
+) -> KmsResult<GetKeyLastUsageResponse> {
+    let auth = key_named(kms, gate, &r.key_id).await?;
+    let u = kms.key_last_usage(&auth).await?;
+    Ok(GetKeyLastUsageResponse {
+        key_id: kms.scope.key_arn(&u.key_id),
+        key_last_usage: u.last.map(|l| KeyLastUsageData {
+            operation: Some(l.operation),
+            timestamp: timestamp(l.used_ms),
+            cloud_trail_event_id: Some(l.request_id.clone()),
+            kms_request_id: Some(l.request_id),
+        }),
+        tracking_start_date: timestamp(u.tracking_start_ms),
+        key_creation_date: timestamp(u.key_creation_ms),
+    })
+}
+
 /// Authorizes the gate's operation on the key a KeyId member names (key id or key ARN).
 async fn key_named<'c>(kms: &Kms, gate: Gate<'c>, key_id: &str) -> KmsResult<Authorized<'c>> {
     let key_id = KeyId::new("KeyId", key_id)?.get();

@@ -243,6 +243,7 @@ operations! {
     generate_data_key: GenerateDataKey(GenerateDataKeyRequest [encryption_context]) -> GenerateDataKeyResponse = crypto::generate_data_key;
     generate_data_key_without_plaintext: GenerateDataKeyWithoutPlaintext(GenerateDataKeyWithoutPlaintextRequest [encryption_context]) -> GenerateDataKeyWithoutPlaintextResponse = crypto::generate_data_key_without_plaintext;
     generate_random: GenerateRandom(GenerateRandomRequest) -> GenerateRandomResponse = crypto::generate_random;
+    get_key_last_usage: GetKeyLastUsage(GetKeyLastUsageRequest) -> GetKeyLastUsageResponse = keys::get_key_last_usage;
 }
 
 /// The encryption context as the audit trail records it: none when empty, or when over the

@@ -139,6 +139,11 @@ impl RequestPath {
                 None => return Err(self.refused(call, outcome.err().unwrap_or_else(unaudited))),
             },
         };
+        // The keys of a successful cryptographic operation, for GetKeyLastUsage.
+        let used = match (caller, &outcome) {
+            (Some(c), Ok(_)) if call.op.cryptographic() => c.noted_keys(),
+            _ => Vec::new(),
+        };
         let receipt = self.audit.record(crate::audit::Entry {
             time_ms: model::now_ms(),
             request_id: call.request_id,
@@ -163,6 +168,9 @@ impl RequestPath {
         };
         match outcome {
             Ok(v) => {
+                if !used.is_empty() {
+                    self.kms.note_key_use(&used, call.op, call.request_id);
+                }
                 crate::metrics::get().request(op, "ok", call.started.elapsed());
                 Ok(v)
             }

@@ -80,6 +80,17 @@ impl Caller {
         }
     }
 
+    /// The keys noted so far.
+    pub fn noted_keys(&self) -> Vec<uuid::Uuid> {
+        let r = self.resources.lock().unwrap_or_else(|p| p.into_inner());
+        r.iter()
+            .filter_map(|r| match r {
+                Resource::Key(id) => Some(*id),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Hands over the noted resources (once, for the request's audit line).
     pub fn take_resources(&self) -> Vec<Resource> {
         std::mem::take(&mut *self.resources.lock().unwrap_or_else(|p| p.into_inner()))

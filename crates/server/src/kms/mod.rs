@@ -19,6 +19,7 @@ pub mod keys;
 pub mod keystores;
 pub mod sealing;
 pub mod throttle;
+pub mod usage;
 
 use std::sync::Arc;
 
@@ -132,6 +133,8 @@ pub struct Kms {
     replica: String,
     /// The database's clock minus this host's, in milliseconds (`measure_database_clock`).
     database_offset_ms: std::sync::atomic::AtomicI64,
+    /// Key uses noted and not yet written (GetKeyLastUsage).
+    usage: usage::Tracker,
 }
 
 impl Kms {
@@ -160,6 +163,7 @@ impl Kms {
             me: me.clone(),
             replica: uuid::Uuid::new_v4().to_string(),
             database_offset_ms: std::sync::atomic::AtomicI64::new(0),
+            usage: usage::Tracker::default(),
         })
     }
 
@@ -315,6 +319,8 @@ impl Kms {
     /// Closes every HSM connection (sessions closed, tokens logged out) without changing the
     /// stores' recorded states, so they reconnect on the next start.
     pub async fn shutdown(&self) {
+        // What was used since the last write is recorded before this replica leaves.
+        self.flush_key_usage().await;
         // The other replicas take this one's quota share at their next heartbeat.
         if let Err(e) = self.meta.leave(&self.replica).await {
             tracing::warn!(error = %e, "removing this replica's heartbeat failed");

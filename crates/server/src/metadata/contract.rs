@@ -31,6 +31,7 @@ macro_rules! contract_checks {
             scheduled_deletion_and_its_claim,
             abandoned_creations_are_claimed,
             tags_are_bounded_and_a_refused_change_leaves_none,
+            a_key_keeps_its_newest_use,
             aliases_are_unique_and_bounded,
             grants_are_bounded_and_named_grants_are_idempotent,
             reads_after_writes_see_the_writes,
@@ -569,6 +570,43 @@ pub(crate) async fn tags_are_bounded_and_a_refused_change_leaves_none(m: Arc<dyn
         precondition(m.untag_key(&id, StateSet::of(&[D]), &["k00".into()]).await),
         Precondition::KeyState(E)
     );
+}
+
+pub(crate) async fn a_key_keeps_its_newest_use(m: Arc<dyn Metadata>) {
+    let a = with_key(&*m, E).await;
+    let b = with_key(&*m, E).await;
+    let (none, started) = m.key_usage(&a).await.unwrap();
+    assert_eq!(none, None);
+    assert!(started > 0, "tracking began at {started}");
+    let at = |key: Uuid, operation: &str, used_ms: i64| KeyUsage {
+        key_id: key,
+        operation: operation.into(),
+        used_ms,
+        request_id: format!("r-{used_ms}"),
+    };
+    let gone = Uuid::new_v4();
+    // A key that is not there is skipped, without failing the others.
+    m.record_key_usage(&[
+        at(a, "Encrypt", 20),
+        at(b, "Decrypt", 10),
+        at(gone, "Encrypt", 5),
+    ])
+    .await
+    .unwrap();
+    // Another replica's older use arrives late: the newer one stays.
+    m.record_key_usage(&[at(a, "GenerateDataKey", 15), at(b, "ReEncrypt", 30)])
+        .await
+        .unwrap();
+    assert_eq!(m.key_usage(&a).await.unwrap().0, Some(at(a, "Encrypt", 20)));
+    assert_eq!(
+        m.key_usage(&b).await.unwrap().0,
+        Some(at(b, "ReEncrypt", 30))
+    );
+    assert_eq!(m.key_usage(&gone).await.unwrap().0, None);
+    // The use goes with its key.
+    m.delete_key(&a).await.unwrap();
+    assert_eq!(m.key_usage(&a).await.unwrap().0, None);
+    assert_eq!(m.key_usage(&b).await.unwrap().1, started);
 }
 
 pub(crate) async fn aliases_are_unique_and_bounded(m: Arc<dyn Metadata>) {

@@ -59,6 +59,17 @@ pub struct KeyStoreUpdate {
     pub sealed_password: Option<Vec<u8>>,
 }
 
+/// The last successful cryptographic use of a key (GetKeyLastUsage).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyUsage {
+    pub key_id: Uuid,
+    /// The operation's AWS name.
+    pub operation: String,
+    pub used_ms: i64,
+    /// The id of the request's audit line.
+    pub request_id: String,
+}
+
 /// A key row. `key_state` is the stored state; what a caller sees also depends on the key
 /// store's connection (`KeyState::seen`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -398,6 +409,11 @@ pub trait Keys: Send + Sync {
         after: Option<&str>,
         limit: usize,
     ) -> MetaResult<Vec<(String, String)>>;
+    /// Records the uses in `uses`, one transaction: a key keeps its newest use (replicas
+    /// write theirs in any order); a key that is gone is skipped.
+    async fn record_key_usage(&self, uses: &[KeyUsage]) -> MetaResult<()>;
+    /// The last recorded use of a key, and when usage tracking began in this database.
+    async fn key_usage(&self, id: &Uuid) -> MetaResult<(Option<KeyUsage>, i64)>;
 }
 
 /// Alias rows. The key an alias is created for, or moved to, must be in `accepted`.

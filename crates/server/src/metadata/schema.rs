@@ -283,6 +283,32 @@ CREATE TRIGGER keystores_state_since BEFORE INSERT OR UPDATE ON custom_key_store
     FOR EACH ROW EXECUTE FUNCTION hsm_kms_state_since();
 ",
     },
+    // Each key's last successful cryptographic use (GetKeyLastUsage), and when tracking
+    // began: AWS's TrackingStartDate is the later of that and the key's creation.
+    Step {
+        sqlite: "
+CREATE TABLE key_usage (
+    key_id     TEXT PRIMARY KEY REFERENCES keys(id) ON DELETE CASCADE,
+    operation  TEXT NOT NULL,
+    used_ms    INTEGER NOT NULL,
+    request_id TEXT NOT NULL
+);
+CREATE TABLE usage_tracking (started_ms INTEGER NOT NULL);
+INSERT INTO usage_tracking (started_ms)
+    VALUES (CAST(strftime('%s', 'now') AS INTEGER) * 1000);
+",
+        postgres: "
+CREATE TABLE key_usage (
+    key_id     TEXT COLLATE \"C\" PRIMARY KEY REFERENCES keys(id) ON DELETE CASCADE,
+    operation  TEXT NOT NULL,
+    used_ms    BIGINT NOT NULL,
+    request_id TEXT NOT NULL
+);
+CREATE TABLE usage_tracking (started_ms BIGINT NOT NULL);
+INSERT INTO usage_tracking (started_ms)
+    VALUES ((EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT);
+",
+    },
 ];
 
 #[cfg(test)]
@@ -290,11 +316,12 @@ mod tests {
     use super::*;
 
     // What each database recorded before the histories were one list: SQLite counted its
-    // 8 steps, PostgreSQL its 7. Both still mean the same steps.
+    // 8 steps, PostgreSQL its 7. Both still mean the same steps; the key usage step came
+    // after, the 9th and 8th.
     #[test]
     fn the_records_of_older_versions_keep_their_meaning() {
-        assert_eq!(complete(Dialect::Sqlite), 8);
-        assert_eq!(complete(Dialect::Postgres), 7);
+        assert_eq!(complete(Dialect::Sqlite), 9);
+        assert_eq!(complete(Dialect::Postgres), 8);
         // A PostgreSQL database at 1 has the first step's tables (grants, aliases
         // included): the next step it runs adds the deletion claims.
         let next = pending(Dialect::Postgres, 1).next().unwrap();
@@ -305,6 +332,8 @@ mod tests {
         let next = pending(Dialect::Sqlite, 7).next().unwrap();
         assert_eq!(next.0, 8);
         assert!(next.1.contains("state_since_ms"), "{}", next.1);
-        assert!(pending(Dialect::Sqlite, 8).next().is_none());
+        let next = pending(Dialect::Sqlite, 8).next().unwrap();
+        assert!(next.1.contains("key_usage"), "{}", next.1);
+        assert!(pending(Dialect::Sqlite, 9).next().is_none());
     }
 }

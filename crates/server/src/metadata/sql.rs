@@ -100,6 +100,16 @@ pub const COUNT_TAGS: &str = "SELECT COUNT(*) FROM key_tags WHERE key_id = $1";
 pub const TAGS_PAGE: &str =
     "SELECT tag_key, tag_value FROM key_tags WHERE key_id = $1 AND tag_key > $2
     ORDER BY tag_key LIMIT $3";
+/// A key's use, kept only if newer than the one recorded, and only for a key that exists.
+pub const RECORD_KEY_USAGE: &str = "INSERT INTO key_usage (key_id, operation, used_ms, request_id)
+    SELECT CAST($1 AS TEXT), CAST($2 AS TEXT), CAST($3 AS BIGINT), CAST($4 AS TEXT)
+    WHERE EXISTS (SELECT 1 FROM keys WHERE id = $1)
+    ON CONFLICT (key_id) DO UPDATE SET operation = excluded.operation,
+        used_ms = excluded.used_ms, request_id = excluded.request_id
+    WHERE excluded.used_ms > key_usage.used_ms";
+pub const KEY_USAGE: &str =
+    "SELECT operation, used_ms, request_id FROM key_usage WHERE key_id = $1";
+pub const USAGE_TRACKING_START: &str = "SELECT MIN(started_ms) FROM usage_tracking";
 pub const KEYSTORE_STATE: &str = "SELECT connection_state FROM custom_key_stores WHERE id = $1";
 pub const INSERT_KEYSTORE: &str =
     "INSERT INTO custom_key_stores (id, name, cluster_id, trust_anchor, sealed_password,

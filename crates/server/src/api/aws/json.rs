@@ -85,7 +85,8 @@ pub fn required(op: Op) -> &'static [&'static str] {
         | Op::GetKeyPolicy
         | Op::ListKeyPolicies
         | Op::GenerateDataKey
-        | Op::GenerateDataKeyWithoutPlaintext => &["KeyId"],
+        | Op::GenerateDataKeyWithoutPlaintext
+        | Op::GetKeyLastUsage => &["KeyId"],
         Op::UpdateKeyDescription => &["KeyId", "Description"],
         Op::TagResource => &["KeyId", "Tags"],
         Op::UntagResource => &["KeyId", "TagKeys"],
@@ -470,10 +471,9 @@ mod tests {
             .filter(|name| !routed.contains(name))
             .collect();
         unrouted.sort();
-        assert_eq!(
-            unrouted,
-            ["GetKeyLastUsage"],
-            "operations of the model not routed"
+        assert!(
+            unrouted.is_empty(),
+            "operations of the model not routed: {unrouted:?}"
         );
         for op in Op::ALL {
             let operation = &model["operations"][op.name()];

@@ -6,7 +6,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::{internal, key_refusal, lock_key, one, parse_id, parse_state, Postgres};
-use crate::metadata::{Failure, KeyRecord, Keys, MetaResult, Precondition, Removal};
+use crate::metadata::{Failure, KeyRecord, KeyUsage, Keys, MetaResult, Precondition, Removal};
 use model::states::{KeyState, StateSet};
 
 use crate::metadata::sql;
@@ -272,6 +272,52 @@ impl Keys for Postgres {
                 .await
                 .map_err(internal)?;
             Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+        .await
+    }
+
+    async fn record_key_usage(&self, uses: &[KeyUsage]) -> MetaResult<()> {
+        self.timed(async {
+            let mut c = self.writer().await?;
+            let tx = c.transaction().await.map_err(internal)?;
+            let stmt = tx.prepare(sql::RECORD_KEY_USAGE).await.map_err(internal)?;
+            for u in uses {
+                tx.execute(
+                    &stmt,
+                    &[
+                        &u.key_id.to_string(),
+                        &u.operation,
+                        &u.used_ms,
+                        &u.request_id,
+                    ],
+                )
+                .await
+                .map_err(internal)?;
+            }
+            tx.commit().await.map_err(internal)
+        })
+        .await
+    }
+
+    async fn key_usage(&self, id: &Uuid) -> MetaResult<(Option<KeyUsage>, i64)> {
+        self.timed(async {
+            let c = self.client().await?;
+            let used = c
+                .query_opt(sql::KEY_USAGE, &[&id.to_string()])
+                .await
+                .map_err(internal)?
+                .map(|r| KeyUsage {
+                    key_id: *id,
+                    operation: r.get(0),
+                    used_ms: r.get(1),
+                    request_id: r.get(2),
+                });
+            let since: i64 = c
+                .query_one(sql::USAGE_TRACKING_START, &[])
+                .await
+                .map_err(internal)?
+                .get(0);
+            Ok((used, since))
         })
         .await
     }

@@ -5,7 +5,7 @@ use rusqlite::{params, OptionalExtension, ToSql};
 use uuid::Uuid;
 
 use super::{bad_column, parse_id, read, require_state, write, Forget, Sqlite};
-use crate::metadata::{Failure, KeyRecord, Keys, MetaResult, Precondition, Removal};
+use crate::metadata::{Failure, KeyRecord, KeyUsage, Keys, MetaResult, Precondition, Removal};
 use model::states::{KeyState, StateSet};
 
 use super::q;
@@ -256,6 +256,41 @@ impl Keys for Sqlite {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
             rows.collect()
+        })
+    }
+
+    async fn record_key_usage(&self, uses: &[KeyUsage]) -> MetaResult<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            {
+                let mut stmt = tx.prepare(&q(sql::RECORD_KEY_USAGE))?;
+                for u in uses {
+                    stmt.execute(params![
+                        u.key_id.to_string(),
+                        u.operation,
+                        u.used_ms,
+                        u.request_id
+                    ])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+
+    async fn key_usage(&self, id: &Uuid) -> MetaResult<(Option<KeyUsage>, i64)> {
+        self.with(|c| {
+            let used = c
+                .query_row(&q(sql::KEY_USAGE), [id.to_string()], |r| {
+                    Ok(KeyUsage {
+                        key_id: *id,
+                        operation: r.get(0)?,
+                        used_ms: r.get(1)?,
+                        request_id: r.get(2)?,
+                    })
+                })
+                .optional()?;
+            let since: i64 = c.query_row(&q(sql::USAGE_TRACKING_START), [], |r| r.get(0))?;
+            Ok((used, since))
         })
     }
 }
