@@ -242,6 +242,8 @@ async fn every_operation_through_the_aws_sdk() {
 
     // Key policies.
     let policy = c.get_key_policy().key_id(&key_id).send().await.unwrap();
+    let usage = c.get_key_last_usage().key_id(&key_id).send().await.unwrap();
+    assert!(usage.tracking_start_date().is_some());
     assert_eq!(policy.policy_name(), Some("default"));
     c.put_key_policy()
         .key_id(&key_id)
@@ -732,6 +734,117 @@ async fn get_key_last_usage_reports_the_last_successful_use() {
             .await,
     );
     assert_eq!(code, "NotFoundException");
+}
+
+/// Messages recorded from real AWS (LocalStack's snapshot of its KMS tests, recorded
+/// against AWS), answered word for word.
+#[tokio::test]
+async fn messages_recorded_from_aws_are_answered_word_for_word() {
+    let h = aws_server(&[ClusterSpec::good("cluster-awswordsaaaa")]).await;
+    let c = sdk(&h, ROOT_KEY);
+    let key = aws_connected_key(&h, &c).await;
+    let other = c
+        .create_key()
+        .send()
+        .await
+        .unwrap()
+        .key_metadata
+        .unwrap()
+        .key_id;
+    let tag = |k: &str, v: &str| Tag::builder().tag_key(k).tag_value(v).build().unwrap();
+    let tags = |list: Vec<Tag>| c.tag_resource().key_id(&key).set_tags(Some(list));
+    let answer = |r: (String, String)| r;
+    let long = "k".repeat(129);
+    let cases = [
+        (
+            answer(refusal(tags(vec![tag("aws:x", "v")]).send().await)),
+            (
+                "TagException",
+                "Tags beginning with aws: are reserved".to_string(),
+            ),
+        ),
+        (
+            answer(refusal(
+                tags(vec![tag("d", "1"), tag("d", "2")]).send().await,
+            )),
+            ("TagException", "Duplicate tag keys".to_string()),
+        ),
+        (
+            answer(refusal(
+                c.create_key()
+                    .set_tags(Some((0..51).map(|i| tag(&format!("k{i}"), "v")).collect()))
+                    .send()
+                    .await,
+            )),
+            ("TagException", "Too many tags".to_string()),
+        ),
+        (
+            answer(refusal(tags(vec![tag(&long, "v")]).send().await)),
+            (
+                "ValidationException",
+                format!(
+                    "1 validation error detected: Value '{long}' at 'tags.1.member.tagKey' \
+                     failed to satisfy constraint: Member must have length less than or equal \
+                     to 128"
+                ),
+            ),
+        ),
+        (
+            answer(refusal(
+                c.encrypt()
+                    .key_id(&key)
+                    .plaintext(Blob::new(b"x".to_vec()))
+                    .dry_run(true)
+                    .send()
+                    .await,
+            )),
+            (
+                "DryRunOperationException",
+                "The request would have succeeded, but the DryRun option is set.".to_string(),
+            ),
+        ),
+        (
+            answer(refusal(c.generate_random().send().await)),
+            (
+                "ValidationException",
+                "NumberOfBytes is required.".to_string(),
+            ),
+        ),
+        (
+            answer(refusal(
+                c.describe_key()
+                    .key_id(format!("arn:aws:kms:eu-west-1:111122223333:key/{key}"))
+                    .send()
+                    .await,
+            )),
+            ("NotFoundException", "Invalid arn eu-west-1".to_string()),
+        ),
+    ];
+    for (got, (code, message)) in cases {
+        assert_eq!(got, (code.to_string(), message));
+    }
+    let sealed = c
+        .encrypt()
+        .key_id(&key)
+        .plaintext(Blob::new(b"x".to_vec()))
+        .send()
+        .await
+        .unwrap();
+    let got = refusal(
+        c.decrypt()
+            .key_id(&other)
+            .ciphertext_blob(sealed.ciphertext_blob().unwrap().clone())
+            .send()
+            .await,
+    );
+    assert_eq!(
+        got,
+        (
+            "IncorrectKeyException".to_string(),
+            "The key ID in the request does not identify a CMK that can perform this operation."
+                .to_string()
+        )
+    );
 }
 
 /// Without `kms.default_custom_key_store`, CreateKey that names no store is refused with

@@ -4,10 +4,22 @@
 
 use hsm_kms::model::op::Op;
 
-/// (operation, status, exception, message) of each row of the document's tables.
+/// (operation, status, exception, message) of each row of the operation tables (the
+/// sections "Served" and "Refused ...").
 fn rows() -> Vec<(String, String, String, String)> {
     let text = include_str!("../docs/CONFORMANCE.md");
+    let mut section = "";
     text.lines()
+        .filter(|l| {
+            if let Some(title) = l.strip_prefix("## ") {
+                section = if title.starts_with("Served") || title.starts_with("Refused") {
+                    "operations"
+                } else {
+                    ""
+                };
+            }
+            section == "operations"
+        })
         .filter(|l| l.starts_with("| ") && !l.starts_with("| operation") && !l.starts_with("| ---"))
         .map(|l| {
             let cells: Vec<String> = l

@@ -168,14 +168,18 @@ async fn create_key_validation() {
             Box::new(|r| r.tags = vec![tag("dup", "1"), tag("dup", "2")]),
             "TagException",
         ),
-        (Box::new(|r| r.tags = vec![tag("", "v")]), "TagException"),
+        // Lengths are the model's constraints: ValidationException, as in AWS.
+        (
+            Box::new(|r| r.tags = vec![tag("", "v")]),
+            "ValidationException",
+        ),
         (
             Box::new(|r| r.tags = vec![tag(&"k".repeat(129), "v")]),
-            "TagException",
+            "ValidationException",
         ),
         (
             Box::new(|r| r.tags = vec![tag("k", &"v".repeat(257))]),
-            "TagException",
+            "ValidationException",
         ),
         (
             Box::new(|r| r.tags = vec![tag("bad{char}", "v")]),

@@ -292,8 +292,8 @@ async fn tags() {
         (vec![], "ValidationException"),
         (vec![tag("aws:x", "v")], "TagException"),
         (vec![tag("d", "1"), tag("d", "2")], "TagException"),
-        (vec![tag("", "v")], "TagException"),
-        (vec![tag("k", &"v".repeat(257))], "TagException"),
+        (vec![tag("", "v")], "ValidationException"),
+        (vec![tag("k", &"v".repeat(257))], "ValidationException"),
     ] {
         assert_err(
             c.tag_resource(TagResourceRequest {

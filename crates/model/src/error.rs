@@ -121,6 +121,48 @@ pub const MESSAGE_LIMIT: usize = 1024;
 /// Longest piece of caller input quoted in a message, in characters.
 pub const QUOTE_LIMIT: usize = 128;
 
+/// Longest value a validation message quotes, in characters: AWS quotes the whole value (a
+/// 257-character tag value, recorded), and the model's longest common bound is 256.
+pub const VALIDATION_QUOTE_LIMIT: usize = 300;
+
+/// How a validation message shows the value at fault.
+#[derive(Clone, Copy, Debug)]
+pub enum Shown<'a> {
+    /// `Value '<value>' at ...`
+    Value(&'a str),
+    /// `Value null at ...`: a required member is missing.
+    Null,
+    /// `Value at ...`: a sensitive member (plaintext, a password), never quoted.
+    Hidden,
+}
+
+/// One violated constraint of the AWS API model, in AWS's validation text (recorded from
+/// real AWS: LocalStack's KMS snapshot), e.g. `Value '1025' at 'numberOfBytes' failed to
+/// satisfy constraint: Member must have value less than or equal to 1024`. `path` is the
+/// member's path as AWS writes it (camelCase, `tags.1.member.tagKey` inside lists).
+pub fn violation(shown: Shown<'_>, path: &str, constraint: &str) -> String {
+    let value = match shown {
+        Shown::Value(v) => match v.char_indices().nth(VALIDATION_QUOTE_LIMIT) {
+            None => format!(" '{v}'"),
+            Some((end, _)) => format!(" '{}...'", &v[..end]),
+        },
+        Shown::Null => " null".to_string(),
+        Shown::Hidden => String::new(),
+    };
+    format!("Value{value} at '{path}' failed to satisfy constraint: {constraint}")
+}
+
+/// ValidationException for `violations` (from `violation`), as AWS reports several:
+/// `2 validation errors detected: <one>; <two>`.
+pub fn validation_errors(violations: &[String]) -> KmsError {
+    let n = violations.len();
+    let plural = if n == 1 { "error" } else { "errors" };
+    KmsError::validation(format!(
+        "{n} validation {plural} detected: {}",
+        violations.join("; ")
+    ))
+}
+
 /// Caller input as a message quotes it: cut to `QUOTE_LIMIT` characters, with `...` when cut.
 pub fn quoted(input: &str) -> std::borrow::Cow<'_, str> {
     match input.char_indices().nth(QUOTE_LIMIT) {

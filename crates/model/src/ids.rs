@@ -108,7 +108,14 @@ impl ArnScope {
                     format!("{quoted} does not contain a valid key id"),
                 )
             })?;
-            if partition != self.partition || region != self.region || account != self.account_id {
+            // Another region's key: AWS's words (recorded: test_get_key_in_different_region).
+            if region != self.region {
+                return Err(KmsError::new(
+                    ErrorKind::NotFound,
+                    format!("Invalid arn {}", crate::error::quoted(region)),
+                ));
+            }
+            if partition != self.partition || account != self.account_id {
                 return Err(KmsError::new(
                     ErrorKind::NotFound,
                     format!("Key '{quoted}' does not exist"),

@@ -97,10 +97,12 @@ fn random_len(n: i32) -> KmsResult<usize> {
     }
 }
 
+/// DryRunOperationException in AWS's words (recorded from real AWS: LocalStack's KMS
+/// snapshot, test_generate_data_key_pair_dry_run).
 pub(super) fn dry_run() -> KmsError {
     KmsError::new(
         ErrorKind::DryRunOperation,
-        "The request would have succeeded, but the DryRun option is set",
+        "The request would have succeeded, but the DryRun option is set.",
     )
 }
 
@@ -288,7 +290,8 @@ impl Kms {
         store_id: Option<&str>,
     ) -> KmsResult<Secret> {
         let n = random_len(
-            number_of_bytes.ok_or_else(|| KmsError::validation("NumberOfBytes is required"))?,
+            // AWS's words (recorded: test_generate_random_invalid_number_of_bytes[None]).
+            number_of_bytes.ok_or_else(|| KmsError::validation("NumberOfBytes is required."))?,
         )?;
         let Some(store_id) = store_id else {
             let mut buf = Zeroizing::new(vec![0u8; n]);

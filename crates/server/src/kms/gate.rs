@@ -326,12 +326,11 @@ impl Kms {
         if let Some(want) = named {
             let want = self.resolve(caller, want).await?;
             if want != blob.key_id {
+                // AWS's words (recorded: test_re_encrypt_incorrect_source_key).
                 return Err(KmsError::new(
                     ErrorKind::IncorrectKey,
-                    format!(
-                        "The ciphertext was not encrypted under {}",
-                        self.scope.key_arn(&want)
-                    ),
+                    "The key ID in the request does not identify a CMK that can perform this \
+                     operation.",
                 ));
             }
         }

@@ -176,18 +176,14 @@ pub fn parse<R: DeserializeOwned>(op: Op, body: &[u8]) -> KmsResult<R> {
         let each: Vec<String> = missing
             .iter()
             .map(|m| {
-                format!(
-                    "Value null at '{}' failed to satisfy constraint: Member must not be null",
-                    camel(m)
+                model::error::violation(
+                    model::error::Shown::Null,
+                    &camel(m),
+                    "Member must not be null",
                 )
             })
             .collect();
-        let n = each.len();
-        let plural = if n == 1 { "error" } else { "errors" };
-        return Err(KmsError::validation(format!(
-            "{n} validation {plural} detected: {}",
-            each.join("; ")
-        )));
+        return Err(model::error::validation_errors(&each));
     }
     if let Some(known) = KNOWN.get(&op) {
         if let Some(other) = members
