@@ -58,3 +58,22 @@ if [ ${#python_missing[@]} -gt 0 ]; then
     exit 1
   }
 fi
+
+# Node (20 or later) and the AWS SDK for JavaScript v3: tests/js_sdk.rs runs it as a second
+# SDK. The packages are pinned by tests/js/package-lock.json.
+node_major() { node -e 'console.log(process.versions.node.split(".")[0])' 2>/dev/null || echo 0; }
+if [ "$(node_major)" -lt 20 ] || ! command -v npm >/dev/null 2>&1; then
+  echo "setup: installing nodejs and npm" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+  hash -r
+  [ "$(node_major)" -ge 20 ] || {
+    echo "setup: Node $(node --version 2>/dev/null) is too old for @aws-sdk/client-kms (20 or later needed)" >&2
+    exit 1
+  }
+fi
+js="$(cd "$(dirname "$0")/../tests/js" && pwd)"
+if [ ! -d "$js/node_modules/@aws-sdk/client-kms" ] || [ "$js/package-lock.json" -nt "$js/node_modules/.package-lock.json" ]; then
+  echo "setup: installing tests/js's packages (npm ci)" >&2
+  npm ci --prefix "$js" --no-audit --no-fund --loglevel=error
+fi
