@@ -600,7 +600,7 @@ async fn ambiguous_requests_are_refused() {
         )),
         "UnknownOperationException"
     );
-    // AWS reserves alias/aws/ in any case.
+    // AWS reserves alias/aws/ in any case, answering NotAuthorizedException.
     let c = sdk(&h, ROOT_KEY);
     let key = aws_connected_key(&h, &c).await;
     for name in ["alias/aws/x", "alias/AWS/x", "alias/Aws/y"] {
@@ -611,7 +611,7 @@ async fn ambiguous_requests_are_refused() {
             .send()
             .await;
         let (code, _) = refusal(r);
-        assert_eq!(code, "InvalidAliasNameException", "{name}");
+        assert_eq!(code, "NotAuthorizedException", "{name}");
     }
     let aliases = c.list_aliases().send().await.unwrap();
     assert!(aliases.aliases().is_empty(), "{aliases:?}");

@@ -885,7 +885,7 @@ async fn huge_inputs_are_quoted_short_in_errors() {
     assert_eq!(aws_error(&e), "InvalidArnException", "{e:?}");
     assert!(e.message().len() <= 1024, "{}", e.message().len());
     // What docs/SECURITY.md promises: caller input is quoted cut to 128 characters, alias names
-    // (as key references and in alias operations) included.
+    // as key references included, and to 300 in the AWS model's validation messages.
     let longest_run = |m: &str, c: char| {
         m.split(|x| x != c)
             .map(|run| run.chars().count())
@@ -905,12 +905,14 @@ async fn huge_inputs_are_quoted_short_in_errors() {
     assert!(longest_run(e.message(), 'b') <= 128, "{}", e.message());
     let e = c
         .create_alias(CreateAliasRequest {
-            alias_name: format!("alias/{}", "c".repeat(200)) + "!",
+            alias_name: format!("alias/{}", "c".repeat(1000)) + "!",
             target_key_id: key.clone(),
         })
         .await
         .unwrap_err();
-    assert!(longest_run(e.message(), 'c') <= 128, "{}", e.message());
+    assert_eq!(aws_error(&e), "ValidationException", "{e:?}");
+    assert!(longest_run(e.message(), 'c') <= 300, "{}", e.message());
+    assert!(e.message().len() <= 1024, "{}", e.message().len());
 }
 
 /// A moved (rotated) audit file is reported in the log; lines go on into it until SIGHUP,

@@ -150,7 +150,7 @@ async fn aliases() {
     for (name, err) in [
         ("app", "ValidationException"),
         ("alias/", "InvalidAliasNameException"),
-        ("alias/aws/s3", "InvalidAliasNameException"),
+        ("alias/aws/s3", "NotAuthorizedException"),
         ("alias/has space", "ValidationException"),
         ("alias/ünïcode", "ValidationException"),
         (

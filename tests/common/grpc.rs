@@ -169,6 +169,7 @@ fn expected_code(name: &str) -> tonic::Code {
         | "CloudHsmClusterInUseException"
         | "AlreadyExistsException" => AlreadyExists,
         "UnsupportedOperationException" => Unimplemented,
+        "AccessDeniedException" | "NotAuthorizedException" => PermissionDenied,
         "KMSInternalException" => Internal,
         "DependencyTimeoutException" => Unavailable,
         "LimitExceededException" | "ThrottlingException" => ResourceExhausted,

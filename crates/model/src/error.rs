@@ -45,6 +45,9 @@ pub enum ErrorKind {
     DependencyTimeout,
     Throttling,
     AccessDenied,
+    /// An alias name with AWS's reserved prefix `alias/aws/`: AWS answers this exception,
+    /// which its API model does not list.
+    NotAuthorized,
     /// The AWS protocol: a request for no operation of this service.
     UnknownOperation,
     /// SigV4 (the AWS protocol): no Authorization header.
@@ -71,6 +74,7 @@ impl ErrorKind {
             ErrorKind::InvalidArn => "InvalidArnException",
             ErrorKind::InvalidMarker => "InvalidMarkerException",
             ErrorKind::InvalidAliasName => "InvalidAliasNameException",
+            ErrorKind::NotAuthorized => "NotAuthorizedException",
             ErrorKind::InvalidGrantToken => "InvalidGrantTokenException",
             ErrorKind::InvalidGrantId => "InvalidGrantIdException",
             ErrorKind::MalformedPolicyDocument => "MalformedPolicyDocumentException",

@@ -59,7 +59,7 @@ impl Service {
     /// records the request's encryption context when the operation's audit line has one,
     /// runs `handle` (the operation's wire <-> domain mapping) on the shared path, and
     /// answers a refusal as a status carrying the request id (`x-request-id`).
-    async fn run<R: Audited, T>(
+    async fn run<R: Audited + serde::Serialize, T>(
         &self,
         op: Op,
         req: Request<R>,
@@ -80,6 +80,8 @@ impl Service {
         match self
             .path
             .run(&call, ctx, target, async |kms, gate| {
+                // The AWS model's constraints, in AWS's words, as on the AWS front.
+                aws::constraints::check_message(op, &r)?;
                 handle(kms, gate, r).await
             })
             .await

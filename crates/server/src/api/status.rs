@@ -39,7 +39,7 @@ pub fn code(kind: ErrorKind) -> Code {
         | DryRunOperation => Code::FailedPrecondition,
         LimitExceeded | Throttling => Code::ResourceExhausted,
         UnsupportedOperation | UnknownOperation => Code::Unimplemented,
-        AccessDenied => Code::PermissionDenied,
+        AccessDenied | NotAuthorized => Code::PermissionDenied,
         MissingAuthenticationToken
         | IncompleteSignature
         | UnrecognizedClient

@@ -52,13 +52,21 @@ pub fn check_alias_name(name: &str) -> KmsResult<()> {
              https://docs.aws.amazon.com/kms/latest/developerguide/kms-alias.html",
         )),
         Some("") => invalid("it needs a name after alias/"),
-        // AWS reserves the prefix whatever its case: alias/AWS/x is refused as alias/aws/x.
+        // AWS reserves the prefix whatever its case (alias/AWS/x is refused as alias/aws/x),
+        // with NotAuthorizedException (its message is not recorded: these words are ours).
         Some(rest)
             if rest
                 .get(..4)
                 .is_some_and(|p| p.eq_ignore_ascii_case("aws/")) =>
         {
-            invalid("the prefix alias/aws/ is reserved for AWS managed keys")
+            Err(KmsError::new(
+                ErrorKind::NotAuthorized,
+                format!(
+                    "Alias name {} uses the prefix alias/aws/, which is reserved for AWS managed \
+                     keys",
+                    quoted(name)
+                ),
+            ))
         }
         Some(_) => Ok(()),
     }
@@ -209,7 +217,7 @@ mod tests {
         for reserved in ["alias/aws/s3", "alias/AWS/s3", "alias/Aws/x"] {
             assert_eq!(
                 check_alias_name(reserved).unwrap_err().kind,
-                ErrorKind::InvalidAliasName,
+                ErrorKind::NotAuthorized,
                 "{reserved}"
             );
         }

@@ -110,41 +110,12 @@ fn check_enum(field: &str, value: &str, known: &[&str], supported: &str) -> KmsR
     }
 }
 
-/// AWS tag rules. First the model's constraints (tag key 1 to 128 characters, value at most
-/// 256), every violation in AWS's validation text; then the tag rules, as TagException in
-/// AWS's words: at most 50 tags, no `aws:` prefix, no duplicate keys (each recorded from
-/// real AWS: LocalStack's KMS snapshot). Characters outside letters, digits, spaces and
+/// AWS's tag rules beyond the model's constraints (which `api::aws::constraints` checks
+/// first: tag key 1 to 128 characters, value at most 256), as TagException in AWS's words:
+/// at most 50 tags, no `aws:` prefix, no duplicate keys (each recorded from real AWS:
+/// LocalStack's KMS snapshot). Characters outside letters, digits, spaces and
 /// `_ . : / = + - @` are refused too (TagException, hsm-kms's words: not recorded).
 pub fn check_tags(tags: &[(String, String)]) -> KmsResult<()> {
-    let mut violations = Vec::new();
-    for (i, (k, v)) in tags.iter().enumerate() {
-        let n = i + 1;
-        let kl = k.chars().count();
-        if kl < *fields::TAG_KEY_CHARS.start() {
-            violations.push(model::error::violation(
-                model::error::Shown::Value(k),
-                &format!("tags.{n}.member.tagKey"),
-                "Member must have length greater than or equal to 1",
-            ));
-        }
-        if kl > *fields::TAG_KEY_CHARS.end() {
-            violations.push(model::error::violation(
-                model::error::Shown::Value(k),
-                &format!("tags.{n}.member.tagKey"),
-                "Member must have length less than or equal to 128",
-            ));
-        }
-        if v.chars().count() > fields::TAG_VALUE_MAX_CHARS {
-            violations.push(model::error::violation(
-                model::error::Shown::Value(v),
-                &format!("tags.{n}.member.tagValue"),
-                "Member must have length less than or equal to 256",
-            ));
-        }
-    }
-    if !violations.is_empty() {
-        return Err(model::error::validation_errors(&violations));
-    }
     let tag_err = |m: &str| KmsError::new(ErrorKind::Tag, m.to_string());
     if tags.len() > fields::TAGS_PER_KEY {
         return Err(tag_err("Too many tags"));
@@ -677,20 +648,6 @@ impl Kms {
         let op = Op::UntagResource;
         if tag_keys.is_empty() {
             return Err(KmsError::validation("TagKeys must not be empty"));
-        }
-        // The model's constraint on the tag keys, in AWS's validation text for a list whose
-        // members break their type's constraints (the form recorded for a list of enums).
-        if tag_keys
-            .iter()
-            .any(|k| !fields::TAG_KEY_CHARS.contains(&k.chars().count()))
-        {
-            let listed = format!("[{}]", tag_keys.join(", "));
-            return Err(model::error::validation_errors(&[model::error::violation(
-                model::error::Shown::Value(&listed),
-                "tagKeys",
-                "Member must satisfy constraint: [Member must have length less than or equal \
-                 to 128, Member must have length greater than or equal to 1]",
-            )]));
         }
         let key = auth.key()?;
         self.meta

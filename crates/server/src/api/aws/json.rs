@@ -2,9 +2,10 @@
 //!
 //! build.rs gives every `kms.v1` message serde derives with AWS's member names (PascalCase,
 //! `AWSAccountId`), blobs as standard base64 (`blob`) and dates as epoch seconds (`date`).
-//! This module adds what serde alone does not decide the way AWS does: a required member
-//! that is missing or null is a ValidationException in AWS's words; a member of the wrong
-//! type or a body that is not JSON is a SerializationException; a member that AWS has and
+//! This module adds what serde alone does not decide the way AWS does: a member of the wrong
+//! type or a body that is not JSON is a SerializationException; the model's constraints
+//! (`constraints`: required members, lengths, ranges, enums, patterns) are ValidationException
+//! in AWS's words; a member that AWS has and
 //! hsm-kms does not (`Recipient`, the XKS members) is refused, never silently ignored; and
 //! absent optional members are left out of responses rather than written as `null`.
 
@@ -67,67 +68,6 @@ pub mod date {
     }
 }
 
-/// The members of each operation's request that AWS requires (the model's `required`).
-pub fn required(op: Op) -> &'static [&'static str] {
-    match op {
-        Op::CreateCustomKeyStore => &["CustomKeyStoreName"],
-        Op::UpdateCustomKeyStore
-        | Op::DeleteCustomKeyStore
-        | Op::ConnectCustomKeyStore
-        | Op::DisconnectCustomKeyStore => &["CustomKeyStoreId"],
-        Op::DescribeKey
-        | Op::ListResourceTags
-        | Op::EnableKey
-        | Op::DisableKey
-        | Op::ScheduleKeyDeletion
-        | Op::CancelKeyDeletion
-        | Op::ListGrants
-        | Op::GetKeyPolicy
-        | Op::ListKeyPolicies
-        | Op::GenerateDataKey
-        | Op::GenerateDataKeyWithoutPlaintext
-        | Op::GetKeyLastUsage => &["KeyId"],
-        Op::UpdateKeyDescription => &["KeyId", "Description"],
-        Op::TagResource => &["KeyId", "Tags"],
-        Op::UntagResource => &["KeyId", "TagKeys"],
-        Op::CreateAlias | Op::UpdateAlias => &["AliasName", "TargetKeyId"],
-        Op::DeleteAlias => &["AliasName"],
-        Op::CreateGrant => &["KeyId", "GranteePrincipal", "Operations"],
-        Op::ListRetirableGrants => &["RetiringPrincipal"],
-        Op::RevokeGrant => &["KeyId", "GrantId"],
-        Op::PutKeyPolicy => &["KeyId", "Policy"],
-        Op::Encrypt => &["KeyId", "Plaintext"],
-        Op::ReEncrypt => &["DestinationKeyId"],
-        Op::DescribeCustomKeyStores
-        | Op::CreateKey
-        | Op::ListKeys
-        | Op::ListAliases
-        | Op::RetireGrant
-        | Op::Decrypt
-        | Op::GenerateRandom => &[],
-        // The operations hsm-kms does not serve: the model's lists, in its member order.
-        Op::EnableKeyRotation
-        | Op::DisableKeyRotation
-        | Op::GetKeyRotationStatus
-        | Op::RotateKeyOnDemand
-        | Op::ListKeyRotations
-        | Op::GetPublicKey
-        | Op::DeleteImportedKeyMaterial => &["KeyId"],
-        Op::GenerateDataKeyPair | Op::GenerateDataKeyPairWithoutPlaintext => {
-            &["KeyId", "KeyPairSpec"]
-        }
-        Op::Sign => &["KeyId", "Message", "SigningAlgorithm"],
-        Op::Verify => &["KeyId", "Message", "Signature", "SigningAlgorithm"],
-        Op::GenerateMac => &["Message", "KeyId", "MacAlgorithm"],
-        Op::VerifyMac => &["Message", "KeyId", "MacAlgorithm", "Mac"],
-        Op::DeriveSharedSecret => &["KeyId", "KeyAgreementAlgorithm", "PublicKey"],
-        Op::GetParametersForImport => &["KeyId", "WrappingAlgorithm", "WrappingKeySpec"],
-        Op::ImportKeyMaterial => &["KeyId", "ImportToken", "EncryptedKeyMaterial"],
-        Op::ReplicateKey => &["KeyId", "ReplicaRegion"],
-        Op::UpdatePrimaryRegion => &["KeyId", "PrimaryRegion"],
-    }
-}
-
 /// The members each request message has, from the messages themselves (`super::members`).
 static KNOWN: LazyLock<HashMap<Op, HashSet<String>>> = LazyLock::new(|| {
     Op::served()
@@ -140,15 +80,6 @@ static KNOWN: LazyLock<HashMap<Op, HashSet<String>>> = LazyLock::new(|| {
         })
         .collect()
 });
-
-/// A member name as AWS's validation messages write it: `KeyId` -> `keyId`.
-fn camel(member: &str) -> String {
-    let mut c = member.chars();
-    match c.next() {
-        Some(first) => first.to_lowercase().chain(c).collect(),
-        None => String::new(),
-    }
-}
 
 fn unreadable(op: Op, why: impl std::fmt::Display) -> KmsError {
     KmsError::new(
@@ -167,24 +98,6 @@ pub fn parse<R: DeserializeOwned>(op: Op, body: &[u8]) -> KmsResult<R> {
     let Value::Object(members) = &value else {
         return Err(unreadable(op, "the body is not a JSON object"));
     };
-    let missing: Vec<&str> = required(op)
-        .iter()
-        .copied()
-        .filter(|m| members.get(*m).is_none_or(Value::is_null))
-        .collect();
-    if !missing.is_empty() {
-        let each: Vec<String> = missing
-            .iter()
-            .map(|m| {
-                model::error::violation(
-                    model::error::Shown::Null,
-                    &camel(m),
-                    "Member must not be null",
-                )
-            })
-            .collect();
-        return Err(model::error::validation_errors(&each));
-    }
     if let Some(known) = KNOWN.get(&op) {
         if let Some(other) = members
             .iter()
@@ -203,8 +116,12 @@ pub fn parse<R: DeserializeOwned>(op: Op, body: &[u8]) -> KmsResult<R> {
     // A null member means absent, whatever its type: a list or a map as much as a scalar.
     let mut members = members.clone();
     members.retain(|_, v| !v.is_null());
-    serde_json::from_value(Value::Object(members.clone()))
-        .map_err(|e| unreadable(op, wrong_member::<R>(&members, &e)))
+    let request = serde_json::from_value(Value::Object(members.clone()))
+        .map_err(|e| unreadable(op, wrong_member::<R>(&members, &e)))?;
+    // Read as its types, the request meets the model's constraints, or is refused in
+    // AWS's words with all it breaks.
+    super::constraints::check(op, &Value::Object(members))?;
+    Ok(request)
 }
 
 /// Why a body of known members did not read: the member at fault and what its type wants,
@@ -438,23 +355,12 @@ mod tests {
     }
 
     /// The model (../shared/reference, where present): every member a request or response
-    /// has is the model's, and `required` is the model's list.
+    /// has is the model's.
     #[test]
-    fn members_and_required_lists_match_the_aws_model() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../../shared/reference/aws-kms-api-model.json"
-        );
-        let Ok(text) = std::fs::read_to_string(path) else {
-            // Beside ../shared (CI's checkout) the check must run.
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "{path} is not here, and CI needs it"
-            );
-            eprintln!("skipped: {path} is not here");
+    fn members_match_the_aws_model() {
+        let Some(model) = crate::api::aws::constraints::full_model() else {
             return;
         };
-        let model: Value = serde_json::from_str(&text).unwrap();
         let shapes = &model["shapes"];
         // Every operation of the model is routed: an `Op` (served, or answered as AWS
         // answers it for a key in a CloudHSM key store).
@@ -474,14 +380,6 @@ mod tests {
         for op in Op::ALL {
             let operation = &model["operations"][op.name()];
             let input = &shapes[operation["input"]["shape"].as_str().unwrap()];
-            let mut want: Vec<&str> = input["required"]
-                .as_array()
-                .map(|r| r.iter().map(|m| m.as_str().unwrap()).collect())
-                .unwrap_or_default();
-            want.sort();
-            let mut have = required(op).to_vec();
-            have.sort();
-            assert_eq!(have, want, "{op:?} required members");
             for member in KNOWN.get(&op).into_iter().flatten() {
                 assert!(
                     input["members"].get(member).is_some(),

@@ -8,6 +8,7 @@
 //! line), errors as `{"__type": <exception>, "message": ...}` with HTTP 400, or 5xx for the
 //! exceptions the model marks as server faults, which SDKs retry.
 
+pub mod constraints;
 pub mod json;
 pub mod signed;
 pub mod sigv4;
