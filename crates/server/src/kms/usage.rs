@@ -22,44 +22,85 @@ use model::op::Op;
 /// How often noted uses are written to the metadata database.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// A use as noted on the request path: nothing formatted until it is written.
+#[derive(Clone, Copy)]
+struct Use {
+    op: Op,
+    used_ms: i64,
+    request_id: Uuid,
+}
+
+impl Use {
+    fn record(self, key: Uuid) -> KeyUsage {
+        KeyUsage {
+            key_id: key,
+            operation: self.op.name().to_string(),
+            used_ms: self.used_ms,
+            request_id: self.request_id.to_string(),
+        }
+    }
+}
+
 /// Uses noted and not yet written, newest per key.
 #[derive(Default)]
 pub struct Tracker {
-    pending: Mutex<HashMap<Uuid, KeyUsage>>,
+    pending: Mutex<HashMap<Uuid, Use>>,
 }
 
 impl Tracker {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, KeyUsage>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Use>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Notes a successful use of `key` by `op` at `now_ms`, answered as request `request_id`.
     pub fn note(&self, key: Uuid, op: Op, request_id: Uuid, now_ms: i64) {
-        let usage = KeyUsage {
-            key_id: key,
-            operation: op.name().to_string(),
-            used_ms: now_ms,
-            request_id: request_id.to_string(),
-        };
-        self.keep_newest(usage);
+        self.keep_newest(
+            key,
+            Use {
+                op,
+                used_ms: now_ms,
+                request_id,
+            },
+        );
     }
 
-    fn keep_newest(&self, usage: KeyUsage) {
+    fn keep_newest(&self, key: Uuid, u: Use) {
         let mut pending = self.lock();
-        match pending.get(&usage.key_id) {
-            Some(have) if have.used_ms > usage.used_ms => {}
+        match pending.get(&key) {
+            Some(have) if have.used_ms > u.used_ms => {}
             _ => {
-                pending.insert(usage.key_id, usage);
+                pending.insert(key, u);
             }
         }
     }
 
     fn take(&self) -> Vec<KeyUsage> {
-        std::mem::take(&mut *self.lock()).into_values().collect()
+        std::mem::take(&mut *self.lock())
+            .into_iter()
+            .map(|(key, u)| u.record(key))
+            .collect()
+    }
+
+    /// Puts back uses a failed write did not record (a newer one noted meanwhile wins).
+    fn put_back(&self, uses: Vec<KeyUsage>) {
+        for u in uses {
+            let Some(op) = Op::parse(&u.operation) else {
+                continue;
+            };
+            let request_id = u.request_id.parse().unwrap_or_default();
+            self.keep_newest(
+                u.key_id,
+                Use {
+                    op,
+                    used_ms: u.used_ms,
+                    request_id,
+                },
+            );
+        }
     }
 
     fn pending(&self, key: &Uuid) -> Option<KeyUsage> {
-        self.lock().get(key).cloned()
+        self.lock().get(key).map(|u| u.record(*key))
     }
 }
 
@@ -90,9 +131,7 @@ impl Kms {
         }
         if let Err(e) = self.meta.record_key_usage(&uses).await {
             tracing::warn!(error = %e, keys = uses.len(), "recording key usage failed; will retry");
-            for u in uses {
-                self.usage.keep_newest(u);
-            }
+            self.usage.put_back(uses);
         }
     }
 
@@ -142,7 +181,9 @@ mod tests {
         assert!(t.take().is_empty());
         // A failed write puts its uses back, without undoing a newer one noted meanwhile.
         t.note(a, Op::Encrypt, r, 30);
-        t.keep_newest(all[1].clone());
+        t.put_back(vec![all[1].clone(), all[0].clone()]);
         assert_eq!(t.pending(&a).unwrap().used_ms, 30);
+        assert_eq!(t.pending(&b).unwrap().operation, "ReEncrypt");
+        assert_eq!(t.pending(&b).unwrap().request_id, r.to_string());
     }
 }

@@ -12,7 +12,6 @@
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
-use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -97,7 +96,7 @@ pub fn check_message<R: serde::Serialize>(op: Op, request: &R) -> KmsResult<()> 
 
 fn walk(c: &Constraints, input: &str, request: &Value, reading: Reading) -> KmsResult<()> {
     let mut found = Vec::new();
-    c.structure(input, request, "", reading, &mut found);
+    c.structure(input, request, &At::Root, reading, &mut found);
     if found.is_empty() {
         Ok(())
     } else {
@@ -135,30 +134,56 @@ fn text(value: &Value) -> String {
     }
 }
 
+/// Where a member is: rendered as AWS writes it (`tags.1.member.tagKey`) only when a
+/// violation names it, so that a valid request allocates nothing for its paths.
+#[derive(Clone, Copy)]
+enum At<'a> {
+    Root,
+    /// A member of a structure, by its name in the model.
+    Member(&'a At<'a>, &'a str),
+    /// The `n`th (1-based) element of a list of structures.
+    Element(&'a At<'a>, usize),
+}
+
+impl At<'_> {
+    fn render(&self) -> String {
+        match self {
+            At::Root => String::new(),
+            At::Member(At::Root, name) => camel(name),
+            At::Member(parent, name) => format!("{}.{}", parent.render(), camel(name)),
+            At::Element(parent, n) => format!("{}.{n}.member", parent.render()),
+        }
+    }
+}
+
 impl Constraints {
     fn shape(&self, name: &str) -> Option<&Shape> {
         self.model.shapes.get(name)
     }
 
-    /// The members of structure `shape` in `value`, each at `prefix` + its name.
+    /// The members of structure `shape` in `value` (which is at `at`).
     fn structure(
         &self,
         shape: &str,
         value: &Value,
-        prefix: &str,
+        at: &At<'_>,
         reading: Reading,
         found: &mut Vec<String>,
     ) {
         let Some(s) = self.shape(shape) else { return };
         for (member, target) in &s.members {
-            let path = format!("{prefix}{}", camel(member));
+            let here = At::Member(at, member);
             match value.get(member) {
                 Some(v) if !self.absent(target, v, reading) => {
-                    self.member(target, v, &path, reading, found)
+                    self.member(target, v, &here, reading, found)
                 }
                 _ => {
                     if s.required.contains(member) {
-                        found.push(violation(Shown::Null, &path, "Member must not be null"));
+                        found.push(violation(
+                            Shown::Null,
+                            &here.render(),
+                            "Member must not be null",
+                        ));
                     }
                 }
             }
@@ -184,24 +209,24 @@ impl Constraints {
         &self,
         shape: &str,
         value: &Value,
-        path: &str,
+        at: &At<'_>,
         reading: Reading,
         found: &mut Vec<String>,
     ) {
         let Some(s) = self.shape(shape) else { return };
         match s.kind.as_str() {
-            "structure" => self.structure(shape, value, &format!("{path}."), reading, found),
+            "structure" => self.structure(shape, value, at, reading, found),
             "list" => {
                 let Value::Array(items) = value else { return };
-                self.bounds(s, items.len() as i64, "length", value, path, found);
+                self.bounds(s, items.len() as i64, "length", value, at, found);
                 let Some(element) = s.member.as_deref() else {
                     return;
                 };
                 match self.shape(element).map(|e| e.kind.as_str()) {
                     Some("structure") => {
                         for (i, item) in items.iter().enumerate() {
-                            let at = format!("{path}.{}.member.", i + 1);
-                            self.structure(element, item, &at, reading, found);
+                            let element_at = At::Element(at, i + 1);
+                            self.structure(element, item, &element_at, reading, found);
                         }
                     }
                     _ => {
@@ -209,14 +234,14 @@ impl Constraints {
                         // every constraint of the member type (the form AWS answers).
                         let broken = items.iter().any(|item| {
                             let mut one = Vec::new();
-                            self.member(element, item, path, reading, &mut one);
+                            self.member(element, item, at, reading, &mut one);
                             !one.is_empty()
                         });
                         if broken {
                             let all = self.described(element);
                             found.push(violation(
                                 Shown::Value(&text(value)),
-                                path,
+                                &at.render(),
                                 &format!("Member must satisfy constraint: [{}]", all.join(", ")),
                             ));
                         }
@@ -225,7 +250,7 @@ impl Constraints {
             }
             "map" => {
                 if let Value::Object(m) = value {
-                    self.bounds(s, m.len() as i64, "length", value, path, found);
+                    self.bounds(s, m.len() as i64, "length", value, at, found);
                 }
             }
             "string" => {
@@ -236,12 +261,12 @@ impl Constraints {
                     Shown::Value(v)
                 };
                 let n = v.chars().count() as i64;
-                self.bounds_shown(s, n, "length", shown, path, found);
+                self.bounds_shown(s, n, "length", shown, at, found);
                 if let Some(values) = &s.values {
                     if !values.iter().any(|x| x == v) {
                         found.push(violation(
                             shown,
-                            path,
+                            &at.render(),
                             &format!(
                                 "Member must satisfy enum value set: [{}]",
                                 values.join(", ")
@@ -253,7 +278,7 @@ impl Constraints {
                     if !re.is_match(v) {
                         found.push(violation(
                             shown,
-                            path,
+                            &at.render(),
                             &format!("Member must satisfy regular expression pattern: {p}"),
                         ));
                     }
@@ -261,21 +286,20 @@ impl Constraints {
             }
             "blob" => {
                 let Value::String(b64) = value else { return };
-                // What the member carries is its bytes; a body that is not base64 is the
-                // deserializer's to refuse.
-                let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(b64) else {
-                    return;
-                };
+                // What the member carries is its bytes, counted from the base64 without
+                // decoding it (the body was read as its types already, so it is base64).
+                let padding = b64.bytes().rev().take_while(|b| *b == b'=').count();
+                let bytes = (b64.len() / 4 * 3).saturating_sub(padding);
                 let shown = if s.sensitive {
                     Shown::Hidden
                 } else {
                     Shown::Value(b64)
                 };
-                self.bounds_shown(s, bytes.len() as i64, "length", shown, path, found);
+                self.bounds_shown(s, bytes as i64, "length", shown, at, found);
             }
             "integer" | "long" => {
                 let Some(n) = value.as_i64() else { return };
-                self.bounds(s, n, "value", value, path, found);
+                self.bounds(s, n, "value", value, at, found);
             }
             _ => {}
         }
@@ -287,16 +311,20 @@ impl Constraints {
         n: i64,
         what: &str,
         value: &Value,
-        path: &str,
+        at: &At<'_>,
         found: &mut Vec<String>,
     ) {
+        let outside = s.min.is_some_and(|min| n < min) || s.max.is_some_and(|max| n > max);
+        if !outside {
+            return;
+        }
         let quoted = text(value);
         let shown = if s.sensitive {
             Shown::Hidden
         } else {
             Shown::Value(&quoted)
         };
-        self.bounds_shown(s, n, what, shown, path, found);
+        self.bounds_shown(s, n, what, shown, at, found);
     }
 
     fn bounds_shown(
@@ -305,20 +333,20 @@ impl Constraints {
         n: i64,
         what: &str,
         shown: Shown<'_>,
-        path: &str,
+        at: &At<'_>,
         found: &mut Vec<String>,
     ) {
         if let Some(min) = s.min.filter(|min| n < *min) {
             found.push(violation(
                 shown,
-                path,
+                &at.render(),
                 &format!("Member must have {what} greater than or equal to {min}"),
             ));
         }
         if let Some(max) = s.max.filter(|max| n > *max) {
             found.push(violation(
                 shown,
-                path,
+                &at.render(),
                 &format!("Member must have {what} less than or equal to {max}"),
             ));
         }
@@ -384,6 +412,7 @@ pub(crate) fn full_model() -> Option<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
     use serde_json::json;
 
     fn message(op: Op, request: Value) -> Option<String> {
