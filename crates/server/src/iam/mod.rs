@@ -116,9 +116,9 @@ pub fn decide_key(
     if kp.allow || (delegated && id_allow) || granted() {
         Decision::Allow
     } else if kp.account_allow {
-        Decision::NoAllow("an identity-based policy")
+        Decision::NoAllow("identity-based policy")
     } else {
-        Decision::NoAllow("a resource-based policy")
+        Decision::NoAllow("resource-based policy")
     }
 }
 
@@ -133,12 +133,12 @@ pub fn decide_account(
     facts: &Facts,
 ) -> Decision {
     if caller.account != account {
-        return Decision::NoAllow("an identity-based policy");
+        return Decision::NoAllow("identity-based policy");
     }
     match identities.evaluate(caller, action, resource, facts) {
         (true, _) => Decision::ExplicitDeny("an identity-based policy"),
         (false, true) => Decision::Allow,
-        (false, false) => Decision::NoAllow("an identity-based policy"),
+        (false, false) => Decision::NoAllow("identity-based policy"),
     }
 }
 
@@ -174,6 +174,34 @@ pub fn request_alias(key_ref: &str) -> Option<&str> {
 mod tests {
     use super::*;
     use model::context::Context;
+
+    /// AWS's wording, word for word: "because no identity-based policy allows the <action>
+    /// action", "with an explicit deny in a resource-based policy".
+    #[test]
+    fn refusals_read_as_awss() {
+        let bob = Principal::parse("arn:aws:iam::111122223333:user/bob").unwrap();
+        let key = "arn:aws:kms:us-east-1:111122223333:key/k";
+        let e = denied(
+            &bob,
+            "kms:ListKeys",
+            "*",
+            Decision::NoAllow("identity-based policy"),
+        );
+        assert_eq!(
+            e.message,
+            "User: arn:aws:iam::111122223333:user/bob is not authorized to perform: kms:ListKeys \
+             on resource: * because no identity-based policy allows the kms:ListKeys action"
+        );
+        let e = denied(
+            &bob,
+            "kms:Decrypt",
+            key,
+            Decision::ExplicitDeny("a resource-based policy"),
+        );
+        assert!(e.message.ends_with(&format!(
+            "on resource: {key} with an explicit deny in a resource-based policy"
+        )));
+    }
 
     const ALICE: &str = "arn:aws:iam::111122223333:user/alice";
     const KEY: &str = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
