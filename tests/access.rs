@@ -41,19 +41,8 @@ async fn tls_server_with(
     clusters: &[ClusterSpec],
     more: impl FnOnce(&mut hsm_kms::config::Settings),
 ) -> Harness {
-    let (cert, key) = pki.server();
-    let ca = pki.ca_pem.clone();
     Harness::start_with(clusters, move |s| {
-        let dir = s.storage.sqlite_path.parent().unwrap().to_path_buf();
-        let write = |name: &str, text: &str| {
-            let p = dir.join(name);
-            std::fs::write(&p, text).unwrap();
-            p
-        };
-        s.tls.cert_file = Some(write("server.pem", &cert));
-        s.tls.key_file = Some(write("server.key", &key));
-        s.tls.client_ca_file = Some(write("client-ca.pem", &ca));
-        s.auth.allow_plaintext_loopback = false;
+        use_tls(s, pki);
         s.auth.identity_policies = identities
             .into_iter()
             .map(|(principal, policy)| hsm_kms::config::IdentityPolicy {

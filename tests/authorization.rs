@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 use aws_sdk_kms::primitives::Blob;
 use common::*;
-use hsm_kms::model::op::Op;
+use hsm_kms::model::op::{Op, Scope};
 use serde_json::{json, Value};
 
 const CLUSTER: &str = "cluster-authzaaaaaaa";
@@ -84,6 +84,10 @@ fn request(op: Op, t: &Targets) -> Value {
         Op::GenerateDataKeyWithoutPlaintext => json!({"KeyId": key, "KeySpec": "AES_256"}),
         Op::GenerateRandom => json!({"NumberOfBytes": 16, "CustomKeyStoreId": t.store}),
         Op::GetKeyLastUsage => json!({"KeyId": key}),
+        Op::DescribeCustomKeyStoreHealth => json!({"CustomKeyStoreId": t.store}),
+        Op::ListKeyAuditEvents => json!({"KeyId": key, "Limit": 10}),
+        // Needs no permission (Scope::Caller): bob learns only who he is (below).
+        Op::GetCallerIdentity => json!({}),
         // Not served: bob hears AccessDeniedException before the refusal of the operation.
         Op::EnableKeyRotation
         | Op::DisableKeyRotation
@@ -159,16 +163,7 @@ async fn every_operation_refuses_a_caller_without_permission() {
     let h = aws_server(&[ClusterSpec::good(CLUSTER)]).await;
     let root = sdk(&h, ROOT_KEY);
     let key = aws_connected_key(&h, &root).await;
-    let store = root
-        .describe_custom_key_stores()
-        .custom_key_store_name(STORE)
-        .send()
-        .await
-        .unwrap()
-        .custom_key_stores()[0]
-        .custom_key_store_id()
-        .unwrap()
-        .to_string();
+    let store = store_id_named(&root, STORE).await;
     let alias = "alias/roots".to_string();
     root.create_alias()
         .alias_name(&alias)
@@ -218,11 +213,12 @@ async fn every_operation_refuses_a_caller_without_permission() {
     let before = state(&root, &t).await;
 
     let mut refused = Vec::new();
-    for op in Op::ALL {
+    let decided = Op::ALL.into_iter().filter(|op| op.scope() != Scope::Caller);
+    for op in decided.clone() {
         let body = request(op, &t).to_string();
         let headers = aws_headers(
             &h.aws,
-            op.name(),
+            &target_of(op),
             body.as_bytes(),
             Some(BOB_KEY),
             REGION,
@@ -259,7 +255,30 @@ async fn every_operation_refuses_a_caller_without_permission() {
         );
         refused.push(op);
     }
-    assert_eq!(refused.len(), Op::ALL.len());
+    assert_eq!(refused.len(), decided.count());
+    assert_eq!(
+        refused.len(),
+        Op::ALL.len() - 1,
+        "only GetCallerIdentity needs no permission"
+    );
+
+    // GetCallerIdentity answers bob, and tells him only who he is.
+    let body = request(Op::GetCallerIdentity, &t).to_string();
+    let headers = aws_headers(
+        &h.aws,
+        &target_of(Op::GetCallerIdentity),
+        body.as_bytes(),
+        Some(BOB_KEY),
+        REGION,
+        SystemTime::now(),
+    );
+    let stream = std::net::TcpStream::connect(&h.aws).unwrap();
+    let (status, _, answer) = http1_post(stream, &headers, body.as_bytes());
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer,
+        json!({"Arn": BOB, "Account": "111122223333", "Region": REGION})
+    );
 
     // The defence held: nothing bob asked for was done.
     assert_eq!(state(&root, &t).await, before);

@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -17,42 +17,16 @@ fn js_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js")
 }
 
-/// The variables `hsm-kms dev` wrote to aws.env.
-fn aws_env(data_dir: &Path) -> HashMap<String, String> {
-    let text = std::fs::read_to_string(data_dir.join("aws.env")).unwrap();
-    text.lines()
-        .filter_map(|l| l.strip_prefix("export "))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 /// Runs `node sdk.mjs <phase>` with the instance's variables; what it saw, as JSON.
 fn node(phase: &str, env: &HashMap<String, String>) -> serde_json::Value {
-    let out = Command::new("node")
-        .arg(js_dir().join("sdk.mjs"))
-        .arg(phase)
-        .current_dir(js_dir())
-        .envs(env)
-        .env("NODE_NO_WARNINGS", "1")
-        .output()
-        .unwrap_or_else(|e| panic!("node is needed (scripts/setup.sh installs it): {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "node sdk.mjs {phase}: {}\n{stdout}\n{stderr}",
-        out.status
+    let script = js_dir().join("sdk.mjs");
+    let stdout = node_output(
+        &js_dir(),
+        &[script.as_os_str(), phase.as_ref()],
+        env,
+        &format!("node sdk.mjs {phase}"),
     );
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
-}
-
-fn stop(mut child: Child, what: &str) {
-    sigterm(&child);
-    assert!(
-        child.wait().unwrap().success(),
-        "{what} did not exit cleanly"
-    );
 }
 
 #[test]
@@ -64,26 +38,8 @@ fn the_javascript_sdk_works_against_hsm_kms() {
     );
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("dev");
-    let any = "127.0.0.1:0";
-    let mut dev = Command::new(server_binary())
-        .args([
-            "dev",
-            "--listen",
-            any,
-            "--aws-listen",
-            any,
-            "--admin-listen",
-            any,
-        ])
-        .arg("--data-dir")
-        .arg(&data)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_line(&mut dev, "hsm-kms dev is ready", Duration::from_secs(120));
-    let env = aws_env(&data);
+    let dev = start_dev(&data);
+    let env = dev_aws_env(&data);
     assert!(env["AWS_ENDPOINT_URL_KMS"].starts_with("http://127.0.0.1:"));
 
     let seen = node("operations", &env);
@@ -95,7 +51,7 @@ fn the_javascript_sdk_works_against_hsm_kms() {
             .ends_with("origin is AWS_CLOUDHSM which is not valid for this operation."),
         "{seen}"
     );
-    stop(dev, "hsm-kms dev");
+    stop_cleanly(dev, "hsm-kms dev");
 
     // The same instance under `serve`, with a quota of 5 requests a second on its store.
     let config = data.join("hsm-kms.toml");
@@ -133,5 +89,5 @@ fn the_javascript_sdk_works_against_hsm_kms() {
         seen["succeeded_after_retry"].as_u64().unwrap() > 0,
         "{seen}"
     );
-    stop(served, "hsm-kms serve");
+    stop_cleanly(served, "hsm-kms serve");
 }

@@ -4,7 +4,8 @@
 use super::*;
 
 /// The headers of an AWS protocol request for `target` with `body`, signed as the AWS SDKs
-/// sign (aws-sigv4) with `key` for `region` at `at`; unsigned when `key` is None.
+/// sign (aws-sigv4) with `key` for `region` at `at`; unsigned when `key` is None. `target`
+/// is an operation of AWS's (`TrentService.` is put before it) or a whole target.
 pub fn aws_headers(
     host: &str,
     target: &str,
@@ -13,7 +14,10 @@ pub fn aws_headers(
     region: &str,
     at: std::time::SystemTime,
 ) -> Vec<(String, String)> {
-    let target = format!("TrentService.{target}");
+    let target = match target.contains('.') {
+        true => target.to_string(),
+        false => format!("TrentService.{target}"),
+    };
     let headers = [
         ("host", host),
         ("content-type", "application/x-amz-json-1.1"),
@@ -27,6 +31,14 @@ pub fn aws_headers(
             .iter()
             .map(|(n, v)| (n.to_string(), v.to_string()))
             .collect(),
+    }
+}
+
+/// The X-Amz-Target of `op`: AWS's prefix, or hsm-kms's for its own operations.
+pub fn target_of(op: hsm_kms::model::op::Op) -> String {
+    match op.extension() {
+        true => format!("HsmKms.{}", op.name()),
+        false => format!("TrentService.{}", op.name()),
     }
 }
 
@@ -239,4 +251,17 @@ pub async fn headers_only_streams(
         held.push(sent);
     }
     held
+}
+
+/// The id of the custom key store named `name`, as `c` describes it.
+pub async fn store_id_named(c: &aws_sdk_kms::Client, name: &str) -> String {
+    c.describe_custom_key_stores()
+        .custom_key_store_name(name)
+        .send()
+        .await
+        .unwrap()
+        .custom_key_stores()[0]
+        .custom_key_store_id()
+        .unwrap()
+        .to_string()
 }

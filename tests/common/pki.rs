@@ -57,3 +57,19 @@ impl Pki {
         self.issue(p)
     }
 }
+
+/// TLS on every listener of `s`: a server certificate of `pki`, client certificates signed
+/// by its CA, and no plaintext.
+pub fn use_tls(s: &mut hsm_kms::config::Settings, pki: &Pki) {
+    let (cert, key) = pki.server();
+    let dir = s.storage.sqlite_path.parent().unwrap().to_path_buf();
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    s.tls.cert_file = Some(write("server.pem", &cert));
+    s.tls.key_file = Some(write("server.key", &key));
+    s.tls.client_ca_file = Some(write("client-ca.pem", &pki.ca_pem));
+    s.auth.allow_plaintext_loopback = false;
+}

@@ -776,6 +776,74 @@ pub fn sigterm(child: &Child) {
     assert!(ok, "kill -TERM failed");
 }
 
+/// Runs `node` with `args` in `dir` and `env`; its stdout, once it exited successfully
+/// (`what` names it when it did not).
+pub fn node_output(
+    dir: &Path,
+    args: &[&std::ffi::OsStr],
+    env: &std::collections::HashMap<String, String>,
+    what: &str,
+) -> String {
+    let out = Command::new("node")
+        .args(args)
+        .current_dir(dir)
+        .envs(env)
+        .env("NODE_NO_WARNINGS", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("node is needed (scripts/setup.sh installs it): {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{stdout}\n{stderr}",
+        out.status
+    );
+    stdout
+}
+
+/// Sends SIGTERM and waits: the process must exit cleanly.
+pub fn stop_cleanly(mut child: Child, what: &str) {
+    sigterm(&child);
+    assert!(
+        child.wait().unwrap().success(),
+        "{what} did not exit cleanly"
+    );
+}
+
+/// `hsm-kms dev` on `data` with every listener on a free loopback port, once it is ready.
+pub fn start_dev(data: &Path) -> Child {
+    let any = "127.0.0.1:0";
+    let mut dev = Command::new(server_binary())
+        .args([
+            "dev",
+            "--listen",
+            any,
+            "--aws-listen",
+            any,
+            "--admin-listen",
+            any,
+        ])
+        .arg("--data-dir")
+        .arg(data)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_line(&mut dev, "hsm-kms dev is ready", Duration::from_secs(120));
+    dev
+}
+
+/// The variables `hsm-kms dev` wrote to `<data>/aws.env`.
+pub fn dev_aws_env(data: &Path) -> std::collections::HashMap<String, String> {
+    let text = std::fs::read_to_string(data.join("aws.env")).unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 /// GET `path` from the HTTP listener at `addr`: the status and the body.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).expect("connect admin listener");

@@ -43,6 +43,12 @@ pub enum Op {
     GenerateDataKeyWithoutPlaintext,
     GenerateRandom,
     GetKeyLastUsage,
+    // hsm-kms's own operations for operators (the console's identity, store health and key
+    // audit views): served on both fronts, on the AWS front under the target prefix
+    // `HsmKms.` rather than AWS's `TrentService.` (`Op::extension`).
+    GetCallerIdentity,
+    DescribeCustomKeyStoreHealth,
+    ListKeyAuditEvents,
     // The operations of the AWS KMS API that a key in a CloudHSM key store cannot do. They
     // are routed, authorized on their key and checked against the key-state table like any
     // other, then answered as AWS answers for such a key (`Op::unserved`).
@@ -84,6 +90,8 @@ pub enum Scope {
     /// A grant's own principals: RetireGrant is for the grant's retiring principal, its
     /// grantee when the grant includes RetireGrant, and the key's account.
     Grant,
+    /// The caller itself: nothing to decide (GetCallerIdentity, as STS answers any caller).
+    Caller,
 }
 
 /// What the audit line of an operation records besides who, what and the outcome.
@@ -97,7 +105,7 @@ pub enum Recorded {
 
 impl Op {
     /// Every operation, in the order of the API.
-    pub const ALL: [Op; 54] = [
+    pub const ALL: [Op; 57] = [
         Op::CreateCustomKeyStore,
         Op::DescribeCustomKeyStores,
         Op::UpdateCustomKeyStore,
@@ -134,6 +142,9 @@ impl Op {
         Op::GenerateDataKeyWithoutPlaintext,
         Op::GenerateRandom,
         Op::GetKeyLastUsage,
+        Op::GetCallerIdentity,
+        Op::DescribeCustomKeyStoreHealth,
+        Op::ListKeyAuditEvents,
         Op::EnableKeyRotation,
         Op::DisableKeyRotation,
         Op::GetKeyRotationStatus,
@@ -200,6 +211,9 @@ impl Op {
             Op::GenerateDataKeyWithoutPlaintext => "GenerateDataKeyWithoutPlaintext",
             Op::GenerateRandom => "GenerateRandom",
             Op::GetKeyLastUsage => "GetKeyLastUsage",
+            Op::GetCallerIdentity => "GetCallerIdentity",
+            Op::DescribeCustomKeyStoreHealth => "DescribeCustomKeyStoreHealth",
+            Op::ListKeyAuditEvents => "ListKeyAuditEvents",
             Op::EnableKeyRotation => "EnableKeyRotation",
             Op::DisableKeyRotation => "DisableKeyRotation",
             Op::GetKeyRotationStatus => "GetKeyRotationStatus",
@@ -221,9 +235,18 @@ impl Op {
         }
     }
 
-    /// The operation of an AWS name.
+    /// The operation of a name.
     pub fn parse(name: &str) -> Option<Op> {
         Op::ALL.into_iter().find(|op| op.name() == name)
+    }
+
+    /// Whether it is one of hsm-kms's own operations rather than one of the AWS KMS API's.
+    #[inline]
+    pub fn extension(self) -> bool {
+        matches!(
+            self,
+            Op::GetCallerIdentity | Op::DescribeCustomKeyStoreHealth | Op::ListKeyAuditEvents
+        )
     }
 
     /// The IAM actions the caller needs: `kms:<Name>`, but ReEncrypt needs ReEncryptFrom on
@@ -267,6 +290,10 @@ impl Op {
             Op::GenerateDataKeyWithoutPlaintext => &["kms:GenerateDataKeyWithoutPlaintext"],
             Op::GenerateRandom => &["kms:GenerateRandom"],
             Op::GetKeyLastUsage => &["kms:GetKeyLastUsage"],
+            // Needs no permission (Scope::Caller), as STS's GetCallerIdentity needs none.
+            Op::GetCallerIdentity => &["kms:GetCallerIdentity"],
+            Op::DescribeCustomKeyStoreHealth => &["kms:DescribeCustomKeyStoreHealth"],
+            Op::ListKeyAuditEvents => &["kms:ListKeyAuditEvents"],
             Op::EnableKeyRotation => &["kms:EnableKeyRotation"],
             Op::DisableKeyRotation => &["kms:DisableKeyRotation"],
             Op::GetKeyRotationStatus => &["kms:GetKeyRotationStatus"],
@@ -324,7 +351,10 @@ impl Op {
             | Op::ReEncrypt
             | Op::GenerateDataKey
             | Op::GenerateDataKeyWithoutPlaintext
-            | Op::GetKeyLastUsage => Scope::Key,
+            | Op::GetKeyLastUsage
+            | Op::ListKeyAuditEvents => Scope::Key,
+            Op::DescribeCustomKeyStoreHealth => Scope::KeyStore,
+            Op::GetCallerIdentity => Scope::Caller,
             Op::EnableKeyRotation
             | Op::DisableKeyRotation
             | Op::GetKeyRotationStatus
@@ -394,7 +424,10 @@ impl Op {
             | Op::GetKeyPolicy
             | Op::ListKeyPolicies
             | Op::GenerateRandom
-            | Op::GetKeyLastUsage => &[],
+            | Op::GetKeyLastUsage
+            | Op::GetCallerIdentity
+            | Op::DescribeCustomKeyStoreHealth
+            | Op::ListKeyAuditEvents => &[],
             // Grants on a symmetric encryption key cannot include them (grants.rs).
             Op::EnableKeyRotation
             | Op::DisableKeyRotation
@@ -459,7 +492,10 @@ impl Op {
             | Op::PutKeyPolicy
             | Op::GetKeyPolicy
             | Op::ListKeyPolicies
-            | Op::GetKeyLastUsage => false,
+            | Op::GetKeyLastUsage
+            | Op::GetCallerIdentity
+            | Op::DescribeCustomKeyStoreHealth
+            | Op::ListKeyAuditEvents => false,
             // Refused before any key material is used.
             Op::EnableKeyRotation
             | Op::DisableKeyRotation
@@ -524,7 +560,10 @@ impl Op {
             | Op::GenerateDataKey
             | Op::GenerateDataKeyWithoutPlaintext
             | Op::GenerateRandom
-            | Op::GetKeyLastUsage => false,
+            | Op::GetKeyLastUsage
+            | Op::GetCallerIdentity
+            | Op::DescribeCustomKeyStoreHealth
+            | Op::ListKeyAuditEvents => false,
             // Refused: they change nothing.
             Op::EnableKeyRotation
             | Op::DisableKeyRotation
@@ -589,7 +628,10 @@ impl Op {
             | Op::GenerateDataKey
             | Op::GenerateDataKeyWithoutPlaintext
             | Op::GenerateRandom
-            | Op::GetKeyLastUsage => false,
+            | Op::GetKeyLastUsage
+            | Op::GetCallerIdentity
+            | Op::DescribeCustomKeyStoreHealth
+            | Op::ListKeyAuditEvents => false,
             Op::EnableKeyRotation
             | Op::DisableKeyRotation
             | Op::GetKeyRotationStatus
@@ -673,7 +715,10 @@ impl Op {
             | Op::GenerateDataKey
             | Op::GenerateDataKeyWithoutPlaintext
             | Op::GenerateRandom
-            | Op::GetKeyLastUsage => None,
+            | Op::GetKeyLastUsage
+            | Op::GetCallerIdentity
+            | Op::DescribeCustomKeyStoreHealth
+            | Op::ListKeyAuditEvents => None,
         }
     }
 

@@ -287,7 +287,12 @@ fn row(op: Op) -> Row {
         | Op::ListRetirableGrants
         | Op::GenerateRandom
         // Not on AWS's page: it reads what was recorded, whatever the key's state.
-        | Op::GetKeyLastUsage => ANY,
+        | Op::GetKeyLastUsage
+        // hsm-kms's own: they read what was recorded (a key's audit lines, whatever its
+        // state), or name no key.
+        | Op::ListKeyAuditEvents
+        | Op::GetCallerIdentity
+        | Op::DescribeCustomKeyStoreHealth => ANY,
         // Refused for a key in a custom key store whatever its state ([7], [9]; the newer
         // rotation operations and DeriveSharedSecret have no row on AWS's page).
         Op::EnableKeyRotation

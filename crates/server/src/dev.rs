@@ -576,6 +576,16 @@ fn print_quickstart(
         .aws_addr
         .map(|a| format!("http://{a} (SigV4 with the dev access key)"))
         .unwrap_or_else(|| "off".into());
+    let console = match running.aws_addr {
+        Some(a) if crate::api::console::BUILT => format!(
+            "http://{a}/console/   (sign in with the dev access key: {dir}/aws-access-key-id and {dir}/aws-secret-access-key)",
+            dir = data_dir.display()
+        ),
+        Some(a) => format!(
+            "http://{a}/console/ is NOT BUILT into this binary: run scripts/setup.sh (Node.js, npm ci in console/), then build again"
+        ),
+        None => "off (no AWS protocol listener)".into(),
+    };
     let cluster = &settings.clusters[0];
     let svc = "kms.v1.KeyManagementService";
     let conf = settings
@@ -589,6 +599,7 @@ fn print_quickstart(
 hsm-kms dev is ready. listening on {addr} (plaintext gRPC; dev mode only)
   NO AUTHENTICATION on gRPC: plaintext on loopback, every caller acts as {principal}
   AWS KMS protocol: {aws}
+  console:          {console}
   audit trail:      {audit}   (hsm-kms audit verify {audit})
   data directory:   {dir}
   config:           {dir}/hsm-kms.toml   (hsm-kms serve --config {dir}/hsm-kms.toml)

@@ -66,6 +66,8 @@ pub struct Metrics {
     pool_size: Family<Store, Gauge>,
     pool_in_use: Family<Store, Gauge>,
     throttled: Family<Store, Counter>,
+    store_requests: Family<Store, Counter>,
+    store_hsm_errors: Family<Store, Counter>,
     store_state: Family<StoreState, Gauge>,
     reconnects: Family<Reconnect, Counter>,
     session_replacements: Counter,
@@ -121,6 +123,8 @@ impl Metrics {
             pool_in_use: Family::default(),
             throttled: Family::default(),
             store_state: Family::default(),
+            store_requests: Family::default(),
+            store_hsm_errors: Family::default(),
             reconnects: Family::default(),
             session_replacements: Counter::default(),
             orphaned: Counter::default(),
@@ -184,6 +188,16 @@ impl Metrics {
             "throttled_requests",
             "Cryptographic requests refused with ThrottlingException",
             m.throttled.clone(),
+        );
+        r.register(
+            "store_requests",
+            "Cryptographic requests each store's quota admitted",
+            m.store_requests.clone(),
+        );
+        r.register(
+            "store_hsm_errors",
+            "Requests on each store whose HSM call failed (unreachable, timed out, or an HSM error)",
+            m.store_hsm_errors.clone(),
         );
         r.register(
             "store_state",
@@ -300,6 +314,39 @@ impl Metrics {
             .inc();
     }
 
+    /// The counter of a store's cryptographic requests admitted by its quota (kept by the
+    /// quota, so that counting one costs an increment).
+    pub fn store_requests(&self, store: &str) -> Counter {
+        self.store_requests
+            .get_or_create(&Store {
+                custom_key_store_id: store.to_string(),
+            })
+            .clone()
+    }
+
+    /// A request on a store whose HSM call failed (unreachable, timed out, or an error
+    /// other than a ciphertext that does not authenticate).
+    pub fn store_hsm_error(&self, store: &str) {
+        self.store_hsm_errors
+            .get_or_create(&Store {
+                custom_key_store_id: store.to_string(),
+            })
+            .inc();
+    }
+
+    /// A store's (requests, throttled, HSM errors) since this process started.
+    pub fn store_counts(&self, store: &str) -> (u64, u64, u64) {
+        let label = Store {
+            custom_key_store_id: store.to_string(),
+        };
+        let count = |f: &Family<Store, Counter>| f.get(&label).map(|c| c.get()).unwrap_or(0);
+        (
+            count(&self.store_requests),
+            count(&self.throttled),
+            count(&self.store_hsm_errors),
+        )
+    }
+
     pub fn reconnect(&self, store: &str, outcome: &'static str) {
         self.reconnects
             .get_or_create(&Reconnect {
@@ -326,9 +373,15 @@ impl Metrics {
             let id = || s.id.clone();
             // The series operators alert on exist from the start, at zero, rather than
             // appearing with their first event.
-            let _ = self.throttled.get_or_create(&Store {
-                custom_key_store_id: id(),
-            });
+            for family in [
+                &self.throttled,
+                &self.store_requests,
+                &self.store_hsm_errors,
+            ] {
+                let _ = family.get_or_create(&Store {
+                    custom_key_store_id: id(),
+                });
+            }
             for outcome in ["ok", "failed"] {
                 let _ = self.reconnects.get_or_create(&Reconnect {
                     custom_key_store_id: id(),

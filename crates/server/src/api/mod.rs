@@ -9,11 +9,13 @@
 mod aliases;
 pub mod auth;
 pub mod aws;
+pub mod console;
 mod crypto;
 pub mod failures;
 mod grants;
 mod keys;
 mod keystores;
+mod operators;
 pub mod path;
 pub mod protocol;
 pub mod status;
@@ -246,6 +248,9 @@ operations! {
     generate_data_key_without_plaintext: GenerateDataKeyWithoutPlaintext(GenerateDataKeyWithoutPlaintextRequest [encryption_context]) -> GenerateDataKeyWithoutPlaintextResponse = crypto::generate_data_key_without_plaintext;
     generate_random: GenerateRandom(GenerateRandomRequest) -> GenerateRandomResponse = crypto::generate_random;
     get_key_last_usage: GetKeyLastUsage(GetKeyLastUsageRequest) -> GetKeyLastUsageResponse = keys::get_key_last_usage;
+    get_caller_identity: GetCallerIdentity(GetCallerIdentityRequest) -> GetCallerIdentityResponse = operators::get_caller_identity;
+    describe_custom_key_store_health: DescribeCustomKeyStoreHealth(DescribeCustomKeyStoreHealthRequest) -> DescribeCustomKeyStoreHealthResponse = operators::describe_custom_key_store_health;
+    list_key_audit_events: ListKeyAuditEvents(ListKeyAuditEventsRequest) -> ListKeyAuditEventsResponse = operators::list_key_audit_events;
 }
 
 /// The encryption context as the audit trail records it: none when empty, or when over the

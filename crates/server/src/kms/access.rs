@@ -68,6 +68,7 @@ impl Caller {
             Scope::Key => Allowed::Key as u8,
             Scope::Alias => Allowed::Identity as u8 | Allowed::Key as u8,
             Scope::Grant => Allowed::GrantPrincipal as u8,
+            Scope::Caller => 0,
         };
         self.allowed.load(Ordering::Relaxed) & needed == needed
     }

@@ -118,14 +118,19 @@ fn hsm_error(key: &UsableKey, e: HsmError) -> KmsError {
             key.arn, key.cluster_id
         )),
         HsmError::Unavailable(detail) => {
+            crate::metrics::get().store_hsm_error(&key.store_id);
             tracing::warn!(key_arn = %key.arn, custom_key_store_id = %key.store_id, %detail, "HSM unavailable");
             KmsError::invalid_state(format!(
                 "{} is unavailable: the HSM of custom key store {} is not answering",
                 key.arn, key.store_id
             ))
         }
-        HsmError::Timeout(limit) => timed_out(&key.store_id, limit),
+        HsmError::Timeout(limit) => {
+            crate::metrics::get().store_hsm_error(&key.store_id);
+            timed_out(&key.store_id, limit)
+        }
         HsmError::Internal(detail) => {
+            crate::metrics::get().store_hsm_error(&key.store_id);
             KmsError::internal(format!("HSM operation on {}: {detail}", key.arn))
         }
     }

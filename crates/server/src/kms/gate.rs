@@ -89,6 +89,8 @@ pub enum Subject<'a> {
         name: &'a str,
         target: Option<&'a str>,
     },
+    /// `Scope::Caller`: the caller itself; nothing is decided (GetCallerIdentity).
+    Caller,
     /// `Scope::Grant`: a grant by its token, or by key and grant id (RetireGrant).
     Grant {
         token: Option<&'a str>,
@@ -109,6 +111,7 @@ impl Subject<'_> {
             | Subject::NewGrant(..) => Scope::Key,
             Subject::Alias { .. } => Scope::Alias,
             Subject::Grant { .. } => Scope::Grant,
+            Subject::Caller => Scope::Caller,
         }
     }
 }
@@ -191,6 +194,7 @@ impl<'c> Gate<'c> {
         };
         let action = op.action();
         match subject {
+            Subject::Caller => {}
             Subject::Account => {
                 kms.authorize_account(caller, action, None, &Facts::of(&caller.principal))?;
             }

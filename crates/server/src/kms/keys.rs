@@ -149,6 +149,7 @@ pub(super) fn timed_out(store_id: &str, limit: std::time::Duration) -> KmsError 
 /// Maps an HSM failure of a store-level operation (`what`: CreateKey's key generation,
 /// GenerateRandom) to the AWS exception the caller gets.
 pub(super) fn store_hsm_error(store_id: &str, what: &str, e: HsmError) -> KmsError {
+    crate::metrics::get().store_hsm_error(store_id);
     match e {
         HsmError::Unavailable(d) => KmsError::new(
             ErrorKind::CustomKeyStoreInvalidState,

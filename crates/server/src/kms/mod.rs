@@ -17,6 +17,7 @@ pub mod gate;
 pub mod grants;
 pub mod keys;
 pub mod keystores;
+pub mod operators;
 pub mod sealing;
 pub mod throttle;
 pub mod usage;
@@ -55,6 +56,8 @@ pub struct Parts {
     pub clock_offset_ms: i64,
     /// The custom key store (name or id) of keys created without one named.
     pub default_keystore: Option<String>,
+    /// This replica's audit trail file (ListKeyAuditEvents reads its newest lines).
+    pub audit_file: Option<std::path::PathBuf>,
 }
 
 impl Parts {
@@ -112,6 +115,7 @@ impl Parts {
             quotas: Quotas::per_second(settings.throttling.store_requests_per_second),
             clock_offset_ms: settings.lifecycle.clock_offset_seconds.saturating_mul(1000),
             default_keystore: settings.kms.default_custom_key_store.clone(),
+            audit_file: Some(settings.audit.file.clone()),
             scope,
         })
     }
@@ -135,6 +139,9 @@ pub struct Kms {
     database_offset_ms: std::sync::atomic::AtomicI64,
     /// Key uses noted and not yet written (GetKeyLastUsage).
     usage: usage::Tracker,
+    audit_file: Option<std::path::PathBuf>,
+    /// When this replica started (its store health counts start then).
+    started_ms: i64,
 }
 
 impl Kms {
@@ -149,6 +156,7 @@ impl Kms {
             quotas,
             clock_offset_ms,
             default_keystore,
+            audit_file,
         } = parts;
         Arc::new_cyclic(|me| Kms {
             scope,
@@ -164,6 +172,8 @@ impl Kms {
             replica: uuid::Uuid::new_v4().to_string(),
             database_offset_ms: std::sync::atomic::AtomicI64::new(0),
             usage: usage::Tracker::default(),
+            audit_file,
+            started_ms: now_ms(),
         })
     }
 
@@ -333,21 +343,30 @@ impl Kms {
         Ok(self.keystore(id).await?.connection_state)
     }
 
+    /// A store's state as this replica sees it (its recorded connection state, or DEGRADED
+    /// when it is CONNECTED and this replica's connection to its HSM failed), and that
+    /// connection.
+    fn store_state(
+        &self,
+        rec: &KeyStoreRecord,
+    ) -> (&'static str, Option<Arc<crate::hsm::Connection>>) {
+        let conn = self.connection(&rec.id);
+        let state = match rec.connection_state {
+            ConnectionState::Connected if conn.as_ref().is_some_and(|c| c.is_degraded()) => {
+                "DEGRADED"
+            }
+            s => s.as_str(),
+        };
+        (state, conn)
+    }
+
     /// Every key store's state and session pool, for the metrics.
     pub async fn keystore_snapshots(&self) -> Vec<crate::metrics::StoreSnapshot> {
         self.all_keystores()
             .await
             .into_iter()
             .map(|rec| {
-                let conn = self.connection(&rec.id);
-                let state = match rec.connection_state {
-                    ConnectionState::Connected
-                        if conn.as_ref().is_some_and(|c| c.is_degraded()) =>
-                    {
-                        "DEGRADED"
-                    }
-                    s => s.as_str(),
-                };
+                let (state, conn) = self.store_state(&rec);
                 crate::metrics::StoreSnapshot {
                     id: rec.id,
                     state,

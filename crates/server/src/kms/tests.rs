@@ -42,6 +42,7 @@ fn kms() -> (Arc<Kms>, Arc<dyn Metadata>) {
         quotas: Quotas::per_second(0),
         clock_offset_ms: 0,
         default_keystore: None,
+        audit_file: None,
     });
     (kms, metadata)
 }

@@ -42,11 +42,10 @@ impl Quotas {
         f64::from(self.rate) / f64::from(self.replicas.load(Ordering::Relaxed).max(1))
     }
 
-    /// Takes one request from the store's quota, or answers ThrottlingException.
+    /// Takes one request from the store's quota, or answers ThrottlingException. Each
+    /// admitted request is counted for the store (`hsm_kms_store_requests_total`, the
+    /// console's store health), with or without a rate.
     pub fn admit(&self, store_id: &str) -> KmsResult<()> {
-        if self.rate == 0 {
-            return Ok(());
-        }
         let quota = self
             .by_store
             .read()
@@ -60,10 +59,11 @@ impl Quotas {
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .entry(store_id.to_string())
-                .or_insert_with(|| Arc::new(Quota::new(self.share())))
+                .or_insert_with(|| Arc::new(Quota::counted(self.share(), store_id)))
                 .clone(),
         };
-        if quota.take_at(Instant::now(), self.share()) {
+        if self.rate == 0 || quota.take_at(Instant::now(), self.share()) {
+            quota.admitted.inc();
             Ok(())
         } else {
             crate::metrics::get().throttled(store_id);
@@ -82,6 +82,8 @@ impl Quotas {
 pub struct Quota {
     /// (tokens available, when last refilled).
     bucket: Mutex<(f64, Instant)>,
+    /// The requests it admitted.
+    admitted: prometheus_client::metrics::counter::Counter,
 }
 
 impl Quota {
@@ -89,6 +91,16 @@ impl Quota {
     pub fn new(rate: f64) -> Quota {
         Quota {
             bucket: Mutex::new((rate.max(1.0), Instant::now())),
+            admitted: Default::default(),
+        }
+    }
+
+    /// A full bucket for `rate` requests per second, counting what it admits as the
+    /// store's requests in the metrics.
+    fn counted(rate: f64, store_id: &str) -> Quota {
+        Quota {
+            admitted: crate::metrics::get().store_requests(store_id),
+            ..Quota::new(rate)
         }
     }
 

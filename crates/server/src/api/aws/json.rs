@@ -377,7 +377,8 @@ mod tests {
             unrouted.is_empty(),
             "operations of the model not routed: {unrouted:?}"
         );
-        for op in Op::ALL {
+        // (hsm-kms's own operations are not in the model.)
+        for op in Op::ALL.into_iter().filter(|op| !op.extension()) {
             let operation = &model["operations"][op.name()];
             let input = &shapes[operation["input"]["shape"].as_str().unwrap()];
             for member in KNOWN.get(&op).into_iter().flatten() {

@@ -32,6 +32,8 @@ use model::op::{Op, Recorded, Unserved};
 use signed::{Refused, Signed};
 
 const TARGET_PREFIX: &str = "TrentService.";
+/// The target prefix of hsm-kms's own operations (`Op::extension`).
+const EXTENSION_PREFIX: &str = "HsmKms.";
 const CONTENT_TYPE: &str = "application/x-amz-json-1.1";
 
 /// The AWS protocol front of one listener.
@@ -41,9 +43,11 @@ pub struct Front {
 }
 
 /// The routes of the AWS KMS protocol: every request is `POST /` (anything else is
-/// UnknownOperationException, as AWS answers).
+/// UnknownOperationException, as AWS answers), beside the operator console's static files
+/// under `/console/` (`api::console`), which call this front like any other client.
 pub fn router(front: Arc<Front>) -> axum::Router {
-    axum::Router::new().fallback(
+    let region = front.path.kms().scope.region.clone();
+    super::console::router(&region).fallback(
         move |axum::Extension(peer): axum::Extension<Peer>, req: axum::extract::Request| {
             let front = Arc::clone(&front);
             async move { front.handle(req, &peer).await }
@@ -106,11 +110,22 @@ fn operation<B>(req: &Request<B>) -> KmsResult<Op> {
     if !json {
         return Err(unknown());
     }
-    req.headers()
+    let target = req
+        .headers()
         .get("x-amz-target")
         .and_then(|t| t.to_str().ok())
-        .and_then(|t| t.strip_prefix(TARGET_PREFIX))
-        .and_then(Op::parse)
+        .ok_or_else(unknown)?;
+    // AWS's operations under AWS's prefix, hsm-kms's own under its own: neither is taken
+    // for the other.
+    let (name, extension) = match target.strip_prefix(TARGET_PREFIX) {
+        Some(name) => (name, false),
+        None => (
+            target.strip_prefix(EXTENSION_PREFIX).ok_or_else(unknown)?,
+            true,
+        ),
+    };
+    Op::parse(name)
+        .filter(|op| op.extension() == extension)
         .ok_or_else(unknown)
 }
 
