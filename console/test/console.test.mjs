@@ -80,6 +80,8 @@ after(async () => {
 
 // ---------------------------------------------------------------- helpers
 
+const checkedDialogs = new Set();
+
 async function axeCheck(where) {
   await page.evaluate(axeSource);
   const result = await page.evaluate(() => window.axe.run(document, { resultTypes: ["violations"] }));
@@ -151,6 +153,10 @@ async function createStore(name, cluster, password) {
   await dialog.getByLabel("AWS CloudHSM cluster ID").fill(cluster);
   await dialog.getByLabel("Trust anchor certificate").setInputFiles(env.TRUST_ANCHOR_FILE);
   await dialog.getByLabel("kmsuser password").fill(password);
+  if (!checkedDialogs.has("create key store")) {
+    checkedDialogs.add("create key store");
+    await axeCheck("the create key store dialog");
+  }
   await dialog.getByRole("button", { name: "Create", exact: true }).click();
   return dialog;
 }
@@ -456,6 +462,7 @@ if (phase === "dev") {
     await dialog.getByLabel("Waiting period (in days)").fill("7");
     assert.equal(await dialog.getByRole("button", { name: "Schedule deletion" }).isDisabled(), true, "needs the confirmation");
     await dialog.getByLabel("Confirm you want to schedule this key for deletion in 7 days.").check();
+    await axeCheck("the schedule key deletion dialog");
     await dialog.getByRole("button", { name: "Schedule deletion" }).click();
     await page.getByText(/is pending deletion/).waitFor();
     const m = (await kms.send(new DescribeKeyCommand({ KeyId: key.KeyId }))).KeyMetadata;
@@ -524,6 +531,7 @@ if (phase === "dev") {
     const dialog = page.getByRole("dialog", { name: "Delete key store" });
     assert.equal(await dialog.getByRole("button", { name: "Delete key store" }).isDisabled(), true);
     await dialog.getByLabel("Confirm that you want to delete this custom key store.").check();
+    await axeCheck("the delete key store dialog");
     await dialog.getByRole("button", { name: "Delete key store" }).click();
     await page.getByText("Deleted key store console-absent").waitFor();
     assert.equal(await storeNamed("console-absent"), undefined);
@@ -558,6 +566,7 @@ if (phase === "dev") {
     await page.keyboard.press("Enter");
     assert.match(await alertText(), /Key store health failed: AccessDeniedException/);
     await shot("denied");
+    await axeCheck("a refused page");
     await button("Sign out").click();
     await page.getByLabel("Access key ID").waitFor();
   });
