@@ -26,6 +26,9 @@ command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
 # HAProxy: the replica tests run the shipped balancer configuration (deploy/haproxy-replicas.cfg).
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 
+# AWS's XKS proxy test client (scripts/xks-test-client.sh) needs uuidgen and xxd.
+command -v uuidgen >/dev/null 2>&1 || missing+=(uuid-runtime)
+command -v xxd >/dev/null 2>&1 || missing+=(xxd)
 # Chromium (headless) and a font for the console's browser tests (tests/console.rs).
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)

@@ -19,7 +19,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-RUST_LOG=warn "$bin" dev --data-dir "$work/data" --listen 127.0.0.1:0 --aws-listen 127.0.0.1:0 \
+RUST_LOG=warn "$bin" dev --data-dir "$work/data" --listen 127.0.0.1:0 --aws-listen 127.0.0.1:0 --xks-listen 127.0.0.1:0 \
   --admin-listen 127.0.0.1:0 >"$work/out" 2>"$work/err" &
 pid=$!
 for _ in $(seq 1 300); do

@@ -50,6 +50,9 @@ enum Command {
         /// The admin (metrics) address [default: 127.0.0.1:50052, or a free port].
         #[arg(long)]
         admin_listen: Option<SocketAddr>,
+        /// The XKS proxy API address [default: 127.0.0.1:50054, or a free port].
+        #[arg(long)]
+        xks_listen: Option<SocketAddr>,
     },
     /// Work with an audit trail file.
     Audit {
@@ -121,6 +124,9 @@ fn main() -> anyhow::Result<()> {
                 if let Some(aws) = running.aws_addr {
                     println!("hsm-kms AWS protocol listening on {aws}");
                 }
+                if let Some(xks) = running.xks_addr {
+                    println!("hsm-kms XKS proxy API listening on {xks}");
+                }
                 println!("hsm-kms listening on {}", running.addr);
                 running.task.await?
             })
@@ -154,12 +160,14 @@ fn main() -> anyhow::Result<()> {
             listen,
             aws_listen,
             admin_listen,
+            xks_listen,
         } => {
             let data_dir = data_dir.unwrap_or_else(dev::default_data_dir);
             let ports = dev::Listeners {
                 grpc: listen,
                 aws: aws_listen,
                 admin: admin_listen,
+                xks: xks_listen,
             };
             let settings = dev::prepare(&data_dir, ports)?;
             runtime()?.block_on(dev::run(data_dir, settings))

@@ -88,6 +88,10 @@ fn request(op: Op, t: &Targets) -> Value {
         Op::ListKeyAuditEvents => json!({"KeyId": key, "Limit": 10}),
         // Needs no permission (Scope::Caller): bob learns only who he is (below).
         Op::GetCallerIdentity => json!({}),
+        // Not on the AWS front: tests/xks.rs sends them as a credential without permission.
+        Op::XksGetHealthStatus | Op::XksGetKeyMetadata | Op::XksEncrypt | Op::XksDecrypt => {
+            json!({})
+        }
         // Not served: bob hears AccessDeniedException before the refusal of the operation.
         Op::EnableKeyRotation
         | Op::DisableKeyRotation
@@ -213,7 +217,9 @@ async fn every_operation_refuses_a_caller_without_permission() {
     let before = state(&root, &t).await;
 
     let mut refused = Vec::new();
-    let decided = Op::ALL.into_iter().filter(|op| op.scope() != Scope::Caller);
+    let decided = Op::ALL
+        .into_iter()
+        .filter(|op| op.scope() != Scope::Caller && !op.xks());
     for op in decided.clone() {
         let body = request(op, &t).to_string();
         let headers = aws_headers(
@@ -258,7 +264,7 @@ async fn every_operation_refuses_a_caller_without_permission() {
     assert_eq!(refused.len(), decided.count());
     assert_eq!(
         refused.len(),
-        Op::ALL.len() - 1,
+        Op::ALL.iter().filter(|op| !op.xks()).count() - 1,
         "only GetCallerIdentity needs no permission"
     );
 

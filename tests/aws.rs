@@ -630,7 +630,10 @@ async fn unserved_operations_answer_as_aws_does_for_a_key_in_a_cloudhsm_key_stor
     // Every unserved operation was sent.
     assert_eq!(
         answers.len(),
-        hsm_kms::model::op::Op::ALL.len() - hsm_kms::model::op::Op::served().count()
+        hsm_kms::model::op::Op::ALL
+            .iter()
+            .filter(|op| op.unserved().is_some())
+            .count()
     );
 
     // A key that does not exist: NotFoundException first, as for any operation on a key.

@@ -65,17 +65,18 @@ fn bench_verb_produces_a_complete_report() {
     );
     assert!(raw.iter().all(|x| x["ops_per_sec"].as_f64().unwrap() > 0.0));
     let service = r["service"].as_array().unwrap();
-    // 3 operations x 2 levels, Encrypt over the AWS protocol x 2 levels, then Encrypt over
-    // 3 keys and over 1 key.
-    assert_eq!(service.len(), 10);
+    // 3 operations x 2 levels, Encrypt over the AWS protocol and over the XKS proxy API x 2
+    // levels each, then Encrypt over 3 keys and over 1 key.
+    assert_eq!(service.len(), 12);
     assert_eq!(service[2]["operation"], "Encrypt (AWS)");
+    assert_eq!(service[4]["operation"], "Encrypt (XKS)");
     for x in service {
         assert_eq!(x["errors"], 0, "{x}");
         assert!(x["requests"].as_u64().unwrap() > 0, "{x}");
         assert!(x["server_rss_mib"].as_f64().unwrap() > 0.0, "{x}");
         assert!(x["p99_ms"].as_f64().unwrap() >= x["p50_ms"].as_f64().unwrap());
     }
-    assert_eq!(service[8]["keys"], 3);
+    assert_eq!(service[10]["keys"], 3);
     assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
 }
 

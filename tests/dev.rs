@@ -23,6 +23,8 @@ const DEV_ARGS: &[&str] = &[
     "127.0.0.1:0",
     "--admin-listen",
     "127.0.0.1:0",
+    "--xks-listen",
+    "127.0.0.1:0",
     "--data-dir",
 ];
 

@@ -51,11 +51,22 @@ pub type AwsAnswer = (
 
 /// One HTTP/1.1 `POST /` over `stream` with `headers` and `body`; the connection closes.
 pub fn http1_post(
-    mut stream: impl Read + Write,
+    stream: impl Read + Write,
     headers: &[(String, String)],
     body: &[u8],
 ) -> AwsAnswer {
-    let mut request = "POST / HTTP/1.1\r\n".to_string();
+    http1_request(stream, "POST", "/", headers, body)
+}
+
+/// One HTTP/1.1 request of `method` to `path` over `stream`; the connection closes.
+pub fn http1_request(
+    mut stream: impl Read + Write,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> AwsAnswer {
+    let mut request = format!("{method} {path} HTTP/1.1\r\n");
     for (n, v) in headers {
         request.push_str(&format!("{n}: {v}\r\n"));
     }

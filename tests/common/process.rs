@@ -135,6 +135,8 @@ pub struct Harness {
     pub admin: String,
     /// The AWS protocol listener's address, when server.aws_listen is set.
     pub aws: String,
+    /// The XKS proxy API listener's address, when server.xks_listen is set.
+    pub xks: String,
 }
 
 impl Harness {
@@ -257,6 +259,7 @@ impl Harness {
                 fsync: false,
                 replica: "main".into(),
             },
+            xks: Default::default(),
             kms: Default::default(),
             clusters: cluster_settings,
         };
@@ -271,6 +274,7 @@ impl Harness {
             addr: String::new(),
             admin: String::new(),
             aws: String::new(),
+            xks: String::new(),
         };
         h.launch().await;
         h
@@ -333,9 +337,15 @@ impl Harness {
         if self.settings.server.aws_listen.is_some() {
             prefixes.push("hsm-kms AWS protocol listening on ");
         }
+        if self.settings.server.xks_listen.is_some() {
+            prefixes.push("hsm-kms XKS proxy API listening on ");
+        }
         prefixes.push("hsm-kms listening on ");
         let mut lines = wait_for_lines(&mut child, &prefixes, Duration::from_secs(60));
         self.addr = lines.pop().unwrap();
+        if self.settings.server.xks_listen.is_some() {
+            self.xks = lines.pop().unwrap();
+        }
         if self.settings.server.aws_listen.is_some() {
             self.aws = lines.pop().unwrap();
         }
@@ -821,6 +831,8 @@ pub fn start_dev(data: &Path) -> Child {
             "--aws-listen",
             any,
             "--admin-listen",
+            any,
+            "--xks-listen",
             any,
         ])
         .arg("--data-dir")

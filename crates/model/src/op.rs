@@ -49,6 +49,12 @@ pub enum Op {
     GetCallerIdentity,
     DescribeCustomKeyStoreHealth,
     ListKeyAuditEvents,
+    // The external key store (XKS) proxy API, which AWS KMS calls (api/xks): served on the
+    // XKS listener only (`Op::xks`).
+    XksGetHealthStatus,
+    XksGetKeyMetadata,
+    XksEncrypt,
+    XksDecrypt,
     // The operations of the AWS KMS API that a key in a CloudHSM key store cannot do. They
     // are routed, authorized on their key and checked against the key-state table like any
     // other, then answered as AWS answers for such a key (`Op::unserved`).
@@ -101,11 +107,14 @@ pub enum Recorded {
     EncryptionContext,
     /// Nothing more: the resources the operation touched are noted as it runs.
     Resources,
+    /// The requestMetadata AWS KMS sent with an XKS proxy request (who called AWS KMS, for
+    /// which key and operation, its request id).
+    RequestMetadata,
 }
 
 impl Op {
     /// Every operation, in the order of the API.
-    pub const ALL: [Op; 57] = [
+    pub const ALL: [Op; 61] = [
         Op::CreateCustomKeyStore,
         Op::DescribeCustomKeyStores,
         Op::UpdateCustomKeyStore,
@@ -145,6 +154,10 @@ impl Op {
         Op::GetCallerIdentity,
         Op::DescribeCustomKeyStoreHealth,
         Op::ListKeyAuditEvents,
+        Op::XksGetHealthStatus,
+        Op::XksGetKeyMetadata,
+        Op::XksEncrypt,
+        Op::XksDecrypt,
         Op::EnableKeyRotation,
         Op::DisableKeyRotation,
         Op::GetKeyRotationStatus,
@@ -168,7 +181,9 @@ impl Op {
     /// The operations hsm-kms serves (over gRPC and the AWS protocol); the others of `ALL`
     /// are refused as AWS refuses them for a key in a CloudHSM key store.
     pub fn served() -> impl Iterator<Item = Op> {
-        Op::ALL.into_iter().filter(|op| op.unserved().is_none())
+        Op::ALL
+            .into_iter()
+            .filter(|op| op.unserved().is_none() && !op.xks())
     }
 
     /// The AWS operation name (also the gRPC method name).
@@ -214,6 +229,10 @@ impl Op {
             Op::GetCallerIdentity => "GetCallerIdentity",
             Op::DescribeCustomKeyStoreHealth => "DescribeCustomKeyStoreHealth",
             Op::ListKeyAuditEvents => "ListKeyAuditEvents",
+            Op::XksGetHealthStatus => "XksGetHealthStatus",
+            Op::XksGetKeyMetadata => "XksGetKeyMetadata",
+            Op::XksEncrypt => "XksEncrypt",
+            Op::XksDecrypt => "XksDecrypt",
             Op::EnableKeyRotation => "EnableKeyRotation",
             Op::DisableKeyRotation => "DisableKeyRotation",
             Op::GetKeyRotationStatus => "GetKeyRotationStatus",
@@ -238,6 +257,15 @@ impl Op {
     /// The operation of a name.
     pub fn parse(name: &str) -> Option<Op> {
         Op::ALL.into_iter().find(|op| op.name() == name)
+    }
+
+    /// Whether it is an operation of the XKS proxy API (served on the XKS listener only).
+    #[inline]
+    pub fn xks(self) -> bool {
+        matches!(
+            self,
+            Op::XksGetHealthStatus | Op::XksGetKeyMetadata | Op::XksEncrypt | Op::XksDecrypt
+        )
     }
 
     /// Whether it is one of hsm-kms's own operations rather than one of the AWS KMS API's.
@@ -294,6 +322,12 @@ impl Op {
             Op::GetCallerIdentity => &["kms:GetCallerIdentity"],
             Op::DescribeCustomKeyStoreHealth => &["kms:DescribeCustomKeyStoreHealth"],
             Op::ListKeyAuditEvents => &["kms:ListKeyAuditEvents"],
+            // AWS KMS asks for its keys as the caller of the XKS credential: the same
+            // permissions as the AWS KMS operations they serve.
+            Op::XksGetHealthStatus => &["kms:XksGetHealthStatus"],
+            Op::XksGetKeyMetadata => &["kms:DescribeKey"],
+            Op::XksEncrypt => &["kms:Encrypt"],
+            Op::XksDecrypt => &["kms:Decrypt"],
             Op::EnableKeyRotation => &["kms:EnableKeyRotation"],
             Op::DisableKeyRotation => &["kms:DisableKeyRotation"],
             Op::GetKeyRotationStatus => &["kms:GetKeyRotationStatus"],
@@ -352,7 +386,12 @@ impl Op {
             | Op::GenerateDataKey
             | Op::GenerateDataKeyWithoutPlaintext
             | Op::GetKeyLastUsage
-            | Op::ListKeyAuditEvents => Scope::Key,
+            | Op::ListKeyAuditEvents
+            | Op::XksGetKeyMetadata
+            | Op::XksEncrypt
+            | Op::XksDecrypt => Scope::Key,
+            // The spec excludes the health check from authorization: a valid credential.
+            Op::XksGetHealthStatus => Scope::Caller,
             Op::DescribeCustomKeyStoreHealth => Scope::KeyStore,
             Op::GetCallerIdentity => Scope::Caller,
             Op::EnableKeyRotation
@@ -389,14 +428,14 @@ impl Op {
     #[inline]
     pub fn grant_operations(self) -> &'static [&'static str] {
         match self {
-            Op::Encrypt => &["Encrypt"],
-            Op::Decrypt => &["Decrypt"],
+            Op::Encrypt | Op::XksEncrypt => &["Encrypt"],
+            Op::Decrypt | Op::XksDecrypt => &["Decrypt"],
             Op::ReEncrypt => &["ReEncryptFrom", "ReEncryptTo"],
             Op::GenerateDataKey => &["GenerateDataKey"],
             Op::GenerateDataKeyWithoutPlaintext => &["GenerateDataKeyWithoutPlaintext"],
             Op::CreateGrant => &["CreateGrant"],
             Op::RetireGrant => &["RetireGrant"],
-            Op::DescribeKey => &["DescribeKey"],
+            Op::DescribeKey | Op::XksGetKeyMetadata => &["DescribeKey"],
             Op::CreateCustomKeyStore
             | Op::DescribeCustomKeyStores
             | Op::UpdateCustomKeyStore
@@ -427,7 +466,8 @@ impl Op {
             | Op::GetKeyLastUsage
             | Op::GetCallerIdentity
             | Op::DescribeCustomKeyStoreHealth
-            | Op::ListKeyAuditEvents => &[],
+            | Op::ListKeyAuditEvents
+            | Op::XksGetHealthStatus => &[],
             // Grants on a symmetric encryption key cannot include them (grants.rs).
             Op::EnableKeyRotation
             | Op::DisableKeyRotation
@@ -460,7 +500,9 @@ impl Op {
             | Op::Decrypt
             | Op::ReEncrypt
             | Op::GenerateDataKey
-            | Op::GenerateDataKeyWithoutPlaintext => true,
+            | Op::GenerateDataKeyWithoutPlaintext
+            | Op::XksEncrypt
+            | Op::XksDecrypt => true,
             // GenerateRandom uses the HSM but no key.
             Op::GenerateRandom
             | Op::CreateCustomKeyStore
@@ -495,7 +537,9 @@ impl Op {
             | Op::GetKeyLastUsage
             | Op::GetCallerIdentity
             | Op::DescribeCustomKeyStoreHealth
-            | Op::ListKeyAuditEvents => false,
+            | Op::ListKeyAuditEvents
+            | Op::XksGetHealthStatus
+            | Op::XksGetKeyMetadata => false,
             // Refused before any key material is used.
             Op::EnableKeyRotation
             | Op::DisableKeyRotation
@@ -563,7 +607,11 @@ impl Op {
             | Op::GetKeyLastUsage
             | Op::GetCallerIdentity
             | Op::DescribeCustomKeyStoreHealth
-            | Op::ListKeyAuditEvents => false,
+            | Op::ListKeyAuditEvents
+            | Op::XksGetHealthStatus
+            | Op::XksGetKeyMetadata
+            | Op::XksEncrypt
+            | Op::XksDecrypt => false,
             // Refused: they change nothing.
             Op::EnableKeyRotation
             | Op::DisableKeyRotation
@@ -631,7 +679,11 @@ impl Op {
             | Op::GetKeyLastUsage
             | Op::GetCallerIdentity
             | Op::DescribeCustomKeyStoreHealth
-            | Op::ListKeyAuditEvents => false,
+            | Op::ListKeyAuditEvents
+            | Op::XksGetHealthStatus
+            | Op::XksGetKeyMetadata
+            | Op::XksEncrypt
+            | Op::XksDecrypt => false,
             Op::EnableKeyRotation
             | Op::DisableKeyRotation
             | Op::GetKeyRotationStatus
@@ -718,14 +770,20 @@ impl Op {
             | Op::GetKeyLastUsage
             | Op::GetCallerIdentity
             | Op::DescribeCustomKeyStoreHealth
-            | Op::ListKeyAuditEvents => None,
+            | Op::ListKeyAuditEvents
+            | Op::XksGetHealthStatus
+            | Op::XksGetKeyMetadata
+            | Op::XksEncrypt
+            | Op::XksDecrypt => None,
         }
     }
 
     /// What its audit line records besides who, what and the outcome.
     #[inline]
     pub fn recorded(self) -> Recorded {
-        if self.cryptographic() {
+        if self.xks() {
+            Recorded::RequestMetadata
+        } else if self.cryptographic() {
             Recorded::EncryptionContext
         } else {
             Recorded::Resources

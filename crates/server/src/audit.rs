@@ -66,6 +66,8 @@ pub struct Entry {
     pub operation: &'static str,
     pub resources: Vec<Resource>,
     pub encryption_context: Option<BTreeMap<String, String>>,
+    /// The requestMetadata of an XKS proxy request.
+    pub request_metadata: Option<BTreeMap<String, String>>,
     /// `allowed` (and succeeded), `denied` (AccessDeniedException) or `failed`.
     pub outcome: &'static str,
     pub error: Option<&'static str>,
@@ -87,6 +89,8 @@ struct Line<'a> {
     resources: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     encryption_context: Option<&'a BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_metadata: Option<&'a BTreeMap<String, String>>,
     outcome: &'static str,
     error: Option<&'static str>,
     /// On the line that ends an outage: how many requests were refused because the trail
@@ -447,6 +451,7 @@ impl Writer {
                 operation: RECOVERED,
                 resources: vec![format!("unwritable since {}", rfc3339(since))],
                 encryption_context: None,
+                request_metadata: None,
                 outcome: "recorded",
                 error: None,
                 refused_unrecorded: Some(refused),
@@ -474,6 +479,7 @@ impl Writer {
                     })
                     .collect(),
                 encryption_context: e.encryption_context.as_ref(),
+                request_metadata: e.request_metadata.as_ref(),
                 outcome: e.outcome,
                 error: e.error,
                 refused_unrecorded: None,
@@ -712,6 +718,7 @@ mod tests {
             operation: op,
             resources: vec![],
             encryption_context: None,
+            request_metadata: None,
             outcome: "allowed",
             error: None,
             unrecorded_refusals: None,

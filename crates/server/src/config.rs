@@ -45,7 +45,120 @@ pub struct Settings {
     #[serde(default)]
     pub kms: KmsSettings,
     #[serde(default)]
+    pub xks: XksSettings,
+    #[serde(default)]
     pub clusters: Vec<ClusterSettings>,
+}
+
+/// The external key store (XKS) proxy API (server.xks_listen): who may call it, and what
+/// its health check says.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct XksSettings {
+    /// The SigV4 credentials AWS KMS signs with, each for one URI path prefix; several per
+    /// prefix so that they rotate without a restart (reloaded on SIGHUP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub credentials: Vec<XksCredential>,
+    /// With mutual TLS: the subject common names a client certificate (signed by
+    /// tls.client_ca_file) may have, e.g. "cks.kms.us-east-1.amazonaws.com"; any other
+    /// certificate, or none, ends the handshake. Empty: no client certificate asked for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_subjects: Vec<String>,
+    /// How long a health check's HSM call is reused (AWS KMS checks every few minutes, and
+    /// waits 250 ms for an answer).
+    #[serde(default = "default_xks_health_cache")]
+    pub health_cache_seconds: u64,
+    /// The ekmVendor the health check reports, e.g. "AWS CloudHSM".
+    #[serde(default = "default_ekm_vendor")]
+    pub ekm_vendor: String,
+}
+
+impl Default for XksSettings {
+    fn default() -> XksSettings {
+        XksSettings {
+            credentials: Vec::new(),
+            client_subjects: Vec::new(),
+            health_cache_seconds: default_xks_health_cache(),
+            ekm_vendor: default_ekm_vendor(),
+        }
+    }
+}
+
+fn default_xks_health_cache() -> u64 {
+    10
+}
+
+fn default_ekm_vendor() -> String {
+    "PKCS#11 HSM".into()
+}
+
+/// One XKS proxy credential: AWS KMS's external key store names the URI path prefix and
+/// this access key; the access key's principal is who hsm-kms's key policies and grants
+/// see calling.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct XksCredential {
+    /// The path before `/kms/xks/v1`, without its leading slash ("" for none); letters,
+    /// digits, `/`, `-` and `_`.
+    #[serde(default)]
+    pub uri_prefix: String,
+    /// 20 to 30 characters, `A`-`Z` and `2`-`7`, as the XKS specification requires.
+    pub access_key_id: String,
+    /// A file holding the secret access key (43 to 64 characters of `A`-`Z`, `a`-`z`,
+    /// `0`-`9`, `/`, `+`, `=`); keep it 0600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    /// Or: the environment variable that holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+    /// The principal ARN the credential stands for in key policies and grants.
+    pub principal: String,
+}
+
+impl XksCredential {
+    /// The credential as an access key, its secret read and its form checked against the
+    /// XKS specification. Errors name the credential, never its secret.
+    pub fn access_key(&self) -> anyhow::Result<(AccessKeySettings, zeroize::Zeroizing<String>)> {
+        let id = &self.access_key_id;
+        if !(20..=30).contains(&id.len())
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b))
+        {
+            bail!("xks credential {id}: an access key id is 20 to 30 characters of A-Z and 2-7");
+        }
+        let prefix = &self.uri_prefix;
+        if prefix.starts_with('/')
+            || prefix.ends_with('/')
+            || prefix.len() > 116
+            || !prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/-_".contains(&b))
+        {
+            bail!(
+                "xks credential {id}: uri_prefix {prefix:?} must be letters, digits, /, - and _, \
+                 without a leading or trailing slash, at most 116 characters"
+            );
+        }
+        let key = AccessKeySettings {
+            access_key_id: id.clone(),
+            secret_file: self.secret_file.clone(),
+            secret_env: self.secret_env.clone(),
+            principal: self.principal.clone(),
+        };
+        let secret = key.secret()?;
+        if !(43..=64).contains(&secret.len())
+            || !secret
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/+=".contains(&b))
+        {
+            bail!(
+                "xks credential {id}: a secret access key is 43 to 64 characters of A-Z, a-z, \
+                 0-9, /, + and ="
+            );
+        }
+        Ok((key, secret))
+    }
 }
 
 /// What KMS operations take when a request leaves it out.
@@ -289,6 +402,11 @@ pub struct ServerSettings {
     /// Callers sign with the keys in auth.access_keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aws_listen: Option<SocketAddr>,
+    /// Address the external key store (XKS) proxy API listens on, for AWS KMS; unset = not
+    /// served. HTTPS with the [tls] certificate (plain HTTP only on loopback with
+    /// auth.allow_plaintext_loopback); AWS KMS signs with the keys in [xks].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xks_listen: Option<SocketAddr>,
     /// On SIGINT/SIGTERM, how long in-flight requests may take to finish before the remaining
     /// connections are dropped (idle keep-alive clients would otherwise hold shutdown open).
     #[serde(default = "default_grace")]
@@ -330,6 +448,7 @@ impl Default for ServerSettings {
         ServerSettings {
             listen: default_listen(),
             aws_listen: None,
+            xks_listen: None,
             shutdown_grace_seconds: default_grace(),
             drain_seconds: 0,
             worker_threads: None,
@@ -712,6 +831,17 @@ impl Settings {
             }
             if let Some(aws) = self.server.aws_listen.filter(|a| !a.ip().is_loopback()) {
                 bail!("plaintext HTTP is allowed only on a loopback address, not {aws}");
+            }
+            if let Some(xks) = self.server.xks_listen.filter(|a| !a.ip().is_loopback()) {
+                bail!("plaintext HTTP is allowed only on a loopback address, not {xks}");
+            }
+            if !self.xks.client_subjects.is_empty() {
+                bail!("xks.client_subjects (mutual TLS) needs [tls]");
+            }
+        }
+        if self.server.xks_listen.is_some() {
+            for c in &self.xks.credentials {
+                c.access_key()?;
             }
         }
         let mut ids = std::collections::HashSet::new();

@@ -110,9 +110,13 @@ pub struct Listeners {
     pub grpc: Option<SocketAddr>,
     pub aws: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    pub xks: Option<SocketAddr>,
 }
 
 const AWS_PORT: u16 = 50053;
+const XKS_PORT: u16 = 50054;
+/// The dev XKS credential's URI path prefix (before /kms/xks/v1).
+const XKS_PREFIX: &str = "hsm-kms/dev";
 
 /// The address to listen on: `asked` as it is (port 0: a free port, chosen now so that the
 /// banner and aws.env can name it), else `usual`, else, when `usual` is taken (another dev
@@ -162,6 +166,40 @@ fn ensure_access_key(data_dir: &Path, settings: &mut Settings) -> anyhow::Result
 }
 
 const ACCESS_KEY_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+
+/// The dev XKS credential (created once, kept in the data directory): an access key id of
+/// 26 characters of A-Z and 2-7, a secret of 32 random bytes in base64, for the principal
+/// `role/aws-kms-xks` of the account, whom the dev XKS key's policy lets use it.
+fn ensure_xks_credential(data_dir: &Path, settings: &mut Settings) -> anyhow::Result<()> {
+    if !settings.xks.credentials.is_empty() {
+        return Ok(());
+    }
+    let id_file = data_dir.join("xks-access-key-id");
+    let secret_file = data_dir.join("xks-secret-access-key");
+    if !id_file.exists() || !secret_file.exists() {
+        let mut raw = Zeroizing::new([0u8; 32]);
+        getrandom::fill(raw.as_mut()).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+        use base64::Engine as _;
+        let secret = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(*raw));
+        write_private(&secret_file, secret.as_bytes())?;
+        fs::write(&id_file, random_text(ACCESS_KEY_ALPHABET, 26)?)?;
+    }
+    settings.xks.credentials.push(crate::config::XksCredential {
+        uri_prefix: XKS_PREFIX.into(),
+        access_key_id: fs::read_to_string(&id_file)?.trim().to_string(),
+        secret_file: Some(secret_file),
+        secret_env: None,
+        principal: xks_principal(settings),
+    });
+    Ok(())
+}
+
+fn xks_principal(settings: &Settings) -> String {
+    format!(
+        "arn:{}:iam::{}:role/aws-kms-xks",
+        settings.account.partition, settings.account.account_id
+    )
+}
 
 /// Synchronous set-up, before any thread starts: directories, SoftHSM2 config (exported as
 /// SOFTHSM2_CONF), trust anchor and the config file. Returns the settings to run with.
@@ -230,6 +268,7 @@ pub fn prepare(data_dir: &Path, listen: Listeners) -> anyhow::Result<Settings> {
                 fsync: false,
                 ..Default::default()
             },
+            xks: Default::default(),
             kms: crate::config::KmsSettings {
                 // Tools that name no store create their keys in the dev store.
                 default_custom_key_store: Some(STORE_NAME.into()),
@@ -287,7 +326,13 @@ pub fn prepare(data_dir: &Path, listen: Listeners) -> anyhow::Result<Settings> {
         .unwrap_or(SocketAddr::from(([127, 0, 0, 1], AWS_PORT)));
     settings.server.aws_listen = Some(pick(listen.aws, aws_usual)?);
     settings.admin.listen = pick(listen.admin, settings.admin.listen)?;
+    let xks_usual = settings
+        .server
+        .xks_listen
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], XKS_PORT)));
+    settings.server.xks_listen = Some(pick(listen.xks, xks_usual)?);
     ensure_access_key(&data_dir, &mut settings)?;
+    ensure_xks_credential(&data_dir, &mut settings)?;
     // Dev mode is plaintext on loopback whatever an older generated file says; a --listen
     // off loopback is refused by the check below.
     settings.auth.allow_plaintext_loopback = true;
@@ -425,6 +470,8 @@ pub async fn run(data_dir: PathBuf, settings: Settings) -> anyhow::Result<()> {
     );
     bound.server.listen = running.addr;
     bound.server.aws_listen = running.aws_addr.or(bound.server.aws_listen);
+    let xks_before = bound.server.xks_listen;
+    bound.server.xks_listen = running.xks_addr.or(bound.server.xks_listen);
     bound.admin.listen = running.admin_addr.unwrap_or(bound.admin.listen);
     if before
         != (
@@ -432,11 +479,16 @@ pub async fn run(data_dir: PathBuf, settings: Settings) -> anyhow::Result<()> {
             bound.server.aws_listen,
             bound.admin.listen,
         )
+        || xks_before != bound.server.xks_listen
     {
         write_config(&data_dir.join("hsm-kms.toml"), &bound)?;
     }
     if let Some(aws) = running.aws_addr {
         write_aws_env(&data_dir, &settings, aws)?;
+    }
+    let xks_key = ensure_xks_key(&kms, &settings, &data_dir, &store_id).await?;
+    if let Some(xks) = running.xks_addr {
+        write_xks_env(&data_dir, &settings, xks, &xks_key)?;
     }
     print_quickstart(&running, &data_dir, &settings, &store_id);
     running.task.await?
@@ -538,6 +590,98 @@ async fn ensure_store(
     Ok(id)
 }
 
+/// The key AWS KMS may use through the dev XKS credential (made once, its id kept in
+/// `<data-dir>/xks-key-id`): in the dev store, its policy the account's statement and one
+/// letting the credential's principal DescribeKey, Encrypt and Decrypt.
+async fn ensure_xks_key(
+    kms: &Arc<Kms>,
+    settings: &Settings,
+    data_dir: &Path,
+    store_id: &str,
+) -> anyhow::Result<String> {
+    let err = |e: model::error::KmsError| anyhow::anyhow!("{e}");
+    let file = data_dir.join("xks-key-id");
+    let me = kms.service_caller();
+    if let Ok(id) = fs::read_to_string(&file) {
+        let id = id.trim().to_string();
+        let found = Gate::new(&me, Op::DescribeKey)
+            .authorize(kms, Subject::Key(crate::kms::gate::KeyNamed::id(&id)))
+            .await;
+        if found.is_ok() {
+            return Ok(id);
+        }
+    }
+    let account = format!(
+        "arn:{}:iam::{}:root",
+        settings.account.partition, settings.account.account_id
+    );
+    let policy = serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Sid": "Enable IAM User Permissions", "Effect": "Allow",
+             "Principal": {"AWS": account}, "Action": "kms:*", "Resource": "*"},
+            {"Sid": "Allow AWS KMS through the XKS proxy", "Effect": "Allow",
+             "Principal": {"AWS": xks_principal(settings)},
+             "Action": ["kms:DescribeKey", "kms:Encrypt", "kms:Decrypt"], "Resource": "*"}
+        ]
+    });
+    let auth = Gate::new(&me, Op::CreateKey)
+        .authorize(kms, Subject::AccountBypassingLockout(false))
+        .await
+        .map_err(err)?;
+    let key = kms
+        .create_key(
+            &auth,
+            crate::kms::keys::CreateKey {
+                description: Some("hsm-kms dev: the key AWS KMS uses through the XKS proxy".into()),
+                key_usage: None,
+                customer_master_key_spec: None,
+                key_spec: None,
+                origin: Some("AWS_CLOUDHSM".into()),
+                custom_key_store_id: Some(store_id.to_string()),
+                tags: Vec::new(),
+                multi_region: None,
+                policy: Some(policy.to_string()),
+                bypass_policy_lockout_safety_check: false,
+            },
+        )
+        .await
+        .map_err(err)?;
+    let id = key.key_id.to_string();
+    fs::write(&file, &id)?;
+    Ok(id)
+}
+
+/// `<data-dir>/xks.env`: what an XKS client (AWS's test client, curl) needs to call this
+/// instance's XKS proxy API (0600: it holds the secret).
+fn write_xks_env(
+    data_dir: &Path,
+    settings: &Settings,
+    xks: SocketAddr,
+    key_id: &str,
+) -> anyhow::Result<()> {
+    let credential = settings
+        .xks
+        .credentials
+        .first()
+        .context("the dev config has no XKS credential")?;
+    let (_, secret) = credential.access_key()?;
+    let text = Zeroizing::new(format!(
+        "# Written by `hsm-kms dev`: its XKS proxy API (plain HTTP on loopback).\n\
+         export XKS_PROXY_HOST={xks}\n\
+         export XKS_URI_PREFIX={prefix}\n\
+         export XKS_ACCESS_KEY_ID={id}\n\
+         export XKS_SECRET_ACCESS_KEY={secret}\n\
+         export XKS_REGION={region}\n\
+         export XKS_KEY_ID={key_id}\n",
+        prefix = credential.uri_prefix,
+        id = credential.access_key_id,
+        secret = secret.as_str(),
+        region = settings.account.region,
+    ));
+    write_private(&data_dir.join("xks.env"), text.as_bytes())
+}
+
 /// `<data-dir>/aws.env`: the endpoint and the dev credentials as the AWS CLI and SDKs read
 /// them from the environment, for `. aws.env` (0600: it holds the secret).
 fn write_aws_env(data_dir: &Path, settings: &Settings, aws: SocketAddr) -> anyhow::Result<()> {
@@ -586,6 +730,15 @@ fn print_quickstart(
         ),
         None => "off (no AWS protocol listener)".into(),
     };
+    let xks = running
+        .xks_addr
+        .map(|a| {
+            format!(
+                "http://{a}/{XKS_PREFIX}/kms/xks/v1   (. {dir}/xks.env: its credential and key; docs/XKS.md)",
+                dir = data_dir.display()
+            )
+        })
+        .unwrap_or_else(|| "off".into());
     let cluster = &settings.clusters[0];
     let svc = "kms.v1.KeyManagementService";
     let conf = settings
@@ -600,6 +753,7 @@ hsm-kms dev is ready. listening on {addr} (plaintext gRPC; dev mode only)
   NO AUTHENTICATION on gRPC: plaintext on loopback, every caller acts as {principal}
   AWS KMS protocol: {aws}
   console:          {console}
+  XKS proxy API:    {xks}
   audit trail:      {audit}   (hsm-kms audit verify {audit})
   data directory:   {dir}
   config:           {dir}/hsm-kms.toml   (hsm-kms serve --config {dir}/hsm-kms.toml)

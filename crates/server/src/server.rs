@@ -52,6 +52,8 @@ pub struct Running {
     pub admin_addr: Option<SocketAddr>,
     /// The AWS KMS protocol listener, when configured.
     pub aws_addr: Option<SocketAddr>,
+    /// The XKS proxy API listener's address, when server.xks_listen is set.
+    pub xks_addr: Option<SocketAddr>,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
@@ -77,6 +79,15 @@ pub async fn start(
         None => None,
     };
     let aws_addr = aws_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let xks_listener = match settings.server.xks_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding server.xks_listen {a}"))?,
+        ),
+        None => None,
+    };
+    let xks_addr = xks_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     // Set when shutdown begins: /readyz says so, and load balancers stop sending.
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (admin_addr, admin) = if settings.admin.enabled {
@@ -144,7 +155,23 @@ pub async fn start(
     let auth = Arc::new(crate::api::auth::Authenticator::new(settings)?);
     let heads = spawn_audit_head_recorder(&kms, &audit, &replica);
     let failures = crate::api::failures::spawn_flusher();
-    let reload = spawn_reload_on_sighup(Arc::clone(&kms), config_file, Arc::clone(&audit));
+    let (stop_xks, stopping_xks) = tokio::sync::watch::channel(false);
+    let xks = match xks_listener {
+        Some(listener) => Some(spawn_xks(
+            settings,
+            listener,
+            crate::api::path::RequestPath::new(Arc::clone(&kms), Arc::clone(&audit)),
+            stopping_xks,
+        )?),
+        None => None,
+    };
+    let reload = spawn_reload_on_sighup(
+        Arc::clone(&kms),
+        config_file,
+        Arc::clone(&audit),
+        xks.as_ref().map(|(front, _)| Arc::clone(front)),
+    );
+    let xks = xks.map(|(_, task)| task);
     let tls = if settings.tls.enabled() {
         Some(tls_config(&settings.tls, Clients::Certified).context("configuring TLS")?)
     } else {
@@ -209,6 +236,7 @@ pub async fn start(
             tokio::time::sleep(drain).await;
         }
         let _ = stop_aws.send(true);
+        let _ = stop_xks.send(true);
         let _ = stopping_tx.send(());
     };
     // A connection is pending (and gives way to new ones) until it is proven: over TLS by
@@ -259,6 +287,9 @@ pub async fn start(
             if let Some(aws) = aws {
                 let _ = aws.await;
             }
+            if let Some(xks) = xks {
+                let _ = xks.await;
+            }
             r
         };
         tokio::select! {
@@ -286,6 +317,7 @@ pub async fn start(
         addr,
         admin_addr,
         aws_addr,
+        xks_addr,
         task,
     })
 }
@@ -314,6 +346,27 @@ fn spawn_aws(
     let verifier = sigv4::Verifier::new(sigv4::SERVICE, settings.account.region.clone(), keys);
     let signed = Signed::new(verifier, auth, &settings.server, MAX_REQUEST_BYTES);
     let router = crate::api::aws::router(Arc::new(Front::new(path, signed)));
+    serve_http(
+        settings,
+        listener,
+        router,
+        Clients::MayCertify,
+        "AWS KMS protocol",
+        stop,
+    )
+}
+
+/// Serves `router` on `listener` (named `what` in the log): TLS with the [tls] certificate
+/// and client certificates as `clients` says, or plaintext (on loopback, as the settings'
+/// check allows); the listeners' connection limits and HTTP bounds.
+fn serve_http(
+    settings: &Settings,
+    listener: TcpListener,
+    router: axum::Router,
+    clients: Clients,
+    what: &'static str,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let bounds = crate::http::Bounds {
         header_timeout: Duration::from_secs(settings.server.header_timeout_seconds.max(1)),
         max_concurrent_streams: settings.server.max_concurrent_streams,
@@ -324,7 +377,7 @@ fn spawn_aws(
     };
     let addr = listener.local_addr()?;
     let task = if settings.tls.enabled() {
-        let tls = tls_config(&settings.tls, Clients::MayCertify).context("configuring TLS")?;
+        let tls = tls_config(&settings.tls, clients).context("configuring TLS")?;
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let incoming = crate::transport::incoming(listener, limits, move |tcp| {
             let accept = acceptor.accept(tcp);
@@ -332,12 +385,42 @@ fn spawn_aws(
         });
         tokio::spawn(crate::http::serve(router, incoming, bounds, stop))
     } else {
-        tracing::warn!(%addr, "plaintext AWS protocol listener (auth.allow_plaintext_loopback)");
+        tracing::warn!(%addr, listener = what, "plaintext HTTP listener (auth.allow_plaintext_loopback)");
         let incoming = crate::transport::incoming(listener, limits, crate::transport::first_bytes);
         tokio::spawn(crate::http::serve(router, incoming, bounds, stop))
     };
-    tracing::info!(%addr, "AWS KMS protocol listening");
+    tracing::info!(%addr, "{what} listening");
     Ok(task)
+}
+
+/// The XKS proxy API listener: TLS with the server certificate (with xks.client_subjects,
+/// mutual TLS: a client certificate of those subjects, chained to tls.client_ca_file, or no
+/// handshake), or plaintext on loopback under the same rule as the other listeners; the
+/// same connection, header, body and in-flight bounds as the AWS listener; callers named by
+/// the XKS credentials' signatures.
+fn spawn_xks(
+    settings: &Settings,
+    listener: TcpListener,
+    path: crate::api::path::RequestPath,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<(Arc<crate::api::xks::Front>, tokio::task::JoinHandle<()>)> {
+    use crate::api::aws::{signed::Signed, sigv4};
+    use crate::api::MAX_REQUEST_BYTES;
+    let (keys, prefixes) = crate::api::xks::credentials(settings)?;
+    let verifier = sigv4::Verifier::xks(settings.account.region.clone(), keys);
+    let auth = Arc::new(crate::api::auth::Authenticator::new(settings)?);
+    let signed =
+        Signed::new(verifier, auth, &settings.server, MAX_REQUEST_BYTES).certificates_by_subject();
+    let front = Arc::new(crate::api::xks::Front::new(
+        path, signed, prefixes, settings,
+    ));
+    let router = crate::api::xks::router(Arc::clone(&front));
+    let clients = match settings.xks.client_subjects.is_empty() {
+        true => Clients::MayCertify,
+        false => Clients::Subjects(settings.xks.client_subjects.clone()),
+    };
+    let task = serve_http(settings, listener, router, clients, "XKS proxy API", stop)?;
+    Ok((front, task))
 }
 
 /// The server certificate and key, and the CA every client certificate must chain to.
@@ -519,6 +602,7 @@ fn spawn_reload_on_sighup(
     kms: Arc<Kms>,
     path: Option<PathBuf>,
     audit: Arc<crate::audit::Audit>,
+    xks: Option<Arc<crate::api::xks::Front>>,
 ) -> tokio::task::JoinHandle<()> {
     // Installed before the listeners are announced: an early SIGHUP reloads rather than
     // killing the process.
@@ -534,7 +618,17 @@ fn spawn_reload_on_sighup(
         while hangups.recv().await.is_some() {
             audit.reopen();
             let Some(path) = &path else { continue };
-            let outcome = Settings::load(path).and_then(|s| kms.reload(&s));
+            // The XKS credentials rotate with the rest (checked before anything changes).
+            let outcome = Settings::load(path).and_then(|s| {
+                if xks.is_some() {
+                    crate::api::xks::credentials(&s)?;
+                }
+                kms.reload(&s)?;
+                match &xks {
+                    Some(xks) => xks.reload(&s),
+                    None => Ok(()),
+                }
+            });
             match outcome {
                 Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
                 Err(e) => tracing::error!(

@@ -75,13 +75,93 @@ impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected
 }
 
 /// Whether a listener requires client certificates.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Clients {
     /// gRPC: every client presents a certificate (it names the caller); HTTP/2 only.
     Certified,
     /// The AWS protocol: SigV4 names the caller; a certificate, if presented, must still
     /// chain to the client CA. HTTP/2 or HTTP/1.1.
     MayCertify,
+    /// The XKS proxy API with mutual TLS: every client presents a certificate that chains
+    /// to the client CA and whose subject common name is one of these (AWS KMS's is
+    /// `cks.kms.<region>.amazonaws.com`); any other ends the handshake. HTTP/2 or HTTP/1.1.
+    Subjects(Vec<String>),
+}
+
+/// A client certificate verifier that also requires the leaf's subject common name to be
+/// one of `names`.
+#[derive(Debug)]
+struct SubjectVerifier {
+    inner: Arc<dyn tokio_rustls::rustls::server::danger::ClientCertVerifier>,
+    names: Vec<String>,
+}
+
+impl tokio_rustls::rustls::server::danger::ClientCertVerifier for SubjectVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[tokio_rustls::rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: tokio_rustls::rustls::pki_types::UnixTime,
+    ) -> Result<tokio_rustls::rustls::server::danger::ClientCertVerified, tokio_rustls::rustls::Error>
+    {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let named = x509_parser::parse_x509_certificate(end_entity.as_ref())
+            .ok()
+            .and_then(|(_, cert)| {
+                let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+                Some(self.names.iter().any(|n| n == cn))
+            })
+            .unwrap_or(false);
+        if named {
+            Ok(verified)
+        } else {
+            Err(tokio_rustls::rustls::Error::InvalidCertificate(
+                tokio_rustls::rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &tokio_rustls::rustls::DigitallySignedStruct,
+    ) -> Result<
+        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
+        tokio_rustls::rustls::Error,
+    > {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &tokio_rustls::rustls::DigitallySignedStruct,
+    ) -> Result<
+        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
+        tokio_rustls::rustls::Error,
+    > {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<tokio_rustls::rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// A listener's TLS configuration: the server's PEM certificate chain and private key, and
@@ -101,11 +181,19 @@ pub fn server_config(
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
     let verifier = match clients {
-        Clients::Certified => verifier,
+        Clients::Certified | Clients::Subjects(_) => verifier,
         Clients::MayCertify => verifier.allow_unauthenticated(),
     }
     .build()
     .context("tls.client_ca_file: no CA certificate to verify clients with")?;
+    let verifier: Arc<dyn tokio_rustls::rustls::server::danger::ClientCertVerifier> = match &clients
+    {
+        Clients::Subjects(names) => Arc::new(SubjectVerifier {
+            inner: verifier,
+            names: names.clone(),
+        }),
+        _ => verifier,
+    };
     let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .context("tls.cert_file: not a PEM certificate chain")?;
@@ -119,7 +207,7 @@ pub fn server_config(
         .context("tls.cert_file and tls.key_file do not make a usable server certificate")?;
     config.alpn_protocols = match clients {
         Clients::Certified => vec![b"h2".to_vec()],
-        Clients::MayCertify => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        Clients::MayCertify | Clients::Subjects(_) => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
     };
     Ok(Arc::new(config))
 }

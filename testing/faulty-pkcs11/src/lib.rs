@@ -7,6 +7,7 @@
 //!
 //! ```text
 //! fault = device_error | device_removed | session_handle_invalid | token_not_present | general_error
+//!         | key_function_not_permitted
 //! functions = C_Encrypt, C_Decrypt      # which wrapped functions fail (default: all of them)
 //! count = 1                             # fail only this many calls, counted since the file last changed
 //! delay_ms = 3000                       # stall the wrapped calls this long
@@ -150,6 +151,7 @@ impl Control {
                         "session_handle_invalid" => Some(CKR_SESSION_HANDLE_INVALID),
                         "token_not_present" => Some(CKR_TOKEN_NOT_PRESENT),
                         "general_error" => Some(CKR_GENERAL_ERROR),
+                        "key_function_not_permitted" => Some(CKR_KEY_FUNCTION_NOT_PERMITTED),
                         _ => None,
                     }
                 }

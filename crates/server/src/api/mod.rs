@@ -19,6 +19,7 @@ mod operators;
 pub mod path;
 pub mod protocol;
 pub mod status;
+pub mod xks;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -77,7 +78,8 @@ impl Service {
         let target = intent_target(op, &r);
         let ctx = match op.recorded() {
             Recorded::EncryptionContext => r.encryption_context().and_then(audited),
-            Recorded::Resources => None,
+            // (XKS requests never come through gRPC.)
+            Recorded::Resources | Recorded::RequestMetadata => None,
         };
         match self
             .path

@@ -97,6 +97,7 @@ impl RequestPath {
                     .into_iter()
                     .collect(),
                 encryption_context: None,
+                request_metadata: None,
                 outcome: INTENT,
                 error: None,
                 unrecorded_refusals: None,
@@ -144,6 +145,15 @@ impl RequestPath {
             (Some(c), Ok(_)) if call.op.cryptographic() => c.noted_keys(),
             _ => Vec::new(),
         };
+        // What the operation records of its request: its encryption context, or an XKS
+        // request's requestMetadata (only of a known caller: a refused request's content is
+        // the attacker's to choose).
+        let recorded = encryption_context.filter(|c| caller.is_some() && !c.is_empty());
+        let (encryption_context, request_metadata) =
+            match call.op.recorded() == model::op::Recorded::RequestMetadata {
+                true => (None, recorded),
+                false => (recorded, None),
+            };
         let receipt = self.audit.record(crate::audit::Entry {
             time_ms: model::now_ms(),
             request_id: call.request_id,
@@ -151,7 +161,8 @@ impl RequestPath {
             source: call.source,
             operation: op,
             resources: caller.map(|c| c.take_resources()).unwrap_or_default(),
-            encryption_context: encryption_context.filter(|c| caller.is_some() && !c.is_empty()),
+            encryption_context,
+            request_metadata,
             outcome: match &outcome {
                 Ok(_) => "allowed",
                 Err(e) if e.kind == ErrorKind::AccessDenied => "denied",

@@ -149,6 +149,7 @@ where
                 operation: op,
                 resources: Vec::new(),
                 encryption_context: None,
+                request_metadata: None,
                 outcome: "failed",
                 error: Some(e.kind.aws_name()),
                 unrecorded_refusals: None,

@@ -101,6 +101,9 @@ pub enum HsmError {
     BadCiphertext,
     /// No token object carries this key id.
     KeyMaterialMissing,
+    /// The key in the token does not allow the operation (its CKA_ENCRYPT or CKA_DECRYPT
+    /// is off): InvalidKeyUsageException.
+    KeyUsage,
     /// The device tier failed; the store cannot serve until it reconnects.
     Unavailable(String),
     /// The operation did not finish within the call deadline.
@@ -111,6 +114,9 @@ pub enum HsmError {
 
 impl HsmError {
     pub fn from_pkcs11(e: &Error) -> HsmError {
+        if let Error::Pkcs11(RvError::KeyFunctionNotPermitted, _) = e {
+            return HsmError::KeyUsage;
+        }
         match tier(e) {
             Tier::Data => HsmError::BadCiphertext,
             Tier::Device => HsmError::Unavailable(short(e)),

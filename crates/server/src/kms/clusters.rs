@@ -106,6 +106,14 @@ impl Clusters {
             .cloned()
     }
 
+    /// Every cluster, by id.
+    pub fn all(&self) -> Vec<Arc<Cluster>> {
+        let by_id = Arc::clone(&self.by_id.read().unwrap_or_else(|p| p.into_inner()));
+        let mut all: Vec<_> = by_id.values().cloned().collect();
+        all.sort_by(|a, b| a.settings.id.cmp(&b.settings.id));
+        all
+    }
+
     /// Takes the clusters of `other` in place of these.
     pub fn replace_with(&self, other: Clusters) {
         let new = other.by_id.into_inner().unwrap_or_else(|p| p.into_inner());

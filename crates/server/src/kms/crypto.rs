@@ -106,12 +106,29 @@ pub(super) fn dry_run() -> KmsError {
     )
 }
 
+/// The IV of a new encryption under `key`: random from the operating system, or None when
+/// the HSM chooses it (CloudHSM's mode).
+pub(super) fn fresh_iv(key: &UsableKey) -> KmsResult<Option<[u8; IV_LEN]>> {
+    match key.iv_mode {
+        GcmIvMode::Service => {
+            let mut iv = [0u8; IV_LEN];
+            getrandom::fill(&mut iv).map_err(KmsError::internal)?;
+            Ok(Some(iv))
+        }
+        GcmIvMode::Hsm => Ok(None),
+    }
+}
+
 /// Maps an HSM failure on a key's operation to the AWS exception the caller gets.
-fn hsm_error(key: &UsableKey, e: HsmError) -> KmsError {
+pub(super) fn hsm_error(key: &UsableKey, e: HsmError) -> KmsError {
     match e {
         HsmError::BadCiphertext => KmsError::new(
             ErrorKind::InvalidCiphertext,
             "The ciphertext or its encryption context is invalid",
+        ),
+        HsmError::KeyUsage => KmsError::new(
+            ErrorKind::InvalidKeyUsage,
+            format!("{} in the HSM does not allow this operation", key.arn),
         ),
         HsmError::KeyMaterialMissing => KmsError::invalid_state(format!(
             "{} is unusable: its key material is missing from cluster {}",
@@ -144,14 +161,7 @@ impl Kms {
         plaintext: Zeroizing<Vec<u8>>,
         ctx: &Context,
     ) -> KmsResult<Vec<u8>> {
-        let iv = match key.iv_mode {
-            GcmIvMode::Service => {
-                let mut iv = [0u8; IV_LEN];
-                getrandom::fill(&mut iv).map_err(KmsError::internal)?;
-                Some(iv)
-            }
-            GcmIvMode::Hsm => None,
-        };
+        let iv = fresh_iv(key)?;
         let prefix = ciphertext::prefix(&key.id);
         let aad = ciphertext::additional_data(&prefix, ctx);
         let (iv, body) = key

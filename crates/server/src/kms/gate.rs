@@ -89,6 +89,9 @@ pub enum Subject<'a> {
         name: &'a str,
         target: Option<&'a str>,
     },
+    /// `Scope::Key`: a key AWS KMS names in an XKS proxy request, with the request's
+    /// metadata as condition keys (`xks:KmsKeyArn`, ...).
+    XksKey(KeyNamed<'a>, &'a [(&'static str, &'a str)]),
     /// `Scope::Caller`: the caller itself; nothing is decided (GetCallerIdentity).
     Caller,
     /// `Scope::Grant`: a grant by its token, or by key and grant id (RetireGrant).
@@ -108,7 +111,8 @@ impl Subject<'_> {
             | Subject::KeyPolicy(..)
             | Subject::Ciphertext { .. }
             | Subject::ReEncrypt { .. }
-            | Subject::NewGrant(..) => Scope::Key,
+            | Subject::NewGrant(..)
+            | Subject::XksKey(..) => Scope::Key,
             Subject::Alias { .. } => Scope::Alias,
             Subject::Grant { .. } => Scope::Grant,
             Subject::Caller => Scope::Caller,
@@ -210,6 +214,16 @@ impl<'c> Gate<'c> {
                 let key = kms.named_key(caller, named).await?;
                 let facts = kms.facts(caller, named.ctx, named.aliases.then_some(named.key_ref));
                 kms.authorize_key(caller, action, &key, named.ctx, &facts)
+                    .await?;
+                done.key = Some(key);
+            }
+            Subject::XksKey(named, metadata) => {
+                let key = kms.named_key(caller, named).await?;
+                let facts = metadata.iter().fold(
+                    kms.facts(caller, &NO_CONTEXT, None),
+                    |facts, (name, value)| facts.value(name, vec![value.to_string()]),
+                );
+                kms.authorize_key(caller, action, &key, &NO_CONTEXT, &facts)
                     .await?;
                 done.key = Some(key);
             }

@@ -21,6 +21,7 @@ pub mod operators;
 pub mod sealing;
 pub mod throttle;
 pub mod usage;
+pub mod xks;
 
 use std::sync::Arc;
 
@@ -142,6 +143,8 @@ pub struct Kms {
     audit_file: Option<std::path::PathBuf>,
     /// When this replica started (its store health counts start then).
     started_ms: i64,
+    /// The XKS health check's last answer, reused for a while (`xks::Kms::xks_health`).
+    xks_health: tokio::sync::Mutex<Option<(std::time::Instant, xks::Health)>>,
 }
 
 impl Kms {
@@ -174,6 +177,7 @@ impl Kms {
             usage: usage::Tracker::default(),
             audit_file,
             started_ms: now_ms(),
+            xks_health: Default::default(),
         })
     }
 

@@ -37,6 +37,11 @@ impl Quotas {
         self.replicas.store(n.max(1), Ordering::Relaxed);
     }
 
+    /// How many live replicas there are (1 without a database of replicas).
+    pub fn replicas(&self) -> u32 {
+        self.replicas.load(Ordering::Relaxed).max(1)
+    }
+
     /// This replica's share of a store's rate, per second.
     fn share(&self) -> f64 {
         f64::from(self.rate) / f64::from(self.replicas.load(Ordering::Relaxed).max(1))

@@ -125,7 +125,7 @@ fn operation<B>(req: &Request<B>) -> KmsResult<Op> {
         ),
     };
     Op::parse(name)
-        .filter(|op| op.extension() == extension)
+        .filter(|op| op.extension() == extension && !op.xks())
         .ok_or_else(unknown)
 }
 

@@ -37,6 +37,9 @@ pub struct Signed {
     slot_wait: Duration,
     /// The largest request body taken.
     max_body: usize,
+    /// Whether a client certificate names a principal that must be the signer's (the AWS
+    /// protocol); the XKS listener checks its clients' certificates by subject instead.
+    certificates_name_callers: bool,
 }
 
 /// A request whose signature holds, with a request slot.
@@ -73,7 +76,19 @@ impl Signed {
             inflight: tokio::sync::Semaphore::new(server.max_inflight_requests.max(1)),
             slot_wait: Duration::from_secs(server.header_timeout_seconds.max(1)),
             max_body,
+            certificates_name_callers: true,
         }
+    }
+
+    /// As `new`, for a listener whose client certificates name no principal (XKS).
+    pub fn certificates_by_subject(mut self) -> Signed {
+        self.certificates_name_callers = false;
+        self
+    }
+
+    /// The signature checks (their access keys are replaced on reload).
+    pub fn verifier(&self) -> &sigv4::Verifier {
+        &self.verifier
     }
 
     /// Checks `req` (`what` names it in messages) and waits for a request slot.
@@ -198,7 +213,7 @@ impl Signed {
             },
             SystemTime::now(),
         )?;
-        if let Some(der) = &peer.certificate {
+        if let (Some(der), true) = (&peer.certificate, self.certificates_name_callers) {
             let named = self.auth.principal(Some(der))?;
             if named.arn != principal.arn {
                 return Err(KmsError::new(

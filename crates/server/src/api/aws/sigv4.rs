@@ -63,13 +63,38 @@ pub struct Verifier {
     /// The service name requests are signed for: `kms` for the AWS KMS protocol.
     service: String,
     region: String,
-    keys: HashMap<String, AccessKey>,
+    /// The headers every request must sign (lower case, with their spelling in messages).
+    required: &'static [(&'static str, &'static str)],
+    /// Replaced whole when the configuration is reloaded (credentials rotate).
+    keys: std::sync::RwLock<Arc<Keys>>,
 }
 
+type Keys = HashMap<String, Arc<AccessKey>>;
+
+fn shared(keys: HashMap<String, AccessKey>) -> Arc<Keys> {
+    Arc::new(keys.into_iter().map(|(id, k)| (id, Arc::new(k))).collect())
+}
+
+/// What the AWS KMS protocol requires signed: what the request is (its target, where it
+/// goes, when it was made), or an on-path attacker can replay a DescribeKey as a
+/// ScheduleKeyDeletion.
+const KMS_SIGNED: &[(&str, &str)] = &[
+    ("host", "Host"),
+    ("x-amz-date", "X-Amz-Date"),
+    ("x-amz-target", "X-Amz-Target"),
+];
+
+/// What the XKS proxy API requires signed (AWS KMS signs exactly these; the operation is
+/// in the signed path).
+const XKS_SIGNED: &[(&str, &str)] = &[("host", "Host"), ("x-amz-date", "X-Amz-Date")];
+
+/// The service name of the XKS proxy API.
+pub const XKS_SERVICE: &str = "kms-xks-proxy";
+
 /// A request whose headers passed every check but the signature itself.
-struct Checked<'s, 'h> {
+struct Checked<'h> {
     auth: Authorization<'h>,
-    key: &'s AccessKey,
+    key: Arc<AccessKey>,
     /// The signed headers exactly, with their values as sent.
     signed: Vec<(&'h str, &'h str)>,
     signed_at: SystemTime,
@@ -114,6 +139,7 @@ fn invalid(message: impl Into<String>) -> KmsError {
 }
 
 impl Verifier {
+    /// The AWS KMS protocol's verifier (service `kms`).
     pub fn new(
         service: impl Into<String>,
         region: impl Into<String>,
@@ -122,8 +148,29 @@ impl Verifier {
         Verifier {
             service: service.into(),
             region: region.into(),
-            keys,
+            required: KMS_SIGNED,
+            keys: std::sync::RwLock::new(shared(keys)),
         }
+    }
+
+    /// The XKS proxy API's verifier (service `kms-xks-proxy`, host and x-amz-date signed).
+    pub fn xks(region: impl Into<String>, keys: HashMap<String, AccessKey>) -> Verifier {
+        Verifier {
+            required: XKS_SIGNED,
+            ..Verifier::new(XKS_SERVICE, region, keys)
+        }
+    }
+
+    /// Takes `keys` in place of the current ones (a reload: credentials rotate).
+    pub fn replace_keys(&self, keys: HashMap<String, AccessKey>) {
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = shared(keys);
+    }
+
+    /// The access key id a request's Authorization header names, if it parses.
+    pub fn access_key_of<'h>(headers: &[(&'h str, &'h str)]) -> Option<&'h str> {
+        parse(header_of(headers, "authorization")?)
+            .ok()
+            .map(|a| a.access_key)
     }
 
     /// The principal that signed `req`, or the AWS exception that refuses it.
@@ -145,7 +192,7 @@ impl Verifier {
             signed,
             signed_at,
         } = checked;
-        let expected = self.signature(key, auth.access_key, req, &signed, signed_at)?;
+        let expected = self.signature(&key, auth.access_key, req, &signed, signed_at)?;
         if constant_time_eq(expected.as_bytes(), auth.signature.as_bytes()) {
             Ok(Arc::clone(&key.principal))
         } else {
@@ -159,11 +206,11 @@ impl Verifier {
         self.checked(headers, now).map(drop)
     }
 
-    fn checked<'s, 'h>(
-        &'s self,
+    fn checked<'h>(
+        &self,
         headers: &'h [(&'h str, &'h str)],
         now: SystemTime,
-    ) -> KmsResult<Checked<'s, 'h>> {
+    ) -> KmsResult<Checked<'h>> {
         let header = |name: &str| header_of(headers, name);
         let Some(authorization) = header("authorization") else {
             return Err(KmsError::new(
@@ -219,13 +266,7 @@ impl Verifier {
                 amz_date(now)
             )));
         }
-        // What the request is (its target, where it goes, when it was made) is signed, or an
-        // on-path attacker can replay a DescribeKey as a ScheduleKeyDeletion.
-        for (name, spelled) in [
-            ("host", "Host"),
-            ("x-amz-date", "X-Amz-Date"),
-            ("x-amz-target", "X-Amz-Target"),
-        ] {
+        for &(name, spelled) in self.required {
             if !auth.signed_headers.contains(&name) {
                 return Err(invalid(format!(
                     "'{spelled}' must be a 'SignedHeader' in the AWS Authorization."
@@ -243,7 +284,8 @@ impl Verifier {
                 "The security token included in the request is invalid.",
             ));
         }
-        let Some(key) = self.keys.get(auth.access_key) else {
+        let keys = Arc::clone(&self.keys.read().unwrap_or_else(|p| p.into_inner()));
+        let Some(key) = keys.get(auth.access_key).cloned() else {
             return Err(KmsError::new(
                 ErrorKind::UnrecognizedClient,
                 "The security token included in the request is invalid.",
@@ -334,11 +376,27 @@ pub fn sign_post(
     region: &str,
     at: SystemTime,
 ) -> anyhow::Result<Vec<(String, String)>> {
+    sign_request(SERVICE, "/", headers, body, access_key, secret, region, at)
+}
+
+/// As `sign_post`, for `service` and a `POST` to `path` (the XKS proxy API's requests, as
+/// AWS KMS signs them).
+#[allow(clippy::too_many_arguments)]
+pub fn sign_request(
+    service: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    access_key: &str,
+    secret: &str,
+    region: &str,
+    at: SystemTime,
+) -> anyhow::Result<Vec<(String, String)>> {
     let identity = Credentials::new(access_key, secret, None, None, "hsm-kms client").into();
     let params = v4::SigningParams::builder()
         .identity(&identity)
         .region(region)
-        .name(SERVICE)
+        .name(service)
         .time(at)
         .settings(SigningSettings::default())
         .build()?
@@ -349,7 +407,7 @@ pub fn sign_post(
         .map_or("localhost", |(_, v)| *v);
     let signable = SignableRequest::new(
         "POST",
-        format!("https://{host}/"),
+        format!("https://{host}{path}"),
         headers.iter().copied(),
         SignableBody::Bytes(body),
     )?;
@@ -776,7 +834,7 @@ mod tests {
     #[test]
     fn secrets_stay_out_of_debug_output() {
         let v = verifier();
-        let text = format!("{:?}", v.keys.get(KEY_ID).unwrap());
+        let text = format!("{:?}", v.keys.read().unwrap().get(KEY_ID).unwrap());
         assert!(!text.contains(SECRET), "{text}");
     }
 }
