@@ -61,7 +61,12 @@ fn start_dev_with(args: &[&str], dir: &Path, log: &Path) -> Dev {
     loop {
         let line = rx
             .recv_timeout(Duration::from_secs(60))
-            .expect("hsm-kms dev did not print its quickstart");
+            .unwrap_or_else(|e| {
+                panic!(
+                    "hsm-kms dev did not print its quickstart ({e}); its log:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                )
+            });
         let last = line.contains("aws kms generate-data-key");
         banner.push(line);
         if last {
