@@ -326,6 +326,10 @@ async fn a_busy_default_port_falls_back_to_a_free_one() {
         "127.0.0.1:0",
         "--admin-listen",
         "127.0.0.1:0",
+        // The XKS default (50054) is not this test's subject: a free port, so that the
+        // other test's instance cannot meet it there.
+        "--xks-listen",
+        "127.0.0.1:0",
         "--data-dir",
     ];
     let dev = start_dev_with(&args, &tmp.path().join("data"), &tmp.path().join("dev.log"));

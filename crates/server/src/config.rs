@@ -44,7 +44,9 @@ pub struct Settings {
     pub audit: AuditSettings,
     #[serde(default)]
     pub kms: KmsSettings,
-    #[serde(default)]
+    /// Left out of a written file when it is the default, so that a file written by this
+    /// version still loads in one without the XKS API (replicas side by side).
+    #[serde(default, skip_serializing_if = "XksSettings::is_default")]
     pub xks: XksSettings,
     #[serde(default)]
     pub clusters: Vec<ClusterSettings>,
@@ -81,6 +83,16 @@ impl Default for XksSettings {
             health_cache_seconds: default_xks_health_cache(),
             ekm_vendor: default_ekm_vendor(),
         }
+    }
+}
+
+impl XksSettings {
+    pub fn is_default(&self) -> bool {
+        let d = XksSettings::default();
+        self.credentials.is_empty()
+            && self.client_subjects.is_empty()
+            && self.health_cache_seconds == d.health_cache_seconds
+            && self.ekm_vendor == d.ekm_vendor
     }
 }
 
