@@ -787,6 +787,18 @@ Quickstart (aws CLI; keys go to the {STORE_NAME} store, kms.default_custom_key_s
         )),
         audit = settings.audit.file.display(),
     );
+    if running.xks_addr.is_some() {
+        // How AWS KMS calls the XKS proxy API, with curl's SigV4 (7.75 or later).
+        println!(
+            "\n\
+Quickstart (XKS proxy API, as AWS KMS calls it; curl 7.75+):
+  . {dir}/xks.env
+  X=(--aws-sigv4 \"aws:amz:$XKS_REGION:kms-xks-proxy\" --user \"$XKS_ACCESS_KEY_ID:$XKS_SECRET_ACCESS_KEY\" -H 'Content-Type: application/json')
+  curl -s \"${{X[@]}}\" -d '{{\"requestMetadata\":{{\"kmsRequestId\":\"1\",\"kmsOperation\":\"KmsHealthCheck\"}}}}' http://$XKS_PROXY_HOST/$XKS_URI_PREFIX/kms/xks/v1/health; echo
+  curl -s \"${{X[@]}}\" -d '{{\"requestMetadata\":{{\"awsPrincipalArn\":\"arn:aws:iam::111122223333:user/me\",\"kmsKeyArn\":\"k\",\"kmsOperation\":\"Encrypt\",\"kmsRequestId\":\"2\"}},\"plaintext\":\"aGk=\",\"encryptionAlgorithm\":\"AES_GCM\"}}' http://$XKS_PROXY_HOST/$XKS_URI_PREFIX/kms/xks/v1/keys/$XKS_KEY_ID/encrypt; echo",
+            dir = data_dir.display()
+        );
+    }
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
 }

@@ -296,14 +296,17 @@ pub async fn start(
             r = both => r?,
             _ = deadline => tracing::warn!(?grace, "shutdown grace period over; dropping the remaining connections"),
         }
-        deletion.abort();
-        follower.abort();
-        usage.abort();
-        for task in [reload, failures].into_iter().chain(admin) {
+        // The background tasks end here, and are waited for: one still running when the
+        // runtime shuts down (it may be inside a blocking call when aborted) would start a
+        // timer then and panic ("the runtime is being shut down").
+        let background = [deletion, follower, usage, reload, failures, heads]
+            .into_iter()
+            .chain(admin);
+        for task in background {
             task.abort();
+            let _ = task.await;
         }
         tracing::info!("server stopped; closing HSM connections");
-        heads.abort();
         kms_for_task.shutdown().await;
         let closed = Arc::clone(&audit);
         tokio::task::spawn_blocking(move || closed.close()).await?;
