@@ -169,10 +169,6 @@ impl Metadata {
     }
 }
 
-fn validation(message: impl Into<String>) -> KmsError {
-    KmsError::new(ErrorKind::Validation, message)
-}
-
 /// A base64 member's bytes, at most `max` of them (`required`: absent is invalid).
 fn bytes_of(
     name: &str,
@@ -182,17 +178,17 @@ fn bytes_of(
 ) -> KmsResult<Option<Zeroizing<Vec<u8>>>> {
     let Some(text) = value else {
         return match required {
-            true => Err(validation(format!("{name} is required"))),
+            true => Err(KmsError::validation(format!("{name} is required"))),
             false => Ok(None),
         };
     };
     let bytes = Zeroizing::new(
         base64::engine::general_purpose::STANDARD
             .decode(text)
-            .map_err(|_| validation(format!("{name} is not valid base64")))?,
+            .map_err(|_| KmsError::validation(format!("{name} is not valid base64")))?,
     );
     if bytes.len() > max {
-        return Err(validation(format!(
+        return Err(KmsError::validation(format!(
             "{name} is {} bytes; at most {max} are taken",
             bytes.len()
         )));
@@ -297,8 +293,9 @@ impl Front {
             )),
         };
         let call = Call::new(op, caller, Some(peer.addr));
-        let body = serde_json::from_slice::<Body>(&accepted.body)
-            .map_err(|_| validation("The request body is not a JSON object of the XKS API"));
+        let body = serde_json::from_slice::<Body>(&accepted.body).map_err(|_| {
+            KmsError::validation("The request body is not a JSON object of the XKS API")
+        });
         let metadata = body
             .as_ref()
             .ok()
@@ -315,13 +312,16 @@ impl Front {
                 let body = body?;
                 let meta = body.request_metadata.as_ref();
                 // The requestMetadata members KMS always sends.
-                let meta = meta.ok_or_else(|| validation("requestMetadata is required"))?;
+                let meta =
+                    meta.ok_or_else(|| KmsError::validation("requestMetadata is required"))?;
                 for (name, v) in [
                     ("kmsOperation", &meta.kms_operation),
                     ("kmsRequestId", &meta.kms_request_id),
                 ] {
                     if v.is_none() {
-                        return Err(validation(format!("requestMetadata.{name} is required")));
+                        return Err(KmsError::validation(format!(
+                            "requestMetadata.{name} is required"
+                        )));
                     }
                 }
                 match key_id {
@@ -333,10 +333,14 @@ impl Front {
                     Some(id) => {
                         // And for a key: who called AWS KMS, and (but for metadata) which key.
                         if meta.aws_principal_arn.is_none() {
-                            return Err(validation("requestMetadata.awsPrincipalArn is required"));
+                            return Err(KmsError::validation(
+                                "requestMetadata.awsPrincipalArn is required",
+                            ));
                         }
                         if op != Op::XksGetKeyMetadata && meta.kms_key_arn.is_none() {
-                            return Err(validation("requestMetadata.kmsKeyArn is required"));
+                            return Err(KmsError::validation(
+                                "requestMetadata.kmsKeyArn is required",
+                            ));
                         }
                         // An externalKeyId is a key ID: anything else names no key here.
                         if uuid::Uuid::try_parse(&id).is_err() {
@@ -366,11 +370,11 @@ impl Front {
     ) -> KmsResult<Value> {
         let algorithm_checked = || match body.encryption_algorithm.as_deref() {
             Some("AES_GCM") => Ok(()),
-            Some(other) => Err(validation(format!(
+            Some(other) => Err(KmsError::validation(format!(
                 "encryptionAlgorithm {} is not AES_GCM",
                 model::error::quoted(other)
             ))),
-            None => Err(validation("encryptionAlgorithm is required")),
+            None => Err(KmsError::validation("encryptionAlgorithm is required")),
         };
         match op {
             Op::XksGetKeyMetadata => {
@@ -400,7 +404,7 @@ impl Front {
                     None => false,
                     Some("SHA_256") => true,
                     Some(other) => {
-                        return Err(validation(format!(
+                        return Err(KmsError::validation(format!(
                             "ciphertextDataIntegrityValueAlgorithm {} is not SHA_256",
                             model::error::quoted(other)
                         )))
@@ -437,7 +441,9 @@ impl Front {
                 )?
                 .unwrap_or_default();
                 if iv.len() != 12 && iv.len() != 16 {
-                    return Err(validation("initializationVector is 12 or 16 bytes"));
+                    return Err(KmsError::validation(
+                        "initializationVector is 12 or 16 bytes",
+                    ));
                 }
                 let tag = bytes_of(
                     "authenticationTag",
@@ -447,7 +453,7 @@ impl Front {
                 )?
                 .unwrap_or_default();
                 if tag.len() != 16 {
-                    return Err(validation("authenticationTag is 16 bytes"));
+                    return Err(KmsError::validation("authenticationTag is 16 bytes"));
                 }
                 let aad = bytes_of(
                     "additionalAuthenticatedData",
